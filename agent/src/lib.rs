@@ -1,0 +1,1 @@
+//! The Tally agent library (work in progress).

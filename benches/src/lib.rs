@@ -1,0 +1,1 @@
+//! Criterion benchmarks for Tally live in `benches/benches/`; this library is empty.

@@ -1,0 +1,1 @@
+//! The Tally collector library (work in progress).
