@@ -36,6 +36,8 @@ pub mod catalog;
 pub mod entitlements;
 pub mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod handshake;
 pub mod names;
 pub mod wire_decimal;
