@@ -1,1 +1,42 @@
-//! The Tally agent library (work in progress).
+//! The Tally agent library: what product teams link into their servers (SPEC §3).
+//!
+//! ```text
+//! record() ─▶ aggregate (per-thread shards) ─▶ sealer ─▶ store (redb, fsync) ─▶ shipper ══QUIC══▶ collector
+//! record_durable() ─▶ durable log (group commit) ─┘                ▲ acks delete ─┘
+//! ```
+//!
+//! - [`aggregate`]: the hot path; no I/O, no allocation once a key is seen.
+//! - [`sealer`]: a plain state machine numbering and cutting deltas into batches, and the thread
+//!   that seals every `flush_interval`.
+//! - [`store`]: the local redb store and its format and guarantees.
+//! - [`shipper`]: the QUIC client, handshake, in-flight window and reconnection.
+//! - [`metrics`]: Prometheus metrics in a per-agent registry (no exporter is installed).
+//! - [`keys`]: the agent's ed25519 key file.
+//!
+//! Guarantees (SPEC A1–A4): a batch is fsynced before it is sent and deleted only when
+//! acknowledged; a `kill -9` loses at most the last `flush_interval` of `record()` usage and
+//! nothing `record_durable` acknowledged; over the disk budget the [`Overflow`] policy applies;
+//! resends are harmless because the collector dedups them.
+//!
+//! The library only emits: `tracing` events and spans without a subscriber, metrics through
+//! [`Agent::render_metrics`].
+
+pub mod aggregate;
+mod agent;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod keys;
+pub mod metrics;
+pub mod sealer;
+pub mod shipper;
+pub mod status;
+pub mod store;
+
+pub use agent::{Agent, AgentBuilder, Counter};
+pub use config::Overflow;
+pub use error::{FlushError, RecordError, ShutdownError, StartError, StoreError};
+pub use event::{Event, Recorded};
+pub use status::{ConnectionState, Status};
+pub use tally_protocol::Decimal;

@@ -1,0 +1,906 @@
+//! [`Agent`]: the handle products hold, and the threads and task behind it.
+//!
+//! Owns the wiring: the hot-path [`Aggregator`], the [`Store`], the sealer thread, the
+//! group-commit thread of `record_durable`, the shipper task, the backlog accounting and the
+//! disk-budget gate.
+//!
+//! Threads: the sealer and the durable-log writer are plain OS threads (their work is blocking
+//! disk I/O); the shipper is a tokio task on the runtime that called [`AgentBuilder::start`].
+//!
+//! Disk budget (SPEC A3): the backlog is the bytes of unacknowledged sealed batches plus the
+//! bytes of durable-log rows not yet sealed. At or above `disk_budget`, with
+//! [`Overflow::Reject`] every recording call fails with [`RecordError::OverBudget`]; with
+//! [`Overflow::Block`] `record()` keeps aggregating in memory, sealing pauses, and
+//! `record_durable` waits until the backlog is below the budget again.
+
+use crate::aggregate::{Aggregator, GATE_CLOSED, GATE_OPEN, GATE_OVER_BUDGET};
+use crate::clock::{coarse_now_ms, now_ms};
+use crate::config::{Config, Overflow};
+use crate::error::{FlushError, RecordError, ShutdownError, StartError};
+use crate::event::{Event, MAX_EVENT_ID_BYTES, Recorded};
+use crate::metrics::Metrics;
+use crate::sealer::{Carry, SealerCore, seal_once};
+use crate::status::{ConnectionState, Status};
+use crate::store::{BatchMeta, EntitlementsCache, LoggedEvent, Store};
+use rust_decimal::Decimal;
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+use tally_protocol::batch::{AgentId, Delta};
+use tally_protocol::catalog::Catalog;
+use tally_protocol::names::{CustomerId, Dimensions, MeterName};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Events waiting in memory (from `record_event` with an id) before a seal asks to run early.
+const PENDING_SEAL_HINT: usize = 10_000;
+/// Events waiting in memory at most; past it `record_event` with an id is refused.
+const PENDING_MAX: usize = 1_000_000;
+/// Requests folded into one durable-log commit at most.
+const MAX_GROUP_COMMIT: usize = 16_384;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Unacknowledged batches and unsealed log rows, as the budget and `status()` see them.
+#[derive(Debug, Default)]
+pub(crate) struct Backlog {
+    pub(crate) batches: BTreeMap<u64, BatchMeta>,
+    pub(crate) batch_bytes: u64,
+    pub(crate) log_rows: u64,
+    pub(crate) log_bytes: u64,
+    pub(crate) last_sealed: u64,
+    pub(crate) last_acked: Option<u64>,
+}
+
+/// A delta of `record_event` with its id and the time the id was accepted.
+type PendingEvent = (Delta, Option<(String, i64)>);
+
+/// State shared by the handle, the threads and the shipper.
+pub(crate) struct Shared {
+    pub(crate) cfg: Config,
+    pub(crate) agg: Aggregator,
+    pub(crate) store: Store,
+    pub(crate) key: ed25519_dalek::SigningKey,
+    pub(crate) agent_id: AgentId,
+    pub(crate) epoch: u64,
+    /// Deltas of `record_event` calls with an id, and the id with its acceptance time.
+    pending: Mutex<Vec<PendingEvent>>,
+    /// Ids accepted but not yet in the store's dedup set.
+    ids: Mutex<HashSet<String>>,
+    pub(crate) backlog: Mutex<Backlog>,
+    /// Bumped on every backlog change.
+    pub(crate) changed: watch::Sender<u64>,
+    /// Wakes the shipper when batches are sealed.
+    pub(crate) sealed_notify: tokio::sync::Notify,
+    pub(crate) conn: Mutex<ConnectionState>,
+    pub(crate) entitlements: RwLock<Option<EntitlementsCache>>,
+    pub(crate) metrics: Metrics,
+    over_budget: AtomicBool,
+}
+
+impl Shared {
+    fn update_backlog(&self, f: impl FnOnce(&mut Backlog)) {
+        let (batches, bytes, oldest) = {
+            let mut b = lock(&self.backlog);
+            f(&mut b);
+            (
+                b.batches.len() as u64,
+                b.batch_bytes + b.log_bytes,
+                b.batches.values().next().map(|m| m.sealed_at_ms),
+            )
+        };
+        let over = bytes >= self.cfg.disk_budget;
+        let was = self.over_budget.swap(over, Ordering::Relaxed);
+        if over != was {
+            tracing::warn!(bytes, budget = self.cfg.disk_budget, over, "disk budget");
+        }
+        if self.cfg.overflow == Overflow::Reject {
+            self.agg
+                .set_gate(if over { GATE_OVER_BUDGET } else { GATE_OPEN });
+        }
+        self.metrics
+            .backlog_batches
+            .set(i64::try_from(batches).unwrap_or(i64::MAX));
+        self.metrics
+            .backlog_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.metrics.oldest_unacked_age.set(
+            oldest.map_or(0.0, |t| (now_ms().saturating_sub(t)) as f64 / 1000.0),
+        );
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Records acknowledged batches as gone.
+    pub(crate) fn on_acked(&self, removed: &[BatchMeta], last_seq: u64) {
+        self.update_backlog(|b| {
+            for m in removed {
+                if b.batches.remove(&m.seq).is_some() {
+                    b.batch_bytes = b.batch_bytes.saturating_sub(m.bytes);
+                }
+            }
+            b.last_acked = Some(b.last_acked.map_or(last_seq, |l| l.max(last_seq)));
+        });
+    }
+
+    fn over_budget(&self) -> bool {
+        self.over_budget.load(Ordering::Relaxed)
+    }
+
+    /// Runs one seal and books its result.
+    fn seal(&self, core: &mut SealerCore, carry: &mut Carry, force: bool) -> Result<u64, String> {
+        if !force && self.cfg.overflow == Overflow::Block && self.over_budget() {
+            return Ok(lock(&self.backlog).last_sealed);
+        }
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        let sealed = seal_once(
+            &self.agg,
+            &self.store,
+            &self.key,
+            core,
+            carry,
+            pending,
+            now_ms(),
+        )?;
+        if !sealed.ids.is_empty() {
+            let mut ids = lock(&self.ids);
+            for id in &sealed.ids {
+                ids.remove(id);
+            }
+        }
+        if !sealed.batches.is_empty() {
+            self.metrics
+                .batches_sealed
+                .inc_by(sealed.batches.len() as u64);
+            tracing::debug!(
+                batches = sealed.batches.len(),
+                first_seq = sealed.batches[0].seq,
+                log_rows = sealed.log_rows,
+                "sealed"
+            );
+        }
+        let mut last = 0;
+        self.update_backlog(|b| {
+            for m in &sealed.batches {
+                b.batch_bytes += m.bytes;
+                b.batches.insert(m.seq, *m);
+                b.last_sealed = b.last_sealed.max(m.seq);
+            }
+            b.log_rows = b.log_rows.saturating_sub(sealed.log_rows);
+            b.log_bytes = b.log_bytes.saturating_sub(sealed.log_bytes);
+            last = b.last_sealed;
+        });
+        if !sealed.batches.is_empty() {
+            self.sealed_notify.notify_one();
+        }
+        Ok(last)
+    }
+}
+
+enum SealerCmd {
+    Seal(oneshot::Sender<Result<u64, String>>),
+    Stop(oneshot::Sender<Result<u64, String>>),
+}
+
+struct DurableReq {
+    event: LoggedEvent,
+    reply: oneshot::Sender<Result<Recorded, RecordError>>,
+}
+
+/// Builds an [`Agent`]; see [`Agent::builder`].
+#[derive(Debug, Clone, Default)]
+pub struct AgentBuilder {
+    cfg: Config,
+}
+
+impl AgentBuilder {
+    /// Directory of the agent key and the local store (required; created if missing).
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cfg.data_dir = dir.into();
+        self
+    }
+
+    /// Adds a collector address (`host:port`); repeat for failover, tried in order.
+    pub fn collector(mut self, addr: impl Into<String>) -> Self {
+        self.cfg.collectors.push(addr.into());
+        self
+    }
+
+    /// Adds several collector addresses.
+    pub fn collectors<S: Into<String>>(mut self, addrs: impl IntoIterator<Item = S>) -> Self {
+        self.cfg.collectors.extend(addrs.into_iter().map(Into::into));
+        self
+    }
+
+    /// PEM of the deployment CA; the collector's certificate must chain to it.
+    pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.cfg.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Enrolment token, presented on every connect (the collector registers the key once).
+    pub fn enroll_token(mut self, token: impl Into<String>) -> Self {
+        self.cfg.enroll_token = Some(token.into());
+        self
+    }
+
+    /// How often aggregates are sealed (default 250 ms; 1 ms to 1 hour).
+    pub fn flush_interval(mut self, d: Duration) -> Self {
+        self.cfg.flush_interval = d;
+        self
+    }
+
+    /// Bytes of backlog kept on disk before the overflow policy applies (default 1 GiB).
+    pub fn disk_budget(mut self, bytes: u64) -> Self {
+        self.cfg.disk_budget = bytes;
+        self
+    }
+
+    /// What happens over the disk budget (default [`Overflow::Block`]).
+    pub fn overflow(mut self, o: Overflow) -> Self {
+        self.cfg.overflow = o;
+        self
+    }
+
+    /// How long event ids are remembered (default 35 days).
+    pub fn dedup_window(mut self, d: Duration) -> Self {
+        self.cfg.dedup_window = d;
+        self
+    }
+
+    /// Reconnect delays: the first, and the largest (default 100 ms and 5 s).
+    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.cfg.backoff_min = min;
+        self.cfg.backoff_max = max.max(min);
+        self
+    }
+
+    /// Time allowed for connecting and the handshake (default 5 s).
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.cfg.connect_timeout = d;
+        self
+    }
+
+    /// Opens the store, loads or creates the key, and starts sealing and shipping. Must be
+    /// called within a tokio runtime; the shipper runs on it.
+    pub async fn start(self) -> Result<Agent, StartError> {
+        let cfg = self.cfg;
+        if cfg.data_dir.as_os_str().is_empty() {
+            return Err(StartError::Config("data_dir is required".into()));
+        }
+        if cfg.flush_interval < Duration::from_millis(1)
+            || cfg.flush_interval > Duration::from_secs(3600)
+        {
+            return Err(StartError::Config(
+                "flush_interval must be 1 ms to 1 hour".into(),
+            ));
+        }
+        let client = match (&cfg.ca_pem, cfg.collectors.is_empty()) {
+            (_, true) => None,
+            (None, false) => return Err(StartError::Config("ca_pem is required".into())),
+            (Some(pem), false) => Some(crate::shipper::client_config(pem)?),
+        };
+        let c2 = cfg.clone();
+        let opened = tokio::task::spawn_blocking(move || open(c2))
+            .await
+            .map_err(|e| StartError::Config(e.to_string()))??;
+        let sh = Arc::new(opened);
+        let (stop_tx, stop_rx) = watch::channel(false);
+
+        let core = SealerCore::new(sh.agent_id, sh.epoch, sh.store.next_seq()?);
+        let (seal_tx, seal_rx) = mpsc::unbounded_channel();
+        let sealer = {
+            let sh = sh.clone();
+            std::thread::Builder::new()
+                .name("tally-sealer".into())
+                .spawn(move || sealer_thread(sh, core, seal_rx))
+                .map_err(StartError::Endpoint)?
+        };
+        sh.agg.set_sealer(sealer.thread().clone());
+        let (durable_tx, durable_rx) = mpsc::unbounded_channel();
+        let writer = {
+            let sh = sh.clone();
+            std::thread::Builder::new()
+                .name("tally-durable".into())
+                .spawn(move || durable_thread(sh, durable_rx))
+                .map_err(StartError::Endpoint)?
+        };
+        let shipper = client.map(|client| {
+            tokio::spawn(crate::shipper::run(sh.clone(), client, stop_rx))
+        });
+        tracing::info!(agent_id = %sh.agent_id, epoch = sh.epoch, "agent started");
+        Ok(Agent {
+            h: Arc::new(Handle {
+                sh,
+                seal_tx,
+                durable_tx,
+                stop_tx,
+                shipper: Mutex::new(shipper),
+                threads: Mutex::new(vec![sealer, writer]),
+            }),
+        })
+    }
+}
+
+fn open(cfg: Config) -> Result<Shared, StartError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| crate::error::StoreError::Io {
+        path: cfg.data_dir.display().to_string(),
+        source: e,
+    })?;
+    let key = crate::keys::load_or_create(&cfg.data_dir)?;
+    let store = Store::open(&cfg.data_dir.join("agent.redb"), cfg.dedup_window)?;
+    let agent_id = AgentId::from_public_key(&key.verifying_key());
+    let agg = Aggregator::new();
+    if let Some(c) = store.catalog()? {
+        agg.set_catalog(c);
+    }
+    let entitlements = store.entitlements()?;
+    let mut backlog = Backlog::default();
+    for m in store.unacked()? {
+        backlog.batch_bytes += m.bytes;
+        backlog.batches.insert(m.seq, m);
+    }
+    backlog.last_sealed = store.next_seq()?.saturating_sub(1);
+    let (rows, bytes) = store.log_size()?;
+    backlog.log_rows = rows;
+    backlog.log_bytes = bytes;
+    // Ids of logged events are not in the dedup set until they are sealed.
+    let ids = store
+        .read_log(usize::MAX)?
+        .into_iter()
+        .filter_map(|(_, e)| e.id)
+        .collect();
+    if !backlog.batches.is_empty() || rows > 0 {
+        tracing::info!(
+            batches = backlog.batches.len(),
+            log_rows = rows,
+            "resuming with a backlog"
+        );
+    }
+    let sh = Shared {
+        epoch: store.epoch(),
+        cfg,
+        agg,
+        store,
+        key,
+        agent_id,
+        pending: Mutex::new(Vec::new()),
+        ids: Mutex::new(ids),
+        backlog: Mutex::new(Backlog::default()),
+        changed: watch::channel(0).0,
+        sealed_notify: tokio::sync::Notify::new(),
+        conn: Mutex::new(ConnectionState::Idle),
+        entitlements: RwLock::new(entitlements),
+        metrics: Metrics::new(),
+        over_budget: AtomicBool::new(false),
+    };
+    sh.update_backlog(|b| *b = backlog);
+    Ok(sh)
+}
+
+fn sealer_thread(
+    sh: Arc<Shared>,
+    mut core: SealerCore,
+    mut rx: mpsc::UnboundedReceiver<SealerCmd>,
+) {
+    let mut carry = Carry::default();
+    let interval = sh.cfg.flush_interval;
+    let mut next = Instant::now() + interval;
+    loop {
+        let now = Instant::now();
+        if now < next {
+            std::thread::park_timeout(next - now);
+        }
+        let cmd = rx.try_recv();
+        let due = Instant::now() >= next || sh.agg.take_seal_hint();
+        match cmd {
+            Ok(SealerCmd::Seal(reply)) => {
+                let _ = reply.send(sh.seal(&mut core, &mut carry, true));
+            }
+            Ok(SealerCmd::Stop(reply)) => {
+                let _ = reply.send(sh.seal(&mut core, &mut carry, true));
+                return;
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                if let Err(e) = sh.seal(&mut core, &mut carry, true) {
+                    tracing::error!(error = %e, "final seal failed");
+                }
+                return;
+            }
+            Err(mpsc::error::TryRecvError::Empty) if due => {
+                if let Err(e) = sh.seal(&mut core, &mut carry, false) {
+                    tracing::error!(error = %e, "seal failed; retrying next interval");
+                }
+            }
+            Err(mpsc::error::TryRecvError::Empty) => continue,
+        }
+        next = Instant::now() + interval;
+    }
+}
+
+fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<DurableReq>) {
+    let mut since_seal = 0usize;
+    while let Some(first) = rx.blocking_recv() {
+        let mut reqs = vec![first];
+        while reqs.len() < MAX_GROUP_COMMIT {
+            match rx.try_recv() {
+                Ok(r) => reqs.push(r),
+                Err(_) => break,
+            }
+        }
+        // Ids: refuse repeats within the batch, the accepted set and the store's dedup set.
+        let now = now_ms();
+        let mut events = Vec::with_capacity(reqs.len());
+        let mut replies = Vec::with_capacity(reqs.len());
+        {
+            let mut ids = lock(&sh.ids);
+            for r in reqs {
+                if let Some(id) = &r.event.id {
+                    let seen = ids.contains(id) || sh.store.seen_id(id, now).unwrap_or(false);
+                    if seen {
+                        let _ = r.reply.send(Ok(Recorded::Duplicate));
+                        continue;
+                    }
+                    ids.insert(id.clone());
+                }
+                events.push(r.event);
+                replies.push(r.reply);
+            }
+        }
+        if events.is_empty() {
+            continue;
+        }
+        match sh.store.append_log(&events) {
+            Ok(bytes) => {
+                let n = events.len() as u64;
+                sh.update_backlog(|b| {
+                    b.log_rows += n;
+                    b.log_bytes += bytes;
+                });
+                for r in replies {
+                    let _ = r.send(Ok(Recorded::New));
+                }
+                since_seal += events.len();
+                if since_seal >= PENDING_SEAL_HINT {
+                    since_seal = 0;
+                    sh.agg.hint();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "durable log write failed");
+                let mut ids = lock(&sh.ids);
+                for ev in &events {
+                    if let Some(id) = &ev.id {
+                        ids.remove(id);
+                    }
+                }
+                drop(ids);
+                let err = RecordError::from(e);
+                for r in replies {
+                    let _ = r.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+struct Handle {
+    sh: Arc<Shared>,
+    seal_tx: mpsc::UnboundedSender<SealerCmd>,
+    durable_tx: mpsc::UnboundedSender<DurableReq>,
+    stop_tx: watch::Sender<bool>,
+    shipper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // Dropped without shutdown: stop recording, seal what is in memory, stop shipping.
+        self.sh.agg.set_gate(GATE_CLOSED);
+        let (tx, _rx) = oneshot::channel();
+        let _ = self.seal_tx.send(SealerCmd::Stop(tx));
+        self.sh.agg.wake_sealer();
+        let _ = self.stop_tx.send(true);
+        for t in lock(&self.threads).drain(..) {
+            if t.thread().name() == Some("tally-sealer") {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// The agent: record usage in nanoseconds, seal it to disk, ship it until acknowledged.
+///
+/// Cheap to clone (`Clone + Send + Sync`); every clone is the same agent.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tally_agent::{Agent, Event, Overflow};
+/// use rust_decimal::Decimal;
+///
+/// let dir = tempfile::tempdir()?;
+/// // With no collector the agent only buffers to disk; add `.collector(addr)`, `.ca_pem(pem)`
+/// // and `.enroll_token(token)` to ship.
+/// let agent = Agent::builder()
+///     .data_dir(dir.path())
+///     .flush_interval(Duration::from_millis(250))
+///     .disk_budget(64 << 20)
+///     .overflow(Overflow::Block)
+///     .start()
+///     .await?;
+/// agent.record("acme", "api_calls", Decimal::ONE)?;
+/// agent.record_with("acme", "tokens", &[("model", "gpt")], Decimal::from(1500))?;
+/// let counter = agent.counter("acme", "api_calls", &[])?;
+/// counter.add(Decimal::TWO)?;
+/// agent.record_event(Event::new("acme", "api_calls", Decimal::ONE).with_id("req-1"))?;
+/// agent.record_durable(Event::new("acme", "api_calls", Decimal::ONE)).await?;
+/// let last_seq = agent.seal().await?;
+/// assert_eq!(agent.status().backlog_batches, 1);
+/// assert_eq!(last_seq, 1);
+/// assert!(agent.render_metrics().contains("tally_agent_records_total 5"));
+/// // Nothing acknowledged it (no collector): the batch stays on disk for the next start.
+/// let r = agent.shutdown(Duration::from_secs(1)).await;
+/// assert!(matches!(r, Err(tally_agent::ShutdownError::Unacked { unacked: 1 })));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Agent {
+    h: Arc<Handle>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("agent_id", &self.h.sh.agent_id)
+            .field("epoch", &self.h.sh.epoch)
+            .finish()
+    }
+}
+
+/// A kept handle to one `(customer, meter, dimensions)` key: `add` skips the key lookup.
+#[derive(Clone)]
+pub struct Counter {
+    sh: Arc<Shared>,
+    key: Arc<crate::aggregate::KeyInfo>,
+}
+
+impl std::fmt::Debug for Counter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counter")
+            .field("customer", &self.key.customer)
+            .field("meter", &self.key.meter)
+            .finish()
+    }
+}
+
+impl Counter {
+    /// Adds `quantity` now. Synchronous, no I/O, no allocation.
+    pub fn add(&self, quantity: Decimal) -> Result<(), RecordError> {
+        self.sh.agg.record_key(&self.key, quantity, coarse_now_ms())
+    }
+}
+
+impl Agent {
+    /// A builder with the defaults of SPEC §3.
+    pub fn builder() -> AgentBuilder {
+        AgentBuilder::default()
+    }
+
+    /// Records `quantity` of `meter` for `customer`, now. Synchronous, no I/O, no allocation
+    /// once this thread has seen the key; usage is sealed within `flush_interval`.
+    pub fn record(&self, customer: &str, meter: &str, quantity: Decimal) -> Result<(), RecordError> {
+        self.h
+            .sh
+            .agg
+            .record(customer, meter, &[], quantity, coarse_now_ms())
+    }
+
+    /// [`Agent::record`] with up to four dimensions (`key`, `value`).
+    pub fn record_with(
+        &self,
+        customer: &str,
+        meter: &str,
+        dimensions: &[(&str, &str)],
+        quantity: Decimal,
+    ) -> Result<(), RecordError> {
+        self.h
+            .sh
+            .agg
+            .record(customer, meter, dimensions, quantity, coarse_now_ms())
+    }
+
+    /// A kept handle for one key, validated once.
+    pub fn counter(
+        &self,
+        customer: &str,
+        meter: &str,
+        dimensions: &[(&str, &str)],
+    ) -> Result<Counter, RecordError> {
+        let key = self.h.sh.agg.intern(customer, meter, dimensions)?;
+        Ok(Counter {
+            sh: self.h.sh.clone(),
+            key,
+        })
+    }
+
+    fn validate(&self, e: &Event) -> Result<(CustomerId, MeterName, Dimensions), RecordError> {
+        let sh = &self.h.sh;
+        sh.agg.check_gate()?;
+        if e.quantity.is_sign_negative() && !e.quantity.is_zero() {
+            return Err(RecordError::NegativeQuantity);
+        }
+        let customer = CustomerId::new(e.customer.as_str()).map_err(RecordError::InvalidCustomer)?;
+        let meter = MeterName::new(e.meter.as_str()).map_err(RecordError::InvalidMeter)?;
+        let dims = Dimensions::from_strs(e.dimensions.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(RecordError::InvalidDimensions)?;
+        if e
+            .id
+            .as_ref()
+            .is_some_and(|id| id.is_empty() || id.len() > MAX_EVENT_ID_BYTES)
+        {
+            return Err(RecordError::InvalidEventId);
+        }
+        if !sh.agg.meter_known(meter.as_str()) {
+            return Err(RecordError::UnknownMeter);
+        }
+        Ok((customer, meter, dims))
+    }
+
+    /// Records one event. Without an id it is aggregated like [`Agent::record`] (at its own
+    /// time). With an id it is checked against the ids recorded within `dedup_window` (a read
+    /// of the local store) and counted at most once; the id is stored with the sealed batch.
+    pub fn record_event(&self, event: Event) -> Result<Recorded, RecordError> {
+        let r = self.record_event_inner(event);
+        if let Err(e) = &r {
+            self.h.sh.agg.count_error(e);
+        }
+        r
+    }
+
+    fn record_event_inner(&self, event: Event) -> Result<Recorded, RecordError> {
+        let sh = &self.h.sh;
+        let (customer, meter, dims) = self.validate(&event)?;
+        let now = now_ms();
+        let at = event.timestamp_ms.unwrap_or(now);
+        let Some(id) = event.id else {
+            let pairs: Vec<(&str, &str)> = event
+                .dimensions
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            sh.agg
+                .record(customer.as_str(), meter.as_str(), &pairs, event.quantity, at)?;
+            return Ok(Recorded::New);
+        };
+        {
+            let mut ids = lock(&sh.ids);
+            if ids.contains(&id) || sh.store.seen_id(&id, now)? {
+                return Ok(Recorded::Duplicate);
+            }
+            let mut pending = lock(&sh.pending);
+            if pending.len() >= PENDING_MAX {
+                return Err(RecordError::OverBudget);
+            }
+            ids.insert(id.clone());
+            pending.push((
+                Delta::single(customer, meter, dims, at, event.quantity),
+                Some((id, now)),
+            ));
+            if pending.len() == PENDING_SEAL_HINT {
+                sh.agg.hint();
+            }
+        }
+        sh.agg.count_record();
+        Ok(Recorded::New)
+    }
+
+    /// Records one event durably: returns once it is fsynced in the local store's log (many
+    /// concurrent callers share one commit). It survives `kill -9` and is folded into the next
+    /// sealed batch exactly once. A repeated id within `dedup_window` returns
+    /// [`Recorded::Duplicate`] and is not counted again.
+    pub async fn record_durable(&self, event: Event) -> Result<Recorded, RecordError> {
+        let r = self.record_durable_inner(event).await;
+        match &r {
+            Ok(Recorded::New) => self.h.sh.agg.count_record(),
+            Ok(Recorded::Duplicate) => {}
+            Err(e) => self.h.sh.agg.count_error(e),
+        }
+        r
+    }
+
+    async fn record_durable_inner(&self, event: Event) -> Result<Recorded, RecordError> {
+        let sh = &self.h.sh;
+        let (customer, meter, dimensions) = self.validate(&event)?;
+        if sh.cfg.overflow == Overflow::Block && sh.over_budget() {
+            let mut rx = sh.changed.subscribe();
+            while sh.over_budget() {
+                if rx.changed().await.is_err() {
+                    return Err(RecordError::Closed);
+                }
+                sh.agg.check_gate()?;
+            }
+        }
+        let now = now_ms();
+        let logged = LoggedEvent {
+            customer,
+            meter,
+            dimensions,
+            at_ms: event.timestamp_ms.unwrap_or(now),
+            quantity: event.quantity,
+            id: event.id,
+            accepted_at_ms: now,
+        };
+        let (reply, rx) = oneshot::channel();
+        self.h
+            .durable_tx
+            .send(DurableReq {
+                event: logged,
+                reply,
+            })
+            .map_err(|_| RecordError::Closed)?;
+        rx.await.map_err(|_| RecordError::Closed)?
+    }
+
+    /// Seals everything recorded so far now; returns the highest seq sealed (0 if none yet).
+    /// Does not wait for acknowledgements.
+    pub async fn seal(&self) -> Result<u64, FlushError> {
+        let (tx, rx) = oneshot::channel();
+        self.h
+            .seal_tx
+            .send(SealerCmd::Seal(tx))
+            .map_err(|_| FlushError::Closed)?;
+        self.h.sh.agg.wake_sealer();
+        rx.await
+            .map_err(|_| FlushError::Closed)?
+            .map_err(FlushError::Seal)
+    }
+
+    /// Seals now and waits until everything sealed so far is acknowledged, or `timeout`.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), FlushError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let upto = match tokio::time::timeout_at(deadline, self.seal()).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(FlushError::Timeout {
+                    unacked: self.status().backlog_batches,
+                });
+            }
+        };
+        self.wait_acked(upto, deadline).await
+    }
+
+    async fn wait_acked(&self, upto: u64, deadline: tokio::time::Instant) -> Result<(), FlushError> {
+        let sh = &self.h.sh;
+        let mut rx = sh.changed.subscribe();
+        loop {
+            let unacked = lock(&sh.backlog).batches.range(..=upto).count() as u64;
+            if unacked == 0 {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(FlushError::Closed),
+                Err(_) => return Err(FlushError::Timeout { unacked }),
+            }
+        }
+    }
+
+    /// Stops recording, seals what is in memory, and ships for at most `timeout`. What is not
+    /// acknowledged by then stays on disk and goes out on the next start. Later calls on any
+    /// clone return [`RecordError::Closed`].
+    pub async fn shutdown(&self, timeout: Duration) -> Result<(), ShutdownError> {
+        let sh = &self.h.sh;
+        let deadline = tokio::time::Instant::now() + timeout;
+        sh.agg.set_gate(GATE_CLOSED);
+        let (tx, rx) = oneshot::channel();
+        let sealed = if self.h.seal_tx.send(SealerCmd::Stop(tx)).is_ok() {
+            sh.agg.wake_sealer();
+            rx.await.unwrap_or(Err("sealer stopped".into()))
+        } else {
+            Ok(lock(&sh.backlog).last_sealed)
+        };
+        let upto = sealed.map_err(ShutdownError::Seal)?;
+        let has_shipper = lock(&self.h.shipper).is_some();
+        let acked = if has_shipper {
+            self.wait_acked(upto, deadline).await
+        } else {
+            Ok(())
+        };
+        let _ = self.h.stop_tx.send(true);
+        let shipper = lock(&self.h.shipper).take();
+        if let Some(task) = shipper {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        *lock(&sh.conn) = ConnectionState::Closed;
+        tracing::info!(agent_id = %sh.agent_id, "agent shut down");
+        match acked {
+            Ok(()) if has_shipper => Ok(()),
+            Ok(()) => {
+                let unacked = lock(&sh.backlog).batches.len() as u64;
+                if unacked == 0 {
+                    Ok(())
+                } else {
+                    Err(ShutdownError::Unacked { unacked })
+                }
+            }
+            Err(FlushError::Timeout { unacked }) => Err(ShutdownError::Unacked { unacked }),
+            Err(e) => Err(ShutdownError::Seal(e.to_string())),
+        }
+    }
+
+    /// Backlog, connection and snapshot ages, as of now.
+    pub fn status(&self) -> Status {
+        let sh = &self.h.sh;
+        let now = now_ms();
+        let b = lock(&sh.backlog);
+        let age = |t: i64| Duration::from_millis(u64::try_from(now.saturating_sub(t)).unwrap_or(0));
+        Status {
+            agent_id: sh.agent_id,
+            epoch: sh.epoch,
+            backlog_batches: b.batches.len() as u64,
+            backlog_bytes: b.batch_bytes + b.log_bytes,
+            durable_log_events: b.log_rows,
+            oldest_unacked_age: b.batches.values().next().map(|m| age(m.sealed_at_ms)),
+            last_sealed_seq: b.last_sealed,
+            last_acked_seq: b.last_acked,
+            connection: lock(&sh.conn).clone(),
+            entitlements_age: sh
+                .entitlements
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|e| age(e.built_at_ms)),
+            catalog_version: sh.agg.catalog().map(|c| c.version),
+            over_budget: sh.over_budget(),
+        }
+    }
+
+    /// The agent's metrics as Prometheus text.
+    pub fn render_metrics(&self) -> String {
+        let sh = &self.h.sh;
+        let age = sh
+            .entitlements
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(-1.0, |e| now_ms().saturating_sub(e.built_at_ms) as f64 / 1000.0);
+        sh.metrics.entitlements_age.set(age);
+        let oldest = lock(&sh.backlog)
+            .batches
+            .values()
+            .next()
+            .map_or(0.0, |m| now_ms().saturating_sub(m.sealed_at_ms) as f64 / 1000.0);
+        sh.metrics.oldest_unacked_age.set(oldest);
+        sh.metrics.render(sh.agg.counts())
+    }
+
+    /// The agent's id (derived from its key).
+    pub fn agent_id(&self) -> AgentId {
+        self.h.sh.agent_id
+    }
+
+    /// The epoch of the local store.
+    pub fn epoch(&self) -> u64 {
+        self.h.sh.epoch
+    }
+
+    /// The collector's meter catalog, once received (kept on disk across restarts).
+    pub fn catalog(&self) -> Option<Arc<Catalog>> {
+        self.h.sh.agg.catalog()
+    }
+
+    /// The cached entitlement snapshot, once received (kept on disk across restarts).
+    pub fn entitlements(&self) -> Option<EntitlementsCache> {
+        self.h
+            .sh
+            .entitlements
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}

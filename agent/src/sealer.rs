@@ -1,0 +1,344 @@
+//! Sealing: aggregates and logged events become numbered, signed batches on disk.
+//!
+//! Owns: [`SealerCore`], a plain state machine (no I/O, no clock: the caller passes `now_ms`)
+//! that merges deltas by `(customer, meter, dimensions, 1-minute bucket)` and cuts them into
+//! [`BatchBody`]s numbered from the store's `next_seq`; and the sealer thread that runs it every
+//! `flush_interval`, early when a size threshold is hit, or on request.
+//!
+//! Guarantees:
+//! - Seqs are consecutive from the store's `next_seq` and never reused: a failed write rolls the
+//!   core back, and the store refuses a seq that does not follow.
+//! - A batch is signed and committed to the store (fsynced) before the shipper can see it (A1).
+//! - Usage drained from memory whose write fails is carried to the next attempt, not dropped;
+//!   durable-log rows are deleted only in the transaction that inserts the batch folding them in.
+//! - Batches are deterministic for given input: deltas are sorted by key and bucket.
+
+use crate::aggregate::Aggregator;
+use crate::store::{LoggedEvent, SealCommit, StoredBatch};
+use std::collections::BTreeMap;
+use tally_protocol::batch::{AgentId, BatchBody, BatchError, Delta, SignedBatch};
+use tally_protocol::names::{CustomerId, Dimensions, MeterName};
+
+/// Deltas per batch: far below the protocol's 10,000 and, at the largest possible delta
+/// (~1.5 KiB), within the 8 MiB body limit.
+pub const MAX_DELTAS_PER_SEALED_BATCH: usize = 4_000;
+/// Durable-log rows folded into one seal; the rest wait for the next.
+pub const MAX_LOG_ROWS_PER_SEAL: usize = 200_000;
+
+type DeltaKey = (CustomerId, MeterName, Dimensions, i64);
+
+/// Merges deltas with equal customer, meter, dimensions and bucket, and sorts them by that key.
+/// Two deltas whose sum would overflow a `Decimal` stay separate.
+pub fn merge_deltas(deltas: Vec<Delta>) -> Vec<Delta> {
+    let mut merged: BTreeMap<DeltaKey, Vec<Delta>> = BTreeMap::new();
+    for d in deltas {
+        let key = (
+            d.customer.clone(),
+            d.meter.clone(),
+            d.dimensions.clone(),
+            d.bucket_start_ms,
+        );
+        let slot = merged.entry(key).or_default();
+        match slot.last_mut() {
+            Some(into) => {
+                if !merge_into(into, &d) {
+                    slot.push(d);
+                }
+            }
+            None => slot.push(d),
+        }
+    }
+    merged.into_values().flatten().collect()
+}
+
+/// Adds `d` into `into` (same key and bucket); false if the sum would overflow.
+fn merge_into(into: &mut Delta, d: &Delta) -> bool {
+    let (Some(sum), Some(count)) = (into.sum.checked_add(d.sum), into.count.checked_add(d.count))
+    else {
+        return false;
+    };
+    into.sum = sum;
+    into.count = count;
+    if d.last_at_ms >= into.last_at_ms {
+        into.last = d.last;
+        into.last_at_ms = d.last_at_ms;
+    }
+    into.first_at_ms = into.first_at_ms.min(d.first_at_ms);
+    true
+}
+
+/// The delta of one logged event.
+pub fn delta_of(e: &LoggedEvent) -> Delta {
+    Delta::single(
+        e.customer.clone(),
+        e.meter.clone(),
+        e.dimensions.clone(),
+        e.at_ms,
+        e.quantity,
+    )
+}
+
+/// The numbering state machine of sealing.
+#[derive(Debug, Clone)]
+pub struct SealerCore {
+    agent_id: AgentId,
+    epoch: u64,
+    next_seq: u64,
+    max_deltas: usize,
+}
+
+impl SealerCore {
+    /// A core that numbers batches of `agent_id` in `epoch` from `next_seq` (≥ 1).
+    pub fn new(agent_id: AgentId, epoch: u64, next_seq: u64) -> Self {
+        SealerCore {
+            agent_id,
+            epoch,
+            next_seq: next_seq.max(1),
+            max_deltas: MAX_DELTAS_PER_SEALED_BATCH,
+        }
+    }
+
+    /// Sets the most deltas per batch (1 ..= [`MAX_DELTAS_PER_SEALED_BATCH`]).
+    pub fn with_max_deltas(mut self, n: usize) -> Self {
+        self.max_deltas = n.clamp(1, MAX_DELTAS_PER_SEALED_BATCH);
+        self
+    }
+
+    /// The seq the next batch gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Merges `deltas` and cuts them into bodies sealed at `now_ms`, numbered from `next_seq`.
+    /// No deltas, no batch.
+    pub fn seal(&mut self, deltas: Vec<Delta>, now_ms: i64) -> Result<Vec<BatchBody>, BatchError> {
+        let merged = merge_deltas(deltas);
+        let mut bodies = Vec::with_capacity(merged.len().div_ceil(self.max_deltas));
+        let mut it = merged.into_iter().peekable();
+        let mut seq = self.next_seq;
+        while it.peek().is_some() {
+            let chunk: Vec<Delta> = it.by_ref().take(self.max_deltas).collect();
+            bodies.push(BatchBody::new(
+                self.agent_id,
+                self.epoch,
+                seq,
+                now_ms,
+                chunk,
+            )?);
+            seq += 1;
+        }
+        self.next_seq = seq;
+        Ok(bodies)
+    }
+
+    /// Undoes a [`SealerCore::seal`] whose bodies were not stored; returns their deltas.
+    pub fn rollback(&mut self, bodies: Vec<BatchBody>) -> Vec<Delta> {
+        if let Some(first) = bodies.first() {
+            debug_assert_eq!(first.seq + bodies.len() as u64, self.next_seq);
+            self.next_seq = first.seq;
+        }
+        bodies
+            .into_iter()
+            .flat_map(|b| b.deltas.into_inner())
+            .collect()
+    }
+}
+
+/// Signs bodies into the rows the store keeps.
+pub fn sign_all(
+    bodies: &[BatchBody],
+    key: &ed25519_dalek::SigningKey,
+) -> Result<Vec<(u64, StoredBatch)>, BatchError> {
+    bodies
+        .iter()
+        .map(|b| {
+            Ok((
+                b.seq,
+                StoredBatch {
+                    sealed_at_ms: b.sealed_at_ms,
+                    batch: SignedBatch::seal(b, key)?,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Usage taken from memory but not yet stored, kept for the next attempt.
+#[derive(Debug, Default)]
+pub(crate) struct Carry {
+    pub(crate) deltas: Vec<Delta>,
+    pub(crate) ids: Vec<(String, i64)>,
+}
+
+/// What one seal did.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Sealed {
+    pub(crate) batches: Vec<crate::store::BatchMeta>,
+    pub(crate) log_rows: u64,
+    pub(crate) log_bytes: u64,
+    pub(crate) ids: Vec<String>,
+}
+
+/// One seal against the store: drain memory, fold the log, number, sign, commit.
+pub(crate) fn seal_once(
+    agg: &Aggregator,
+    store: &crate::store::Store,
+    key: &ed25519_dalek::SigningKey,
+    core: &mut SealerCore,
+    carry: &mut Carry,
+    pending: Vec<(Delta, Option<(String, i64)>)>,
+    now_ms: i64,
+) -> Result<Sealed, String> {
+    let mut deltas = std::mem::take(&mut carry.deltas);
+    let mut ids = std::mem::take(&mut carry.ids);
+    deltas.extend(agg.drain());
+    for (d, id) in pending {
+        deltas.push(d);
+        ids.extend(id);
+    }
+    let log = match store.read_log(MAX_LOG_ROWS_PER_SEAL) {
+        Ok(l) => l,
+        Err(e) => {
+            *carry = Carry { deltas, ids };
+            return Err(e.to_string());
+        }
+    };
+    if deltas.is_empty() && log.is_empty() && ids.is_empty() {
+        return Ok(Sealed::default());
+    }
+    let memory = Carry {
+        deltas: deltas.clone(),
+        ids: ids.clone(),
+    };
+    let mut log_bytes = 0;
+    for (_, e) in &log {
+        deltas.push(delta_of(e));
+        if let Some(id) = &e.id {
+            ids.push((id.clone(), e.accepted_at_ms));
+        }
+        log_bytes += postcard::experimental::serialized_size(e).unwrap_or(0) as u64;
+    }
+    let bodies = match core.seal(deltas, now_ms) {
+        Ok(b) => b,
+        Err(e) => {
+            *carry = memory;
+            return Err(e.to_string());
+        }
+    };
+    let rows = match sign_all(&bodies, key) {
+        Ok(r) => r,
+        Err(e) => {
+            core.rollback(bodies);
+            *carry = memory;
+            return Err(e.to_string());
+        }
+    };
+    let commit = SealCommit {
+        batches: rows,
+        next_seq: core.next_seq(),
+        log_upto: log.last().map(|(k, _)| *k),
+        ids,
+        now_ms,
+    };
+    if let Err(e) = store.commit_seal(&commit) {
+        core.rollback(bodies);
+        *carry = memory;
+        return Err(e.to_string());
+    }
+    let batches = commit
+        .batches
+        .iter()
+        .map(|(seq, b)| crate::store::BatchMeta {
+            seq: *seq,
+            bytes: postcard::experimental::serialized_size(b).unwrap_or(0) as u64,
+            sealed_at_ms: b.sealed_at_ms,
+        })
+        .collect();
+    Ok(Sealed {
+        batches,
+        log_rows: log.len() as u64,
+        log_bytes,
+        ids: commit.ids.into_iter().map(|(id, _)| id).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rust_decimal::Decimal;
+
+    fn d(c: &str, at: i64, q: i64) -> Delta {
+        Delta::single(
+            CustomerId::new(c).unwrap(),
+            MeterName::new("m").unwrap(),
+            Dimensions::default(),
+            at,
+            Decimal::from(q),
+        )
+    }
+
+    #[test]
+    fn numbering_is_consecutive_and_rollback_restores_it() {
+        let id = AgentId([1; 16]);
+        let mut core = SealerCore::new(id, 42, 1).with_max_deltas(2);
+        let bodies = core
+            .seal(vec![d("a", 0, 1), d("b", 0, 1), d("c", 0, 1)], 1000)
+            .unwrap();
+        assert_eq!(bodies.iter().map(|b| b.seq).collect::<Vec<_>>(), [1, 2]);
+        assert!(bodies.iter().all(|b| b.epoch == 42 && b.sealed_at_ms == 1000));
+        assert_eq!(core.next_seq(), 3);
+        assert!(core.seal(vec![], 2000).unwrap().is_empty());
+        assert_eq!(core.next_seq(), 3);
+        let more = core.seal(vec![d("a", 0, 5)], 3000).unwrap();
+        assert_eq!(more[0].seq, 3);
+        let back = core.rollback(more);
+        assert_eq!(back.len(), 1);
+        assert_eq!(core.next_seq(), 3);
+        assert_eq!(SealerCore::new(id, 1, 0).next_seq(), 1);
+    }
+
+    #[test]
+    fn deltas_merge_per_key_and_minute_bucket() {
+        let t = 1_700_000_080_000; // 40 s into a minute
+        let mut core = SealerCore::new(AgentId([1; 16]), 1, 7);
+        let bodies = core
+            .seal(
+                vec![
+                    d("a", t, 1),
+                    d("a", t + 19_999, 2), // same minute
+                    d("a", t + 20_000, 4), // next minute
+                    d("b", t, 8),
+                ],
+                t,
+            )
+            .unwrap();
+        assert_eq!(bodies.len(), 1);
+        let ds = &bodies[0].deltas;
+        assert_eq!(ds.len(), 3);
+        assert_eq!(
+            (ds[0].sum, ds[0].count, ds[0].last),
+            (Decimal::from(3), 2, Decimal::from(2))
+        );
+        assert_eq!((ds[0].first_at_ms, ds[0].last_at_ms), (t, t + 19_999));
+        assert_eq!(ds[1].bucket_start_ms, t + 20_000);
+        assert_eq!(ds[2].customer.as_str(), "b");
+        for d in ds.iter() {
+            d.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn overflowing_sums_stay_separate() {
+        let mut a = d("a", 0, 1);
+        a.sum = Decimal::MAX;
+        let merged = merge_deltas(vec![a.clone(), d("a", 0, 1)]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged.iter().map(|d| d.count).sum::<u64>(), 2);
+    }
+}

@@ -1,0 +1,617 @@
+//! The agent's local store: one redb file, `data_dir/agent.redb`.
+//!
+//! Owns everything the agent must not lose: sealed batches until they are acknowledged, the
+//! durable event log of `record_durable`, the event-id dedup set, the epoch and the next `seq`,
+//! and the collector's catalog and entitlement snapshots.
+//!
+//! # Format (version 1)
+//!
+//! | table          | key               | value                                             |
+//! |----------------|-------------------|---------------------------------------------------|
+//! | `meta`         | `&str`            | `u64`: `format`, `epoch`, `next_seq`, `next_log_key` |
+//! | `batches`      | `u64` seq         | postcard [`StoredBatch`] (sealed time + signed batch) |
+//! | `log`          | `u64` log key     | postcard [`LoggedEvent`]                          |
+//! | `snapshots`    | `&str`            | postcard `Catalog` (`catalog`) or [`EntitlementsCache`] (`entitlements`) |
+//! | `dedup.<b>`    | `&str` event id   | `()`; one table per time bucket `b` of the dedup window |
+//!
+//! # Guarantees
+//! - Every mutating method is one redb write transaction committed with
+//!   `Durability::Immediate`: when it returns `Ok`, the change is fsynced; after a crash the
+//!   store is exactly as after the last committed call (redb's copy-on-write commit with
+//!   checksums).
+//! - `epoch` is drawn at random when the file is created and never changes; `seq` counts up from
+//!   1 within it and is never reused: [`Store::commit_seal`] refuses a seq below `next_seq`.
+//! - [`Store::commit_seal`] inserts the new batches, advances `next_seq`, deletes the durable-log
+//!   rows they fold in and records their event ids, all in one transaction: a logged event is in
+//!   exactly one sealed batch, or still in the log, never both and never neither.
+//! - A batch leaves `batches` only through [`Store::ack`].
+//! - The dedup set remembers an id for at least the dedup window and at most the window plus
+//!   one bucket (a seventh of the window): ids live in per-bucket tables and the oldest table is
+//!   dropped whole once it is entirely outside the window, so memory and disk stay bounded.
+
+use crate::error::StoreError;
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Duration;
+use tally_protocol::batch::SignedBatch;
+use tally_protocol::catalog::Catalog;
+use tally_protocol::entitlements::EntitlementsSnapshot;
+use tally_protocol::names::{CustomerId, Dimensions, MeterName};
+use tally_protocol::Decimal;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+const DEDUP_PREFIX: &str = "dedup.";
+
+/// The store format this code writes and reads.
+pub const FORMAT_VERSION: u64 = 1;
+/// The dedup window is cut into this many buckets.
+pub const DEDUP_BUCKETS: i64 = 7;
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::db(e)
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A sealed batch as kept on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredBatch {
+    /// When it was sealed, ms since the Unix epoch.
+    pub sealed_at_ms: i64,
+    /// The signed batch, exactly as it is sent.
+    pub batch: SignedBatch,
+}
+
+/// An event written by `record_durable`, waiting in the log to be sealed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedEvent {
+    /// Who pays.
+    pub customer: CustomerId,
+    /// What was used.
+    pub meter: MeterName,
+    /// Dimensions.
+    pub dimensions: Dimensions,
+    /// Event time, ms since the Unix epoch.
+    pub at_ms: i64,
+    /// The quantity.
+    #[serde(with = "tally_protocol::wire_decimal")]
+    pub quantity: Decimal,
+    /// The idempotency key, if any.
+    pub id: Option<String>,
+    /// When the agent accepted it (the dedup bucket of `id`).
+    pub accepted_at_ms: i64,
+}
+
+/// The entitlement snapshots received, merged: what the agent answers from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct EntitlementsCache {
+    /// Version of the last snapshot applied.
+    pub version: u64,
+    /// When the collector built it, ms since the Unix epoch.
+    pub built_at_ms: i64,
+    /// Every customer's entitlements.
+    pub customers: Vec<tally_protocol::entitlements::CustomerEntitlements>,
+}
+
+impl EntitlementsCache {
+    /// Applies a pushed snapshot: a full one replaces everything, a partial one replaces the
+    /// customers it lists. An older version than the one held is ignored.
+    pub fn apply(&mut self, s: EntitlementsSnapshot) {
+        if s.version < self.version {
+            return;
+        }
+        self.version = s.version;
+        self.built_at_ms = s.built_at_ms;
+        let incoming = s.customers.into_inner();
+        if s.full {
+            self.customers = incoming;
+            return;
+        }
+        for c in incoming {
+            match self.customers.iter_mut().find(|e| e.customer == c.customer) {
+                Some(e) => *e = c,
+                None => self.customers.push(c),
+            }
+        }
+    }
+}
+
+/// Size and age of one unacknowledged batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchMeta {
+    /// Its seq.
+    pub seq: u64,
+    /// Bytes of the stored row.
+    pub bytes: u64,
+    /// When it was sealed.
+    pub sealed_at_ms: i64,
+}
+
+/// Everything one seal writes, in one transaction.
+#[derive(Debug, Clone, Default)]
+pub struct SealCommit {
+    /// The new batches, in seq order.
+    pub batches: Vec<(u64, StoredBatch)>,
+    /// `next_seq` after them.
+    pub next_seq: u64,
+    /// Durable-log rows with keys up to this one are folded in and deleted.
+    pub log_upto: Option<u64>,
+    /// Event ids to remember, with the time each was accepted.
+    pub ids: Vec<(String, i64)>,
+    /// Now, for dropping expired dedup buckets.
+    pub now_ms: i64,
+}
+
+/// The bucketing of the dedup window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupWindow {
+    window_ms: i64,
+    bucket_ms: i64,
+}
+
+impl DedupWindow {
+    /// A window of `window`, cut into [`DEDUP_BUCKETS`] buckets.
+    pub fn new(window: Duration) -> Self {
+        let window_ms = i64::try_from(window.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        DedupWindow {
+            window_ms,
+            bucket_ms: (window_ms / DEDUP_BUCKETS).max(1),
+        }
+    }
+
+    /// The bucket an id accepted at `at_ms` goes to.
+    pub fn bucket(&self, at_ms: i64) -> u64 {
+        u64::try_from(at_ms.max(0).div_euclid(self.bucket_ms)).unwrap_or(0)
+    }
+
+    /// The oldest bucket still inside the window at `now_ms`.
+    pub fn oldest_live(&self, now_ms: i64) -> u64 {
+        self.bucket(now_ms.saturating_sub(self.window_ms))
+    }
+}
+
+fn dedup_table_name(bucket: u64) -> String {
+    format!("{DEDUP_PREFIX}{bucket:020}")
+}
+
+fn dedup_bucket_of(name: &str) -> Option<u64> {
+    name.strip_prefix(DEDUP_PREFIX)?.parse().ok()
+}
+
+fn corrupt(table: &'static str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        detail: e.to_string(),
+    }
+}
+
+fn encode<T: Serialize>(table: &'static str, v: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(v).map_err(|e| corrupt(table, e))
+}
+
+fn decode<'a, T: Deserialize<'a>>(table: &'static str, b: &'a [u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(b).map_err(|e| corrupt(table, e))
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0; 8];
+    if getrandom::getrandom(&mut b).is_err() {
+        // No OS randomness: fall back to the clock, still distinct across stores in practice.
+        return crate::clock::now_ms().unsigned_abs() ^ u64::from(std::process::id()) << 40;
+    }
+    u64::from_le_bytes(b)
+}
+
+/// The local store. Methods block on disk I/O; call them off the async runtime.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+    epoch: u64,
+    dedup: DedupWindow,
+}
+
+impl Store {
+    /// Opens or creates the store at `path`.
+    pub fn open(path: &Path, dedup_window: Duration) -> Result<Store, StoreError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        let epoch;
+        {
+            let mut meta = txn.open_table(META)?;
+            let format = meta.get("format")?.map(|v| v.value());
+            match format {
+                None => {
+                    epoch = random_u64().max(1);
+                    meta.insert("format", FORMAT_VERSION)?;
+                    meta.insert("epoch", epoch)?;
+                    meta.insert("next_seq", 1)?;
+                    meta.insert("next_log_key", 0)?;
+                }
+                Some(FORMAT_VERSION) => {
+                    epoch = meta
+                        .get("epoch")?
+                        .map(|v| v.value())
+                        .ok_or_else(|| corrupt("meta", "no epoch"))?;
+                }
+                Some(v) => return Err(corrupt("meta", format!("unknown format {v}"))),
+            }
+            txn.open_table(BATCHES)?;
+            txn.open_table(LOG)?;
+            txn.open_table(SNAPSHOTS)?;
+        }
+        txn.commit()?;
+        Ok(Store {
+            db,
+            epoch,
+            dedup: DedupWindow::new(dedup_window),
+        })
+    }
+
+    /// The epoch of this store, fixed at creation.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The dedup bucketing.
+    pub fn dedup_window(&self) -> DedupWindow {
+        self.dedup
+    }
+
+    fn meta(&self, key: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        meta.get(key)?
+            .map(|v| v.value())
+            .ok_or_else(|| corrupt("meta", format!("no {key}")))
+    }
+
+    /// The seq the next sealed batch gets.
+    pub fn next_seq(&self) -> Result<u64, StoreError> {
+        self.meta("next_seq")
+    }
+
+    /// Appends events to the durable log in one commit; returns the bytes written.
+    pub fn append_log(&self, events: &[LoggedEvent]) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut bytes = 0;
+        {
+            let mut meta = txn.open_table(META)?;
+            let mut key = meta
+                .get("next_log_key")?
+                .map(|v| v.value())
+                .ok_or_else(|| corrupt("meta", "no next_log_key"))?;
+            let mut log = txn.open_table(LOG)?;
+            for e in events {
+                let row = encode("log", e)?;
+                bytes += row.len() as u64;
+                log.insert(key, row.as_slice())?;
+                key += 1;
+            }
+            meta.insert("next_log_key", key)?;
+        }
+        txn.commit()?;
+        Ok(bytes)
+    }
+
+    /// Up to `limit` durable-log rows, oldest first.
+    pub fn read_log(&self, limit: usize) -> Result<Vec<(u64, LoggedEvent)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let log = txn.open_table(LOG)?;
+        let mut out = Vec::new();
+        for row in log.iter()?.take(limit) {
+            let (k, v) = row?;
+            out.push((k.value(), decode("log", v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Rows and bytes in the durable log.
+    pub fn log_size(&self) -> Result<(u64, u64), StoreError> {
+        let txn = self.db.begin_read()?;
+        let log = txn.open_table(LOG)?;
+        let mut bytes = 0;
+        for row in log.iter()? {
+            bytes += row?.1.value().len() as u64;
+        }
+        Ok((log.len()?, bytes))
+    }
+
+    /// Writes one seal: new batches, `next_seq`, folded log rows, event ids; one transaction.
+    pub fn commit_seal(&self, c: &SealCommit) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let next = meta
+                .get("next_seq")?
+                .map(|v| v.value())
+                .ok_or_else(|| corrupt("meta", "no next_seq"))?;
+            let mut batches = txn.open_table(BATCHES)?;
+            let mut expect = next;
+            for (seq, b) in &c.batches {
+                // Seqs are never reused and never skipped.
+                if *seq != expect {
+                    return Err(corrupt(
+                        "batches",
+                        format!("seq {seq} sealed but next_seq is {expect}"),
+                    ));
+                }
+                expect += 1;
+                let row = encode("batches", b)?;
+                batches.insert(*seq, row.as_slice())?;
+            }
+            if c.next_seq != expect {
+                return Err(corrupt(
+                    "meta",
+                    format!("next_seq {} does not follow the batches", c.next_seq),
+                ));
+            }
+            meta.insert("next_seq", expect)?;
+            if let Some(upto) = c.log_upto {
+                let mut log = txn.open_table(LOG)?;
+                log.retain_in(..=upto, |_, _| false)?;
+            }
+            for (id, at) in &c.ids {
+                let name = dedup_table_name(self.dedup.bucket(*at));
+                let mut t = txn.open_table(TableDefinition::<&str, ()>::new(&name))?;
+                t.insert(id.as_str(), ())?;
+            }
+            let oldest = self.dedup.oldest_live(c.now_ms);
+            let expired: Vec<_> = txn
+                .list_tables()?
+                .filter(|h| dedup_bucket_of(h.name()).is_some_and(|b| b < oldest))
+                .collect();
+            for h in expired {
+                txn.delete_table(h)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Deletes acknowledged batches in one commit; returns those that were there.
+    pub fn ack(&self, seqs: &[u64]) -> Result<Vec<BatchMeta>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut removed = Vec::new();
+        {
+            let mut batches = txn.open_table(BATCHES)?;
+            for seq in seqs {
+                if let Some(row) = batches.remove(*seq)? {
+                    let b: StoredBatch = decode("batches", row.value())?;
+                    removed.push(BatchMeta {
+                        seq: *seq,
+                        bytes: row.value().len() as u64,
+                        sealed_at_ms: b.sealed_at_ms,
+                    });
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(removed)
+    }
+
+    /// Every unacknowledged batch, in seq order.
+    pub fn unacked(&self) -> Result<Vec<BatchMeta>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let batches = txn.open_table(BATCHES)?;
+        let mut out = Vec::new();
+        for row in batches.iter()? {
+            let (k, v) = row?;
+            let b: StoredBatch = decode("batches", v.value())?;
+            out.push(BatchMeta {
+                seq: k.value(),
+                bytes: v.value().len() as u64,
+                sealed_at_ms: b.sealed_at_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One unacknowledged batch.
+    pub fn batch(&self, seq: u64) -> Result<Option<StoredBatch>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let batches = txn.open_table(BATCHES)?;
+        batches
+            .get(seq)?
+            .map(|v| decode("batches", v.value()))
+            .transpose()
+    }
+
+    /// Whether `id` was sealed within the dedup window as of `now_ms`.
+    pub fn seen_id(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        let oldest = self.dedup.oldest_live(now_ms);
+        let names: Vec<String> = txn
+            .list_tables()?
+            .map(|h| h.name().to_owned())
+            .filter(|n| dedup_bucket_of(n).is_some_and(|b| b >= oldest))
+            .collect();
+        for name in names {
+            let t = txn.open_table(TableDefinition::<&str, ()>::new(&name))?;
+            if t.get(id)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The dedup buckets on disk, oldest first.
+    pub fn dedup_buckets(&self) -> Result<Vec<u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut b: Vec<u64> = txn
+            .list_tables()?
+            .filter_map(|h| dedup_bucket_of(h.name()))
+            .collect();
+        b.sort_unstable();
+        Ok(b)
+    }
+
+    fn put_snapshot(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(SNAPSHOTS)?.insert(name, bytes)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn snapshot<T: for<'a> Deserialize<'a>>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SNAPSHOTS)?;
+        t.get(name)?
+            .map(|v| decode("snapshots", v.value()))
+            .transpose()
+    }
+
+    /// Keeps the collector's catalog.
+    pub fn put_catalog(&self, c: &Catalog) -> Result<(), StoreError> {
+        self.put_snapshot("catalog", &encode("snapshots", c)?)
+    }
+
+    /// The last catalog kept.
+    pub fn catalog(&self) -> Result<Option<Catalog>, StoreError> {
+        self.snapshot("catalog")
+    }
+
+    /// Keeps the merged entitlement snapshots.
+    pub fn put_entitlements(&self, e: &EntitlementsCache) -> Result<(), StoreError> {
+        self.put_snapshot("entitlements", &encode("snapshots", e)?)
+    }
+
+    /// The merged entitlement snapshots kept.
+    pub fn entitlements(&self) -> Result<Option<EntitlementsCache>, StoreError> {
+        self.snapshot("entitlements")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tally_protocol::batch::{AgentId, BatchBody};
+
+    pub(crate) fn batch(seq: u64) -> StoredBatch {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let body = BatchBody::new(
+            AgentId::from_public_key(&key.verifying_key()),
+            1,
+            seq,
+            0,
+            vec![],
+        )
+        .unwrap();
+        StoredBatch {
+            sealed_at_ms: 10,
+            batch: SignedBatch::seal(&body, &key).unwrap(),
+        }
+    }
+
+    #[test]
+    fn epoch_is_fixed_and_seqs_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.redb");
+        let s = Store::open(&p, Duration::from_secs(60)).unwrap();
+        let epoch = s.epoch();
+        assert_eq!(s.next_seq().unwrap(), 1);
+        let bad = SealCommit {
+            batches: vec![(2, batch(2))],
+            next_seq: 3,
+            ..Default::default()
+        };
+        assert!(s.commit_seal(&bad).is_err());
+        let ok = SealCommit {
+            batches: vec![(1, batch(1)), (2, batch(2))],
+            next_seq: 3,
+            ..Default::default()
+        };
+        s.commit_seal(&ok).unwrap();
+        drop(s);
+        let s = Store::open(&p, Duration::from_secs(60)).unwrap();
+        assert_eq!(s.epoch(), epoch);
+        assert_eq!(s.next_seq().unwrap(), 3);
+        assert_eq!(s.unacked().unwrap().len(), 2);
+        assert_eq!(s.ack(&[1, 7]).unwrap().len(), 1);
+        assert_eq!(s.unacked().unwrap()[0].seq, 2);
+        assert_eq!(s.batch(2).unwrap(), Some(batch(2)));
+    }
+
+    #[test]
+    fn dedup_window_drops_whole_buckets() {
+        let dir = tempfile::tempdir().unwrap();
+        let window = Duration::from_secs(7 * 100);
+        let s = Store::open(&dir.path().join("d.redb"), window).unwrap();
+        let w = s.dedup_window();
+        let t0 = 1_000_000_000;
+        s.commit_seal(&SealCommit {
+            next_seq: 1,
+            ids: vec![("a".into(), t0)],
+            now_ms: t0,
+            ..Default::default()
+        })
+        .unwrap();
+        let window_ms = 700_000;
+        assert!(s.seen_id("a", t0).unwrap());
+        assert!(!s.seen_id("b", t0).unwrap());
+        // Still remembered at the end of the window.
+        assert!(s.seen_id("a", t0 + window_ms).unwrap());
+        // Forgotten one bucket after the window.
+        let later = t0 + window_ms + 100_000 + 1;
+        assert!(!s.seen_id("a", later).unwrap());
+        assert_eq!(s.dedup_buckets().unwrap(), vec![w.bucket(t0)]);
+        // The next seal drops the expired bucket table whole.
+        s.commit_seal(&SealCommit {
+            next_seq: 1,
+            ids: vec![("c".into(), later)],
+            now_ms: later,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.dedup_buckets().unwrap(), vec![w.bucket(later)]);
+    }
+
+    #[test]
+    fn log_rows_fold_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("l.redb"), Duration::from_secs(60)).unwrap();
+        let ev = |q| LoggedEvent {
+            customer: CustomerId::new("c").unwrap(),
+            meter: MeterName::new("m").unwrap(),
+            dimensions: Dimensions::default(),
+            at_ms: 5,
+            quantity: Decimal::from(q),
+            id: None,
+            accepted_at_ms: 5,
+        };
+        s.append_log(&[ev(1), ev(2)]).unwrap();
+        let rows = s.read_log(100).unwrap();
+        assert_eq!(rows.len(), 2);
+        s.append_log(&[ev(3)]).unwrap();
+        s.commit_seal(&SealCommit {
+            batches: vec![(1, batch(1))],
+            next_seq: 2,
+            log_upto: Some(rows[1].0),
+            ..Default::default()
+        })
+        .unwrap();
+        let rest = s.read_log(100).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].1.quantity, Decimal::from(3));
+        assert_eq!(s.log_size().unwrap().0, 1);
+    }
+}
