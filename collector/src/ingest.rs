@@ -1,0 +1,136 @@
+//! The group committer: the one writer between connections and the [`Store`].
+//!
+//! Owns a dedicated thread that takes verified batches from a bounded queue, gathers as many as
+//! are waiting (up to [`GroupLimits`]) and commits them in one durable store transaction, then
+//! answers each batch's reply channel in queue order. Group commit is how the fsync per
+//! transaction is shared by many batches.
+//!
+//! Guarantees: a reply is sent only after the transaction holding the batch committed; if the
+//! transaction fails, every batch of the group gets `Err(ErrorCode::Internal)` and nothing of it
+//! was written. The thread ends once every sender is dropped and the queue is drained, so
+//! dropping the senders and joining the thread commits everything in flight.
+
+use crate::metrics::Metrics;
+use crate::store::{IngestBatch, IngestOutcome, Store};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tally_protocol::error::ErrorCode;
+use tally_protocol::frame::AckOutcome;
+use tokio::sync::{mpsc, oneshot};
+
+/// The answer for one batch.
+pub type IngestReply = Result<IngestOutcome, ErrorCode>;
+
+/// One verified batch waiting to be committed.
+pub struct IngestRequest {
+    /// The batch.
+    pub batch: IngestBatch,
+    /// Where the outcome goes once durable.
+    pub reply: oneshot::Sender<IngestReply>,
+}
+
+/// How large one group commit may grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimits {
+    /// Most batches per transaction.
+    pub max_batches: usize,
+    /// Most deltas per transaction (a group always takes at least one batch).
+    pub max_deltas: usize,
+    /// Capacity of the queue in front of the committer.
+    pub queue: usize,
+}
+
+impl Default for GroupLimits {
+    fn default() -> Self {
+        GroupLimits {
+            max_batches: 512,
+            max_deltas: 50_000,
+            queue: 4096,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Starts the committer thread; returns the queue's sender and the thread.
+pub fn spawn(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    limits: GroupLimits,
+) -> std::io::Result<(mpsc::Sender<IngestRequest>, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel(limits.queue.max(1));
+    let thread = std::thread::Builder::new()
+        .name(String::from("tally-committer"))
+        .spawn(move || run(rx, store.as_ref(), &metrics, limits))?;
+    Ok((tx, thread))
+}
+
+fn run(mut rx: mpsc::Receiver<IngestRequest>, store: &dyn Store, metrics: &Metrics, limits: GroupLimits) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut deltas = first.batch.body.deltas.len();
+        let mut group = vec![first];
+        while group.len() < limits.max_batches && deltas < limits.max_deltas {
+            match rx.try_recv() {
+                Ok(r) => {
+                    deltas += r.batch.body.deltas.len();
+                    group.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        commit_group(store, metrics, group);
+    }
+}
+
+fn commit_group(store: &dyn Store, metrics: &Metrics, group: Vec<IngestRequest>) {
+    let (batches, replies): (Vec<IngestBatch>, Vec<_>) =
+        group.into_iter().map(|r| (r.batch, r.reply)).unzip();
+    let started = Instant::now();
+    let now = now_ms();
+    let result = store.ingest(&batches, now);
+    metrics
+        .commit_latency
+        .observe(started.elapsed().as_secs_f64());
+    metrics.group_size.observe(batches.len() as f64);
+    match result {
+        Ok(outcomes) if outcomes.len() == batches.len() => {
+            for ((b, reply), outcome) in batches.iter().zip(replies).zip(outcomes) {
+                count(metrics, b, outcome, now);
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Ok(_) | Err(_) => {
+            if let Err(e) = &result {
+                tracing::error!(error = %e, batches = batches.len(), "group commit failed");
+            }
+            for reply in replies {
+                let _ = reply.send(Err(ErrorCode::Internal));
+            }
+        }
+    }
+}
+
+fn count(metrics: &Metrics, b: &IngestBatch, outcome: IngestOutcome, now: i64) {
+    match outcome {
+        IngestOutcome::Ack(AckOutcome::Committed) => {
+            metrics.batch("committed");
+            metrics.deltas.inc_by(b.body.deltas.len() as u64);
+            if let Some(newest) = b.body.deltas.iter().map(|d| d.last_at_ms).max() {
+                metrics
+                    .metering_lag
+                    .observe(now.saturating_sub(newest).max(0) as f64 / 1000.0);
+            }
+        }
+        IngestOutcome::Ack(AckOutcome::Duplicate) => {
+            metrics.batch("duplicate");
+            metrics.duplicates.inc();
+        }
+        IngestOutcome::Ack(AckOutcome::Quarantined { .. }) => metrics.batch("quarantined"),
+        IngestOutcome::Refused(_) => metrics.batch("refused"),
+    }
+}

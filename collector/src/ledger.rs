@@ -1,0 +1,755 @@
+//! The ledger's rules, with no I/O: accounts, immutable transfers, how a batch or an adjustment
+//! becomes transfers, and how the whole ledger is verified (SPEC §6.2).
+//!
+//! The model follows TigerBeetle: accounts and transfers have 128-bit ids that are idempotency
+//! keys; transfers are never edited or deleted, corrections are new transfers. Every account has
+//! a unit, the meter's name, and a transfer moves an amount between two accounts of the same unit.
+//!
+//! Accounts ([`AccountKey`]):
+//! - `Source{meter}`: where a meter's usage comes from; debited by every usage transfer.
+//! - `Adjustments{meter}`: the other side of every adjustment of that meter.
+//! - `Usage{customer, meter, dimensions, period}`: credited with the customer's usage; its
+//!   balance (`credits - debits`) is the usage of that customer, meter, dimension set and
+//!   calendar month (UTC, by the delta's bucket time).
+//!
+//! An account's id is derived from its key, and a usage transfer's id from
+//! `(agent_id, epoch, seq, row)`, an adjustment's from its idempotency key: the same fact always
+//! has the same id.
+//!
+//! Posting rules (see `docs/decisions/0010-ledger-model.md`, `0011-last-meters.md`):
+//! `sum` meters post `delta.sum`, `count` meters post `delta.count`; `last` meters move the usage
+//! balance to the value with the latest `(last_at_ms, value)` seen in the period, so the final
+//! balance does not depend on arrival order. A batch is posted whole or not at all: any delta that
+//! fails [`Delta::validate`], names a meter not in the catalog, or overflows makes the whole batch
+//! a [`Rejection`] (quarantined by the caller).
+//!
+//! Invariants, checked by [`Verifier`]: per unit Σdebits = Σcredits; every account's stored
+//! totals equal the sums of its transfers; every transfer's id is unique, derived from its source,
+//! and traces to that source (a committed batch row or a recorded adjustment).
+
+use crate::dedup::DedupState;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use tally_protocol::batch::{AgentId, BatchBody, Delta};
+use tally_protocol::catalog::{Aggregation, Catalog};
+use tally_protocol::error::ErrorCode;
+use tally_protocol::names::{CustomerId, Dimensions, MeterName};
+
+/// An account's 128-bit id, derived from its [`AccountKey`].
+pub type AccountId = u128;
+/// A transfer's 128-bit id; also its idempotency key.
+pub type TransferId = u128;
+
+fn hash_id(domain: &[u8], parts: &[&[u8]]) -> u128 {
+    let mut h = Sha256::new();
+    h.update(domain);
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    let digest = h.finalize();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    u128::from_be_bytes(id)
+}
+
+/// A billing period: a calendar month in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Period {
+    /// The year.
+    pub year: i32,
+    /// The month, 1 to 12.
+    pub month: u8,
+}
+
+impl Period {
+    /// The month that holds `ms` (milliseconds since the Unix epoch).
+    pub fn of_ms(ms: i64) -> Period {
+        // Howard Hinnant's civil_from_days.
+        let days = ms.div_euclid(86_400_000);
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        Period {
+            year: i32::try_from(year).unwrap_or(i32::MAX),
+            month: month as u8,
+        }
+    }
+
+    /// Parses `YYYY-MM`.
+    pub fn parse(s: &str) -> Option<Period> {
+        let (y, m) = s.split_once('-')?;
+        if y.len() != 4 || m.len() != 2 || !y.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        let year = y.parse().ok()?;
+        let month: u8 = m.parse().ok()?;
+        (1..=12).contains(&month).then_some(Period { year, month })
+    }
+}
+
+impl fmt::Display for Period {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04}-{:02}", self.year, self.month)
+    }
+}
+
+/// What an account stands for; its id is derived from this.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum AccountKey {
+    /// Where a meter's usage comes from.
+    Source {
+        /// The meter (and unit).
+        meter: MeterName,
+    },
+    /// The other side of a meter's adjustments.
+    Adjustments {
+        /// The meter (and unit).
+        meter: MeterName,
+    },
+    /// A customer's usage of a meter with some dimensions in a period.
+    Usage {
+        /// Who pays.
+        customer: CustomerId,
+        /// The meter (and unit).
+        meter: MeterName,
+        /// The dimension set.
+        dimensions: Dimensions,
+        /// The calendar month.
+        period: Period,
+    },
+}
+
+impl AccountKey {
+    /// The account's id.
+    pub fn id(&self) -> AccountId {
+        let bytes = postcard::to_stdvec(self).unwrap_or_default();
+        hash_id(b"tally/1 account\0", &[&bytes])
+    }
+
+    /// The unit: the meter's name.
+    pub fn unit(&self) -> &MeterName {
+        match self {
+            AccountKey::Source { meter }
+            | AccountKey::Adjustments { meter }
+            | AccountKey::Usage { meter, .. } => meter,
+        }
+    }
+}
+
+/// The latest value a `last` meter's usage account has seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastValue {
+    /// Timestamp of the value, ms.
+    pub at_ms: i64,
+    /// The value.
+    #[serde(with = "tally_protocol::wire_decimal")]
+    pub value: Decimal,
+}
+
+impl LastValue {
+    fn newer_than(&self, other: &LastValue) -> bool {
+        (self.at_ms, self.value) > (other.at_ms, other.value)
+    }
+}
+
+/// An account and its running totals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    /// What it stands for.
+    pub key: AccountKey,
+    /// Sum of the amounts of transfers that debit it.
+    #[serde(with = "tally_protocol::wire_decimal")]
+    pub debits: Decimal,
+    /// Sum of the amounts of transfers that credit it.
+    #[serde(with = "tally_protocol::wire_decimal")]
+    pub credits: Decimal,
+    /// Sum of the events of the transfers that touch it, in either direction.
+    pub events: u64,
+    /// Number of transfers that touch it.
+    pub transfers: u64,
+    /// For `last` meters' usage accounts: the latest value seen.
+    pub last: Option<LastValue>,
+}
+
+impl Account {
+    /// A new account with zero totals.
+    pub fn new(key: AccountKey) -> Self {
+        Account {
+            key,
+            debits: Decimal::ZERO,
+            credits: Decimal::ZERO,
+            events: 0,
+            transfers: 0,
+            last: None,
+        }
+    }
+
+    /// `credits - debits`: for a usage account, the usage.
+    pub fn balance(&self) -> Decimal {
+        self.credits - self.debits
+    }
+}
+
+/// Where a transfer comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TransferSource {
+    /// Row `row` of batch `(agent, epoch, seq)`.
+    BatchRow {
+        /// The agent.
+        agent: AgentId,
+        /// The epoch.
+        epoch: u64,
+        /// The seq.
+        seq: u64,
+        /// Index of the delta in the batch.
+        row: u32,
+    },
+    /// An adjustment made through the API.
+    Adjustment {
+        /// Its idempotency key.
+        idempotency_key: String,
+        /// Why it was made.
+        reason: String,
+    },
+}
+
+impl TransferSource {
+    /// The transfer id this source derives.
+    pub fn transfer_id(&self) -> TransferId {
+        match self {
+            TransferSource::BatchRow {
+                agent,
+                epoch,
+                seq,
+                row,
+            } => usage_transfer_id(*agent, *epoch, *seq, *row),
+            TransferSource::Adjustment {
+                idempotency_key, ..
+            } => adjustment_transfer_id(idempotency_key),
+        }
+    }
+}
+
+/// The id of the usage transfer of row `row` of batch `(agent, epoch, seq)`.
+pub fn usage_transfer_id(agent: AgentId, epoch: u64, seq: u64, row: u32) -> TransferId {
+    hash_id(
+        b"tally/1 usage\0",
+        &[
+            &agent.0,
+            &epoch.to_be_bytes(),
+            &seq.to_be_bytes(),
+            &row.to_be_bytes(),
+        ],
+    )
+}
+
+/// The id of the adjustment with this idempotency key.
+pub fn adjustment_transfer_id(idempotency_key: &str) -> TransferId {
+    hash_id(b"tally/1 adjustment\0", &[idempotency_key.as_bytes()])
+}
+
+/// An immutable movement of `amount` from `debit` to `credit`, in one unit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    /// The id; also the idempotency key.
+    pub id: TransferId,
+    /// The debited account.
+    pub debit: AccountId,
+    /// The credited account.
+    pub credit: AccountId,
+    /// The unit (meter) of both accounts.
+    pub unit: MeterName,
+    /// How much, never negative.
+    #[serde(with = "tally_protocol::wire_decimal")]
+    pub amount: Decimal,
+    /// How many events it carries (moved with the amount).
+    pub events: u64,
+    /// The customer whose usage account it touches.
+    pub customer: CustomerId,
+    /// When the usage happened (the delta's last event), ms.
+    pub event_at_ms: i64,
+    /// When it was posted, ms.
+    pub posted_at_ms: i64,
+    /// Where it comes from.
+    pub source: TransferSource,
+}
+
+/// What `create_transfer` says about an id that already exists, as TigerBeetle does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Same fields: nothing to do.
+    Exists,
+    /// Same id, different fields: refused.
+    ExistsWithDifferent(&'static str),
+}
+
+/// Compares a transfer about to be created with the one already stored under its id. Timestamps
+/// are not compared (they are assigned at posting).
+pub fn compare_existing(stored: &Transfer, new: &Transfer) -> Existing {
+    let diff = if stored.debit != new.debit {
+        Some("debit_account")
+    } else if stored.credit != new.credit {
+        Some("credit_account")
+    } else if stored.unit != new.unit {
+        Some("unit")
+    } else if stored.amount != new.amount {
+        Some("amount")
+    } else if stored.customer != new.customer {
+        Some("customer")
+    } else if stored.source != new.source {
+        Some("source")
+    } else {
+        None
+    };
+    diff.map_or(Existing::Exists, Existing::ExistsWithDifferent)
+}
+
+/// Why a batch or adjustment cannot be posted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// The wire code (`unknown_meter`, `invalid_delta`, `overflow`, …).
+    pub code: ErrorCode,
+    /// The delta that failed, if one did.
+    pub row: Option<u32>,
+    /// Lowercase detail.
+    pub message: String,
+}
+
+impl Rejection {
+    fn new(code: ErrorCode, row: Option<u32>, message: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            row,
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads accounts as they stand before a posting.
+pub trait Accounts {
+    /// The storage error.
+    type Error;
+    /// The account with this id, if it exists.
+    fn load(&mut self, id: AccountId) -> Result<Option<Account>, Self::Error>;
+}
+
+impl Accounts for HashMap<AccountId, Account> {
+    type Error = std::convert::Infallible;
+    fn load(&mut self, id: AccountId) -> Result<Option<Account>, Self::Error> {
+        Ok(self.get(&id).cloned())
+    }
+}
+
+/// The result of posting: new transfers and the new state of every account they touch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Posting {
+    /// Transfers to append, in order.
+    pub transfers: Vec<Transfer>,
+    /// Every touched account as it stands after the posting.
+    pub accounts: BTreeMap<AccountId, Account>,
+    /// Ids of accounts this posting creates.
+    pub created: Vec<AccountId>,
+}
+
+impl Posting {
+    fn account<A: Accounts>(
+        &mut self,
+        base: &mut A,
+        key: AccountKey,
+    ) -> Result<AccountId, A::Error> {
+        let id = key.id();
+        if !self.accounts.contains_key(&id) {
+            let acct = match base.load(id)? {
+                Some(a) => a,
+                None => {
+                    self.created.push(id);
+                    Account::new(key)
+                }
+            };
+            self.accounts.insert(id, acct);
+        }
+        Ok(id)
+    }
+
+    /// Applies a transfer to the touched accounts; `Err` on overflow (nothing applied then is
+    /// kept: the caller drops the whole posting).
+    fn apply(&mut self, t: Transfer) -> Result<(), Rejection> {
+        let overflow = || Rejection::new(ErrorCode::Overflow, None, "an account total overflows");
+        let events = t.events;
+        let d = self.accounts.get_mut(&t.debit).ok_or_else(overflow)?;
+        d.debits = d.debits.checked_add(t.amount).ok_or_else(overflow)?;
+        d.events = d.events.checked_add(events).ok_or_else(overflow)?;
+        d.transfers += 1;
+        let c = self.accounts.get_mut(&t.credit).ok_or_else(overflow)?;
+        c.credits = c.credits.checked_add(t.amount).ok_or_else(overflow)?;
+        c.events = c.events.checked_add(events).ok_or_else(overflow)?;
+        c.transfers += 1;
+        self.transfers.push(t);
+        Ok(())
+    }
+}
+
+/// Posts every delta of a verified batch, or rejects the whole batch.
+pub fn post_batch<A: Accounts>(
+    base: &mut A,
+    catalog: &Catalog,
+    body: &BatchBody,
+    now_ms: i64,
+) -> Result<Result<Posting, Rejection>, A::Error> {
+    let mut p = Posting::default();
+    for (row, delta) in body.deltas.iter().enumerate() {
+        let row = u32::try_from(row).unwrap_or(u32::MAX);
+        let source = TransferSource::BatchRow {
+            agent: body.agent_id,
+            epoch: body.epoch,
+            seq: body.seq,
+            row,
+        };
+        if let Err(rej) = post_delta(base, &mut p, catalog, delta, source, now_ms)? {
+            return Ok(Err(Rejection { row: Some(row), ..rej }));
+        }
+    }
+    Ok(Ok(p))
+}
+
+fn post_delta<A: Accounts>(
+    base: &mut A,
+    p: &mut Posting,
+    catalog: &Catalog,
+    delta: &Delta,
+    source: TransferSource,
+    now_ms: i64,
+) -> Result<Result<(), Rejection>, A::Error> {
+    let Some(def) = catalog.meter(delta.meter.as_str()) else {
+        let msg = format!("meter {} is not in the catalog", delta.meter);
+        return Ok(Err(Rejection::new(ErrorCode::UnknownMeter, None, msg)));
+    };
+    if let Err(e) = delta.validate() {
+        return Ok(Err(Rejection::new(ErrorCode::InvalidDelta, None, e.to_string())));
+    }
+    let source_acct = p.account(
+        base,
+        AccountKey::Source {
+            meter: delta.meter.clone(),
+        },
+    )?;
+    let usage = p.account(
+        base,
+        AccountKey::Usage {
+            customer: delta.customer.clone(),
+            meter: delta.meter.clone(),
+            dimensions: delta.dimensions.clone(),
+            period: Period::of_ms(delta.bucket_start_ms),
+        },
+    )?;
+    let (debit, credit, amount) = match def.aggregation {
+        Aggregation::Sum => (source_acct, usage, delta.sum),
+        Aggregation::Count => (source_acct, usage, Decimal::from(delta.count)),
+        Aggregation::Last => {
+            let candidate = LastValue {
+                at_ms: delta.last_at_ms,
+                value: delta.last,
+            };
+            let acct = p.accounts.get_mut(&usage);
+            let Some(acct) = acct else {
+                return Ok(Err(Rejection::new(ErrorCode::Internal, None, "lost account")));
+            };
+            if acct.last.is_none_or(|cur| candidate.newer_than(&cur)) {
+                acct.last = Some(candidate);
+                let Some(diff) = candidate.value.checked_sub(acct.balance()) else {
+                    return Ok(Err(Rejection::new(ErrorCode::Overflow, None, "overflow")));
+                };
+                if diff.is_sign_negative() && !diff.is_zero() {
+                    (usage, source_acct, -diff)
+                } else {
+                    (source_acct, usage, diff)
+                }
+            } else {
+                (source_acct, usage, Decimal::ZERO)
+            }
+        }
+    };
+    let t = Transfer {
+        id: source.transfer_id(),
+        debit,
+        credit,
+        unit: delta.meter.clone(),
+        amount,
+        events: delta.count,
+        customer: delta.customer.clone(),
+        event_at_ms: delta.last_at_ms,
+        posted_at_ms: now_ms,
+        source,
+    };
+    if let Err(r) = p.apply(t) {
+        return Ok(Err(r));
+    }
+    Ok(Ok(()))
+}
+
+/// An adjustment: a signed quantity added to a customer's usage, booked as a new transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adjustment {
+    /// Who pays.
+    pub customer: CustomerId,
+    /// Which meter.
+    pub meter: MeterName,
+    /// Which dimension set (usually none).
+    pub dimensions: Dimensions,
+    /// Which month.
+    pub period: Period,
+    /// Added to the usage; negative to reduce it. Never zero.
+    pub quantity: Decimal,
+    /// Why.
+    pub reason: String,
+    /// The idempotency key: the transfer id derives from it.
+    pub idempotency_key: String,
+}
+
+/// Posts an adjustment: `Adjustments{meter}` → usage for a positive quantity, the reverse for a
+/// negative one. Refused when the meter is unknown, the quantity is zero, or the usage would go
+/// below zero (the usage account has TigerBeetle's `debits_must_not_exceed_credits`).
+pub fn post_adjustment<A: Accounts>(
+    base: &mut A,
+    catalog: &Catalog,
+    adj: &Adjustment,
+    now_ms: i64,
+) -> Result<Result<Posting, Rejection>, A::Error> {
+    if catalog.meter(adj.meter.as_str()).is_none() {
+        let msg = format!("meter {} is not in the catalog", adj.meter);
+        return Ok(Err(Rejection::new(ErrorCode::UnknownMeter, None, msg)));
+    }
+    if adj.quantity.is_zero() {
+        return Ok(Err(Rejection::new(ErrorCode::InvalidDelta, None, "quantity must not be zero")));
+    }
+    let mut p = Posting::default();
+    let other = p.account(
+        base,
+        AccountKey::Adjustments {
+            meter: adj.meter.clone(),
+        },
+    )?;
+    let usage = p.account(
+        base,
+        AccountKey::Usage {
+            customer: adj.customer.clone(),
+            meter: adj.meter.clone(),
+            dimensions: adj.dimensions.clone(),
+            period: adj.period,
+        },
+    )?;
+    let (debit, credit) = if adj.quantity.is_sign_negative() {
+        (usage, other)
+    } else {
+        (other, usage)
+    };
+    let amount = adj.quantity.abs();
+    let t = Transfer {
+        id: adjustment_transfer_id(&adj.idempotency_key),
+        debit,
+        credit,
+        unit: adj.meter.clone(),
+        amount,
+        events: 0,
+        customer: adj.customer.clone(),
+        event_at_ms: now_ms,
+        posted_at_ms: now_ms,
+        source: TransferSource::Adjustment {
+            idempotency_key: adj.idempotency_key.clone(),
+            reason: adj.reason.clone(),
+        },
+    };
+    if let Err(r) = p.apply(t) {
+        return Ok(Err(r));
+    }
+    if p.accounts.get(&usage).is_some_and(|a| a.debits > a.credits) {
+        return Ok(Err(Rejection::new(
+            ErrorCode::InvalidDelta,
+            None,
+            "the adjustment would take the usage below zero",
+        )));
+    }
+    Ok(Ok(p))
+}
+
+/// The outcome of a ledger verification.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// True when no invariant is violated.
+    pub ok: bool,
+    /// Accounts checked.
+    pub accounts: u64,
+    /// Transfers checked.
+    pub transfers: u64,
+    /// Units (meters) checked.
+    pub units: u64,
+    /// Batches recorded as committed or quarantined.
+    pub batches: u64,
+    /// Number of violations found.
+    pub violation_count: u64,
+    /// The first violations, described.
+    pub violations: Vec<String>,
+}
+
+/// Most violations described in a report.
+pub const MAX_VIOLATIONS_LISTED: usize = 100;
+
+#[derive(Default)]
+struct Totals {
+    debits: Decimal,
+    credits: Decimal,
+    events: u64,
+    transfers: u64,
+}
+
+/// Checks the invariants over a stream of transfers and then accounts. Keeps a set of transfer
+/// ids and per-account totals in memory.
+#[derive(Default)]
+pub struct Verifier {
+    report: VerifyReport,
+    ids: HashSet<TransferId>,
+    recomputed: HashMap<AccountId, Totals>,
+    units: BTreeMap<String, (Decimal, Decimal)>,
+    unit_of: HashMap<AccountId, MeterName>,
+}
+
+impl Verifier {
+    /// A fresh verifier.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a violation.
+    pub fn violation(&mut self, what: String) {
+        self.report.violation_count += 1;
+        if self.report.violations.len() < MAX_VIOLATIONS_LISTED {
+            self.report.violations.push(what);
+        }
+    }
+
+    /// Counts a recorded batch.
+    pub fn batch(&mut self) {
+        self.report.batches += 1;
+    }
+
+    /// Checks one transfer; `trace` says whether its source exists and matches (an error
+    /// describes why not).
+    pub fn transfer(&mut self, t: &Transfer, trace: Result<(), String>) {
+        self.report.transfers += 1;
+        let id = format!("{:032x}", t.id);
+        if !self.ids.insert(t.id) {
+            self.violation(format!("transfer {id}: id is not unique"));
+        }
+        if t.source.transfer_id() != t.id {
+            self.violation(format!("transfer {id}: id does not derive from its source"));
+        }
+        if let Err(why) = trace {
+            self.violation(format!("transfer {id}: does not trace to its source: {why}"));
+        }
+        if t.amount.is_sign_negative() && !t.amount.is_zero() {
+            self.violation(format!("transfer {id}: negative amount"));
+        }
+        if t.debit == t.credit {
+            self.violation(format!("transfer {id}: debits and credits the same account"));
+        }
+        let u = self.units.entry(t.unit.to_string()).or_default();
+        u.0 += t.amount;
+        u.1 += t.amount;
+        let events = t.events;
+        let d = self.recomputed.entry(t.debit).or_default();
+        d.debits += t.amount;
+        d.events = d.events.saturating_add(events);
+        d.transfers += 1;
+        let c = self.recomputed.entry(t.credit).or_default();
+        c.credits += t.amount;
+        c.events = c.events.saturating_add(events);
+        c.transfers += 1;
+        for acct in [t.debit, t.credit] {
+            if let Some(unit) = self.unit_of.insert(acct, t.unit.clone())
+                && unit != t.unit
+            {
+                self.violation(format!("transfer {id}: accounts of different units"));
+            }
+        }
+    }
+
+    /// Checks one stored account against the transfers seen so far (call after all transfers).
+    pub fn account(&mut self, id: AccountId, a: &Account) {
+        self.report.accounts += 1;
+        let name = format!("{id:032x}");
+        if a.key.id() != id {
+            self.violation(format!("account {name}: id does not derive from its key"));
+        }
+        if let Some(unit) = self.unit_of.get(&id)
+            && unit != a.key.unit()
+        {
+            self.violation(format!("account {name}: unit differs from its transfers'"));
+        }
+        let t = self.recomputed.remove(&id).unwrap_or_default();
+        if t.debits != a.debits
+            || t.credits != a.credits
+            || t.transfers != a.transfers
+            || t.events != a.events
+        {
+            self.violation(format!(
+                "account {name}: stored debits {} credits {} events {} transfers {} but its \
+                 transfers sum to {} {} {} {}",
+                a.debits, a.credits, a.events, a.transfers, t.debits, t.credits, t.events, t.transfers
+            ));
+        }
+        if let AccountKey::Usage { .. } = a.key
+            && a.debits > a.credits
+        {
+            self.violation(format!("account {name}: usage below zero"));
+        }
+    }
+
+    /// Finishes: accounts referenced by transfers but never stored are violations.
+    pub fn finish(mut self) -> VerifyReport {
+        let missing: Vec<AccountId> = self.recomputed.keys().copied().collect();
+        for id in missing {
+            self.violation(format!("account {id:032x}: referenced by transfers but missing"));
+        }
+        let units: Vec<(String, (Decimal, Decimal))> =
+            std::mem::take(&mut self.units).into_iter().collect();
+        self.report.units = units.len() as u64;
+        for (unit, (d, c)) in units {
+            if d != c {
+                self.violation(format!("unit {unit}: debits {d} != credits {c}"));
+            }
+        }
+        self.report.ok = self.report.violation_count == 0;
+        self.report
+    }
+}
+
+/// Checks that a batch row traces: the batch is recorded with at least `row + 1` deltas and
+/// its seq is done in the dedup state.
+pub fn trace_batch_row(
+    recorded_deltas: Option<u32>,
+    dedup: Option<&DedupState>,
+    seq: u64,
+    row: u32,
+) -> Result<(), String> {
+    match recorded_deltas {
+        None => Err(String::from("batch is not recorded")),
+        Some(n) if row >= n => Err(format!("row {row} but the batch has {n} deltas")),
+        Some(_) if !dedup.is_some_and(|d| d.contains(seq)) => {
+            Err(String::from("batch is not in the dedup state"))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

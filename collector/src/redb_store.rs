@@ -1,0 +1,586 @@
+//! The embedded [`Store`]: one redb file, `<data_dir>/collector.redb`.
+//!
+//! Tables (values are postcard unless said otherwise):
+//!
+//! | table          | key                                   | value                         |
+//! |----------------|---------------------------------------|-------------------------------|
+//! | `meta`         | `"catalog"`                           | current [`Catalog`]           |
+//! | `catalogs`     | version                               | every [`Catalog`] version     |
+//! | `agents`       | agent id (u128)                       | [`AgentRecord`]               |
+//! | `dedup`        | (agent id, epoch)                     | [`DedupState`]                |
+//! | `batches`      | (agent id, epoch, seq)                | [`BatchRecord`]               |
+//! | `accounts`     | account id                            | [`Account`]                   |
+//! | `transfers`    | position (1, 2, …, append only)       | [`Transfer`]                  |
+//! | `transfer_ids` | transfer id                           | position (u64)                |
+//! | `usage_idx`    | (customer, meter, period, account id) | `()`                          |
+//! | `quarantine`   | position                              | [`QuarantineRecord`]          |
+//! | `adjustments`  | idempotency key                       | transfer id (u128)            |
+//!
+//! Guarantees: every write is one redb write transaction with `Durability::Immediate` (fsynced
+//! before `commit` returns); a group of batches shares one transaction (group commit); a
+//! transfer id already in `transfer_ids` aborts the transaction ([`StoreError::Invariant`]) —
+//! dedup makes that impossible for usage, and adjustments check it first.
+
+use crate::dedup::{DedupState, MAX_ABOVE_WATERMARK};
+use crate::ledger::{
+    self, Account, AccountId, AccountKey, Accounts, Adjustment, Existing, Period, Posting,
+    Transfer, TransferSource, Verifier, VerifyReport,
+};
+use crate::store::{
+    AdjustOutcome, AgentRecord, BatchOutcome, BatchRecord, EpochState, IngestBatch,
+    IngestOutcome, QuarantineRecord, Store, StoreError,
+};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+    WriteTransaction,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+use std::path::Path;
+use tally_protocol::batch::AgentId;
+use tally_protocol::catalog::{Catalog, MeterDef};
+use tally_protocol::error::ErrorCode;
+use tally_protocol::frame::AckOutcome;
+use tally_protocol::names::{CustomerId, MeterName};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const CATALOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("catalogs");
+const AGENTS: TableDefinition<u128, &[u8]> = TableDefinition::new("agents");
+const DEDUP: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("dedup");
+const BATCHES: TableDefinition<(u128, u64, u64), &[u8]> = TableDefinition::new("batches");
+const ACCOUNTS: TableDefinition<u128, &[u8]> = TableDefinition::new("accounts");
+const TRANSFERS: TableDefinition<u64, &[u8]> = TableDefinition::new("transfers");
+const TRANSFER_IDS: TableDefinition<u128, u64> = TableDefinition::new("transfer_ids");
+type UsageKey<'a> = (&'a str, &'a str, &'a str, u128);
+const USAGE_IDX: TableDefinition<UsageKey<'static>, ()> = TableDefinition::new("usage_idx");
+const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+const ADJUSTMENTS: TableDefinition<&str, u128> = TableDefinition::new("adjustments");
+
+/// Greater than every meter name (`[a-z0-9_.-]`) and period (`YYYY-MM`).
+const AFTER_ASCII: &str = "\u{7f}";
+
+fn be<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(v).map_err(be)
+}
+
+fn dec<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        table,
+        detail: e.to_string(),
+    })
+}
+
+/// The redb-backed store.
+pub struct RedbStore {
+    db: Database,
+}
+
+impl RedbStore {
+    /// Opens (or creates) the database at `path` and its tables.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(be)?;
+        let txn = db.begin_write().map_err(be)?;
+        {
+            txn.open_table(META).map_err(be)?;
+            txn.open_table(CATALOGS).map_err(be)?;
+            txn.open_table(AGENTS).map_err(be)?;
+            txn.open_table(DEDUP).map_err(be)?;
+            txn.open_table(BATCHES).map_err(be)?;
+            txn.open_table(ACCOUNTS).map_err(be)?;
+            txn.open_table(TRANSFERS).map_err(be)?;
+            txn.open_table(TRANSFER_IDS).map_err(be)?;
+            txn.open_table(USAGE_IDX).map_err(be)?;
+            txn.open_table(QUARANTINE).map_err(be)?;
+            txn.open_table(ADJUSTMENTS).map_err(be)?;
+        }
+        txn.commit().map_err(be)?;
+        Ok(RedbStore { db })
+    }
+}
+
+fn read_catalog(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Catalog, StoreError> {
+    match meta.get("catalog").map_err(be)? {
+        Some(v) => dec("meta", v.value()),
+        None => Ok(Catalog::default()),
+    }
+}
+
+/// Accounts as they stand in the transaction, with the group's earlier batches on top.
+struct Overlay<'a, 't> {
+    table: &'a Table<'t, u128, &'static [u8]>,
+    changed: &'a HashMap<AccountId, Account>,
+}
+
+impl Accounts for Overlay<'_, '_> {
+    type Error = StoreError;
+    fn load(&mut self, id: AccountId) -> Result<Option<Account>, StoreError> {
+        if let Some(a) = self.changed.get(&id) {
+            return Ok(Some(a.clone()));
+        }
+        match self.table.get(id).map_err(be)? {
+            Some(v) => Ok(Some(dec("accounts", v.value())?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Writes a posting's transfers, indexes and new usage accounts; account totals are written by
+/// the caller.
+struct Ledger<'t> {
+    accounts: Table<'t, u128, &'static [u8]>,
+    transfers: Table<'t, u64, &'static [u8]>,
+    transfer_ids: Table<'t, u128, u64>,
+    usage_idx: Table<'t, UsageKey<'static>, ()>,
+    next_pos: u64,
+    changed: HashMap<AccountId, Account>,
+}
+
+impl<'t> Ledger<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        let transfers = txn.open_table(TRANSFERS).map_err(be)?;
+        let next_pos = transfers.last().map_err(be)?.map_or(1, |(k, _)| k.value() + 1);
+        Ok(Ledger {
+            accounts: txn.open_table(ACCOUNTS).map_err(be)?,
+            transfers,
+            transfer_ids: txn.open_table(TRANSFER_IDS).map_err(be)?,
+            usage_idx: txn.open_table(USAGE_IDX).map_err(be)?,
+            next_pos,
+            changed: HashMap::new(),
+        })
+    }
+
+    fn overlay(&self) -> Overlay<'_, 't> {
+        Overlay {
+            table: &self.accounts,
+            changed: &self.changed,
+        }
+    }
+
+    fn append(&mut self, posting: Posting) -> Result<(), StoreError> {
+        for t in &posting.transfers {
+            let pos = self.next_pos;
+            if let Some(old) = self.transfer_ids.insert(t.id, pos).map_err(be)? {
+                return Err(StoreError::Invariant(format!(
+                    "transfer id {:032x} already at position {}",
+                    t.id,
+                    old.value()
+                )));
+            }
+            self.transfers.insert(pos, enc(t)?.as_slice()).map_err(be)?;
+            self.next_pos += 1;
+        }
+        for id in &posting.created {
+            if let Some(Account {
+                key:
+                    AccountKey::Usage {
+                        customer,
+                        meter,
+                        period,
+                        ..
+                    },
+                ..
+            }) = posting.accounts.get(id)
+            {
+                let p = period.to_string();
+                self.usage_idx
+                    .insert((customer.as_str(), meter.as_str(), p.as_str(), *id), ())
+                    .map_err(be)?;
+            }
+        }
+        self.changed.extend(posting.accounts);
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(), StoreError> {
+        for (id, acct) in &self.changed {
+            self.accounts.insert(*id, enc(acct)?.as_slice()).map_err(be)?;
+        }
+        Ok(())
+    }
+}
+
+impl RedbStore {
+    fn ingest_in(
+        &self,
+        txn: &WriteTransaction,
+        batches: &[IngestBatch],
+        now_ms: i64,
+    ) -> Result<Vec<IngestOutcome>, StoreError> {
+        let catalog = read_catalog(&txn.open_table(META).map_err(be)?)?;
+        let mut dedup_t = txn.open_table(DEDUP).map_err(be)?;
+        let mut batches_t = txn.open_table(BATCHES).map_err(be)?;
+        let mut quarantine = txn.open_table(QUARANTINE).map_err(be)?;
+        let mut next_q = quarantine.last().map_err(be)?.map_or(1, |(k, _)| k.value() + 1);
+        let mut ledger = Ledger::open(txn)?;
+        let mut states: HashMap<(u128, u64), DedupState> = HashMap::new();
+        let mut out = Vec::with_capacity(batches.len());
+        for b in batches {
+            let body = &b.body;
+            let key = (body.agent_id.as_u128(), body.epoch);
+            if !states.contains_key(&key) {
+                let s = match dedup_t.get(key).map_err(be)? {
+                    Some(v) => dec("dedup", v.value())?,
+                    None => DedupState::default(),
+                };
+                states.insert(key, s);
+            }
+            let Some(state) = states.get_mut(&key) else {
+                return Err(StoreError::Invariant(String::from("dedup state vanished")));
+            };
+            if state.contains(body.seq) {
+                out.push(IngestOutcome::Ack(AckOutcome::Duplicate));
+                continue;
+            }
+            if body.seq != state.watermark + 1 && state.above.len() >= MAX_ABOVE_WATERMARK {
+                out.push(IngestOutcome::Refused(ErrorCode::Overloaded));
+                continue;
+            }
+            let posted = ledger::post_batch(&mut ledger.overlay(), &catalog, body, now_ms)?;
+            let outcome = match posted {
+                Ok(posting) => {
+                    ledger.append(posting)?;
+                    BatchOutcome::Committed
+                }
+                Err(rejection) => {
+                    let code = rejection.code;
+                    let rec = QuarantineRecord {
+                        id: next_q,
+                        agent: body.agent_id,
+                        epoch: body.epoch,
+                        seq: body.seq,
+                        rejection,
+                        received_at_ms: now_ms,
+                        batch: b.signed.clone(),
+                    };
+                    quarantine.insert(next_q, enc(&rec)?.as_slice()).map_err(be)?;
+                    next_q += 1;
+                    BatchOutcome::Quarantined(code)
+                }
+            };
+            let inserted = state
+                .insert(body.seq)
+                .map_err(|e| StoreError::Invariant(e.to_string()))?;
+            debug_assert!(inserted);
+            let rec = BatchRecord {
+                deltas: u32::try_from(body.deltas.len()).unwrap_or(u32::MAX),
+                outcome,
+                sealed_at_ms: body.sealed_at_ms,
+                committed_at_ms: now_ms,
+            };
+            batches_t
+                .insert((key.0, key.1, body.seq), enc(&rec)?.as_slice())
+                .map_err(be)?;
+            out.push(IngestOutcome::Ack(match outcome {
+                BatchOutcome::Committed => AckOutcome::Committed,
+                BatchOutcome::Quarantined(code) => AckOutcome::Quarantined { code },
+            }));
+        }
+        for (key, state) in &states {
+            dedup_t.insert(*key, enc(state)?.as_slice()).map_err(be)?;
+        }
+        ledger.finish()?;
+        Ok(out)
+    }
+}
+
+impl Store for RedbStore {
+    fn ingest(
+        &self,
+        batches: &[IngestBatch],
+        now_ms: i64,
+    ) -> Result<Vec<IngestOutcome>, StoreError> {
+        let txn = self.db.begin_write().map_err(be)?;
+        let out = self.ingest_in(&txn, batches, now_ms)?;
+        txn.commit().map_err(be)?;
+        Ok(out)
+    }
+
+    fn adjust(&self, adj: &Adjustment, now_ms: i64) -> Result<AdjustOutcome, StoreError> {
+        let txn = self.db.begin_write().map_err(be)?;
+        let outcome = {
+            let catalog = read_catalog(&txn.open_table(META).map_err(be)?)?;
+            let mut adjustments = txn.open_table(ADJUSTMENTS).map_err(be)?;
+            let mut ledger = Ledger::open(&txn)?;
+            let posted = ledger::post_adjustment(&mut ledger.overlay(), &catalog, adj, now_ms)?;
+            let existing = match adjustments.get(adj.idempotency_key.as_str()).map_err(be)? {
+                Some(id) => {
+                    let pos = ledger.transfer_ids.get(id.value()).map_err(be)?;
+                    let Some(pos) = pos else {
+                        return Err(StoreError::Invariant(String::from(
+                            "adjustment without transfer",
+                        )));
+                    };
+                    let t = ledger.transfers.get(pos.value()).map_err(be)?;
+                    let Some(t) = t else {
+                        return Err(StoreError::Invariant(String::from("transfer missing")));
+                    };
+                    Some(dec::<Transfer>("transfers", t.value())?)
+                }
+                None => None,
+            };
+            match (existing, posted) {
+                (Some(stored), Ok(p)) => match p.transfers.first() {
+                    Some(new) => match ledger::compare_existing(&stored, new) {
+                        Existing::Exists => AdjustOutcome::Exists(stored),
+                        Existing::ExistsWithDifferent(f) => AdjustOutcome::ExistsWithDifferent(f),
+                    },
+                    None => AdjustOutcome::Exists(stored),
+                },
+                // A replay of an adjustment that was posted, even if it would be refused now
+                // (the balance moved), is still the same request.
+                (Some(stored), Err(_)) => {
+                    let same_source = matches!(&stored.source,
+                        TransferSource::Adjustment { idempotency_key, .. } if *idempotency_key == adj.idempotency_key);
+                    if same_source && stored.amount == adj.quantity.abs() && stored.unit == adj.meter
+                    {
+                        AdjustOutcome::Exists(stored)
+                    } else {
+                        AdjustOutcome::ExistsWithDifferent("amount")
+                    }
+                }
+                (None, Err(r)) => AdjustOutcome::Rejected(r),
+                (None, Ok(p)) => {
+                    let Some(t) = p.transfers.first().cloned() else {
+                        return Err(StoreError::Invariant(String::from("empty adjustment")));
+                    };
+                    adjustments
+                        .insert(adj.idempotency_key.as_str(), t.id)
+                        .map_err(be)?;
+                    ledger.append(p)?;
+                    ledger.finish()?;
+                    AdjustOutcome::Created(t)
+                }
+            }
+        };
+        if matches!(outcome, AdjustOutcome::Created(_)) {
+            txn.commit().map_err(be)?;
+        } else {
+            txn.abort().map_err(be)?;
+        }
+        Ok(outcome)
+    }
+
+    fn agent(&self, id: AgentId) -> Result<Option<AgentRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(be)?;
+        let t = txn.open_table(AGENTS).map_err(be)?;
+        match t.get(id.as_u128()).map_err(be)? {
+            Some(v) => Ok(Some(dec("agents", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_agent(&self, rec: &AgentRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(be)?;
+        {
+            let mut t = txn.open_table(AGENTS).map_err(be)?;
+            t.insert(rec.id.as_u128(), enc(rec)?.as_slice()).map_err(be)?;
+        }
+        txn.commit().map_err(be)
+    }
+
+    fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(be)?;
+        let t = txn.open_table(AGENTS).map_err(be)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(be)? {
+            let (_, v) = row.map_err(be)?;
+            out.push(dec("agents", v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn epochs(&self) -> Result<Vec<EpochState>, StoreError> {
+        let txn = self.db.begin_read().map_err(be)?;
+        let t = txn.open_table(DEDUP).map_err(be)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(be)? {
+            let (k, v) = row.map_err(be)?;
+            let (agent, epoch) = k.value();
+            out.push(EpochState {
+                agent: AgentId(agent.to_be_bytes()),
+                epoch,
+                dedup: dec("dedup", v.value())?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn catalog(&self) -> Result<Catalog, StoreError> {
+        let txn = self.db.begin_read().map_err(be)?;
+        read_catalog(&txn.open_table(META).map_err(be)?)
+    }
+
+    fn put_meter(&self, def: &MeterDef) -> Result<Catalog, StoreError> {
+        let txn = self.db.begin_write().map_err(be)?;
+        let catalog = {
+            let mut meta = txn.open_table(META).map_err(be)?;
+            let current = read_catalog(&meta)?;
+            if current.meter(def.name.as_str()) == Some(def) {
+                return Ok(current);
+            }
+            let mut meters: Vec<MeterDef> = current
+                .meters
+                .iter()
+                .filter(|m| m.name != def.name)
+                .cloned()
+                .collect();
+            meters.push(def.clone());
+            meters.sort_by(|a, b| a.name.cmp(&b.name));
+            let catalog = Catalog {
+                version: current.version + 1,
+                meters: tally_protocol::bounded::BoundedVec::new(meters)
+                    .map_err(|e| StoreError::Invariant(e.to_string()))?,
+            };
+            let bytes = enc(&catalog)?;
+            meta.insert("catalog", bytes.as_slice()).map_err(be)?;
+            let mut versions = txn.open_table(CATALOGS).map_err(be)?;
+            versions.insert(catalog.version, bytes.as_slice()).map_err(be)?;
+            catalog
+        };
+        txn.commit().map_err(be)?;
+        Ok(catalog)
+    }
+
+    fn usage_accounts(
+        &self,
+        customer: &CustomerId,
+        meter: Option<&MeterName>,
+        period: Option<Period>,
+    ) -> Result<Vec<Account>, StoreError> {
+        let txn = self.db.begin_read().map_err(be)?;
+        let idx = txn.open_table(USAGE_IDX).map_err(be)?;
+        let accounts = txn.open_table(ACCOUNTS).map_err(be)?;
+        let c = customer.as_str();
+        let m = meter.map(MeterName::as_str);
+        let p = period.map(|p| p.to_string());
+        let (lo_m, hi_m) = m.map_or(("", AFTER_ASCII), |m| (m, m));
+        let (lo_p, hi_p) = p.as_deref().map_or(("", AFTER_ASCII), |p| (p, p));
+        let lo: UsageKey = (c, lo_m, lo_p, 0);
+        let hi: UsageKey = (c, hi_m, hi_p, u128::MAX);
+        let mut out = Vec::new();
+        for row in idx.range(lo..=hi).map_err(be)? {
+            let (k, _) = row.map_err(be)?;
+            let (_, km, kp, id) = k.value();
+            if m.is_some_and(|m| m != km) || p.as_deref().is_some_and(|p| p != kp) {
+                continue;
+            }
+            let Some(v) = accounts.get(id).map_err(be)? else {
+                return Err(StoreError::Invariant(format!("indexed account {id:032x} missing")));
+            };
+            out.push(dec("accounts", v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn entries(
+        &self,
+        customer: Option<&CustomerId>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Transfer)>, StoreError> {
+        let txn = self.db.begin_read().map_err(be)?;
+        let t = txn.open_table(TRANSFERS).map_err(be)?;
+        let mut out = Vec::new();
+        for row in t.range(after.saturating_add(1)..).map_err(be)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = row.map_err(be)?;
+            let tr: Transfer = dec("transfers", v.value())?;
+            if customer.is_none_or(|c| *c == tr.customer) {
+                out.push((k.value(), tr));
+            }
+        }
+        Ok(out)
+    }
+
+    fn quarantined(&self, after: u64, limit: usize) -> Result<Vec<QuarantineRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(be)?;
+        let t = txn.open_table(QUARANTINE).map_err(be)?;
+        let mut out = Vec::new();
+        for row in t.range(after.saturating_add(1)..).map_err(be)?.take(limit) {
+            let (_, v) = row.map_err(be)?;
+            out.push(dec("quarantine", v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let txn = self.db.begin_read().map_err(be)?;
+        let transfers = txn.open_table(TRANSFERS).map_err(be)?;
+        let ids = txn.open_table(TRANSFER_IDS).map_err(be)?;
+        let batches = txn.open_table(BATCHES).map_err(be)?;
+        let dedup = txn.open_table(DEDUP).map_err(be)?;
+        let adjustments = txn.open_table(ADJUSTMENTS).map_err(be)?;
+        let accounts = txn.open_table(ACCOUNTS).map_err(be)?;
+        let mut v = Verifier::new();
+        let mut dedup_cache: HashMap<(u128, u64), DedupState> = HashMap::new();
+        let mut batch_cache: HashMap<(u128, u64, u64), Option<u32>> = HashMap::new();
+        for row in batches.iter().map_err(be)? {
+            row.map_err(be)?;
+            v.batch();
+        }
+        for row in transfers.iter().map_err(be)? {
+            let (pos, val) = row.map_err(be)?;
+            let t: Transfer = dec("transfers", val.value())?;
+            let indexed = ids.get(t.id).map_err(be)?.map(|p| p.value());
+            if indexed != Some(pos.value()) {
+                v.violation(format!("transfer {:032x}: id index does not point at it", t.id));
+            }
+            let trace = match &t.source {
+                TransferSource::BatchRow {
+                    agent,
+                    epoch,
+                    seq,
+                    row,
+                } => {
+                    let bkey = (agent.as_u128(), *epoch, *seq);
+                    if !batch_cache.contains_key(&bkey) {
+                        let rec = match batches.get(bkey).map_err(be)? {
+                            Some(b) => {
+                                let r: BatchRecord = dec("batches", b.value())?;
+                                (r.outcome == BatchOutcome::Committed).then_some(r.deltas)
+                            }
+                            None => None,
+                        };
+                        batch_cache.insert(bkey, rec);
+                    }
+                    let dkey = (agent.as_u128(), *epoch);
+                    if !dedup_cache.contains_key(&dkey)
+                        && let Some(d) = dedup.get(dkey).map_err(be)?
+                    {
+                        dedup_cache.insert(dkey, dec("dedup", d.value())?);
+                    }
+                    ledger::trace_batch_row(
+                        batch_cache.get(&bkey).copied().flatten(),
+                        dedup_cache.get(&dkey),
+                        *seq,
+                        *row,
+                    )
+                }
+                TransferSource::Adjustment {
+                    idempotency_key, ..
+                } => match adjustments.get(idempotency_key.as_str()).map_err(be)? {
+                    Some(id) if id.value() == t.id => Ok(()),
+                    Some(_) => Err(String::from("adjustment key names another transfer")),
+                    None => Err(String::from("adjustment key is not recorded")),
+                },
+            };
+            v.transfer(&t, trace);
+        }
+        if ids.len().map_err(be)? != transfers.len().map_err(be)? {
+            v.violation(String::from("transfer id index and transfers differ in length"));
+        }
+        for row in accounts.iter().map_err(be)? {
+            let (id, val) = row.map_err(be)?;
+            let a: Account = dec("accounts", val.value())?;
+            v.account(id.value(), &a);
+        }
+        Ok(v.finish())
+    }
+}

@@ -1,0 +1,184 @@
+//! The storage boundary: what the collector keeps, behind one small trait, so that another
+//! ledger (PostgreSQL, SPEC §6.5) can sit beside the embedded one.
+//!
+//! Owns [`Store`] and the records it keeps: agents, dedup state, recorded batches, accounts,
+//! transfers, quarantine, the versioned catalog and adjustments' idempotency keys.
+//!
+//! Guarantees every implementation gives:
+//! - [`Store::ingest`] records the dedup state, the ledger transfers and account totals (or the
+//!   quarantine record) of a group of batches in **one atomic, durable transaction**: when it
+//!   returns `Ok`, every outcome it reports survives a crash; when it returns `Err`, nothing of
+//!   the group was written.
+//! - Transfers are append-only: nothing ever edits or deletes one.
+//! - Reads see only committed state.
+
+use crate::dedup::DedupState;
+use crate::ledger::{Account, Adjustment, Period, Rejection, Transfer, VerifyReport};
+use serde::{Deserialize, Serialize};
+use tally_protocol::batch::{AgentId, BatchBody, SignedBatch};
+use tally_protocol::catalog::{Catalog, MeterDef};
+use tally_protocol::error::ErrorCode;
+use tally_protocol::frame::AckOutcome;
+use tally_protocol::names::{CustomerId, MeterName};
+
+/// A storage failure. The operation changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend failed (I/O, transaction, …).
+    #[error("storage backend: {0}")]
+    Backend(String),
+    /// A stored record does not decode.
+    #[error("corrupt record in {table}: {detail}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// What failed.
+        detail: String,
+    },
+    /// A ledger invariant would break; the transaction was aborted.
+    #[error("ledger invariant: {0}")]
+    Invariant(String),
+}
+
+/// A registered agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// Its id.
+    pub id: AgentId,
+    /// Its ed25519 public key.
+    pub public_key: [u8; 32],
+    /// When it enrolled, ms.
+    pub registered_at_ms: i64,
+    /// When it was revoked, if it was.
+    pub revoked_at_ms: Option<i64>,
+    /// When it last completed a handshake, ms.
+    pub last_seen_ms: i64,
+}
+
+/// What happened to a recorded batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchOutcome {
+    /// Posted to the ledger.
+    Committed,
+    /// Kept in quarantine with this reason.
+    Quarantined(ErrorCode),
+}
+
+/// A batch the collector has made durable (committed or quarantined).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    /// Number of deltas.
+    pub deltas: u32,
+    /// What happened.
+    pub outcome: BatchOutcome,
+    /// When the agent sealed it, ms.
+    pub sealed_at_ms: i64,
+    /// When the collector committed it, ms.
+    pub committed_at_ms: i64,
+}
+
+/// A batch that verified but could not be posted, kept whole with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineRecord {
+    /// Position in the quarantine, from 1.
+    pub id: u64,
+    /// The agent.
+    pub agent: AgentId,
+    /// The epoch.
+    pub epoch: u64,
+    /// The seq.
+    pub seq: u64,
+    /// Why.
+    pub rejection: Rejection,
+    /// When it was received, ms.
+    pub received_at_ms: i64,
+    /// The batch exactly as signed (body and signature).
+    pub batch: SignedBatch,
+}
+
+/// One verified batch for [`Store::ingest`].
+#[derive(Debug, Clone)]
+pub struct IngestBatch {
+    /// The decoded, verified body.
+    pub body: BatchBody,
+    /// The signed batch as received (kept if quarantined).
+    pub signed: SignedBatch,
+}
+
+/// The outcome of one batch of [`Store::ingest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestOutcome {
+    /// Durable; send this ack.
+    Ack(AckOutcome),
+    /// Not recorded (the dedup state of its epoch has too many holes): refuse with this code.
+    Refused(ErrorCode),
+}
+
+/// The outcome of [`Store::adjust`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdjustOutcome {
+    /// Posted now.
+    Created(Transfer),
+    /// Posted earlier with the same fields; nothing changed.
+    Exists(Transfer),
+    /// The idempotency key was used with different fields (the field named).
+    ExistsWithDifferent(&'static str),
+    /// Cannot be posted.
+    Rejected(Rejection),
+}
+
+/// Per-epoch ingest state of an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochState {
+    /// The agent.
+    pub agent: AgentId,
+    /// The epoch.
+    pub epoch: u64,
+    /// Its dedup state.
+    pub dedup: DedupState,
+}
+
+/// The collector's storage.
+pub trait Store: Send + Sync + 'static {
+    /// Dedups and posts (or quarantines) a group of verified batches in one durable transaction,
+    /// in order; returns one outcome per batch.
+    fn ingest(&self, batches: &[IngestBatch], now_ms: i64)
+    -> Result<Vec<IngestOutcome>, StoreError>;
+    /// Posts an adjustment, idempotently by its key.
+    fn adjust(&self, adj: &Adjustment, now_ms: i64) -> Result<AdjustOutcome, StoreError>;
+
+    /// The agent with this id.
+    fn agent(&self, id: AgentId) -> Result<Option<AgentRecord>, StoreError>;
+    /// Inserts or replaces an agent record.
+    fn put_agent(&self, rec: &AgentRecord) -> Result<(), StoreError>;
+    /// Every agent.
+    fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    /// Every epoch's dedup state.
+    fn epochs(&self) -> Result<Vec<EpochState>, StoreError>;
+
+    /// The current catalog.
+    fn catalog(&self) -> Result<Catalog, StoreError>;
+    /// Adds or replaces a meter; returns the new catalog (version + 1), or the current one
+    /// unchanged when the definition is identical.
+    fn put_meter(&self, def: &MeterDef) -> Result<Catalog, StoreError>;
+
+    /// Usage accounts of a customer, optionally of one meter and period.
+    fn usage_accounts(
+        &self,
+        customer: &CustomerId,
+        meter: Option<&MeterName>,
+        period: Option<Period>,
+    ) -> Result<Vec<Account>, StoreError>;
+    /// Transfers after position `after` (exclusive), optionally of one customer, at most `limit`;
+    /// each with its position.
+    fn entries(
+        &self,
+        customer: Option<&CustomerId>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Transfer)>, StoreError>;
+    /// Quarantined batches after position `after`, at most `limit`.
+    fn quarantined(&self, after: u64, limit: usize) -> Result<Vec<QuarantineRecord>, StoreError>;
+    /// Checks every ledger invariant.
+    fn verify(&self) -> Result<VerifyReport, StoreError>;
+}
