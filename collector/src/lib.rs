@@ -16,10 +16,12 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod dedup;
+pub mod dev;
 pub mod ledger;
 pub mod redb_store;
 pub mod store;
 pub mod catalog;
+pub mod config;
 pub mod init;
 pub mod registry;
 pub mod metrics;
