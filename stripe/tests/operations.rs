@@ -1,0 +1,278 @@
+//! Operator paths: dead letters and retry from the API, unmapped customers, the 23-hour
+//! unknown-outcome check, v2 session renewal, log-only mode, and the key kept out of logs.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tally_stripe::outbox::{GroupState, MemoryStore, NewOutboxRow, OutboxState, OutboxStore};
+use tally_stripe::retry::Backoff;
+use tally_stripe::test_server::{FakeStripe, Fault};
+use tally_stripe::time::OffsetClock;
+use tally_stripe::{Api, ForwarderConfig};
+
+fn row(customer: &str, value: u64) -> NewOutboxRow {
+    let ts = now_s() - 120;
+    NewOutboxRow {
+        customer: customer.into(),
+        meter: "api_calls".into(),
+        stripe_event_name: "api_calls".into(),
+        timestamp_s: ts - ts.rem_euclid(60),
+        value,
+    }
+}
+
+fn total(server: &FakeStripe, customer: &str) -> u64 {
+    server
+        .totals()
+        .get(&(customer.to_owned(), "api_calls".to_owned()))
+        .copied()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_then_retry_from_api_after_fixing_the_mapping() {
+    let server = FakeStripe::start().await.unwrap();
+    server.reject_customer("cus_wrong");
+    let store = Arc::new(MemoryStore::new());
+    store.set_stripe_customer("acme", "cus_wrong").unwrap();
+    let a = store.insert(row("acme", 5)).unwrap();
+    store.insert(row("acme", 7)).unwrap();
+    let fwd = tally_stripe::spawn(config(Api::V1, &server), store.clone(), None, None).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || store.stats().unwrap().dead_rows
+            == 2)
+        .await
+    );
+    let dead = store.list(OutboxState::Dead, 0, 10).unwrap();
+    let err = dead[0].error.clone().unwrap();
+    assert_eq!((err.status, err.code.as_str()), (400, "resource_missing"));
+    assert!(err.message.contains("No such customer"), "{}", err.message);
+    assert_eq!(total(&server, "cus_wrong"), 0);
+    // The operator fixes the mapping and retries (POST /v1/stripe/outbox/{id}/retry).
+    store.set_stripe_customer("acme", "cus_right").unwrap();
+    assert_eq!(store.requeue(a).unwrap().len(), 2);
+    fwd.notify();
+    assert!(
+        wait_until(Duration::from_secs(10), || total(&server, "cus_right")
+            == 12)
+        .await
+    );
+    assert!(wait_until(Duration::from_secs(5), || all_sent(&store)).await);
+    fwd.shutdown().await;
+    assert_eq!(store.list(OutboxState::Sent, 0, 10).unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmapped_customer_waits_then_flows_once_mapped() {
+    let server = FakeStripe::start().await.unwrap();
+    let store = Arc::new(MemoryStore::new());
+    for v in [1, 2, 3] {
+        store.insert(row("globex", v)).unwrap();
+    }
+    store.insert(row("cus_direct", 4)).unwrap();
+    let fwd = tally_stripe::spawn(config(Api::V1, &server), store.clone(), None, None).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || total(&server, "cus_direct")
+            == 4)
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        fwd.status().unmapped.get("globex"),
+        Some(&3),
+        "counted and visible"
+    );
+    assert_eq!(store.stats().unwrap().pending_rows, 3, "never dropped");
+    assert_eq!(store.list(OutboxState::Pending, 0, 10).unwrap().len(), 3);
+    store.set_stripe_customer("globex", "cus_globex").unwrap();
+    fwd.notify();
+    assert!(
+        wait_until(Duration::from_secs(10), || total(&server, "cus_globex")
+            == 6)
+        .await
+    );
+    assert!(wait_until(Duration::from_secs(5), || fwd.status().unmapped.is_empty()).await);
+    fwd.shutdown().await;
+    assert!(all_sent(&store));
+}
+
+async fn unknown_outcome(
+    fault: Fault,
+) -> (FakeStripe, Arc<MemoryStore>, tally_stripe::ForwarderStatus) {
+    let server = FakeStripe::start().await.unwrap();
+    server.push_faults([fault]);
+    server.meter_id("api_calls"); // the meter exists in Stripe before any event
+    let store = Arc::new(MemoryStore::new());
+    store.insert(row("cus_u", 9)).unwrap();
+    let clock = OffsetClock::new();
+    let cfg = ForwarderConfig {
+        // Retries land 5–10 minutes later on the forwarder's clock.
+        backoff: Backoff {
+            base: Duration::from_secs(600),
+            cap: Duration::from_secs(3600),
+        },
+        ..config(Api::V1, &server)
+    };
+    let fwd = tally_stripe::spawn(cfg, store.clone(), None, Some(Arc::new(clock.clone()))).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || store
+            .groups()
+            .unwrap()
+            .first()
+            .is_some_and(|g| g.state == GroupState::Unknown))
+        .await
+    );
+    let before = server
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/v1/billing/meter_events")
+        .count();
+    assert_eq!(before, 1);
+    clock.advance_ms(24 * 3600 * 1000);
+    fwd.notify();
+    assert!(wait_until(Duration::from_secs(10), || all_sent(&store)).await);
+    let status = fwd.status();
+    fwd.shutdown().await;
+    (server, store, status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_outcome_after_23h_found_delivered_is_not_resent() {
+    let (server, _store, status) = unknown_outcome(Fault::LoseAnswer).await;
+    let sends = server
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/v1/billing/meter_events")
+        .count();
+    assert_eq!(sends, 1, "checked against event summaries, not resent");
+    assert!(
+        server
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with("/event_summaries"))
+    );
+    assert_eq!(status.resolved_by_check, 1);
+    assert_eq!(total(&server, "cus_u"), 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_outcome_after_23h_not_delivered_is_resent_once() {
+    let (server, _store, status) = unknown_outcome(Fault::Drop).await;
+    let sends = server
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/v1/billing/meter_events")
+        .count();
+    assert_eq!(sends, 2);
+    assert!(
+        server
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with("/event_summaries"))
+    );
+    assert_eq!(status.resolved_by_check, 0);
+    assert_eq!(total(&server, "cus_u"), 9);
+    assert_eq!(server.duplicates_rejected(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_session_renewed_before_expiry_and_on_expired() {
+    let server = FakeStripe::start().await.unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let clock = OffsetClock::new();
+    let fwd = tally_stripe::spawn(
+        config(Api::V2, &server),
+        store.clone(),
+        None,
+        Some(Arc::new(clock.clone())),
+    )
+    .unwrap();
+    let sessions = |s: &FakeStripe| {
+        s.requests()
+            .iter()
+            .filter(|r| r.path == "/v2/billing/meter_event_session")
+            .count()
+    };
+    store.insert(row("cus_s", 1)).unwrap();
+    fwd.notify();
+    assert!(wait_until(Duration::from_secs(10), || total(&server, "cus_s") == 1).await);
+    assert_eq!(sessions(&server), 1);
+    // Within a minute of the 15-minute expiry (forwarder's clock): renewed before use.
+    clock.advance_ms(14 * 60 * 1000 + 30_000);
+    store.insert(row("cus_s", 2)).unwrap();
+    fwd.notify();
+    assert!(wait_until(Duration::from_secs(10), || total(&server, "cus_s") == 3).await);
+    assert_eq!(sessions(&server), 2);
+    // Stripe expires the session early: 401 temporary_session_expired → renewed, resent.
+    server.expire_sessions();
+    store.insert(row("cus_s", 4)).unwrap();
+    fwd.notify();
+    assert!(wait_until(Duration::from_secs(10), || total(&server, "cus_s") == 7).await);
+    assert_eq!(sessions(&server), 3);
+    fwd.shutdown().await;
+    assert!(all_sent(&store));
+}
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_only_without_key_sends_and_marks_nothing_and_key_never_logged() {
+    let capture = Capture::default();
+    let c2 = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || c2.clone())
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+    let server = FakeStripe::start().await.unwrap();
+    let store = Arc::new(MemoryStore::new());
+    store.insert(row("cus_log", 5)).unwrap();
+    let cfg = ForwarderConfig {
+        api_key: None,
+        ..config(Api::V1, &server)
+    };
+    let fwd = tally_stripe::spawn(cfg, store.clone(), None, None).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fwd.shutdown().await;
+    assert!(server.requests().is_empty(), "log-only mode sends nothing");
+    assert_eq!(
+        store.stats().unwrap().sent_rows,
+        0,
+        "and marks nothing sent"
+    );
+    assert_eq!(store.stats().unwrap().pending_rows, 1);
+    // With a key, through faults and errors: the key never reaches the logs.
+    server.push_faults([Fault::Status500, Fault::LoseAnswer]);
+    server.reject_customer("cus_bad");
+    store.insert(row("cus_bad", 1)).unwrap();
+    let fwd = tally_stripe::spawn(config(Api::V1, &server), store.clone(), None, None).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || store.stats().unwrap().dead_rows
+            == 1
+            && store.stats().unwrap().sent_rows == 1)
+        .await
+    );
+    fwd.shutdown().await;
+    let logs = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
+    assert!(logs.contains("would send meter event"), "{logs}");
+    assert!(
+        !logs.contains("sk_test_tally_fake_key"),
+        "key leaked into logs"
+    );
+    assert!(!logs.contains("tally_fake_key"), "key leaked into logs");
+}
