@@ -76,6 +76,8 @@ pub(crate) struct Shared {
     /// Wakes the shipper when batches are sealed.
     pub(crate) sealed_notify: tokio::sync::Notify,
     pub(crate) conn: Mutex<ConnectionState>,
+    /// Why the last connection attempt or connection failed.
+    pub(crate) last_error: Mutex<Option<String>>,
     pub(crate) entitlements: RwLock<Option<EntitlementsCache>>,
     pub(crate) metrics: Metrics,
     over_budget: AtomicBool,
@@ -107,9 +109,9 @@ impl Shared {
         self.metrics
             .backlog_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        self.metrics.oldest_unacked_age.set(
-            oldest.map_or(0.0, |t| (now_ms().saturating_sub(t)) as f64 / 1000.0),
-        );
+        self.metrics
+            .oldest_unacked_age
+            .set(oldest.map_or(0.0, |t| (now_ms().saturating_sub(t)) as f64 / 1000.0));
         self.changed.send_modify(|v| *v += 1);
     }
 
@@ -210,7 +212,9 @@ impl AgentBuilder {
 
     /// Adds several collector addresses.
     pub fn collectors<S: Into<String>>(mut self, addrs: impl IntoIterator<Item = S>) -> Self {
-        self.cfg.collectors.extend(addrs.into_iter().map(Into::into));
+        self.cfg
+            .collectors
+            .extend(addrs.into_iter().map(Into::into));
         self
     }
 
@@ -307,9 +311,8 @@ impl AgentBuilder {
                 .spawn(move || durable_thread(sh, durable_rx))
                 .map_err(StartError::Endpoint)?
         };
-        let shipper = client.map(|client| {
-            tokio::spawn(crate::shipper::run(sh.clone(), client, stop_rx))
-        });
+        let shipper =
+            client.map(|client| tokio::spawn(crate::shipper::run(sh.clone(), client, stop_rx)));
         tracing::info!(agent_id = %sh.agent_id, epoch = sh.epoch, "agent started");
         Ok(Agent {
             h: Arc::new(Handle {
@@ -372,6 +375,7 @@ fn open(cfg: Config) -> Result<Shared, StartError> {
         changed: watch::channel(0).0,
         sealed_notify: tokio::sync::Notify::new(),
         conn: Mutex::new(ConnectionState::Idle),
+        last_error: Mutex::new(None),
         entitlements: RwLock::new(entitlements),
         metrics: Metrics::new(),
         over_budget: AtomicBool::new(false),
@@ -503,10 +507,12 @@ impl Drop for Handle {
         let _ = self.seal_tx.send(SealerCmd::Stop(tx));
         self.sh.agg.wake_sealer();
         let _ = self.stop_tx.send(true);
+        // Close the durable log's channel so its thread ends, then wait for both threads: the
+        // store is closed when this returns (unless a shipper task is still winding down).
+        let (closed, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.durable_tx, closed));
         for t in lock(&self.threads).drain(..) {
-            if t.thread().name() == Some("tally-sealer") {
-                let _ = t.join();
-            }
+            let _ = t.join();
         }
     }
 }
@@ -593,7 +599,12 @@ impl Agent {
 
     /// Records `quantity` of `meter` for `customer`, now. Synchronous, no I/O, no allocation
     /// once this thread has seen the key; usage is sealed within `flush_interval`.
-    pub fn record(&self, customer: &str, meter: &str, quantity: Decimal) -> Result<(), RecordError> {
+    pub fn record(
+        &self,
+        customer: &str,
+        meter: &str,
+        quantity: Decimal,
+    ) -> Result<(), RecordError> {
         self.h
             .sh
             .agg
@@ -634,12 +645,13 @@ impl Agent {
         if e.quantity.is_sign_negative() && !e.quantity.is_zero() {
             return Err(RecordError::NegativeQuantity);
         }
-        let customer = CustomerId::new(e.customer.as_str()).map_err(RecordError::InvalidCustomer)?;
+        let customer =
+            CustomerId::new(e.customer.as_str()).map_err(RecordError::InvalidCustomer)?;
         let meter = MeterName::new(e.meter.as_str()).map_err(RecordError::InvalidMeter)?;
-        let dims = Dimensions::from_strs(e.dimensions.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .map_err(RecordError::InvalidDimensions)?;
-        if e
-            .id
+        let dims =
+            Dimensions::from_strs(e.dimensions.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .map_err(RecordError::InvalidDimensions)?;
+        if e.id
             .as_ref()
             .is_some_and(|id| id.is_empty() || id.len() > MAX_EVENT_ID_BYTES)
         {
@@ -673,8 +685,13 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
-            sh.agg
-                .record(customer.as_str(), meter.as_str(), &pairs, event.quantity, at)?;
+            sh.agg.record(
+                customer.as_str(),
+                meter.as_str(),
+                &pairs,
+                event.quantity,
+                at,
+            )?;
             return Ok(Recorded::New);
         };
         {
@@ -774,7 +791,11 @@ impl Agent {
         self.wait_acked(upto, deadline).await
     }
 
-    async fn wait_acked(&self, upto: u64, deadline: tokio::time::Instant) -> Result<(), FlushError> {
+    async fn wait_acked(
+        &self,
+        upto: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), FlushError> {
         let sh = &self.h.sh;
         let mut rx = sh.changed.subscribe();
         loop {
@@ -849,6 +870,7 @@ impl Agent {
             last_sealed_seq: b.last_sealed,
             last_acked_seq: b.last_acked,
             connection: lock(&sh.conn).clone(),
+            last_error: lock(&sh.last_error).clone(),
             entitlements_age: sh
                 .entitlements
                 .read()
@@ -868,13 +890,13 @@ impl Agent {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .map_or(-1.0, |e| now_ms().saturating_sub(e.built_at_ms) as f64 / 1000.0);
+            .map_or(-1.0, |e| {
+                now_ms().saturating_sub(e.built_at_ms) as f64 / 1000.0
+            });
         sh.metrics.entitlements_age.set(age);
-        let oldest = lock(&sh.backlog)
-            .batches
-            .values()
-            .next()
-            .map_or(0.0, |m| now_ms().saturating_sub(m.sealed_at_ms) as f64 / 1000.0);
+        let oldest = lock(&sh.backlog).batches.values().next().map_or(0.0, |m| {
+            now_ms().saturating_sub(m.sealed_at_ms) as f64 / 1000.0
+        });
         sh.metrics.oldest_unacked_age.set(oldest);
         sh.metrics.render(sh.agg.counts())
     }

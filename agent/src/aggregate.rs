@@ -345,7 +345,9 @@ impl Aggregator {
             ..
         } = st;
         let hash = key_hash(hasher, customer, meter, dims);
-        let id = match table.find(hash, |(h, k)| *h == hash && k.matches(customer, meter, dims)) {
+        let id = match table.find(hash, |(h, k)| {
+            *h == hash && k.matches(customer, meter, dims)
+        }) {
             Some((_, key)) => {
                 self.check_known(key)?;
                 key.id
@@ -605,7 +607,8 @@ mod tests {
         let a = Aggregator::new();
         let t = 1_700_000_000_000;
         a.record("acme", "api_calls", &[], Decimal::ONE, t).unwrap();
-        a.record("acme", "api_calls", &[], Decimal::TWO, t + 5).unwrap();
+        a.record("acme", "api_calls", &[], Decimal::TWO, t + 5)
+            .unwrap();
         a.record("acme", "api_calls", &[], Decimal::TEN, t + 60_000)
             .unwrap();
         a.record("acme", "tokens", &[("model", "gpt")], Decimal::ONE, t)
@@ -636,7 +639,10 @@ mod tests {
             e("c", "Bad", Decimal::ONE),
             RecordError::InvalidMeter(_)
         ));
-        assert_eq!(e("c", "m", Decimal::NEGATIVE_ONE), RecordError::NegativeQuantity);
+        assert_eq!(
+            e("c", "m", Decimal::NEGATIVE_ONE),
+            RecordError::NegativeQuantity
+        );
         assert!(matches!(
             a.record("c", "m", &[("k", "1"), ("k", "2")], Decimal::ONE, t),
             Err(RecordError::InvalidDimensions(_))

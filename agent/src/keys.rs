@@ -25,10 +25,13 @@ pub fn load_or_create(dir: &Path) -> Result<SigningKey, StoreError> {
     let path = dir.join(KEY_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let seed: [u8; 32] = bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt {
-                table: "agent.key",
-                detail: format!("expected 32 bytes, found {}", bytes.len()),
-            })?;
+            let seed: [u8; 32] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt {
+                    table: "agent.key",
+                    detail: format!("expected 32 bytes, found {}", bytes.len()),
+                })?;
             Ok(SigningKey::from_bytes(&seed))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(dir, &path),
@@ -73,7 +76,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         std::fs::write(dir.path().join(KEY_FILE), [1, 2, 3]).unwrap();

@@ -21,8 +21,8 @@
 //! The library only emits: `tracing` events and spans without a subscriber, metrics through
 //! [`Agent::render_metrics`].
 
-pub mod aggregate;
 mod agent;
+pub mod aggregate;
 pub mod clock;
 pub mod config;
 pub mod error;

@@ -63,7 +63,11 @@ impl Metrics {
             reported: Mutex::new(Counts::default()),
             registry: Registry::default(),
         };
-        registry.register("tally_agent_records", "Calls that recorded usage", m.records.clone());
+        registry.register(
+            "tally_agent_records",
+            "Calls that recorded usage",
+            m.records.clone(),
+        );
         registry.register(
             "tally_agent_record_errors",
             "Refused record calls, by reason",

@@ -291,7 +291,11 @@ mod tests {
             .seal(vec![d("a", 0, 1), d("b", 0, 1), d("c", 0, 1)], 1000)
             .unwrap();
         assert_eq!(bodies.iter().map(|b| b.seq).collect::<Vec<_>>(), [1, 2]);
-        assert!(bodies.iter().all(|b| b.epoch == 42 && b.sealed_at_ms == 1000));
+        assert!(
+            bodies
+                .iter()
+                .all(|b| b.epoch == 42 && b.sealed_at_ms == 1000)
+        );
         assert_eq!(core.next_seq(), 3);
         assert!(core.seal(vec![], 2000).unwrap().is_empty());
         assert_eq!(core.next_seq(), 3);

@@ -6,7 +6,8 @@
 //!
 //! Per connection: one bidirectional stream; `Hello` (with the enrolment token, every time),
 //! `Challenge`, `Proof` over the TLS exporter binding, `Welcome{max_in_flight}`. Then batches go
-//! out in seq order, at most `max_in_flight` unacknowledged; acks come back in the same order.
+//! out in seq order, at most `max_in_flight` unacknowledged (starting from one per connection
+//! and doubling with every ack); acks come back in the same order.
 //! `Catalog` and `Entitlements` pushes are stored on disk and applied. A `Frame::Error` from the
 //! collector, a protocol violation or a lost connection ends the connection.
 //!
@@ -162,6 +163,7 @@ pub(crate) async fn run(sh: Arc<Shared>, client: ClientConfig, mut stop: watch::
             Err(e) => e.to_string(),
         };
         tracing::warn!(collector = %addr, error = %err, "collector connection ended");
+        *lock(&sh.last_error) = Some(err.clone());
         set_conn(&sh, ConnectionState::Disconnected { last_error: err });
         if !welcomed {
             idx += 1;
@@ -281,9 +283,13 @@ async fn connected(
     );
     let mut inflight: VecDeque<(u64, Instant)> = VecDeque::new();
     let mut sent_upto = 0u64;
+    // Slow start: a new connection sends one batch, and the window doubles with every ack up
+    // to `max_in_flight`. Acks in flight are lost with a connection, so a collector that keeps
+    // dropping connections still acknowledges at least one batch per connection.
+    let mut window = 1usize;
     loop {
         // Fill the window, oldest unacknowledged first.
-        while inflight.len() < max_in_flight {
+        while inflight.len() < window {
             let next = lock(&sh.backlog)
                 .batches
                 .range(sent_upto + 1..)
@@ -333,6 +339,7 @@ async fn connected(
                             sh.metrics.batches_acked.get_or_create(&[("outcome", outcome)]).inc();
                             sh.metrics.ship_rtt.observe(sent_at.elapsed().as_secs_f64());
                             acked.push(seq);
+                            window = (window * 2).min(max_in_flight);
                         }
                         Frame::Catalog(c) => {
                             tracing::info!(version = c.version, meters = c.meters.len(), "catalog received");

@@ -50,6 +50,8 @@ pub struct Status {
     pub last_acked_seq: Option<u64>,
     /// The connection.
     pub connection: ConnectionState,
+    /// Why the last connection attempt or connection failed, if one did.
+    pub last_error: Option<String>,
     /// Age of the entitlement snapshot (since the collector built it).
     pub entitlements_age: Option<Duration>,
     /// Version of the catalog in use.

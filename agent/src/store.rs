@@ -36,11 +36,11 @@ use redb::{
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Duration;
+use tally_protocol::Decimal;
 use tally_protocol::batch::SignedBatch;
 use tally_protocol::catalog::Catalog;
 use tally_protocol::entitlements::EntitlementsSnapshot;
 use tally_protocol::names::{CustomerId, Dimensions, MeterName};
-use tally_protocol::Decimal;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
@@ -169,9 +169,7 @@ pub struct DedupWindow {
 impl DedupWindow {
     /// A window of `window`, cut into [`DEDUP_BUCKETS`] buckets.
     pub fn new(window: Duration) -> Self {
-        let window_ms = i64::try_from(window.as_millis())
-            .unwrap_or(i64::MAX)
-            .max(1);
+        let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX).max(1);
         DedupWindow {
             window_ms,
             bucket_ms: (window_ms / DEDUP_BUCKETS).max(1),
