@@ -13,8 +13,9 @@ fn batch_body(key: &ed25519_dalek::SigningKey) -> BatchBody {
     let meters = [MeterName::new("api_calls"), MeterName::new("tokens")].map(|m| m.expect("valid"));
     let deltas = (0..1_000)
         .map(|i| {
-            let dims = Dimensions::from_strs([("model", if i % 2 == 0 { "gpt-4o" } else { "claude" })])
-                .expect("valid");
+            let dims =
+                Dimensions::from_strs([("model", if i % 2 == 0 { "gpt-4o" } else { "claude" })])
+                    .expect("valid");
             let mut d = Delta::single(
                 CustomerId::new(format!("customer-{:05}", i / 2)).expect("valid"),
                 meters[i % 2].clone(),
@@ -26,8 +27,14 @@ fn batch_body(key: &ed25519_dalek::SigningKey) -> BatchBody {
             d
         })
         .collect();
-    BatchBody::new(AgentId::from_public_key(&key.verifying_key()), 1, 42, 1_763_700_060_000, deltas)
-        .expect("within limits")
+    BatchBody::new(
+        AgentId::from_public_key(&key.verifying_key()),
+        1,
+        42,
+        1_763_700_060_000,
+        deltas,
+    )
+    .expect("within limits")
 }
 
 fn bench(c: &mut Criterion) {
@@ -40,12 +47,24 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("batch_1000_deltas");
     g.throughput(Throughput::Elements(1_000));
-    g.bench_function("encode_body", |b| b.iter(|| black_box(&body).canonical_bytes().expect("encode")));
-    g.bench_function("encode_frame", |b| b.iter(|| encode_frame(black_box(&frame)).expect("encode")));
-    g.bench_function("decode_frame", |b| b.iter(|| decode_frame(black_box(&bytes)).expect("decode")));
-    g.bench_function("sign", |b| b.iter(|| SignedBatch::seal(black_box(&body), &key).expect("seal")));
+    g.bench_function("encode_body", |b| {
+        b.iter(|| black_box(&body).canonical_bytes().expect("encode"))
+    });
+    g.bench_function("encode_frame", |b| {
+        b.iter(|| encode_frame(black_box(&frame)).expect("encode"))
+    });
+    g.bench_function("decode_frame", |b| {
+        b.iter(|| decode_frame(black_box(&bytes)).expect("decode"))
+    });
+    g.bench_function("sign", |b| {
+        b.iter(|| SignedBatch::seal(black_box(&body), &key).expect("seal"))
+    });
     g.bench_function("verify_and_decode", |b| {
-        b.iter(|| black_box(&signed).verify(&key.verifying_key()).expect("verify"))
+        b.iter(|| {
+            black_box(&signed)
+                .verify(&key.verifying_key())
+                .expect("verify")
+        })
     });
     g.finish();
 }

@@ -15,7 +15,10 @@ pub fn decode_frames(data: &[u8]) {
     let mut rest = data;
     while let Ok(Some((frame, used))) = frame::decode_frame(rest) {
         // Canonical encoding: a decoded frame encodes back to exactly the bytes it came from.
-        assert_eq!(frame::encode_frame(&frame).ok().as_deref(), Some(&rest[..used]));
+        assert_eq!(
+            frame::encode_frame(&frame).ok().as_deref(),
+            Some(&rest[..used])
+        );
         rest = &rest[used..];
     }
 }
@@ -31,7 +34,10 @@ pub fn verify_batch(data: &[u8]) {
 
 fn verify_signed(batch: &SignedBatch) {
     if let Ok(body) = batch.verify(&corpus_key().verifying_key()) {
-        assert_eq!(body.canonical_bytes().ok().as_deref(), Some(&batch.body[..]));
+        assert_eq!(
+            body.canonical_bytes().ok().as_deref(),
+            Some(&batch.body[..])
+        );
         for d in body.deltas.iter() {
             let _ = d.validate();
         }

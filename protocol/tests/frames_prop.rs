@@ -28,13 +28,21 @@ fn meter() -> impl Strategy<Value = MeterName> {
 }
 
 fn dimensions() -> impl Strategy<Value = Dimensions> {
-    proptest::collection::btree_map("[a-zA-Z0-9_.-]{1,16}", "[^\\p{Cc}]{0,20}", 0..=4).prop_map(|m| {
-        Dimensions::from_strs(m.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap()
-    })
+    proptest::collection::btree_map("[a-zA-Z0-9_.-]{1,16}", "[^\\p{Cc}]{0,20}", 0..=4).prop_map(
+        |m| Dimensions::from_strs(m.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap(),
+    )
 }
 
 fn delta() -> impl Strategy<Value = Delta> {
-    (customer(), meter(), dimensions(), -1_000_000i64..10_000_000, non_negative(), 1u64..1000, non_negative())
+    (
+        customer(),
+        meter(),
+        dimensions(),
+        -1_000_000i64..10_000_000,
+        non_negative(),
+        1u64..1000,
+        non_negative(),
+    )
         .prop_map(|(c, m, d, minute, sum, count, last)| {
             let start = minute * BUCKET_MS;
             Delta {
@@ -52,7 +60,13 @@ fn delta() -> impl Strategy<Value = Delta> {
 }
 
 fn body() -> impl Strategy<Value = BatchBody> {
-    (any::<[u8; 16]>(), any::<u64>(), 1u64.., any::<i64>(), proptest::collection::vec(delta(), 0..20))
+    (
+        any::<[u8; 16]>(),
+        any::<u64>(),
+        1u64..,
+        any::<i64>(),
+        proptest::collection::vec(delta(), 0..20),
+    )
         .prop_map(|(a, e, s, t, d)| BatchBody::new(AgentId(a), e, s, t, d).unwrap())
 }
 
@@ -61,40 +75,80 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
 }
 
 fn meter_def() -> impl Strategy<Value = MeterDef> {
-    (meter(), prop_oneof![Just(Aggregation::Sum), Just(Aggregation::Count), Just(Aggregation::Last)],
-        "[a-z_.]{1,20}", proptest::option::of("\\$\\.[a-z]{1,10}"), proptest::option::of("[a-z_]{1,20}"), non_negative())
-        .prop_map(|(name, aggregation, event_type, value_property, stripe_event_name, scale)| MeterDef {
-            name,
-            aggregation,
-            event_type,
-            value_property,
-            group_by: BoundedVec::new(vec![(DimensionKey::new("model").unwrap(), "$.model".into())]).unwrap(),
-            stripe_event_name,
-            stripe_unit_scale: scale,
-        })
+    (
+        meter(),
+        prop_oneof![
+            Just(Aggregation::Sum),
+            Just(Aggregation::Count),
+            Just(Aggregation::Last)
+        ],
+        "[a-z_.]{1,20}",
+        proptest::option::of("\\$\\.[a-z]{1,10}"),
+        proptest::option::of("[a-z_]{1,20}"),
+        non_negative(),
+    )
+        .prop_map(
+            |(name, aggregation, event_type, value_property, stripe_event_name, scale)| MeterDef {
+                name,
+                aggregation,
+                event_type,
+                value_property,
+                group_by: BoundedVec::new(vec![(
+                    DimensionKey::new("model").unwrap(),
+                    "$.model".into(),
+                )])
+                .unwrap(),
+                stripe_event_name,
+                stripe_unit_scale: scale,
+            },
+        )
 }
 
 fn entitlements() -> impl Strategy<Value = EntitlementsSnapshot> {
-    let limit = (meter(), decimal(), decimal(), any::<bool>()).prop_map(|(meter, limit, used, hard)| MeterLimit {
-        meter,
-        limit,
-        used,
-        enforcement: if hard { Enforcement::Hard } else { Enforcement::Soft },
-    });
-    let cust = (customer(), proptest::collection::vec("[a-z0-9]{1,10}", 0..4), proptest::collection::vec(limit, 0..4))
+    let limit =
+        (meter(), decimal(), decimal(), any::<bool>()).prop_map(|(meter, limit, used, hard)| {
+            MeterLimit {
+                meter,
+                limit,
+                used,
+                enforcement: if hard {
+                    Enforcement::Hard
+                } else {
+                    Enforcement::Soft
+                },
+            }
+        });
+    let cust = (
+        customer(),
+        proptest::collection::vec("[a-z0-9]{1,10}", 0..4),
+        proptest::collection::vec(limit, 0..4),
+    )
         .prop_map(|(customer, f, l)| CustomerEntitlements {
             customer,
             features: BoundedVec::new(f).unwrap(),
             limits: BoundedVec::new(l).unwrap(),
         });
-    (any::<u64>(), any::<i64>(), any::<bool>(), proptest::collection::vec(cust, 0..5)).prop_map(|(version, built_at_ms, full, c)| {
-        EntitlementsSnapshot { version, built_at_ms, full, customers: BoundedVec::new(c).unwrap() }
-    })
+    (
+        any::<u64>(),
+        any::<i64>(),
+        any::<bool>(),
+        proptest::collection::vec(cust, 0..5),
+    )
+        .prop_map(|(version, built_at_ms, full, c)| EntitlementsSnapshot {
+            version,
+            built_at_ms,
+            full,
+            customers: BoundedVec::new(c).unwrap(),
+        })
 }
 
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (any::<u16>(), any::<[u8; 32]>(), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)))
+        (
+            any::<u16>(),
+            any::<[u8; 32]>(),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64))
+        )
             .prop_map(|(version, public_key, t)| Frame::Hello(Hello {
                 version,
                 public_key,
@@ -105,28 +159,64 @@ fn frame() -> impl Strategy<Value = Frame> {
             let mut s = [0; 64];
             s[..32].copy_from_slice(&a);
             s[32..].copy_from_slice(&b);
-            Frame::Proof(Proof { signature: Sig64(s) })
+            Frame::Proof(Proof {
+                signature: Sig64(s),
+            })
         }),
-        (any::<[u8; 16]>(), any::<u32>()).prop_map(|(a, m)| Frame::Welcome(Welcome { agent_id: AgentId(a), max_in_flight: m })),
+        (any::<[u8; 16]>(), any::<u32>()).prop_map(|(a, m)| Frame::Welcome(Welcome {
+            agent_id: AgentId(a),
+            max_in_flight: m
+        })),
         (body(), any::<[u8; 32]>()).prop_map(|(b, k)| {
             let key = ed25519_dalek::SigningKey::from_bytes(&k);
-            let b = BatchBody { agent_id: AgentId::from_public_key(&key.verifying_key()), ..b };
+            let b = BatchBody {
+                agent_id: AgentId::from_public_key(&key.verifying_key()),
+                ..b
+            };
             Frame::Batch(SignedBatch::seal(&b, &key).unwrap())
         }),
-        (any::<u64>(), any::<u64>(), prop_oneof![
-            Just(AckOutcome::Committed),
-            Just(AckOutcome::Duplicate),
-            error_code().prop_map(|code| AckOutcome::Quarantined { code })
-        ]).prop_map(|(epoch, seq, outcome)| Frame::Ack(Ack { epoch, seq, outcome })),
-        (any::<u64>(), proptest::collection::vec(meter_def(), 0..5))
-            .prop_map(|(version, m)| Frame::Catalog(Catalog { version, meters: BoundedVec::new(m).unwrap() })),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            prop_oneof![
+                Just(AckOutcome::Committed),
+                Just(AckOutcome::Duplicate),
+                error_code().prop_map(|code| AckOutcome::Quarantined { code })
+            ]
+        )
+            .prop_map(|(epoch, seq, outcome)| Frame::Ack(Ack {
+                epoch,
+                seq,
+                outcome
+            })),
+        (any::<u64>(), proptest::collection::vec(meter_def(), 0..5)).prop_map(|(version, m)| {
+            Frame::Catalog(Catalog {
+                version,
+                meters: BoundedVec::new(m).unwrap(),
+            })
+        }),
         entitlements().prop_map(Frame::Entitlements),
-        (any::<u64>(), customer(), meter(), decimal()).prop_map(|(request_id, customer, meter, quantity)| {
-            Frame::LeaseRequest(LeaseRequest { request_id, customer, meter, quantity })
-        }),
-        (any::<u64>(), customer(), meter(), decimal(), any::<i64>()).prop_map(|(request_id, customer, meter, granted, expires_at_ms)| {
-            Frame::LeaseGrant(LeaseGrant { request_id, customer, meter, granted, expires_at_ms })
-        }),
+        (any::<u64>(), customer(), meter(), decimal()).prop_map(
+            |(request_id, customer, meter, quantity)| {
+                Frame::LeaseRequest(LeaseRequest {
+                    request_id,
+                    customer,
+                    meter,
+                    quantity,
+                })
+            }
+        ),
+        (any::<u64>(), customer(), meter(), decimal(), any::<i64>()).prop_map(
+            |(request_id, customer, meter, granted, expires_at_ms)| {
+                Frame::LeaseGrant(LeaseGrant {
+                    request_id,
+                    customer,
+                    meter,
+                    granted,
+                    expires_at_ms,
+                })
+            }
+        ),
         (error_code(), ".{0,100}").prop_map(|(code, m)| Frame::Error(ErrorFrame::new(code, &m))),
     ]
 }
@@ -208,10 +298,19 @@ fn collection_limits_hold_while_decoding() {
     let mut payload = postcard::to_stdvec(&6u32).unwrap(); // variant index of Frame::Catalog
     payload.extend(postcard::to_stdvec(&1u64).unwrap()); // version
     payload.extend(postcard::to_stdvec(&(MAX_METERS as u64 + 1)).unwrap());
-    assert_eq!(decode_payload(&payload).map(|_| ()).unwrap_err().code(), ErrorCode::Malformed);
+    assert_eq!(
+        decode_payload(&payload).map(|_| ()).unwrap_err().code(),
+        ErrorCode::Malformed
+    );
 
     // A batch body with more deltas than allowed is refused at build time.
-    let d = Delta::single(CustomerId::new("c").unwrap(), MeterName::new("m").unwrap(), Dimensions::default(), 0, Decimal::ONE);
+    let d = Delta::single(
+        CustomerId::new("c").unwrap(),
+        MeterName::new("m").unwrap(),
+        Dimensions::default(),
+        0,
+        Decimal::ONE,
+    );
     assert!(BatchBody::new(AgentId([0; 16]), 1, 1, 0, vec![d; MAX_DELTAS_PER_BATCH + 1]).is_err());
 }
 

@@ -5,13 +5,18 @@
 use std::path::PathBuf;
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("corpus {} is missing: {e}", dir.display()))
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
-    files.into_iter().map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect()
+    files
+        .into_iter()
+        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+        .collect()
 }
 
 #[test]
@@ -57,7 +62,9 @@ fn write_seed_corpora() {
     let batches: Vec<Frame> = [
         vec![],
         vec![delta("acme", "api_calls", 100)],
-        (0..50).map(|i| delta(&format!("cust-{i}"), "tokens", i * 7)).collect(),
+        (0..50)
+            .map(|i| delta(&format!("cust-{i}"), "tokens", i * 7))
+            .collect(),
     ]
     .into_iter()
     .enumerate()
@@ -67,13 +74,26 @@ fn write_seed_corpora() {
     })
     .collect();
     let (_, hello) =
-        tally_protocol::handshake::ClientHandshake::start(key.clone(), vec![1; 32], Some("enroll")).unwrap();
+        tally_protocol::handshake::ClientHandshake::start(key.clone(), vec![1; 32], Some("enroll"))
+            .unwrap();
     let mut frames = vec![
         Frame::Hello(hello),
         Frame::Challenge(Challenge { nonce: [9; 32] }),
-        Frame::Welcome(Welcome { agent_id: agent, max_in_flight: 32 }),
-        Frame::Ack(Ack { epoch: 7, seq: 3, outcome: AckOutcome::Quarantined { code: tally_protocol::error::ErrorCode::UnknownMeter } }),
-        Frame::Error(ErrorFrame::new(tally_protocol::error::ErrorCode::RevokedAgent, "revoked")),
+        Frame::Welcome(Welcome {
+            agent_id: agent,
+            max_in_flight: 32,
+        }),
+        Frame::Ack(Ack {
+            epoch: 7,
+            seq: 3,
+            outcome: AckOutcome::Quarantined {
+                code: tally_protocol::error::ErrorCode::UnknownMeter,
+            },
+        }),
+        Frame::Error(ErrorFrame::new(
+            tally_protocol::error::ErrorCode::RevokedAgent,
+            "revoked",
+        )),
     ];
     frames.extend(batches.iter().cloned());
     for (target, list) in [("decode_frame", &frames), ("verify_batch", &batches)] {
