@@ -123,9 +123,7 @@ fn sigkill_then_restart_resends_sealed_batches_and_loses_no_durable_event() {
         assert!(before.backlog_batches >= 1, "{before:?}");
         assert!(before.durable_log_events > 0, "{before:?}");
         agent.flush(Duration::from_secs(60)).await.unwrap();
-        let seen = standin.seen.lock().unwrap();
-        let totals: HashMap<_, _> = seen.totals.clone();
-        drop(seen);
+        let totals: HashMap<_, _> = standin.seen.lock().unwrap().totals.clone();
         // The batch sealed before the kill arrived whole.
         let expected: Decimal = (0..SEALED_EVENTS).map(|i| Decimal::new(i, 2)).sum();
         assert_eq!(
