@@ -157,6 +157,7 @@ impl Shared {
                 .batches_sealed
                 .inc_by(sealed.batches.len() as u64);
             tracing::debug!(
+                epoch = self.epoch,
                 batches = sealed.batches.len(),
                 first_seq = sealed.batches[0].seq,
                 log_rows = sealed.log_rows,
@@ -667,32 +668,34 @@ impl Agent {
     /// time). With an id it is checked against the ids recorded within `dedup_window` (a read
     /// of the local store) and counted at most once; the id is stored with the sealed batch.
     pub fn record_event(&self, event: Event) -> Result<Recorded, RecordError> {
-        let r = self.record_event_inner(event);
+        if event.id.is_none() {
+            // The aggregator validates and counts (calls and errors) itself.
+            let pairs: Vec<(&str, &str)> = event
+                .dimensions
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let at = event.timestamp_ms.unwrap_or_else(now_ms);
+            self.h
+                .sh
+                .agg
+                .record(&event.customer, &event.meter, &pairs, event.quantity, at)?;
+            return Ok(Recorded::New);
+        }
+        let r = self.record_event_with_id(event);
         if let Err(e) = &r {
             self.h.sh.agg.count_error(e);
         }
         r
     }
 
-    fn record_event_inner(&self, event: Event) -> Result<Recorded, RecordError> {
+    fn record_event_with_id(&self, event: Event) -> Result<Recorded, RecordError> {
         let sh = &self.h.sh;
         let (customer, meter, dims) = self.validate(&event)?;
         let now = now_ms();
         let at = event.timestamp_ms.unwrap_or(now);
         let Some(id) = event.id else {
-            let pairs: Vec<(&str, &str)> = event
-                .dimensions
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            sh.agg.record(
-                customer.as_str(),
-                meter.as_str(),
-                &pairs,
-                event.quantity,
-                at,
-            )?;
-            return Ok(Recorded::New);
+            return Err(RecordError::InvalidEventId);
         };
         {
             let mut ids = lock(&sh.ids);

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use tally_protocol::frame::{AckOutcome, Frame, FrameDecoder, encode_frame};
 use tally_protocol::handshake::ClientHandshake;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -151,7 +152,11 @@ pub(crate) async fn run(sh: Arc<Shared>, client: ClientConfig, mut stop: watch::
             },
         );
         let mut welcomed = false;
-        let r = session(&sh, &client, addr, &mut stop, &mut welcomed).await;
+        let span =
+            tracing::info_span!("collector_session", collector = %addr, agent_id = %sh.agent_id);
+        let r = session(&sh, &client, addr, &mut stop, &mut welcomed)
+            .instrument(span)
+            .await;
         if *stop.borrow() {
             break;
         }
@@ -303,7 +308,7 @@ async fn connected(
                 continue; // acknowledged meanwhile
             };
             write_frame(&mut send, &Frame::Batch(stored.batch)).await?;
-            tracing::trace!(seq, "batch sent");
+            tracing::trace!(epoch = sh.epoch, seq, "batch sent");
             inflight.push_back((seq, Instant::now()));
         }
         tokio::select! {
@@ -338,6 +343,7 @@ async fn connected(
                             };
                             sh.metrics.batches_acked.get_or_create(&[("outcome", outcome)]).inc();
                             sh.metrics.ship_rtt.observe(sent_at.elapsed().as_secs_f64());
+                            tracing::trace!(epoch = a.epoch, seq, outcome, "batch acknowledged");
                             acked.push(seq);
                             window = (window * 2).min(max_in_flight);
                         }
