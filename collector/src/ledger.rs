@@ -132,8 +132,18 @@ pub enum AccountKey {
 impl AccountKey {
     /// The account's id.
     pub fn id(&self) -> AccountId {
-        let bytes = postcard::to_stdvec(self).unwrap_or_default();
-        hash_id(b"tally/1 account\0", &[&bytes])
+        match self {
+            AccountKey::Source { meter } => source_account_id(meter),
+            AccountKey::Adjustments { meter } => {
+                hash_id(b"tally/1 adjustments account\0", &[meter.as_str().as_bytes()])
+            }
+            AccountKey::Usage {
+                customer,
+                meter,
+                dimensions,
+                period,
+            } => usage_account_id(customer, meter, dimensions, *period),
+        }
     }
 
     /// The unit: the meter's name.
@@ -144,6 +154,38 @@ impl AccountKey {
             | AccountKey::Usage { meter, .. } => meter,
         }
     }
+}
+
+/// The id of `AccountKey::Source{meter}`.
+pub fn source_account_id(meter: &MeterName) -> AccountId {
+    hash_id(b"tally/1 source account\0", &[meter.as_str().as_bytes()])
+}
+
+/// The id of `AccountKey::Usage{..}`, computed from borrowed parts (no allocation).
+pub fn usage_account_id(
+    customer: &CustomerId,
+    meter: &MeterName,
+    dimensions: &Dimensions,
+    period: Period,
+) -> AccountId {
+    let mut h = Sha256::new();
+    h.update(b"tally/1 usage account\0");
+    let mut part = |p: &[u8]| {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    };
+    part(customer.as_str().as_bytes());
+    part(meter.as_str().as_bytes());
+    part(&period.year.to_le_bytes());
+    part(&[period.month]);
+    for (k, v) in dimensions.pairs() {
+        part(k.as_str().as_bytes());
+        part(v.as_str().as_bytes());
+    }
+    let digest = h.finalize();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    u128::from_be_bytes(id)
 }
 
 /// The latest value a `last` meter's usage account has seen.
@@ -356,7 +398,7 @@ pub struct Posting {
     /// Transfers to append, in order.
     pub transfers: Vec<Transfer>,
     /// Every touched account as it stands after the posting.
-    pub accounts: BTreeMap<AccountId, Account>,
+    pub accounts: HashMap<AccountId, Account>,
     /// Ids of accounts this posting creates.
     pub created: Vec<AccountId>,
 }
@@ -368,11 +410,23 @@ impl Posting {
         key: AccountKey,
     ) -> Result<AccountId, A::Error> {
         let id = key.id();
+        self.account_by_id(base, id, || key)
+    }
+
+    /// Makes sure account `id` is in the posting; `key` builds its key if it is new.
+    fn account_by_id<A: Accounts>(
+        &mut self,
+        base: &mut A,
+        id: AccountId,
+        key: impl FnOnce() -> AccountKey,
+    ) -> Result<AccountId, A::Error> {
         if !self.accounts.contains_key(&id) {
             let acct = match base.load(id)? {
                 Some(a) => a,
                 None => {
                     self.created.push(id);
+                    let key = key();
+                    debug_assert_eq!(key.id(), id);
                     Account::new(key)
                 }
             };
@@ -437,21 +491,18 @@ fn post_delta<A: Accounts>(
     if let Err(e) = delta.validate() {
         return Ok(Err(Rejection::new(ErrorCode::InvalidDelta, None, e.to_string())));
     }
-    let source_acct = p.account(
-        base,
-        AccountKey::Source {
-            meter: delta.meter.clone(),
-        },
-    )?;
-    let usage = p.account(
-        base,
-        AccountKey::Usage {
-            customer: delta.customer.clone(),
-            meter: delta.meter.clone(),
-            dimensions: delta.dimensions.clone(),
-            period: Period::of_ms(delta.bucket_start_ms),
-        },
-    )?;
+    let source_id = source_account_id(&delta.meter);
+    let source_acct = p.account_by_id(base, source_id, || AccountKey::Source {
+        meter: delta.meter.clone(),
+    })?;
+    let period = Period::of_ms(delta.bucket_start_ms);
+    let usage_id = usage_account_id(&delta.customer, &delta.meter, &delta.dimensions, period);
+    let usage = p.account_by_id(base, usage_id, || AccountKey::Usage {
+        customer: delta.customer.clone(),
+        meter: delta.meter.clone(),
+        dimensions: delta.dimensions.clone(),
+        period,
+    })?;
     let (debit, credit, amount) = match def.aggregation {
         Aggregation::Sum => (source_acct, usage, delta.sum),
         Aggregation::Count => (source_acct, usage, Decimal::from(delta.count)),

@@ -11,15 +11,20 @@
 //! | `batches`      | (agent id, epoch, seq)                | [`BatchRecord`]               |
 //! | `accounts`     | account id                            | [`Account`]                   |
 //! | `transfers`    | position (1, 2, …, append only)       | [`Transfer`]                  |
-//! | `transfer_ids` | transfer id                           | position (u64)                |
 //! | `usage_idx`    | (customer, meter, period, account id) | `()`                          |
 //! | `quarantine`   | position                              | [`QuarantineRecord`]          |
-//! | `adjustments`  | idempotency key                       | transfer id (u128)            |
+//! | `adjustments`  | idempotency key                       | position of its transfer      |
 //!
 //! Guarantees: every write is one redb write transaction with `Durability::Immediate` (fsynced
-//! before `commit` returns); a group of batches shares one transaction (group commit); a
-//! transfer id already in `transfer_ids` aborts the transaction ([`StoreError::Invariant`]) —
-//! dedup makes that impossible for usage, and adjustments check it first.
+//! before `commit` returns); a group of batches shares one transaction (group commit).
+//!
+//! Transfer ids are idempotency keys without an index of their own: a usage transfer's id
+//! derives from `(agent, epoch, seq, row)` and its position is `batches[(agent, epoch, seq)]
+//! .first_transfer + row`; an adjustment's id derives from its key and `adjustments[key]` holds
+//! its position. Recording a batch that is already recorded, or an adjustment key that exists,
+//! aborts the transaction ([`StoreError::Invariant`]); dedup and the adjustment check make that
+//! unreachable. (A hash-keyed id index cost one random B-tree insert per delta — a dirty page
+//! per delta once the index is large; see `docs/perf/collector.md`.)
 
 use crate::dedup::{DedupState, MAX_ABOVE_WATERMARK};
 use crate::ledger::{
@@ -31,7 +36,7 @@ use crate::store::{
     IngestOutcome, QuarantineRecord, Store, StoreError,
 };
 use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+    Database, ReadableDatabase, ReadableTable, Table, TableDefinition,
     WriteTransaction,
 };
 use serde::Serialize;
@@ -51,11 +56,10 @@ const DEDUP: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("dedup")
 const BATCHES: TableDefinition<(u128, u64, u64), &[u8]> = TableDefinition::new("batches");
 const ACCOUNTS: TableDefinition<u128, &[u8]> = TableDefinition::new("accounts");
 const TRANSFERS: TableDefinition<u64, &[u8]> = TableDefinition::new("transfers");
-const TRANSFER_IDS: TableDefinition<u128, u64> = TableDefinition::new("transfer_ids");
 type UsageKey<'a> = (&'a str, &'a str, &'a str, u128);
 const USAGE_IDX: TableDefinition<UsageKey<'static>, ()> = TableDefinition::new("usage_idx");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
-const ADJUSTMENTS: TableDefinition<&str, u128> = TableDefinition::new("adjustments");
+const ADJUSTMENTS: TableDefinition<&str, u64> = TableDefinition::new("adjustments");
 
 /// Greater than every meter name (`[a-z0-9_.-]`) and period (`YYYY-MM`).
 const AFTER_ASCII: &str = "\u{7f}";
@@ -93,7 +97,6 @@ impl RedbStore {
             txn.open_table(BATCHES).map_err(be)?;
             txn.open_table(ACCOUNTS).map_err(be)?;
             txn.open_table(TRANSFERS).map_err(be)?;
-            txn.open_table(TRANSFER_IDS).map_err(be)?;
             txn.open_table(USAGE_IDX).map_err(be)?;
             txn.open_table(QUARANTINE).map_err(be)?;
             txn.open_table(ADJUSTMENTS).map_err(be)?;
@@ -134,7 +137,6 @@ impl Accounts for Overlay<'_, '_> {
 struct Ledger<'t> {
     accounts: Table<'t, u128, &'static [u8]>,
     transfers: Table<'t, u64, &'static [u8]>,
-    transfer_ids: Table<'t, u128, u64>,
     usage_idx: Table<'t, UsageKey<'static>, ()>,
     next_pos: u64,
     changed: HashMap<AccountId, Account>,
@@ -147,7 +149,6 @@ impl<'t> Ledger<'t> {
         Ok(Ledger {
             accounts: txn.open_table(ACCOUNTS).map_err(be)?,
             transfers,
-            transfer_ids: txn.open_table(TRANSFER_IDS).map_err(be)?,
             usage_idx: txn.open_table(USAGE_IDX).map_err(be)?,
             next_pos,
             changed: HashMap::new(),
@@ -161,17 +162,14 @@ impl<'t> Ledger<'t> {
         }
     }
 
-    fn append(&mut self, posting: Posting) -> Result<(), StoreError> {
+    /// Appends the posting; returns the position of its first transfer.
+    fn append(&mut self, posting: Posting) -> Result<u64, StoreError> {
+        let first = self.next_pos;
+        let mut buf = Vec::new();
         for t in &posting.transfers {
-            let pos = self.next_pos;
-            if let Some(old) = self.transfer_ids.insert(t.id, pos).map_err(be)? {
-                return Err(StoreError::Invariant(format!(
-                    "transfer id {:032x} already at position {}",
-                    t.id,
-                    old.value()
-                )));
-            }
-            self.transfers.insert(pos, enc(t)?.as_slice()).map_err(be)?;
+            buf.clear();
+            buf = postcard::to_extend(t, buf).map_err(be)?;
+            self.transfers.insert(self.next_pos, buf.as_slice()).map_err(be)?;
             self.next_pos += 1;
         }
         for id in &posting.created {
@@ -193,7 +191,7 @@ impl<'t> Ledger<'t> {
             }
         }
         self.changed.extend(posting.accounts);
-        Ok(())
+        Ok(first)
     }
 
     fn finish(mut self) -> Result<(), StoreError> {
@@ -241,9 +239,10 @@ impl RedbStore {
                 continue;
             }
             let posted = ledger::post_batch(&mut ledger.overlay(), &catalog, body, now_ms)?;
+            let mut first_transfer = 0;
             let outcome = match posted {
                 Ok(posting) => {
-                    ledger.append(posting)?;
+                    first_transfer = ledger.append(posting)?;
                     BatchOutcome::Committed
                 }
                 Err(rejection) => {
@@ -268,13 +267,20 @@ impl RedbStore {
             debug_assert!(inserted);
             let rec = BatchRecord {
                 deltas: u32::try_from(body.deltas.len()).unwrap_or(u32::MAX),
+                first_transfer,
                 outcome,
                 sealed_at_ms: body.sealed_at_ms,
                 committed_at_ms: now_ms,
             };
-            batches_t
+            let old = batches_t
                 .insert((key.0, key.1, body.seq), enc(&rec)?.as_slice())
                 .map_err(be)?;
+            if old.is_some() {
+                return Err(StoreError::Invariant(format!(
+                    "batch {} {} {} recorded twice",
+                    body.agent_id, body.epoch, body.seq
+                )));
+            }
             out.push(IngestOutcome::Ack(match outcome {
                 BatchOutcome::Committed => AckOutcome::Committed,
                 BatchOutcome::Quarantined(code) => AckOutcome::Quarantined { code },
@@ -308,13 +314,7 @@ impl Store for RedbStore {
             let mut ledger = Ledger::open(&txn)?;
             let posted = ledger::post_adjustment(&mut ledger.overlay(), &catalog, adj, now_ms)?;
             let existing = match adjustments.get(adj.idempotency_key.as_str()).map_err(be)? {
-                Some(id) => {
-                    let pos = ledger.transfer_ids.get(id.value()).map_err(be)?;
-                    let Some(pos) = pos else {
-                        return Err(StoreError::Invariant(String::from(
-                            "adjustment without transfer",
-                        )));
-                    };
+                Some(pos) => {
                     let t = ledger.transfers.get(pos.value()).map_err(be)?;
                     let Some(t) = t else {
                         return Err(StoreError::Invariant(String::from("transfer missing")));
@@ -336,7 +336,10 @@ impl Store for RedbStore {
                 (Some(stored), Err(_)) => {
                     let same_source = matches!(&stored.source,
                         TransferSource::Adjustment { idempotency_key, .. } if *idempotency_key == adj.idempotency_key);
-                    if same_source && stored.amount == adj.quantity.abs() && stored.unit == adj.meter
+                    if same_source
+                        && stored.amount == adj.quantity.abs()
+                        && stored.unit == adj.meter
+                        && stored.customer == adj.customer
                     {
                         AdjustOutcome::Exists(stored)
                     } else {
@@ -348,10 +351,10 @@ impl Store for RedbStore {
                     let Some(t) = p.transfers.first().cloned() else {
                         return Err(StoreError::Invariant(String::from("empty adjustment")));
                     };
+                    let pos = ledger.append(p)?;
                     adjustments
-                        .insert(adj.idempotency_key.as_str(), t.id)
+                        .insert(adj.idempotency_key.as_str(), pos)
                         .map_err(be)?;
-                    ledger.append(p)?;
                     ledger.finish()?;
                     AdjustOutcome::Created(t)
                 }
@@ -513,14 +516,13 @@ impl Store for RedbStore {
     fn verify(&self) -> Result<VerifyReport, StoreError> {
         let txn = self.db.begin_read().map_err(be)?;
         let transfers = txn.open_table(TRANSFERS).map_err(be)?;
-        let ids = txn.open_table(TRANSFER_IDS).map_err(be)?;
         let batches = txn.open_table(BATCHES).map_err(be)?;
         let dedup = txn.open_table(DEDUP).map_err(be)?;
         let adjustments = txn.open_table(ADJUSTMENTS).map_err(be)?;
         let accounts = txn.open_table(ACCOUNTS).map_err(be)?;
         let mut v = Verifier::new();
         let mut dedup_cache: HashMap<(u128, u64), DedupState> = HashMap::new();
-        let mut batch_cache: HashMap<(u128, u64, u64), Option<u32>> = HashMap::new();
+        let mut batch_cache: HashMap<(u128, u64, u64), Option<(u32, u64)>> = HashMap::new();
         for row in batches.iter().map_err(be)? {
             row.map_err(be)?;
             v.batch();
@@ -528,10 +530,7 @@ impl Store for RedbStore {
         for row in transfers.iter().map_err(be)? {
             let (pos, val) = row.map_err(be)?;
             let t: Transfer = dec("transfers", val.value())?;
-            let indexed = ids.get(t.id).map_err(be)?.map(|p| p.value());
-            if indexed != Some(pos.value()) {
-                v.violation(format!("transfer {:032x}: id index does not point at it", t.id));
-            }
+            let pos = pos.value();
             let trace = match &t.source {
                 TransferSource::BatchRow {
                     agent,
@@ -544,7 +543,8 @@ impl Store for RedbStore {
                         let rec = match batches.get(bkey).map_err(be)? {
                             Some(b) => {
                                 let r: BatchRecord = dec("batches", b.value())?;
-                                (r.outcome == BatchOutcome::Committed).then_some(r.deltas)
+                                (r.outcome == BatchOutcome::Committed)
+                                    .then_some((r.deltas, r.first_transfer))
                             }
                             None => None,
                         };
@@ -556,25 +556,22 @@ impl Store for RedbStore {
                     {
                         dedup_cache.insert(dkey, dec("dedup", d.value())?);
                     }
-                    ledger::trace_batch_row(
-                        batch_cache.get(&bkey).copied().flatten(),
-                        dedup_cache.get(&dkey),
-                        *seq,
-                        *row,
-                    )
+                    let rec = batch_cache.get(&bkey).copied().flatten();
+                    ledger::trace_batch_row(rec.map(|r| r.0), dedup_cache.get(&dkey), *seq, *row)
+                        .and_then(|()| match rec {
+                            Some((_, first)) if first + u64::from(*row) == pos => Ok(()),
+                            _ => Err(format!("position {pos} is not the batch's row {row}")),
+                        })
                 }
                 TransferSource::Adjustment {
                     idempotency_key, ..
                 } => match adjustments.get(idempotency_key.as_str()).map_err(be)? {
-                    Some(id) if id.value() == t.id => Ok(()),
+                    Some(p) if p.value() == pos => Ok(()),
                     Some(_) => Err(String::from("adjustment key names another transfer")),
                     None => Err(String::from("adjustment key is not recorded")),
                 },
             };
             v.transfer(&t, trace);
-        }
-        if ids.len().map_err(be)? != transfers.len().map_err(be)? {
-            v.violation(String::from("transfer id index and transfers differ in length"));
         }
         for row in accounts.iter().map_err(be)? {
             let (id, val) = row.map_err(be)?;

@@ -69,6 +69,9 @@ pub enum BatchOutcome {
 pub struct BatchRecord {
     /// Number of deltas.
     pub deltas: u32,
+    /// Ledger position of the transfer of row 0 (row `r` is at `first_transfer + r`); 0 when
+    /// quarantined.
+    pub first_transfer: u64,
     /// What happened.
     pub outcome: BatchOutcome,
     /// When the agent sealed it, ms.
