@@ -675,19 +675,26 @@ fn to_event(g: &EventGroup) -> MeterEvent {
 
 type Key = (String, String);
 
+/// How often the outbox gauges are refreshed from the store (a full count can be costly).
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+
 async fn run<S: OutboxStore>(shared: Arc<Shared<S>>, stop: Arc<Notify>) {
     let mut tasks: JoinSet<(Vec<GroupId>, Option<Key>)> = JoinSet::new();
     let mut busy_keys: HashSet<Key> = HashSet::new();
     let mut busy_groups: HashSet<GroupId> = HashSet::new();
     let mut last_plan = tokio::time::Instant::now() - shared.cfg.poll_interval;
+    let mut last_gauges = tokio::time::Instant::now() - GAUGE_INTERVAL;
     let mut stopping = false;
     loop {
-        if !stopping && last_plan.elapsed() >= shared.cfg.poll_interval / 4 {
+        if !stopping && last_plan.elapsed() >= shared.cfg.poll_interval {
             if let Err(e) = shared.plan_pass().await {
                 shared.note_error(e);
             }
-            shared.refresh_gauges().await;
             last_plan = tokio::time::Instant::now();
+        }
+        if last_gauges.elapsed() >= GAUGE_INTERVAL {
+            shared.refresh_gauges().await;
+            last_gauges = tokio::time::Instant::now();
         }
         if !stopping {
             dispatch(&shared, &mut tasks, &mut busy_keys, &mut busy_groups).await;

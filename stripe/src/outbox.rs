@@ -689,7 +689,12 @@ impl OutboxStore for MemoryStore {
         let g = self.lock()?;
         let mut s = OutboxStats::default();
         for r in g.rows.values() {
-            let (st, _, _) = Self::row_state(&g, r);
+            let st = match r.group.and_then(|id| g.groups.get(&id)).map(|x| x.state) {
+                None | Some(GroupState::Pending) => OutboxState::Pending,
+                Some(GroupState::Unknown) => OutboxState::Unknown,
+                Some(GroupState::Sent) => OutboxState::Sent,
+                Some(GroupState::Dead) => OutboxState::Dead,
+            };
             match st {
                 OutboxState::Pending | OutboxState::Unknown => {
                     s.pending_rows += 1;
