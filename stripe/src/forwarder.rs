@@ -40,6 +40,18 @@ pub enum Api {
     V2,
 }
 
+impl std::str::FromStr for Api {
+    type Err = String;
+    /// `v1` or `v2` (the `--stripe-api` flag).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "v1" => Ok(Self::V1),
+            "v2" => Ok(Self::V2),
+            other => Err(format!("unknown stripe api {other:?}: expected v1 or v2")),
+        }
+    }
+}
+
 /// Forwarder settings.
 #[derive(Debug, Clone)]
 pub struct ForwarderConfig {
@@ -606,22 +618,37 @@ impl<S: OutboxStore> Shared<S> {
             self.note_error(e);
             return;
         }
+        let outcome = self.stream_once(&client, &events).await;
+        if let Outcome::Dead(err) = &outcome
+            && ready.len() > 1
+        {
+            // One bad event must not dead-letter the other 99: resend each on its own (same
+            // identifiers, so nothing can count twice) and keep each event's own outcome.
+            debug!(code = %err.code, events = ready.len(), "stream rejected; isolating events");
+            for (g, e) in ready.iter().zip(&events) {
+                let o = self.stream_once(&client, std::slice::from_ref(e)).await;
+                self.apply(std::slice::from_ref(g), o).await;
+            }
+            return;
+        }
+        self.apply(&ready, outcome).await;
+    }
+
+    /// One stream request (renewing the session on `temporary_session_expired`, at most twice).
+    async fn stream_once(&self, client: &StripeClient, events: &[MeterEvent]) -> Outcome {
         let mut outcome = Outcome::Retry {
             after: None,
             unknown: false,
             error: None,
         };
         for _ in 0..3 {
-            let token = match self.session_token(&client).await {
+            let token = match self.session_token(client).await {
                 Ok(t) => t,
-                Err(o) => {
-                    outcome = o;
-                    break;
-                }
+                Err(o) => return o,
             };
             self.take_token().await;
             let key = format!("tally-stream-{:016x}", self.random());
-            outcome = match client.send_stream(&token, &events, &key).await {
+            outcome = match client.send_stream(&token, events, &key).await {
                 Ok(a) => {
                     self.count_request(Some(a.status));
                     classify(&a, None)
@@ -641,7 +668,7 @@ impl<S: OutboxStore> Shared<S> {
             debug!("meter event session expired; renewing");
             *self.session.lock().await = None;
         }
-        self.apply(&ready, outcome).await;
+        outcome
     }
 
     fn log_only(&self, groups: &[EventGroup]) {

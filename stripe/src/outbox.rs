@@ -291,6 +291,30 @@ pub fn resolve_customer<S: OutboxStore + ?Sized>(
     store.stripe_customer(customer)
 }
 
+/// What the collector calls inside its ledger transaction for one usage transfer: converts
+/// `quantity` with the carried remainder ([`crate::units::carry_units`]) and returns the outbox
+/// row to write (none when no whole unit is due) and the new cumulative to store for
+/// (customer, meter).
+pub fn outbox_row_for_usage(
+    customer: &str,
+    meter: &str,
+    stripe_event_name: &str,
+    bucket_timestamp_s: i64,
+    cumulative_scaled_before: rust_decimal::Decimal,
+    quantity: rust_decimal::Decimal,
+    stripe_unit_scale: rust_decimal::Decimal,
+) -> Result<(Option<NewOutboxRow>, rust_decimal::Decimal), crate::units::UnitsError> {
+    let step = crate::units::carry_units(cumulative_scaled_before, quantity, stripe_unit_scale)?;
+    let row = (step.units_now > 0).then(|| NewOutboxRow {
+        customer: customer.to_owned(),
+        meter: meter.to_owned(),
+        stripe_event_name: stripe_event_name.to_owned(),
+        timestamp_s: bucket_timestamp_s,
+        value: step.units_now,
+    });
+    Ok((row, step.cumulative_scaled))
+}
+
 /// Longest identifier we produce; Stripe allows 100.
 pub const IDENTIFIER_LEN_MAX: usize = 100;
 

@@ -16,6 +16,30 @@ impl ApiKey {
         Self(key.into().trim().to_owned())
     }
 
+    /// Reads a key file (e.g. a mounted secret); surrounding whitespace is trimmed. The error
+    /// names the path, never the content.
+    pub fn from_file(path: &std::path::Path) -> std::io::Result<Self> {
+        let key = Self::new(std::fs::read_to_string(path)?);
+        if key.0.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is empty", path.display()),
+            ));
+        }
+        Ok(key)
+    }
+
+    /// `STRIPE_API_KEY` if set and non-empty, else the key file if given, else `None`
+    /// (log-only mode).
+    pub fn from_env_or_file(path: Option<&std::path::Path>) -> std::io::Result<Option<Self>> {
+        if let Ok(v) = std::env::var("STRIPE_API_KEY")
+            && !v.trim().is_empty()
+        {
+            return Ok(Some(Self::new(v)));
+        }
+        path.map(Self::from_file).transpose()
+    }
+
     /// The key itself, for the `Authorization` header only.
     pub fn expose(&self) -> &str {
         &self.0

@@ -120,6 +120,7 @@ struct Inner {
     clock_offset_ms: i64,
     meters: BTreeMap<String, String>,
     rejected_customers: HashSet<String>,
+    stream_rejected_customers: HashSet<String>,
     response_delay: Duration,
     idempotent: HashMap<String, (u16, String)>,
     counter: u64,
@@ -245,6 +246,19 @@ impl FakeStripe {
     /// Accepts this customer again.
     pub fn accept_customer(&self, customer: &str) {
         lock(&self.inner).rejected_customers.remove(customer);
+    }
+
+    /// v2 streams containing an event for this customer are refused synchronously (400), as a
+    /// malformed request would be (test hook to exercise the isolation of a bad event).
+    pub fn reject_customer_in_streams(&self, customer: &str) {
+        lock(&self.inner)
+            .stream_rejected_customers
+            .insert(customer.to_owned());
+    }
+
+    /// Identifiers of accepted events.
+    pub fn accepted_identifiers(&self) -> HashSet<String> {
+        lock(&self.inner).identifiers.clone()
     }
 
     /// Delay between processing a meter-event request and answering it.
@@ -834,6 +848,16 @@ async fn v2_stream(inner: &Arc<Mutex<Inner>>, h: &HeaderMap, body: &Bytes) -> Re
     }
     let (fault, delay) = {
         let mut g = lock(inner);
+        if let Some(bad) = parsed
+            .iter()
+            .find(|e| g.stream_rejected_customers.contains(&e.customer))
+        {
+            let message = format!("No such customer: '{}'", bad.customer);
+            return json_response(
+                400,
+                json!({"error":{"type":"invalid_request_error","code":"resource_missing","message":message}}),
+            );
+        }
         (draw_fault(&mut g), g.response_delay)
     };
     if let Some(r) = fault.and_then(fault_response) {

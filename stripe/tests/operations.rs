@@ -276,3 +276,114 @@ async fn log_only_without_key_sends_and_marks_nothing_and_key_never_logged() {
     );
     assert!(!logs.contains("tally_fake_key"), "key leaked into logs");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_bad_event_is_isolated_and_async_errors_dead_letter_via_webhook() {
+    use tally_stripe::webhook::{Handled, handle_webhook, sign_webhook};
+    let server = FakeStripe::start().await.unwrap();
+    server.reject_customer_in_streams("cus_sync_bad");
+    server.reject_customer("cus_async_bad");
+    let store = Arc::new(MemoryStore::new());
+    for c in [
+        "cus_ok1",
+        "cus_sync_bad",
+        "cus_ok2",
+        "cus_async_bad",
+        "cus_ok3",
+    ] {
+        store.insert(row(c, 10)).unwrap();
+    }
+    let fwd = tally_stripe::spawn(config(Api::V2, &server), store.clone(), None, None).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || store
+            .stats()
+            .unwrap()
+            .pending_rows
+            == 0)
+        .await
+    );
+    for c in ["cus_ok1", "cus_ok2", "cus_ok3"] {
+        assert_eq!(
+            total(&server, c),
+            10,
+            "{c}: good events delivered despite a bad neighbour"
+        );
+    }
+    let dead = store.list(OutboxState::Dead, 0, 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].row.customer, "cus_sync_bad");
+    assert_eq!(dead[0].error.as_ref().unwrap().code, "resource_missing");
+    // The asynchronous rejection arrives as a signed webhook naming our identifier.
+    let group = store
+        .groups()
+        .unwrap()
+        .into_iter()
+        .find(|g| g.event.stripe_customer == "cus_async_bad")
+        .unwrap();
+    assert_eq!(
+        group.state,
+        GroupState::Sent,
+        "v2 accepted it; validation is asynchronous"
+    );
+    assert_eq!(total(&server, "cus_async_bad"), 0);
+    let secret = tally_stripe::WebhookSecret::new("whsec_t");
+    let body = serde_json::json!({"id": "evt_1", "type": "v1.billing.meter.error_report_triggered", "data": {"reason": {"error_types": [
+        {"code": "meter_event_customer_not_found", "sample_errors": [{"error_message": "No such customer", "request": {"identifier": group.event.identifier}}]}
+    ]}}}).to_string();
+    let header = sign_webhook(body.as_bytes(), &secret, now_s());
+    assert_eq!(
+        handle_webhook(store.as_ref(), &header, body.as_bytes(), &secret, now_s()).unwrap(),
+        Handled::DeadLettered(1)
+    );
+    assert_eq!(store.stats().unwrap().dead_rows, 2);
+    // Operator: Stripe now knows the customer; retry from the API → delivered (new identifier).
+    server.accept_customer("cus_async_bad");
+    store.requeue(group.event.row_ids[0]).unwrap();
+    fwd.notify();
+    assert!(
+        wait_until(Duration::from_secs(10), || total(&server, "cus_async_bad")
+            == 10)
+        .await
+    );
+    fwd.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_the_forwarder() {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = tally_stripe::metrics::StripeMetrics::register(&mut registry);
+    let server = FakeStripe::start().await.unwrap();
+    server.push_faults([Fault::Status500]);
+    server.reject_customer("cus_dead");
+    let store = Arc::new(MemoryStore::new());
+    store.insert(row("cus_fine", 1)).unwrap();
+    store.insert(row("cus_dead", 1)).unwrap();
+    store.insert(row("nobody", 1)).unwrap();
+    let fwd = tally_stripe::spawn(
+        config(Api::V1, &server),
+        store.clone(),
+        Some(metrics.clone()),
+        None,
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || store.stats().unwrap().dead_rows
+            == 1
+            && store.stats().unwrap().sent_rows == 1)
+        .await
+    );
+    fwd.shutdown().await; // refreshes the gauges on the way out
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for needle in [
+        "tally_stripe_requests_total{status=\"500\"} 1",
+        "tally_stripe_requests_total{status=\"200\"} 1",
+        "tally_stripe_requests_total{status=\"400\"} 1",
+        "tally_stripe_dead_letters 1",
+        "tally_stripe_outbox_pending 1",
+        "tally_stripe_outbox_unmapped 1",
+    ] {
+        assert!(text.contains(needle), "{needle} missing in\n{text}");
+    }
+    assert!(text.contains("tally_stripe_forward_lag_seconds"));
+}
