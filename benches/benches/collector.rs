@@ -160,7 +160,10 @@ fn breakdown(per_batch: usize, n: usize) {
     let input = batches(&key, 1, n, per_batch);
     let vk = key.verifying_key();
     let t = Instant::now();
-    let bodies: Vec<BatchBody> = input.iter().map(|b| b.verify(&vk).expect("verify")).collect();
+    let bodies: Vec<BatchBody> = input
+        .iter()
+        .map(|b| b.verify(&vk).expect("verify"))
+        .collect();
     let verify = t.elapsed();
     let catalog = tally_protocol::catalog::Catalog {
         version: 1,

@@ -197,7 +197,9 @@ async fn blocking<T: Send + 'static>(
     let shared = shared.clone();
     match tokio::task::spawn_blocking(move || f(&shared)).await {
         Ok(r) => r.map_err(ApiError::from),
-        Err(_) => Err(ApiError::from(StoreError::Backend(String::from("task failed")))),
+        Err(_) => Err(ApiError::from(StoreError::Backend(String::from(
+            "task failed",
+        )))),
     }
 }
 
@@ -206,10 +208,17 @@ async fn blocking<T: Send + 'static>(
 
 fn query(raw: Option<String>) -> Result<HashMap<String, String>, ApiError> {
     let mut out = HashMap::new();
-    for pair in raw.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+    for pair in raw
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = percent_decode(k).ok_or_else(|| ApiError::invalid("invalid_query", k, "bad percent-encoding"))?;
-        let v = percent_decode(v).ok_or_else(|| ApiError::invalid("invalid_query", &k, "bad percent-encoding"))?;
+        let k = percent_decode(k)
+            .ok_or_else(|| ApiError::invalid("invalid_query", k, "bad percent-encoding"))?;
+        let v = percent_decode(v)
+            .ok_or_else(|| ApiError::invalid("invalid_query", &k, "bad percent-encoding"))?;
         out.insert(k, v);
     }
     Ok(out)
@@ -249,15 +258,21 @@ fn meter_name(s: &str, param: &str) -> Result<MeterName, ApiError> {
 
 fn period(s: Option<&String>) -> Result<Option<Period>, ApiError> {
     s.map(|p| {
-        Period::parse(p).ok_or_else(|| ApiError::invalid("invalid_period", "period", "period must be YYYY-MM"))
+        Period::parse(p)
+            .ok_or_else(|| ApiError::invalid("invalid_period", "period", "period must be YYYY-MM"))
     })
     .transpose()
 }
 
 fn number(q: &HashMap<String, String>, name: &str, default: u64) -> Result<u64, ApiError> {
     q.get(name).map_or(Ok(default), |v| {
-        v.parse()
-            .map_err(|_| ApiError::invalid("invalid_integer", name, format!("{name} must be a non-negative integer")))
+        v.parse().map_err(|_| {
+            ApiError::invalid(
+                "invalid_integer",
+                name,
+                format!("{name} must be a non-negative integer"),
+            )
+        })
     })
 }
 
@@ -270,7 +285,11 @@ fn json_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> 
             .filter(|_| msg.contains("field"))
             .unwrap_or("body")
             .to_owned();
-        ApiError::invalid("invalid_json", &param, format!("invalid request body: {msg}"))
+        ApiError::invalid(
+            "invalid_json",
+            &param,
+            format!("invalid request body: {msg}"),
+        )
     })
 }
 
@@ -278,7 +297,11 @@ fn json_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> 
 fn decimal(v: &serde_json::Value, param: &str) -> Result<Decimal, ApiError> {
     match v {
         serde_json::Value::String(s) => Decimal::from_str(s.trim()).map_err(|_| {
-            ApiError::invalid("invalid_decimal", param, format!("{param} must be a decimal string like \"12.5\""))
+            ApiError::invalid(
+                "invalid_decimal",
+                param,
+                format!("{param} must be a decimal string like \"12.5\""),
+            )
         }),
         serde_json::Value::Null => Err(ApiError::missing(param)),
         _ => Err(ApiError::invalid(
@@ -309,9 +332,9 @@ pub struct Usage {
 }
 
 fn sum_usage(accounts: &[Account]) -> (Decimal, u64) {
-    accounts
-        .iter()
-        .fold((Decimal::ZERO, 0), |(q, e), a| (q + a.balance(), e + a.events))
+    accounts.iter().fold((Decimal::ZERO, 0), |(q, e), a| {
+        (q + a.balance(), e + a.events)
+    })
 }
 
 #[utoipa::path(get, path = "/v1/usage", tag = "usage",
@@ -319,11 +342,21 @@ fn sum_usage(accounts: &[Account]) -> (Decimal, u64) {
     responses((status = 200, body = Usage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 async fn usage(State(shared): St, RawQuery(raw): RawQuery) -> ApiResult<Usage> {
     let q = query(raw)?;
-    let c = customer(q.get("customer").ok_or_else(|| ApiError::missing("customer"))?, "customer")?;
-    let m = meter_name(q.get("meter").ok_or_else(|| ApiError::missing("meter"))?, "meter")?;
+    let c = customer(
+        q.get("customer")
+            .ok_or_else(|| ApiError::missing("customer"))?,
+        "customer",
+    )?;
+    let m = meter_name(
+        q.get("meter").ok_or_else(|| ApiError::missing("meter"))?,
+        "meter",
+    )?;
     let p = period(q.get("period"))?.unwrap_or_else(|| Period::of_ms(now_ms()));
     let (c2, m2) = (c.clone(), m.clone());
-    let accounts = blocking(&shared, move |s| s.store.usage_accounts(&c2, Some(&m2), Some(p))).await?;
+    let accounts = blocking(&shared, move |s| {
+        s.store.usage_accounts(&c2, Some(&m2), Some(p))
+    })
+    .await?;
     let (quantity, events) = sum_usage(&accounts);
     Ok(axum::Json(Usage {
         customer: c.to_string(),
@@ -359,7 +392,9 @@ async fn customer_usage(
     let mut by: BTreeMap<(String, String), Vec<Account>> = BTreeMap::new();
     for a in accounts {
         if let crate::ledger::AccountKey::Usage { meter, period, .. } = &a.key {
-            by.entry((meter.to_string(), period.to_string())).or_default().push(a);
+            by.entry((meter.to_string(), period.to_string()))
+                .or_default()
+                .push(a);
         }
     }
     let data = by
@@ -420,7 +455,11 @@ impl MeterBody {
             }),
             event_type: def.event_type.clone(),
             value_property: def.value_property.clone(),
-            group_by: def.group_by.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            group_by: def
+                .group_by
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
             stripe_event_name: def.stripe_event_name.clone(),
             stripe_unit_scale: Some(serde_json::Value::String(def.stripe_unit_scale.to_string())),
         }
@@ -451,17 +490,28 @@ async fn put_meter(State(shared): St, Path(name): Path<String>, body: Bytes) -> 
     let name = meter_name(&name, "meter")?;
     let b: MeterBody = json_body(&body)?;
     if b.name.as_deref().is_some_and(|n| n != name.as_str()) {
-        return Err(ApiError::invalid("name_mismatch", "name", "name differs from the path"));
+        return Err(ApiError::invalid(
+            "name_mismatch",
+            "name",
+            "name differs from the path",
+        ));
     }
     let aggregation = match b.aggregation.as_str() {
         "sum" => Aggregation::Sum,
         "count" => Aggregation::Count,
         "last" => Aggregation::Last,
-        _ => return Err(ApiError::invalid("invalid_aggregation", "aggregation", "aggregation must be sum, count or last")),
+        _ => {
+            return Err(ApiError::invalid(
+                "invalid_aggregation",
+                "aggregation",
+                "aggregation must be sum, count or last",
+            ));
+        }
     };
     let mut group_by = Vec::new();
     for (k, v) in b.group_by {
-        let k = DimensionKey::new(k).map_err(|e| ApiError::invalid("invalid_group_by", "group_by", e.to_string()))?;
+        let k = DimensionKey::new(k)
+            .map_err(|e| ApiError::invalid("invalid_group_by", "group_by", e.to_string()))?;
         group_by.push((k, v));
     }
     let group_by = BoundedVec::new(group_by)
@@ -523,10 +573,18 @@ pub struct Entry {
 impl Entry {
     fn of(position: u64, t: &Transfer) -> Self {
         let source = match &t.source {
-            TransferSource::BatchRow { agent, epoch, seq, row } => serde_json::json!({
+            TransferSource::BatchRow {
+                agent,
+                epoch,
+                seq,
+                row,
+            } => serde_json::json!({
                 "type": "batch_row", "agent": agent.to_string(), "epoch": epoch, "seq": seq, "row": row,
             }),
-            TransferSource::Adjustment { idempotency_key, reason } => serde_json::json!({
+            TransferSource::Adjustment {
+                idempotency_key,
+                reason,
+            } => serde_json::json!({
                 "type": "adjustment", "idempotency_key": idempotency_key, "reason": reason,
             }),
         };
@@ -564,11 +622,18 @@ const MAX_PAGE: u64 = 1000;
     responses((status = 200, body = Entries), (status = 400, body = ErrorBody)))]
 async fn entries(State(shared): St, RawQuery(raw): RawQuery) -> ApiResult<Entries> {
     let q = query(raw)?;
-    let c = q.get("customer").map(|c| customer(c, "customer")).transpose()?;
+    let c = q
+        .get("customer")
+        .map(|c| customer(c, "customer"))
+        .transpose()?;
     let after = number(&q, "after", 0)?;
     let limit = number(&q, "limit", 100)?;
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid("invalid_limit", "limit", "limit must be 1 to 1000"));
+        return Err(ApiError::invalid(
+            "invalid_limit",
+            "limit",
+            "limit must be 1 to 1000",
+        ));
     }
     let limit = limit as usize;
     let rows = blocking(&shared, move |s| s.store.entries(c.as_ref(), after, limit)).await?;
@@ -656,13 +721,17 @@ pub struct Agents {
 
 #[utoipa::path(get, path = "/v1/agents", tag = "agents", responses((status = 200, body = Agents)))]
 async fn agents(State(shared): St) -> ApiResult<Agents> {
-    let (agents, epochs) = blocking(&shared, |s| Ok((s.store.agents()?, s.store.epochs()?))).await?;
+    let (agents, epochs) =
+        blocking(&shared, |s| Ok((s.store.agents()?, s.store.epochs()?))).await?;
     let now = now_ms();
     let data = agents
         .into_iter()
         .map(|a| {
             let live = shared.live_info(a.id);
-            let latest = epochs.iter().filter(|e| e.agent == a.id).max_by_key(|e| e.epoch);
+            let latest = epochs
+                .iter()
+                .filter(|e| e.agent == a.id)
+                .max_by_key(|e| e.epoch);
             let last_seen_ms = live.last_seen_ms.max(a.last_seen_ms);
             AgentBody {
                 id: a.id.to_string(),
@@ -693,10 +762,14 @@ pub struct Revoked {
 #[utoipa::path(post, path = "/v1/agents/{id}/revoke", tag = "agents", params(("id" = String, Path, description = "32 hex digits")),
     responses((status = 200, body = Revoked), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn revoke(State(shared): St, Path(id): Path<String>) -> ApiResult<Revoked> {
-    let agent = AgentId::from_hex(&id)
-        .ok_or_else(|| ApiError::invalid("invalid_agent_id", "id", "an agent id is 32 hex digits"))?;
+    let agent = AgentId::from_hex(&id).ok_or_else(|| {
+        ApiError::invalid("invalid_agent_id", "id", "an agent id is 32 hex digits")
+    })?;
     if !blocking(&shared, move |s| s.revoke(agent)).await? {
-        return Err(ApiError::not_found("resource_missing", format!("no agent {id}")));
+        return Err(ApiError::not_found(
+            "resource_missing",
+            format!("no agent {id}"),
+        ));
     }
     tracing::info!(agent = %agent, "agent revoked");
     Ok(axum::Json(Revoked {
@@ -758,23 +831,51 @@ const MAX_KEY_BYTES: usize = 255;
     responses((status = 200, body = AdjustmentBody), (status = 400, body = ErrorBody)))]
 async fn adjust(State(shared): St, body: Bytes) -> ApiResult<AdjustmentBody> {
     let r: AdjustmentRequest = json_body(&body)?;
-    let c = customer(r.customer.as_deref().ok_or_else(|| ApiError::missing("customer"))?, "customer")?;
-    let m = meter_name(r.meter.as_deref().ok_or_else(|| ApiError::missing("meter"))?, "meter")?;
-    let quantity = decimal(r.quantity.as_ref().unwrap_or(&serde_json::Value::Null), "quantity")?;
+    let c = customer(
+        r.customer
+            .as_deref()
+            .ok_or_else(|| ApiError::missing("customer"))?,
+        "customer",
+    )?;
+    let m = meter_name(
+        r.meter
+            .as_deref()
+            .ok_or_else(|| ApiError::missing("meter"))?,
+        "meter",
+    )?;
+    let quantity = decimal(
+        r.quantity.as_ref().unwrap_or(&serde_json::Value::Null),
+        "quantity",
+    )?;
     let reason = r.reason.ok_or_else(|| ApiError::missing("reason"))?;
-    let key = r.idempotency_key.ok_or_else(|| ApiError::missing("idempotency_key"))?;
+    let key = r
+        .idempotency_key
+        .ok_or_else(|| ApiError::missing("idempotency_key"))?;
     if reason.is_empty() || reason.len() > MAX_REASON_BYTES {
-        return Err(ApiError::invalid("invalid_reason", "reason", "reason must be 1 to 1024 bytes"));
+        return Err(ApiError::invalid(
+            "invalid_reason",
+            "reason",
+            "reason must be 1 to 1024 bytes",
+        ));
     }
     if key.is_empty() || key.len() > MAX_KEY_BYTES || key.chars().any(char::is_control) {
-        return Err(ApiError::invalid("invalid_idempotency_key", "idempotency_key", "idempotency_key must be 1 to 255 bytes without control characters"));
+        return Err(ApiError::invalid(
+            "invalid_idempotency_key",
+            "idempotency_key",
+            "idempotency_key must be 1 to 255 bytes without control characters",
+        ));
     }
     if quantity.is_zero() {
-        return Err(ApiError::invalid("invalid_quantity", "quantity", "quantity must not be zero"));
+        return Err(ApiError::invalid(
+            "invalid_quantity",
+            "quantity",
+            "quantity must not be zero",
+        ));
     }
     let p = period(r.period.as_ref())?.unwrap_or_else(|| Period::of_ms(now_ms()));
-    let dimensions = Dimensions::from_strs(r.dimensions.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .map_err(|e| ApiError::invalid("invalid_dimensions", "dimensions", e.to_string()))?;
+    let dimensions =
+        Dimensions::from_strs(r.dimensions.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| ApiError::invalid("invalid_dimensions", "dimensions", e.to_string()))?;
     let adj = Adjustment {
         customer: c,
         meter: m,
@@ -880,7 +981,10 @@ async fn quarantine(State(shared): St, RawQuery(raw): RawQuery) -> ApiResult<Qua
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text exposition")))]
 async fn metrics(State(shared): St) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         shared.metrics.encode(),
     )
         .into_response()
@@ -911,13 +1015,18 @@ struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+        use utoipa::openapi::security::{
+            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "admin_token",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
-        openapi.security = Some(vec![SecurityRequirement::new("admin_token", Vec::<String>::new())]);
+        openapi.security = Some(vec![SecurityRequirement::new(
+            "admin_token",
+            Vec::<String>::new(),
+        )]);
     }
 }
 

@@ -84,7 +84,8 @@ mod tests {
 
     #[test]
     fn parses_and_refuses_unknown_keys() {
-        let c = FileConfig::parse("data_dir = \"/d\"\nquic = \"127.0.0.1:9\"\nsan = [\"a\"]\n").unwrap();
+        let c = FileConfig::parse("data_dir = \"/d\"\nquic = \"127.0.0.1:9\"\nsan = [\"a\"]\n")
+            .unwrap();
         assert_eq!(c.data_dir.as_deref(), Some(Path::new("/d")));
         assert_eq!(c.quic, Some(SocketAddr::from(([127, 0, 0, 1], 9))));
         assert!(FileConfig::parse("quik = \"x\"").is_err());

@@ -112,7 +112,8 @@ pub async fn start_dev_agent(
     collector: &CollectorHandle,
     dir: &Path,
 ) -> Result<tally_agent::Agent, DevError> {
-    let ca = std::fs::read(&collector.files().ca_pem).map_err(|e| DevError::Agent(e.to_string()))?;
+    let ca =
+        std::fs::read(&collector.files().ca_pem).map_err(|e| DevError::Agent(e.to_string()))?;
     let agent = tally_agent::Agent::builder()
         .data_dir(dir)
         .collector(collector.quic_addr().to_string())

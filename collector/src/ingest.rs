@@ -70,7 +70,12 @@ pub fn spawn(
     Ok((tx, thread))
 }
 
-fn run(mut rx: mpsc::Receiver<IngestRequest>, store: &dyn Store, metrics: &Metrics, limits: GroupLimits) {
+fn run(
+    mut rx: mpsc::Receiver<IngestRequest>,
+    store: &dyn Store,
+    metrics: &Metrics,
+    limits: GroupLimits,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut deltas = first.batch.body.deltas.len();
         let mut group = vec![first];

@@ -152,7 +152,9 @@ pub fn init(data_dir: &Path, extra_sans: &[String]) -> Result<InitFiles, InitErr
         ];
         sans.extend(extra_sans.iter().cloned());
         let mut params = CertificateParams::new(sans)?;
-        params.distinguished_name.push(DnType::CommonName, "tally collector");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "tally collector");
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &issuer)?;
         create_new(&f.collector_key, key.serialize_pem().as_bytes(), true)?;

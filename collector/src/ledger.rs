@@ -87,8 +87,7 @@ impl Period {
     /// Parses `YYYY-MM`.
     pub fn parse(s: &str) -> Option<Period> {
         let (y, m) = s.split_once('-')?;
-        if y.len() != 4 || m.len() != 2 || !y.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit())
-        {
+        if y.len() != 4 || m.len() != 2 || !y.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit()) {
             return None;
         }
         let year = y.parse().ok()?;
@@ -134,9 +133,10 @@ impl AccountKey {
     pub fn id(&self) -> AccountId {
         match self {
             AccountKey::Source { meter } => source_account_id(meter),
-            AccountKey::Adjustments { meter } => {
-                hash_id(b"tally/1 adjustments account\0", &[meter.as_str().as_bytes()])
-            }
+            AccountKey::Adjustments { meter } => hash_id(
+                b"tally/1 adjustments account\0",
+                &[meter.as_str().as_bytes()],
+            ),
             AccountKey::Usage {
                 customer,
                 meter,
@@ -401,6 +401,8 @@ pub struct Posting {
     pub accounts: HashMap<AccountId, Account>,
     /// Ids of accounts this posting creates.
     pub created: Vec<AccountId>,
+    /// Source account ids by meter, so each is hashed once per posting.
+    source_ids: Vec<(MeterName, AccountId)>,
 }
 
 impl Posting {
@@ -470,7 +472,10 @@ pub fn post_batch<A: Accounts>(
             row,
         };
         if let Err(rej) = post_delta(base, &mut p, catalog, delta, source, now_ms)? {
-            return Ok(Err(Rejection { row: Some(row), ..rej }));
+            return Ok(Err(Rejection {
+                row: Some(row),
+                ..rej
+            }));
         }
     }
     Ok(Ok(p))
@@ -489,9 +494,20 @@ fn post_delta<A: Accounts>(
         return Ok(Err(Rejection::new(ErrorCode::UnknownMeter, None, msg)));
     };
     if let Err(e) = delta.validate() {
-        return Ok(Err(Rejection::new(ErrorCode::InvalidDelta, None, e.to_string())));
+        return Ok(Err(Rejection::new(
+            ErrorCode::InvalidDelta,
+            None,
+            e.to_string(),
+        )));
     }
-    let source_id = source_account_id(&delta.meter);
+    let source_id = match p.source_ids.iter().find(|(m, _)| *m == delta.meter) {
+        Some((_, id)) => *id,
+        None => {
+            let id = source_account_id(&delta.meter);
+            p.source_ids.push((delta.meter.clone(), id));
+            id
+        }
+    };
     let source_acct = p.account_by_id(base, source_id, || AccountKey::Source {
         meter: delta.meter.clone(),
     })?;
@@ -513,7 +529,11 @@ fn post_delta<A: Accounts>(
             };
             let acct = p.accounts.get_mut(&usage);
             let Some(acct) = acct else {
-                return Ok(Err(Rejection::new(ErrorCode::Internal, None, "lost account")));
+                return Ok(Err(Rejection::new(
+                    ErrorCode::Internal,
+                    None,
+                    "lost account",
+                )));
             };
             if acct.last.is_none_or(|cur| candidate.newer_than(&cur)) {
                 acct.last = Some(candidate);
@@ -581,7 +601,11 @@ pub fn post_adjustment<A: Accounts>(
         return Ok(Err(Rejection::new(ErrorCode::UnknownMeter, None, msg)));
     }
     if adj.quantity.is_zero() {
-        return Ok(Err(Rejection::new(ErrorCode::InvalidDelta, None, "quantity must not be zero")));
+        return Ok(Err(Rejection::new(
+            ErrorCode::InvalidDelta,
+            None,
+            "quantity must not be zero",
+        )));
     }
     let mut p = Posting::default();
     let other = p.account(
@@ -705,13 +729,17 @@ impl Verifier {
             self.violation(format!("transfer {id}: id does not derive from its source"));
         }
         if let Err(why) = trace {
-            self.violation(format!("transfer {id}: does not trace to its source: {why}"));
+            self.violation(format!(
+                "transfer {id}: does not trace to its source: {why}"
+            ));
         }
         if t.amount.is_sign_negative() && !t.amount.is_zero() {
             self.violation(format!("transfer {id}: negative amount"));
         }
         if t.debit == t.credit {
-            self.violation(format!("transfer {id}: debits and credits the same account"));
+            self.violation(format!(
+                "transfer {id}: debits and credits the same account"
+            ));
         }
         let u = self.units.entry(t.unit.to_string()).or_default();
         u.0 += t.amount;
@@ -755,7 +783,14 @@ impl Verifier {
             self.violation(format!(
                 "account {name}: stored debits {} credits {} events {} transfers {} but its \
                  transfers sum to {} {} {} {}",
-                a.debits, a.credits, a.events, a.transfers, t.debits, t.credits, t.events, t.transfers
+                a.debits,
+                a.credits,
+                a.events,
+                a.transfers,
+                t.debits,
+                t.credits,
+                t.events,
+                t.transfers
             ));
         }
         if let AccountKey::Usage { .. } = a.key
@@ -769,7 +804,9 @@ impl Verifier {
     pub fn finish(mut self) -> VerifyReport {
         let missing: Vec<AccountId> = self.recomputed.keys().copied().collect();
         for id in missing {
-            self.violation(format!("account {id:032x}: referenced by transfers but missing"));
+            self.violation(format!(
+                "account {id:032x}: referenced by transfers but missing"
+            ));
         }
         let units: Vec<(String, (Decimal, Decimal))> =
             std::mem::take(&mut self.units).into_iter().collect();

@@ -15,20 +15,20 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-pub mod dedup;
-pub mod dev;
-pub mod ledger;
-pub mod redb_store;
-pub mod store;
+pub mod api;
 pub mod catalog;
 pub mod config;
-pub mod init;
-pub mod registry;
-pub mod metrics;
+pub mod dedup;
+pub mod dev;
 pub mod ingest;
-pub mod api;
+pub mod init;
+pub mod ledger;
+pub mod metrics;
 pub mod quic;
+pub mod redb_store;
+pub mod registry;
 pub mod server;
+pub mod store;
 pub mod testkit;
 
 pub use init::{InitFiles, init};

@@ -169,7 +169,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let dir = data_dir(a.data_dir, &file)?;
             let files = InitFiles::at(&dir);
-            anyhow::ensure!(files.store.exists(), "no store at {}", files.store.display());
+            anyhow::ensure!(
+                files.store.exists(),
+                "no store at {}",
+                files.store.display()
+            );
             let store = RedbStore::open(&files.store).context(
                 "cannot open the store (is the collector running? use GET /v1/ledger/verify)",
             )?;

@@ -61,7 +61,11 @@ impl Metrics {
         let deltas = Counter::default();
         registry.register("deltas", "Deltas posted to the ledger", deltas.clone());
         let duplicates = Counter::default();
-        registry.register("duplicates", "Batches already committed earlier", duplicates.clone());
+        registry.register(
+            "duplicates",
+            "Batches already committed earlier",
+            duplicates.clone(),
+        );
         let signature_failures = Counter::default();
         registry.register(
             "signature_failures",
@@ -71,7 +75,11 @@ impl Metrics {
         let handshakes = Family::<ResultLabel, Counter>::default();
         registry.register("handshakes", "Handshakes, by result", handshakes.clone());
         let connections = Counter::default();
-        registry.register("connections", "QUIC connections accepted", connections.clone());
+        registry.register(
+            "connections",
+            "QUIC connections accepted",
+            connections.clone(),
+        );
         let connections_active = Gauge::default();
         registry.register(
             "connections_active",

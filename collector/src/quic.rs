@@ -29,6 +29,7 @@ use tally_protocol::frame::{
 };
 use tally_protocol::handshake::{Authenticated, ServerHandshake};
 use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
 
 /// Largest frame accepted before the handshake completes.
 pub const HANDSHAKE_FRAME_BYTES: usize = 4096;
@@ -54,13 +55,17 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// The server configuration: TLS 1.3 with the collector's certificate, ALPN `tally/1`.
-pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<quinn::ServerConfig, TlsSetupError> {
+pub fn server_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<quinn::ServerConfig, TlsSetupError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsSetupError::Pem(e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsSetupError::Pem(e.to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsSetupError::Pem(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
@@ -72,7 +77,9 @@ pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<quinn::ServerCon
     let mut transport = quinn::TransportConfig::default();
     transport.max_concurrent_bidi_streams(1u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
-    transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))));
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        30_000,
+    ))));
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -108,7 +115,10 @@ pub(crate) enum ReadError {
 }
 
 /// Reads one length-prefixed frame of at most `max` bytes.
-pub(crate) async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Frame, ReadError> {
+pub(crate) async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Frame, ReadError> {
     let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -146,7 +156,11 @@ enum Out {
 }
 
 /// Serves QUIC until `shutdown` turns true, then lets every connection finish its acks.
-pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
@@ -170,7 +184,10 @@ pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown:
     }
     // Draining: connections stop reading new batches and flush their acks.
     let drain = async { while conns.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
         conns.abort_all();
     }
     endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
@@ -207,7 +224,8 @@ async fn handle(incoming: quinn::Incoming, shared: &Arc<Shared>, shutdown: watch
             return;
         }
     };
-    let auth = tokio::time::timeout(timeout, handshake(&mut send, &mut recv, binding, shared)).await;
+    let auth =
+        tokio::time::timeout(timeout, handshake(&mut send, &mut recv, binding, shared)).await;
     let auth = match auth {
         Ok(Ok(auth)) => auth,
         Ok(Err(code)) => {
@@ -221,11 +239,11 @@ async fn handle(incoming: quinn::Incoming, shared: &Arc<Shared>, shutdown: watch
             return;
         }
     };
-    let span = tracing::info_span!("agent", agent = %auth.agent_id);
-    let _enter = span.enter();
-    drop(_enter);
+    let span = tracing::info_span!("agent_session", agent = %auth.agent_id);
     shared.register_live(auth.agent_id, conn.clone());
-    session(conn, send, recv, auth, shared, shutdown).await;
+    session(conn, send, recv, auth, shared, shutdown)
+        .instrument(span)
+        .await;
 }
 
 /// Sends a final error frame, waits briefly for it to be delivered, then closes.
@@ -250,14 +268,20 @@ async fn handshake(
         ReadError::Frame(e) => e.code(),
         ReadError::Finished | ReadError::Stream(_) => ErrorCode::Malformed,
     };
-    let Frame::Hello(hello) = read_frame(recv, HANDSHAKE_FRAME_BYTES).await.map_err(read)? else {
+    let Frame::Hello(hello) = read_frame(recv, HANDSHAKE_FRAME_BYTES)
+        .await
+        .map_err(read)?
+    else {
         return Err(ErrorCode::UnexpectedFrame);
     };
     let challenge = hs.on_hello(hello).map_err(|e| e.code())?;
     write_frame(send, &Frame::Challenge(challenge))
         .await
         .map_err(|_| ErrorCode::Internal)?;
-    let Frame::Proof(proof) = read_frame(recv, HANDSHAKE_FRAME_BYTES).await.map_err(read)? else {
+    let Frame::Proof(proof) = read_frame(recv, HANDSHAKE_FRAME_BYTES)
+        .await
+        .map_err(read)?
+    else {
         return Err(ErrorCode::UnexpectedFrame);
     };
     let auth = hs.on_proof(&proof).map_err(|e| e.code())?;
@@ -268,7 +292,11 @@ async fn handshake(
         .map_err(|_| ErrorCode::Internal)?
         .map_err(|_| ErrorCode::Internal)?;
     let now = now_ms();
-    let admission = admit(existing.as_ref(), auth.enroll_token.as_deref(), &shared.enroll_token);
+    let admission = admit(
+        existing.as_ref(),
+        auth.enroll_token.as_deref(),
+        &shared.enroll_token,
+    );
     let record = match (admission, existing) {
         (Admission::Refuse(code), _) => return Err(code),
         (Admission::Known, Some(mut rec)) => {
@@ -314,9 +342,15 @@ async fn session(
     shared: &Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let capacity = usize::try_from(shared.config.max_in_flight).unwrap_or(32).max(1) * 2;
+    let capacity = usize::try_from(shared.config.max_in_flight)
+        .unwrap_or(32)
+        .max(1)
+        * 2;
     let (out_tx, out_rx) = mpsc::channel::<Out>(capacity);
-    let writer = tokio::spawn(writer(conn.clone(), send, out_rx, shared.clone(), auth.agent_id));
+    let writer = tokio::spawn(
+        writer(conn.clone(), send, out_rx, shared.clone(), auth.agent_id)
+            .instrument(tracing::Span::current()),
+    );
     let mut catalog_rx = shared.catalog_tx.subscribe();
     let first = catalog_rx.borrow_and_update().as_ref().clone();
     let snapshot = EntitlementsSnapshot {
@@ -353,9 +387,20 @@ async fn session(
                         reply: reply_tx,
                     };
                     if shared.ingest.send(req).await.is_err() {
-                        break Some(ErrorFrame::new(ErrorCode::ShuttingDown, "collector is shutting down"));
+                        break Some(ErrorFrame::new(
+                            ErrorCode::ShuttingDown,
+                            "collector is shutting down",
+                        ));
                     }
-                    if out_tx.send(Out::Ack { epoch, seq, reply: reply_rx }).await.is_err() {
+                    if out_tx
+                        .send(Out::Ack {
+                            epoch,
+                            seq,
+                            reply: reply_rx,
+                        })
+                        .await
+                        .is_err()
+                    {
                         break None;
                     }
                 }
@@ -384,11 +429,20 @@ async fn session(
                     granted: rust_decimal::Decimal::ZERO,
                     expires_at_ms: now_ms(),
                 };
-                if out_tx.send(Out::Frame(Frame::LeaseGrant(grant))).await.is_err() {
+                if out_tx
+                    .send(Out::Frame(Frame::LeaseGrant(grant)))
+                    .await
+                    .is_err()
+                {
                     break None;
                 }
             }
-            Ok(_) => break Some(ErrorFrame::new(ErrorCode::UnexpectedFrame, "unexpected frame")),
+            Ok(_) => {
+                break Some(ErrorFrame::new(
+                    ErrorCode::UnexpectedFrame,
+                    "unexpected frame",
+                ));
+            }
             Err(ReadError::Finished) => break None,
             Err(ReadError::Stream(e)) => {
                 tracing::debug!(agent = %auth.agent_id, error = %e, "stream ended");
@@ -422,8 +476,13 @@ async fn writer(
             Out::Frame(f) => f,
             Out::Ack { epoch, seq, reply } => match reply.await {
                 Ok(Ok(IngestOutcome::Ack(outcome))) => {
+                    tracing::debug!(epoch, seq, outcome = outcome_name(outcome), "batch acked");
                     shared.acked(agent, epoch, seq, outcome);
-                    Frame::Ack(Ack { epoch, seq, outcome })
+                    Frame::Ack(Ack {
+                        epoch,
+                        seq,
+                        outcome,
+                    })
                 }
                 Ok(Ok(IngestOutcome::Refused(code))) | Ok(Err(code)) => {
                     Frame::Error(ErrorFrame::new(code, "batch not committed; retry later"))

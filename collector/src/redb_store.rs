@@ -32,13 +32,10 @@ use crate::ledger::{
     Transfer, TransferSource, Verifier, VerifyReport,
 };
 use crate::store::{
-    AdjustOutcome, AgentRecord, BatchOutcome, BatchRecord, EpochState, IngestBatch,
-    IngestOutcome, QuarantineRecord, Store, StoreError,
+    AdjustOutcome, AgentRecord, BatchOutcome, BatchRecord, EpochState, IngestBatch, IngestOutcome,
+    QuarantineRecord, Store, StoreError,
 };
-use redb::{
-    Database, ReadableDatabase, ReadableTable, Table, TableDefinition,
-    WriteTransaction,
-};
+use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
@@ -106,7 +103,9 @@ impl RedbStore {
     }
 }
 
-fn read_catalog(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Catalog, StoreError> {
+fn read_catalog(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Catalog, StoreError> {
     match meta.get("catalog").map_err(be)? {
         Some(v) => dec("meta", v.value()),
         None => Ok(Catalog::default()),
@@ -145,7 +144,10 @@ struct Ledger<'t> {
 impl<'t> Ledger<'t> {
     fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
         let transfers = txn.open_table(TRANSFERS).map_err(be)?;
-        let next_pos = transfers.last().map_err(be)?.map_or(1, |(k, _)| k.value() + 1);
+        let next_pos = transfers
+            .last()
+            .map_err(be)?
+            .map_or(1, |(k, _)| k.value() + 1);
         Ok(Ledger {
             accounts: txn.open_table(ACCOUNTS).map_err(be)?,
             transfers,
@@ -169,7 +171,9 @@ impl<'t> Ledger<'t> {
         for t in &posting.transfers {
             buf.clear();
             buf = postcard::to_extend(t, buf).map_err(be)?;
-            self.transfers.insert(self.next_pos, buf.as_slice()).map_err(be)?;
+            self.transfers
+                .insert(self.next_pos, buf.as_slice())
+                .map_err(be)?;
             self.next_pos += 1;
         }
         for id in &posting.created {
@@ -196,7 +200,9 @@ impl<'t> Ledger<'t> {
 
     fn finish(mut self) -> Result<(), StoreError> {
         for (id, acct) in &self.changed {
-            self.accounts.insert(*id, enc(acct)?.as_slice()).map_err(be)?;
+            self.accounts
+                .insert(*id, enc(acct)?.as_slice())
+                .map_err(be)?;
         }
         Ok(())
     }
@@ -213,22 +219,25 @@ impl RedbStore {
         let mut dedup_t = txn.open_table(DEDUP).map_err(be)?;
         let mut batches_t = txn.open_table(BATCHES).map_err(be)?;
         let mut quarantine = txn.open_table(QUARANTINE).map_err(be)?;
-        let mut next_q = quarantine.last().map_err(be)?.map_or(1, |(k, _)| k.value() + 1);
+        let mut next_q = quarantine
+            .last()
+            .map_err(be)?
+            .map_or(1, |(k, _)| k.value() + 1);
         let mut ledger = Ledger::open(txn)?;
         let mut states: HashMap<(u128, u64), DedupState> = HashMap::new();
         let mut out = Vec::with_capacity(batches.len());
         for b in batches {
             let body = &b.body;
             let key = (body.agent_id.as_u128(), body.epoch);
-            if !states.contains_key(&key) {
-                let s = match dedup_t.get(key).map_err(be)? {
-                    Some(v) => dec("dedup", v.value())?,
-                    None => DedupState::default(),
-                };
-                states.insert(key, s);
-            }
-            let Some(state) = states.get_mut(&key) else {
-                return Err(StoreError::Invariant(String::from("dedup state vanished")));
+            let state = match states.entry(key) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let s = match dedup_t.get(key).map_err(be)? {
+                        Some(v) => dec("dedup", v.value())?,
+                        None => DedupState::default(),
+                    };
+                    e.insert(s)
+                }
             };
             if state.contains(body.seq) {
                 out.push(IngestOutcome::Ack(AckOutcome::Duplicate));
@@ -256,7 +265,9 @@ impl RedbStore {
                         received_at_ms: now_ms,
                         batch: b.signed.clone(),
                     };
-                    quarantine.insert(next_q, enc(&rec)?.as_slice()).map_err(be)?;
+                    quarantine
+                        .insert(next_q, enc(&rec)?.as_slice())
+                        .map_err(be)?;
                     next_q += 1;
                     BatchOutcome::Quarantined(code)
                 }
@@ -381,7 +392,8 @@ impl Store for RedbStore {
         let txn = self.db.begin_write().map_err(be)?;
         {
             let mut t = txn.open_table(AGENTS).map_err(be)?;
-            t.insert(rec.id.as_u128(), enc(rec)?.as_slice()).map_err(be)?;
+            t.insert(rec.id.as_u128(), enc(rec)?.as_slice())
+                .map_err(be)?;
         }
         txn.commit().map_err(be)
     }
@@ -442,7 +454,9 @@ impl Store for RedbStore {
             let bytes = enc(&catalog)?;
             meta.insert("catalog", bytes.as_slice()).map_err(be)?;
             let mut versions = txn.open_table(CATALOGS).map_err(be)?;
-            versions.insert(catalog.version, bytes.as_slice()).map_err(be)?;
+            versions
+                .insert(catalog.version, bytes.as_slice())
+                .map_err(be)?;
             catalog
         };
         txn.commit().map_err(be)?;
@@ -473,7 +487,9 @@ impl Store for RedbStore {
                 continue;
             }
             let Some(v) = accounts.get(id).map_err(be)? else {
-                return Err(StoreError::Invariant(format!("indexed account {id:032x} missing")));
+                return Err(StoreError::Invariant(format!(
+                    "indexed account {id:032x} missing"
+                )));
             };
             out.push(dec("accounts", v.value())?);
         }
@@ -539,7 +555,7 @@ impl Store for RedbStore {
                     row,
                 } => {
                     let bkey = (agent.as_u128(), *epoch, *seq);
-                    if !batch_cache.contains_key(&bkey) {
+                    if let std::collections::hash_map::Entry::Vacant(e) = batch_cache.entry(bkey) {
                         let rec = match batches.get(bkey).map_err(be)? {
                             Some(b) => {
                                 let r: BatchRecord = dec("batches", b.value())?;
@@ -548,7 +564,7 @@ impl Store for RedbStore {
                             }
                             None => None,
                         };
-                        batch_cache.insert(bkey, rec);
+                        e.insert(rec);
                     }
                     let dkey = (agent.as_u128(), *epoch);
                     if !dedup_cache.contains_key(&dkey)

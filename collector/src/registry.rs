@@ -19,7 +19,11 @@ pub enum Admission {
 }
 
 /// Decides on an agent from its record (if any) and the token it presented.
-pub fn admit(existing: Option<&AgentRecord>, presented: Option<&[u8]>, enroll_token: &str) -> Admission {
+pub fn admit(
+    existing: Option<&AgentRecord>,
+    presented: Option<&[u8]>,
+    enroll_token: &str,
+) -> Admission {
     match (existing, presented) {
         (Some(rec), _) if rec.revoked_at_ms.is_some() => Admission::Refuse(ErrorCode::RevokedAgent),
         (Some(_), _) => Admission::Known,
@@ -54,11 +58,23 @@ mod tests {
 
     #[test]
     fn rules() {
-        assert_eq!(admit(None, None, "t"), Admission::Refuse(ErrorCode::UnknownAgent));
-        assert_eq!(admit(None, Some(b"x"), "t"), Admission::Refuse(ErrorCode::InvalidEnrollToken));
+        assert_eq!(
+            admit(None, None, "t"),
+            Admission::Refuse(ErrorCode::UnknownAgent)
+        );
+        assert_eq!(
+            admit(None, Some(b"x"), "t"),
+            Admission::Refuse(ErrorCode::InvalidEnrollToken)
+        );
         assert_eq!(admit(None, Some(b"t"), "t"), Admission::Enrol);
         assert_eq!(admit(Some(&rec(false)), None, "t"), Admission::Known);
-        assert_eq!(admit(Some(&rec(true)), Some(b"t"), "t"), Admission::Refuse(ErrorCode::RevokedAgent));
-        assert_eq!(admit(None, Some(b""), ""), Admission::Refuse(ErrorCode::InvalidEnrollToken));
+        assert_eq!(
+            admit(Some(&rec(true)), Some(b"t"), "t"),
+            Admission::Refuse(ErrorCode::RevokedAgent)
+        );
+        assert_eq!(
+            admit(None, Some(b""), ""),
+            Admission::Refuse(ErrorCode::InvalidEnrollToken)
+        );
     }
 }

@@ -242,16 +242,18 @@ impl Collector {
             crate::quic::server_config(&read(&files.collector_pem)?, &read(&files.collector_key)?)?;
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(&files.store)?);
         let metrics = Arc::new(Metrics::new());
-        let (ingest, committer) = crate::ingest::spawn(store.clone(), metrics.clone(), config.group)
-            .map_err(StartError::Thread)?;
+        let (ingest, committer) =
+            crate::ingest::spawn(store.clone(), metrics.clone(), config.group)
+                .map_err(StartError::Thread)?;
         let catalog = store.catalog()?;
         let (catalog_tx, _) = watch::channel(Arc::new(catalog));
-        let endpoint = quinn::Endpoint::server(server_config, config.quic_addr).map_err(|source| {
-            StartError::Bind {
-                addr: config.quic_addr,
-                source,
-            }
-        })?;
+        let endpoint =
+            quinn::Endpoint::server(server_config, config.quic_addr).map_err(|source| {
+                StartError::Bind {
+                    addr: config.quic_addr,
+                    source,
+                }
+            })?;
         let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
             addr: config.quic_addr,
             source,
@@ -278,7 +280,11 @@ impl Collector {
             info: Mutex::new(HashMap::new()),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let quic_task = tokio::spawn(crate::quic::serve(endpoint, shared.clone(), shutdown_rx.clone()));
+        let quic_task = tokio::spawn(crate::quic::serve(
+            endpoint,
+            shared.clone(),
+            shutdown_rx.clone(),
+        ));
         let http_task = tokio::spawn(crate::api::serve(listener, shared.clone(), shutdown_rx));
         tracing::info!(%quic_addr, %http_addr, "collector started");
         Ok(CollectorHandle {

@@ -145,8 +145,11 @@ pub struct EpochState {
 pub trait Store: Send + Sync + 'static {
     /// Dedups and posts (or quarantines) a group of verified batches in one durable transaction,
     /// in order; returns one outcome per batch.
-    fn ingest(&self, batches: &[IngestBatch], now_ms: i64)
-    -> Result<Vec<IngestOutcome>, StoreError>;
+    fn ingest(
+        &self,
+        batches: &[IngestBatch],
+        now_ms: i64,
+    ) -> Result<Vec<IngestOutcome>, StoreError>;
     /// Posts an adjustment, idempotently by its key.
     fn adjust(&self, adj: &Adjustment, now_ms: i64) -> Result<AdjustOutcome, StoreError>;
 

@@ -64,7 +64,11 @@ impl RawStream {
         let mut endpoint =
             quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).map_err(t)?;
         endpoint.set_default_client_config(client_config(ca_pem).map_err(t)?);
-        let conn = endpoint.connect(addr, "localhost").map_err(t)?.await.map_err(t)?;
+        let conn = endpoint
+            .connect(addr, "localhost")
+            .map_err(t)?
+            .await
+            .map_err(t)?;
         let (send, recv) = conn.open_bi().await.map_err(t)?;
         let mut binding = [0u8; 32];
         conn.export_keying_material(&mut binding, BINDING_LABEL, b"")
@@ -80,7 +84,9 @@ impl RawStream {
 
     /// Sends a frame.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), ClientError> {
-        write_frame(&mut self.send, frame).await.map_err(ClientError::Transport)
+        write_frame(&mut self.send, frame)
+            .await
+            .map_err(ClientError::Transport)
     }
 
     /// Reads the next frame.
@@ -90,11 +96,13 @@ impl RawStream {
 }
 
 async fn read(recv: &mut quinn::RecvStream) -> Result<Frame, ClientError> {
-    read_frame(recv, MAX_FRAME_BYTES).await.map_err(|e| match e {
-        ReadError::Finished => ClientError::Transport(String::from("stream finished")),
-        ReadError::Stream(s) => ClientError::Transport(s),
-        ReadError::Frame(f) => ClientError::Transport(f.to_string()),
-    })
+    read_frame(recv, MAX_FRAME_BYTES)
+        .await
+        .map_err(|e| match e {
+            ReadError::Finished => ClientError::Transport(String::from("stream finished")),
+            ReadError::Stream(s) => ClientError::Transport(s),
+            ReadError::Frame(f) => ClientError::Transport(f.to_string()),
+        })
 }
 
 impl TestClient {
@@ -133,7 +141,9 @@ impl TestClient {
 
     /// Sends a frame.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), ClientError> {
-        write_frame(&mut self.send, frame).await.map_err(ClientError::Transport)
+        write_frame(&mut self.send, frame)
+            .await
+            .map_err(ClientError::Transport)
     }
 
     /// Reads the next frame.

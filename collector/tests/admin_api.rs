@@ -21,10 +21,20 @@ fn assert_stripe_error(v: &Value, kind: &str, code: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_is_required_and_errors_are_stripe_shaped() {
     let env = start().await;
-    for path in ["/v1/meters", "/v1/usage?customer=a&meter=b", "/v1/ledger/verify", "/metrics", "/v1/agents"] {
+    for path in [
+        "/v1/meters",
+        "/v1/usage?customer=a&meter=b",
+        "/v1/ledger/verify",
+        "/metrics",
+        "/v1/agents",
+    ] {
         let (status, body) = env.http("GET", path, None, None).await;
         assert_eq!(status, 401, "{path}");
-        assert_stripe_error(&serde_json::from_str(&body).unwrap(), "authentication_error", "invalid_api_key");
+        assert_stripe_error(
+            &serde_json::from_str(&body).unwrap(),
+            "authentication_error",
+            "invalid_api_key",
+        );
         let (status, _) = env.http("GET", path, Some("wrong"), None).await;
         assert_eq!(status, 401, "{path}");
     }
@@ -39,19 +49,41 @@ async fn auth_is_required_and_errors_are_stripe_shaped() {
     assert_eq!(s, 400);
     assert_stripe_error(&v, "invalid_request_error", "parameter_missing");
     assert_eq!(v["error"]["param"], "customer");
-    let (s, v) = env.admin("GET", "/v1/usage?customer=acme&meter=Bad%20Meter", None).await;
+    let (s, v) = env
+        .admin("GET", "/v1/usage?customer=acme&meter=Bad%20Meter", None)
+        .await;
     assert_eq!(s, 400);
     assert_eq!(v["error"]["param"], "meter");
-    let (s, v) = env.admin("GET", "/v1/usage?customer=acme&meter=api_calls&period=2025-13", None).await;
+    let (s, v) = env
+        .admin(
+            "GET",
+            "/v1/usage?customer=acme&meter=api_calls&period=2025-13",
+            None,
+        )
+        .await;
     assert_eq!(s, 400);
     assert_eq!(v["error"]["code"], "invalid_period");
-    let (s, v) = env.admin("PUT", "/v1/meters/api_calls", Some("{not json")).await;
+    let (s, v) = env
+        .admin("PUT", "/v1/meters/api_calls", Some("{not json"))
+        .await;
     assert_eq!(s, 400);
     assert_stripe_error(&v, "invalid_request_error", "invalid_json");
-    let (s, v) = env.admin("PUT", "/v1/meters/api_calls", Some(r#"{"aggregation":"median","event_type":"x"}"#)).await;
+    let (s, v) = env
+        .admin(
+            "PUT",
+            "/v1/meters/api_calls",
+            Some(r#"{"aggregation":"median","event_type":"x"}"#),
+        )
+        .await;
     assert_eq!(s, 400);
     assert_eq!(v["error"]["param"], "aggregation");
-    let (s, v) = env.admin("PUT", "/v1/meters/api_calls", Some(r#"{"aggregation":"sum","event_type":"x"}"#)).await;
+    let (s, v) = env
+        .admin(
+            "PUT",
+            "/v1/meters/api_calls",
+            Some(r#"{"aggregation":"sum","event_type":"x"}"#),
+        )
+        .await;
     assert_eq!(s, 400, "a sum meter needs a value_property");
     assert_eq!(v["error"]["code"], "invalid_meter_definition");
     // Nothing was changed by any of those.
@@ -67,18 +99,24 @@ async fn meters_usage_adjustments_ledger_agents() {
     let k = key(7);
     let mut c = env.client(&k).await;
     // The initial (empty) catalog arrives on connect.
-    let Frame::Catalog(cat) = c.recv().await.unwrap() else { panic!("catalog first") };
+    let Frame::Catalog(cat) = c.recv().await.unwrap() else {
+        panic!("catalog first")
+    };
     assert_eq!(cat.version, 0);
     let meter = json!({"aggregation":"sum","event_type":"api_call","value_property":"$.count",
         "group_by":{"model":"$.model"},"stripe_event_name":"api_calls","stripe_unit_scale":"1"});
-    let (s, v) = env.admin("PUT", "/v1/meters/api_calls", Some(&meter.to_string())).await;
+    let (s, v) = env
+        .admin("PUT", "/v1/meters/api_calls", Some(&meter.to_string()))
+        .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["version"], 1);
     assert_eq!(v["data"][0]["stripe_unit_scale"], "1");
     // ... and the change is pushed to the connected agent.
     let pushed = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            if let Frame::Catalog(c) = c.recv().await.unwrap() && c.version == 1 {
+            if let Frame::Catalog(c) = c.recv().await.unwrap()
+                && c.version == 1
+            {
                 return c;
             }
         }
@@ -88,57 +126,105 @@ async fn meters_usage_adjustments_ledger_agents() {
     assert!(pushed.meter("api_calls").is_some());
 
     let at = 1_763_000_000_000; // 2025-11-13
-    let b = seal(&k, 1, 1, vec![
-        delta("acme", "api_calls", &[("model", "a")], at, Decimal::new(15, 1), 2),
-        delta("acme", "api_calls", &[("model", "b")], at, Decimal::new(25, 1), 3),
-        delta("globex", "api_calls", &[], at, Decimal::new(1, 3), 1),
-    ]);
+    let b = seal(
+        &k,
+        1,
+        1,
+        vec![
+            delta(
+                "acme",
+                "api_calls",
+                &[("model", "a")],
+                at,
+                Decimal::new(15, 1),
+                2,
+            ),
+            delta(
+                "acme",
+                "api_calls",
+                &[("model", "b")],
+                at,
+                Decimal::new(25, 1),
+                3,
+            ),
+            delta("globex", "api_calls", &[], at, Decimal::new(1, 3), 1),
+        ],
+    );
     assert!(matches!(send(&mut c, &b).await, Frame::Ack(a) if a.outcome == AckOutcome::Committed));
 
-    let (s, v) = env.admin("GET", "/v1/usage?customer=acme&meter=api_calls&period=2025-11", None).await;
+    let (s, v) = env
+        .admin(
+            "GET",
+            "/v1/usage?customer=acme&meter=api_calls&period=2025-11",
+            None,
+        )
+        .await;
     assert_eq!(s, 200);
-    assert_eq!(v, json!({"customer":"acme","meter":"api_calls","period":"2025-11","quantity":"4.0","events":5}));
+    assert_eq!(
+        v,
+        json!({"customer":"acme","meter":"api_calls","period":"2025-11","quantity":"4.0","events":5})
+    );
     let (_, v) = env.admin("GET", "/v1/customers/globex/usage", None).await;
     assert_eq!(v["data"][0]["quantity"], "0.001");
 
     // Adjustments: created, retried, conflicting, and refused below zero.
     let adj = json!({"customer":"acme","meter":"api_calls","quantity":"-1.5","reason":"refund outage",
         "idempotency_key":"adj-1","period":"2025-11","dimensions":{"model":"a"}});
-    let (s, v) = env.admin("POST", "/v1/adjustments", Some(&adj.to_string())).await;
+    let (s, v) = env
+        .admin("POST", "/v1/adjustments", Some(&adj.to_string()))
+        .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["created"], true);
-    let (s, v2) = env.admin("POST", "/v1/adjustments", Some(&adj.to_string())).await;
+    let (s, v2) = env
+        .admin("POST", "/v1/adjustments", Some(&adj.to_string()))
+        .await;
     assert_eq!(s, 200);
     assert_eq!(v2["created"], false);
     assert_eq!(v2["id"], v["id"]);
     let mut other = adj.clone();
     other["quantity"] = json!("-1.4");
-    let (s, v) = env.admin("POST", "/v1/adjustments", Some(&other.to_string())).await;
+    let (s, v) = env
+        .admin("POST", "/v1/adjustments", Some(&other.to_string()))
+        .await;
     assert_eq!(s, 400);
     assert_stripe_error(&v, "idempotency_error", "idempotency_key_in_use");
     let mut too_much = adj.clone();
     too_much["idempotency_key"] = json!("adj-2");
     too_much["quantity"] = json!("-100");
-    let (s, v) = env.admin("POST", "/v1/adjustments", Some(&too_much.to_string())).await;
+    let (s, v) = env
+        .admin("POST", "/v1/adjustments", Some(&too_much.to_string()))
+        .await;
     assert_eq!(s, 400, "{v}");
     let mut float = adj.clone();
     float["idempotency_key"] = json!("adj-3");
     float["quantity"] = json!(1.5);
-    let (s, v) = env.admin("POST", "/v1/adjustments", Some(&float.to_string())).await;
+    let (s, v) = env
+        .admin("POST", "/v1/adjustments", Some(&float.to_string()))
+        .await;
     assert_eq!(s, 400);
     assert_eq!(v["error"]["param"], "quantity");
     let (s, v) = env.admin("POST", "/v1/adjustments", Some(r#"{"customer":"acme","meter":"nope","quantity":"1","reason":"x","idempotency_key":"k"}"#)).await;
     assert_eq!(s, 400);
     assert_eq!(v["error"]["code"], "unknown_meter");
-    let (_, v) = env.admin("GET", "/v1/usage?customer=acme&meter=api_calls&period=2025-11", None).await;
+    let (_, v) = env
+        .admin(
+            "GET",
+            "/v1/usage?customer=acme&meter=api_calls&period=2025-11",
+            None,
+        )
+        .await;
     assert_eq!(v["quantity"], "2.5");
 
-    let (_, v) = env.admin("GET", "/v1/ledger/entries?customer=acme", None).await;
+    let (_, v) = env
+        .admin("GET", "/v1/ledger/entries?customer=acme", None)
+        .await;
     let data = v["data"].as_array().unwrap();
     assert_eq!(data.len(), 3);
     assert_eq!(data[2]["source"]["type"], "adjustment");
     assert_eq!(data[2]["amount"], "1.5");
-    let (_, v) = env.admin("GET", "/v1/ledger/entries?after=1&limit=1", None).await;
+    let (_, v) = env
+        .admin("GET", "/v1/ledger/entries?after=1&limit=1", None)
+        .await;
     assert_eq!(v["data"][0]["position"], 2);
     assert_eq!(v["has_more"], true);
     let (s, v) = env.admin("GET", "/v1/ledger/entries?limit=0", None).await;
@@ -155,19 +241,35 @@ async fn meters_usage_adjustments_ledger_agents() {
     assert_eq!(a["acked_seq"], 1);
     let (s, _) = env.admin("POST", "/v1/agents/zz/revoke", None).await;
     assert_eq!(s, 400);
-    let (s, _) = env.admin("POST", &format!("/v1/agents/{}/revoke", "00".repeat(16)), None).await;
+    let (s, _) = env
+        .admin(
+            "POST",
+            &format!("/v1/agents/{}/revoke", "00".repeat(16)),
+            None,
+        )
+        .await;
     assert_eq!(s, 404);
-    let (s, v) = env.admin("POST", &format!("/v1/agents/{}/revoke", agent_id(&k)), None).await;
+    let (s, v) = env
+        .admin("POST", &format!("/v1/agents/{}/revoke", agent_id(&k)), None)
+        .await;
     assert_eq!(s, 200);
     assert_eq!(v["revoked"], true);
     let (_, v) = env.admin("GET", "/v1/agents", None).await;
     assert!(v["data"][0]["revoked_at_ms"].is_i64());
 
-    let (status, text) = env.http("GET", "/metrics", Some(&env.handle.admin_token().to_owned()), None).await;
+    let (status, text) = env
+        .http("GET", "/metrics", Some(env.handle.admin_token()), None)
+        .await;
     assert_eq!(status, 200);
     assert!(text.contains("tally_collector_deltas_total 3"), "{text}");
-    assert!(text.contains("tally_collector_adjustments_total 1"), "{text}");
-    assert!(text.contains("tally_collector_commit_latency_seconds_bucket"), "{text}");
+    assert!(
+        text.contains("tally_collector_adjustments_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tally_collector_commit_latency_seconds_bucket"),
+        "{text}"
+    );
     env.assert_verified();
     env.handle.shutdown().await;
 }
@@ -177,8 +279,22 @@ async fn quarantine_is_visible() {
     let env = start().await;
     let k = key(8);
     let mut c = env.client(&k).await;
-    let b = seal(&k, 1, 1, vec![delta("acme", "ghost", &[], 1_763_000_000_000, Decimal::ONE, 1)]);
-    assert!(matches!(send(&mut c, &b).await, Frame::Ack(a) if matches!(a.outcome, AckOutcome::Quarantined { .. })));
+    let b = seal(
+        &k,
+        1,
+        1,
+        vec![delta(
+            "acme",
+            "ghost",
+            &[],
+            1_763_000_000_000,
+            Decimal::ONE,
+            1,
+        )],
+    );
+    assert!(
+        matches!(send(&mut c, &b).await, Frame::Ack(a) if matches!(a.outcome, AckOutcome::Quarantined { .. }))
+    );
     let (_, v) = env.admin("GET", "/v1/quarantine", None).await;
     assert_eq!(v["data"][0]["code"], "unknown_meter");
     assert_eq!(v["data"][0]["seq"], 1);

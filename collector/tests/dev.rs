@@ -24,17 +24,31 @@ async fn dev_runs_collector_catalog_and_agent_end_to_end() {
     let agent = d.agent.as_ref().expect("the in-process agent runs");
     // Wait until the agent has the catalog, then record and flush.
     for _ in 0..100 {
-        if agent.catalog().is_some_and(|c| c.meter("api_calls").is_some()) {
+        if agent
+            .catalog()
+            .is_some_and(|c| c.meter("api_calls").is_some())
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    agent.record("acme", "api_calls", Decimal::new(15, 1)).unwrap();
-    agent.record("acme", "api_calls", Decimal::new(25, 1)).unwrap();
+    agent
+        .record("acme", "api_calls", Decimal::new(15, 1))
+        .unwrap();
+    agent
+        .record("acme", "api_calls", Decimal::new(25, 1))
+        .unwrap();
     agent.flush(Duration::from_secs(10)).await.unwrap();
     let addr = d.collector.http_addr();
     let token = d.collector.admin_token().to_owned();
-    let (s, body) = common::http(addr, "GET", "/v1/usage?customer=acme&meter=api_calls", Some(&token), None).await;
+    let (s, body) = common::http(
+        addr,
+        "GET",
+        "/v1/usage?customer=acme&meter=api_calls",
+        Some(&token),
+        None,
+    )
+    .await;
     assert_eq!(s, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["quantity"], "4.0", "{v}");
@@ -50,7 +64,14 @@ async fn dev_runs_collector_catalog_and_agent_end_to_end() {
     let d = dev::start(&opts).await.unwrap();
     assert_eq!(d.collector.admin_token(), token_before);
     assert_eq!(d.collector.shared().store.catalog().unwrap().version, 2);
-    let (_, body) = common::http(d.collector.http_addr(), "GET", "/v1/usage?customer=acme&meter=api_calls", Some(&token_before), None).await;
+    let (_, body) = common::http(
+        d.collector.http_addr(),
+        "GET",
+        "/v1/usage?customer=acme&meter=api_calls",
+        Some(&token_before),
+        None,
+    )
+    .await;
     assert!(body.contains("\"4.0\""), "{body}");
     d.shutdown().await;
 }

@@ -15,7 +15,11 @@ use tally_protocol::names::{CustomerId, MeterName};
 
 fn ack(f: &Frame) -> (u64, u64, AckOutcome) {
     match f {
-        Frame::Ack(Ack { epoch, seq, outcome }) => (*epoch, *seq, *outcome),
+        Frame::Ack(Ack {
+            epoch,
+            seq,
+            outcome,
+        }) => (*epoch, *seq, *outcome),
         other => panic!("expected an ack, got {other:?}"),
     }
 }
@@ -53,18 +57,30 @@ async fn random_workload_with_resends_is_exact() {
                 let sum = Decimal::new(rng.below(10_000_000) as i64, rng.below(5) as u32);
                 let count = 1 + rng.below(50);
                 let d = delta(&customer, meter, dims, at, sum, count);
-                let qty = if meter == "events" { Decimal::from(count) } else { sum };
+                let qty = if meter == "events" {
+                    Decimal::from(count)
+                } else {
+                    sum
+                };
                 let period = Period::of_ms(at).to_string();
-                let e = model.entry((customer, meter.to_owned(), period)).or_default();
+                let e = model
+                    .entry((customer, meter.to_owned(), period))
+                    .or_default();
                 e.0 += qty;
                 e.1 += count;
                 deltas.push(d);
             }
             let batch = seal(&key, epoch, seq, deltas);
-            assert_eq!(ack(&send(&mut client, &batch).await), (epoch, seq, AckOutcome::Committed));
+            assert_eq!(
+                ack(&send(&mut client, &batch).await),
+                (epoch, seq, AckOutcome::Committed)
+            );
             if rng.below(4) == 0 {
                 // An immediate resend of the same batch.
-                assert_eq!(ack(&send(&mut client, &batch).await), (epoch, seq, AckOutcome::Duplicate));
+                assert_eq!(
+                    ack(&send(&mut client, &batch).await),
+                    (epoch, seq, AckOutcome::Duplicate)
+                );
             }
             sent.push(batch);
         }
@@ -73,7 +89,10 @@ async fn random_workload_with_resends_is_exact() {
             client.send(&Frame::Batch(b.clone())).await.unwrap();
         }
         for seq in 1..=8 {
-            assert_eq!(ack(&client.next_reply().await.unwrap()), (epoch, seq, AckOutcome::Duplicate));
+            assert_eq!(
+                ack(&client.next_reply().await.unwrap()),
+                (epoch, seq, AckOutcome::Duplicate)
+            );
         }
         drop(client);
         // After a reconnect (no token: the key is registered now), resends are duplicates.
@@ -105,7 +124,10 @@ async fn random_workload_with_resends_is_exact() {
     }
     env.assert_verified();
     let metrics = env.handle.shared().metrics.encode();
-    assert!(metrics.contains("tally_collector_batches_total{result=\"committed\"} 75"), "{metrics}");
+    assert!(
+        metrics.contains("tally_collector_batches_total{result=\"committed\"} 75"),
+        "{metrics}"
+    );
     env.handle.shutdown().await;
 }
 
@@ -134,8 +156,13 @@ async fn unpostable_batches_are_quarantined_whole() {
     assert_eq!(quarantined[0].rejection.row, Some(1));
     assert_eq!(quarantined[0].batch, b1);
     // Only the committed batch's delta is in the ledger.
-    let accts = store.usage_accounts(&CustomerId::new("acme").unwrap(), None, None).unwrap();
-    assert_eq!(accts.iter().map(|a| a.balance()).sum::<Decimal>(), Decimal::ONE);
+    let accts = store
+        .usage_accounts(&CustomerId::new("acme").unwrap(), None, None)
+        .unwrap();
+    assert_eq!(
+        accts.iter().map(|a| a.balance()).sum::<Decimal>(),
+        Decimal::ONE
+    );
     env.assert_verified();
     env.handle.shutdown().await;
 }

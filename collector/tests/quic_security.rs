@@ -32,7 +32,12 @@ fn refused(r: Result<TestClient, ClientError>) -> ErrorCode {
 }
 
 fn metric(env: &Env, line: &str) -> bool {
-    env.handle.shared().metrics.encode().lines().any(|l| l == line)
+    env.handle
+        .shared()
+        .metrics
+        .encode()
+        .lines()
+        .any(|l| l == line)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,7 +46,16 @@ async fn tampered_and_forged_batches_are_refused_and_counted() {
     env.put_meter("api_calls", Aggregation::Sum);
     let k = key(1);
     let other = key(2);
-    let d = || vec![delta("acme", "api_calls", &[], 1_763_000_000_000, Decimal::TEN, 1)];
+    let d = || {
+        vec![delta(
+            "acme",
+            "api_calls",
+            &[],
+            1_763_000_000_000,
+            Decimal::TEN,
+            1,
+        )]
+    };
 
     // A byte of the signed body flipped.
     let mut c = env.client(&k).await;
@@ -49,27 +63,47 @@ async fn tampered_and_forged_batches_are_refused_and_counted() {
     let mut bytes = good.body.to_vec();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
-    let tampered = SignedBatch { body: BoundedBytes::new(bytes).unwrap(), signature: good.signature };
-    assert_eq!(error_code(&send(&mut c, &tampered).await), ErrorCode::BadSignature);
-    assert!(c.next_reply().await.is_err(), "the connection is closed after a bad signature");
+    let tampered = SignedBatch {
+        body: BoundedBytes::new(bytes).unwrap(),
+        signature: good.signature,
+    };
+    assert_eq!(
+        error_code(&send(&mut c, &tampered).await),
+        ErrorCode::BadSignature
+    );
+    assert!(
+        c.next_reply().await.is_err(),
+        "the connection is closed after a bad signature"
+    );
 
     // Our agent id, signed by another key.
     let mut c = env.client(&k).await;
     let body = BatchBody::new(agent_id(&k), 1, 1, 0, d()).unwrap();
     let forged = SignedBatch::seal(&body, &other).unwrap();
-    assert_eq!(error_code(&send(&mut c, &forged).await), ErrorCode::BadSignature);
+    assert_eq!(
+        error_code(&send(&mut c, &forged).await),
+        ErrorCode::BadSignature
+    );
 
     // Signed by us, naming another agent.
     let mut c = env.client(&k).await;
     let body = BatchBody::new(AgentId([9; 16]), 1, 1, 0, d()).unwrap();
     let mismatch = SignedBatch::seal(&body, &k).unwrap();
-    assert_eq!(error_code(&send(&mut c, &mismatch).await), ErrorCode::AgentMismatch);
+    assert_eq!(
+        error_code(&send(&mut c, &mismatch).await),
+        ErrorCode::AgentMismatch
+    );
 
     // Nothing reached the ledger; the good batch still commits as seq 1.
     let mut c = env.client(&k).await;
-    assert!(matches!(send(&mut c, &good).await, Frame::Ack(a) if a.outcome == AckOutcome::Committed));
+    assert!(
+        matches!(send(&mut c, &good).await, Frame::Ack(a) if a.outcome == AckOutcome::Committed)
+    );
     assert!(metric(&env, "tally_collector_signature_failures_total 3"));
-    assert!(metric(&env, "tally_collector_batches_total{result=\"bad_signature\"} 3"));
+    assert!(metric(
+        &env,
+        "tally_collector_batches_total{result=\"bad_signature\"} 3"
+    ));
     env.assert_verified();
     env.handle.shutdown().await;
 }
@@ -79,7 +113,10 @@ async fn unknown_badly_enrolled_and_revoked_keys_are_refused() {
     let env = start().await;
     let addr = env.handle.quic_addr();
     let k = key(4);
-    assert_eq!(refused(TestClient::connect(addr, &env.ca_pem, &k, None).await), ErrorCode::UnknownAgent);
+    assert_eq!(
+        refused(TestClient::connect(addr, &env.ca_pem, &k, None).await),
+        ErrorCode::UnknownAgent
+    );
     assert_eq!(
         refused(TestClient::connect(addr, &env.ca_pem, &k, Some("not-the-token")).await),
         ErrorCode::InvalidEnrollToken
@@ -87,14 +124,28 @@ async fn unknown_badly_enrolled_and_revoked_keys_are_refused() {
     let mut live = env.client(&k).await;
     assert!(env.handle.shared().revoke(agent_id(&k)).unwrap());
     // The live connection is closed, and new ones are refused, token or not.
-    assert!(tokio::time::timeout(Duration::from_secs(5), live.next_reply()).await.unwrap().is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), live.next_reply())
+            .await
+            .unwrap()
+            .is_err()
+    );
     assert_eq!(
         refused(TestClient::connect(addr, &env.ca_pem, &k, Some(env.handle.enroll_token())).await),
         ErrorCode::RevokedAgent
     );
-    assert!(metric(&env, "tally_collector_handshakes_total{result=\"unknown_agent\"} 1"));
-    assert!(metric(&env, "tally_collector_handshakes_total{result=\"invalid_enroll_token\"} 1"));
-    assert!(metric(&env, "tally_collector_handshakes_total{result=\"revoked_agent\"} 1"));
+    assert!(metric(
+        &env,
+        "tally_collector_handshakes_total{result=\"unknown_agent\"} 1"
+    ));
+    assert!(metric(
+        &env,
+        "tally_collector_handshakes_total{result=\"invalid_enroll_token\"} 1"
+    ));
+    assert!(metric(
+        &env,
+        "tally_collector_handshakes_total{result=\"revoked_agent\"} 1"
+    ));
     env.handle.shutdown().await;
 }
 
@@ -105,10 +156,16 @@ async fn a_replayed_handshake_fails() {
     let k = key(5);
     // A genuine handshake, recorded.
     let mut a = RawStream::open(addr, &env.ca_pem).await.unwrap();
-    let (mut hs, hello) =
-        ClientHandshake::start(k.clone(), a.binding.to_vec(), Some(env.handle.enroll_token())).unwrap();
+    let (mut hs, hello) = ClientHandshake::start(
+        k.clone(),
+        a.binding.to_vec(),
+        Some(env.handle.enroll_token()),
+    )
+    .unwrap();
     a.send(&Frame::Hello(hello.clone())).await.unwrap();
-    let Frame::Challenge(ch) = a.recv().await.unwrap() else { panic!("no challenge") };
+    let Frame::Challenge(ch) = a.recv().await.unwrap() else {
+        panic!("no challenge")
+    };
     let proof = hs.on_challenge(&ch).unwrap();
     a.send(&Frame::Proof(proof.clone())).await.unwrap();
     assert!(matches!(a.recv().await.unwrap(), Frame::Welcome(_)));
@@ -118,7 +175,10 @@ async fn a_replayed_handshake_fails() {
     assert!(matches!(b.recv().await.unwrap(), Frame::Challenge(_)));
     b.send(&Frame::Proof(proof)).await.unwrap();
     assert_eq!(error_code(&b.recv().await.unwrap()), ErrorCode::BadProof);
-    assert!(metric(&env, "tally_collector_handshakes_total{result=\"bad_proof\"} 1"));
+    assert!(metric(
+        &env,
+        "tally_collector_handshakes_total{result=\"bad_proof\"} 1"
+    ));
     env.handle.shutdown().await;
 }
 
@@ -158,13 +218,27 @@ async fn a_flood_of_garbage_does_not_stop_it_serving() {
         junk.push(s);
     }
     for mut s in junk {
-        let r = tokio::time::timeout(Duration::from_secs(5), s.recv()).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.recv())
+            .await
+            .unwrap();
         assert!(matches!(r, Ok(Frame::Error(_)) | Err(_)), "{r:?}");
     }
     // A real agent is still served.
     let k = key(6);
     let mut c = env.client(&k).await;
-    let b = seal(&k, 1, 1, vec![delta("acme", "api_calls", &[], 1_763_000_000_000, Decimal::ONE, 1)]);
+    let b = seal(
+        &k,
+        1,
+        1,
+        vec![delta(
+            "acme",
+            "api_calls",
+            &[],
+            1_763_000_000_000,
+            Decimal::ONE,
+            1,
+        )],
+    );
     assert!(matches!(send(&mut c, &b).await, Frame::Ack(a) if a.outcome == AckOutcome::Committed));
     env.assert_verified();
     env.handle.shutdown().await;

@@ -22,7 +22,11 @@ const T0: i64 = 1_761_955_200_000; // 2025-11-01
 
 fn usage(store: &RedbStore, customer: &str, meter: &str, period: Period) -> Decimal {
     store
-        .usage_accounts(&CustomerId::new(customer).unwrap(), Some(&MeterName::new(meter).unwrap()), Some(period))
+        .usage_accounts(
+            &CustomerId::new(customer).unwrap(),
+            Some(&MeterName::new(meter).unwrap()),
+            Some(period),
+        )
         .unwrap()
         .iter()
         .map(|a| a.balance())
@@ -94,7 +98,7 @@ proptest! {
                     IngestOutcome::Ack(AckOutcome::Quarantined { .. }) => "quarantined",
                     IngestOutcome::Refused(_) => "refused",
                 }).collect();
-                let want: Vec<&str> = expected.drain(..).collect();
+                let want: Vec<&str> = std::mem::take(&mut expected);
                 prop_assert_eq!(got, want);
                 let r = store.verify().unwrap();
                 prop_assert!(r.ok, "{:?}", r);

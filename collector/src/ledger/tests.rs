@@ -161,8 +161,16 @@ fn periods_are_utc_calendar_months() {
     assert_eq!(Period::of_ms(1_709_251_199_999).to_string(), "2024-02");
     assert_eq!(Period::of_ms(1_709_251_200_000).to_string(), "2024-03");
     assert_eq!(Period::of_ms(-1).to_string(), "1969-12");
-    assert_eq!(Period::parse("2025-11"), Some(Period { year: 2025, month: 11 }));
-    for bad in ["2025-13", "2025-1", "25-11", "2025-00", "2025_11", "abcd-ef"] {
+    assert_eq!(
+        Period::parse("2025-11"),
+        Some(Period {
+            year: 2025,
+            month: 11
+        })
+    );
+    for bad in [
+        "2025-13", "2025-1", "25-11", "2025-00", "2025_11", "abcd-ef",
+    ] {
         assert_eq!(Period::parse(bad), None, "{bad}");
     }
 }
@@ -210,9 +218,24 @@ fn unpostable_batches_post_nothing() {
     let t0 = 1_763_000_000_000;
     let huge = Decimal::MAX;
     let cases = [
-        (vec![delta("a", "calls", t0, Decimal::ONE, 1), delta("a", "nope", t0, Decimal::ONE, 1)], ErrorCode::UnknownMeter),
-        (vec![delta("a", "calls", t0, Decimal::ONE, 0)], ErrorCode::InvalidDelta),
-        (vec![delta("a", "calls", t0, huge, 1), delta("a", "calls", t0, huge, 1)], ErrorCode::Overflow),
+        (
+            vec![
+                delta("a", "calls", t0, Decimal::ONE, 1),
+                delta("a", "nope", t0, Decimal::ONE, 1),
+            ],
+            ErrorCode::UnknownMeter,
+        ),
+        (
+            vec![delta("a", "calls", t0, Decimal::ONE, 0)],
+            ErrorCode::InvalidDelta,
+        ),
+        (
+            vec![
+                delta("a", "calls", t0, huge, 1),
+                delta("a", "calls", t0, huge, 1),
+            ],
+            ErrorCode::Overflow,
+        ),
     ];
     for (seq, (deltas, code)) in cases.into_iter().enumerate() {
         let out = m.ingest(&c, &body(1, 1, seq as u64 + 1, deltas));
@@ -228,7 +251,10 @@ fn adjustments_are_new_transfers_and_idempotent() {
     let c = catalog();
     let mut m = Mem::default();
     let t0 = 1_763_000_000_000;
-    m.ingest(&c, &body(1, 1, 1, vec![delta("a", "calls", t0, Decimal::from(10), 1)]));
+    m.ingest(
+        &c,
+        &body(1, 1, 1, vec![delta("a", "calls", t0, Decimal::from(10), 1)]),
+    );
     let adj = |q: i64, key: &str| Adjustment {
         customer: CustomerId::new("a").unwrap(),
         meter: MeterName::new("calls").unwrap(),
@@ -254,7 +280,18 @@ fn verify_finds_tampering() {
     let t0 = 1_763_000_000_000;
     let fresh = || {
         let mut m = Mem::default();
-        m.ingest(&c, &body(1, 1, 1, vec![delta("a", "calls", t0, Decimal::from(10), 1), delta("b", "calls", t0, Decimal::from(3), 1)]));
+        m.ingest(
+            &c,
+            &body(
+                1,
+                1,
+                1,
+                vec![
+                    delta("a", "calls", t0, Decimal::from(10), 1),
+                    delta("b", "calls", t0, Decimal::from(3), 1),
+                ],
+            ),
+        );
         assert!(m.verify().ok);
         m
     };
@@ -309,7 +346,10 @@ fn transfer_ids_derive_from_source() {
     u.posted_at_ms = 99;
     assert_eq!(compare_existing(&t, &u), Existing::Exists);
     u.amount = Decimal::TWO;
-    assert_eq!(compare_existing(&t, &u), Existing::ExistsWithDifferent("amount"));
+    assert_eq!(
+        compare_existing(&t, &u),
+        Existing::ExistsWithDifferent("amount")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -327,20 +367,50 @@ struct GenDelta {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Batch { agent: u8, epoch: u64, seq: u64 },
-    Adjust { customer: u8, quantity: i64, key: u8 },
+    Batch {
+        agent: u8,
+        epoch: u64,
+        seq: u64,
+    },
+    Adjust {
+        customer: u8,
+        quantity: i64,
+        key: u8,
+    },
 }
 
 fn gen_delta() -> impl Strategy<Value = GenDelta> {
-    (0u8..4, prop_oneof![8 => 0u8..3, 1 => Just(3u8)], 0i64..(60 * 24 * 62), 0i64..1_000_000, 0u32..4, 0u64..5)
-        .prop_map(|(customer, meter, minute, mantissa, scale, count)| GenDelta { customer, meter, minute, mantissa, scale, count })
+    (
+        0u8..4,
+        prop_oneof![8 => 0u8..3, 1 => Just(3u8)],
+        0i64..(60 * 24 * 62),
+        0i64..1_000_000,
+        0u32..4,
+        0u64..5,
+    )
+        .prop_map(
+            |(customer, meter, minute, mantissa, scale, count)| GenDelta {
+                customer,
+                meter,
+                minute,
+                mantissa,
+                scale,
+                count,
+            },
+        )
 }
 
 fn to_delta(g: &GenDelta) -> Delta {
     let names = ["calls", "events", "seats", "ghost"];
     let at = 1_761_955_200_000 + g.minute * 60_000 + 1_000;
     // count 0 makes an invalid delta (quarantined) about 1 time in 5.
-    delta(&format!("c{}", g.customer), names[g.meter as usize], at, Decimal::new(g.mantissa, g.scale), g.count)
+    delta(
+        &format!("c{}", g.customer),
+        names[g.meter as usize],
+        at,
+        Decimal::new(g.mantissa, g.scale),
+        g.count,
+    )
 }
 
 proptest! {

@@ -23,9 +23,15 @@ pub struct Env {
 pub async fn start() -> Env {
     let dir = tempfile::tempdir().unwrap();
     tally_collector::init(dir.path(), &[]).unwrap();
-    let handle = Collector::start(CollectorConfig::ephemeral(dir.path())).await.unwrap();
+    let handle = Collector::start(CollectorConfig::ephemeral(dir.path()))
+        .await
+        .unwrap();
     let ca_pem = std::fs::read(&handle.files().ca_pem).unwrap();
-    Env { dir, handle, ca_pem }
+    Env {
+        dir,
+        handle,
+        ca_pem,
+    }
 }
 
 impl Env {
@@ -41,14 +47,28 @@ impl Env {
     }
 
     pub fn put_meter(&self, name: &str, aggregation: Aggregation) {
-        self.handle.shared().put_meter(&meter(name, aggregation)).unwrap();
+        self.handle
+            .shared()
+            .put_meter(&meter(name, aggregation))
+            .unwrap();
     }
 
-    pub async fn http(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, String) {
         http(self.handle.http_addr(), method, path, token, body).await
     }
 
-    pub async fn admin(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, serde_json::Value) {
         let token = self.handle.admin_token().to_owned();
         let (status, text) = self.http(method, path, Some(&token), body).await;
         let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
@@ -82,7 +102,14 @@ pub fn agent_id(key: &SigningKey) -> AgentId {
 }
 
 /// A delta of `count` events summing to `sum`, at `at_ms`.
-pub fn delta(customer: &str, meter: &str, dims: &[(&str, &str)], at_ms: i64, sum: Decimal, count: u64) -> Delta {
+pub fn delta(
+    customer: &str,
+    meter: &str,
+    dims: &[(&str, &str)],
+    at_ms: i64,
+    sum: Decimal,
+    count: u64,
+) -> Delta {
     let mut d = Delta::single(
         CustomerId::new(customer).unwrap(),
         MeterName::new(meter).unwrap(),
@@ -102,7 +129,10 @@ pub fn seal(key: &SigningKey, epoch: u64, seq: u64, deltas: Vec<Delta>) -> Signe
 /// Sends a batch and returns the next reply (ack or error).
 pub async fn send(client: &mut TestClient, batch: &SignedBatch) -> Frame {
     client.send(&Frame::Batch(batch.clone())).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), client.next_reply()).await.unwrap().unwrap()
+    tokio::time::timeout(Duration::from_secs(10), client.next_reply())
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 /// xorshift64*: a seeded generator, so a failing workload can be replayed.
@@ -132,18 +162,26 @@ pub async fn http(
 ) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let body = body.unwrap_or("");
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(rest)
     } else {
         rest.to_owned()
@@ -159,7 +197,7 @@ fn dechunk(mut s: &str) -> String {
             break;
         }
         out.push_str(&rest[..n]);
-        s = &rest[n..].trim_start_matches("\r\n");
+        s = rest[n..].trim_start_matches("\r\n");
     }
     out
 }
