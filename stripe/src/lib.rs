@@ -13,6 +13,31 @@
 //! - [`metrics`]: Prometheus handles.
 //! - `test_server` (feature `test-server`): a local Stripe-compatible server with faults.
 
+//!
+//! # How the collector uses it
+//!
+//! 1. **In the ledger transaction**, for each usage transfer: keep a cumulative scaled quantity
+//!    per (customer, meter) in the same store, call [`outbox::outbox_row_for_usage`] (or
+//!    [`units::carry_units`]) and, if it returns a row, append it to the outbox table with the
+//!    next row id. Zero-unit rows are never written; the remainder is carried.
+//! 2. **Implement [`outbox::OutboxStore`]** on the collector's store (redb now, PostgreSQL later);
+//!    [`outbox::MemoryStore`] is the reference implementation and documents each method's rules.
+//! 3. **Start the forwarder**: [`spawn`]`(config, store, Some(metrics), None)` with a
+//!    [`ForwarderConfig`] (`api_key` from [`ApiKey::from_env_or_file`], `base_url`,
+//!    `meter_events_url`, `api` parsed from `--stripe-api`); call
+//!    [`ForwarderHandle::notify`] after committing outbox rows or a mapping change, and
+//!    [`ForwarderHandle::shutdown`] on Ctrl-C. Without a key it only logs.
+//! 4. **HTTP API**: `GET /v1/stripe/outbox?state=` → [`outbox::OutboxStore::list`];
+//!    `POST /v1/stripe/outbox/{id}/retry` → [`outbox::OutboxStore::requeue`] then `notify`;
+//!    `PUT /v1/customers/{c}` with `stripe_customer_id` →
+//!    [`outbox::OutboxStore::set_stripe_customer`] then `notify`; unmapped usage is visible in
+//!    [`ForwarderHandle::status`]; `POST /v1/stripe/webhooks` → [`webhook::handle_webhook`] with
+//!    the raw body and the `Stripe-Signature` header; `GET /v1/reconciliation` →
+//!    [`reconcile::fetch_day_totals`] + [`reconcile::reconcile`].
+//! 5. **Metrics**: [`metrics::StripeMetrics::register`] into the collector's registry.
+//! 6. **Tests**: enable feature `test-server` and point the forwarder at
+//!    `test_server::FakeStripe::url()`.
+
 pub mod client;
 pub mod forwarder;
 pub mod metrics;

@@ -60,6 +60,23 @@ pub fn reconcile(
         .collect()
 }
 
+/// Sums (Stripe customer, event name, Unix-seconds timestamp, units) items into daily totals —
+/// e.g. the collector's usage transfers converted to units, or delivered outbox groups.
+pub fn day_totals<'a>(
+    items: impl IntoIterator<Item = (&'a str, &'a str, i64, u64)>,
+) -> BTreeMap<DayKey, Decimal> {
+    let mut out: BTreeMap<DayKey, Decimal> = BTreeMap::new();
+    for (customer, event_name, ts, units) in items {
+        let key = DayKey {
+            stripe_customer: customer.to_owned(),
+            event_name: event_name.to_owned(),
+            day_start_s: crate::time::day_start(ts),
+        };
+        *out.entry(key).or_default() += Decimal::from(units);
+    }
+    out
+}
+
 /// Fetches Stripe's daily totals for one customer and meter over whole UTC days
 /// `[first_day_s, end_day_s)`.
 pub async fn fetch_day_totals(
