@@ -21,7 +21,7 @@
 use crate::error::{RECORD_ERROR_KINDS, RecordError};
 use hashbrown::{DefaultHashBuilder, HashTable};
 use rust_decimal::Decimal;
-use std::cell::RefCell;
+use std::cell::{RefCell, UnsafeCell};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -46,26 +46,11 @@ pub(crate) struct KeyInfo {
     pub(crate) id: u32,
     pub(crate) customer: CustomerId,
     pub(crate) meter: MeterName,
-    /// The dimensions in the order the caller gave them, for matching borrowed input.
-    dims_raw: Box<[(Box<str>, Box<str>)]>,
     /// The canonical (sorted) dimensions, for sealing.
     pub(crate) dims: Dimensions,
     /// Catalog version `known` was computed for.
     known_version: AtomicU64,
     known: AtomicBool,
-}
-
-impl KeyInfo {
-    fn matches(&self, customer: &str, meter: &str, dims: &[(&str, &str)]) -> bool {
-        self.customer.as_str() == customer
-            && self.meter.as_str() == meter
-            && self.dims_raw.len() == dims.len()
-            && self
-                .dims_raw
-                .iter()
-                .zip(dims)
-                .all(|((k, v), (qk, qv))| &**k == *qk && &**v == *qv)
-    }
 }
 
 /// The aggregate of one key in one bucket since the last drain. `count == 0` means empty.
@@ -103,7 +88,10 @@ impl Acc {
 
 struct ShardState {
     hasher: DefaultHashBuilder,
-    table: HashTable<(u64, Arc<KeyInfo>)>,
+    /// Key text → id; the text lives in `arena`, so a lookup touches the table, one run of
+    /// bytes and the accumulator, and no pointer chain.
+    table: HashTable<Entry>,
+    arena: Vec<u8>,
     accs: Vec<Acc>,
     touched: Vec<u32>,
     spill: Vec<(u32, Acc)>,
@@ -116,6 +104,7 @@ impl ShardState {
         ShardState {
             hasher: DefaultHashBuilder::default(),
             table: HashTable::new(),
+            arena: Vec::new(),
             accs: Vec::new(),
             touched: Vec::new(),
             spill: Vec::with_capacity(64),
@@ -125,11 +114,131 @@ impl ShardState {
     }
 }
 
+/// A shard's table entry.
+struct Entry {
+    hash: u64,
+    id: u32,
+    /// The key's bytes in the shard's arena: customer 0xff meter (0xfe key 0xfd value)*.
+    /// These separators never occur in UTF-8, so the encoding is unambiguous.
+    off: u32,
+    len: u32,
+    /// Catalog version `known` was computed for.
+    known_version: u64,
+    known: bool,
+}
+
+fn encode_key(out: &mut Vec<u8>, customer: &str, meter: &str, dims: &[(&str, &str)]) {
+    out.extend_from_slice(customer.as_bytes());
+    out.push(0xff);
+    out.extend_from_slice(meter.as_bytes());
+    for (k, v) in dims {
+        out.push(0xfe);
+        out.extend_from_slice(k.as_bytes());
+        out.push(0xfd);
+        out.extend_from_slice(v.as_bytes());
+    }
+}
+
+/// Whether `bytes` is the encoding of the key, without building it.
+fn key_matches(bytes: &[u8], customer: &str, meter: &str, dims: &[(&str, &str)]) -> bool {
+    let mut rest = bytes;
+    let mut eat = |s: &[u8]| match rest.strip_prefix(s) {
+        Some(r) => {
+            rest = r;
+            true
+        }
+        None => false,
+    };
+    eat(customer.as_bytes())
+        && eat(&[0xff])
+        && eat(meter.as_bytes())
+        && dims
+            .iter()
+            .all(|(k, v)| eat(&[0xfe]) && eat(k.as_bytes()) && eat(&[0xfd]) && eat(v.as_bytes()))
+        && rest.is_empty()
+}
+
 /// One thread's shard. Aligned so that two shards never share a cache line.
 #[repr(align(128))]
 struct Shard {
-    state: Mutex<ShardState>,
+    state: ShardCell,
     retired: AtomicBool,
+}
+
+/// A minimal lock around a shard's state: taking it is one atomic swap, releasing it a plain
+/// release store (a `std::sync::Mutex` also swaps on unlock, to wake waiters, which doubles the
+/// cost of an uncontended call). Only the owning thread and the sealer ever take it, so a waiter
+/// spins briefly and then yields; it never sleeps in the kernel.
+struct ShardCell {
+    locked: AtomicBool,
+    state: UnsafeCell<ShardState>,
+}
+
+// SAFETY: `state` is only reached through a `ShardGuard`, which exists only while `locked` is
+// held (acquired with `Acquire`, released with `Release`), so accesses from different threads
+// never overlap and each sees the previous holder's writes. `ShardState` is `Send`. Exercised by
+// `tests::threads_get_their_own_shards_and_sum_exactly` and `tests::sealer_and_owner_race`.
+unsafe impl Sync for ShardCell {}
+
+impl ShardCell {
+    fn new(state: ShardState) -> Self {
+        ShardCell {
+            locked: AtomicBool::new(false),
+            state: UnsafeCell::new(state),
+        }
+    }
+
+    #[inline]
+    fn lock(&self) -> ShardGuard<'_> {
+        if self.locked.swap(true, Ordering::Acquire) {
+            self.lock_contended();
+        }
+        ShardGuard { cell: self }
+    }
+
+    #[cold]
+    fn lock_contended(&self) {
+        let mut spins = 0u32;
+        loop {
+            while self.locked.load(Ordering::Relaxed) {
+                spins += 1;
+                if spins < 128 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            if !self.locked.swap(true, Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+}
+
+struct ShardGuard<'a> {
+    cell: &'a ShardCell,
+}
+
+impl std::ops::Deref for ShardGuard<'_> {
+    type Target = ShardState;
+    fn deref(&self) -> &ShardState {
+        // SAFETY: the guard holds the lock, so no other reference to the state exists.
+        unsafe { &*self.cell.state.get() }
+    }
+}
+
+impl std::ops::DerefMut for ShardGuard<'_> {
+    fn deref_mut(&mut self) -> &mut ShardState {
+        // SAFETY: the guard holds the lock, so no other reference to the state exists.
+        unsafe { &mut *self.cell.state.get() }
+    }
+}
+
+impl Drop for ShardGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.cell.locked.store(false, Ordering::Release);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -196,7 +305,7 @@ impl Aggregator {
             shards: Mutex::new(Vec::new()),
             retired_counts: Mutex::new(Counts::default()),
             fallback: Shard {
-                state: Mutex::new(ShardState::new()),
+                state: ShardCell::new(ShardState::new()),
                 retired: AtomicBool::new(false),
             },
             interner: Mutex::new(Interner::default()),
@@ -280,11 +389,11 @@ impl Aggregator {
             {
                 let l = local.borrow();
                 if let Some((_, s)) = l.iter().find(|(u, _)| *u == self.uid) {
-                    return f.take().map(|f| f(&mut lock(&s.state)));
+                    return f.take().map(|f| f(&mut s.state.lock()));
                 }
             }
             let s = Arc::new(Shard {
-                state: Mutex::new(ShardState::new()),
+                state: ShardCell::new(ShardState::new()),
                 retired: AtomicBool::new(false),
             });
             lock(&self.shards).push(s.clone());
@@ -292,14 +401,14 @@ impl Aggregator {
             l.retain(|(_, s)| !s.retired.load(Ordering::Relaxed));
             l.push((self.uid, s.clone()));
             drop(l);
-            f.take().map(|f| f(&mut lock(&s.state)))
+            f.take().map(|f| f(&mut s.state.lock()))
         });
         if let Ok(Some(r)) = r {
             return r;
         }
         // Thread-local storage is gone (a call from a thread-local destructor).
         match f {
-            Some(f) => f(&mut lock(&self.fallback.state)),
+            Some(f) => f(&mut self.fallback.state.lock()),
             None => unreachable!("the closure ran but returned nothing"),
         }
     }
@@ -339,25 +448,54 @@ impl Aggregator {
         let ShardState {
             hasher,
             table,
+            arena,
             accs,
             touched,
             spill,
             ..
         } = st;
         let hash = key_hash(hasher, customer, meter, dims);
-        let id = match table.find(hash, |(h, k)| {
-            *h == hash && k.matches(customer, meter, dims)
-        }) {
-            Some((_, key)) => {
-                self.check_known(key)?;
-                key.id
+        let version = self.catalog_version.load(Ordering::Acquire);
+        let found = table.find_mut(hash, |e| {
+            e.hash == hash
+                && arena
+                    .get(e.off as usize..e.off as usize + e.len as usize)
+                    .is_some_and(|b| key_matches(b, customer, meter, dims))
+        });
+        let id = match found {
+            Some(e) => {
+                if e.known_version != version {
+                    e.known = self.meter_known(meter);
+                    e.known_version = version;
+                }
+                if !e.known {
+                    return Err(RecordError::UnknownMeter);
+                }
+                e.id
             }
             None => {
                 let key = self.intern(customer, meter, dims)?;
-                self.check_known(&key)?;
-                let id = key.id;
-                table.insert_unique(hash, (hash, key), |e| e.0);
-                id
+                let known = self.meter_known(meter);
+                let off = u32::try_from(arena.len()).map_err(|_| RecordError::OverBudget)?;
+                encode_key(arena, customer, meter, dims);
+                let len = u32::try_from(arena.len() - off as usize)
+                    .map_err(|_| RecordError::OverBudget)?;
+                table.insert_unique(
+                    hash,
+                    Entry {
+                        hash,
+                        id: key.id,
+                        off,
+                        len,
+                        known_version: version,
+                        known,
+                    },
+                    |e| e.hash,
+                );
+                if !known {
+                    return Err(RecordError::UnknownMeter);
+                }
+                key.id
             }
         };
         self.add(accs, touched, spill, id, qty, at_ms);
@@ -476,11 +614,6 @@ impl Aggregator {
             id,
             customer: CustomerId::new(customer).map_err(RecordError::InvalidCustomer)?,
             meter: MeterName::new(meter).map_err(RecordError::InvalidMeter)?,
-            dims_raw: owned
-                .2
-                .iter()
-                .map(|(k, v)| (k.clone().into_boxed_str(), v.clone().into_boxed_str()))
-                .collect(),
             dims: canonical,
             known_version: AtomicU64::new(u64::MAX),
             known: AtomicBool::new(true),
@@ -502,7 +635,7 @@ impl Aggregator {
                 // Only the registry holds it: its thread has exited.
                 let alive = Arc::strong_count(s) > 1;
                 if !alive {
-                    retired.add(&lock(&s.state));
+                    retired.add(&s.state.lock());
                 }
                 alive
             });
@@ -534,9 +667,9 @@ impl Aggregator {
     pub(crate) fn counts(&self) -> Counts {
         let mut c = *lock(&self.retired_counts);
         for s in lock(&self.shards).iter() {
-            c.add(&lock(&s.state));
+            c.add(&s.state.lock());
         }
-        c.add(&lock(&self.fallback.state));
+        c.add(&self.fallback.state.lock());
         c
     }
 
@@ -560,7 +693,7 @@ impl Drop for Aggregator {
 }
 
 fn drain_shard(s: &Shard, out: &mut Vec<(u32, Acc)>) {
-    let mut st = lock(&s.state);
+    let mut st = s.state.lock();
     let ShardState {
         accs,
         touched,
@@ -600,6 +733,17 @@ mod tests {
 
     fn sum_of(deltas: &[Delta]) -> Decimal {
         deltas.iter().map(|d| d.sum).sum()
+    }
+
+    #[test]
+    fn key_encoding_is_unambiguous() {
+        let mut b = Vec::new();
+        encode_key(&mut b, "ab", "c", &[("k", "v")]);
+        assert!(key_matches(&b, "ab", "c", &[("k", "v")]));
+        assert!(!key_matches(&b, "a", "bc", &[("k", "v")]));
+        assert!(!key_matches(&b, "ab", "c", &[]));
+        assert!(!key_matches(&b, "ab", "c", &[("k", "v"), ("k", "v")]));
+        assert!(!key_matches(&b, "ab", "c", &[("kv", "")]));
     }
 
     #[test]
@@ -684,6 +828,31 @@ mod tests {
             Err(RecordError::UnknownMeter)
         );
         assert_eq!(sum_of(&a.drain()), Decimal::from(3));
+    }
+
+    #[test]
+    fn sealer_and_owner_race() {
+        // One thread records while another drains as fast as it can: nothing is lost or
+        // counted twice.
+        let a = Arc::new(Aggregator::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let drainer = {
+            let (a, stop) = (a.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut total = Decimal::ZERO;
+                while !stop.load(Ordering::Relaxed) {
+                    total += sum_of(&a.drain());
+                }
+                total
+            })
+        };
+        for i in 0..200_000u32 {
+            let c = if i % 2 == 0 { "a" } else { "b" };
+            a.record(c, "m", &[], Decimal::new(1, 2), 0).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let total = drainer.join().unwrap() + sum_of(&a.drain());
+        assert_eq!(total, Decimal::from(2000));
     }
 
     #[test]
