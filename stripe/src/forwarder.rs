@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rust_decimal::Decimal;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -138,6 +139,16 @@ pub struct ForwarderStatus {
     pub resolved_by_check: u64,
     /// The last store or transport error, for operators (no secrets).
     pub last_error: Option<String>,
+}
+
+/// What the unknown-outcome check found.
+enum Check {
+    /// Stripe has these groups (all unknown ones in the window).
+    Delivered(Vec<GroupId>),
+    /// Stripe has none of the unknown ones: send.
+    NotDelivered,
+    /// Neither explains Stripe's total (eventual consistency, foreign events): wait.
+    Undecided,
 }
 
 struct Session {
@@ -392,10 +403,12 @@ impl<S: OutboxStore> Shared<S> {
         ids.get(event_name).cloned()
     }
 
-    /// The unknown-outcome check: `Some(true)` delivered, `Some(false)` not delivered,
-    /// `None` undecided.
-    async fn check_delivered(&self, client: &StripeClient, g: &EventGroup) -> Option<bool> {
-        let meter = self.meter_id(client, &g.event.event_name).await?;
+    /// The unknown-outcome check for `g`, over its minute window: Stripe's summary is compared
+    /// with what we know was delivered there plus every group whose outcome is unknown.
+    async fn check_delivered(&self, client: &StripeClient, g: &EventGroup) -> Check {
+        let Some(meter) = self.meter_id(client, &g.event.event_name).await else {
+            return Check::Undecided;
+        };
         let start = g.event.timestamp_s - g.event.timestamp_s.rem_euclid(60);
         let end = start + 60;
         let summaries = match client
@@ -405,28 +418,42 @@ impl<S: OutboxStore> Shared<S> {
             Ok(Ok(s)) => s,
             Ok(Err(a)) => {
                 self.note_error(format!("event summaries: http {}", a.status));
-                return None;
+                return Check::Undecided;
             }
             Err(e) => {
                 self.note_error(format!("event summaries: {e}"));
-                return None;
+                return Check::Undecided;
             }
         };
-        let total: rust_decimal::Decimal = summaries.iter().map(|s| s.aggregated_value).sum();
+        let total: Decimal = summaries.iter().map(|s| s.aggregated_value).sum();
         let (cust, name) = (g.event.stripe_customer.clone(), g.event.event_name.clone());
-        let sent = {
-            let store = &self.store;
-            // A short read; fine to do inline for the rare check.
-            store.sent_value(&cust, &name, start, end).ok()?
+        let window = match self.store.window_groups(&cust, &name, start, end) {
+            Ok(w) => w,
+            Err(e) => {
+                self.note_error(e);
+                return Check::Undecided;
+            }
         };
-        let sent = rust_decimal::Decimal::from(sent);
-        let with_this = sent + rust_decimal::Decimal::from(g.event.value);
-        if total == with_this {
-            Some(true)
-        } else if total == sent {
-            Some(false)
+        let sent: u64 = window
+            .iter()
+            .filter(|x| x.state == GroupState::Sent)
+            .map(|x| x.event.value)
+            .sum();
+        let mut unknown: Vec<(GroupId, u64)> = window
+            .iter()
+            .filter(|x| x.state == GroupState::Unknown)
+            .map(|x| (x.id, x.event.value))
+            .collect();
+        if !unknown.iter().any(|(id, _)| *id == g.id) {
+            unknown.push((g.id, g.event.value));
+        }
+        let unknown_sum: u64 = unknown.iter().map(|(_, v)| v).sum();
+        if total == Decimal::from(sent) + Decimal::from(unknown_sum) {
+            Check::Delivered(unknown.into_iter().map(|(id, _)| id).collect())
+        } else if total == Decimal::from(sent) {
+            Check::NotDelivered
         } else {
-            None
+            Check::Undecided
         }
     }
 
@@ -436,19 +463,20 @@ impl<S: OutboxStore> Shared<S> {
             return true;
         }
         match self.check_delivered(client, g).await {
-            Some(true) => {
-                info!(identifier = %g.event.identifier, "unknown outcome found delivered in event summaries");
-                let id = g.id;
-                if let Err(e) = self.blocking(move |s| s.mark_sent(&[id])).await {
+            Check::Delivered(ids) => {
+                info!(identifier = %g.event.identifier, groups = ids.len(), "unknown outcome found delivered in event summaries");
+                let n = ids.len() as u64;
+                if let Err(e) = self.blocking(move |s| s.mark_sent(&ids)).await {
                     self.note_error(e);
                 }
                 if let Ok(mut s) = self.status.lock() {
-                    s.resolved_by_check += 1;
+                    s.resolved_by_check += n;
                 }
                 false
             }
-            Some(false) => true,
-            None => {
+            Check::NotDelivered => true,
+            Check::Undecided => {
+                warn!(identifier = %g.event.identifier, "unknown outcome could not be decided from event summaries; checking again in an hour");
                 if let Ok(mut s) = self.status.lock() {
                     s.inconclusive_checks += 1;
                 }

@@ -267,15 +267,16 @@ pub trait OutboxStore: Send + Sync + 'static {
     ) -> Result<Vec<OutboxEntry>, StoreError>;
     /// Counts.
     fn stats(&self) -> Result<OutboxStats, StoreError>;
-    /// Σ value of *sent* groups for this Stripe customer and event name with
-    /// `start_s <= timestamp_s < end_s` (for the unknown-outcome check).
-    fn sent_value(
+    /// Every group (any state) for this Stripe customer and event name with
+    /// `start_s <= timestamp_s < end_s`, for the unknown-outcome check. Windows are one minute,
+    /// so the result is small.
+    fn window_groups(
         &self,
         stripe_customer: &str,
         event_name: &str,
         start_s: i64,
         end_s: i64,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<Vec<EventGroup>, StoreError>;
     /// Stores a webhook event once; `Ok(false)` if its id was seen before.
     fn record_webhook(&self, record: WebhookRecord) -> Result<bool, StoreError>;
 }
@@ -736,24 +737,23 @@ impl OutboxStore for MemoryStore {
         Ok(s)
     }
 
-    fn sent_value(
+    fn window_groups(
         &self,
         stripe_customer: &str,
         event_name: &str,
         start_s: i64,
         end_s: i64,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Vec<EventGroup>, StoreError> {
         let g = self.lock()?;
         Ok(g.groups
             .values()
             .filter(|x| {
-                x.state == GroupState::Sent
-                    && x.event.stripe_customer == stripe_customer
+                x.event.stripe_customer == stripe_customer
                     && x.event.event_name == event_name
                     && (start_s..end_s).contains(&x.event.timestamp_s)
             })
-            .map(|x| x.event.value)
-            .sum())
+            .cloned()
+            .collect())
     }
 
     fn record_webhook(&self, record: WebhookRecord) -> Result<bool, StoreError> {

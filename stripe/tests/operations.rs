@@ -387,3 +387,49 @@ async fn metrics_follow_the_forwarder() {
     }
     assert!(text.contains("tally_stripe_forward_lag_seconds"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_outcomes_sharing_a_minute_are_resolved_together() {
+    let server = FakeStripe::start().await.unwrap();
+    server.meter_id("api_calls");
+    server.push_faults([Fault::LoseAnswer, Fault::LoseAnswer]);
+    let store = Arc::new(MemoryStore::new());
+    let clock = OffsetClock::new();
+    let cfg = ForwarderConfig {
+        backoff: Backoff {
+            base: Duration::from_secs(600),
+            cap: Duration::from_secs(3600),
+        },
+        ..config(Api::V1, &server)
+    };
+    let fwd = tally_stripe::spawn(cfg, store.clone(), None, Some(Arc::new(clock.clone()))).unwrap();
+    let unknown = |n: usize| {
+        store
+            .groups()
+            .unwrap()
+            .iter()
+            .filter(|g| g.state == GroupState::Unknown)
+            .count()
+            == n
+    };
+    store.insert(row("cus_w", 9)).unwrap();
+    fwd.notify();
+    assert!(wait_until(Duration::from_secs(10), || unknown(1)).await);
+    store.insert(row("cus_w", 5)).unwrap(); // same customer, meter and minute: a second group
+    fwd.notify();
+    assert!(wait_until(Duration::from_secs(10), || unknown(2)).await);
+    clock.advance_ms(24 * 3600 * 1000);
+    fwd.notify();
+    assert!(wait_until(Duration::from_secs(10), || all_sent(&store)).await);
+    let status = fwd.status();
+    fwd.shutdown().await;
+    let sends = server
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/v1/billing/meter_events")
+        .count();
+    assert_eq!(sends, 2, "neither was resent");
+    assert_eq!(status.resolved_by_check, 2);
+    assert_eq!(status.inconclusive_checks, 0);
+    assert_eq!(total(&server, "cus_w"), 14);
+}
