@@ -19,7 +19,8 @@
 //!   harmless because the collector dedups by `(agent, epoch, seq)` (A4).
 //! - Collectors are tried in the configured order; on failure the next one is tried after an
 //!   exponential backoff with jitter (between half and all of `min × 2^attempt`, capped at
-//!   `max`). A connection that got as far as `Welcome` resets the backoff. Failover is sticky:
+//!   `max`). A connection that got batches acknowledged, or stayed up 30 s, resets the backoff.
+//!   Failover is sticky:
 //!   the agent stays on the collector that works until it fails.
 
 use crate::agent::{Shared, lock};
@@ -38,6 +39,9 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A connection that lasted this long counts as healthy even if it acknowledged nothing.
+const HEALTHY: Duration = Duration::from_secs(30);
 
 /// The largest window the agent uses, whatever the collector allows.
 const MAX_WINDOW: u32 = 1024;
@@ -152,6 +156,8 @@ pub(crate) async fn run(sh: Arc<Shared>, client: ClientConfig, mut stop: watch::
             },
         );
         let mut welcomed = false;
+        let began = Instant::now();
+        let acked_before = lock(&sh.backlog).last_acked;
         let span =
             tracing::info_span!("collector_session", collector = %addr, agent_id = %sh.agent_id);
         let r = session(&sh, &client, addr, &mut stop, &mut welcomed)
@@ -160,7 +166,10 @@ pub(crate) async fn run(sh: Arc<Shared>, client: ClientConfig, mut stop: watch::
         if *stop.borrow() {
             break;
         }
-        if welcomed {
+        // Reset the backoff only after a connection that did useful work, so a collector that
+        // welcomes and then fails at once (overloaded, shutting down) is not hammered.
+        if welcomed && (lock(&sh.backlog).last_acked != acked_before || began.elapsed() >= HEALTHY)
+        {
             backoff.reset();
         }
         let err = match r {
