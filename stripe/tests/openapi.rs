@@ -329,8 +329,17 @@ async fn every_request_validates_against_the_openapi_excerpt() {
     server.set_random_faults(RandomFaults::default());
     server.push_faults([Fault::LoseAnswer]);
     let store = Arc::new(MemoryStore::new());
-    let mut rng = Rng(3);
-    workload(&store, &mut rng, 1, 1);
+    // A customer of its own: the summary for its minute holds only this event.
+    let ts = now_s() - 300;
+    store
+        .insert(tally_stripe::NewOutboxRow {
+            customer: "cus_unknown_check".into(),
+            meter: "api_calls".into(),
+            stripe_event_name: "api_calls".into(),
+            timestamp_s: ts - ts.rem_euclid(60),
+            value: 3,
+        })
+        .unwrap();
     let clock = OffsetClock::new();
     let cfg = ForwarderConfig {
         backoff: tally_stripe::retry::Backoff {

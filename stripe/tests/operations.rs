@@ -433,3 +433,30 @@ async fn unknown_outcomes_sharing_a_minute_are_resolved_together() {
     assert_eq!(status.inconclusive_checks, 0);
     assert_eq!(total(&server, "cus_w"), 14);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_bucket_paces_requests() {
+    let server = FakeStripe::start().await.unwrap();
+    let store = Arc::new(MemoryStore::new());
+    for i in 0..40 {
+        store.insert(row(&format!("cus_p{i}"), 1)).unwrap();
+    }
+    let cfg = ForwarderConfig {
+        rate_per_s: None,
+        ..config(Api::V1, &server)
+    };
+    assert_eq!(cfg.effective_rate(), 20, "sk_test_ keys default to 20/s");
+    let start = std::time::Instant::now();
+    let fwd = tally_stripe::spawn(cfg, store.clone(), None, None).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || all_sent(&store)).await);
+    let elapsed = start.elapsed();
+    fwd.shutdown().await;
+    // A full bucket of 20, then 20 more at 20/s.
+    assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+    let live = ForwarderConfig {
+        api_key: Some(tally_stripe::ApiKey::new("sk_live_x")),
+        rate_per_s: None,
+        ..ForwarderConfig::default()
+    };
+    assert_eq!(live.effective_rate(), 900);
+}
