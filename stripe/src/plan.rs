@@ -138,3 +138,57 @@ mod tests {
         assert_eq!(p.groups.iter().map(|g| g.value).sum::<u64>(), 2500);
     }
 }
+
+#[cfg(test)]
+mod props {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    proptest! {
+        /// Every mapped row lands in exactly one group, values are preserved, identifiers are
+        /// unique and at most 100 characters, and the plan is a function of its input.
+        #[test]
+        fn plan_partitions_rows(
+            rows in proptest::collection::vec((0u8..6, 0u8..2, 0i64..5, 1u64..1_000_000, 0u32..3), 0..400)
+        ) {
+            let rows: Vec<OutboxRow> = rows
+                .into_iter()
+                .enumerate()
+                .map(|(i, (c, m, t, v, rev))| OutboxRow {
+                    id: i as u64 + 1,
+                    customer: if c == 5 { "unmapped".into() } else { format!("cus_{c}") },
+                    meter: format!("m{m}"),
+                    stripe_event_name: format!("m{m}"),
+                    timestamp_s: 60 * t,
+                    value: v,
+                    revision: rev,
+                })
+                .collect();
+            let resolve = |c: &str| c.starts_with("cus_").then(|| c.to_owned());
+            let plan = plan_groups("ns", &rows, resolve);
+            prop_assert_eq!(&plan, &plan_groups("ns", &rows, resolve));
+            let mut seen = HashSet::new();
+            let mut idents = HashSet::new();
+            for g in &plan.groups {
+                prop_assert!(g.identifier.len() <= crate::outbox::IDENTIFIER_LEN_MAX);
+                prop_assert!(idents.insert(g.identifier.clone()));
+                let mut sum = 0;
+                for id in &g.row_ids {
+                    prop_assert!(seen.insert(*id), "row {} in two groups", id);
+                    let r = &rows[(*id - 1) as usize];
+                    prop_assert_eq!(&r.stripe_event_name, &g.event_name);
+                    prop_assert_eq!(r.timestamp_s, g.timestamp_s);
+                    prop_assert_eq!(Some(r.customer.clone()), resolve(&r.customer).map(|_| g.stripe_customer.clone()));
+                    sum += r.value;
+                }
+                prop_assert_eq!(sum, g.value);
+            }
+            let mapped = rows.iter().filter(|r| r.customer != "unmapped").count();
+            prop_assert_eq!(seen.len(), mapped);
+            let unmapped: u64 = plan.unmapped.values().sum();
+            prop_assert_eq!(unmapped as usize, rows.len() - mapped);
+        }
+    }
+}

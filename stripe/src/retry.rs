@@ -271,3 +271,25 @@ mod tests {
         assert!(t.try_take(100).is_ok());
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any answer classifies without panicking; 2xx is always delivered and a 5xx is never
+        /// silently dropped into a dead letter unless Stripe said not to retry.
+        #[test]
+        fn classify_is_total(status in 100u16..600, body in ".{0,200}", retry in proptest::option::of(any::<bool>())) {
+            let a = Answer { status, retry_after_s: None, should_retry: retry, body };
+            let o = classify(&a, Some("tly-x"));
+            if (200..300).contains(&status) {
+                prop_assert_eq!(o, Outcome::Delivered);
+            } else if status >= 500 && retry != Some(false) {
+                let is_retry = matches!(o, Outcome::Retry { .. });
+                prop_assert!(is_retry);
+            }
+        }
+    }
+}

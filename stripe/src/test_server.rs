@@ -16,7 +16,7 @@
 //! Test-only rules: every POST must carry `Idempotency-Key` and `Stripe-Version`; meters are
 //! created on first use (`mtr_<event_name>`); [`FakeStripe::reject_customer`] makes v1 answer
 //! 400 `resource_missing` for a customer. Faults ([`Fault`]) hit meter-event requests only:
-//! 500, 429 with `Retry-After`, "answer lost after processing" (processed, then the connection is
+//! 500, 429 with `Retry-After`, 409 `lock_timeout`, "answer lost after processing" (processed, then the connection is
 //! dropped mid-response) and "dropped" (not processed). The server records totals per
 //! (customer, event name), accepted identifiers, and the most concurrent v1 requests per
 //! (customer, event name).
@@ -46,6 +46,8 @@ pub enum Fault {
         /// `Retry-After` seconds.
         retry_after_s: u64,
     },
+    /// 409 `lock_timeout`, not processed.
+    LockTimeout,
     /// Processed, then the answer is lost (connection dropped mid-response).
     LoseAnswer,
     /// Connection dropped, not processed.
@@ -63,6 +65,8 @@ pub struct RandomFaults {
     pub lose_answer_permille: u32,
     /// Dropped before processing.
     pub drop_permille: u32,
+    /// 409 `lock_timeout`.
+    pub lock_timeout_permille: u32,
     /// `Retry-After` on 429s.
     pub retry_after_s: u64,
     /// RNG seed.
@@ -330,7 +334,8 @@ fn draw_fault(g: &mut Inner) -> Option<Fault> {
         let total = r.status_500_permille
             + r.rate_limited_permille
             + r.lose_answer_permille
-            + r.drop_permille;
+            + r.drop_permille
+            + r.lock_timeout_permille;
         if total == 0 {
             return None;
         }
@@ -357,6 +362,10 @@ fn draw_fault(g: &mut Inner) -> Option<Fault> {
         edge += r.drop_permille;
         if roll < edge {
             return Some(Fault::Drop);
+        }
+        edge += r.lock_timeout_permille;
+        if roll < edge {
+            return Some(Fault::LockTimeout);
         }
         None
     });
@@ -388,6 +397,13 @@ fn fault_response(f: Fault) -> Option<Response> {
             }
             Some(r)
         }
+        Fault::LockTimeout => Some(stripe_error(
+            409,
+            "invalid_request_error",
+            Some("lock_timeout"),
+            "This object cannot be accessed right now because another API request or Stripe process is currently accessing it.",
+            None,
+        )),
         Fault::Drop => Some(lost()),
         Fault::LoseAnswer => None,
     }

@@ -1,5 +1,5 @@
-//! Random workloads forwarded through injected 500s, 429s with Retry-After, lost answers and
-//! dropped connections end with Stripe's totals exactly equal to the outbox totals, no
+//! Random workloads forwarded through injected 500s, 429s with Retry-After, 409 lock_timeouts,
+//! lost answers and dropped connections end with Stripe's totals exactly equal to the outbox totals, no
 //! identifier accepted twice, and (v1) never more than one request in flight per customer and
 //! meter.
 #![allow(clippy::unwrap_used)]
@@ -22,6 +22,7 @@ async fn run(api: Api, seed: u64) {
         rate_limited_permille: 60,
         lose_answer_permille: 100,
         drop_permille: 50,
+        lock_timeout_permille: 30,
         retry_after_s: 1,
         seed,
     });
@@ -31,6 +32,7 @@ async fn run(api: Api, seed: u64) {
         Fault::Status500,
         Fault::RateLimited { retry_after_s: 1 },
         Fault::Drop,
+        Fault::LockTimeout,
         Fault::LoseAnswer,
     ]);
     let store = Arc::new(MemoryStore::new());

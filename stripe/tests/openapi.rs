@@ -310,6 +310,7 @@ async fn every_request_validates_against_the_openapi_excerpt() {
         rate_limited_permille: 50,
         lose_answer_permille: 100,
         drop_permille: 0,
+        lock_timeout_permille: 0,
         retry_after_s: 0,
         seed: 5,
     });
