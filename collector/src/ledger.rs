@@ -392,31 +392,56 @@ impl Accounts for HashMap<AccountId, Account> {
     }
 }
 
-/// The result of posting: new transfers and the new state of every account they touch.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Posting {
-    /// Transfers to append, in order.
-    pub transfers: Vec<Transfer>,
-    /// Every touched account as it stands after the posting.
+/// An empty base: every account is new (for tests and in-memory ledgers).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoAccounts;
+
+impl Accounts for NoAccounts {
+    type Error = std::convert::Infallible;
+    fn load(&mut self, _id: AccountId) -> Result<Option<Account>, Self::Error> {
+        Ok(None)
+    }
+}
+
+/// The numbers of an account, saved before a change so a rejected posting can be undone
+/// without cloning the account's key.
+#[derive(Debug, Clone, Copy)]
+struct Saved {
+    debits: Decimal,
+    credits: Decimal,
+    events: u64,
+    transfers: u64,
+    last: Option<LastValue>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Undo {
+    Totals(AccountId, Saved),
+    Created(AccountId),
+}
+
+/// The accounts a sequence of postings works on (a group commit's, or a whole in-memory
+/// ledger's): each is loaded from a base on first touch and then changed in place. Every change
+/// of a posting is logged, so a posting that is rejected half-way (overflow) is rolled back and
+/// leaves the set as it was.
+#[derive(Debug, Default)]
+pub struct WorkingSet {
+    /// Every account touched, as it stands now.
     pub accounts: HashMap<AccountId, Account>,
-    /// Ids of accounts this posting creates.
+    /// Accounts created (not found in the base), in creation order.
     pub created: Vec<AccountId>,
-    /// Source account ids by meter, so each is hashed once per posting.
+    undo: Vec<Undo>,
     source_ids: Vec<(MeterName, AccountId)>,
 }
 
-impl Posting {
-    fn account<A: Accounts>(
-        &mut self,
-        base: &mut A,
-        key: AccountKey,
-    ) -> Result<AccountId, A::Error> {
-        let id = key.id();
-        self.account_by_id(base, id, || key)
+impl WorkingSet {
+    /// An empty working set.
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// Makes sure account `id` is in the posting; `key` builds its key if it is new.
-    fn account_by_id<A: Accounts>(
+    /// Makes sure account `id` is present; `key` builds its key if it is new.
+    fn ensure<A: Accounts>(
         &mut self,
         base: &mut A,
         id: AccountId,
@@ -427,6 +452,7 @@ impl Posting {
                 Some(a) => a,
                 None => {
                     self.created.push(id);
+                    self.undo.push(Undo::Created(id));
                     let key = key();
                     debug_assert_eq!(key.id(), id);
                     Account::new(key)
@@ -437,32 +463,113 @@ impl Posting {
         Ok(id)
     }
 
-    /// Applies a transfer to the touched accounts; `Err` on overflow (nothing applied then is
-    /// kept: the caller drops the whole posting).
-    fn apply(&mut self, t: Transfer) -> Result<(), Rejection> {
+    fn source_id(&mut self, meter: &MeterName) -> AccountId {
+        match self.source_ids.iter().find(|(m, _)| m == meter) {
+            Some((_, id)) => *id,
+            None => {
+                let id = source_account_id(meter);
+                self.source_ids.push((meter.clone(), id));
+                id
+            }
+        }
+    }
+
+    /// The account to change, its totals saved first.
+    fn touch(&mut self, id: AccountId) -> Option<&mut Account> {
+        let a = self.accounts.get_mut(&id)?;
+        self.undo.push(Undo::Totals(
+            id,
+            Saved {
+                debits: a.debits,
+                credits: a.credits,
+                events: a.events,
+                transfers: a.transfers,
+                last: a.last,
+            },
+        ));
+        Some(a)
+    }
+
+    fn begin(&mut self) {
+        self.undo.clear();
+    }
+
+    fn rollback(&mut self) {
+        while let Some(u) = self.undo.pop() {
+            match u {
+                Undo::Totals(id, t) => {
+                    if let Some(a) = self.accounts.get_mut(&id) {
+                        a.debits = t.debits;
+                        a.credits = t.credits;
+                        a.events = t.events;
+                        a.transfers = t.transfers;
+                        a.last = t.last;
+                    }
+                }
+                Undo::Created(id) => {
+                    self.accounts.remove(&id);
+                    if self.created.last() == Some(&id) {
+                        self.created.pop();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a transfer to its two accounts; `Err` on overflow (the caller rolls back).
+    fn apply(&mut self, t: &Transfer) -> Result<(), Rejection> {
         let overflow = || Rejection::new(ErrorCode::Overflow, None, "an account total overflows");
-        let events = t.events;
-        let d = self.accounts.get_mut(&t.debit).ok_or_else(overflow)?;
+        let d = self.touch(t.debit).ok_or_else(overflow)?;
         d.debits = d.debits.checked_add(t.amount).ok_or_else(overflow)?;
-        d.events = d.events.checked_add(events).ok_or_else(overflow)?;
+        d.events = d.events.checked_add(t.events).ok_or_else(overflow)?;
         d.transfers += 1;
-        let c = self.accounts.get_mut(&t.credit).ok_or_else(overflow)?;
+        let c = self.touch(t.credit).ok_or_else(overflow)?;
         c.credits = c.credits.checked_add(t.amount).ok_or_else(overflow)?;
-        c.events = c.events.checked_add(events).ok_or_else(overflow)?;
+        c.events = c.events.checked_add(t.events).ok_or_else(overflow)?;
         c.transfers += 1;
-        self.transfers.push(t);
         Ok(())
     }
 }
 
-/// Posts every delta of a verified batch, or rejects the whole batch.
+/// The transfers of one posting, in order; the account changes are in the [`WorkingSet`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Posting {
+    /// Transfers to append, in order.
+    pub transfers: Vec<Transfer>,
+}
+
+fn check_delta(catalog: &Catalog, delta: &Delta) -> Result<(), Rejection> {
+    if catalog.meter(delta.meter.as_str()).is_none() {
+        let msg = format!("meter {} is not in the catalog", delta.meter);
+        return Err(Rejection::new(ErrorCode::UnknownMeter, None, msg));
+    }
+    delta
+        .validate()
+        .map_err(|e| Rejection::new(ErrorCode::InvalidDelta, None, e.to_string()))
+}
+
+/// Posts every delta of a verified batch into `ws`, or rejects the whole batch and leaves `ws`
+/// as it was.
 pub fn post_batch<A: Accounts>(
+    ws: &mut WorkingSet,
     base: &mut A,
     catalog: &Catalog,
     body: &BatchBody,
     now_ms: i64,
 ) -> Result<Result<Posting, Rejection>, A::Error> {
-    let mut p = Posting::default();
+    for (row, delta) in body.deltas.iter().enumerate() {
+        if let Err(rej) = check_delta(catalog, delta) {
+            let row = u32::try_from(row).unwrap_or(u32::MAX);
+            return Ok(Err(Rejection {
+                row: Some(row),
+                ..rej
+            }));
+        }
+    }
+    ws.begin();
+    let mut p = Posting {
+        transfers: Vec::with_capacity(body.deltas.len()),
+    };
     for (row, delta) in body.deltas.iter().enumerate() {
         let row = u32::try_from(row).unwrap_or(u32::MAX);
         let source = TransferSource::BatchRow {
@@ -471,17 +578,26 @@ pub fn post_batch<A: Accounts>(
             seq: body.seq,
             row,
         };
-        if let Err(rej) = post_delta(base, &mut p, catalog, delta, source, now_ms)? {
-            return Ok(Err(Rejection {
-                row: Some(row),
-                ..rej
-            }));
+        match post_delta(ws, base, &mut p, catalog, delta, source, now_ms) {
+            Ok(Ok(())) => {}
+            Ok(Err(rej)) => {
+                ws.rollback();
+                return Ok(Err(Rejection {
+                    row: Some(row),
+                    ..rej
+                }));
+            }
+            Err(e) => {
+                ws.rollback();
+                return Err(e);
+            }
         }
     }
     Ok(Ok(p))
 }
 
 fn post_delta<A: Accounts>(
+    ws: &mut WorkingSet,
     base: &mut A,
     p: &mut Posting,
     catalog: &Catalog,
@@ -493,27 +609,13 @@ fn post_delta<A: Accounts>(
         let msg = format!("meter {} is not in the catalog", delta.meter);
         return Ok(Err(Rejection::new(ErrorCode::UnknownMeter, None, msg)));
     };
-    if let Err(e) = delta.validate() {
-        return Ok(Err(Rejection::new(
-            ErrorCode::InvalidDelta,
-            None,
-            e.to_string(),
-        )));
-    }
-    let source_id = match p.source_ids.iter().find(|(m, _)| *m == delta.meter) {
-        Some((_, id)) => *id,
-        None => {
-            let id = source_account_id(&delta.meter);
-            p.source_ids.push((delta.meter.clone(), id));
-            id
-        }
-    };
-    let source_acct = p.account_by_id(base, source_id, || AccountKey::Source {
+    let source_id = ws.source_id(&delta.meter);
+    let source_acct = ws.ensure(base, source_id, || AccountKey::Source {
         meter: delta.meter.clone(),
     })?;
     let period = Period::of_ms(delta.bucket_start_ms);
     let usage_id = usage_account_id(&delta.customer, &delta.meter, &delta.dimensions, period);
-    let usage = p.account_by_id(base, usage_id, || AccountKey::Usage {
+    let usage = ws.ensure(base, usage_id, || AccountKey::Usage {
         customer: delta.customer.clone(),
         meter: delta.meter.clone(),
         dimensions: delta.dimensions.clone(),
@@ -527,8 +629,7 @@ fn post_delta<A: Accounts>(
                 at_ms: delta.last_at_ms,
                 value: delta.last,
             };
-            let acct = p.accounts.get_mut(&usage);
-            let Some(acct) = acct else {
+            let Some(acct) = ws.touch(usage) else {
                 return Ok(Err(Rejection::new(
                     ErrorCode::Internal,
                     None,
@@ -562,9 +663,10 @@ fn post_delta<A: Accounts>(
         posted_at_ms: now_ms,
         source,
     };
-    if let Err(r) = p.apply(t) {
+    if let Err(r) = ws.apply(&t) {
         return Ok(Err(r));
     }
+    p.transfers.push(t);
     Ok(Ok(()))
 }
 
@@ -591,6 +693,7 @@ pub struct Adjustment {
 /// negative one. Refused when the meter is unknown, the quantity is zero, or the usage would go
 /// below zero (the usage account has TigerBeetle's `debits_must_not_exceed_credits`).
 pub fn post_adjustment<A: Accounts>(
+    ws: &mut WorkingSet,
     base: &mut A,
     catalog: &Catalog,
     adj: &Adjustment,
@@ -607,22 +710,18 @@ pub fn post_adjustment<A: Accounts>(
             "quantity must not be zero",
         )));
     }
-    let mut p = Posting::default();
-    let other = p.account(
-        base,
-        AccountKey::Adjustments {
-            meter: adj.meter.clone(),
-        },
-    )?;
-    let usage = p.account(
-        base,
-        AccountKey::Usage {
-            customer: adj.customer.clone(),
-            meter: adj.meter.clone(),
-            dimensions: adj.dimensions.clone(),
-            period: adj.period,
-        },
-    )?;
+    ws.begin();
+    let other_key = AccountKey::Adjustments {
+        meter: adj.meter.clone(),
+    };
+    let other = ws.ensure(base, other_key.id(), || other_key)?;
+    let usage_key = AccountKey::Usage {
+        customer: adj.customer.clone(),
+        meter: adj.meter.clone(),
+        dimensions: adj.dimensions.clone(),
+        period: adj.period,
+    };
+    let usage = ws.ensure(base, usage_key.id(), || usage_key)?;
     let (debit, credit) = if adj.quantity.is_sign_negative() {
         (usage, other)
     } else {
@@ -644,17 +743,23 @@ pub fn post_adjustment<A: Accounts>(
             reason: adj.reason.clone(),
         },
     };
-    if let Err(r) = p.apply(t) {
+    if let Err(r) = ws.apply(&t) {
+        ws.rollback();
         return Ok(Err(r));
     }
-    if p.accounts.get(&usage).is_some_and(|a| a.debits > a.credits) {
+    if ws
+        .accounts
+        .get(&usage)
+        .is_some_and(|a| a.debits > a.credits)
+    {
+        ws.rollback();
         return Ok(Err(Rejection::new(
             ErrorCode::InvalidDelta,
             None,
             "the adjustment would take the usage below zero",
         )));
     }
-    Ok(Ok(p))
+    Ok(Ok(Posting { transfers: vec![t] }))
 }
 
 /// The outcome of a ledger verification.

@@ -29,7 +29,7 @@
 use crate::dedup::{DedupState, MAX_ABOVE_WATERMARK};
 use crate::ledger::{
     self, Account, AccountId, AccountKey, Accounts, Adjustment, Existing, Period, Posting,
-    Transfer, TransferSource, Verifier, VerifyReport,
+    Transfer, TransferSource, Verifier, VerifyReport, WorkingSet,
 };
 use crate::store::{
     AdjustOutcome, AgentRecord, BatchOutcome, BatchRecord, EpochState, IngestBatch, IngestOutcome,
@@ -112,18 +112,14 @@ fn read_catalog(
     }
 }
 
-/// Accounts as they stand in the transaction, with the group's earlier batches on top.
-struct Overlay<'a, 't> {
+/// Accounts as committed before this transaction.
+struct Committed<'a, 't> {
     table: &'a Table<'t, u128, &'static [u8]>,
-    changed: &'a HashMap<AccountId, Account>,
 }
 
-impl Accounts for Overlay<'_, '_> {
+impl Accounts for Committed<'_, '_> {
     type Error = StoreError;
     fn load(&mut self, id: AccountId) -> Result<Option<Account>, StoreError> {
-        if let Some(a) = self.changed.get(&id) {
-            return Ok(Some(a.clone()));
-        }
         match self.table.get(id).map_err(be)? {
             Some(v) => Ok(Some(dec("accounts", v.value())?)),
             None => Ok(None),
@@ -131,14 +127,15 @@ impl Accounts for Overlay<'_, '_> {
     }
 }
 
-/// Writes a posting's transfers, indexes and new usage accounts; account totals are written by
-/// the caller.
+/// One transaction's ledger writes: transfers appended as postings arrive; accounts (and the
+/// usage index of new ones) written once at the end from the working set.
 struct Ledger<'t> {
     accounts: Table<'t, u128, &'static [u8]>,
     transfers: Table<'t, u64, &'static [u8]>,
     usage_idx: Table<'t, UsageKey<'static>, ()>,
     next_pos: u64,
-    changed: HashMap<AccountId, Account>,
+    ws: WorkingSet,
+    buf: Vec<u8>,
 }
 
 impl<'t> Ledger<'t> {
@@ -153,30 +150,51 @@ impl<'t> Ledger<'t> {
             transfers,
             usage_idx: txn.open_table(USAGE_IDX).map_err(be)?,
             next_pos,
-            changed: HashMap::new(),
+            ws: WorkingSet::new(),
+            buf: Vec::new(),
         })
     }
 
-    fn overlay(&self) -> Overlay<'_, 't> {
-        Overlay {
+    fn post_batch(
+        &mut self,
+        catalog: &Catalog,
+        body: &tally_protocol::batch::BatchBody,
+        now_ms: i64,
+    ) -> Result<Result<Posting, ledger::Rejection>, StoreError> {
+        let mut base = Committed {
             table: &self.accounts,
-            changed: &self.changed,
-        }
+        };
+        ledger::post_batch(&mut self.ws, &mut base, catalog, body, now_ms)
     }
 
-    /// Appends the posting; returns the position of its first transfer.
-    fn append(&mut self, posting: Posting) -> Result<u64, StoreError> {
+    fn post_adjustment(
+        &mut self,
+        catalog: &Catalog,
+        adj: &Adjustment,
+        now_ms: i64,
+    ) -> Result<Result<Posting, ledger::Rejection>, StoreError> {
+        let mut base = Committed {
+            table: &self.accounts,
+        };
+        ledger::post_adjustment(&mut self.ws, &mut base, catalog, adj, now_ms)
+    }
+
+    /// Appends the posting's transfers; returns the position of the first.
+    fn append(&mut self, posting: &Posting) -> Result<u64, StoreError> {
         let first = self.next_pos;
-        let mut buf = Vec::new();
         for t in &posting.transfers {
-            buf.clear();
-            buf = postcard::to_extend(t, buf).map_err(be)?;
+            self.buf.clear();
+            self.buf = postcard::to_extend(t, std::mem::take(&mut self.buf)).map_err(be)?;
             self.transfers
-                .insert(self.next_pos, buf.as_slice())
+                .insert(self.next_pos, self.buf.as_slice())
                 .map_err(be)?;
             self.next_pos += 1;
         }
-        for id in &posting.created {
+        Ok(first)
+    }
+
+    fn finish(mut self) -> Result<(), StoreError> {
+        for id in &self.ws.created {
             if let Some(Account {
                 key:
                     AccountKey::Usage {
@@ -186,7 +204,7 @@ impl<'t> Ledger<'t> {
                         ..
                     },
                 ..
-            }) = posting.accounts.get(id)
+            }) = self.ws.accounts.get(id)
             {
                 let p = period.to_string();
                 self.usage_idx
@@ -194,15 +212,10 @@ impl<'t> Ledger<'t> {
                     .map_err(be)?;
             }
         }
-        self.changed.extend(posting.accounts);
-        Ok(first)
-    }
-
-    fn finish(mut self) -> Result<(), StoreError> {
-        for (id, acct) in &self.changed {
-            self.accounts
-                .insert(*id, enc(acct)?.as_slice())
-                .map_err(be)?;
+        for (id, acct) in &self.ws.accounts {
+            self.buf.clear();
+            self.buf = postcard::to_extend(acct, std::mem::take(&mut self.buf)).map_err(be)?;
+            self.accounts.insert(*id, self.buf.as_slice()).map_err(be)?;
         }
         Ok(())
     }
@@ -247,11 +260,11 @@ impl RedbStore {
                 out.push(IngestOutcome::Refused(ErrorCode::Overloaded));
                 continue;
             }
-            let posted = ledger::post_batch(&mut ledger.overlay(), &catalog, body, now_ms)?;
+            let posted = ledger.post_batch(&catalog, body, now_ms)?;
             let mut first_transfer = 0;
             let outcome = match posted {
                 Ok(posting) => {
-                    first_transfer = ledger.append(posting)?;
+                    first_transfer = ledger.append(&posting)?;
                     BatchOutcome::Committed
                 }
                 Err(rejection) => {
@@ -323,7 +336,7 @@ impl Store for RedbStore {
             let catalog = read_catalog(&txn.open_table(META).map_err(be)?)?;
             let mut adjustments = txn.open_table(ADJUSTMENTS).map_err(be)?;
             let mut ledger = Ledger::open(&txn)?;
-            let posted = ledger::post_adjustment(&mut ledger.overlay(), &catalog, adj, now_ms)?;
+            let posted = ledger.post_adjustment(&catalog, adj, now_ms)?;
             let existing = match adjustments.get(adj.idempotency_key.as_str()).map_err(be)? {
                 Some(pos) => {
                     let t = ledger.transfers.get(pos.value()).map_err(be)?;
@@ -362,7 +375,7 @@ impl Store for RedbStore {
                     let Some(t) = p.transfers.first().cloned() else {
                         return Err(StoreError::Invariant(String::from("empty adjustment")));
                     };
-                    let pos = ledger.append(p)?;
+                    let pos = ledger.append(&p)?;
                     adjustments
                         .insert(adj.idempotency_key.as_str(), pos)
                         .map_err(be)?;

@@ -35,7 +35,7 @@ fn catalog() -> Catalog {
 /// The steps of a store, in memory.
 #[derive(Default)]
 struct Mem {
-    accounts: HashMap<AccountId, Account>,
+    ws: WorkingSet,
     transfers: Vec<Transfer>,
     dedup: HashMap<(AgentId, u64), DedupState>,
     batches: HashMap<(AgentId, u64, u64), u32>,
@@ -48,9 +48,9 @@ impl Mem {
         if state.contains(body.seq) {
             return AckOutcome::Duplicate;
         }
-        let out = match post_batch(&mut self.accounts, catalog, body, 0) {
+        let out = match post_batch(&mut self.ws, &mut NoAccounts, catalog, body, 0) {
             Ok(Ok(p)) => {
-                self.append(p);
+                self.transfers.extend(p.transfers);
                 self.batches.insert(
                     (body.agent_id, body.epoch, body.seq),
                     body.deltas.len() as u32,
@@ -65,11 +65,6 @@ impl Mem {
         out
     }
 
-    fn append(&mut self, p: Posting) {
-        self.transfers.extend(p.transfers);
-        self.accounts.extend(p.accounts);
-    }
-
     fn adjust(&mut self, catalog: &Catalog, adj: &Adjustment) -> Result<bool, String> {
         if let Some(id) = self.adjustments.get(&adj.idempotency_key) {
             let stored = self.transfers.iter().find(|t| t.id == *id).unwrap();
@@ -79,11 +74,11 @@ impl Mem {
                 Err(String::from("different"))
             };
         }
-        match post_adjustment(&mut self.accounts, catalog, adj, 0) {
+        match post_adjustment(&mut self.ws, &mut NoAccounts, catalog, adj, 0) {
             Ok(Ok(p)) => {
                 self.adjustments
                     .insert(adj.idempotency_key.clone(), p.transfers[0].id);
-                self.append(p);
+                self.transfers.extend(p.transfers);
                 Ok(true)
             }
             Ok(Err(r)) => Err(r.message),
@@ -115,7 +110,7 @@ impl Mem {
             };
             v.transfer(t, trace);
         }
-        for (id, a) in &self.accounts {
+        for (id, a) in &self.ws.accounts {
             v.account(*id, a);
         }
         v.finish()
@@ -126,7 +121,7 @@ impl Mem {
     }
 
     fn usage_in(&self, customer: &str, meter: &str, period: Option<Period>) -> Decimal {
-        self.accounts
+        self.ws.accounts
             .values()
             .filter(|a| {
                 matches!(&a.key, AccountKey::Usage { customer: c, meter: m, period: p, .. }
@@ -242,7 +237,43 @@ fn unpostable_batches_post_nothing() {
         assert_eq!(out, AckOutcome::Quarantined { code });
     }
     assert!(m.transfers.is_empty());
-    assert!(m.accounts.is_empty());
+    assert!(m.ws.accounts.is_empty());
+    assert!(m.verify().ok);
+    // A batch that overflows half-way leaves existing accounts exactly as they were.
+    assert_eq!(
+        m.ingest(
+            &c,
+            &body(
+                1,
+                1,
+                9,
+                vec![
+                    delta("a", "calls", t0, Decimal::ONE, 1),
+                    delta("a", "seats", t0, Decimal::ONE, 1)
+                ]
+            )
+        ),
+        AckOutcome::Committed
+    );
+    let before: Vec<(AccountId, Account)> = {
+        let mut v: Vec<_> = m.ws.accounts.iter().map(|(k, a)| (*k, a.clone())).collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    };
+    let bad = vec![
+        delta("a", "seats", t0 + 1000, Decimal::TEN, 1),
+        delta("b", "calls", t0, Decimal::ONE, 1),
+        delta("a", "calls", t0, huge, 1),
+    ];
+    assert_eq!(
+        m.ingest(&c, &body(1, 1, 10, bad)),
+        AckOutcome::Quarantined {
+            code: ErrorCode::Overflow
+        }
+    );
+    let mut after: Vec<_> = m.ws.accounts.iter().map(|(k, a)| (*k, a.clone())).collect();
+    after.sort_by_key(|(k, _)| *k);
+    assert_eq!(before, after);
     assert!(m.verify().ok);
 }
 
@@ -297,8 +328,8 @@ fn verify_finds_tampering() {
     };
     // A balance edited.
     let mut m = fresh();
-    let id = *m.accounts.keys().next().unwrap();
-    m.accounts.get_mut(&id).unwrap().credits += Decimal::ONE;
+    let id = *m.ws.accounts.keys().next().unwrap();
+    m.ws.accounts.get_mut(&id).unwrap().credits += Decimal::ONE;
     assert!(!m.verify().ok);
     // A transfer removed.
     let mut m = fresh();
@@ -485,7 +516,7 @@ proptest! {
                         Some(_) => prop_assert!(r.is_err()),
                         None => {
                             // Refused only when it would take that month's usage below zero.
-                            let month: Decimal = m.accounts.values().filter(|a| matches!(&a.key,
+                            let month: Decimal = m.ws.accounts.values().filter(|a| matches!(&a.key,
                                 AccountKey::Usage { customer: cu, meter: me, period, .. }
                                 if cu.as_str() == format!("c{customer}") && me.as_str() == "calls" && *period == adj.period))
                                 .map(Account::balance).sum();
