@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tally_stripe::outbox::{MemoryStore, NewOutboxRow, OutboxStore};
+use tally_stripe::outbox::{MemoryStore, NewOutboxRow};
 use tally_stripe::test_server::FakeStripe;
 use tally_stripe::{Api, ApiKey, ForwarderConfig};
 
