@@ -95,7 +95,15 @@ fn record_threads(
     ((threads as u64 * calls) as f64 / busy.as_secs_f64(), merged)
 }
 
+/// `TALLY_BENCH_ONLY=record` or `=durable` runs one part (for profiling).
+fn wanted(part: &str) -> bool {
+    std::env::var("TALLY_BENCH_ONLY").map_or(true, |v| v == part)
+}
+
 fn bench_record(c: &mut Criterion) {
+    if !wanted("record") {
+        return;
+    }
     let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let agent = offline_agent(&rt, dir.path());
@@ -193,6 +201,9 @@ fn durable_run(
 }
 
 fn bench_durable(c: &mut Criterion) {
+    if !wanted("durable") {
+        return;
+    }
     let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let agent = offline_agent(&rt, dir.path());
