@@ -168,6 +168,8 @@ struct Shared<S> {
     status: Mutex<ForwarderStatus>,
     rng: AtomicU64,
     logged: Mutex<HashSet<GroupId>>,
+    /// Where the next planning pass resumes, and unmapped counts gathered since the last wrap.
+    plan_cursor: Mutex<(u64, BTreeMap<String, u64>)>,
     wake: Notify,
 }
 
@@ -244,6 +246,7 @@ pub fn spawn<S: OutboxStore>(
         status: Mutex::new(ForwarderStatus::default()),
         rng: AtomicU64::new(u64::from_le_bytes(seed) | 1),
         logged: Mutex::new(HashSet::new()),
+        plan_cursor: Mutex::new((0, BTreeMap::new())),
         wake: Notify::new(),
     });
     match &shared.cfg.api_key {
@@ -315,21 +318,28 @@ impl<S: OutboxStore> Shared<S> {
     }
 
     /// Groups pending rows and persists the groups. Returns rows still waiting for a mapping.
+    /// Groups pending rows and persists the groups; counts rows waiting for a mapping.
+    ///
+    /// Scans at most `rows_per_pass` rows a pass, resuming where the last pass stopped, so a
+    /// backlog of unmapped rows cannot starve newer rows; the unmapped counts are published each
+    /// time a scan reaches the end of the outbox.
     async fn plan_pass(self: &Arc<Self>) -> Result<(), StoreError> {
-        let limit = self.cfg.rows_per_pass;
-        let (groups, unmapped) = self
+        let limit = self.cfg.rows_per_pass.max(1);
+        let start = self.plan_cursor.lock().map(|c| c.0).unwrap_or(0);
+        let (groups, unmapped, reached_end, last) = self
             .blocking(move |store| {
                 let ns = store.namespace()?;
                 let mut rows = Vec::new();
-                let mut after = 0;
-                loop {
-                    let page = store.pending_rows(after, 10_000)?;
-                    let Some(last) = page.last() else { break };
+                let mut after = start;
+                let mut reached_end = false;
+                while rows.len() < limit {
+                    let page = store.pending_rows(after, (limit - rows.len()).min(10_000))?;
+                    let Some(last) = page.last() else {
+                        reached_end = true;
+                        break;
+                    };
                     after = last.id;
                     rows.extend(page);
-                    if rows.len() >= limit {
-                        break;
-                    }
                 }
                 let mut err = None;
                 let plan = plan_groups(&ns, &rows, |c| match resolve_customer(store, c) {
@@ -346,18 +356,35 @@ impl<S: OutboxStore> Shared<S> {
                 if n > 0 {
                     store.create_groups(plan.groups)?;
                 }
-                Ok((n, plan.unmapped))
+                Ok((n, plan.unmapped, reached_end, after))
             })
             .await?;
         if groups > 0 {
             debug!(groups, "stripe outbox rows grouped");
         }
-        let unmapped_rows: u64 = unmapped.values().sum();
-        self.metrics
-            .outbox_unmapped
-            .set(i64::try_from(unmapped_rows).unwrap_or(i64::MAX));
-        if let Ok(mut s) = self.status.lock() {
-            s.unmapped = unmapped;
+        let publish = {
+            let Ok(mut c) = self.plan_cursor.lock() else {
+                return Ok(());
+            };
+            for (k, v) in unmapped {
+                *c.1.entry(k).or_insert(0) += v;
+            }
+            if reached_end {
+                c.0 = 0;
+                Some(std::mem::take(&mut c.1))
+            } else {
+                c.0 = last;
+                None
+            }
+        };
+        if let Some(unmapped) = publish {
+            let unmapped_rows: u64 = unmapped.values().sum();
+            self.metrics
+                .outbox_unmapped
+                .set(i64::try_from(unmapped_rows).unwrap_or(i64::MAX));
+            if let Ok(mut s) = self.status.lock() {
+                s.unmapped = unmapped;
+            }
         }
         Ok(())
     }

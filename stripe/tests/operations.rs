@@ -460,3 +460,29 @@ async fn token_bucket_paces_requests() {
     };
     assert_eq!(live.effective_rate(), 900);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_unmapped_rows_does_not_starve_newer_rows() {
+    let server = FakeStripe::start().await.unwrap();
+    let store = Arc::new(MemoryStore::new());
+    for _ in 0..50 {
+        store.insert(row("not_mapped_yet", 1)).unwrap();
+    }
+    store.insert(row("cus_late", 3)).unwrap();
+    // Scan 10 rows a pass: the 51st row is only reached by resuming where the last pass ended.
+    let cfg = ForwarderConfig {
+        rows_per_pass: 10,
+        ..config(Api::V1, &server)
+    };
+    let fwd = tally_stripe::spawn(cfg, store.clone(), None, None).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || total(&server, "cus_late") == 3).await);
+    assert!(
+        wait_until(Duration::from_secs(5), || fwd
+            .status()
+            .unmapped
+            .get("not_mapped_yet")
+            == Some(&50))
+        .await
+    );
+    fwd.shutdown().await;
+}
