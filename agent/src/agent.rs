@@ -443,10 +443,21 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<DurableReq>) 
             let mut ids = lock(&sh.ids);
             for r in reqs {
                 if let Some(id) = &r.event.id {
-                    let seen = ids.contains(id) || sh.store.seen_id(id, now).unwrap_or(false);
-                    if seen {
-                        let _ = r.reply.send(Ok(Recorded::Duplicate));
-                        continue;
+                    let seen = if ids.contains(id) {
+                        Ok(true)
+                    } else {
+                        sh.store.seen_id(id, now)
+                    };
+                    match seen {
+                        Ok(true) => {
+                            let _ = r.reply.send(Ok(Recorded::Duplicate));
+                            continue;
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            let _ = r.reply.send(Err(RecordError::from(e)));
+                            continue;
+                        }
                     }
                     ids.insert(id.clone());
                 }
@@ -520,7 +531,9 @@ impl Drop for Handle {
 
 /// The agent: record usage in nanoseconds, seal it to disk, ship it until acknowledged.
 ///
-/// Cheap to clone (`Clone + Send + Sync`); every clone is the same agent.
+/// Cheap to clone (`Clone + Send + Sync`); every clone is the same agent. Call
+/// [`Agent::shutdown`] before the end; dropping the last clone without it still seals what is
+/// in memory (blocking the dropping thread for that seal) but ships nothing more.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]

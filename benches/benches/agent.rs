@@ -156,15 +156,16 @@ fn bench_record(c: &mut Criterion) {
     });
 }
 
-/// 16 tasks calling `record_durable` back to back for `run`; returns (events/s, latency µs).
+/// `callers` tasks calling `record_durable` back to back for `run`; returns (events/s, latency µs).
 fn durable_run(
     rt: &tokio::runtime::Runtime,
     agent: &Agent,
+    callers: usize,
     run: Duration,
 ) -> (f64, Histogram<u64>) {
     rt.block_on(async {
         let start = Instant::now();
-        let tasks: Vec<_> = (0..16)
+        let tasks: Vec<_> = (0..callers)
             .map(|t| {
                 let agent = agent.clone();
                 tokio::spawn(async move {
@@ -238,14 +239,16 @@ fn bench_durable(c: &mut Criterion) {
         })
     });
     g.finish();
-    let (rate, h) = durable_run(&rt, &agent, Duration::from_secs(5));
-    println!(
-        "== agent record_durable 16 callers: {:.0} events/s, median {} us, p99 {} us, max {} us",
-        rate,
-        h.value_at_quantile(0.5),
-        h.value_at_quantile(0.99),
-        h.max()
-    );
+    for callers in [16, 256] {
+        let (rate, h) = durable_run(&rt, &agent, callers, Duration::from_secs(4));
+        println!(
+            "== agent record_durable {callers} callers: {:.0} events/s, median {} us, p99 {} us, max {} us",
+            rate,
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            h.max()
+        );
+    }
     rt.block_on(async {
         let _ = agent.shutdown(Duration::from_millis(100)).await;
     });
