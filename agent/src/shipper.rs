@@ -129,6 +129,108 @@ impl Backoff {
     }
 }
 
+/// An ack that does not match the batches in flight: the connection is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    /// Nothing was in flight.
+    #[error("ack for epoch {epoch} seq {seq} with nothing in flight")]
+    NothingInFlight {
+        /// The ack's epoch.
+        epoch: u64,
+        /// The ack's seq.
+        seq: u64,
+    },
+    /// Acks must come in the order batches were sent, for our epoch.
+    #[error("ack for epoch {got_epoch} seq {got_seq}, expected epoch {epoch} seq {seq}")]
+    OutOfOrder {
+        /// Our epoch.
+        epoch: u64,
+        /// The oldest seq in flight.
+        seq: u64,
+        /// The ack's epoch.
+        got_epoch: u64,
+        /// The ack's seq.
+        got_seq: u64,
+    },
+}
+
+/// The send side of one connection, as a state machine (no I/O, the caller passes the time):
+/// which batch goes next, how many may be in flight, and whether an ack is the expected one.
+///
+/// Slow start: a new connection sends one batch, and the window doubles with every ack up to
+/// `max_in_flight`. Acks in flight are lost with a connection, so a collector that keeps dropping
+/// connections still gets at least one batch acknowledged per connection.
+#[derive(Debug)]
+pub struct SendWindow<T = Instant> {
+    epoch: u64,
+    max_in_flight: usize,
+    window: usize,
+    sent_upto: u64,
+    inflight: VecDeque<(u64, T)>,
+}
+
+impl<T> SendWindow<T> {
+    /// A fresh connection's window: nothing sent yet, so everything unacknowledged goes again.
+    pub fn new(epoch: u64, max_in_flight: usize) -> Self {
+        SendWindow {
+            epoch,
+            max_in_flight: max_in_flight.max(1),
+            window: 1,
+            sent_upto: 0,
+            inflight: VecDeque::new(),
+        }
+    }
+
+    /// The next seq to send, given the unacknowledged seqs in ascending order; `None` when the
+    /// window is full or everything is sent.
+    pub fn next_to_send(&self, mut unacked: impl Iterator<Item = u64>) -> Option<u64> {
+        if self.inflight.len() >= self.window {
+            return None;
+        }
+        unacked.find(|s| *s > self.sent_upto)
+    }
+
+    /// `seq` was sent at `at`.
+    pub fn sent(&mut self, seq: u64, at: T) {
+        debug_assert!(seq > self.sent_upto);
+        self.sent_upto = seq;
+        self.inflight.push_back((seq, at));
+    }
+
+    /// `seq` turned out to be acknowledged already; move past it.
+    pub fn skipped(&mut self, seq: u64) {
+        self.sent_upto = self.sent_upto.max(seq);
+    }
+
+    /// Matches an ack against the oldest batch in flight; returns its seq and send time.
+    pub fn acked(&mut self, ack: &tally_protocol::frame::Ack) -> Result<(u64, T), AckError> {
+        let Some((seq, _)) = self.inflight.front() else {
+            return Err(AckError::NothingInFlight {
+                epoch: ack.epoch,
+                seq: ack.seq,
+            });
+        };
+        if ack.epoch != self.epoch || ack.seq != *seq {
+            return Err(AckError::OutOfOrder {
+                epoch: self.epoch,
+                seq: *seq,
+                got_epoch: ack.epoch,
+                got_seq: ack.seq,
+            });
+        }
+        self.window = (self.window * 2).min(self.max_in_flight);
+        self.inflight.pop_front().ok_or(AckError::NothingInFlight {
+            epoch: ack.epoch,
+            seq: ack.seq,
+        })
+    }
+
+    /// Batches in flight.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+}
+
 fn set_conn(sh: &Shared, s: ConnectionState) {
     sh.metrics
         .connected
@@ -295,30 +397,21 @@ async fn connected(
             max_in_flight: max_in_flight as u32,
         },
     );
-    let mut inflight: VecDeque<(u64, Instant)> = VecDeque::new();
-    let mut sent_upto = 0u64;
-    // Slow start: a new connection sends one batch, and the window doubles with every ack up
-    // to `max_in_flight`. Acks in flight are lost with a connection, so a collector that keeps
-    // dropping connections still acknowledges at least one batch per connection.
-    let mut window = 1usize;
+    let mut win = SendWindow::new(sh.epoch, max_in_flight);
     loop {
         // Fill the window, oldest unacknowledged first.
-        while inflight.len() < window {
-            let next = lock(&sh.backlog)
-                .batches
-                .range(sent_upto + 1..)
-                .next()
-                .map(|(s, _)| *s);
+        loop {
+            let next = win.next_to_send(lock(&sh.backlog).batches.keys().copied());
             let Some(seq) = next else { break };
-            sent_upto = seq;
             let sh2 = sh.clone();
             let Some(stored) = tokio::task::spawn_blocking(move || sh2.store.batch(seq)).await??
             else {
-                continue; // acknowledged meanwhile
+                win.skipped(seq); // acknowledged meanwhile
+                continue;
             };
             write_frame(&mut send, &Frame::Batch(stored.batch)).await?;
             tracing::trace!(epoch = sh.epoch, seq, "batch sent");
-            inflight.push_back((seq, Instant::now()));
+            win.sent(seq, Instant::now());
         }
         tokio::select! {
             _ = stop.changed() => return Ok(()),
@@ -332,16 +425,7 @@ async fn connected(
                 while let Some(f) = dec.next_frame()? {
                     match f {
                         Frame::Ack(a) => {
-                            let Some((seq, sent_at)) = inflight.pop_front() else {
-                                return Err(format!("ack for seq {} with nothing in flight", a.seq).into());
-                            };
-                            if a.epoch != sh.epoch || a.seq != seq {
-                                return Err(format!(
-                                    "ack for epoch {} seq {}, expected epoch {} seq {seq}",
-                                    a.epoch, a.seq, sh.epoch
-                                )
-                                .into());
-                            }
+                            let (seq, sent_at) = win.acked(&a)?;
                             let outcome = match a.outcome {
                                 AckOutcome::Committed => "committed",
                                 AckOutcome::Duplicate => "duplicate",
@@ -354,7 +438,6 @@ async fn connected(
                             sh.metrics.ship_rtt.observe(sent_at.elapsed().as_secs_f64());
                             tracing::trace!(epoch = a.epoch, seq, outcome, "batch acknowledged");
                             acked.push(seq);
-                            window = (window * 2).min(max_in_flight);
                         }
                         Frame::Catalog(c) => {
                             tracing::info!(version = c.version, meters = c.meters.len(), "catalog received");
@@ -394,6 +477,60 @@ async fn connected(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use tally_protocol::frame::{Ack, AckOutcome};
+
+    fn ack(epoch: u64, seq: u64) -> Ack {
+        Ack {
+            epoch,
+            seq,
+            outcome: AckOutcome::Committed,
+        }
+    }
+
+    #[test]
+    fn window_slow_starts_sends_in_order_and_checks_acks() {
+        let backlog = [3u64, 4, 5, 6, 7, 8, 9];
+        let mut w = SendWindow::<u32>::new(9, 4);
+        // One batch until the first ack.
+        assert_eq!(w.next_to_send(backlog.iter().copied()), Some(3));
+        w.sent(3, 0);
+        assert_eq!(w.next_to_send(backlog.iter().copied()), None);
+        assert_eq!(w.acked(&ack(9, 3)), Ok((3, 0)));
+        // Then two, then four (the maximum).
+        for s in [4, 5] {
+            assert_eq!(w.next_to_send(backlog.iter().copied()), Some(s));
+            w.sent(s, 1);
+        }
+        assert_eq!(w.next_to_send(backlog.iter().copied()), None);
+        assert_eq!(w.acked(&ack(9, 4)), Ok((4, 1)));
+        assert_eq!(w.acked(&ack(9, 5)), Ok((5, 1)));
+        // A batch acknowledged meanwhile is skipped.
+        assert_eq!(w.next_to_send(backlog.iter().copied()), Some(6));
+        w.skipped(6);
+        for s in [7, 8, 9] {
+            assert_eq!(w.next_to_send(backlog.iter().copied()), Some(s));
+            w.sent(s, 2);
+        }
+        assert_eq!(w.in_flight(), 3);
+        assert_eq!(w.next_to_send(backlog.iter().copied()), None);
+        // Out of order, another epoch, nothing in flight: all refused.
+        assert!(matches!(
+            w.acked(&ack(9, 8)),
+            Err(AckError::OutOfOrder { .. })
+        ));
+        assert!(matches!(
+            w.acked(&ack(1, 7)),
+            Err(AckError::OutOfOrder { .. })
+        ));
+        let mut fresh = SendWindow::<u32>::new(9, 4);
+        assert!(matches!(
+            fresh.acked(&ack(9, 3)),
+            Err(AckError::NothingInFlight { .. })
+        ));
+        // A new connection starts again from the oldest unacknowledged batch.
+        assert_eq!(fresh.next_to_send([7u64, 8, 9].into_iter()), Some(7));
+    }
 
     #[test]
     fn server_names() {
