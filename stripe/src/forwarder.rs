@@ -317,7 +317,6 @@ impl<S: OutboxStore> Shared<S> {
         self.clock.now_ms() + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
     }
 
-    /// Groups pending rows and persists the groups. Returns rows still waiting for a mapping.
     /// Groups pending rows and persists the groups; counts rows waiting for a mapping.
     ///
     /// Scans at most `rows_per_pass` rows a pass, resuming where the last pass stopped, so a
@@ -706,7 +705,12 @@ impl<S: OutboxStore> Shared<S> {
             outcome = match client.send_stream(&token, events, &key).await {
                 Ok(a) => {
                     self.count_request(Some(a.status));
-                    classify(&a, None)
+                    // Any 401 on the stream is about the session token, never the events.
+                    if a.status == 401 {
+                        Outcome::SessionExpired
+                    } else {
+                        classify(&a, None)
+                    }
                 }
                 Err(_) => {
                     self.count_request(None);

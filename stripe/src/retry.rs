@@ -3,7 +3,7 @@
 //! [`classify`] turns one HTTP exchange into what to do with the events it carried
 //! (SPEC §6.4): delivered, retry (429 honouring `Retry-After`, 5xx, `lock_timeout`, network
 //! errors; `Stripe-Should-Retry` overrides), session expired (v2), or dead letter with Stripe's
-//! code and message. [`Backoff`] is exponential with jitter; [`TokenBucket`] paces requests.
+//! code and message. 401/403 (our key, not the events) are retried, never dead-lettered. [`Backoff`] is exponential with jitter; [`TokenBucket`] paces requests.
 //! Everything takes `now` or a random number from the caller.
 
 use std::time::Duration;
@@ -101,6 +101,15 @@ pub fn classify(answer: &Answer, identifier: Option<&str>) -> Outcome {
         return Outcome::SessionExpired;
     }
     let retry_after = answer.retry_after_s.map(Duration::from_secs);
+    if s == 401 || s == 403 {
+        // Our key is wrong or lacks a permission: not the events' fault. Keep them and retry
+        // (with backoff) until an operator fixes the key, rather than dead-lettering all usage.
+        return Outcome::Retry {
+            after: retry_after,
+            unknown: false,
+            error: Some(err),
+        };
+    }
     let transient = s == 429 || s >= 500 || err.code == "lock_timeout" || s == 409;
     match answer.should_retry {
         Some(true) => Outcome::Retry {
@@ -244,6 +253,15 @@ mod tests {
         let mut forced = ans(400, missing);
         forced.should_retry = Some(true);
         assert!(matches!(classify(&forced, None), Outcome::Retry { .. }));
+        let bad_key = r#"{"error":{"type":"invalid_request_error","message":"Invalid API Key provided: sk_test_****"}}"#;
+        assert!(matches!(
+            classify(&ans(401, bad_key), None),
+            Outcome::Retry { unknown: false, .. }
+        ));
+        assert!(matches!(
+            classify(&ans(403, ""), None),
+            Outcome::Retry { .. }
+        ));
         let mut no = ans(429, "");
         no.should_retry = Some(false);
         assert!(matches!(classify(&no, None), Outcome::Dead(_)));

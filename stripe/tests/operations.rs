@@ -486,3 +486,24 @@ async fn a_backlog_of_unmapped_rows_does_not_starve_newer_rows() {
     );
     fwd.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_api_key_keeps_usage_pending_instead_of_dead() {
+    let server = FakeStripe::start().await.unwrap();
+    let store = Arc::new(MemoryStore::new());
+    store.insert(row("cus_k", 2)).unwrap();
+    for api in [Api::V1, Api::V2] {
+        let cfg = ForwarderConfig {
+            api_key: Some(tally_stripe::ApiKey::new("pk_test_wrong")),
+            ..config(api, &server)
+        };
+        let fwd = tally_stripe::spawn(cfg, store.clone(), None, None).unwrap();
+        assert!(wait_until(Duration::from_secs(5), || fwd.status().requests >= 2).await);
+        fwd.shutdown().await;
+        let s = store.stats().unwrap();
+        assert_eq!((s.pending_rows, s.dead_rows), (1, 0), "{api:?}");
+    }
+    let fwd = tally_stripe::spawn(config(Api::V1, &server), store.clone(), None, None).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || total(&server, "cus_k") == 2).await);
+    fwd.shutdown().await;
+}
