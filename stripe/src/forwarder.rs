@@ -549,9 +549,22 @@ impl<S: OutboxStore> Shared<S> {
             }
             Outcome::Dead(err) => {
                 warn!(code = %err.code, status = err.status, events = groups.len(), "stripe rejected meter events: dead letter");
+                let was_unknown: Vec<bool> = groups
+                    .iter()
+                    .map(|g| g.state == GroupState::Unknown)
+                    .collect();
                 self.blocking(move |s| {
-                    for id in ids {
-                        s.mark_dead(id, err.clone())?;
+                    for (id, unknown) in ids.into_iter().zip(was_unknown) {
+                        let mut e = err.clone();
+                        if unknown {
+                            // An earlier send may have been delivered: a blind retry (new
+                            // identifier) could count twice. Say so where the operator looks.
+                            e.message = format!(
+                                "{} [an earlier send's outcome is unknown: check event summaries before retrying]",
+                                e.message
+                            );
+                        }
+                        s.mark_dead(id, e)?;
                     }
                     Ok(())
                 })
