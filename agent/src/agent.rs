@@ -558,13 +558,14 @@ impl Drop for Handle {
 /// counter.add(Decimal::TWO)?;
 /// agent.record_event(Event::new("acme", "api_calls", Decimal::ONE).with_id("req-1"))?;
 /// agent.record_durable(Event::new("acme", "api_calls", Decimal::ONE)).await?;
+/// // One batch of what was aggregated in memory, one folding in the durable log.
 /// let last_seq = agent.seal().await?;
-/// assert_eq!(agent.status().backlog_batches, 1);
-/// assert_eq!(last_seq, 1);
+/// assert_eq!(agent.status().backlog_batches, 2);
+/// assert_eq!(last_seq, 2);
 /// assert!(agent.render_metrics().contains("tally_agent_records_total 5"));
 /// // Nothing acknowledged it (no collector): the batch stays on disk for the next start.
 /// let r = agent.shutdown(Duration::from_secs(1)).await;
-/// assert!(matches!(r, Err(tally_agent::ShutdownError::Unacked { unacked: 1 })));
+/// assert!(matches!(r, Err(tally_agent::ShutdownError::Unacked { unacked: 2 })));
 /// # Ok(())
 /// # }
 /// ```

@@ -15,9 +15,7 @@
 
 use crate::aggregate::Aggregator;
 use crate::store::{LoggedEvent, SealCommit, StoredBatch};
-use std::collections::BTreeMap;
 use tally_protocol::batch::{AgentId, BatchBody, BatchError, Delta, SignedBatch};
-use tally_protocol::names::{CustomerId, Dimensions, MeterName};
 
 /// Deltas per batch: far below the protocol's 10,000 and, at the largest possible delta
 /// (~1.5 KiB), within the 8 MiB body limit.
@@ -25,30 +23,31 @@ pub const MAX_DELTAS_PER_SEALED_BATCH: usize = 4_000;
 /// Durable-log rows folded into one seal; the rest wait for the next.
 pub const MAX_LOG_ROWS_PER_SEAL: usize = 200_000;
 
-type DeltaKey = (CustomerId, MeterName, Dimensions, i64);
+fn key_cmp(a: &Delta, b: &Delta) -> std::cmp::Ordering {
+    (&a.customer, &a.meter, &a.dimensions, a.bucket_start_ms).cmp(&(
+        &b.customer,
+        &b.meter,
+        &b.dimensions,
+        b.bucket_start_ms,
+    ))
+}
 
-/// Merges deltas with equal customer, meter, dimensions and bucket, and sorts them by that key.
-/// Two deltas whose sum would overflow a `Decimal` stay separate.
-pub fn merge_deltas(deltas: Vec<Delta>) -> Vec<Delta> {
-    let mut merged: BTreeMap<DeltaKey, Vec<Delta>> = BTreeMap::new();
+/// Merges deltas with equal customer, meter, dimensions and bucket, and sorts them by that key
+/// (a stable sort, so the result depends only on the input). Two deltas whose sum would
+/// overflow a `Decimal` stay separate. Nothing is cloned: this runs on every seal.
+pub fn merge_deltas(mut deltas: Vec<Delta>) -> Vec<Delta> {
+    deltas.sort_by(key_cmp);
+    let mut out: Vec<Delta> = Vec::with_capacity(deltas.len());
     for d in deltas {
-        let key = (
-            d.customer.clone(),
-            d.meter.clone(),
-            d.dimensions.clone(),
-            d.bucket_start_ms,
-        );
-        let slot = merged.entry(key).or_default();
-        match slot.last_mut() {
-            Some(into) => {
-                if !merge_into(into, &d) {
-                    slot.push(d);
-                }
-            }
-            None => slot.push(d),
+        if let Some(last) = out.last_mut()
+            && key_cmp(last, &d).is_eq()
+            && merge_into(last, &d)
+        {
+            continue;
         }
+        out.push(d);
     }
-    merged.into_values().flatten().collect()
+    out
 }
 
 /// Adds `d` into `into` (same key and bucket); false if the sum would overflow.
@@ -136,6 +135,12 @@ impl SealerCore {
         Ok(bodies)
     }
 
+    /// Undoes every seal since `seq` was next: those seqs will be used again.
+    pub fn rollback_to(&mut self, seq: u64) {
+        debug_assert!(seq <= self.next_seq);
+        self.next_seq = seq.max(1);
+    }
+
     /// Undoes a [`SealerCore::seal`] whose bodies were not stored; returns their deltas.
     pub fn rollback(&mut self, bodies: Vec<BatchBody>) -> Vec<Delta> {
         if let Some(first) = bodies.first() {
@@ -211,30 +216,49 @@ pub(crate) fn seal_once(
     if deltas.is_empty() && log.is_empty() && ids.is_empty() {
         return Ok(Sealed::default());
     }
-    let memory = Carry {
-        deltas: deltas.clone(),
-        ids: ids.clone(),
-    };
+    // Usage from memory and from the durable log go into separate batches, so that a failed
+    // write gives back exactly the memory part (the log rows stay in the log).
+    let memory_ids = ids.len();
     let mut log_bytes = 0;
+    let mut log_deltas = Vec::with_capacity(log.len());
     for (_, e) in &log {
-        deltas.push(delta_of(e));
+        log_deltas.push(delta_of(e));
         if let Some(id) = &e.id {
             ids.push((id.clone(), e.accepted_at_ms));
         }
         log_bytes += postcard::experimental::serialized_size(e).unwrap_or(0) as u64;
     }
-    let bodies = match core.seal(deltas, now_ms) {
-        Ok(b) => b,
-        Err(e) => {
-            *carry = memory;
-            return Err(e.to_string());
+    let first_seq = core.next_seq();
+    let restore = |core: &mut SealerCore, bodies: Vec<BatchBody>, n: usize, mut ids: Vec<_>| {
+        core.rollback_to(first_seq);
+        ids.truncate(memory_ids);
+        Carry {
+            deltas: bodies
+                .into_iter()
+                .take(n)
+                .flat_map(|b| b.deltas.into_inner())
+                .collect(),
+            ids,
         }
     };
+    // `seal` only fails on limits that its chunking rules out; if it ever did, the usage of
+    // that call could not be kept, so it is reported loudly.
+    let mut bodies = core.seal(deltas, now_ms).map_err(|e| {
+        tracing::error!(error = %e, "sealing usage from memory failed; it is lost");
+        e.to_string()
+    })?;
+    let memory_bodies = bodies.len();
+    match core.seal(log_deltas, now_ms) {
+        Ok(b) => bodies.extend(b),
+        Err(e) => {
+            *carry = restore(core, bodies, memory_bodies, ids);
+            return Err(e.to_string());
+        }
+    }
     let rows = match sign_all(&bodies, key) {
         Ok(r) => r,
         Err(e) => {
-            core.rollback(bodies);
-            *carry = memory;
+            *carry = restore(core, bodies, memory_bodies, ids);
             return Err(e.to_string());
         }
     };
@@ -245,17 +269,20 @@ pub(crate) fn seal_once(
         ids,
         now_ms,
     };
-    if let Err(e) = store.commit_seal(&commit) {
-        core.rollback(bodies);
-        *carry = memory;
-        return Err(e.to_string());
-    }
+    let sizes = match store.commit_seal(&commit) {
+        Ok(s) => s,
+        Err(e) => {
+            *carry = restore(core, bodies, memory_bodies, commit.ids);
+            return Err(e.to_string());
+        }
+    };
     let batches = commit
         .batches
         .iter()
-        .map(|(seq, b)| crate::store::BatchMeta {
+        .zip(sizes)
+        .map(|((seq, b), bytes)| crate::store::BatchMeta {
             seq: *seq,
-            bytes: postcard::experimental::serialized_size(b).unwrap_or(0) as u64,
+            bytes,
             sealed_at_ms: b.sealed_at_ms,
         })
         .collect();
@@ -272,6 +299,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use rust_decimal::Decimal;
+    use tally_protocol::names::{CustomerId, Dimensions, MeterName};
 
     fn d(c: &str, at: i64, q: i64) -> Delta {
         Delta::single(

@@ -334,7 +334,9 @@ impl Store {
     }
 
     /// Writes one seal: new batches, `next_seq`, folded log rows, event ids; one transaction.
-    pub fn commit_seal(&self, c: &SealCommit) -> Result<(), StoreError> {
+    /// Returns the stored size of each batch row, in order.
+    pub fn commit_seal(&self, c: &SealCommit) -> Result<Vec<u64>, StoreError> {
+        let mut sizes = Vec::with_capacity(c.batches.len());
         let txn = self.db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -354,6 +356,7 @@ impl Store {
                 }
                 expect += 1;
                 let row = encode("batches", b)?;
+                sizes.push(row.len() as u64);
                 batches.insert(*seq, row.as_slice())?;
             }
             if c.next_seq != expect {
@@ -382,7 +385,7 @@ impl Store {
             }
         }
         txn.commit()?;
-        Ok(())
+        Ok(sizes)
     }
 
     /// Deletes acknowledged batches in one commit; returns those that were there.
