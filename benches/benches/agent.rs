@@ -254,5 +254,55 @@ fn bench_durable(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_record, bench_durable);
+/// CPU time of this process so far (user + system), from `/proc/self/stat`.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // The kernel's USER_HZ is 100 on every Linux this runs on.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// SPEC §9 "agent overhead": CPU used by the whole process while one thread records 100k
+/// events/s over 10k keys (paced, 100 calls per millisecond) and the agent seals every 250 ms.
+fn bench_overhead(_c: &mut Criterion) {
+    if !wanted("overhead") {
+        return;
+    }
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = offline_agent(&rt, dir.path());
+    let keys = keys();
+    warm(&agent, &keys);
+    let run = Duration::from_secs(4);
+    let (Some(cpu0), start) = (process_cpu(), Instant::now()) else {
+        return;
+    };
+    let mut k = 0;
+    let mut tick = start;
+    while start.elapsed() < run {
+        for _ in 0..100 {
+            let _ = agent.record(&keys[k], "api_calls", Decimal::ONE);
+            k = (k + 1) % KEYS;
+        }
+        tick += Duration::from_millis(1);
+        if let Some(wait) = tick.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let wall = start.elapsed();
+    let Some(cpu1) = process_cpu() else { return };
+    let share = (cpu1 - cpu0).as_secs_f64() / wall.as_secs_f64();
+    println!(
+        "== agent overhead at 100k events/s over 10k keys: {:.1} % of one core (whole process, offline agent, sealing every 250 ms)",
+        share * 100.0
+    );
+    rt.block_on(async {
+        let _ = agent.shutdown(Duration::from_millis(100)).await;
+    });
+}
+
+criterion_group!(benches, bench_record, bench_durable, bench_overhead);
 criterion_main!(benches);
