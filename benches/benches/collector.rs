@@ -179,7 +179,8 @@ fn breakdown(per_batch: usize, n: usize) {
         std::hint::black_box(p);
     }
     let post = t.elapsed();
-    // The committer alone: pre-verified batches, 50 per transaction.
+    // The committer alone: pre-verified batches, 100 per transaction (the default group limit of
+    // 100,000 deltas).
     let dir = tempfile::tempdir().expect("tempdir");
     let s = store(dir.path());
     let items: Vec<IngestBatch> = input
@@ -188,13 +189,13 @@ fn breakdown(per_batch: usize, n: usize) {
         .map(|(signed, body)| IngestBatch { body, signed })
         .collect();
     let t = Instant::now();
-    for group in items.chunks(50) {
+    for group in items.chunks(100) {
         s.ingest(group, 0).expect("ingest");
     }
     let commit = t.elapsed();
     let per = |d: Duration| d.as_secs_f64() * 1000.0 / n as f64;
     println!(
-        "breakdown batches of {per_batch}: verify+decode {:.3} ms/batch, ledger rules in memory {:.3} ms/batch ({} accounts), store.ingest in groups of 50 {:.3} ms/batch (rules included) = {:.0} deltas/s for the committer alone",
+        "breakdown batches of {per_batch}: verify+decode {:.3} ms/batch, ledger rules in memory {:.3} ms/batch ({} accounts), store.ingest in groups of 100 {:.3} ms/batch (rules included) = {:.0} deltas/s for the committer alone",
         per(verify),
         per(post),
         ws.accounts.len(),
@@ -337,6 +338,73 @@ async fn quic(per_batch: usize, n: usize) -> Report {
     }
 }
 
+/// Through QUIC at a fixed rate (about half the measured maximum): the commit latency an agent
+/// sees when the collector is not saturated.
+async fn quic_paced(per_batch: usize, batches_per_s: u64, n: usize) -> Report {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tally_collector::init(dir.path(), &[]).expect("init");
+    let handle = Collector::start(CollectorConfig::ephemeral(dir.path()))
+        .await
+        .expect("start");
+    for m in METERS {
+        handle.shared().put_meter(&meter(m)).expect("meter");
+    }
+    let ca = std::fs::read(&handle.files().ca_pem).expect("ca");
+    let key = SigningKey::from_bytes(&[40; 32]);
+    let input = batches(&key, 1, n, per_batch);
+    let c = TestClient::connect(handle.quic_addr(), &ca, &key, Some(handle.enroll_token()))
+        .await
+        .expect("connect");
+    let TestClient {
+        endpoint: _endpoint,
+        conn: _conn,
+        mut send,
+        mut recv,
+        ..
+    } = c;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let start = Instant::now();
+    let sender = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / batches_per_s));
+        for b in input {
+            tick.tick().await;
+            let bytes = tally_protocol::frame::encode_frame(&Frame::Batch(b)).expect("encode");
+            let _ = tx.send(Instant::now());
+            send.write_all(&bytes).await.expect("send");
+        }
+        send
+    });
+    let mut lat = hist();
+    let mut decoder = tally_protocol::frame::FrameDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut acked = 0;
+    while acked < n {
+        let Some(read) = recv.read(&mut buf).await.expect("read") else {
+            break;
+        };
+        decoder.push(&buf[..read]);
+        while let Some(f) = decoder.next_frame().expect("frame") {
+            if let Frame::Ack(a) = f {
+                assert_eq!(a.outcome, AckOutcome::Committed);
+                let t = rx.recv().await.expect("sent");
+                let _ = lat.record(t.elapsed().as_micros() as u64);
+                acked += 1;
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    let _send = sender.await.expect("join");
+    handle.shutdown().await;
+    Report {
+        name: format!("quic     batches of {per_batch:>5} at {batches_per_s}/s"),
+        deltas: (n * per_batch) as u64,
+        batches: n as u64,
+        elapsed,
+        latency_us: lat,
+        latency_label: "send→ack",
+    }
+}
+
 fn main() {
     let scale: f64 = std::env::var("TALLY_BENCH_SCALE")
         .ok()
@@ -359,5 +427,7 @@ fn main() {
         group(10, n(20_000)).await.print();
         quic(1000, n(400)).await.print();
         quic(10, n(20_000)).await.print();
+        quic_paced(1000, 100, n(300)).await.print();
+        quic_paced(10, 1000, n(3000)).await.print();
     });
 }

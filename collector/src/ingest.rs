@@ -43,8 +43,8 @@ pub struct GroupLimits {
 impl Default for GroupLimits {
     fn default() -> Self {
         GroupLimits {
-            max_batches: 512,
-            max_deltas: 50_000,
+            max_batches: 2048,
+            max_deltas: 100_000,
             queue: 4096,
         }
     }
