@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
-use tally_protocol::batch::{BUCKET_MS, Delta, bucket_start};
+use tally_protocol::batch::{Delta, bucket_start};
 use tally_protocol::catalog::Catalog;
 use tally_protocol::names::{CustomerId, Dimensions, MeterName};
 
@@ -53,50 +53,36 @@ pub(crate) struct KeyInfo {
     known: AtomicBool,
 }
 
-/// The aggregate of one key in one bucket since the last drain; 48 bytes, so that 10,000 keys
-/// stay within a core's L2 cache. `count == 0` means empty. Timestamps are offsets from the
-/// bucket start, which a one-minute bucket keeps below 65,536 ms.
+/// The aggregate of one key in one bucket since the last drain. `count == 0` means empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Acc {
-    pub(crate) sum: Decimal,
-    pub(crate) last: Decimal,
     pub(crate) bucket: i64,
-    pub(crate) count: u32,
-    first_off: u16,
-    last_off: u16,
+    pub(crate) sum: Decimal,
+    pub(crate) count: u64,
+    pub(crate) last: Decimal,
+    pub(crate) first_at: i64,
+    pub(crate) last_at: i64,
 }
-
-const _: () = assert!(tally_protocol::batch::BUCKET_MS <= u16::MAX as i64 + 1);
 
 impl Acc {
     const EMPTY: Acc = Acc {
-        sum: Decimal::ZERO,
-        last: Decimal::ZERO,
         bucket: 0,
+        sum: Decimal::ZERO,
         count: 0,
-        first_off: 0,
-        last_off: 0,
+        last: Decimal::ZERO,
+        first_at: 0,
+        last_at: 0,
     };
 
     fn one(qty: Decimal, at_ms: i64) -> Acc {
-        let bucket = bucket_start(at_ms);
-        let off = (at_ms - bucket) as u16;
         Acc {
+            bucket: bucket_start(at_ms),
             sum: qty,
-            last: qty,
-            bucket,
             count: 1,
-            first_off: off,
-            last_off: off,
+            last: qty,
+            first_at: at_ms,
+            last_at: at_ms,
         }
-    }
-
-    pub(crate) fn first_at(&self) -> i64 {
-        self.bucket + i64::from(self.first_off)
-    }
-
-    pub(crate) fn last_at(&self) -> i64 {
-        self.bucket + i64::from(self.last_off)
     }
 }
 
@@ -569,18 +555,16 @@ impl Aggregator {
             }
             return;
         }
-        let off = at_ms.wrapping_sub(acc.bucket);
         let sum = acc.sum.checked_add(qty);
         match sum {
-            Some(sum) if (0..BUCKET_MS).contains(&off) && acc.count < u32::MAX => {
-                let off = off as u16;
+            Some(sum) if acc.bucket == bucket_start(at_ms) => {
                 acc.sum = sum;
                 acc.count += 1;
-                if off >= acc.last_off {
+                if at_ms >= acc.last_at {
                     acc.last = qty;
-                    acc.last_off = off;
+                    acc.last_at = at_ms;
                 }
-                acc.first_off = acc.first_off.min(off);
+                acc.first_at = acc.first_at.min(at_ms);
             }
             // Another bucket, or a sum that would overflow: keep the old aggregate aside.
             _ => {
@@ -670,10 +654,10 @@ impl Aggregator {
                     dimensions: k.dims.clone(),
                     bucket_start_ms: a.bucket,
                     sum: a.sum,
-                    count: u64::from(a.count),
+                    count: a.count,
                     last: a.last,
-                    first_at_ms: a.first_at(),
-                    last_at_ms: a.last_at(),
+                    first_at_ms: a.first_at,
+                    last_at_ms: a.last_at,
                 })
             })
             .collect()
@@ -752,8 +736,7 @@ mod tests {
     }
 
     #[test]
-    fn accumulators_are_small_and_exact() {
-        assert_eq!(std::mem::size_of::<Acc>(), 48);
+    fn accumulators_keep_bucket_edges_exact() {
         let t = 1_699_999_980_000 + 59_999; // last ms of a bucket
         let a = Aggregator::new();
         a.record("c", "m", &[], Decimal::ONE, t).unwrap();
