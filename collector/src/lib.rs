@@ -11,7 +11,22 @@
 //! - [`quic`]: the QUIC server (handshake, batches, acks, pushes).
 //! - [`api`]: the admin HTTP API.
 //! - [`metrics`]: Prometheus metrics.
-//! - [`init`], [`config`], [`server`]: files on disk, configuration, and starting it all.
+//! - [`mod@init`], [`config`], [`server`], [`dev`]: files on disk, configuration, starting it
+//!   all, and the one-process quickstart.
+//! - [`testkit`]: a bare protocol client for tests and benchmarks.
+//!
+//! Starting a collector in-process (ports 0 pick free ones):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = std::path::Path::new("/tmp/tally");
+//! let files = tally_collector::init(dir, &[])?; // CA, certificate, tokens; never overwrites
+//! let handle = tally_collector::Collector::start(tally_collector::CollectorConfig::ephemeral(dir)).await?;
+//! println!("quic {} http {} ca {}", handle.quic_addr(), handle.http_addr(), files.ca_pem.display());
+//! let _token = handle.admin_token(); // a secret: never log it
+//! handle.shutdown().await; // acks flushed, queue committed
+//! # Ok(()) }
+//! ```
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
