@@ -69,6 +69,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)
 }
 
@@ -182,6 +183,16 @@ async fn auth(State(shared): St, headers: HeaderMap, req: Request, next: Next) -
             next.run(req).await
         }
         _ => ApiError::unauthorized().into_response(),
+    }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        kind: "invalid_request_error",
+        code: "method_not_allowed",
+        message: String::from("this route does not take that method"),
+        param: None,
     }
 }
 

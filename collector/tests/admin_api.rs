@@ -90,6 +90,9 @@ async fn auth_is_required_and_errors_are_stripe_shaped() {
     let (_, meters) = env.admin("GET", "/v1/meters", None).await;
     assert_eq!(meters["version"], 0);
     assert_eq!(env.admin("GET", "/v1/nope", None).await.0, 404);
+    let (s, v) = env.admin("DELETE", "/v1/meters", None).await;
+    assert_eq!(s, 405);
+    assert_stripe_error(&v, "invalid_request_error", "method_not_allowed");
     env.handle.shutdown().await;
 }
 
