@@ -146,6 +146,18 @@ async fn unknown_badly_enrolled_and_revoked_keys_are_refused() {
         &env,
         "tally_collector_handshakes_total{result=\"revoked_agent\"} 1"
     ));
+    // The same counts over the admin API's /metrics.
+    let (status, text) = env
+        .http("GET", "/metrics", Some(env.handle.admin_token()), None)
+        .await;
+    assert_eq!(status, 200);
+    for line in [
+        "tally_collector_handshakes_total{result=\"unknown_agent\"} 1",
+        "tally_collector_handshakes_total{result=\"invalid_enroll_token\"} 1",
+        "tally_collector_handshakes_total{result=\"revoked_agent\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in {text}");
+    }
     env.handle.shutdown().await;
 }
 
