@@ -46,6 +46,7 @@ async fn every_event_is_acknowledged_exactly_once_through_faults() {
         drop_conn_every: Some(11),
         drop_ack_every: Some(7),
         require_token: Some("tok".into()),
+        overload_every: Some(13),
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
@@ -144,6 +145,13 @@ async fn every_event_is_acknowledged_exactly_once_through_faults() {
     assert!(metrics.contains("tally_agent_batches_acked_total{outcome=\"duplicate\"}"));
     assert!(metrics.contains("tally_agent_backlog_batches 0"));
     agent.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[test]
+fn agent_is_clone_send_sync() {
+    fn check<T: Clone + Send + Sync + 'static>() {}
+    check::<Agent>();
+    check::<tally_agent::Counter>();
 }
 
 fn meter(name: &str) -> MeterDef {

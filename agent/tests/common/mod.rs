@@ -27,6 +27,8 @@ pub struct Faults {
     pub drop_ack_every: Option<u64>,
     /// Refuse handshakes whose token differs.
     pub require_token: Option<String>,
+    /// On every n-th batch received, answer `Frame::Error(Overloaded)` and close instead.
+    pub overload_every: Option<u64>,
 }
 
 /// What the stand-in saw.
@@ -42,6 +44,7 @@ pub struct Seen {
     pub dropped_acks: u64,
     pub connections: u64,
     pub bad_signatures: u64,
+    pub overloaded: u64,
 }
 
 pub struct StandIn {
@@ -234,6 +237,24 @@ async fn handle(conn: quinn::Connection, ctx: Ctx) -> R<()> {
                 return Ok(());
             }
         };
+        let overload = {
+            let mut s = ctx.seen.lock().unwrap();
+            let n = s.received + 1;
+            let hit = ctx.faults.overload_every.is_some_and(|k| n % k == 0);
+            if hit {
+                s.received = n;
+                s.overloaded += 1;
+            }
+            hit
+        };
+        if overload {
+            let e = ErrorFrame::new(ErrorCode::Overloaded, "collector is overloaded");
+            send(&mut tx, &Frame::Error(e)).await?;
+            tx.finish()?;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            conn.close(4u32.into(), b"overloaded");
+            return Ok(());
+        }
         let (outcome, drop_conn, drop_ack) = {
             let mut s = ctx.seen.lock().unwrap();
             s.received += 1;
