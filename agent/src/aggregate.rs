@@ -5,13 +5,16 @@
 //! id, and the ids touched since the last drain.
 //!
 //! Guarantees:
-//! - A call does no I/O and never waits on another recording thread. It takes the mutex of its
-//!   own thread's shard, which only that thread and the sealer (once per `flush_interval`, for
-//!   microseconds) ever touch, so it is uncontended in practice; shards are separate, 128-byte
-//!   aligned allocations, so two threads never write the same cache line.
+//! - A call does no I/O and never waits on another recording thread. It takes the lock of its
+//!   own thread's shard (one atomic swap; released with a plain store), which only that thread
+//!   and the sealer (once per `flush_interval`, for the microseconds of a drain) ever take, so
+//!   it is uncontended in practice; shards are separate, 128-byte aligned allocations, so two
+//!   threads never write the same cache line. No lock or counter is shared between recording
+//!   threads.
 //! - Once a key has been seen by a thread, a call allocates nothing: the key is found by a hash
-//!   of the borrowed strings, the accumulator is updated in place, and the touched list and the
-//!   spill list keep their capacity across drains.
+//!   of the borrowed strings and compared against its bytes in the shard's arena, the
+//!   accumulator is updated in place, and the touched list and the spill list keep their
+//!   capacity across drains.
 //! - Counts of calls and errors are plain per-shard integers, summed when drained or scraped.
 //! - A quantity is counted in exactly one drain: the sealer takes each accumulator under the
 //!   shard's lock and resets it.
