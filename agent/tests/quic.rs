@@ -154,6 +154,17 @@ fn agent_is_clone_send_sync() {
     check::<tally_agent::Counter>();
 }
 
+/// The agent's last connection error, waiting up to 20 s for one.
+async fn last_error(a: &Agent) -> String {
+    for _ in 0..200 {
+        if let Some(e) = a.status().last_error {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no connection error after 20 s: {:?}", a.status());
+}
+
 fn meter(name: &str) -> MeterDef {
     MeterDef {
         name: MeterName::new(name).unwrap(),
@@ -236,8 +247,15 @@ async fn a_refused_handshake_is_reported_and_retried() {
         r,
         Err(tally_agent::FlushError::Timeout { unacked: 1 })
     ));
-    let last_error = a.status().last_error.unwrap();
+    let last_error = last_error(&a).await;
     assert!(last_error.contains("invalid_enroll_token"), "{last_error}");
+    // It keeps retrying.
+    for _ in 0..200 {
+        if standin.seen.lock().unwrap().connections >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(standin.seen.lock().unwrap().connections >= 2);
     // Unacknowledged work stays on disk.
     assert!(matches!(
@@ -255,7 +273,7 @@ async fn a_wrong_ca_is_never_trusted() {
     a.record("acme", "api_calls", Decimal::ONE).unwrap();
     assert!(a.flush(Duration::from_millis(500)).await.is_err());
     assert_eq!(standin.seen.lock().unwrap().received, 0);
-    let last_error = a.status().last_error.unwrap();
+    let last_error = last_error(&a).await;
     assert!(
         last_error.to_lowercase().contains("certificate"),
         "{last_error}"
