@@ -31,6 +31,7 @@ pub mod keys;
 pub mod metrics;
 pub mod sealer;
 pub mod shipper;
+pub mod sidecar;
 pub mod status;
 pub mod store;
 

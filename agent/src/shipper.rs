@@ -416,7 +416,11 @@ async fn connected(
         tokio::select! {
             _ = stop.changed() => return Ok(()),
             _ = sh.sealed_notify.notified() => {}
-            r = recv.read(&mut buf) => {
+            // Frames that arrived with the welcome (or with an earlier read) are handled before
+            // waiting for more bytes.
+            r = async {
+                if dec.has_frame() { Ok(Some(0)) } else { recv.read(&mut buf).await }
+            } => {
                 match r? {
                     Some(n) => dec.push(&buf[..n]),
                     None => return Err("stream closed by the collector".into()),

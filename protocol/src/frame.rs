@@ -238,6 +238,17 @@ impl FrameDecoder {
         }
     }
 
+    /// Whether a whole frame (or an error) is buffered, so the next [`Self::next_frame`] does not
+    /// need more bytes. A reader must drain these before waiting on the transport: a peer may
+    /// have sent several frames in one read.
+    pub fn has_frame(&self) -> bool {
+        match frame_len(&self.buf) {
+            Ok(Some(len)) => self.buf.len() >= LENGTH_PREFIX_BYTES + len,
+            Ok(None) => false,
+            Err(_) => true,
+        }
+    }
+
     /// Bytes buffered but not yet decoded.
     pub fn buffered(&self) -> usize {
         self.buf.len()
@@ -266,7 +277,9 @@ mod tests {
             d.push(std::slice::from_ref(b));
             assert_eq!(d.next_frame(), Ok(None));
         }
+        assert!(!d.has_frame());
         d.push(&bytes[bytes.len() - 1..]);
+        assert!(d.has_frame());
         assert_eq!(d.next_frame(), Ok(Some(f)));
         assert_eq!(d.buffered(), 0);
     }

@@ -164,7 +164,10 @@ pub struct Authenticated {
 #[derive(Debug)]
 enum ServerState {
     AwaitHello,
-    AwaitProof { hello: Hello, key: VerifyingKey },
+    AwaitProof {
+        hello: Box<Hello>,
+        key: VerifyingKey,
+    },
     Done,
 }
 
@@ -197,7 +200,10 @@ impl ServerHandshake {
         }
         let key =
             VerifyingKey::from_bytes(&hello.public_key).map_err(|_| HandshakeError::BadKey)?;
-        self.state = ServerState::AwaitProof { hello, key };
+        self.state = ServerState::AwaitProof {
+            hello: Box::new(hello),
+            key,
+        };
         Ok(Challenge { nonce: self.nonce })
     }
 

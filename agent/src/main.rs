@@ -1,0 +1,285 @@
+//! `tally-agent`: the sidecar (SPEC §4). `run` starts an agent and its HTTP endpoints, `keygen`
+//! makes the agent's key, `status` shows the local backlog.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tally_agent::sidecar::backend::AgentBackend;
+use tally_agent::sidecar::http::{DEFAULT_MAX_BODY_BYTES, HttpConfig, router};
+use tally_agent::{Agent, Overflow};
+
+#[derive(Parser)]
+#[command(
+    name = "tally-agent",
+    version,
+    about = "Tally sidecar agent: meter usage locally, ship it exactly once"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent and its HTTP endpoints.
+    Run(RunArgs),
+    /// Create the agent's key in the data directory (if it has none) and print its id.
+    Keygen {
+        /// The agent's data directory.
+        #[arg(long, env = "TALLY_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+    /// Show the agent's backlog: from the running sidecar if it is up, else from the store.
+    Status {
+        /// The agent's data directory.
+        #[arg(long, env = "TALLY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The running sidecar's HTTP address.
+        #[arg(long, env = "TALLY_HTTP", default_value = "127.0.0.1:7070")]
+        http: SocketAddr,
+        /// Bearer token of the running sidecar.
+        #[arg(long, env = "TALLY_HTTP_TOKEN")]
+        token: Option<String>,
+    },
+}
+
+/// Every flag is also a `TALLY_*` variable and a key of `--config agent.toml`; flags win over
+/// variables, variables over the file.
+#[derive(Args, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunArgs {
+    /// TOML file with any of these settings (keys as the flags, with `_` for `-`).
+    #[arg(long, env = "TALLY_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Where the agent keeps its key, sealed batches and caches.
+    #[arg(long, env = "TALLY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Collector QUIC address, `HOST:PORT`; repeat for failover in order.
+    #[arg(long = "collector", env = "TALLY_COLLECTORS", value_delimiter = ',')]
+    #[serde(default)]
+    collectors: Vec<String>,
+    /// PEM file of the deployment's CA.
+    #[arg(long, env = "TALLY_CA")]
+    ca: Option<PathBuf>,
+    /// Enrolment token (first contact registers this agent's key).
+    #[arg(long, env = "TALLY_ENROLL_TOKEN", hide_env_values = true)]
+    enroll_token: Option<String>,
+    /// File holding the enrolment token, instead of `--enroll-token`.
+    #[arg(long, env = "TALLY_ENROLL_TOKEN_FILE")]
+    enroll_token_file: Option<PathBuf>,
+    /// HTTP listen address.
+    #[arg(long, env = "TALLY_HTTP")]
+    http: Option<SocketAddr>,
+    /// Bearer token required by the HTTP endpoints (health checks excepted).
+    #[arg(long, env = "TALLY_HTTP_TOKEN", hide_env_values = true)]
+    http_token: Option<String>,
+    /// Seal interval in milliseconds (the `kill -9` loss window of `record()`).
+    #[arg(long, env = "TALLY_FLUSH_INTERVAL_MS")]
+    flush_interval_ms: Option<u64>,
+    /// Disk budget in bytes for sealed, unacknowledged batches.
+    #[arg(long, env = "TALLY_DISK_BUDGET")]
+    disk_budget: Option<u64>,
+    /// `block` or `reject` once the disk budget is used up.
+    #[arg(long, env = "TALLY_OVERFLOW")]
+    overflow: Option<String>,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "TALLY_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+}
+
+impl RunArgs {
+    /// Fills what flags and variables left unset from the config file.
+    fn merge(mut self) -> Result<RunArgs> {
+        let Some(path) = &self.config else {
+            return Ok(self);
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let file: RunArgs =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        macro_rules! fill {
+            ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* };
+        }
+        fill!(
+            data_dir,
+            ca,
+            enroll_token,
+            enroll_token_file,
+            http,
+            http_token,
+            flush_interval_ms,
+            disk_budget,
+            overflow,
+            max_body_bytes
+        );
+        if self.collectors.is_empty() {
+            self.collectors = file.collectors;
+        }
+        Ok(self)
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Run(args) => rt.block_on(run(args.merge()?)),
+        Command::Keygen { data_dir } => keygen(&data_dir),
+        Command::Status {
+            data_dir,
+            http,
+            token,
+        } => rt.block_on(status(&data_dir, http, token)),
+    }
+}
+
+fn keygen(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let key = tally_agent::keys::load_or_create(dir)?;
+    let id = tally_protocol::batch::AgentId::from_public_key(&key.verifying_key());
+    println!("agent id:   {id}");
+    println!(
+        "public key: {}",
+        hex::encode(key.verifying_key().as_bytes())
+    );
+    println!(
+        "key file:   {}",
+        dir.join(tally_agent::keys::KEY_FILE).display()
+    );
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let data_dir = args.data_dir.context("--data-dir is required")?;
+    if args.collectors.is_empty() {
+        bail!("at least one --collector is required");
+    }
+    let ca_path = args.ca.context("--ca is required")?;
+    let ca = std::fs::read(&ca_path).with_context(|| format!("reading {}", ca_path.display()))?;
+    let token = match (args.enroll_token, args.enroll_token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(p)) => Some(std::fs::read_to_string(&p)?.trim().to_string()),
+        (None, None) => None,
+    };
+    let mut builder = Agent::builder()
+        .data_dir(&data_dir)
+        .collectors(args.collectors)
+        .ca_pem(ca);
+    if let Some(t) = token {
+        builder = builder.enroll_token(t);
+    }
+    if let Some(ms) = args.flush_interval_ms {
+        builder = builder.flush_interval(Duration::from_millis(ms));
+    }
+    if let Some(b) = args.disk_budget {
+        builder = builder.disk_budget(b);
+    }
+    match args.overflow.as_deref() {
+        None | Some("block") => {}
+        Some("reject") => builder = builder.overflow(Overflow::Reject),
+        Some(other) => bail!("--overflow must be block or reject, not {other:?}"),
+    }
+    let agent = builder.start().await?;
+    let http = args
+        .http
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070)));
+    let config = HttpConfig {
+        token: args.http_token,
+        max_body_bytes: args.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+    };
+    serve(agent, http, config).await
+}
+
+/// Serves the sidecar until Ctrl-C or SIGTERM, then shuts the agent down gracefully.
+async fn serve(agent: Agent, addr: SocketAddr, config: HttpConfig) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, agent_id = %agent.agent_id(), "sidecar listening");
+    let app = router(AgentBackend::new(agent.clone()), config);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("shutting down: sealing and shipping what is left");
+    if let Err(e) = agent.shutdown(Duration::from_secs(10)).await {
+        tracing::warn!(error = %e, "shutdown left batches on disk; they ship on the next start");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn status(dir: &Path, http: SocketAddr, token: Option<String>) -> Result<()> {
+    // A running agent holds its store open; ask it over HTTP first.
+    if let Ok(json) = http_status(http, token.as_deref()).await {
+        println!("{json}");
+        return Ok(());
+    }
+    let store = tally_agent::store::Store::open(
+        &dir.join("agent.redb"),
+        tally_agent::config::DEFAULT_DEDUP_WINDOW,
+    )
+    .with_context(|| {
+        format!(
+            "opening the store in {} (is the agent running elsewhere?)",
+            dir.display()
+        )
+    })?;
+    let unacked = store.unacked()?;
+    let (log_rows, log_bytes) = store.log_size()?;
+    let json = serde_json::json!({
+        "running": false,
+        "epoch": store.epoch(),
+        "backlog_batches": unacked.len(),
+        "backlog_bytes": unacked.iter().map(|b| b.bytes).sum::<u64>() + log_bytes,
+        "durable_log_events": log_rows,
+        "oldest_unacked_seq": unacked.first().map(|b| b.seq),
+        "catalog_version": store.catalog()?.map(|c| c.version),
+        "entitlements_version": store.entitlements()?.map(|e| e.version),
+    });
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+async fn http_status(addr: SocketAddr, token: Option<&str>) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await??;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!("GET /v1/status HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await??;
+    let text = String::from_utf8(out)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("bad response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("sidecar answered {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_string())
+}

@@ -1,0 +1,521 @@
+//! The sidecar's HTTP surface (SPEC §4): OpenMeter- and Stripe-compatible ingest, flush, health
+//! and metrics. A thin axum shell over [`SidecarBackend`]; a 2xx from an ingest endpoint means
+//! the events are on the agent's disk.
+
+use crate::sidecar::cloudevents::{self, Mode};
+use crate::sidecar::mapping::{IngestCatalog, MappedEvent};
+use crate::sidecar::stripe_form::{self, StripeError};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::Path;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use rust_decimal::Decimal;
+use std::sync::Arc;
+use std::time::Duration;
+use tally_protocol::entitlements::{CustomerEntitlements, Enforcement, MeterLimit};
+use tally_protocol::names::{CustomerId, MeterName};
+
+/// Default largest request body: 4 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why the backend could not take events.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// The disk budget is spent and the overflow policy is `reject`.
+    #[error("the agent's disk budget is full")]
+    OverBudget,
+    /// The catalog is not known yet.
+    #[error("the meter catalog is not known yet")]
+    NotReady,
+    /// Anything else: the events were not recorded.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What the HTTP layer needs from the agent.
+pub trait SidecarBackend: Send + Sync + 'static {
+    /// The compiled catalog, once the collector has sent one.
+    fn catalog(&self) -> Option<Arc<IngestCatalog>>;
+    /// Records all events durably (one group commit), or none of them.
+    fn record_durable(
+        &self,
+        events: Vec<MappedEvent>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Seals and waits for acknowledgement.
+    fn flush(&self, timeout: Duration) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Prometheus text.
+    fn render_metrics(&self) -> String;
+    /// Whether the store is open and the catalog known.
+    fn ready(&self) -> bool;
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+    /// The agent's `status()` as JSON.
+    fn status_json(&self) -> serde_json::Value;
+    /// What the agent's entitlement cache knows of `customer`.
+    fn entitlements(&self, customer: &CustomerId) -> EntitlementsView;
+    /// Records `quantity` durably only if the customer's limit allows it.
+    fn consume(
+        &self,
+        customer: CustomerId,
+        meter: MeterName,
+        quantity: Decimal,
+    ) -> impl Future<Output = Result<Consumed, BackendError>> + Send;
+}
+
+/// The entitlement cache's view of one customer.
+#[derive(Debug, Clone, Default)]
+pub struct EntitlementsView {
+    /// Version of the snapshot, if one was ever received.
+    pub snapshot_version: Option<u64>,
+    /// Age of the snapshot in ms.
+    pub snapshot_age_ms: Option<i64>,
+    /// True when the agent is not connected, so the snapshot may be behind.
+    pub stale: bool,
+    /// The customer's entry, if the snapshot has one.
+    pub customer: Option<CustomerEntitlements>,
+}
+
+/// The outcome of a consume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumed {
+    /// Whether the usage was allowed (and recorded).
+    pub allowed: bool,
+    /// What remains after it, when a limit is known.
+    pub remaining: Option<Decimal>,
+}
+
+/// HTTP settings.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Bearer token required on every endpoint but health checks, when set.
+    pub token: Option<String>,
+    /// Largest accepted body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            token: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+struct Ctx<B> {
+    backend: B,
+    config: HttpConfig,
+}
+
+/// The router.
+pub fn router<B: SidecarBackend>(backend: B, config: HttpConfig) -> Router {
+    let ctx = Arc::new(Ctx { backend, config });
+    Router::new()
+        .route("/api/v1/events", post(openmeter_ingest::<B>))
+        .route("/v1/billing/meter_events", post(stripe_ingest::<B>))
+        .route("/v1/flush", post(flush::<B>))
+        .route("/v1/entitlements/{customer}", get(entitlements::<B>))
+        .route(
+            "/v1/entitlements/{customer}/{item}",
+            get(entitlement_item::<B>),
+        )
+        .route(
+            "/v1/entitlements/{customer}/{meter}/consume",
+            post(consume::<B>),
+        )
+        .route("/metrics", get(metrics::<B>))
+        .route("/v1/status", get(status::<B>))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz::<B>))
+        .with_state(ctx)
+}
+
+fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail.into(),
+    });
+    let mut r = (status, body.to_string()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    r
+}
+
+fn stripe_error(status: StatusCode, e: &StripeError) -> Response {
+    (status, axum::Json(e.body())).into_response()
+}
+
+fn authorized<B>(ctx: &Ctx<B>, headers: &HeaderMap) -> bool {
+    let Some(token) = &ctx.config.token else {
+        return true;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    constant_time_eq(given.as_bytes(), token.as_bytes())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads the body up to the limit; `Err(())` when it is larger.
+async fn body_bytes(req: Request, limit: usize) -> Result<Bytes, ()> {
+    let too_big = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > limit);
+    if too_big {
+        return Err(());
+    }
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| ())
+}
+
+fn content_type(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+fn backend_status(e: &BackendError) -> StatusCode {
+    match e {
+        BackendError::OverBudget => StatusCode::TOO_MANY_REQUESTS,
+        BackendError::NotReady | BackendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+async fn openmeter_ingest<B: SidecarBackend>(
+    State(ctx): State<Arc<Ctx<B>>>,
+    req: Request,
+) -> Response {
+    if !authorized(&ctx, req.headers()) {
+        return problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let Some(mode) = Mode::from_content_type(content_type(req.headers())) else {
+        return problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "use application/cloudevents+json, application/cloudevents-batch+json or application/json",
+        );
+    };
+    let limit = ctx.config.max_body_bytes;
+    let Ok(body) = body_bytes(req, limit).await else {
+        return problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body is larger than {limit} bytes"),
+        );
+    };
+    let Some(catalog) = ctx.backend.catalog() else {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the meter catalog is not known yet; retry shortly",
+        );
+    };
+    let events = match cloudevents::parse(&body, mode, &catalog, ctx.backend.now_ms()) {
+        Ok(events) => events,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    match ctx.backend.record_durable(events).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => problem(backend_status(&e), e.to_string()),
+    }
+}
+
+async fn stripe_ingest<B: SidecarBackend>(
+    State(ctx): State<Arc<Ctx<B>>>,
+    req: Request,
+) -> Response {
+    if !authorized(&ctx, req.headers()) {
+        let e = StripeError {
+            kind: "invalid_request_error",
+            code: "api_key_invalid",
+            message: String::from("Invalid API Key provided."),
+            param: None,
+        };
+        return stripe_error(StatusCode::UNAUTHORIZED, &e);
+    }
+    let ct = content_type(req.headers())
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if ct != "application/x-www-form-urlencoded" {
+        let e = StripeError {
+            kind: "invalid_request_error",
+            code: "invalid_content_type",
+            message: String::from("Requests must be application/x-www-form-urlencoded."),
+            param: None,
+        };
+        return stripe_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, &e);
+    }
+    let idem = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let limit = ctx.config.max_body_bytes;
+    let Ok(body) = body_bytes(req, limit).await else {
+        let e = StripeError {
+            kind: "invalid_request_error",
+            code: "request_too_large",
+            message: format!("Request body is larger than {limit} bytes."),
+            param: None,
+        };
+        return stripe_error(StatusCode::PAYLOAD_TOO_LARGE, &e);
+    };
+    let Some(catalog) = ctx.backend.catalog() else {
+        let e = StripeError {
+            kind: "api_error",
+            code: "catalog_unavailable",
+            message: String::from("The meter catalog is not known yet; retry shortly."),
+            param: None,
+        };
+        return stripe_error(StatusCode::SERVICE_UNAVAILABLE, &e);
+    };
+    let now_s = ctx.backend.now_ms().div_euclid(1000);
+    let accepted =
+        match stripe_form::parse(&body, &catalog, now_s, idem.as_deref(), fresh_identifier) {
+            Ok(a) => a,
+            Err(e) => return stripe_error(StatusCode::BAD_REQUEST, &e),
+        };
+    match ctx.backend.record_durable(vec![accepted.event]).await {
+        Ok(()) => axum::Json(accepted.object).into_response(),
+        Err(e) => {
+            let se = StripeError {
+                kind: "api_error",
+                code: "agent_unavailable",
+                message: e.to_string(),
+                param: None,
+            };
+            stripe_error(backend_status(&e), &se)
+        }
+    }
+}
+
+fn fresh_identifier() -> String {
+    let mut b = [0u8; 12];
+    // An identifier only names the event in our answer; if the OS RNG fails we still answer.
+    let _ = getrandom::getrandom(&mut b);
+    format!("tly_{}", hex::encode(b))
+}
+
+async fn flush<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>, headers: HeaderMap) -> Response {
+    if !authorized(&ctx, &headers) {
+        return problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    match ctx.backend.flush(Duration::from_secs(30)).await {
+        Ok(()) => axum::Json(serde_json::json!({"flushed": true})).into_response(),
+        Err(e) => problem(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
+    }
+}
+
+async fn metrics<B: SidecarBackend>(
+    State(ctx): State<Arc<Ctx<B>>>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&ctx, &headers) {
+        return problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let mut r = Response::new(Body::from(ctx.backend.render_metrics()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+async fn status<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>, headers: HeaderMap) -> Response {
+    if !authorized(&ctx, &headers) {
+        return problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    axum::Json(ctx.backend.status_json()).into_response()
+}
+
+async fn readyz<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>) -> Response {
+    if ctx.backend.ready() {
+        "ready".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: catalog unknown or store closed",
+        )
+            .into_response()
+    }
+}
+
+fn limit_json(l: &MeterLimit) -> serde_json::Value {
+    serde_json::json!({
+        "meter": l.meter.as_str(),
+        "limit": l.limit.to_string(),
+        "used": l.used.to_string(),
+        "remaining": (l.limit - l.used).max(Decimal::ZERO).to_string(),
+        "enforcement": match l.enforcement { Enforcement::Hard => "hard", Enforcement::Soft => "soft" },
+    })
+}
+
+fn snapshot_json(v: &EntitlementsView) -> serde_json::Value {
+    match v.snapshot_version {
+        Some(version) => serde_json::json!({
+            "known": true, "version": version, "age_ms": v.snapshot_age_ms, "stale": v.stale,
+        }),
+        None => serde_json::json!({
+            "known": false,
+            "stale": true,
+            "message": "no entitlement snapshot has been received from the collector yet",
+        }),
+    }
+}
+
+fn parse_customer(s: &str) -> Result<CustomerId, Box<Response>> {
+    CustomerId::new(s)
+        .map_err(|e| Box::new(problem(StatusCode::BAD_REQUEST, format!("customer: {e}"))))
+}
+
+async fn entitlements<B: SidecarBackend>(
+    State(ctx): State<Arc<Ctx<B>>>,
+    headers: HeaderMap,
+    Path(customer): Path<String>,
+) -> Response {
+    if !authorized(&ctx, &headers) {
+        return problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let customer = match parse_customer(&customer) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let view = ctx.backend.entitlements(&customer);
+    let (features, limits): (Vec<&str>, serde_json::Map<String, serde_json::Value>) =
+        match &view.customer {
+            Some(c) => (
+                c.features.iter().map(String::as_str).collect(),
+                c.limits
+                    .iter()
+                    .map(|l| (l.meter.to_string(), limit_json(l)))
+                    .collect(),
+            ),
+            None => (Vec::new(), serde_json::Map::new()),
+        };
+    axum::Json(serde_json::json!({
+        "customer": customer.as_str(),
+        "snapshot": snapshot_json(&view),
+        "features": features,
+        "limits": limits,
+    }))
+    .into_response()
+}
+
+async fn entitlement_item<B: SidecarBackend>(
+    State(ctx): State<Arc<Ctx<B>>>,
+    headers: HeaderMap,
+    Path((customer, item)): Path<(String, String)>,
+) -> Response {
+    if !authorized(&ctx, &headers) {
+        return problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let customer = match parse_customer(&customer) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let view = ctx.backend.entitlements(&customer);
+    let is_meter = ctx.backend.catalog().is_some_and(|c| c.has_meter(&item));
+    let limit = view
+        .customer
+        .as_ref()
+        .and_then(|c| c.limits.iter().find(|l| l.meter.as_str() == item));
+    let body = match (is_meter, limit) {
+        (_, Some(l)) => limit_json(l),
+        (true, None) => serde_json::json!({
+            "meter": item, "limit": null, "used": null, "remaining": null, "enforcement": null,
+        }),
+        (false, None) => serde_json::json!({
+            "feature": item,
+            "has_access": view.customer.as_ref().is_some_and(|c| c.features.contains(&item)),
+        }),
+    };
+    let mut body = body;
+    body["customer"] = serde_json::Value::from(customer.as_str());
+    body["snapshot"] = snapshot_json(&view);
+    axum::Json(body).into_response()
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsumeBody {
+    quantity: String,
+}
+
+async fn consume<B: SidecarBackend>(
+    State(ctx): State<Arc<Ctx<B>>>,
+    Path((customer, meter)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    if !authorized(&ctx, req.headers()) {
+        return problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    if Mode::from_content_type(content_type(req.headers())) != Some(Mode::Json) {
+        return problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "use application/json");
+    }
+    let customer = match parse_customer(&customer) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let meter = match MeterName::new(meter) {
+        Ok(m) => m,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, format!("meter: {e}")),
+    };
+    if !ctx
+        .backend
+        .catalog()
+        .is_some_and(|c| c.has_meter(meter.as_str()))
+    {
+        return problem(StatusCode::BAD_REQUEST, format!("unknown meter {meter}"));
+    }
+    let limit = ctx.config.max_body_bytes;
+    let Ok(body) = body_bytes(req, limit).await else {
+        return problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body is larger than {limit} bytes"),
+        );
+    };
+    let quantity = match serde_json::from_slice::<ConsumeBody>(&body) {
+        Ok(b) => match crate::sidecar::quantity::parse_quantity(&b.quantity) {
+            Ok(q) => q,
+            Err(e) => return problem(StatusCode::BAD_REQUEST, format!("quantity: {e}")),
+        },
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!("body must be {{\"quantity\":\"…\"}}: {e}"),
+            );
+        }
+    };
+    match ctx.backend.consume(customer, meter, quantity).await {
+        Ok(c) => {
+            let status = if c.allowed {
+                StatusCode::OK
+            } else {
+                StatusCode::PAYMENT_REQUIRED
+            };
+            let body = serde_json::json!({
+                "allowed": c.allowed,
+                "remaining": c.remaining.map(|r| r.to_string()),
+            });
+            (status, axum::Json(body)).into_response()
+        }
+        Err(e) => problem(backend_status(&e), e.to_string()),
+    }
+}
