@@ -1,5 +1,6 @@
 //! `tally-collector dev` (SPEC §8): a whole local deployment in one process — the collector with
-//! its embedded store, the sample catalog, and an in-process agent connected over real QUIC.
+//! its embedded store, the sample catalog, and an in-process agent connected over real QUIC whose
+//! sidecar endpoints (OpenMeter and Stripe compatible, SPEC §4) listen on `--agent-http`.
 //!
 //! Owns [`DevOptions`] and [`run`]. Guarantees: the data directory is initialised on first start
 //! and reused after; sample meters are added only when missing (a meter changed through the API
@@ -42,7 +43,7 @@ pub struct DevOptions {
     pub quic: SocketAddr,
     /// Admin API listen address.
     pub http: SocketAddr,
-    /// The sidecar's HTTP address (not yet served).
+    /// The sidecar's HTTP address.
     pub agent_http: SocketAddr,
     /// Whether to start the in-process agent.
     pub agent: bool,
@@ -66,6 +67,42 @@ pub struct Dev {
     pub collector: CollectorHandle,
     /// The in-process agent, if it started.
     pub agent: Option<tally_agent::Agent>,
+    sidecar: Option<Sidecar>,
+}
+
+/// The dev agent's sidecar HTTP server.
+struct Sidecar {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Serves the sidecar endpoints of `agent` on `addr` until stopped.
+async fn serve_sidecar(agent: &tally_agent::Agent, addr: SocketAddr) -> Result<Sidecar, DevError> {
+    use tally_agent::sidecar::{backend::AgentBackend, http};
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| DevError::Agent(format!("sidecar cannot listen on {addr}: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| DevError::Agent(e.to_string()))?;
+    let app = http::router(
+        AgentBackend::new(agent.clone()),
+        http::HttpConfig::default(),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let graceful = async move {
+            let _ = stopped.await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(graceful)
+            .await
+        {
+            tracing::error!(error = %e, "sidecar HTTP server failed");
+        }
+    });
+    Ok(Sidecar { addr, stop, task })
 }
 
 /// Starts the deployment and prints how to use it.
@@ -99,8 +136,28 @@ pub async fn start(opts: &DevOptions) -> Result<Dev, DevError> {
     } else {
         None
     };
-    print_banner(&files.admin_token, &collector, opts, agent.is_some());
-    Ok(Dev { collector, agent })
+    let sidecar = match &agent {
+        Some(a) => match serve_sidecar(a, opts.agent_http).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "the sidecar endpoints are not served");
+                None
+            }
+        },
+        None => None,
+    };
+    print_banner(
+        &files.admin_token,
+        &collector,
+        opts,
+        agent.is_some(),
+        sidecar.as_ref().map(|s| s.addr),
+    );
+    Ok(Dev {
+        collector,
+        agent,
+        sidecar,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -137,8 +194,18 @@ pub async fn stop_dev_agent(agent: tally_agent::Agent, timeout: Duration) {
 // ---------------------------------------------------------------------------------------------
 
 impl Dev {
-    /// Graceful shutdown: the agent seals and ships, then the collector commits and stops.
+    /// Where the sidecar endpoints listen, if they are served.
+    pub fn sidecar_addr(&self) -> Option<SocketAddr> {
+        self.sidecar.as_ref().map(|s| s.addr)
+    }
+
+    /// Graceful shutdown: the sidecar stops taking requests and finishes those in flight, the
+    /// agent seals and ships, then the collector commits and stops.
     pub async fn shutdown(self) {
+        if let Some(s) = self.sidecar {
+            let _ = s.stop.send(());
+            let _ = s.task.await;
+        }
         if let Some(agent) = self.agent {
             stop_dev_agent(agent, Duration::from_secs(5)).await;
         }
@@ -155,7 +222,13 @@ pub async fn run(opts: DevOptions, stop: impl Future<Output = ()>) -> Result<(),
     Ok(())
 }
 
-fn print_banner(token_path: &Path, c: &CollectorHandle, opts: &DevOptions, agent: bool) {
+fn print_banner(
+    token_path: &Path,
+    c: &CollectorHandle,
+    opts: &DevOptions,
+    agent: bool,
+    sidecar: Option<SocketAddr>,
+) {
     let token = token_path.display();
     let http = c.http_addr();
     let auth = format!("-H \"Authorization: Bearer $(cat {token})\"");
@@ -172,15 +245,29 @@ fn print_banner(token_path: &Path, c: &CollectorHandle, opts: &DevOptions, agent
     } else {
         println!("  agent            NOT RUNNING (see the log above)");
     }
-    println!(
-        "  sidecar HTTP     {} is not yet served (the sidecar's endpoints are a later issue)",
-        opts.agent_http
-    );
-    println!("  stripe           forwarding is not yet served (a later issue)");
+    match sidecar {
+        Some(a) => println!("  sidecar HTTP     http://{a} (OpenMeter and Stripe compatible)"),
+        None => println!(
+            "  sidecar HTTP     NOT SERVED on {} (see the log above)",
+            opts.agent_http
+        ),
+    }
     println!();
-    println!("try:");
+    if let Some(a) = sidecar {
+        println!("send usage through the sidecar (a 2xx means it is on the agent's disk):");
+        println!(
+            "  curl -s -X POST http://{a}/api/v1/events -H 'Content-Type: application/cloudevents+json' -d '{{\"specversion\":\"1.0\",\"type\":\"api_call\",\"id\":\"evt-1\",\"source\":\"quickstart\",\"subject\":\"acme\",\"data\":{{\"count\":3}}}}'"
+        );
+        println!(
+            "  curl -s -X POST http://{a}/v1/billing/meter_events -d event_name=tokens -d identifier=req-1 -d 'payload[stripe_customer_id]=acme' -d 'payload[value]=1500' -d 'payload[model]=gpt-4o'"
+        );
+        println!("  curl -s -X POST http://{a}/v1/flush");
+        println!();
+    }
+    println!("read it back, and more:");
     println!("  curl -s {auth} http://{http}/v1/meters");
     println!("  curl -s {auth} 'http://{http}/v1/usage?customer=acme&meter=api_calls'");
+    println!("  curl -s {auth} 'http://{http}/v1/usage?customer=acme&meter=tokens'");
     println!("  curl -s {auth} http://{http}/v1/agents");
     println!("  curl -s {auth} http://{http}/v1/ledger/verify");
     println!(

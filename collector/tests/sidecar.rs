@@ -86,7 +86,7 @@ async fn stripe_sdk_and_openmeter_batches_reach_the_ledger_exactly() {
         .as_secs() as i64;
     let ts = now_s - 60;
     let period = Period::of_ms(ts * 1000).to_string();
-    let mut rng = Rng(0x5eed_0f_51de);
+    let mut rng = Rng(0x005e_ed0f_51de);
     let mut model: HashMap<(String, &str), Decimal> = HashMap::new();
 
     // Stripe: 300 meter events with identifiers; every 5th is retried with the same identifier
@@ -136,10 +136,8 @@ async fn stripe_sdk_and_openmeter_batches_reach_the_ledger_exactly() {
     }
 
     // A refused batch records nothing: the last event has a negative value.
-    let bad = format!(
-        r#"[{{"specversion":"1.0","type":"api_call","id":"x1","source":"s","subject":"cus_0001","data":{{"count":5}}}},{{"specversion":"1.0","type":"api_call","id":"x2","source":"s","subject":"cus_0001","data":{{"count":-1}}}}]"#
-    );
-    assert_eq!(cloudevents_post(addr, &bad).await.0, 400);
+    let bad = r#"[{"specversion":"1.0","type":"api_call","id":"x1","source":"s","subject":"cus_0001","data":{"count":5}},{"specversion":"1.0","type":"api_call","id":"x2","source":"s","subject":"cus_0001","data":{"count":-1}}]"#;
+    assert_eq!(cloudevents_post(addr, bad).await.0, 400);
 
     let (status, _) = raw(addr, "POST /v1/flush HTTP/1.1\r\n", b"").await;
     assert_eq!(status, 200);
@@ -181,4 +179,47 @@ fn time_rfc3339(s: i64) -> String {
         secs % 3600 / 60,
         secs % 60
     )
+}
+
+/// `tally-collector dev` serves the sidecar: a CloudEvent posted to it lands in the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_serves_the_sidecar() {
+    use tally_collector::dev::{self, DevOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let opts = DevOptions {
+        data_dir: dir.path().join("tally-dev"),
+        quic: any,
+        http: any,
+        agent_http: any,
+        agent: true,
+    };
+    let d = dev::start(&opts).await.unwrap();
+    let sidecar = d.sidecar_addr().expect("the sidecar is served");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while raw(sidecar, "GET /readyz HTTP/1.1\r\n", b"").await.0 != 200 {
+        assert!(Instant::now() < deadline, "sidecar never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let event = r#"{"specversion":"1.0","type":"api_call","id":"evt-1","source":"quickstart","subject":"acme","data":{"count":3}}"#;
+    let head = "POST /api/v1/events HTTP/1.1\r\nContent-Type: application/cloudevents+json\r\n";
+    assert_eq!(raw(sidecar, head, event.as_bytes()).await.0, 204);
+    assert_eq!(raw(sidecar, head, event.as_bytes()).await.0, 204); // a retry counts once
+    assert_eq!(
+        raw(sidecar, "POST /v1/flush HTTP/1.1\r\n", b"").await.0,
+        200
+    );
+    let token = d.collector.admin_token().to_owned();
+    let (status, body) = http(
+        d.collector.http_addr(),
+        "GET",
+        "/v1/usage?customer=acme&meter=api_calls",
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["quantity"], "3");
+    d.shutdown().await;
 }
