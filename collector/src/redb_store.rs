@@ -552,9 +552,35 @@ impl Store for RedbStore {
         let mut v = Verifier::new();
         let mut dedup_cache: HashMap<(u128, u64), DedupState> = HashMap::new();
         let mut batch_cache: HashMap<(u128, u64, u64), Option<(u32, u64)>> = HashMap::new();
+        // Dedup state and batch records agree: every recorded batch is done, and every done seq
+        // has its record.
+        let mut recorded: HashMap<(u128, u64), Vec<u64>> = HashMap::new();
         for row in batches.iter().map_err(be)? {
-            row.map_err(be)?;
+            let (k, _) = row.map_err(be)?;
+            let (agent, epoch, seq) = k.value();
+            recorded.entry((agent, epoch)).or_default().push(seq);
             v.batch();
+        }
+        for row in dedup.iter().map_err(be)? {
+            let (k, val) = row.map_err(be)?;
+            let key = k.value();
+            let state: DedupState = dec("dedup", val.value())?;
+            let seqs = recorded.remove(&key).unwrap_or_default();
+            let agent = AgentId(key.0.to_be_bytes());
+            let done = state.watermark + state.above.len() as u64;
+            if seqs.len() as u64 != done || seqs.iter().any(|s| !state.contains(*s)) {
+                v.violation(format!(
+                    "agent {agent} epoch {}: dedup state ({done} done) and batch records ({}) differ",
+                    key.1,
+                    seqs.len()
+                ));
+            }
+        }
+        for ((agent, epoch), _) in recorded {
+            v.violation(format!(
+                "agent {} epoch {epoch}: batches recorded without dedup state",
+                AgentId(agent.to_be_bytes())
+            ));
         }
         for row in transfers.iter().map_err(be)? {
             let (pos, val) = row.map_err(be)?;

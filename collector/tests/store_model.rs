@@ -135,3 +135,48 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn verify_catches_dedup_and_batch_record_drift() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let key = SigningKey::from_bytes(&[3; 32]);
+    {
+        let store = RedbStore::open(&path).unwrap();
+        store
+            .put_meter(&common::meter("calls", Aggregation::Sum))
+            .unwrap();
+        let batches: Vec<IngestBatch> = (1..=3)
+            .map(|seq| {
+                let d = common::delta("c", "calls", &[], T0, Decimal::ONE, 1);
+                let body = BatchBody::new(common::agent_id(&key), 1, seq, 0, vec![d]).unwrap();
+                let signed = SignedBatch::seal(&body, &key).unwrap();
+                IngestBatch { body, signed }
+            })
+            .collect();
+        store.ingest(&batches, 0).unwrap();
+        assert!(store.verify().unwrap().ok);
+    }
+    // Forget that seq 3 was done: its transfers no longer trace, and the records disagree.
+    let db = redb::Database::create(&path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let def: redb::TableDefinition<(u128, u64), &[u8]> = redb::TableDefinition::new("dedup");
+        let mut t = txn.open_table(def).unwrap();
+        let mut state = tally_collector::dedup::DedupState::default();
+        state.insert(1).unwrap();
+        state.insert(2).unwrap();
+        let k = (common::agent_id(&key).as_u128(), 1u64);
+        t.insert(k, postcard::to_stdvec(&state).unwrap().as_slice())
+            .unwrap();
+    }
+    txn.commit().unwrap();
+    drop(db);
+    let store = RedbStore::open(&path).unwrap();
+    let r = store.verify().unwrap();
+    assert!(!r.ok);
+    assert!(
+        r.violations.iter().any(|v| v.contains("dedup state")),
+        "{r:?}"
+    );
+}
