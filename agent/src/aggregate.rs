@@ -33,8 +33,11 @@ use tally_protocol::batch::{Delta, bucket_start};
 use tally_protocol::catalog::Catalog;
 use tally_protocol::names::{CustomerId, Dimensions, MeterName};
 
-/// Touched keys in one shard that make the shard ask the sealer to seal early.
-pub(crate) const SEAL_HINT_KEYS: usize = 4096;
+/// Touched keys in one shard that make the shard ask the sealer to seal early. Memory does not
+/// grow with events (one accumulator per key), so this only bounds how large one seal gets; set
+/// far above a typical interval's key count, since every early seal costs a signature and an
+/// fsync (at 4,096 a 10k-key workload sealed every ~40 ms instead of every 250 ms).
+pub(crate) const SEAL_HINT_KEYS: usize = 65_536;
 
 /// Gate states, read with one relaxed load per call.
 pub(crate) const GATE_OPEN: u8 = 0;
