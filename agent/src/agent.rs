@@ -115,11 +115,11 @@ impl Shared {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    /// Records acknowledged batches as gone.
-    pub(crate) fn on_acked(&self, removed: &[BatchMeta], last_seq: u64) {
+    /// Records acknowledged batches as gone (after the store deleted them).
+    pub(crate) fn on_acked(&self, seqs: &[u64], last_seq: u64) {
         self.update_backlog(|b| {
-            for m in removed {
-                if b.batches.remove(&m.seq).is_some() {
+            for seq in seqs {
+                if let Some(m) = b.batches.remove(seq) {
                     b.batch_bytes = b.batch_bytes.saturating_sub(m.bytes);
                 }
             }

@@ -470,8 +470,9 @@ async fn connected(
                 }
                 if let Some(&last) = acked.last() {
                     let sh2 = sh.clone();
-                    let removed = tokio::task::spawn_blocking(move || sh2.store.ack(&acked)).await??;
-                    sh.on_acked(&removed, last);
+                    let seqs = acked.clone();
+                    tokio::task::spawn_blocking(move || sh2.store.ack(&seqs)).await??;
+                    sh.on_acked(&acked, last);
                 }
             }
         }
