@@ -233,6 +233,28 @@ async fn failover_catalog_and_entitlements_are_kept_on_disk() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_pushed_with_the_welcome_is_applied_without_any_batch() {
+    // Regression: frames that arrive in the same read as the welcome must not wait for the
+    // next read (which, with nothing to ship, may never come).
+    let catalog = Catalog {
+        version: 9,
+        meters: BoundedVec::new(vec![meter("api_calls")]).unwrap(),
+    };
+    let standin = StandIn::start_with(Faults::default(), Some(catalog), None, 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = agent(dir.path(), &[standin.address()], &standin.ca_pem).await;
+    for _ in 0..200 {
+        if a.catalog().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(a.catalog().map(|c| c.version), Some(9));
+    assert_eq!(standin.seen.lock().unwrap().received, 0);
+    a.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_handshake_is_reported_and_retried() {
     let standin = StandIn::start(Faults {
         require_token: Some("right".into()),
