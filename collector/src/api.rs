@@ -30,6 +30,8 @@ use tally_protocol::names::{CustomerId, DimensionKey, Dimensions, MeterName};
 use tokio::sync::watch;
 use utoipa::{OpenApi, ToSchema};
 
+mod stripe_routes;
+
 type St = State<Arc<Shared>>;
 
 /// Serves the admin API until `shutdown` turns true.
@@ -62,11 +64,19 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/agents/{id}/revoke", post(revoke))
         .route("/v1/adjustments", post(adjust))
         .route("/v1/quarantine", get(quarantine))
+        .route("/v1/customers/{customer}", put(stripe_routes::put_customer))
+        .route("/v1/stripe/outbox", get(stripe_routes::list_outbox))
+        .route(
+            "/v1/stripe/outbox/{id}/retry",
+            post(stripe_routes::retry_outbox),
+        )
+        .route("/v1/reconciliation", get(stripe_routes::reconciliation))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
     Router::new()
         .merge(private)
         .route("/healthz", get(healthz))
+        .route("/v1/stripe/webhooks", post(stripe_routes::webhook))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -1015,8 +1025,9 @@ async fn healthz() -> axum::Json<Health> {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Tally collector admin API", description = "Usage, meters, ledger, agents. Errors in Stripe's shape. Bearer admin token."),
-    paths(usage, customer_usage, list_meters, put_meter, entries, verify, agents, revoke, adjust, quarantine, metrics, healthz),
+    info(title = "Tally collector admin API", description = "Usage, meters, ledger, agents, Stripe forwarding. Errors in Stripe's shape. Bearer admin token."),
+    paths(usage, customer_usage, list_meters, put_meter, entries, verify, agents, revoke, adjust, quarantine, metrics, healthz,
+        stripe_routes::put_customer, stripe_routes::list_outbox, stripe_routes::retry_outbox, stripe_routes::webhook, stripe_routes::reconciliation),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth),
 )]

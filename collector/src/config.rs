@@ -17,7 +17,18 @@ use std::path::{Path, PathBuf};
 /// san = ["collector.internal"]
 /// max_in_flight = 32
 /// agent_http = "127.0.0.1:7070"   # dev only
+/// stripe_api_key_file = "/run/secrets/stripe"   # or STRIPE_API_KEY
+/// stripe_base_url = "https://api.stripe.com"
+/// stripe_meter_events_url = "https://meter-events.stripe.com"
+/// stripe_api = "v1"                 # or "v2"
+/// stripe_version = "2025-03-31.basil"
+/// stripe_webhook_secret_file = "/run/secrets/whsec"   # or STRIPE_WEBHOOK_SECRET
+/// stripe_request_timeout = 30       # seconds
+/// stripe_rate = 20                  # requests per second
+/// stripe_reconcile_interval = 600   # seconds, 0 = off
 /// ```
+///
+/// Secrets (the API key, the webhook secret) are never keys of this file: only paths to them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
@@ -33,6 +44,24 @@ pub struct FileConfig {
     pub max_in_flight: Option<u32>,
     /// The dev sidecar's HTTP address.
     pub agent_http: Option<SocketAddr>,
+    /// A file holding the Stripe API key (when `STRIPE_API_KEY` is unset).
+    pub stripe_api_key_file: Option<PathBuf>,
+    /// Stripe base URL.
+    pub stripe_base_url: Option<String>,
+    /// v2 meter event stream host.
+    pub stripe_meter_events_url: Option<String>,
+    /// `v1` or `v2`.
+    pub stripe_api: Option<String>,
+    /// Pinned `Stripe-Version`.
+    pub stripe_version: Option<String>,
+    /// A file holding the webhook signing secret.
+    pub stripe_webhook_secret_file: Option<PathBuf>,
+    /// Per-request timeout, seconds.
+    pub stripe_request_timeout: Option<u64>,
+    /// Requests per second to Stripe.
+    pub stripe_rate: Option<u32>,
+    /// Seconds between reconciliation runs (0 = off).
+    pub stripe_reconcile_interval: Option<u64>,
 }
 
 /// Why the configuration file was refused.

@@ -47,6 +47,8 @@ pub struct DevOptions {
     pub agent_http: SocketAddr,
     /// Whether to start the in-process agent.
     pub agent: bool,
+    /// Stripe forwarding (log-only without an API key).
+    pub stripe: crate::stripe::StripeSettings,
 }
 
 impl Default for DevOptions {
@@ -57,6 +59,7 @@ impl Default for DevOptions {
             http: SocketAddr::from(([127, 0, 0, 1], 7080)),
             agent_http: SocketAddr::from(([127, 0, 0, 1], 7070)),
             agent: true,
+            stripe: crate::stripe::StripeSettings::default(),
         }
     }
 }
@@ -111,6 +114,7 @@ pub async fn start(opts: &DevOptions) -> Result<Dev, DevError> {
     let mut config = CollectorConfig::new(&opts.data_dir);
     config.quic_addr = opts.quic;
     config.http_addr = opts.http;
+    config.stripe = opts.stripe.clone();
     let collector = Collector::start(config).await?;
     let shared = collector.shared().clone();
     tokio::task::spawn_blocking(move || -> Result<(), DevError> {
@@ -245,6 +249,19 @@ fn print_banner(
     } else {
         println!("  agent            NOT RUNNING (see the log above)");
     }
+    let f = &opts.stripe.forwarder;
+    match &f.api_key {
+        Some(k) => println!(
+            "  stripe           forwarding meter events ({:?}, {} key) to {}",
+            f.api,
+            k.mode(),
+            f.base_url
+        ),
+        None => println!(
+            "  stripe           log-only: set STRIPE_API_KEY to forward (target {})",
+            f.base_url
+        ),
+    }
     match sidecar {
         Some(a) => println!("  sidecar HTTP     http://{a} (OpenMeter and Stripe compatible)"),
         None => println!(
@@ -273,6 +290,10 @@ fn print_banner(
     println!(
         "  curl -s {auth} -X POST http://{http}/v1/adjustments -d '{{\"customer\":\"acme\",\"meter\":\"api_calls\",\"quantity\":\"10\",\"reason\":\"welcome credit\",\"idempotency_key\":\"demo-1\"}}'"
     );
+    println!(
+        "  curl -s {auth} -X PUT http://{http}/v1/customers/acme -d '{{\"stripe_customer_id\":\"cus_123\"}}'"
+    );
+    println!("  curl -s {auth} 'http://{http}/v1/stripe/outbox?state=pending'");
     println!("  curl -s {auth} http://{http}/metrics");
     println!();
     println!("Ctrl-C stops it gracefully.");

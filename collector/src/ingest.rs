@@ -63,10 +63,20 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     limits: GroupLimits,
 ) -> std::io::Result<(mpsc::Sender<IngestRequest>, std::thread::JoinHandle<()>)> {
+    spawn_with_wake(store, metrics, limits, None)
+}
+
+/// [`spawn`], and `outbox_wake` is notified after each commit that wrote Stripe outbox rows.
+pub fn spawn_with_wake(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    limits: GroupLimits,
+    outbox_wake: Option<Arc<tokio::sync::Notify>>,
+) -> std::io::Result<(mpsc::Sender<IngestRequest>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(limits.queue.max(1));
     let thread = std::thread::Builder::new()
         .name(String::from("tally-committer"))
-        .spawn(move || run(rx, store.as_ref(), &metrics, limits))?;
+        .spawn(move || run(rx, store.as_ref(), &metrics, limits, outbox_wake.as_deref()))?;
     Ok((tx, thread))
 }
 
@@ -75,7 +85,9 @@ fn run(
     store: &dyn Store,
     metrics: &Metrics,
     limits: GroupLimits,
+    outbox_wake: Option<&tokio::sync::Notify>,
 ) {
+    let mut appended = store.outbox_appended();
     while let Some(first) = rx.blocking_recv() {
         let mut deltas = first.batch.body.deltas.len();
         let mut group = vec![first];
@@ -89,6 +101,13 @@ fn run(
             }
         }
         commit_group(store, metrics, group);
+        let now = store.outbox_appended();
+        if now != appended {
+            appended = now;
+            if let Some(w) = outbox_wake {
+                w.notify_one();
+            }
+        }
     }
 }
 

@@ -7,6 +7,8 @@
 //!
 //! Shells:
 //! - [`store`] (the storage trait) and [`redb_store`] (the embedded implementation).
+//! - [`stripe_store`] (the Stripe outbox in the embedded store) and [`stripe`] (the forwarder's
+//!   lifecycle, configuration and reconciliation; SPEC §6.4).
 //! - [`ingest`]: the group committer between connections and the store.
 //! - [`quic`]: the QUIC server (handshake, batches, acks, pushes).
 //! - [`api`]: the admin HTTP API.
@@ -44,6 +46,8 @@ pub mod redb_store;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod stripe;
+pub mod stripe_store;
 pub mod testkit;
 
 pub use init::{InitFiles, init};

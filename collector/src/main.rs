@@ -10,14 +10,18 @@ use tally_collector::config::FileConfig;
 use tally_collector::dev::DevOptions;
 use tally_collector::redb_store::RedbStore;
 use tally_collector::store::Store;
+use tally_collector::stripe::StripeSettings;
 use tally_collector::{Collector, CollectorConfig, InitFiles};
+use tally_stripe::{Api, ApiKey, WebhookSecret};
 
 /// Tally collector: verified, exactly-once ingest into a double-entry ledger.
 #[derive(Parser)]
 #[command(name = "tally-collector", version)]
 struct Cli {
     /// A TOML file with defaults for the flags (keys: data_dir, quic, http, san, max_in_flight,
-    /// agent_http).
+    /// agent_http, stripe_api_key_file, stripe_base_url, stripe_meter_events_url, stripe_api,
+    /// stripe_version, stripe_webhook_secret_file, stripe_request_timeout, stripe_rate,
+    /// stripe_reconcile_interval).
     #[arg(long, env = "TALLY_CONFIG", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -74,6 +78,97 @@ struct RunArgs {
     /// Unacknowledged batches an agent may have in flight [default: 32].
     #[arg(long, env = "TALLY_MAX_IN_FLIGHT")]
     max_in_flight: Option<u32>,
+    #[command(flatten)]
+    stripe: StripeArgs,
+}
+
+/// Stripe forwarding. The API key comes from `STRIPE_API_KEY` or `--stripe-api-key-file`;
+/// without one, usage is only logged (what would be sent). The key is never logged.
+#[derive(Args)]
+struct StripeArgs {
+    /// A file holding the Stripe secret key (used when STRIPE_API_KEY is unset).
+    #[arg(long, env = "TALLY_STRIPE_API_KEY_FILE")]
+    stripe_api_key_file: Option<PathBuf>,
+    /// Stripe (or Stripe-compatible) base URL [default: https://api.stripe.com].
+    #[arg(long, env = "TALLY_STRIPE_BASE_URL")]
+    stripe_base_url: Option<String>,
+    /// v2 meter event stream host [default: https://meter-events.stripe.com, or the base URL
+    /// when only --stripe-base-url is given].
+    #[arg(long, env = "TALLY_STRIPE_METER_EVENTS_URL")]
+    stripe_meter_events_url: Option<String>,
+    /// Meter events API: v1 (one request per event) or v2 (sessions and streams) [default: v1].
+    #[arg(long, env = "TALLY_STRIPE_API")]
+    stripe_api: Option<String>,
+    /// Pinned Stripe-Version header [default: the version tally_stripe was written against].
+    #[arg(long, env = "TALLY_STRIPE_VERSION")]
+    stripe_version: Option<String>,
+    /// Webhook signing secret (whsec_…) for POST /v1/stripe/webhooks.
+    #[arg(long, env = "STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
+    stripe_webhook_secret: Option<String>,
+    /// A file holding the webhook signing secret.
+    #[arg(long, env = "TALLY_STRIPE_WEBHOOK_SECRET_FILE")]
+    stripe_webhook_secret_file: Option<PathBuf>,
+    /// Per-request timeout in seconds, also the lease on an event in flight [default: 30].
+    #[arg(long, env = "TALLY_STRIPE_REQUEST_TIMEOUT")]
+    stripe_request_timeout: Option<u64>,
+    /// Requests per second to Stripe [default: 20 for test keys, 900 for live keys].
+    #[arg(long, env = "TALLY_STRIPE_RATE")]
+    stripe_rate: Option<u32>,
+    /// Seconds between reconciliation runs; 0 turns the job off [default: 600].
+    #[arg(long, env = "TALLY_STRIPE_RECONCILE_INTERVAL")]
+    stripe_reconcile_interval: Option<u64>,
+}
+
+impl StripeArgs {
+    fn settings(self, file: &FileConfig) -> anyhow::Result<StripeSettings> {
+        let key_file = self
+            .stripe_api_key_file
+            .or_else(|| file.stripe_api_key_file.clone());
+        let api_key = ApiKey::from_env_or_file(key_file.as_deref())
+            .context("cannot read the Stripe API key file")?;
+        let api: Api = match self.stripe_api.or_else(|| file.stripe_api.clone()) {
+            Some(a) => a.parse().map_err(anyhow::Error::msg)?,
+            None => Api::V1,
+        };
+        let secret = match self.stripe_webhook_secret {
+            Some(s) if !s.trim().is_empty() => Some(WebhookSecret::new(s)),
+            _ => match self
+                .stripe_webhook_secret_file
+                .or_else(|| file.stripe_webhook_secret_file.clone())
+            {
+                Some(p) => {
+                    let s = std::fs::read_to_string(&p).with_context(|| {
+                        format!("cannot read the webhook secret file {}", p.display())
+                    })?;
+                    Some(WebhookSecret::new(s))
+                }
+                None => None,
+            },
+        };
+        let mut st = StripeSettings::from_parts(
+            api,
+            api_key,
+            self.stripe_base_url
+                .or_else(|| file.stripe_base_url.clone()),
+            self.stripe_meter_events_url
+                .or_else(|| file.stripe_meter_events_url.clone()),
+            self.stripe_version.or_else(|| file.stripe_version.clone()),
+            secret,
+        );
+        if let Some(t) = self.stripe_request_timeout.or(file.stripe_request_timeout) {
+            st.forwarder.request_timeout = std::time::Duration::from_secs(t.max(1));
+        }
+        if let Some(r) = self.stripe_rate.or(file.stripe_rate) {
+            st.forwarder.rate_per_s = Some(r.max(1));
+        }
+        if let Some(i) = self
+            .stripe_reconcile_interval
+            .or(file.stripe_reconcile_interval)
+        {
+            st.reconcile_interval = (i > 0).then(|| std::time::Duration::from_secs(i));
+        }
+        Ok(st)
+    }
 }
 
 #[derive(Args)]
@@ -87,12 +182,11 @@ struct DevArgs {
     /// Admin API listen address [default: 127.0.0.1:7080].
     #[arg(long, env = "TALLY_HTTP")]
     http: Option<SocketAddr>,
-    /// The sidecar's HTTP address [default: 127.0.0.1:7070] (not yet served).
+    /// The sidecar's HTTP address [default: 127.0.0.1:7070].
     #[arg(long, env = "TALLY_AGENT_HTTP")]
     agent_http: Option<SocketAddr>,
-    /// Stripe-compatible base URL (Stripe forwarding is not yet served).
-    #[arg(long, env = "TALLY_STRIPE_BASE_URL")]
-    stripe_base_url: Option<String>,
+    #[command(flatten)]
+    stripe: StripeArgs,
 }
 
 fn data_dir(flag: Option<PathBuf>, file: &FileConfig) -> anyhow::Result<PathBuf> {
@@ -153,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(n) = a.max_in_flight.or(file.max_in_flight) {
                 config.max_in_flight = n.max(1);
             }
+            config.stripe = a.stripe.settings(&file)?;
             let handle = Collector::start(config).await?;
             println!(
                 "collector: quic {} admin http://{} (token in {})",
@@ -187,10 +282,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Dev(a) => {
             let d = DevOptions::default();
-            if a.stripe_base_url.is_some() {
-                println!("note: Stripe forwarding is not yet served; --stripe-base-url is ignored");
-            }
+            let stripe = a.stripe.settings(&file)?;
             let opts = DevOptions {
+                stripe,
                 data_dir: a.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
                 quic: a.quic.or(file.quic).unwrap_or(d.quic),
                 http: a.http.or(file.http).unwrap_or(d.http),

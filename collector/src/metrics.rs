@@ -44,6 +44,9 @@ pub struct Metrics {
     pub metering_lag: Histogram,
     /// `tally_collector_adjustments_total`.
     pub adjustments: Counter,
+    /// The Stripe forwarder's metrics (`tally_stripe_…`: requests by status, outbox pending,
+    /// unmapped, dead letters, forward lag, reconciliation discrepancies).
+    pub stripe: tally_stripe::metrics::StripeMetrics,
 }
 
 impl Default for Metrics {
@@ -55,7 +58,8 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers every metric in a fresh registry.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("tally_collector");
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("tally_collector");
         let batches = Family::<ResultLabel, Counter>::default();
         registry.register("batches", "Batches received, by result", batches.clone());
         let deltas = Counter::default();
@@ -106,8 +110,10 @@ impl Metrics {
         );
         let adjustments = Counter::default();
         registry.register("adjustments", "Adjustments posted", adjustments.clone());
+        let stripe = tally_stripe::metrics::StripeMetrics::register(&mut root);
         Metrics {
-            registry,
+            registry: root,
+            stripe,
             batches,
             deltas,
             duplicates,

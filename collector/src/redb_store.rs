@@ -47,6 +47,7 @@ use tally_protocol::frame::AckOutcome;
 use tally_protocol::names::{CustomerId, MeterName};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const META_TABLE: TableDefinition<&str, &[u8]> = META;
 const CATALOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("catalogs");
 const AGENTS: TableDefinition<u128, &[u8]> = TableDefinition::new("agents");
 const DEDUP: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("dedup");
@@ -65,6 +66,13 @@ fn be<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+fn outbox_err(e: tally_stripe::outbox::StoreError) -> StoreError {
+    match e {
+        tally_stripe::outbox::StoreError::Invalid(m) => StoreError::Invariant(m),
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_stdvec(v).map_err(be)
 }
@@ -79,6 +87,7 @@ fn dec<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, Stor
 /// The redb-backed store.
 pub struct RedbStore {
     db: Database,
+    outbox_appended: std::sync::atomic::AtomicU64,
 }
 
 impl RedbStore {
@@ -97,9 +106,39 @@ impl RedbStore {
             txn.open_table(USAGE_IDX).map_err(be)?;
             txn.open_table(QUARANTINE).map_err(be)?;
             txn.open_table(ADJUSTMENTS).map_err(be)?;
+            crate::stripe_store::create_tables(&txn).map_err(be)?;
+            let mut meta = txn.open_table(META).map_err(be)?;
+            if meta
+                .get(crate::stripe_store::NAMESPACE_KEY)
+                .map_err(be)?
+                .is_none()
+            {
+                // Part of every Stripe identifier: a fresh store never reuses an old one's.
+                let mut b = [0u8; 6];
+                getrandom::getrandom(&mut b).map_err(be)?;
+                meta.insert(
+                    crate::stripe_store::NAMESPACE_KEY,
+                    hex::encode(b).as_bytes(),
+                )
+                .map_err(be)?;
+            }
         }
         txn.commit().map_err(be)?;
-        Ok(RedbStore { db })
+        Ok(RedbStore {
+            db,
+            outbox_appended: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn db(&self) -> &Database {
+        &self.db
+    }
+
+    fn note_appended(&self, n: u64) {
+        if n > 0 {
+            self.outbox_appended
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
@@ -227,7 +266,7 @@ impl RedbStore {
         txn: &WriteTransaction,
         batches: &[IngestBatch],
         now_ms: i64,
-    ) -> Result<Vec<IngestOutcome>, StoreError> {
+    ) -> Result<(Vec<IngestOutcome>, u64), StoreError> {
         let catalog = read_catalog(&txn.open_table(META).map_err(be)?)?;
         let mut dedup_t = txn.open_table(DEDUP).map_err(be)?;
         let mut batches_t = txn.open_table(BATCHES).map_err(be)?;
@@ -237,6 +276,7 @@ impl RedbStore {
             .map_err(be)?
             .map_or(1, |(k, _)| k.value() + 1);
         let mut ledger = Ledger::open(txn)?;
+        let mut outbox = crate::stripe_store::OutboxWriter::open(txn).map_err(outbox_err)?;
         let mut states: HashMap<(u128, u64), DedupState> = HashMap::new();
         let mut out = Vec::with_capacity(batches.len());
         for b in batches {
@@ -265,6 +305,13 @@ impl RedbStore {
             let outcome = match posted {
                 Ok(posting) => {
                     first_transfer = ledger.append(&posting)?;
+                    for (t, delta) in posting.transfers.iter().zip(body.deltas.iter()) {
+                        let positive = t.debit == ledger::source_account_id(&t.unit);
+                        let ts = delta.bucket_start_ms.div_euclid(1000);
+                        outbox
+                            .transfer(&catalog, t, positive, ts)
+                            .map_err(outbox_err)?;
+                    }
                     BatchOutcome::Committed
                 }
                 Err(rejection) => {
@@ -314,24 +361,48 @@ impl RedbStore {
             dedup_t.insert(*key, enc(state)?.as_slice()).map_err(be)?;
         }
         ledger.finish()?;
-        Ok(out)
+        let appended = outbox.finish().map_err(outbox_err)?;
+        Ok((out, appended))
     }
 }
 
 impl Store for RedbStore {
+    fn outbox_appended(&self) -> u64 {
+        self.outbox_appended
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn customer(&self, customer: &str) -> Result<Option<crate::store::CustomerRecord>, StoreError> {
+        self.customer_record(customer).map_err(outbox_err)
+    }
+
+    fn put_customer(
+        &self,
+        customer: &str,
+        rec: &crate::store::CustomerRecord,
+    ) -> Result<(), StoreError> {
+        self.put_customer_record(customer, rec).map_err(outbox_err)
+    }
+
+    fn outbox_items(&self) -> Result<Vec<(String, String, i64, u64)>, StoreError> {
+        RedbStore::outbox_items(self).map_err(outbox_err)
+    }
+
     fn ingest(
         &self,
         batches: &[IngestBatch],
         now_ms: i64,
     ) -> Result<Vec<IngestOutcome>, StoreError> {
         let txn = self.db.begin_write().map_err(be)?;
-        let out = self.ingest_in(&txn, batches, now_ms)?;
+        let (out, appended) = self.ingest_in(&txn, batches, now_ms)?;
         txn.commit().map_err(be)?;
+        self.note_appended(appended);
         Ok(out)
     }
 
     fn adjust(&self, adj: &Adjustment, now_ms: i64) -> Result<AdjustOutcome, StoreError> {
         let txn = self.db.begin_write().map_err(be)?;
+        let mut appended = 0;
         let outcome = {
             let catalog = read_catalog(&txn.open_table(META).map_err(be)?)?;
             let mut adjustments = txn.open_table(ADJUSTMENTS).map_err(be)?;
@@ -380,12 +451,24 @@ impl Store for RedbStore {
                         .insert(adj.idempotency_key.as_str(), pos)
                         .map_err(be)?;
                     ledger.finish()?;
+                    let mut outbox =
+                        crate::stripe_store::OutboxWriter::open(&txn).map_err(outbox_err)?;
+                    outbox
+                        .transfer(
+                            &catalog,
+                            &t,
+                            !adj.quantity.is_sign_negative(),
+                            now_ms.div_euclid(1000),
+                        )
+                        .map_err(outbox_err)?;
+                    appended = outbox.finish().map_err(outbox_err)?;
                     AdjustOutcome::Created(t)
                 }
             }
         };
         if matches!(outcome, AdjustOutcome::Created(_)) {
             txn.commit().map_err(be)?;
+            self.note_appended(appended);
         } else {
             txn.abort().map_err(be)?;
         }
@@ -632,6 +715,10 @@ impl Store for RedbStore {
             let (id, val) = row.map_err(be)?;
             let a: Account = dec("accounts", val.value())?;
             v.account(id.value(), &a);
+        }
+        drop(txn);
+        for problem in self.verify_outbox().map_err(outbox_err)? {
+            v.violation(problem);
         }
         Ok(v.finish())
     }

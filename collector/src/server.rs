@@ -40,6 +40,8 @@ pub struct CollectorConfig {
     pub handshake_timeout: Duration,
     /// Group commit limits.
     pub group: GroupLimits,
+    /// Stripe forwarding (log-only without an API key).
+    pub stripe: crate::stripe::StripeSettings,
 }
 
 impl CollectorConfig {
@@ -53,6 +55,7 @@ impl CollectorConfig {
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(10),
             group: GroupLimits::default(),
+            stripe: crate::stripe::StripeSettings::default(),
         }
     }
 
@@ -88,6 +91,9 @@ pub enum StartError {
     /// A thread could not start.
     #[error("thread: {0}")]
     Thread(std::io::Error),
+    /// The Stripe forwarder could not start.
+    #[error("stripe forwarder: {0}")]
+    Stripe(#[from] tally_stripe::forwarder::ForwarderError),
 }
 
 /// In-memory facts about an agent, for `GET /v1/agents`.
@@ -119,6 +125,8 @@ pub struct Shared {
     pub catalog_tx: watch::Sender<Arc<Catalog>>,
     /// The committer's queue.
     pub ingest: mpsc::Sender<IngestRequest>,
+    /// Stripe forwarding: the forwarder, its metrics, webhooks and reconciliation.
+    pub stripe: Arc<crate::stripe::StripeRuntime>,
     live: Mutex<HashMap<AgentId, Vec<quinn::Connection>>>,
     info: Mutex<HashMap<AgentId, LiveInfo>>,
 }
@@ -242,9 +250,47 @@ impl Collector {
             crate::quic::server_config(&read(&files.collector_pem)?, &read(&files.collector_key)?)?;
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(&files.store)?);
         let metrics = Arc::new(Metrics::new());
-        let (ingest, committer) =
-            crate::ingest::spawn(store.clone(), metrics.clone(), config.group)
-                .map_err(StartError::Thread)?;
+        let stripe = crate::stripe::StripeRuntime::start(
+            &config.stripe,
+            store.clone(),
+            metrics.stripe.clone(),
+        )?;
+        let outbox_wake = Arc::new(tokio::sync::Notify::new());
+        let (ingest, committer) = crate::ingest::spawn_with_wake(
+            store.clone(),
+            metrics.clone(),
+            config.group,
+            Some(outbox_wake.clone()),
+        )
+        .map_err(StartError::Thread)?;
+        {
+            let s = stripe.clone();
+            stripe.keep_task(tokio::spawn(async move {
+                loop {
+                    outbox_wake.notified().await;
+                    s.notify();
+                }
+            }));
+        }
+        if let Some(every) = config.stripe.reconcile_interval
+            && stripe.sends()
+        {
+            let (s, st) = (stripe.clone(), store.clone());
+            stripe.keep_task(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    match s.reconcile(&st, 7, false).await {
+                        Ok(r) => tracing::info!(
+                            discrepancies = r.discrepancies.len(),
+                            "stripe reconciliation"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "stripe reconciliation failed"),
+                    }
+                }
+            }));
+        }
         let catalog = store.catalog()?;
         let (catalog_tx, _) = watch::channel(Arc::new(catalog));
         let endpoint =
@@ -276,6 +322,7 @@ impl Collector {
             admin_token,
             catalog_tx,
             ingest,
+            stripe,
             live: Mutex::new(HashMap::new()),
             info: Mutex::new(HashMap::new()),
         });
@@ -336,6 +383,8 @@ impl CollectorHandle {
         let _ = self.shutdown_tx.send(true);
         let _ = self.quic_task.await;
         let _ = self.http_task.await;
+        // Requests to Stripe in flight are answered and recorded before the store closes.
+        self.shared.stripe.shutdown().await;
         // Every connection is gone; dropping the last sender lets the committer drain and end.
         let CollectorHandle {
             shared, committer, ..

@@ -14,6 +14,7 @@
 
 use crate::dedup::DedupState;
 use crate::ledger::{Account, Adjustment, Period, Rejection, Transfer, VerifyReport};
+pub use crate::stripe_store::CustomerRecord;
 use serde::{Deserialize, Serialize};
 use tally_protocol::batch::{AgentId, BatchBody, SignedBatch};
 use tally_protocol::catalog::{Catalog, MeterDef};
@@ -141,8 +142,10 @@ pub struct EpochState {
     pub dedup: DedupState,
 }
 
-/// The collector's storage.
-pub trait Store: Send + Sync + 'static {
+/// The collector's storage. It is also the Stripe outbox ([`tally_stripe::OutboxStore`]): the
+/// rows are written by [`Store::ingest`] and [`Store::adjust`] in their ledger transaction
+/// (SPEC §6.4), and the forwarder works them through the outbox methods.
+pub trait Store: tally_stripe::OutboxStore {
     /// Dedups and posts (or quarantines) a group of verified batches in one durable transaction,
     /// in order; returns one outcome per batch.
     fn ingest(
@@ -187,4 +190,15 @@ pub trait Store: Send + Sync + 'static {
     fn quarantined(&self, after: u64, limit: usize) -> Result<Vec<QuarantineRecord>, StoreError>;
     /// Checks every ledger invariant.
     fn verify(&self) -> Result<VerifyReport, StoreError>;
+
+    /// Outbox rows appended since the store was opened (the committer wakes the forwarder when
+    /// this moves).
+    fn outbox_appended(&self) -> u64;
+    /// A customer's settings.
+    fn customer(&self, customer: &str) -> Result<Option<CustomerRecord>, StoreError>;
+    /// Stores a customer's settings (`PUT /v1/customers/{customer}`).
+    fn put_customer(&self, customer: &str, rec: &CustomerRecord) -> Result<(), StoreError>;
+    /// Every outbox row as (customer, Stripe event name, bucket time in Unix seconds, units):
+    /// what Stripe should have, for reconciliation.
+    fn outbox_items(&self) -> Result<Vec<(String, String, i64, u64)>, StoreError>;
 }

@@ -19,6 +19,7 @@ async fn dev_runs_collector_catalog_and_agent_end_to_end() {
         http: any,
         agent_http: any,
         agent: true,
+        stripe: Default::default(),
     };
     let d = dev::start(&opts).await.unwrap();
     let agent = d.agent.as_ref().expect("the in-process agent runs");

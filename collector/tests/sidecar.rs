@@ -193,6 +193,7 @@ async fn dev_serves_the_sidecar() {
         http: any,
         agent_http: any,
         agent: true,
+        stripe: Default::default(),
     };
     let d = dev::start(&opts).await.unwrap();
     let sidecar = d.sidecar_addr().expect("the sidecar is served");

@@ -1,0 +1,312 @@
+//! Stripe routes of the admin API (SPEC §6.4, §6.6): customer mapping, the outbox listing and
+//! operator retry, the webhook endpoint (signature, no token) and reconciliation.
+
+use super::{ApiError, ApiResult, St, blocking, json_body, number, query};
+use crate::store::CustomerRecord;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tally_stripe::outbox::{OutboxEntry, OutboxState, OutboxStats, StoreError as OutboxError};
+use utoipa::ToSchema;
+
+fn outbox_error(e: OutboxError) -> ApiError {
+    match e {
+        OutboxError::NotFound(m) => ApiError::not_found("resource_missing", m),
+        OutboxError::Invalid(m) => ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: "outbox_row_not_dead",
+            message: m,
+            param: Some(String::from("id")),
+        },
+        other => ApiError::from(crate::store::StoreError::Backend(other.to_string())),
+    }
+}
+
+async fn outbox_call<T: Send + 'static>(
+    shared: &std::sync::Arc<crate::server::Shared>,
+    f: impl FnOnce(&crate::server::Shared) -> Result<T, OutboxError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let shared = shared.clone();
+    match tokio::task::spawn_blocking(move || f(&shared)).await {
+        Ok(r) => r.map_err(outbox_error),
+        Err(_) => Err(ApiError::from(crate::store::StoreError::Backend(
+            String::from("task failed"),
+        ))),
+    }
+}
+
+/// `PUT /v1/customers/{customer}`: both fields optional; an absent field keeps its value.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerBody {
+    /// The Stripe customer (`cus_…`) this customer's usage is forwarded to.
+    pub stripe_customer_id: Option<String>,
+    /// The plan. Stored only: entitlements (a later issue) do not read it yet.
+    pub plan: Option<String>,
+}
+
+/// A customer's settings.
+#[derive(Serialize, ToSchema)]
+pub struct CustomerAnswer {
+    /// Our customer key.
+    pub customer: String,
+    /// The Stripe customer usage goes to (`cus_…` keys map to themselves).
+    pub stripe_customer_id: Option<String>,
+    /// The stored plan.
+    pub plan: Option<String>,
+    /// What the plan does today.
+    pub plan_note: String,
+}
+
+#[utoipa::path(put, path = "/v1/customers/{customer}", tag = "stripe", params(("customer" = String, Path)),
+    request_body = CustomerBody, responses((status = 200, body = CustomerAnswer), (status = 400, body = super::ErrorBody)))]
+pub(super) async fn put_customer(
+    State(shared): St,
+    Path(customer): Path<String>,
+    body: Bytes,
+) -> ApiResult<CustomerAnswer> {
+    let c = super::customer(&customer, "customer")?;
+    let b: CustomerBody = json_body(&body)?;
+    if let Some(sc) = &b.stripe_customer_id {
+        let ok = sc.starts_with("cus_")
+            && sc.len() <= 255
+            && sc[4..]
+                .bytes()
+                .all(|x| x.is_ascii_alphanumeric() || x == b'_');
+        if !ok || sc.len() == 4 {
+            return Err(ApiError::invalid(
+                "invalid_stripe_customer",
+                "stripe_customer_id",
+                "stripe_customer_id must be a Stripe customer id like cus_123",
+            ));
+        }
+        if c.as_str().starts_with("cus_") && sc != c.as_str() {
+            return Err(ApiError::invalid(
+                "invalid_stripe_customer",
+                "stripe_customer_id",
+                "a customer key starting with cus_ is its own Stripe customer",
+            ));
+        }
+    }
+    if let Some(p) = &b.plan
+        && (p.is_empty() || p.len() > 128 || p.chars().any(char::is_control))
+    {
+        return Err(ApiError::invalid(
+            "invalid_plan",
+            "plan",
+            "plan must be 1 to 128 characters",
+        ));
+    }
+    let key = c.as_str().to_owned();
+    let rec = blocking(&shared, move |s| {
+        let mut rec: CustomerRecord = s.store.customer(&key)?.unwrap_or_default();
+        if b.stripe_customer_id.is_some() {
+            rec.stripe_customer_id = b.stripe_customer_id;
+        }
+        if b.plan.is_some() {
+            rec.plan = b.plan;
+        }
+        s.store.put_customer(&key, &rec)?;
+        Ok(rec)
+    })
+    .await?;
+    shared.stripe.notify();
+    let stripe_customer_id = if c.as_str().starts_with("cus_") {
+        Some(c.as_str().to_owned())
+    } else {
+        rec.stripe_customer_id
+    };
+    Ok(axum::Json(CustomerAnswer {
+        customer: c.as_str().to_owned(),
+        stripe_customer_id,
+        plan: rec.plan,
+        plan_note: String::from(
+            "plans are stored but not yet enforced (entitlements come in a later release)",
+        ),
+    }))
+}
+
+/// `GET /v1/stripe/outbox`.
+#[derive(Serialize, ToSchema)]
+pub struct OutboxListing {
+    /// Rows in the asked state (`row`, `state`, `group` = [id, identifier], `error` = Stripe's
+    /// status, code and message).
+    #[schema(value_type = Vec<Object>)]
+    pub data: Vec<OutboxEntry>,
+    /// Counts over the whole outbox.
+    #[schema(value_type = Object)]
+    pub stats: OutboxStats,
+    /// Rows waiting for a customer mapping, per customer key (as of the forwarder's last pass).
+    pub unmapped: BTreeMap<String, u64>,
+    /// `send`, or `log_only` without an API key.
+    pub mode: String,
+    /// The forwarder's last error, if any (never contains secrets).
+    pub last_error: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/stripe/outbox", tag = "stripe",
+    params(("state" = Option<String>, Query, description = "pending (default), unknown, sent or dead"),
+           ("after" = Option<u64>, Query), ("limit" = Option<u64>, Query)),
+    responses((status = 200, body = OutboxListing), (status = 400, body = super::ErrorBody)))]
+pub(super) async fn list_outbox(
+    State(shared): St,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<OutboxListing> {
+    let q = query(raw)?;
+    let state: OutboxState = match q.get("state") {
+        None => OutboxState::Pending,
+        Some(s) => s.parse().map_err(|_| {
+            ApiError::invalid(
+                "invalid_state",
+                "state",
+                "state must be pending, unknown, sent or dead",
+            )
+        })?,
+    };
+    let after = number(&q, "after", 0)?;
+    let limit = number(&q, "limit", 100)?.clamp(1, super::MAX_PAGE) as usize;
+    let (data, stats) = outbox_call(&shared, move |s| {
+        Ok((s.store.list(state, after, limit)?, s.store.stats()?))
+    })
+    .await?;
+    let status = shared.stripe.status();
+    Ok(axum::Json(OutboxListing {
+        data,
+        stats,
+        unmapped: status.unmapped,
+        mode: String::from(if shared.stripe.sends() {
+            "send"
+        } else {
+            "log_only"
+        }),
+        last_error: status.last_error,
+    }))
+}
+
+/// `POST /v1/stripe/outbox/{id}/retry`.
+#[derive(Serialize, ToSchema)]
+pub struct Requeued {
+    /// Rows returned to pending (the whole dead event), with a new identifier revision.
+    pub requeued: Vec<u64>,
+}
+
+#[utoipa::path(post, path = "/v1/stripe/outbox/{id}/retry", tag = "stripe", params(("id" = u64, Path)),
+    responses((status = 200, body = Requeued), (status = 400, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
+pub(super) async fn retry_outbox(State(shared): St, Path(id): Path<String>) -> ApiResult<Requeued> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::invalid("invalid_integer", "id", "id must be an outbox row id"))?;
+    let requeued = outbox_call(&shared, move |s| s.store.requeue(id)).await?;
+    tracing::info!(
+        row = id,
+        rows = requeued.len(),
+        "stripe dead letter requeued by an operator"
+    );
+    shared.stripe.notify();
+    Ok(axum::Json(Requeued { requeued }))
+}
+
+/// The answer to a webhook delivery.
+#[derive(Serialize, ToSchema)]
+pub struct WebhookAnswer {
+    /// Always true.
+    pub received: bool,
+    /// The event id was seen before; nothing was done.
+    pub duplicate: bool,
+    /// Events of ours turned into dead letters by an error report.
+    pub dead_lettered: usize,
+}
+
+#[utoipa::path(post, path = "/v1/stripe/webhooks", tag = "stripe", security(),
+    params(("Stripe-Signature" = String, Header)),
+    request_body(content = String, content_type = "application/json", description = "the Stripe event, raw"),
+    responses((status = 200, body = WebhookAnswer), (status = 400, body = super::ErrorBody)))]
+pub(super) async fn webhook(
+    State(shared): St,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<WebhookAnswer> {
+    use tally_stripe::webhook::{Handled, WebhookError};
+    let Some(secret) = shared.stripe.webhook_secret.clone() else {
+        return Err(ApiError::invalid(
+            "webhook_not_configured",
+            "Stripe-Signature",
+            "no webhook signing secret is configured (STRIPE_WEBHOOK_SECRET)",
+        ));
+    };
+    let header = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .ok_or_else(|| ApiError::missing("Stripe-Signature"))?;
+    let now_s = crate::ingest::now_ms() / 1000;
+    let st = shared.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        tally_stripe::webhook::handle_webhook(st.store.as_ref(), &header, &body, &secret, now_s)
+    })
+    .await
+    .map_err(|_| {
+        ApiError::from(crate::store::StoreError::Backend(String::from(
+            "task failed",
+        )))
+    })?;
+    let handled = match r {
+        Ok(h) => h,
+        Err(WebhookError::Store(e)) => return Err(outbox_error(e)),
+        Err(WebhookError::BadBody(m)) => {
+            return Err(ApiError::invalid("invalid_event", "body", m));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "stripe webhook refused");
+            return Err(ApiError::invalid(
+                "signature_verification_failed",
+                "Stripe-Signature",
+                format!("the Stripe-Signature header does not verify: {e}"),
+            ));
+        }
+    };
+    let (duplicate, dead_lettered) = match handled {
+        Handled::Duplicate => (true, 0),
+        Handled::DeadLettered(n) => (false, n),
+        Handled::Stored | Handled::Ignored => (false, 0),
+    };
+    Ok(axum::Json(WebhookAnswer {
+        received: true,
+        duplicate,
+        dead_lettered,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/reconciliation", tag = "stripe",
+    params(("days" = Option<u64>, Query, description = "UTC days to compare (default 7)"),
+           ("include_today" = Option<bool>, Query, description = "also today (summaries lag; default false)")),
+    responses((status = 200, body = crate::stripe::ReconciliationReport), (status = 502, body = super::ErrorBody)))]
+pub(super) async fn reconciliation(
+    State(shared): St,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<crate::stripe::ReconciliationReport> {
+    let q = query(raw)?;
+    let days = number(&q, "days", 7)?.clamp(1, 35);
+    let include_today = matches!(
+        q.get("include_today").map(String::as_str),
+        Some("true" | "1")
+    );
+    let days = i64::try_from(days).unwrap_or(7);
+    match shared
+        .stripe
+        .reconcile(&shared.store, days, include_today)
+        .await
+    {
+        Ok(r) => Ok(axum::Json(r)),
+        Err(e) => Err(ApiError {
+            status: StatusCode::BAD_GATEWAY,
+            kind: "api_error",
+            code: "reconciliation_failed",
+            message: e.to_string(),
+            param: None,
+        }),
+    }
+}

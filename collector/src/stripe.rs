@@ -1,0 +1,425 @@
+//! Stripe forwarding in the collector (SPEC §6.4): configuration, the forwarder's lifecycle, the
+//! webhook secret and reconciliation. The engine itself is `tally_stripe`.
+//!
+//! Owns [`StripeSettings`] (what `--stripe-*` flags, `STRIPE_API_KEY` and the config file set),
+//! [`StripeRuntime`] (the running forwarder, its metrics and the last reconciliation) and
+//! [`OutboxHandle`], the adapter that hands the collector's [`Store`] to the forwarder.
+//!
+//! Guarantees: the API key and webhook secret live only in `tally_stripe`'s redacting types and
+//! are never logged; without a key the forwarder runs in the crate's log-only mode (it logs what
+//! it would send and marks nothing); [`StripeRuntime::shutdown`] lets requests in flight finish
+//! and runs before the store is closed.
+
+use crate::store::Store;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tally_stripe::client::StripeClient;
+use tally_stripe::metrics::StripeMetrics;
+use tally_stripe::outbox::{
+    EventGroup, GroupId, NewGroup, OutboxEntry, OutboxRow, OutboxState, OutboxStats, RowId,
+    StoreError as OutboxError, StripeError, WebhookRecord,
+};
+use tally_stripe::reconcile::{DayKey, Discrepancy};
+use tally_stripe::{ApiKey, ForwarderConfig, ForwarderHandle, OutboxStore, WebhookSecret};
+
+/// Stripe settings of a collector.
+#[derive(Debug, Clone)]
+pub struct StripeSettings {
+    /// The forwarder's configuration: API (`v1`/`v2`), key (`None` = log-only), base URLs,
+    /// `Stripe-Version`, pacing and retry tuning.
+    pub forwarder: ForwarderConfig,
+    /// The webhook endpoint's signing secret; without it `POST /v1/stripe/webhooks` answers 400.
+    pub webhook_secret: Option<WebhookSecret>,
+    /// How often the reconciliation job runs (`None`: never; `GET /v1/reconciliation` still
+    /// works).
+    pub reconcile_interval: Option<Duration>,
+}
+
+impl Default for StripeSettings {
+    fn default() -> Self {
+        Self {
+            forwarder: ForwarderConfig::default(),
+            webhook_secret: None,
+            reconcile_interval: Some(Duration::from_secs(600)),
+        }
+    }
+}
+
+impl StripeSettings {
+    /// Settings from the command line's values: `api_key` from `STRIPE_API_KEY` or the key file
+    /// (see [`ApiKey::from_env_or_file`]); a base URL without a meter-events URL uses the base
+    /// URL for both (a local Stripe-compatible server serves both).
+    pub fn from_parts(
+        api: tally_stripe::Api,
+        api_key: Option<ApiKey>,
+        base_url: Option<String>,
+        meter_events_url: Option<String>,
+        stripe_version: Option<String>,
+        webhook_secret: Option<WebhookSecret>,
+    ) -> Self {
+        let mut f = ForwarderConfig {
+            api,
+            api_key,
+            ..ForwarderConfig::default()
+        };
+        if let Some(b) = base_url {
+            let b = b.trim_end_matches('/').to_owned();
+            f.meter_events_url = b.clone();
+            f.base_url = b;
+        }
+        if let Some(m) = meter_events_url {
+            f.meter_events_url = m.trim_end_matches('/').to_owned();
+        }
+        if let Some(v) = stripe_version {
+            f.stripe_version = v;
+        }
+        Self {
+            forwarder: f,
+            webhook_secret,
+            ..Self::default()
+        }
+    }
+}
+
+/// The collector's [`Store`] as the forwarder's [`OutboxStore`].
+#[derive(Clone)]
+pub struct OutboxHandle(pub Arc<dyn Store>);
+
+impl OutboxStore for OutboxHandle {
+    fn namespace(&self) -> Result<String, OutboxError> {
+        self.0.namespace()
+    }
+    fn pending_rows(&self, after: RowId, limit: usize) -> Result<Vec<OutboxRow>, OutboxError> {
+        self.0.pending_rows(after, limit)
+    }
+    fn stripe_customer(&self, customer: &str) -> Result<Option<String>, OutboxError> {
+        self.0.stripe_customer(customer)
+    }
+    fn set_stripe_customer(
+        &self,
+        customer: &str,
+        stripe_customer: &str,
+    ) -> Result<(), OutboxError> {
+        self.0.set_stripe_customer(customer, stripe_customer)
+    }
+    fn create_groups(&self, groups: Vec<NewGroup>) -> Result<Vec<EventGroup>, OutboxError> {
+        self.0.create_groups(groups)
+    }
+    fn ready_groups(&self, now_ms: i64, limit: usize) -> Result<Vec<EventGroup>, OutboxError> {
+        self.0.ready_groups(now_ms, limit)
+    }
+    fn record_attempt(
+        &self,
+        ids: &[GroupId],
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<(), OutboxError> {
+        self.0.record_attempt(ids, now_ms, lease_until_ms)
+    }
+    fn mark_sent(&self, ids: &[GroupId]) -> Result<(), OutboxError> {
+        self.0.mark_sent(ids)
+    }
+    fn mark_retry(
+        &self,
+        id: GroupId,
+        next_attempt_ms: i64,
+        unknown: bool,
+        error: Option<StripeError>,
+    ) -> Result<(), OutboxError> {
+        self.0.mark_retry(id, next_attempt_ms, unknown, error)
+    }
+    fn mark_dead(&self, id: GroupId, error: StripeError) -> Result<(), OutboxError> {
+        self.0.mark_dead(id, error)
+    }
+    fn mark_dead_by_identifier(
+        &self,
+        identifier: &str,
+        error: StripeError,
+    ) -> Result<bool, OutboxError> {
+        self.0.mark_dead_by_identifier(identifier, error)
+    }
+    fn requeue(&self, row: RowId) -> Result<Vec<RowId>, OutboxError> {
+        self.0.requeue(row)
+    }
+    fn list(
+        &self,
+        state: OutboxState,
+        after: RowId,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, OutboxError> {
+        self.0.list(state, after, limit)
+    }
+    fn stats(&self) -> Result<OutboxStats, OutboxError> {
+        self.0.stats()
+    }
+    fn window_groups(
+        &self,
+        stripe_customer: &str,
+        event_name: &str,
+        start_s: i64,
+        end_s: i64,
+    ) -> Result<Vec<EventGroup>, OutboxError> {
+        self.0
+            .window_groups(stripe_customer, event_name, start_s, end_s)
+    }
+    fn record_webhook(&self, record: WebhookRecord) -> Result<bool, OutboxError> {
+        self.0.record_webhook(record)
+    }
+}
+
+/// The result of one reconciliation run (`GET /v1/reconciliation`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ReconciliationReport {
+    /// When it ran, Unix seconds.
+    pub ran_at: i64,
+    /// First UTC day compared (Unix seconds).
+    pub from_day: i64,
+    /// End of the compared range (exclusive; the current day is left out unless asked for).
+    pub to_day: i64,
+    /// (Stripe customer, event name, day) keys compared.
+    pub compared: usize,
+    /// Differences: `difference = stripe − ledger` in Stripe units.
+    #[schema(value_type = Vec<Object>)]
+    pub discrepancies: Vec<Discrepancy>,
+    /// Customers or meters that could not be compared (no mapping, no Stripe meter, errors).
+    pub skipped: Vec<String>,
+    /// `log_only` when no API key is configured (nothing compared), else `ok`.
+    pub mode: String,
+}
+
+/// Why reconciliation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The outbox failed.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// Stripe could not be reached.
+    #[error("stripe: {0}")]
+    Stripe(String),
+}
+
+/// The running Stripe side of a collector.
+pub struct StripeRuntime {
+    handle: Mutex<Option<ForwarderHandle<OutboxHandle>>>,
+    /// The forwarder's metrics (registered in the collector's registry).
+    pub metrics: StripeMetrics,
+    /// The webhook signing secret.
+    pub webhook_secret: Option<WebhookSecret>,
+    client: Option<StripeClient>,
+    meter_ids: tokio::sync::Mutex<HashMap<String, String>>,
+    last: Mutex<Option<ReconciliationReport>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl StripeRuntime {
+    /// Starts the forwarder on `store` (call on a tokio runtime).
+    pub fn start(
+        settings: &StripeSettings,
+        store: Arc<dyn Store>,
+        metrics: StripeMetrics,
+    ) -> Result<Arc<Self>, tally_stripe::forwarder::ForwarderError> {
+        tally_stripe::client::install_ring_provider();
+        let f = &settings.forwarder;
+        let client = match &f.api_key {
+            Some(k) => Some(
+                StripeClient::new(
+                    &f.base_url,
+                    &f.meter_events_url,
+                    k.clone(),
+                    &f.stripe_version,
+                    f.request_timeout,
+                )
+                .map_err(tally_stripe::forwarder::ForwarderError::Client)?,
+            ),
+            None => None,
+        };
+        let handle = tally_stripe::spawn(
+            f.clone(),
+            Arc::new(OutboxHandle(store)),
+            Some(metrics.clone()),
+            None,
+        )?;
+        Ok(Arc::new(Self {
+            handle: Mutex::new(Some(handle)),
+            metrics,
+            webhook_secret: settings.webhook_secret.clone(),
+            client,
+            meter_ids: tokio::sync::Mutex::new(f.meter_ids.clone()),
+            last: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// Keeps a background task (the commit relay, the reconciliation job) to stop at shutdown.
+    pub fn keep_task(&self, t: tokio::task::JoinHandle<()>) {
+        if let Ok(mut v) = self.tasks.lock() {
+            v.push(t);
+        }
+    }
+
+    /// Asks the forwarder for a pass now (after outbox rows or a mapping change).
+    pub fn notify(&self) {
+        if let Ok(h) = self.handle.lock()
+            && let Some(h) = h.as_ref()
+        {
+            h.notify();
+        }
+    }
+
+    /// The forwarder's status (unmapped rows per customer, requests, last error).
+    pub fn status(&self) -> tally_stripe::ForwarderStatus {
+        self.handle
+            .lock()
+            .ok()
+            .and_then(|h| h.as_ref().map(ForwarderHandle::status))
+            .unwrap_or_default()
+    }
+
+    /// True when an API key is configured (otherwise log-only).
+    pub fn sends(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// The last reconciliation report.
+    pub fn last_reconciliation(&self) -> Option<ReconciliationReport> {
+        self.last.lock().ok().and_then(|l| l.clone())
+    }
+
+    /// Stops the background tasks and the forwarder after its requests in flight are answered.
+    pub async fn shutdown(&self) {
+        if let Ok(mut v) = self.tasks.lock() {
+            for t in v.drain(..) {
+                t.abort();
+            }
+        }
+        let h = self.handle.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = h {
+            h.shutdown().await;
+        }
+    }
+
+    async fn meter_id(&self, client: &StripeClient, event_name: &str) -> Option<String> {
+        let mut ids = self.meter_ids.lock().await;
+        if let Some(id) = ids.get(event_name) {
+            return Some(id.clone());
+        }
+        if let Ok(Ok(meters)) = client.list_meters().await {
+            for m in meters {
+                ids.insert(m.event_name, m.id);
+            }
+        }
+        ids.get(event_name).cloned()
+    }
+
+    /// Compares what the ledger made due (Σ outbox units per Stripe customer, event name and UTC
+    /// day) with Stripe's daily event summaries over the last `days` days, ending with today if
+    /// `include_today` (summaries are eventually consistent, so today may differ briefly).
+    /// Sets the discrepancy gauge and keeps the report.
+    pub async fn reconcile(
+        &self,
+        store: &Arc<dyn Store>,
+        days: i64,
+        include_today: bool,
+    ) -> Result<ReconciliationReport, ReconcileError> {
+        let now_s = crate::ingest::now_ms() / 1000;
+        let today = tally_stripe::time::day_start(now_s);
+        let to_day = if include_today { today + 86_400 } else { today };
+        let from_day = to_day - days.max(1) * 86_400;
+        let Some(client) = self.client.clone() else {
+            let r = ReconciliationReport {
+                ran_at: now_s,
+                from_day,
+                to_day,
+                compared: 0,
+                discrepancies: Vec::new(),
+                skipped: Vec::new(),
+                mode: String::from("log_only"),
+            };
+            return Ok(r);
+        };
+        let st = store.clone();
+        let items = tokio::task::spawn_blocking(move || st.outbox_items())
+            .await
+            .map_err(|e| ReconcileError::Stripe(format!("task: {e}")))??;
+        let mut skipped = Vec::new();
+        let mut resolved: HashMap<String, Option<String>> = HashMap::new();
+        let mut mapped = Vec::new();
+        for (customer, event, ts, units) in items {
+            if ts < from_day || ts >= to_day {
+                continue;
+            }
+            let sc = match resolved.get(&customer) {
+                Some(v) => v.clone(),
+                None => {
+                    let v = tally_stripe::outbox::resolve_customer(store.as_ref(), &customer)?;
+                    resolved.insert(customer.clone(), v.clone());
+                    if v.is_none() {
+                        skipped.push(format!("customer {customer}: no stripe mapping"));
+                    }
+                    v
+                }
+            };
+            if let Some(sc) = sc {
+                mapped.push((sc, event, ts, units));
+            }
+        }
+        let ledger: BTreeMap<DayKey, Decimal> = tally_stripe::reconcile::day_totals(
+            mapped
+                .iter()
+                .map(|(c, e, t, u)| (c.as_str(), e.as_str(), *t, *u)),
+        );
+        let mut pairs: Vec<(String, String)> = ledger
+            .keys()
+            .map(|k| (k.stripe_customer.clone(), k.event_name.clone()))
+            .collect();
+        pairs.dedup();
+        let mut stripe: BTreeMap<DayKey, Decimal> = BTreeMap::new();
+        let mut compared_pairs = std::collections::HashSet::new();
+        for (sc, event) in pairs {
+            let Some(mid) = self.meter_id(&client, &event).await else {
+                skipped.push(format!("event {event}: no stripe meter"));
+                continue;
+            };
+            match tally_stripe::reconcile::fetch_day_totals(
+                &client, &mid, &sc, &event, from_day, to_day,
+            )
+            .await
+            {
+                Ok(t) => {
+                    stripe.extend(t);
+                    compared_pairs.insert((sc, event));
+                }
+                Err(e) => skipped.push(format!("{sc}/{event}: {e}")),
+            }
+        }
+        let ledger: BTreeMap<DayKey, Decimal> = ledger
+            .into_iter()
+            .filter(|(k, _)| {
+                compared_pairs.contains(&(k.stripe_customer.clone(), k.event_name.clone()))
+            })
+            .collect();
+        let discrepancies = tally_stripe::reconcile::reconcile(&ledger, &stripe);
+        self.metrics
+            .reconciliation_discrepancies
+            .set(i64::try_from(discrepancies.len()).unwrap_or(i64::MAX));
+        let report = ReconciliationReport {
+            ran_at: now_s,
+            from_day,
+            to_day,
+            compared: ledger.len().max(stripe.len()),
+            discrepancies,
+            skipped,
+            mode: String::from("ok"),
+        };
+        if let Ok(mut l) = self.last.lock() {
+            *l = Some(report.clone());
+        }
+        Ok(report)
+    }
+}
