@@ -21,11 +21,16 @@ pub struct Env {
 }
 
 pub async fn start() -> Env {
+    start_with(|_| {}).await
+}
+
+/// An in-process collector whose configuration `f` adjusts (e.g. Stripe settings).
+pub async fn start_with(f: impl FnOnce(&mut CollectorConfig)) -> Env {
     let dir = tempfile::tempdir().unwrap();
     tally_collector::init(dir.path(), &[]).unwrap();
-    let handle = Collector::start(CollectorConfig::ephemeral(dir.path()))
-        .await
-        .unwrap();
+    let mut config = CollectorConfig::ephemeral(dir.path());
+    f(&mut config);
+    let handle = Collector::start(config).await.unwrap();
     let ca_pem = std::fs::read(&handle.files().ca_pem).unwrap();
     Env {
         dir,
