@@ -187,9 +187,10 @@ enum SealerCmd {
     Stop(oneshot::Sender<Result<u64, String>>),
 }
 
+/// Events appended to the durable log together: all of them in one commit, or none.
 struct DurableReq {
-    event: LoggedEvent,
-    reply: oneshot::Sender<Result<Recorded, RecordError>>,
+    events: Vec<LoggedEvent>,
+    reply: oneshot::Sender<Result<Vec<Recorded>, RecordError>>,
 }
 
 /// Builds an [`Agent`]; see [`Agent::builder`].
@@ -428,44 +429,63 @@ fn sealer_thread(
 fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<DurableReq>) {
     let mut since_seal = 0usize;
     while let Some(first) = rx.blocking_recv() {
+        let mut n = first.events.len();
         let mut reqs = vec![first];
-        while reqs.len() < MAX_GROUP_COMMIT {
+        while n < MAX_GROUP_COMMIT {
             match rx.try_recv() {
-                Ok(r) => reqs.push(r),
+                Ok(r) => {
+                    n += r.events.len();
+                    reqs.push(r);
+                }
                 Err(_) => break,
             }
         }
-        // Ids: refuse repeats within the batch, the accepted set and the store's dedup set.
+        // Ids: refuse repeats within the group, the accepted set and the store's dedup set. A
+        // request's events are all appended or all refused.
         let now = now_ms();
-        let mut events = Vec::with_capacity(reqs.len());
+        let mut events = Vec::new();
         let mut replies = Vec::with_capacity(reqs.len());
         {
             let mut ids = lock(&sh.ids);
-            for r in reqs {
-                if let Some(id) = &r.event.id {
-                    let seen = if ids.contains(id) {
-                        Ok(true)
-                    } else {
-                        sh.store.seen_id(id, now)
-                    };
-                    match seen {
-                        Ok(true) => {
-                            let _ = r.reply.send(Ok(Recorded::Duplicate));
-                            continue;
+            'req: for r in reqs {
+                let mut outcomes = Vec::with_capacity(r.events.len());
+                let mut added: Vec<String> = Vec::new();
+                let start = events.len();
+                for ev in r.events {
+                    if let Some(id) = &ev.id {
+                        let seen = if ids.contains(id) {
+                            Ok(true)
+                        } else {
+                            sh.store.seen_id(id, now)
+                        };
+                        match seen {
+                            Ok(true) => {
+                                outcomes.push(Recorded::Duplicate);
+                                continue;
+                            }
+                            Ok(false) => {}
+                            Err(e) => {
+                                for id in &added {
+                                    ids.remove(id);
+                                }
+                                events.truncate(start);
+                                let _ = r.reply.send(Err(RecordError::from(e)));
+                                continue 'req;
+                            }
                         }
-                        Ok(false) => {}
-                        Err(e) => {
-                            let _ = r.reply.send(Err(RecordError::from(e)));
-                            continue;
-                        }
+                        ids.insert(id.clone());
+                        added.push(id.clone());
                     }
-                    ids.insert(id.clone());
+                    outcomes.push(Recorded::New);
+                    events.push(ev);
                 }
-                events.push(r.event);
-                replies.push(r.reply);
+                replies.push((r.reply, outcomes));
             }
         }
         if events.is_empty() {
+            for (reply, outcomes) in replies {
+                let _ = reply.send(Ok(outcomes));
+            }
             continue;
         }
         match sh.store.append_log(&events) {
@@ -475,8 +495,8 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<DurableReq>) 
                     b.log_rows += n;
                     b.log_bytes += bytes;
                 });
-                for r in replies {
-                    let _ = r.send(Ok(Recorded::New));
+                for (reply, outcomes) in replies {
+                    let _ = reply.send(Ok(outcomes));
                 }
                 since_seal += events.len();
                 if since_seal >= PENDING_SEAL_HINT {
@@ -494,8 +514,8 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<DurableReq>) 
                 }
                 drop(ids);
                 let err = RecordError::from(e);
-                for r in replies {
-                    let _ = r.send(Err(err.clone()));
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(err.clone()));
                 }
             }
         }
@@ -738,18 +758,48 @@ impl Agent {
     /// sealed batch exactly once. A repeated id within `dedup_window` returns
     /// [`Recorded::Duplicate`] and is not counted again.
     pub async fn record_durable(&self, event: Event) -> Result<Recorded, RecordError> {
-        let r = self.record_durable_inner(event).await;
+        let r = self.record_durable_all(vec![event]).await;
+        r.and_then(|v| v.into_iter().next().ok_or(RecordError::Closed))
+    }
+
+    /// Records several events durably as one unit: all are validated first, then appended to the
+    /// durable log in one commit — all of them or none. Returns each event's outcome, in order
+    /// (an id seen before, or twice in `events`, is [`Recorded::Duplicate`]). The sidecar uses
+    /// this so an HTTP request is accepted or refused whole.
+    pub async fn record_durable_all(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<Vec<Recorded>, RecordError> {
+        let r = self.record_durable_inner(events).await;
         match &r {
-            Ok(Recorded::New) => self.h.sh.agg.count_record(),
-            Ok(Recorded::Duplicate) => {}
+            Ok(outcomes) => {
+                for o in outcomes {
+                    if *o == Recorded::New {
+                        self.h.sh.agg.count_record();
+                    }
+                }
+            }
             Err(e) => self.h.sh.agg.count_error(e),
         }
         r
     }
 
-    async fn record_durable_inner(&self, event: Event) -> Result<Recorded, RecordError> {
+    async fn record_durable_inner(&self, events: Vec<Event>) -> Result<Vec<Recorded>, RecordError> {
         let sh = &self.h.sh;
-        let (customer, meter, dimensions) = self.validate(&event)?;
+        let now = now_ms();
+        let mut logged = Vec::with_capacity(events.len());
+        for event in events {
+            let (customer, meter, dimensions) = self.validate(&event)?;
+            logged.push(LoggedEvent {
+                customer,
+                meter,
+                dimensions,
+                at_ms: event.timestamp_ms.unwrap_or(now),
+                quantity: event.quantity,
+                id: event.id,
+                accepted_at_ms: now,
+            });
+        }
         if sh.cfg.overflow == Overflow::Block && sh.over_budget() {
             let mut rx = sh.changed.subscribe();
             while sh.over_budget() {
@@ -759,21 +809,11 @@ impl Agent {
                 sh.agg.check_gate()?;
             }
         }
-        let now = now_ms();
-        let logged = LoggedEvent {
-            customer,
-            meter,
-            dimensions,
-            at_ms: event.timestamp_ms.unwrap_or(now),
-            quantity: event.quantity,
-            id: event.id,
-            accepted_at_ms: now,
-        };
         let (reply, rx) = oneshot::channel();
         self.h
             .durable_tx
             .send(DurableReq {
-                event: logged,
+                events: logged,
                 reply,
             })
             .map_err(|_| RecordError::Closed)?;

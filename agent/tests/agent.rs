@@ -179,3 +179,38 @@ async fn counters_and_typed_errors_show_in_metrics() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn record_durable_all_is_one_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = offline(dir.path()).await;
+    let ev = |id: &str, q: i64| Event::new("acme", "api_calls", Decimal::from(q)).with_id(id);
+    // One invalid event refuses the whole request: nothing is logged.
+    let bad = vec![ev("x1", 1), Event::new("acme", "Bad Meter", Decimal::ONE)];
+    assert!(matches!(
+        a.record_durable_all(bad).await,
+        Err(RecordError::InvalidMeter(_))
+    ));
+    assert_eq!(a.status().durable_log_events, 0);
+    assert_eq!(
+        a.record_durable(ev("x1", 1)).await.unwrap(),
+        Recorded::New,
+        "the refused request left no id behind"
+    );
+    // Repeats inside a request and of earlier ids count once.
+    let out = a
+        .record_durable_all(vec![ev("x1", 1), ev("x2", 2), ev("x2", 2), ev("x3", 3)])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            Recorded::Duplicate,
+            Recorded::New,
+            Recorded::Duplicate,
+            Recorded::New
+        ]
+    );
+    assert_eq!(a.status().durable_log_events, 3);
+    assert_eq!(a.record_durable_all(Vec::new()).await.unwrap(), Vec::new());
+}

@@ -83,18 +83,12 @@ impl SidecarBackend for AgentBackend {
     }
 
     async fn record_durable(&self, events: Vec<MappedEvent>) -> Result<(), BackendError> {
-        // All events go to the durable log together, so they share one group commit. Each has
-        // an id, so a client that retries after a failure here counts each event once.
-        let results = futures::future::join_all(
-            events
-                .into_iter()
-                .map(|e| self.agent.record_durable(to_event(e))),
-        )
-        .await;
-        for r in results {
-            r.map_err(backend_error)?;
-        }
-        Ok(())
+        // One append of the whole request: it is durable whole or not at all.
+        self.agent
+            .record_durable_all(events.into_iter().map(to_event).collect())
+            .await
+            .map(|_| ())
+            .map_err(backend_error)
     }
 
     async fn flush(&self, timeout: Duration) -> Result<(), BackendError> {
