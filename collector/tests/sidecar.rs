@@ -161,24 +161,10 @@ async fn stripe_sdk_and_openmeter_batches_reach_the_ledger_exactly() {
 }
 
 fn time_rfc3339(s: i64) -> String {
-    // Days to civil date (Howard Hinnant), enough for a test's timestamps.
-    let days = s.div_euclid(86_400);
-    let secs = s.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.000Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    time::OffsetDateTime::from_unix_timestamp(s)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
 }
 
 /// `tally-collector dev` serves the sidecar: a CloudEvent posted to it lands in the ledger.
