@@ -293,10 +293,17 @@ impl StripeRuntime {
 
     /// Stops the background tasks and the forwarder after its requests in flight are answered.
     pub async fn shutdown(&self) {
-        if let Ok(mut v) = self.tasks.lock() {
-            for t in v.drain(..) {
-                t.abort();
-            }
+        let tasks: Vec<_> = self
+            .tasks
+            .lock()
+            .map(|mut v| v.drain(..).collect())
+            .unwrap_or_default();
+        for t in &tasks {
+            t.abort();
+        }
+        // Awaited so that nothing they hold (the store) outlives the shutdown.
+        for t in tasks {
+            let _ = t.await;
         }
         let h = self.handle.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = h {

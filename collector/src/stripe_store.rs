@@ -176,6 +176,8 @@ pub(crate) struct OutboxWriter<'t> {
     open: Table<'t, (i64, u64), ()>,
     carry: Table<'t, (&'static str, &'static str), &'static [u8]>,
     counters: Table<'t, &'static str, u64>,
+    /// Carries read or changed in this transaction, written once at [`OutboxWriter::finish`].
+    carries: std::collections::HashMap<(String, String), Carry>,
     next_row: u64,
     appended: u64,
 }
@@ -190,6 +192,7 @@ impl<'t> OutboxWriter<'t> {
             open: txn.open_table(OUTBOX_OPEN).map_err(obe)?,
             carry: txn.open_table(OUTBOX_CARRY).map_err(obe)?,
             counters,
+            carries: std::collections::HashMap::new(),
             next_row,
             appended: 0,
         })
@@ -213,15 +216,24 @@ impl<'t> OutboxWriter<'t> {
         let Some(event_name) = def.stripe_event_name.as_deref() else {
             return Ok(());
         };
-        let key = (t.customer.as_str(), t.unit.as_str());
-        let mut c: Carry = match self.carry.get(key).map_err(obe)? {
-            Some(v) => odec("outbox_carry", v.value())?,
-            None => Carry::default(),
+        let key = (t.customer.as_str().to_owned(), t.unit.as_str().to_owned());
+        let c = match self.carries.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let stored = match self
+                    .carry
+                    .get((e.key().0.as_str(), e.key().1.as_str()))
+                    .map_err(obe)?
+                {
+                    Some(v) => odec("outbox_carry", v.value())?,
+                    None => Carry::default(),
+                };
+                e.insert(stored)
+            }
         };
         let signed = if positive { t.amount } else { -t.amount };
         let units =
-            carry_step(&mut c, signed, def.stripe_unit_scale).map_err(OutboxError::Invalid)?;
-        self.carry.insert(key, oenc(&c)?.as_slice()).map_err(obe)?;
+            carry_step(c, signed, def.stripe_unit_scale).map_err(OutboxError::Invalid)?;
         if units == 0 {
             return Ok(());
         }
@@ -248,6 +260,11 @@ impl<'t> OutboxWriter<'t> {
 
     /// Writes the counters; returns the number of rows appended.
     pub(crate) fn finish(mut self) -> Result<u64, OutboxError> {
+        for ((c, m), carry) in &self.carries {
+            self.carry
+                .insert((c.as_str(), m.as_str()), oenc(carry)?.as_slice())
+                .map_err(obe)?;
+        }
         if self.appended > 0 {
             self.counters.insert(NEXT_ROW, self.next_row).map_err(obe)?;
             let total = counter(&self.counters, TOTAL_ROWS)? + self.appended;
