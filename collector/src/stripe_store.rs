@@ -232,8 +232,7 @@ impl<'t> OutboxWriter<'t> {
             }
         };
         let signed = if positive { t.amount } else { -t.amount };
-        let units =
-            carry_step(c, signed, def.stripe_unit_scale).map_err(OutboxError::Invalid)?;
+        let units = carry_step(c, signed, def.stripe_unit_scale).map_err(OutboxError::Invalid)?;
         if units == 0 {
             return Ok(());
         }
