@@ -195,6 +195,14 @@ pub fn decode_payload(payload: &[u8]) -> Result<Frame, FrameError> {
     if !rest.is_empty() {
         return Err(FrameError::Malformed(String::from("trailing bytes")));
     }
+    // postcard accepts overlong varints (`0x80 0x00` for 0); a frame has one encoding only, so
+    // anything that does not re-encode to the same bytes is refused. Cheap: a batch frame's body
+    // is copied, not re-encoded (the signature binds those bytes).
+    let canonical =
+        postcard::to_stdvec(&frame).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if canonical != payload {
+        return Err(FrameError::Malformed(String::from("non-canonical encoding")));
+    }
     Ok(frame)
 }
 
@@ -294,6 +302,15 @@ mod tests {
             decode_frame(&bytes),
             Err(FrameError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn overlong_varints_are_refused() {
+        // Found by the decode_frame fuzzer: an Ack whose epoch 0 is written as `0x80 0x00`.
+        let bytes = [5, 0, 0, 0, 5, 128, 0, 0, 0];
+        assert!(matches!(decode_frame(&bytes), Err(FrameError::Malformed(_))));
+        let canonical = [4, 0, 0, 0, 5, 0, 0, 0];
+        assert!(matches!(decode_frame(&canonical), Ok(Some((Frame::Ack(_), 8)))));
     }
 
     #[test]
