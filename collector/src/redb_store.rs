@@ -306,7 +306,10 @@ impl RedbStore {
                 Ok(posting) => {
                     first_transfer = ledger.append(&posting)?;
                     for (t, delta) in posting.transfers.iter().zip(body.deltas.iter()) {
-                        let positive = t.debit == ledger::source_account_id(&t.unit);
+                        // Only a `last` meter going down moves usage back to the source.
+                        let positive = catalog.meter(t.unit.as_str()).is_none_or(|m| {
+                            m.aggregation != tally_protocol::catalog::Aggregation::Last
+                        }) || t.debit == ledger::source_account_id(&t.unit);
                         let ts = delta.bucket_start_ms.div_euclid(1000);
                         outbox
                             .transfer(&catalog, t, positive, ts)

@@ -176,8 +176,10 @@ pub(crate) struct OutboxWriter<'t> {
     open: Table<'t, (i64, u64), ()>,
     carry: Table<'t, (&'static str, &'static str), &'static [u8]>,
     counters: Table<'t, &'static str, u64>,
-    /// Carries read or changed in this transaction, written once at [`OutboxWriter::finish`].
-    carries: std::collections::HashMap<(String, String), Carry>,
+    /// Per customer, then meter: the carry read or changed in this transaction and the units
+    /// due per bucket time; written once at [`OutboxWriter::finish`] (one row per customer,
+    /// meter and bucket time). Two levels so that a lookup by `&str` allocates nothing.
+    touched: std::collections::HashMap<String, std::collections::HashMap<String, Touched>>,
     next_row: u64,
     appended: u64,
 }
@@ -192,7 +194,7 @@ impl<'t> OutboxWriter<'t> {
             open: txn.open_table(OUTBOX_OPEN).map_err(obe)?,
             carry: txn.open_table(OUTBOX_CARRY).map_err(obe)?,
             counters,
-            carries: std::collections::HashMap::new(),
+            touched: std::collections::HashMap::new(),
             next_row,
             appended: 0,
         })
@@ -216,53 +218,73 @@ impl<'t> OutboxWriter<'t> {
         let Some(event_name) = def.stripe_event_name.as_deref() else {
             return Ok(());
         };
-        let key = (t.customer.as_str().to_owned(), t.unit.as_str().to_owned());
-        let c = match self.carries.entry(key) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let stored = match self
-                    .carry
-                    .get((e.key().0.as_str(), e.key().1.as_str()))
-                    .map_err(obe)?
-                {
+        let (customer, meter) = (t.customer.as_str(), t.unit.as_str());
+        let by_meter = match self.touched.get_mut(customer) {
+            Some(m) => m,
+            None => self.touched.entry(customer.to_owned()).or_default(),
+        };
+        let e = match by_meter.get_mut(meter) {
+            Some(e) => e,
+            None => {
+                let carry = match self.carry.get((customer, meter)).map_err(obe)? {
                     Some(v) => odec("outbox_carry", v.value())?,
                     None => Carry::default(),
                 };
-                e.insert(stored)
+                by_meter.entry(meter.to_owned()).or_insert(Touched {
+                    carry,
+                    event_name: event_name.to_owned(),
+                    due: BTreeMap::new(),
+                })
             }
         };
         let signed = if positive { t.amount } else { -t.amount };
-        let units = carry_step(c, signed, def.stripe_unit_scale).map_err(OutboxError::Invalid)?;
-        if units == 0 {
-            return Ok(());
+        let units = carry_step(&mut e.carry, signed, def.stripe_unit_scale)
+            .map_err(OutboxError::Invalid)?;
+        if units > 0 {
+            // (The catalog is read once per transaction, so the event name cannot change here.)
+            let d = e.due.entry(timestamp_s).or_insert(0);
+            *d = d
+                .checked_add(units)
+                .ok_or_else(|| OutboxError::Invalid(String::from("outbox units overflow")))?;
         }
-        let id = self.next_row;
-        self.next_row += 1;
-        let rec = RowRec {
-            row: OutboxRow {
-                id,
-                customer: t.customer.as_str().to_owned(),
-                meter: t.unit.as_str().to_owned(),
-                stripe_event_name: event_name.to_owned(),
-                timestamp_s,
-                value: units,
-                revision: 0,
-            },
-            group: None,
-        };
-        self.rows.insert(id, oenc(&rec)?.as_slice()).map_err(obe)?;
-        self.free.insert(id, ()).map_err(obe)?;
-        self.open.insert((timestamp_s, id), ()).map_err(obe)?;
-        self.appended += 1;
         Ok(())
     }
 
     /// Writes the counters; returns the number of rows appended.
     pub(crate) fn finish(mut self) -> Result<u64, OutboxError> {
-        for ((c, m), carry) in &self.carries {
+        let mut touched: Vec<(String, String, Touched)> = std::mem::take(&mut self.touched)
+            .into_iter()
+            .flat_map(|(c, ms)| ms.into_iter().map(move |(m, t)| (c.clone(), m, t)))
+            .collect();
+        // Deterministic row order: by customer, meter, bucket time.
+        touched.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        for (customer, meter, t) in touched {
             self.carry
-                .insert((c.as_str(), m.as_str()), oenc(carry)?.as_slice())
+                .insert(
+                    (customer.as_str(), meter.as_str()),
+                    oenc(&t.carry)?.as_slice(),
+                )
                 .map_err(obe)?;
+            for (timestamp_s, value) in t.due {
+                let id = self.next_row;
+                self.next_row += 1;
+                let rec = RowRec {
+                    row: OutboxRow {
+                        id,
+                        customer: customer.clone(),
+                        meter: meter.clone(),
+                        stripe_event_name: t.event_name.clone(),
+                        timestamp_s,
+                        value,
+                        revision: 0,
+                    },
+                    group: None,
+                };
+                self.rows.insert(id, oenc(&rec)?.as_slice()).map_err(obe)?;
+                self.free.insert(id, ()).map_err(obe)?;
+                self.open.insert((timestamp_s, id), ()).map_err(obe)?;
+                self.appended += 1;
+            }
         }
         if self.appended > 0 {
             self.counters.insert(NEXT_ROW, self.next_row).map_err(obe)?;
@@ -271,6 +293,14 @@ impl<'t> OutboxWriter<'t> {
         }
         Ok(self.appended)
     }
+}
+
+/// What one transaction did to one (customer, meter).
+struct Touched {
+    carry: Carry,
+    event_name: String,
+    /// Units due per bucket time (Unix seconds).
+    due: BTreeMap<i64, u64>,
 }
 
 /// Group-related tables of one write transaction.
