@@ -7,7 +7,7 @@
 //! |-------------------|--------------------------------------------|------------------------------|
 //! | `outbox`          | row id (1, 2, …)                           | row + its group id           |
 //! | `outbox_free`     | row id of a row in no group                | `()`                         |
-//! | `outbox_open`     | (bucket time, row id) of undelivered rows  | `()`                         |
+//! | `outbox_open_ts`  | bucket time                                | undelivered rows at it       |
 //! | `outbox_groups`   | group id                                   | [`EventGroup`]               |
 //! | `outbox_active`   | group id of pending/unknown groups         | `()`                         |
 //! | `outbox_ident`    | identifier                                 | group id                     |
@@ -44,7 +44,26 @@ use tally_stripe::outbox::{
 
 pub(crate) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 pub(crate) const OUTBOX_FREE: TableDefinition<u64, ()> = TableDefinition::new("outbox_free");
-pub(crate) const OUTBOX_OPEN: TableDefinition<(i64, u64), ()> = TableDefinition::new("outbox_open");
+/// Bucket time → number of undelivered, non-dead rows with that time (entries at zero removed).
+pub(crate) const OUTBOX_OPEN: TableDefinition<i64, u64> = TableDefinition::new("outbox_open_ts");
+
+/// Adds `delta` to the open-row count of each bucket time.
+fn open_add(open: &mut Table<'_, i64, u64>, counts: BTreeMap<i64, i64>) -> Result<(), OutboxError> {
+    for (ts, delta) in counts {
+        let cur = open.get(ts).map_err(obe)?.map_or(0, |v| v.value());
+        let n = if delta >= 0 {
+            cur.saturating_add(delta.unsigned_abs())
+        } else {
+            cur.saturating_sub(delta.unsigned_abs())
+        };
+        if n == 0 {
+            open.remove(ts).map_err(obe)?;
+        } else {
+            open.insert(ts, n).map_err(obe)?;
+        }
+    }
+    Ok(())
+}
 pub(crate) const OUTBOX_GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox_groups");
 pub(crate) const OUTBOX_ACTIVE: TableDefinition<u64, ()> = TableDefinition::new("outbox_active");
 pub(crate) const OUTBOX_IDENT: TableDefinition<&str, u64> = TableDefinition::new("outbox_ident");
@@ -173,7 +192,7 @@ pub fn carry_step(
 pub(crate) struct OutboxWriter<'t> {
     rows: Table<'t, u64, &'static [u8]>,
     free: Table<'t, u64, ()>,
-    open: Table<'t, (i64, u64), ()>,
+    open: Table<'t, i64, u64>,
     carry: Table<'t, (&'static str, &'static str), &'static [u8]>,
     counters: Table<'t, &'static str, u64>,
     /// Per customer, then meter: the carry read or changed in this transaction and the units
@@ -258,6 +277,7 @@ impl<'t> OutboxWriter<'t> {
             .collect();
         // Deterministic row order: by customer, meter, bucket time.
         touched.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        let mut opened: BTreeMap<i64, i64> = BTreeMap::new();
         for (customer, meter, t) in touched {
             self.carry
                 .insert(
@@ -282,10 +302,11 @@ impl<'t> OutboxWriter<'t> {
                 };
                 self.rows.insert(id, oenc(&rec)?.as_slice()).map_err(obe)?;
                 self.free.insert(id, ()).map_err(obe)?;
-                self.open.insert((timestamp_s, id), ()).map_err(obe)?;
+                *opened.entry(timestamp_s).or_insert(0) += 1;
                 self.appended += 1;
             }
         }
+        open_add(&mut self.open, opened)?;
         if self.appended > 0 {
             self.counters.insert(NEXT_ROW, self.next_row).map_err(obe)?;
             let total = counter(&self.counters, TOTAL_ROWS)? + self.appended;
@@ -307,7 +328,7 @@ struct Touched {
 struct GroupTables<'t> {
     rows: Table<'t, u64, &'static [u8]>,
     free: Table<'t, u64, ()>,
-    open: Table<'t, (i64, u64), ()>,
+    open: Table<'t, i64, u64>,
     groups: Table<'t, u64, &'static [u8]>,
     active: Table<'t, u64, ()>,
     ident: Table<'t, &'static str, u64>,
@@ -398,16 +419,13 @@ impl<'t> GroupTables<'t> {
             } else {
                 self.active.remove(g.id).map_err(obe)?;
             }
+            let sign = if is_open(to) { 1 } else { -1 };
+            let mut counts: BTreeMap<i64, i64> = BTreeMap::new();
             for rid in &g.event.row_ids {
                 let Some(r) = self.row(*rid)? else { continue };
-                if is_open(to) {
-                    self.open
-                        .insert((r.row.timestamp_s, *rid), ())
-                        .map_err(obe)?;
-                } else {
-                    self.open.remove((r.row.timestamp_s, *rid)).map_err(obe)?;
-                }
+                *counts.entry(r.row.timestamp_s).or_insert(0) += sign;
             }
+            open_add(&mut self.open, counts)?;
         }
         g.state = to;
         Ok(())
@@ -475,7 +493,7 @@ impl RedbStore {
             };
             w.rows.insert(id, oenc(&rec)?.as_slice()).map_err(obe)?;
             w.free.insert(id, ()).map_err(obe)?;
-            w.open.insert((rec.row.timestamp_s, id), ()).map_err(obe)?;
+            open_add(&mut w.open, BTreeMap::from([(rec.row.timestamp_s, 1)]))?;
             w.appended += 1;
             w.finish()?;
             Ok(id)
@@ -867,7 +885,7 @@ impl tally_stripe::OutboxStore for RedbStore {
         let total = counter(&c, TOTAL_ROWS)?;
         let sent = counter(&c, SENT_ROWS)?;
         let dead = counter(&c, DEAD_ROWS)?;
-        let oldest = open.first().map_err(obe)?.map(|(k, _)| k.value().0);
+        let oldest = open.first().map_err(obe)?.map(|(k, _)| k.value());
         Ok(OutboxStats {
             pending_rows: total.saturating_sub(sent).saturating_sub(dead),
             unknown_rows: counter(&c, UNKNOWN_ROWS)?,
