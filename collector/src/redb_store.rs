@@ -15,6 +15,10 @@
 //! | `quarantine`   | position                              | [`QuarantineRecord`]          |
 //! | `adjustments`  | idempotency key                       | position of its transfer      |
 //!
+//! The Stripe outbox, its carries, customer mapping and webhook events live in the same file
+//! (tables `outbox*`, `customers`, `stripe_webhooks`; see [`crate::stripe_store`]); outbox rows
+//! are written in the ingest or adjustment transaction that posts their usage.
+//!
 //! Guarantees: every write is one redb write transaction with `Durability::Immediate` (fsynced
 //! before `commit` returns); a group of batches shares one transaction (group commit).
 //!

@@ -46,7 +46,7 @@ fn settings(api: Api, server: &FakeStripe) -> StripeSettings {
             ..ForwarderConfig::default()
         },
         webhook_secret: Some(WebhookSecret::new(WHSEC)),
-        reconcile_interval: None,
+        reconcile_interval: Some(Duration::from_millis(300)),
     }
 }
 
@@ -255,6 +255,17 @@ async fn exact_end_to_end(api: Api, seed: u64) {
     assert_eq!(st, 200, "{rec}");
     assert_eq!(rec["discrepancies"].as_array().unwrap().len(), 0, "{rec}");
     assert!(rec["compared"].as_u64().unwrap() > 0, "{rec}");
+    // The periodic reconciliation job runs too (it ends before the current day; the request
+    // above included today).
+    let periodic = wait_for(Duration::from_secs(5), || {
+        env.handle
+            .shared()
+            .stripe
+            .last_reconciliation()
+            .is_some_and(|r| r.to_day <= now_ms() / 1000 && r.mode == "ok")
+    })
+    .await;
+    assert!(periodic, "the reconciliation job ran");
     // The ledger verifies, including Σ outbox units = the carried units per customer and meter.
     env.assert_verified();
     env.handle.shutdown().await;
