@@ -201,7 +201,9 @@ pub fn decode_payload(payload: &[u8]) -> Result<Frame, FrameError> {
     let canonical =
         postcard::to_stdvec(&frame).map_err(|e| FrameError::Malformed(e.to_string()))?;
     if canonical != payload {
-        return Err(FrameError::Malformed(String::from("non-canonical encoding")));
+        return Err(FrameError::Malformed(String::from(
+            "non-canonical encoding",
+        )));
     }
     Ok(frame)
 }
@@ -308,9 +310,15 @@ mod tests {
     fn overlong_varints_are_refused() {
         // Found by the decode_frame fuzzer: an Ack whose epoch 0 is written as `0x80 0x00`.
         let bytes = [5, 0, 0, 0, 5, 128, 0, 0, 0];
-        assert!(matches!(decode_frame(&bytes), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode_frame(&bytes),
+            Err(FrameError::Malformed(_))
+        ));
         let canonical = [4, 0, 0, 0, 5, 0, 0, 0];
-        assert!(matches!(decode_frame(&canonical), Ok(Some((Frame::Ack(_), 8)))));
+        assert!(matches!(
+            decode_frame(&canonical),
+            Ok(Some((Frame::Ack(_), 8)))
+        ));
     }
 
     #[test]
