@@ -8,7 +8,8 @@
 //! - `quic`: an in-process collector and `PRODUCERS` protocol clients over loopback QUIC, each
 //!   pipelining 32 batches, timing send → ack.
 //!
-//! `cargo bench -p tally-benches --bench collector` (set `TALLY_BENCH_SCALE=0.2` for a quick run).
+//! `cargo bench -p tally-benches --bench collector` (set `TALLY_BENCH_SCALE=0.2` for a quick run;
+//! `TALLY_BENCH_STRIPE=1` to give every meter a Stripe event name, so commits write the outbox).
 
 use hdrhistogram::Histogram;
 use rust_decimal::Decimal;
@@ -39,7 +40,9 @@ fn meter(name: &str) -> MeterDef {
         event_type: name.to_owned(),
         value_property: Some(String::from("$.v")),
         group_by: BoundedVec::default(),
-        stripe_event_name: None,
+        // `TALLY_BENCH_STRIPE=1`: every meter forwards to Stripe, so each ledger transaction
+        // also writes outbox rows and unit carries.
+        stripe_event_name: std::env::var_os("TALLY_BENCH_STRIPE").map(|_| name.to_owned()),
         stripe_unit_scale: Decimal::ONE,
     }
 }
