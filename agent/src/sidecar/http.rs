@@ -113,9 +113,9 @@ struct Ctx<B> {
 /// The router.
 pub fn router<B: SidecarBackend>(backend: B, config: HttpConfig) -> Router {
     let ctx = Arc::new(Ctx { backend, config });
-    Router::new()
+    let guarded = Router::new()
         .route("/api/v1/events", post(openmeter_ingest::<B>))
-        .route("/v1/billing/meter_events", post(stripe_ingest::<B>))
+        .route(STRIPE_METER_EVENTS, post(stripe_ingest::<B>))
         .route("/v1/flush", post(flush::<B>))
         .route("/v1/entitlements/{customer}", get(entitlements::<B>))
         .route(
@@ -128,9 +128,38 @@ pub fn router<B: SidecarBackend>(backend: B, config: HttpConfig) -> Router {
         )
         .route("/metrics", get(metrics::<B>))
         .route("/v1/status", get(status::<B>))
+        .route_layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            require_token::<B>,
+        ));
+    Router::new()
+        .merge(guarded)
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz::<B>))
         .with_state(ctx)
+}
+
+const STRIPE_METER_EVENTS: &str = "/v1/billing/meter_events";
+
+/// Refuses a request without the configured bearer token, in the error shape its API uses.
+async fn require_token<B: SidecarBackend>(
+    State(ctx): State<Arc<Ctx<B>>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if authorized(&ctx, req.headers()) {
+        return next.run(req).await;
+    }
+    if req.uri().path() == STRIPE_METER_EVENTS {
+        let e = StripeError {
+            kind: "invalid_request_error",
+            code: "api_key_invalid",
+            message: String::from("Invalid API Key provided."),
+            param: None,
+        };
+        return stripe_error(StatusCode::UNAUTHORIZED, &e);
+    }
+    problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
 }
 
 fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
@@ -202,9 +231,6 @@ async fn openmeter_ingest<B: SidecarBackend>(
     State(ctx): State<Arc<Ctx<B>>>,
     req: Request,
 ) -> Response {
-    if !authorized(&ctx, req.headers()) {
-        return problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
     let Some(mode) = Mode::from_content_type(content_type(req.headers())) else {
         return problem(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -238,15 +264,6 @@ async fn stripe_ingest<B: SidecarBackend>(
     State(ctx): State<Arc<Ctx<B>>>,
     req: Request,
 ) -> Response {
-    if !authorized(&ctx, req.headers()) {
-        let e = StripeError {
-            kind: "invalid_request_error",
-            code: "api_key_invalid",
-            message: String::from("Invalid API Key provided."),
-            param: None,
-        };
-        return stripe_error(StatusCode::UNAUTHORIZED, &e);
-    }
     let ct = content_type(req.headers())
         .split(';')
         .next()
@@ -313,23 +330,14 @@ fn fresh_identifier() -> String {
     format!("tly_{}", hex::encode(b))
 }
 
-async fn flush<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>, headers: HeaderMap) -> Response {
-    if !authorized(&ctx, &headers) {
-        return problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+async fn flush<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>) -> Response {
     match ctx.backend.flush(Duration::from_secs(30)).await {
         Ok(()) => axum::Json(serde_json::json!({"flushed": true})).into_response(),
         Err(e) => problem(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
     }
 }
 
-async fn metrics<B: SidecarBackend>(
-    State(ctx): State<Arc<Ctx<B>>>,
-    headers: HeaderMap,
-) -> Response {
-    if !authorized(&ctx, &headers) {
-        return problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+async fn metrics<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>) -> Response {
     let mut r = Response::new(Body::from(ctx.backend.render_metrics()));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -338,10 +346,7 @@ async fn metrics<B: SidecarBackend>(
     r
 }
 
-async fn status<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>, headers: HeaderMap) -> Response {
-    if !authorized(&ctx, &headers) {
-        return problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+async fn status<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>) -> Response {
     axum::Json(ctx.backend.status_json()).into_response()
 }
 
@@ -387,12 +392,8 @@ fn parse_customer(s: &str) -> Result<CustomerId, Box<Response>> {
 
 async fn entitlements<B: SidecarBackend>(
     State(ctx): State<Arc<Ctx<B>>>,
-    headers: HeaderMap,
     Path(customer): Path<String>,
 ) -> Response {
-    if !authorized(&ctx, &headers) {
-        return problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
     let customer = match parse_customer(&customer) {
         Ok(c) => c,
         Err(r) => return *r,
@@ -420,12 +421,8 @@ async fn entitlements<B: SidecarBackend>(
 
 async fn entitlement_item<B: SidecarBackend>(
     State(ctx): State<Arc<Ctx<B>>>,
-    headers: HeaderMap,
     Path((customer, item)): Path<(String, String)>,
 ) -> Response {
-    if !authorized(&ctx, &headers) {
-        return problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
     let customer = match parse_customer(&customer) {
         Ok(c) => c,
         Err(r) => return *r,
@@ -463,9 +460,6 @@ async fn consume<B: SidecarBackend>(
     Path((customer, meter)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    if !authorized(&ctx, req.headers()) {
-        return problem(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
     if Mode::from_content_type(content_type(req.headers())) != Some(Mode::Json) {
         return problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "use application/json");
     }
