@@ -5,38 +5,9 @@
 //! version and is kept); [`crate::server::Shared::put_meter`] stores it and pushes it to every
 //! connected agent.
 
-use rust_decimal::Decimal;
-use tally_protocol::bounded::BoundedVec;
-use tally_protocol::catalog::{Aggregation, MeterDef};
-use tally_protocol::names::{DimensionKey, MeterName, NameError};
-
-/// The quickstart's meters: `api_calls` (sum of `$.count` of `api_call` events) and `tokens`
-/// (sum of `$.tokens` of `llm_tokens` events, grouped by `model` = `$.model`), both with
-/// `stripe_unit_scale` 1.
-pub fn sample_meters() -> Result<Vec<MeterDef>, NameError> {
-    let group_by = BoundedVec::new(vec![(DimensionKey::new("model")?, String::from("$.model"))])
-        .unwrap_or_default();
-    Ok(vec![
-        MeterDef {
-            name: MeterName::new("api_calls")?,
-            aggregation: Aggregation::Sum,
-            event_type: String::from("api_call"),
-            value_property: Some(String::from("$.count")),
-            group_by: BoundedVec::default(),
-            stripe_event_name: Some(String::from("api_calls")),
-            stripe_unit_scale: Decimal::ONE,
-        },
-        MeterDef {
-            name: MeterName::new("tokens")?,
-            aggregation: Aggregation::Sum,
-            event_type: String::from("llm_tokens"),
-            value_property: Some(String::from("$.tokens")),
-            group_by,
-            stripe_event_name: Some(String::from("tokens")),
-            stripe_unit_scale: Decimal::ONE,
-        },
-    ])
-}
+/// The quickstart's meters (SPEC §8); defined beside the catalog types so agents' tests and the
+/// collector share one definition.
+pub use tally_protocol::catalog::sample_meters;
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,7 @@
 //! disk.
 
 use crate::bounded::BoundedVec;
-use crate::names::{DimensionKey, MeterName};
+use crate::names::{DimensionKey, MeterName, NameError};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -105,4 +105,32 @@ impl Catalog {
     pub fn meter(&self, name: &str) -> Option<&MeterDef> {
         self.meters.iter().find(|m| m.name.as_str() == name)
     }
+}
+
+/// The quickstart's meters (SPEC §8): `api_calls` (sum of `$.count` of `api_call` events) and
+/// `tokens` (sum of `$.tokens` of `llm_tokens` events, grouped by `model` = `$.model`), both
+/// forwarded to Stripe under their own names with `stripe_unit_scale` 1.
+pub fn sample_meters() -> Result<Vec<MeterDef>, NameError> {
+    let group_by = BoundedVec::new(vec![(DimensionKey::new("model")?, String::from("$.model"))])
+        .unwrap_or_default();
+    Ok(vec![
+        MeterDef {
+            name: MeterName::new("api_calls")?,
+            aggregation: Aggregation::Sum,
+            event_type: String::from("api_call"),
+            value_property: Some(String::from("$.count")),
+            group_by: BoundedVec::default(),
+            stripe_event_name: Some(String::from("api_calls")),
+            stripe_unit_scale: Decimal::ONE,
+        },
+        MeterDef {
+            name: MeterName::new("tokens")?,
+            aggregation: Aggregation::Sum,
+            event_type: String::from("llm_tokens"),
+            value_property: Some(String::from("$.tokens")),
+            group_by,
+            stripe_event_name: Some(String::from("tokens")),
+            stripe_unit_scale: Decimal::ONE,
+        },
+    ])
 }

@@ -5,37 +5,13 @@ use crate::sidecar::mapping::IngestCatalog;
 use crate::sidecar::stripe_form;
 use rust_decimal::Decimal;
 use tally_protocol::bounded::BoundedVec;
-use tally_protocol::catalog::{Aggregation, Catalog, MeterDef};
-use tally_protocol::names::{DimensionKey, MeterName};
+use tally_protocol::catalog::Catalog;
 
 pub fn sample_catalog() -> IngestCatalog {
-    let meter = |name: &str, ty: &str, value: &str, group: Option<(&str, &str)>| MeterDef {
-        name: MeterName::new(name).unwrap(),
-        aggregation: Aggregation::Sum,
-        event_type: ty.into(),
-        value_property: Some(value.into()),
-        group_by: BoundedVec::new(
-            group
-                .map(|(k, p)| (DimensionKey::new(k).unwrap(), p.to_string()))
-                .into_iter()
-                .collect(),
-        )
-        .unwrap(),
-        stripe_event_name: Some(name.into()),
-        stripe_unit_scale: Decimal::ONE,
-    };
+    let meters = tally_protocol::catalog::sample_meters().unwrap();
     let catalog = Catalog {
         version: 1,
-        meters: BoundedVec::new(vec![
-            meter("api_calls", "api_call", "$.count", None),
-            meter(
-                "tokens",
-                "llm_tokens",
-                "$.tokens",
-                Some(("model", "$.model")),
-            ),
-        ])
-        .unwrap(),
+        meters: BoundedVec::new(meters).unwrap(),
     };
     IngestCatalog::compile(&catalog).unwrap()
 }
