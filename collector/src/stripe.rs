@@ -2,8 +2,8 @@
 //! webhook secret and reconciliation. The engine itself is `tally_stripe`.
 //!
 //! Owns [`StripeSettings`] (what `--stripe-*` flags, `STRIPE_API_KEY` and the config file set),
-//! [`StripeRuntime`] (the running forwarder, its metrics and the last reconciliation) and
-//! [`OutboxHandle`], the adapter that hands the collector's [`Store`] to the forwarder.
+//! [`StripeRuntime`] (the running forwarder, its metrics and the last reconciliation). The
+//! collector's [`Store`] is a [`tally_stripe::OutboxStore`], so the forwarder runs on it directly.
 //!
 //! Guarantees: the API key and webhook secret live only in `tally_stripe`'s redacting types and
 //! are never logged; without a key the forwarder runs in the crate's log-only mode (it logs what
@@ -18,12 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tally_stripe::client::StripeClient;
 use tally_stripe::metrics::StripeMetrics;
-use tally_stripe::outbox::{
-    EventGroup, GroupId, NewGroup, OutboxEntry, OutboxRow, OutboxState, OutboxStats, RowId,
-    StoreError as OutboxError, StripeError, WebhookRecord,
-};
+use tally_stripe::outbox::StoreError as OutboxError;
 use tally_stripe::reconcile::{DayKey, Discrepancy};
-use tally_stripe::{ApiKey, ForwarderConfig, ForwarderHandle, OutboxStore, WebhookSecret};
+use tally_stripe::{ApiKey, ForwarderConfig, ForwarderHandle, WebhookSecret};
 
 /// Stripe settings of a collector.
 #[derive(Debug, Clone)]
@@ -84,92 +81,6 @@ impl StripeSettings {
     }
 }
 
-/// The collector's [`Store`] as the forwarder's [`OutboxStore`].
-#[derive(Clone)]
-pub struct OutboxHandle(pub Arc<dyn Store>);
-
-impl OutboxStore for OutboxHandle {
-    fn namespace(&self) -> Result<String, OutboxError> {
-        self.0.namespace()
-    }
-    fn pending_rows(&self, after: RowId, limit: usize) -> Result<Vec<OutboxRow>, OutboxError> {
-        self.0.pending_rows(after, limit)
-    }
-    fn stripe_customer(&self, customer: &str) -> Result<Option<String>, OutboxError> {
-        self.0.stripe_customer(customer)
-    }
-    fn set_stripe_customer(
-        &self,
-        customer: &str,
-        stripe_customer: &str,
-    ) -> Result<(), OutboxError> {
-        self.0.set_stripe_customer(customer, stripe_customer)
-    }
-    fn create_groups(&self, groups: Vec<NewGroup>) -> Result<Vec<EventGroup>, OutboxError> {
-        self.0.create_groups(groups)
-    }
-    fn ready_groups(&self, now_ms: i64, limit: usize) -> Result<Vec<EventGroup>, OutboxError> {
-        self.0.ready_groups(now_ms, limit)
-    }
-    fn record_attempt(
-        &self,
-        ids: &[GroupId],
-        now_ms: i64,
-        lease_until_ms: i64,
-    ) -> Result<(), OutboxError> {
-        self.0.record_attempt(ids, now_ms, lease_until_ms)
-    }
-    fn mark_sent(&self, ids: &[GroupId]) -> Result<(), OutboxError> {
-        self.0.mark_sent(ids)
-    }
-    fn mark_retry(
-        &self,
-        id: GroupId,
-        next_attempt_ms: i64,
-        unknown: bool,
-        error: Option<StripeError>,
-    ) -> Result<(), OutboxError> {
-        self.0.mark_retry(id, next_attempt_ms, unknown, error)
-    }
-    fn mark_dead(&self, id: GroupId, error: StripeError) -> Result<(), OutboxError> {
-        self.0.mark_dead(id, error)
-    }
-    fn mark_dead_by_identifier(
-        &self,
-        identifier: &str,
-        error: StripeError,
-    ) -> Result<bool, OutboxError> {
-        self.0.mark_dead_by_identifier(identifier, error)
-    }
-    fn requeue(&self, row: RowId) -> Result<Vec<RowId>, OutboxError> {
-        self.0.requeue(row)
-    }
-    fn list(
-        &self,
-        state: OutboxState,
-        after: RowId,
-        limit: usize,
-    ) -> Result<Vec<OutboxEntry>, OutboxError> {
-        self.0.list(state, after, limit)
-    }
-    fn stats(&self) -> Result<OutboxStats, OutboxError> {
-        self.0.stats()
-    }
-    fn window_groups(
-        &self,
-        stripe_customer: &str,
-        event_name: &str,
-        start_s: i64,
-        end_s: i64,
-    ) -> Result<Vec<EventGroup>, OutboxError> {
-        self.0
-            .window_groups(stripe_customer, event_name, start_s, end_s)
-    }
-    fn record_webhook(&self, record: WebhookRecord) -> Result<bool, OutboxError> {
-        self.0.record_webhook(record)
-    }
-}
-
 /// The result of one reconciliation run (`GET /v1/reconciliation`).
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ReconciliationReport {
@@ -206,7 +117,7 @@ pub enum ReconcileError {
 
 /// The running Stripe side of a collector.
 pub struct StripeRuntime {
-    handle: Mutex<Option<ForwarderHandle<OutboxHandle>>>,
+    handle: Mutex<Option<ForwarderHandle<dyn Store>>>,
     /// The forwarder's metrics (registered in the collector's registry).
     pub metrics: StripeMetrics,
     /// The webhook signing secret.
@@ -239,12 +150,7 @@ impl StripeRuntime {
             ),
             None => None,
         };
-        let handle = tally_stripe::spawn(
-            f.clone(),
-            Arc::new(OutboxHandle(store)),
-            Some(metrics.clone()),
-            None,
-        )?;
+        let handle = tally_stripe::spawn(f.clone(), store, Some(metrics.clone()), None)?;
         Ok(Arc::new(Self {
             handle: Mutex::new(Some(handle)),
             metrics,

@@ -156,7 +156,7 @@ struct Session {
     expires_ms: i64,
 }
 
-struct Shared<S> {
+struct Shared<S: ?Sized> {
     cfg: ForwarderConfig,
     store: Arc<S>,
     client: Option<StripeClient>,
@@ -175,13 +175,13 @@ struct Shared<S> {
 
 /// The running forwarder. Dropping it aborts the task and every request in flight (as a crash
 /// would); [`ForwarderHandle::shutdown`] stops it gracefully.
-pub struct ForwarderHandle<S: OutboxStore> {
+pub struct ForwarderHandle<S: OutboxStore + ?Sized> {
     shared: Arc<Shared<S>>,
     stop: Arc<Notify>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl<S: OutboxStore> Drop for ForwarderHandle<S> {
+impl<S: OutboxStore + ?Sized> Drop for ForwarderHandle<S> {
     fn drop(&mut self) {
         if let Some(t) = self.task.take() {
             t.abort();
@@ -189,7 +189,7 @@ impl<S: OutboxStore> Drop for ForwarderHandle<S> {
     }
 }
 
-impl<S: OutboxStore> ForwarderHandle<S> {
+impl<S: OutboxStore + ?Sized> ForwarderHandle<S> {
     /// Asks for a pass now (call after committing outbox rows or a mapping change).
     pub fn notify(&self) {
         self.shared.wake.notify_one();
@@ -214,7 +214,7 @@ impl<S: OutboxStore> ForwarderHandle<S> {
 }
 
 /// Starts the forwarder on the current tokio runtime.
-pub fn spawn<S: OutboxStore>(
+pub fn spawn<S: OutboxStore + ?Sized>(
     cfg: ForwarderConfig,
     store: Arc<S>,
     metrics: Option<StripeMetrics>,
@@ -262,7 +262,7 @@ pub fn spawn<S: OutboxStore>(
     })
 }
 
-impl<S: OutboxStore> Shared<S> {
+impl<S: OutboxStore + ?Sized> Shared<S> {
     fn random(&self) -> u64 {
         // xorshift64*; quality is plenty for jitter and idempotency keys.
         let mut x = self.rng.load(Ordering::Relaxed);
@@ -777,7 +777,7 @@ type Key = (String, String);
 /// How often the outbox gauges are refreshed from the store (a full count can be costly).
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 
-async fn run<S: OutboxStore>(shared: Arc<Shared<S>>, stop: Arc<Notify>) {
+async fn run<S: OutboxStore + ?Sized>(shared: Arc<Shared<S>>, stop: Arc<Notify>) {
     let mut tasks: JoinSet<(Vec<GroupId>, Option<Key>)> = JoinSet::new();
     let mut busy_keys: HashSet<Key> = HashSet::new();
     let mut busy_groups: HashSet<GroupId> = HashSet::new();
@@ -826,7 +826,7 @@ async fn run<S: OutboxStore>(shared: Arc<Shared<S>>, stop: Arc<Notify>) {
     shared.refresh_gauges().await;
 }
 
-async fn dispatch<S: OutboxStore>(
+async fn dispatch<S: OutboxStore + ?Sized>(
     shared: &Arc<Shared<S>>,
     tasks: &mut JoinSet<(Vec<GroupId>, Option<Key>)>,
     busy_keys: &mut HashSet<Key>,
