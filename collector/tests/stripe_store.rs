@@ -14,9 +14,8 @@ use tally_stripe::outbox::{
     GroupState, NewGroup, NewOutboxRow, OutboxState, OutboxStore, StripeError, WebhookRecord,
     identifier_for,
 };
-use tally_stripe::retry::Backoff;
-use tally_stripe::test_server::{FakeStripe, Fault, RandomFaults};
-use tally_stripe::{Api, ApiKey, ForwarderConfig, MemoryStore};
+use tally_stripe::test_server::FakeStripe;
+use tally_stripe::{Api, MemoryStore};
 
 struct Rng(u64);
 impl Rng {
@@ -242,46 +241,12 @@ fn mapping_and_namespace_survive_reopen() {
     );
 }
 
-fn config(api: Api, server: &FakeStripe) -> ForwarderConfig {
-    ForwarderConfig {
-        api,
-        api_key: Some(ApiKey::new("sk_test_tally_fake_key")),
-        base_url: server.url(),
-        meter_events_url: server.url(),
-        rate_per_s: Some(2000),
-        max_in_flight: 16,
-        poll_interval: Duration::from_millis(20),
-        request_timeout: Duration::from_secs(2),
-        backoff: Backoff {
-            base: Duration::from_millis(10),
-            cap: Duration::from_millis(200),
-        },
-        ..ForwarderConfig::default()
-    }
-}
-
 async fn exact(api: Api, seed: u64) {
     let server = FakeStripe::start().await.unwrap();
-    server.set_response_delay(Duration::from_millis(2));
-    server.set_random_faults(RandomFaults {
-        status_500_permille: 100,
-        rate_limited_permille: 60,
-        lose_answer_permille: 100,
-        drop_permille: 50,
-        lock_timeout_permille: 30,
-        retry_after_s: 1,
-        seed,
-    });
-    server.push_faults([
-        Fault::LoseAnswer,
-        Fault::Status500,
-        Fault::RateLimited { retry_after_s: 1 },
-        Fault::Drop,
-        Fault::LockTimeout,
-    ]);
+    server.inject_fault_mix(seed);
     let (_dir, store) = open();
     let store = Arc::new(store);
-    let fwd = tally_stripe::spawn(config(api, &server), store.clone(), None, None).unwrap();
+    let fwd = tally_stripe::spawn(server.forwarder_config(api), store.clone(), None, None).unwrap();
     let mut rng = Rng(seed);
     let mut expect: BTreeMap<(String, String), u64> = BTreeMap::new();
     let base = now_s() - 1800;

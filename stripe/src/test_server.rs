@@ -149,6 +149,48 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 }
 
 impl FakeStripe {
+    /// A forwarder configuration for tests against this server: a test key, both base URLs
+    /// here, fast polling and short backoff so fault runs converge in seconds.
+    pub fn forwarder_config(&self, api: crate::Api) -> crate::ForwarderConfig {
+        crate::ForwarderConfig {
+            api,
+            api_key: Some(crate::ApiKey::new("sk_test_tally_fake_key")),
+            base_url: self.url(),
+            meter_events_url: self.url(),
+            rate_per_s: Some(2000),
+            max_in_flight: 16,
+            poll_interval: Duration::from_millis(20),
+            request_timeout: Duration::from_secs(2),
+            backoff: crate::retry::Backoff {
+                base: Duration::from_millis(10),
+                cap: Duration::from_millis(200),
+            },
+            ..crate::ForwarderConfig::default()
+        }
+    }
+
+    /// The exactness runs' fault plan: every kind of fault once (a lost answer, a 500, a 429
+    /// with `Retry-After`, a dropped connection, `lock_timeout`), then each at random, seeded.
+    pub fn inject_fault_mix(&self, seed: u64) {
+        self.set_response_delay(Duration::from_millis(2));
+        self.set_random_faults(RandomFaults {
+            status_500_permille: 100,
+            rate_limited_permille: 60,
+            lose_answer_permille: 100,
+            drop_permille: 50,
+            lock_timeout_permille: 30,
+            retry_after_s: 1,
+            seed,
+        });
+        self.push_faults([
+            Fault::LoseAnswer,
+            Fault::Status500,
+            Fault::RateLimited { retry_after_s: 1 },
+            Fault::Drop,
+            Fault::LockTimeout,
+        ]);
+    }
+
     /// Starts the server on `127.0.0.1:0`.
     pub async fn start() -> std::io::Result<Self> {
         let inner = Arc::new(Mutex::new(Inner {

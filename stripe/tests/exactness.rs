@@ -11,30 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use tally_stripe::test_server::{FakeStripe, Fault, RandomFaults};
+use tally_stripe::test_server::{FakeStripe, Fault};
 use tally_stripe::{Api, MemoryStore};
 
 async fn run(api: Api, seed: u64) {
     let server = FakeStripe::start().await.unwrap();
-    server.set_response_delay(Duration::from_millis(2));
-    server.set_random_faults(RandomFaults {
-        status_500_permille: 100,
-        rate_limited_permille: 60,
-        lose_answer_permille: 100,
-        drop_permille: 50,
-        lock_timeout_permille: 30,
-        retry_after_s: 1,
-        seed,
-    });
-    // Every kind at least once, then at random.
-    server.push_faults([
-        Fault::LoseAnswer,
-        Fault::Status500,
-        Fault::RateLimited { retry_after_s: 1 },
-        Fault::Drop,
-        Fault::LockTimeout,
-        Fault::LoseAnswer,
-    ]);
+    server.inject_fault_mix(seed);
+    server.push_faults([Fault::LoseAnswer]);
     let store = Arc::new(MemoryStore::new());
     let mut rng = Rng(seed);
     let fwd = tally_stripe::spawn(config(api, &server), store.clone(), None, None).unwrap();

@@ -5,26 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tally_stripe::outbox::{MemoryStore, NewOutboxRow, OutboxStore};
-use tally_stripe::retry::Backoff;
 use tally_stripe::test_server::FakeStripe;
-use tally_stripe::{Api, ApiKey, ForwarderConfig};
+use tally_stripe::{Api, ForwarderConfig};
 
 pub fn config(api: Api, server: &FakeStripe) -> ForwarderConfig {
-    ForwarderConfig {
-        api,
-        api_key: Some(ApiKey::new("sk_test_tally_fake_key")),
-        base_url: server.url(),
-        meter_events_url: server.url(),
-        rate_per_s: Some(2000),
-        max_in_flight: 16,
-        poll_interval: Duration::from_millis(20),
-        request_timeout: Duration::from_secs(2),
-        backoff: Backoff {
-            base: Duration::from_millis(10),
-            cap: Duration::from_millis(200),
-        },
-        ..ForwarderConfig::default()
-    }
+    server.forwarder_config(api)
 }
 
 pub fn now_s() -> i64 {
