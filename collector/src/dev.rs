@@ -51,6 +51,21 @@ pub struct DevOptions {
     pub stripe: crate::stripe::StripeSettings,
 }
 
+impl DevOptions {
+    /// Everything on `127.0.0.1` port 0 with its data in `data_dir`: for tests and for running
+    /// several deployments side by side.
+    pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        DevOptions {
+            data_dir: data_dir.into(),
+            quic: any,
+            http: any,
+            agent_http: any,
+            ..DevOptions::default()
+        }
+    }
+}
+
 impl Default for DevOptions {
     fn default() -> Self {
         DevOptions {

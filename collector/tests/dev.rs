@@ -5,22 +5,13 @@
 mod common;
 
 use rust_decimal::Decimal;
-use std::net::SocketAddr;
 use std::time::Duration;
 use tally_collector::dev::{self, DevOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_runs_collector_catalog_and_agent_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let opts = DevOptions {
-        data_dir: dir.path().join("tally-dev"),
-        quic: any,
-        http: any,
-        agent_http: any,
-        agent: true,
-        stripe: Default::default(),
-    };
+    let opts = DevOptions::ephemeral(dir.path().join("tally-dev"));
     let d = dev::start(&opts).await.unwrap();
     let agent = d.agent.as_ref().expect("the in-process agent runs");
     // Wait until the agent has the catalog, then record and flush.

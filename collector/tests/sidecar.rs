@@ -172,15 +172,7 @@ fn time_rfc3339(s: i64) -> String {
 async fn dev_serves_the_sidecar() {
     use tally_collector::dev::{self, DevOptions};
     let dir = tempfile::tempdir().unwrap();
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let opts = DevOptions {
-        data_dir: dir.path().join("tally-dev"),
-        quic: any,
-        http: any,
-        agent_http: any,
-        agent: true,
-        stripe: Default::default(),
-    };
+    let opts = DevOptions::ephemeral(dir.path().join("tally-dev"));
     let d = dev::start(&opts).await.unwrap();
     let sidecar = d.sidecar_addr().expect("the sidecar is served");
     let deadline = Instant::now() + Duration::from_secs(10);
