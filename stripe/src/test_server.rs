@@ -1,7 +1,7 @@
 //! A local Stripe-compatible server for tests (feature `test-server`).
 //!
 //! Follows Stripe's documented behaviour and the OpenAPI excerpt in
-//! `shared/stripe/billing-meters.openapi.json` for what Tally uses:
+//! `stripe/tests/data/billing-meters.openapi.json` for what Tally uses:
 //! - `POST /v1/billing/meter_events` (form): unknown parameters rejected
 //!   (`parameter_unknown`), required fields, identifier ≤ 100, value a positive integer,
 //!   timestamp within 35 days back / 5 minutes ahead, unique identifiers (repeat → 400

@@ -1,5 +1,6 @@
 //! Every request the forwarder (and the reconciliation fetch) sends validates against Stripe's
-//! published description, `shared/stripe/billing-meters.openapi.json`: path and method exist,
+//! published description, `stripe/tests/data/billing-meters.openapi.json` (its README says where it
+//! comes from and how to refresh it): path and method exist,
 //! content type, required fields present, no unknown fields where `additionalProperties` is
 //! false, types and limits (identifier ≤ 100 characters, ≤ 100 events a stream request), the
 //! headers Stripe's SDKs send, and v1 bodies in the SDK's bracket style.
@@ -21,7 +22,7 @@ use tally_stripe::{Api, ApiKey, ForwarderConfig};
 
 fn spec() -> Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/stripe/billing-meters.openapi.json");
+        .join("tests/data/billing-meters.openapi.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "the Stripe OpenAPI excerpt is required for this test: cannot read {}: {e}",
