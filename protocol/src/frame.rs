@@ -220,16 +220,35 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> 
     Ok(Some((decode_payload(payload)?, LENGTH_PREFIX_BYTES + len)))
 }
 
-/// Buffers a byte stream and yields whole frames. After an error the stream is unusable.
-#[derive(Debug, Default)]
+/// Buffers a byte stream and yields whole frames of at most a limit (by default
+/// [`MAX_FRAME_BYTES`]; a peer that has not authenticated yet gets a much smaller one). The buffer
+/// never holds more than one frame beyond what the caller pushed since the last frame, so its
+/// size is bounded by the limit plus one read. After an error the stream is unusable.
+#[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    limit: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            limit: MAX_FRAME_BYTES,
+        }
+    }
 }
 
 impl FrameDecoder {
-    /// An empty decoder.
+    /// An empty decoder with the protocol's limit.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Frames longer than `limit` bytes (capped at [`MAX_FRAME_BYTES`]) are refused as
+    /// [`FrameError::TooLarge`] as soon as their prefix arrives.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.min(MAX_FRAME_BYTES);
     }
 
     /// Appends received bytes.
@@ -237,8 +256,16 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    fn checked_len(&self) -> Result<Option<usize>, FrameError> {
+        match frame_len(&self.buf)? {
+            Some(len) if len > self.limit => Err(FrameError::TooLarge(len)),
+            other => Ok(other),
+        }
+    }
+
     /// The next whole frame, if one is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        self.checked_len()?;
         match decode_frame(&self.buf)? {
             Some((frame, used)) => {
                 self.buf.drain(..used);
@@ -252,7 +279,7 @@ impl FrameDecoder {
     /// need more bytes. A reader must drain these before waiting on the transport: a peer may
     /// have sent several frames in one read.
     pub fn has_frame(&self) -> bool {
-        match frame_len(&self.buf) {
+        match self.checked_len() {
             Ok(Some(len)) => self.buf.len() >= LENGTH_PREFIX_BYTES + len,
             Ok(None) => false,
             Err(_) => true,
@@ -292,6 +319,21 @@ mod tests {
         assert!(d.has_frame());
         assert_eq!(d.next_frame(), Ok(Some(f)));
         assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn a_decoder_limit_refuses_a_long_frame_at_its_prefix() {
+        let f = Frame::Challenge(Challenge { nonce: [3; 32] });
+        let bytes = encode_frame(&f).unwrap();
+        let mut d = FrameDecoder::new();
+        d.set_limit(8);
+        d.push(&bytes[..LENGTH_PREFIX_BYTES]);
+        assert!(d.has_frame(), "the error is ready without the payload");
+        assert!(matches!(d.next_frame(), Err(FrameError::TooLarge(_))));
+        let mut d = FrameDecoder::new();
+        d.set_limit(bytes.len() - LENGTH_PREFIX_BYTES);
+        d.push(&bytes);
+        assert_eq!(d.next_frame(), Ok(Some(f)));
     }
 
     #[test]

@@ -1,51 +1,10 @@
 //! Wall-clock time for the forwarder and RFC 3339 formatting for v2 timestamps.
 //!
-//! The engine never reads the system clock directly: it asks a [`Clock`], so tests can move time
-//! (the 23-hour unknown-outcome rule, session expiry) without sleeping.
+//! The engine never reads the system clock directly: it asks the [`Clock`] of `tally-clock` (the
+//! one clock of the whole system), so tests can move time (the 23-hour unknown-outcome rule,
+//! session expiry) without sleeping.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
-
-/// A source of Unix time in milliseconds.
-pub trait Clock: Send + Sync + 'static {
-    /// Milliseconds since the Unix epoch.
-    fn now_ms(&self) -> i64;
-}
-
-/// The system clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0)
-    }
-}
-
-/// A clock that follows the system clock plus an offset the test moves forward.
-#[derive(Debug, Clone, Default)]
-pub struct OffsetClock(Arc<AtomicI64>);
-
-impl OffsetClock {
-    /// A clock equal to the system clock.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Moves this clock (and every clone) forward by `ms`.
-    pub fn advance_ms(&self, ms: i64) {
-        self.0.fetch_add(ms, Ordering::SeqCst);
-    }
-}
-
-impl Clock for OffsetClock {
-    fn now_ms(&self) -> i64 {
-        SystemClock.now_ms() + self.0.load(Ordering::SeqCst)
-    }
-}
+pub use tally_clock::{Clock, ManualClock, OffsetClock, SystemClock};
 
 /// Formats Unix seconds as RFC 3339 UTC (`2026-11-21T20:00:00Z`).
 pub fn rfc3339(unix_s: i64) -> String {
