@@ -4,6 +4,7 @@
 //!   collector inside its ledger transaction).
 //! - [`outbox`]: outbox rows, event groups, the [`outbox::OutboxStore`] trait and an in-memory
 //!   store.
+//! - [`group`]: the event group state machine, the one rule every store applies.
 //! - [`plan`]: aggregation of rows into meter events with deterministic identifiers.
 //! - [`retry`]: retry classes, backoff, token bucket (no I/O).
 //! - [`client`]: the HTTP shell (reqwest + rustls/ring).
@@ -40,6 +41,7 @@
 
 pub mod client;
 pub mod forwarder;
+pub mod group;
 pub mod metrics;
 pub mod outbox;
 pub mod plan;
