@@ -8,7 +8,8 @@
 //! - [`plan`]: aggregation of rows into meter events with deterministic identifiers.
 //! - [`retry`]: retry classes, backoff, token bucket (no I/O).
 //! - [`client`]: the HTTP shell (reqwest + rustls/ring).
-//! - [`forwarder`]: the tokio engine (v1 and v2).
+//! - [`dispatch`]: the forwarder's decisions as a sans-IO state machine (v1 and v2).
+//! - [`forwarder`]: the tokio shell around it.
 //! - [`webhook`]: `Stripe-Signature` verification and the idempotent event handler.
 //! - [`reconcile`]: ledger totals vs Stripe event summaries.
 //! - [`metrics`]: Prometheus handles.
@@ -40,6 +41,7 @@
 //!    `test_server::FakeStripe::url()`.
 
 pub mod client;
+pub mod dispatch;
 pub mod forwarder;
 pub mod group;
 pub mod metrics;
