@@ -287,7 +287,7 @@ impl StripeClient {
         Self::finish(r).await
     }
 
-    /// `GET /v1/billing/meters` (all pages).
+    /// `GET /v1/billing/meters` (all pages, at most 100 of 100 meters).
     pub async fn list_meters(&self) -> Result<Result<Vec<Meter>, Answer>, TransportError> {
         #[derive(Deserialize)]
         struct Page {
@@ -317,7 +317,8 @@ impl StripeClient {
     }
 
     /// `GET /v1/billing/meters/{id}/event_summaries` for one customer over `[start, end)`,
-    /// grouped by `window` (`"day"`, `"hour"`, or `None` for one summary); all pages.
+    /// grouped by `window` (`"day"`, `"hour"`, or `None` for one summary); all pages, at most
+    /// 1000 of 100 summaries.
     pub async fn event_summaries(
         &self,
         meter_id: &str,

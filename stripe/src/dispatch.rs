@@ -34,10 +34,51 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 
 use crate::client::MeterEvent;
-use crate::forwarder::{Api, ForwarderStatus};
 use crate::outbox::{EventGroup, GroupId, GroupState, NewGroup, StripeError};
 use crate::retry::{Answer, Backoff, Outcome, TokenBucket, classify};
 use crate::time::parse_rfc3339;
+
+/// Which Stripe API carries meter events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Api {
+    /// `POST /v1/billing/meter_events` (default).
+    #[default]
+    V1,
+    /// v2 meter event session + stream.
+    V2,
+}
+
+/// An `--stripe-api` value other than `v1` or `v2`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown stripe api {0:?}: expected v1 or v2")]
+pub struct ParseApiError(pub String);
+
+impl std::str::FromStr for Api {
+    type Err = ParseApiError;
+    /// `v1` or `v2` (the `--stripe-api` flag).
+    fn from_str(s: &str) -> Result<Self, ParseApiError> {
+        match s {
+            "v1" => Ok(Self::V1),
+            "v2" => Ok(Self::V2),
+            other => Err(ParseApiError(other.to_owned())),
+        }
+    }
+}
+
+/// What the forwarder knows beyond the store (for the API and tests).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwarderStatus {
+    /// Rows waiting for a customer mapping, per customer key (from the last pass).
+    pub unmapped: BTreeMap<String, u64>,
+    /// Requests sent.
+    pub requests: u64,
+    /// Unknown-outcome checks that could not decide (left for a later check / an operator).
+    pub inconclusive_checks: u64,
+    /// Groups found delivered by an unknown-outcome check.
+    pub resolved_by_check: u64,
+    /// The last store or transport error, for operators (no secrets).
+    pub last_error: Option<String>,
+}
 
 /// Most groups remembered as already logged in log-only mode.
 pub const LOGGED_MAX: usize = 100_000;
@@ -185,8 +226,8 @@ pub enum CheckReading {
         /// The store's groups for the same customer, event and window.
         window: Vec<EventGroup>,
     },
-    /// Stripe or the store could not be read (no meter id, an error).
-    Failed,
+    /// Stripe or the store could not be read (no meter id, an error): why.
+    Failed(String),
 }
 
 /// What an unknown-outcome check found.
@@ -628,7 +669,10 @@ impl Dispatcher {
                     stripe_total,
                     window,
                 } => decide_check(&j.groups[pos], stripe_total, &window),
-                CheckReading::Failed => Check::Undecided,
+                CheckReading::Failed(e) => {
+                    self.status.last_error = Some(e);
+                    Check::Undecided
+                }
             },
         };
         match check {
@@ -1471,6 +1515,60 @@ mod tests {
         assert_eq!(set.len(), 3, "the limit holds");
         assert!(!set.insert(4), "recent ids are remembered");
         assert!(set.insert(0), "the oldest were forgotten: logged again");
+    }
+
+    #[test]
+    fn unknown_groups_sharing_a_minute_are_resolved_by_one_check() {
+        let mut h = Harness::new(config(Api::V2));
+        h.usage("cus_a", "calls", 1);
+        h.usage("cus_a", "tokens", 2);
+        h.plan();
+        h.tick();
+        h.take_sends();
+        let expires = crate::time::rfc3339(h.now() / 1000 + 600);
+        let out = h.m.on_session(h.now(), Ok(Ok(("tok".into(), expires))));
+        h.perform(out);
+        let s = h.take_sends();
+        h.answer(s[0].0, None);
+        assert_eq!(h.state(OutboxState::Unknown), 2);
+        h.clock.advance_ms(24 * 3_600_000);
+        h.tick();
+        assert_eq!(h.checks.len(), 2, "both are checked before any send");
+        let window = h.store.groups().unwrap();
+        // The first reading explains both (one event name's window holds both here).
+        let (job, g) = h.checks.remove(0);
+        let out = h.m.on_check(
+            h.now(),
+            job,
+            g.id,
+            CheckReading::Read {
+                stripe_total: Decimal::from(3),
+                window: window.clone(),
+            },
+        );
+        h.perform(out);
+        assert_eq!(h.state(OutboxState::Sent), 2);
+        let (job, g) = h.checks.remove(0);
+        let out =
+            h.m.on_check(h.now(), job, g.id, CheckReading::Failed("late".into()));
+        h.perform(out);
+        assert!(h.take_sends().is_empty(), "nothing is sent again");
+        assert_eq!(h.m.jobs_in_flight(), 0, "the job ends");
+    }
+
+    #[test]
+    fn a_lost_session_answer_retries_the_events_later_as_not_sent() {
+        let mut h = Harness::new(config(Api::V2));
+        h.usage("cus_a", "calls", 1);
+        h.plan();
+        h.tick();
+        h.take_sends();
+        let out = h.m.on_session(h.now(), Err(()));
+        h.perform(out);
+        let g = &h.store.groups().unwrap()[0];
+        assert_eq!(g.state, GroupState::Pending, "no event was sent");
+        assert!(g.next_attempt_ms > h.now());
+        assert_eq!(h.m.jobs_in_flight(), 0);
     }
 
     #[test]

@@ -13,6 +13,11 @@
 //! whose outcome stayed unknown longer than `unknown_check_after` (23 h) is checked against
 //! event summaries before it is sent again; without an API key nothing is sent and nothing is
 //! marked (log-only mode). The key never appears in logs.
+//!
+//! Limits: jobs ≤ `max_in_flight` (the machine's); tasks ≤ jobs × (1 + one check per event) + one
+//! session request; meter ids cached ≤ [`METER_IDS_MAX`]; unmapped counts ≤ the distinct
+//! customers of one scan (`rows_per_pass` rows). Time is read only from the injected [`Clock`];
+//! the run loop sleeps until the machine's next timer, at most `poll_interval`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,39 +32,13 @@ use crate::client::{DEFAULT_STRIPE_VERSION, StripeClient, TransportError};
 use crate::dispatch::{
     Action, CheckReading, DispatchConfig, Dispatcher, JobId, PlanScan, Request, StoreOp,
 };
+pub use crate::dispatch::{Api, ForwarderStatus, ParseApiError};
 use crate::metrics::StripeMetrics;
 use crate::outbox::{EventGroup, GroupId, NewGroup, OutboxStore, StoreError, resolve_customer};
 use crate::plan::plan_groups;
 use crate::retry::{Answer, Backoff};
 use crate::secret::ApiKey;
 use crate::time::{Clock, SystemClock};
-
-/// Which Stripe API carries meter events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Api {
-    /// `POST /v1/billing/meter_events` (default).
-    #[default]
-    V1,
-    /// v2 meter event session + stream.
-    V2,
-}
-
-/// An `--stripe-api` value other than `v1` or `v2`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown stripe api {0:?}: expected v1 or v2")]
-pub struct ParseApiError(pub String);
-
-impl std::str::FromStr for Api {
-    type Err = ParseApiError;
-    /// `v1` or `v2` (the `--stripe-api` flag).
-    fn from_str(s: &str) -> Result<Self, ParseApiError> {
-        match s {
-            "v1" => Ok(Self::V1),
-            "v2" => Ok(Self::V2),
-            other => Err(ParseApiError(other.to_owned())),
-        }
-    }
-}
 
 /// Forwarder settings.
 #[derive(Debug, Clone)]
@@ -151,19 +130,24 @@ pub enum ForwarderError {
     Client(#[from] TransportError),
 }
 
-/// What the forwarder knows beyond the store (for the API and tests).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ForwarderStatus {
-    /// Rows waiting for a customer mapping, per customer key (from the last pass).
-    pub unmapped: BTreeMap<String, u64>,
-    /// Requests sent.
-    pub requests: u64,
-    /// Unknown-outcome checks that could not decide (left for a later check / an operator).
-    pub inconclusive_checks: u64,
-    /// Groups found delivered by an unknown-outcome check.
-    pub resolved_by_check: u64,
-    /// The last store or transport error, for operators (no secrets).
-    pub last_error: Option<String>,
+/// Why an unknown-outcome check could not read what it compares.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// `GET /v1/billing/meters` answered with this status.
+    #[error("list meters: http {0}")]
+    ListMeters(u16),
+    /// No Stripe meter has the event name.
+    #[error("no stripe meter for event {0}")]
+    NoMeter(String),
+    /// The event summaries answered with this status.
+    #[error("event summaries: http {0}")]
+    Summaries(u16),
+    /// The request failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// Most Stripe meter ids cached by event name (a Stripe account has far fewer meters; at the
@@ -356,15 +340,18 @@ impl<S: OutboxStore + ?Sized> Shared<S> {
         }
     }
 
-    async fn meter_id(&self, client: &StripeClient, event_name: &str) -> Result<String, String> {
+    async fn meter_id(
+        &self,
+        client: &StripeClient,
+        event_name: &str,
+    ) -> Result<String, CheckError> {
         let mut ids = self.meter_ids.lock().await;
         if let Some(id) = ids.get(event_name) {
             return Ok(id.clone());
         }
-        let found = match client.list_meters().await {
-            Ok(Ok(meters)) => meters,
-            Ok(Err(a)) => return Err(format!("list meters: http {}", a.status)),
-            Err(e) => return Err(format!("list meters: {e}")),
+        let found = match client.list_meters().await? {
+            Ok(meters) => meters,
+            Err(a) => return Err(CheckError::ListMeters(a.status)),
         };
         let mut hit = None;
         for m in found {
@@ -378,46 +365,32 @@ impl<S: OutboxStore + ?Sized> Shared<S> {
         ids.get(event_name)
             .cloned()
             .or(hit)
-            .ok_or_else(|| format!("no stripe meter for event {event_name}"))
+            .ok_or_else(|| CheckError::NoMeter(event_name.to_owned()))
     }
 
     /// Reads what the unknown-outcome check of `g` compares: Stripe's event summaries over the
     /// group's minute and the store's groups in it.
-    async fn read_check(self: &Arc<Self>, client: &StripeClient, g: &EventGroup) -> CheckReading {
-        let failed = |e: String| {
-            warn!(error = %e, "stripe forwarder");
-            self.status
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .last_error = Some(e);
-            CheckReading::Failed
-        };
-        let meter = match self.meter_id(client, &g.event.event_name).await {
-            Ok(m) => m,
-            Err(e) => return failed(e),
-        };
+    async fn read_check(
+        self: &Arc<Self>,
+        client: &StripeClient,
+        g: &EventGroup,
+    ) -> Result<CheckReading, CheckError> {
+        let meter = self.meter_id(client, &g.event.event_name).await?;
         let start = g.event.timestamp_s - g.event.timestamp_s.rem_euclid(60);
         let end = start + 60;
-        let summaries = match client
+        let summaries = client
             .event_summaries(&meter, &g.event.stripe_customer, start, end, None)
-            .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(a)) => return failed(format!("event summaries: http {}", a.status)),
-            Err(e) => return failed(format!("event summaries: {e}")),
-        };
+            .await?
+            .map_err(|a| CheckError::Summaries(a.status))?;
         let stripe_total: Decimal = summaries.iter().map(|s| s.aggregated_value).sum();
         let (cust, name) = (g.event.stripe_customer.clone(), g.event.event_name.clone());
-        match self
+        let window = self
             .blocking(move |s| s.window_groups(&cust, &name, start, end))
-            .await
-        {
-            Ok(window) => CheckReading::Read {
-                stripe_total,
-                window,
-            },
-            Err(e) => failed(e.to_string()),
-        }
+            .await?;
+        Ok(CheckReading::Read {
+            stripe_total,
+            window,
+        })
     }
 
     /// Performs the machine's actions in order; a failed store action ends its job and skips
@@ -505,10 +478,10 @@ impl<S: OutboxStore + ?Sized> Shared<S> {
                     let me = self.clone();
                     let gid = group.id;
                     let h = tasks.spawn(async move {
-                        let reading = me.read_check(&client, &group).await;
-                        if let CheckReading::Read { .. } = &reading {
-                            debug!(identifier = %group.event.identifier, "unknown outcome: event summaries read");
-                        }
+                        let reading = match me.read_check(&client, &group).await {
+                            Ok(r) => r,
+                            Err(e) => CheckReading::Failed(e.to_string()),
+                        };
                         Done::Check(job, gid, reading)
                     });
                     pending.insert(h.id(), Pending::Check(job, gid));
@@ -579,6 +552,9 @@ impl<S: OutboxStore + ?Sized> Shared<S> {
                 m.on_session(now, r)
             }
             Done::Check(job, group, reading) => {
+                if let CheckReading::Failed(e) = &reading {
+                    warn!(error = %e, "stripe forwarder: unknown-outcome check");
+                }
                 let out = m.on_check(now, job, group, reading);
                 for a in &out {
                     if let Action::Store {
@@ -689,7 +665,9 @@ async fn run<S: OutboxStore + ?Sized>(shared: Arc<Shared<S>>, stop: Arc<Notify>)
                             match pending.remove(&e.id()) {
                                 Some(Pending::Answer(j)) => Done::Answer(j, None),
                                 Some(Pending::Session) => Done::Session(Err(())),
-                                Some(Pending::Check(j, g)) => Done::Check(j, g, CheckReading::Failed),
+                                Some(Pending::Check(j, g)) => {
+                                    Done::Check(j, g, CheckReading::Failed("task failed".into()))
+                                }
                                 None => continue,
                             }
                         }

@@ -1,4 +1,5 @@
-//! The event group state machine: the one place that says how a group moves, for every store.
+//! Event groups — the meter events planned over outbox rows — and their state machine: the one
+//! place that says how a group moves, for every store.
 //!
 //! ```text
 //!            Attempt / Retry{unknown: false}            Retry{unknown: true} / Attempt
@@ -24,7 +25,75 @@
 //! and rows never change; `attempts` never decreases; `first_attempt_ms`, once set, never
 //! changes.
 
-use crate::outbox::{EventGroup, GroupId, GroupState, NewGroup, StripeError};
+use serde::{Deserialize, Serialize};
+
+/// Outbox row id, assigned by the store, strictly increasing.
+pub type RowId = u64;
+/// Event group id, assigned by the store.
+pub type GroupId = u64;
+
+/// Stripe's error as it came back (or as a webhook reported it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeError {
+    /// HTTP status, 0 when it came from a webhook.
+    pub status: u16,
+    /// Stripe's `error.code` (or `error.type` when there is no code).
+    pub code: String,
+    /// Stripe's `error.message`.
+    pub message: String,
+}
+
+/// Where a group stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupState {
+    /// Not yet delivered, no send with an unknown outcome yet.
+    Pending,
+    /// At least one send may have reached Stripe; retried with the same identifier.
+    Unknown,
+    /// Stripe accepted it (or told us it already had our identifier).
+    Sent,
+    /// Rejected permanently; waits for an operator.
+    Dead,
+}
+
+/// A meter event to be sent, covering one or more outbox rows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewGroup {
+    /// Deterministic identifier, see [`crate::outbox::identifier_for`].
+    pub identifier: String,
+    /// Stripe customer id (`cus_…`).
+    pub stripe_customer: String,
+    /// Stripe `event_name`.
+    pub event_name: String,
+    /// Our meter name (for reconciliation and listing).
+    pub meter: String,
+    /// Bucket time, Unix seconds.
+    pub timestamp_s: i64,
+    /// Σ row values, > 0.
+    pub value: u64,
+    /// Covered rows, ascending.
+    pub row_ids: Vec<RowId>,
+}
+
+/// A persisted group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventGroup {
+    /// Store-assigned id.
+    pub id: GroupId,
+    /// What was planned.
+    pub event: NewGroup,
+    /// Current state.
+    pub state: GroupState,
+    /// Sends started.
+    pub attempts: u32,
+    /// When the first send started (Unix ms), if any.
+    pub first_attempt_ms: Option<i64>,
+    /// Not to be sent before this time (Unix ms).
+    pub next_attempt_ms: i64,
+    /// Last error seen.
+    pub last_error: Option<StripeError>,
+}
 
 /// Something that happens to a persisted group.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,12 +23,9 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use crate::group::{GroupEvent, TransitionError};
-
-/// Outbox row id, assigned by the store, strictly increasing.
-pub type RowId = u64;
-/// Event group id, assigned by the store.
-pub type GroupId = u64;
+pub use crate::group::{
+    EventGroup, GroupEvent, GroupId, GroupState, NewGroup, RowId, StripeError, TransitionError,
+};
 
 /// A row the collector writes in the same transaction as the ledger transfer it comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,69 +59,6 @@ pub struct OutboxRow {
     pub value: u64,
     /// How many times an operator requeued this row after a dead letter (part of the identifier).
     pub revision: u32,
-}
-
-/// Stripe's error as it came back (or as a webhook reported it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StripeError {
-    /// HTTP status, 0 when it came from a webhook.
-    pub status: u16,
-    /// Stripe's `error.code` (or `error.type` when there is no code).
-    pub code: String,
-    /// Stripe's `error.message`.
-    pub message: String,
-}
-
-/// Where a group stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GroupState {
-    /// Not yet delivered, no send with an unknown outcome yet.
-    Pending,
-    /// At least one send may have reached Stripe; retried with the same identifier.
-    Unknown,
-    /// Stripe accepted it (or told us it already had our identifier).
-    Sent,
-    /// Rejected permanently; waits for an operator.
-    Dead,
-}
-
-/// A meter event to be sent, covering one or more outbox rows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NewGroup {
-    /// Deterministic identifier, see [`identifier_for`].
-    pub identifier: String,
-    /// Stripe customer id (`cus_…`).
-    pub stripe_customer: String,
-    /// Stripe `event_name`.
-    pub event_name: String,
-    /// Our meter name (for reconciliation and listing).
-    pub meter: String,
-    /// Bucket time, Unix seconds.
-    pub timestamp_s: i64,
-    /// Σ row values, > 0.
-    pub value: u64,
-    /// Covered rows, ascending.
-    pub row_ids: Vec<RowId>,
-}
-
-/// A persisted group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EventGroup {
-    /// Store-assigned id.
-    pub id: GroupId,
-    /// What was planned.
-    pub event: NewGroup,
-    /// Current state.
-    pub state: GroupState,
-    /// Sends started.
-    pub attempts: u32,
-    /// When the first send started (Unix ms), if any.
-    pub first_attempt_ms: Option<i64>,
-    /// Not to be sent before this time (Unix ms).
-    pub next_attempt_ms: i64,
-    /// Last error seen.
-    pub last_error: Option<StripeError>,
 }
 
 /// Listing filter and per-row state as shown by `GET /v1/stripe/outbox?state=…`.
