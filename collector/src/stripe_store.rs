@@ -733,9 +733,7 @@ impl tally_stripe::OutboxStore for RedbStore {
     }
 
     fn mark_dead(&self, id: GroupId, error: StripeError) -> Result<(), OutboxError> {
-        self.write(|txn| {
-            GroupTables::open(txn)?.apply(id, GroupEvent::Rejected(error))
-        })
+        self.write(|txn| GroupTables::open(txn)?.apply(id, GroupEvent::Rejected(error)))
     }
 
     fn mark_dead_by_identifier(

@@ -15,7 +15,7 @@
 //! marked (log-only mode). The key never appears in logs.
 //!
 //! Limits: jobs ≤ `max_in_flight` (the machine's); tasks ≤ jobs × (1 + one check per event) + one
-//! session request; meter ids cached ≤ [`METER_IDS_MAX`]; unmapped counts ≤ the distinct
+//! session request; meter ids cached ≤ [`crate::client::METER_IDS_MAX`]; unmapped counts ≤ the distinct
 //! customers of one scan (`rows_per_pass` rows). Time is read only from the injected [`Clock`];
 //! the run loop sleeps until the machine's next timer, at most `poll_interval`.
 
@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::client::{DEFAULT_STRIPE_VERSION, StripeClient, TransportError};
+use crate::client::{DEFAULT_STRIPE_VERSION, MeterIdError, MeterIds, StripeClient, TransportError};
 use crate::dispatch::{
     Action, CheckReading, DispatchConfig, Dispatcher, JobId, PlanScan, Request, StoreOp,
 };
@@ -133,12 +133,9 @@ pub enum ForwarderError {
 /// Why an unknown-outcome check could not read what it compares.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
-    /// `GET /v1/billing/meters` answered with this status.
-    #[error("list meters: http {0}")]
-    ListMeters(u16),
-    /// No Stripe meter has the event name.
-    #[error("no stripe meter for event {0}")]
-    NoMeter(String),
+    /// The meter id is unknown.
+    #[error(transparent)]
+    MeterId(#[from] MeterIdError),
     /// The event summaries answered with this status.
     #[error("event summaries: http {0}")]
     Summaries(u16),
@@ -150,17 +147,13 @@ pub enum CheckError {
     Store(#[from] StoreError),
 }
 
-/// Most Stripe meter ids cached by event name (a Stripe account has far fewer meters; at the
-/// limit, new ones are looked up again each time they are needed).
-pub const METER_IDS_MAX: usize = 10_000;
-
 struct Shared<S: ?Sized> {
     cfg: ForwarderConfig,
     store: Arc<S>,
     client: Option<StripeClient>,
     clock: Arc<dyn Clock>,
     metrics: StripeMetrics,
-    meter_ids: tokio::sync::Mutex<HashMap<String, String>>,
+    meter_ids: MeterIds,
     status: Mutex<ForwarderStatus>,
     wake: Notify,
 }
@@ -225,7 +218,7 @@ pub fn spawn<S: OutboxStore + ?Sized>(
     };
     let rate = cfg.effective_rate();
     let shared = Arc::new(Shared {
-        meter_ids: tokio::sync::Mutex::new(cfg.meter_ids.clone()),
+        meter_ids: MeterIds::new(cfg.meter_ids.clone()),
         cfg,
         store,
         client,
@@ -340,34 +333,6 @@ impl<S: OutboxStore + ?Sized> Shared<S> {
         }
     }
 
-    async fn meter_id(
-        &self,
-        client: &StripeClient,
-        event_name: &str,
-    ) -> Result<String, CheckError> {
-        let mut ids = self.meter_ids.lock().await;
-        if let Some(id) = ids.get(event_name) {
-            return Ok(id.clone());
-        }
-        let found = match client.list_meters().await? {
-            Ok(meters) => meters,
-            Err(a) => return Err(CheckError::ListMeters(a.status)),
-        };
-        let mut hit = None;
-        for m in found {
-            if m.event_name == event_name {
-                hit = Some(m.id.clone());
-            }
-            if ids.len() < METER_IDS_MAX {
-                ids.entry(m.event_name).or_insert(m.id);
-            }
-        }
-        ids.get(event_name)
-            .cloned()
-            .or(hit)
-            .ok_or_else(|| CheckError::NoMeter(event_name.to_owned()))
-    }
-
     /// Reads what the unknown-outcome check of `g` compares: Stripe's event summaries over the
     /// group's minute and the store's groups in it.
     async fn read_check(
@@ -375,7 +340,7 @@ impl<S: OutboxStore + ?Sized> Shared<S> {
         client: &StripeClient,
         g: &EventGroup,
     ) -> Result<CheckReading, CheckError> {
-        let meter = self.meter_id(client, &g.event.event_name).await?;
+        let meter = self.meter_ids.get(client, &g.event.event_name).await?;
         let start = g.event.timestamp_s - g.event.timestamp_s.rem_euclid(60);
         let end = start + 60;
         let summaries = client
