@@ -596,7 +596,7 @@ impl Dispatcher {
                 }
             }
         }
-        assert!(self.jobs.len() <= self.cfg.max_in_flight.max(1));
+        self.assert_bounds();
         out
     }
 
@@ -702,6 +702,7 @@ impl Dispatcher {
         if n <= 1 {
             self.advance(now_ms, job, &mut out);
         }
+        self.assert_bounds();
         out
     }
 
@@ -821,6 +822,7 @@ impl Dispatcher {
         if self.token_at_ms.is_some_and(|t| now_ms >= t) {
             self.pump(now_ms, &mut out);
         }
+        self.assert_bounds();
         out
     }
 
@@ -840,7 +842,7 @@ impl Dispatcher {
         match self.cfg.api {
             Api::V1 => {
                 let outcome = match &answer {
-                    Some(a) => classify(a, Some(&j.groups[0].event.identifier)),
+                    Some(a) => classify(a, j.groups.first().map(|g| g.event.identifier.as_str())),
                     None => lost,
                 };
                 let groups = std::mem::take(&mut j.groups);
@@ -865,6 +867,7 @@ impl Dispatcher {
                 self.stream_done(now_ms, job, outcome, &mut out);
             }
         }
+        self.assert_bounds();
         out
     }
 
@@ -950,6 +953,7 @@ impl Dispatcher {
             }
         }
         self.pump(now_ms, &mut out);
+        self.assert_bounds();
         out
     }
 
@@ -1021,6 +1025,26 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// The bounds every public entry point leaves in place.
+    fn assert_bounds(&self) {
+        assert!(
+            self.jobs.len() <= self.cfg.max_in_flight.max(1),
+            "jobs ≤ max_in_flight"
+        );
+        assert!(
+            self.token_queue.len() <= self.jobs.len(),
+            "token queue ≤ jobs"
+        );
+        assert!(
+            self.busy_keys.len() <= self.jobs.len(),
+            "one key per v1 job"
+        );
+        assert!(
+            self.busy_groups.len() <= self.jobs.len() * crate::STREAM_EVENTS_MAX,
+            "groups held ≤ jobs × events per job"
+        );
     }
 
     fn finish(&mut self, job: JobId) {
@@ -1569,6 +1593,114 @@ mod tests {
         assert_eq!(g.state, GroupState::Pending, "no event was sent");
         assert!(g.next_attempt_ms > h.now());
         assert_eq!(h.m.jobs_in_flight(), 0);
+    }
+
+    /// Random faults on a virtual clock: 5xx processed or not, 429s, answers lost before or
+    /// after processing, expired v2 sessions, answers out of order. Stripe ends with exactly
+    /// the outbox's units, each identifier once, and v1 never has two requests in flight for
+    /// one customer and meter.
+    #[test]
+    fn random_faults_end_exact() {
+        for api in [Api::V1, Api::V2] {
+            for seed in 1..=20u64 {
+                let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                let mut next = move |n: u64| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng % n
+                };
+                let mut cfg = config(api);
+                cfg.max_in_flight = 3;
+                let mut h = Harness::new(cfg);
+                let mut total = 0;
+                for i in 0..30u64 {
+                    let v = 1 + next(5);
+                    total += v;
+                    let c = format!("cus_{}", i % 3);
+                    h.usage(&c, ["calls", "tokens"][(i % 2) as usize], v);
+                    if next(4) == 0 {
+                        h.plan();
+                    }
+                }
+                h.plan();
+                let mut in_flight: Vec<(Option<JobId>, Request)> = Vec::new();
+                for step in 0..20_000 {
+                    if h.state(OutboxState::Sent) == 30 && in_flight.is_empty() {
+                        break;
+                    }
+                    assert!(step < 19_999, "{api:?} seed {seed}: not done");
+                    h.clock.advance_ms(next(3000) as i64);
+                    h.tick();
+                    in_flight.extend(h.take_sends());
+                    if api == Api::V1 {
+                        let mut keys = HashSet::new();
+                        for (_, r) in &in_flight {
+                            if let Request::V1 { event, .. } = r {
+                                let k = (event.stripe_customer.clone(), event.event_name.clone());
+                                assert!(keys.insert(k), "two in flight for one key");
+                            }
+                        }
+                    }
+                    if in_flight.is_empty() || next(3) == 0 {
+                        continue;
+                    }
+                    let (job, req) = in_flight.remove(next(in_flight.len() as u64) as usize);
+                    let now = h.now();
+                    let fault = next(10);
+                    let out = match req {
+                        Request::Session { .. } => {
+                            let r = if fault < 2 {
+                                Err(())
+                            } else {
+                                let exp = crate::time::rfc3339(now / 1000 + 60 + next(600) as i64);
+                                Ok(Ok((format!("tok{step}"), exp)))
+                            };
+                            h.m.on_session(now, r)
+                        }
+                        Request::V1 { .. } => {
+                            let processed = fault >= 4 || fault == 1;
+                            let a = if processed {
+                                Some(h.stripe_v1(&req))
+                            } else {
+                                None
+                            };
+                            let a = match fault {
+                                0 => Some(answer(500, &stripe_error("api_error"))),
+                                1 => None,
+                                2 => Some(answer(429, &stripe_error("rate_limit"))),
+                                3 => None,
+                                _ => a,
+                            };
+                            h.m.on_answer(now, job.unwrap(), a)
+                        }
+                        Request::Stream { ref events, .. } => {
+                            let processed = fault >= 4 || fault == 1;
+                            if processed {
+                                for e in events {
+                                    h.stripe.entry(e.identifier.clone()).or_insert(e.value);
+                                }
+                            }
+                            let a = match fault {
+                                0 => Some(answer(
+                                    401,
+                                    r#"{"error":{"type":"temporary_session_expired"}}"#,
+                                )),
+                                1 | 3 => None,
+                                2 => Some(answer(429, &stripe_error("rate_limit"))),
+                                _ => Some(answer(200, "{}")),
+                            };
+                            h.m.on_answer(now, job.unwrap(), a)
+                        }
+                    };
+                    h.perform(out);
+                    in_flight.extend(h.take_sends());
+                }
+                assert_eq!(h.stripe.values().sum::<u64>(), total, "{api:?} seed {seed}");
+                assert_eq!(h.stripe.len(), h.store.groups().unwrap().len());
+                assert_eq!(h.m.jobs_in_flight(), 0);
+            }
+        }
     }
 
     #[test]
