@@ -34,7 +34,8 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 
 use crate::client::MeterEvent;
-use crate::outbox::{EventGroup, GroupId, GroupState, NewGroup, StripeError};
+use crate::outbox::{EventGroup, GroupId, GroupState, NewGroup, OutboxRow, StripeError};
+use crate::plan::plan_groups;
 use crate::retry::{Answer, Backoff, Outcome, TokenBucket, classify};
 use crate::time::parse_rfc3339;
 
@@ -278,6 +279,19 @@ pub fn to_event(g: &EventGroup) -> MeterEvent {
     }
 }
 
+/// What a planning scan read from the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScannedRows {
+    /// The store's namespace (part of every identifier).
+    pub namespace: String,
+    /// Pending rows, ascending id.
+    pub rows: Vec<OutboxRow>,
+    /// Each row customer's Stripe customer (`None`: not mapped yet).
+    pub mapping: BTreeMap<String, Option<String>>,
+    /// Whether the scan reached the end of the outbox.
+    pub reached_end: bool,
+}
+
 /// A planning scan to run: pending rows with `id > after`, at most `limit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlanScan {
@@ -495,20 +509,22 @@ impl Dispatcher {
         })
     }
 
-    /// The scan ran: `last` is the last row id read, `reached_end` whether the outbox ended,
-    /// `unmapped` the rows left for want of a mapping. Returns the store action persisting the
-    /// planned groups (if any) and, each time a scan reaches the end, the unmapped counts to
-    /// publish.
-    pub fn on_planned(
+    /// The scan ran: groups the pending rows ([`crate::plan`]) under the store's namespace with
+    /// the customers' mapping. Returns the store action persisting the groups — their
+    /// identifiers fixed before any send — and, each time a scan reaches the end of the outbox,
+    /// the rows left for want of a mapping, per customer, to publish.
+    pub fn on_rows(
         &mut self,
         now_ms: i64,
-        groups: Vec<NewGroup>,
-        last: u64,
-        reached_end: bool,
-        unmapped: BTreeMap<String, u64>,
+        scanned: ScannedRows,
     ) -> (Option<Action>, Option<BTreeMap<String, u64>>) {
         self.next_plan_ms = now_ms + self.cfg.poll_interval_ms;
-        for (k, v) in unmapped {
+        let last = scanned.rows.last().map_or(self.plan_after, |r| r.id);
+        let plan = plan_groups(&scanned.namespace, &scanned.rows, |c| {
+            scanned.mapping.get(c).cloned().flatten()
+        });
+        let (groups, reached_end) = (plan.groups, scanned.reached_end);
+        for (k, v) in plan.unmapped {
             *self.unmapped.entry(k).or_insert(0) += v;
         }
         let publish = if reached_end {
@@ -1065,7 +1081,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::outbox::{MemoryStore, NewOutboxRow, OutboxState, OutboxStore, resolve_customer};
-    use crate::plan::plan_groups;
     use crate::time::{Clock, ManualClock};
 
     const T0: i64 = 1_800_000_000_000;
@@ -1148,11 +1163,20 @@ mod tests {
             self.m.wake(now);
             let scan = self.m.plan_due(now).unwrap();
             let rows = self.store.pending_rows(scan.after, scan.limit).unwrap();
-            let last = rows.last().map_or(scan.after, |r| r.id);
-            let plan = plan_groups("t", &rows, |c| resolve_customer(&self.store, c).unwrap());
-            let (create, _) = self
-                .m
-                .on_planned(now, plan.groups, last, true, plan.unmapped);
+            let mapping = rows
+                .iter()
+                .map(|r| {
+                    let m = resolve_customer(&self.store, &r.customer).unwrap();
+                    (r.customer.clone(), m)
+                })
+                .collect();
+            let scanned = ScannedRows {
+                namespace: "t".into(),
+                rows,
+                mapping,
+                reached_end: true,
+            };
+            let (create, _) = self.m.on_rows(now, scanned);
             self.perform(create.into_iter().collect());
         }
 
@@ -1701,6 +1725,74 @@ mod tests {
                 assert_eq!(h.m.jobs_in_flight(), 0);
             }
         }
+    }
+
+    #[test]
+    fn planning_resumes_where_it_stopped_and_publishes_unmapped_at_the_end() {
+        let mut cfg = config(Api::V1);
+        cfg.rows_per_pass = 2;
+        let mut m = Dispatcher::new(cfg, T0, 1);
+        let row = |id: u64, customer: &str| OutboxRow {
+            id,
+            customer: customer.into(),
+            meter: "calls".into(),
+            stripe_event_name: "calls".into(),
+            timestamp_s: 60,
+            value: 1,
+            revision: 0,
+        };
+        let scan = m.plan_due(T0).unwrap();
+        assert_eq!((scan.after, scan.limit), (0, 2));
+        let (create, publish) = m.on_rows(
+            T0,
+            ScannedRows {
+                namespace: "t".into(),
+                rows: vec![row(1, "acme"), row(2, "acme")],
+                mapping: BTreeMap::from([("acme".to_string(), None)]),
+                reached_end: false,
+            },
+        );
+        assert_eq!((create, publish), (None, None));
+        assert_eq!(
+            m.plan_due(T0),
+            None,
+            "the next pass waits for the poll interval"
+        );
+        m.wake(T0);
+        assert_eq!(
+            m.plan_due(T0).unwrap().after,
+            2,
+            "resumes after the backlog"
+        );
+        let (create, publish) = m.on_rows(
+            T0,
+            ScannedRows {
+                namespace: "t".into(),
+                rows: vec![row(3, "acme"), row(4, "cus_b")],
+                mapping: BTreeMap::from([
+                    ("acme".to_string(), None),
+                    ("cus_b".to_string(), Some("cus_b".to_string())),
+                ]),
+                reached_end: true,
+            },
+        );
+        let Some(Action::Store {
+            op: StoreOp::CreateGroups(groups),
+            ..
+        }) = create
+        else {
+            panic!("{create:?}")
+        };
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].row_ids, vec![4]);
+        assert_eq!(publish, Some(BTreeMap::from([("acme".to_string(), 3)])));
+        assert_eq!(m.status().unmapped.get("acme"), Some(&3));
+        m.wake(T0);
+        assert_eq!(
+            m.plan_due(T0).unwrap().after,
+            0,
+            "a new scan from the start"
+        );
     }
 
     #[test]

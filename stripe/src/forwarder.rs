@@ -30,12 +30,12 @@ use tracing::{debug, info, warn};
 
 use crate::client::{DEFAULT_STRIPE_VERSION, MeterIdError, MeterIds, StripeClient, TransportError};
 use crate::dispatch::{
-    Action, CheckReading, DispatchConfig, Dispatcher, JobId, PlanScan, Request, StoreOp,
+    Action, CheckReading, DispatchConfig, Dispatcher, JobId, PlanScan, Request, ScannedRows,
+    StoreOp,
 };
 pub use crate::dispatch::{Api, ForwarderStatus, ParseApiError};
 use crate::metrics::StripeMetrics;
-use crate::outbox::{EventGroup, GroupId, NewGroup, OutboxStore, StoreError, resolve_customer};
-use crate::plan::plan_groups;
+use crate::outbox::{EventGroup, GroupId, OutboxStore, StoreError, resolve_customer};
 use crate::retry::{Answer, Backoff};
 use crate::secret::ApiKey;
 use crate::time::{Clock, SystemClock};
@@ -258,10 +258,6 @@ enum Pending {
     Check(JobId, GroupId),
 }
 
-/// A planning scan's result: groups to persist, the last row read, whether the outbox ended,
-/// and the rows left for want of a mapping.
-type Planned = (Vec<NewGroup>, u64, bool, BTreeMap<String, u64>);
-
 impl<S: OutboxStore + ?Sized> Shared<S> {
     fn note_error(&self, m: &mut Dispatcher, e: impl std::fmt::Display) {
         warn!(error = %e, "stripe forwarder");
@@ -282,8 +278,8 @@ impl<S: OutboxStore + ?Sized> Shared<S> {
             .map_err(|e| StoreError::Backend(format!("store task: {e}")))?
     }
 
-    /// Reads pending rows as the scan says and groups them ([`crate::plan`]).
-    async fn plan(self: &Arc<Self>, scan: PlanScan) -> Result<Planned, StoreError> {
+    /// Reads pending rows as the scan says, and their customers' Stripe mapping.
+    async fn scan(self: &Arc<Self>, scan: PlanScan) -> Result<ScannedRows, StoreError> {
         self.blocking(move |store| {
             let ns = store.namespace()?;
             let mut rows = Vec::new();
@@ -298,18 +294,19 @@ impl<S: OutboxStore + ?Sized> Shared<S> {
                 after = last.id;
                 rows.extend(page);
             }
-            let mut err = None;
-            let plan = plan_groups(&ns, &rows, |c| match resolve_customer(store, c) {
-                Ok(v) => v,
-                Err(e) => {
-                    err = Some(e);
-                    None
+            // At most one entry per distinct customer of the scan.
+            let mut mapping = BTreeMap::new();
+            for r in &rows {
+                if !mapping.contains_key(&r.customer) {
+                    mapping.insert(r.customer.clone(), resolve_customer(store, &r.customer)?);
                 }
-            });
-            if let Some(e) = err {
-                return Err(e);
             }
-            Ok((plan.groups, after, reached_end, plan.unmapped))
+            Ok(ScannedRows {
+                namespace: ns,
+                rows,
+                mapping,
+                reached_end,
+            })
         })
         .await
     }
@@ -564,9 +561,9 @@ async fn run<S: OutboxStore + ?Sized>(shared: Arc<Shared<S>>, stop: Arc<Notify>)
     loop {
         let now = clock.now_ms();
         if let Some(scan) = m.plan_due(now) {
-            match shared.plan(scan).await {
-                Ok((groups, last, reached_end, unmapped)) => {
-                    let (create, publish) = m.on_planned(now, groups, last, reached_end, unmapped);
+            match shared.scan(scan).await {
+                Ok(scanned) => {
+                    let (create, publish) = m.on_rows(now, scanned);
                     if let Some(a) = create {
                         shared
                             .perform(&mut m, vec![a], &mut tasks, &mut pending)
