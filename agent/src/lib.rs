@@ -31,7 +31,6 @@ pub mod keys;
 pub mod metrics;
 pub mod sealer;
 pub mod shipper;
-pub mod sidecar;
 pub mod status;
 pub mod store;
 

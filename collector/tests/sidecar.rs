@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tally_agent::Agent;
-use tally_agent::sidecar::backend::AgentBackend;
-use tally_agent::sidecar::http::{HttpConfig, router};
+use tally_sidecar::backend::AgentBackend;
+use tally_sidecar::http::{HttpConfig, router};
 use tally_collector::ledger::Period;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

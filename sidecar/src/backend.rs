@@ -1,9 +1,9 @@
 //! [`SidecarBackend`] over a running [`Agent`]: durable recording, the compiled catalog (rebuilt
 //! when its version changes), and entitlement answers from the agent's cached snapshot.
 
-use crate::sidecar::http::{BackendError, Consumed, EntitlementsView, SidecarBackend};
-use crate::sidecar::mapping::{IngestCatalog, MappedEvent};
-use crate::{Agent, ConnectionState, Event, FlushError, RecordError};
+use crate::http::{BackendError, Consumed, EntitlementsView, SidecarBackend};
+use crate::mapping::{IngestCatalog, MappedEvent};
+use tally_agent::{Agent, ConnectionState, Event, FlushError, RecordError};
 use rust_decimal::Decimal;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -191,7 +191,7 @@ impl SidecarBackend for AgentBackend {
 }
 
 /// `Status` as the sidecar's `/v1/status` and `tally-agent status` show it.
-pub fn status_json(s: &crate::Status) -> serde_json::Value {
+pub fn status_json(s: &tally_agent::Status) -> serde_json::Value {
     let ms = |d: Option<Duration>| d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let connection = match &s.connection {
         ConnectionState::Idle => serde_json::json!({"state": "idle"}),
