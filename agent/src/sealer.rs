@@ -14,6 +14,7 @@
 //! - Batches are deterministic for given input: deltas are sorted by key and bucket.
 
 use crate::aggregate::Aggregator;
+use crate::error::SealError;
 use crate::store::{LoggedEvent, SealCommit, StoredBatch};
 use tally_protocol::batch::{AgentId, BatchBody, BatchError, Delta, SignedBatch};
 
@@ -198,7 +199,7 @@ pub(crate) fn seal_once(
     carry: &mut Carry,
     pending: Vec<(Delta, Option<(String, i64)>)>,
     now_ms: i64,
-) -> Result<Sealed, String> {
+) -> Result<Sealed, SealError> {
     let mut deltas = std::mem::take(&mut carry.deltas);
     let mut ids = std::mem::take(&mut carry.ids);
     deltas.extend(agg.drain());
@@ -210,7 +211,7 @@ pub(crate) fn seal_once(
         Ok(l) => l,
         Err(e) => {
             *carry = Carry { deltas, ids };
-            return Err(e.to_string());
+            return Err(e.into());
         }
     };
     if deltas.is_empty() && log.is_empty() && ids.is_empty() {
@@ -245,21 +246,21 @@ pub(crate) fn seal_once(
     // that call could not be kept, so it is reported loudly.
     let mut bodies = core.seal(deltas, now_ms).map_err(|e| {
         tracing::error!(error = %e, "sealing usage from memory failed; it is lost");
-        e.to_string()
+        SealError::from(e)
     })?;
     let memory_bodies = bodies.len();
     match core.seal(log_deltas, now_ms) {
         Ok(b) => bodies.extend(b),
         Err(e) => {
             *carry = restore(core, bodies, memory_bodies, ids);
-            return Err(e.to_string());
+            return Err(e.into());
         }
     }
     let rows = match sign_all(&bodies, key) {
         Ok(r) => r,
         Err(e) => {
             *carry = restore(core, bodies, memory_bodies, ids);
-            return Err(e.to_string());
+            return Err(e.into());
         }
     };
     let commit = SealCommit {
@@ -273,7 +274,7 @@ pub(crate) fn seal_once(
         Ok(s) => s,
         Err(e) => {
             *carry = restore(core, bodies, memory_bodies, commit.ids);
-            return Err(e.to_string());
+            return Err(e.into());
         }
     };
     let batches = commit

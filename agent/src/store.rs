@@ -214,7 +214,8 @@ fn random_u64() -> u64 {
     let mut b = [0; 8];
     if getrandom::getrandom(&mut b).is_err() {
         // No OS randomness: fall back to the clock, still distinct across stores in practice.
-        return crate::clock::now_ms().unsigned_abs() ^ u64::from(std::process::id()) << 40;
+        return tally_clock::Clock::now_ms(&tally_clock::SystemClock).unsigned_abs()
+            ^ u64::from(std::process::id()) << 40;
     }
     u64::from_le_bytes(b)
 }

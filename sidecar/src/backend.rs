@@ -3,11 +3,11 @@
 
 use crate::http::{BackendError, Consumed, EntitlementsView, SidecarBackend};
 use crate::mapping::{IngestCatalog, MappedEvent};
-use tally_agent::{Agent, ConnectionState, Event, FlushError, RecordError};
 use rust_decimal::Decimal;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tally_agent::{Agent, ConnectionState, Event, FlushError, RecordError};
 use tally_protocol::entitlements::Enforcement;
 use tally_protocol::names::{CustomerId, MeterName};
 

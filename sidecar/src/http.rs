@@ -191,7 +191,10 @@ fn authorized<B>(ctx: &Ctx<B>, headers: &HeaderMap) -> bool {
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     // Constant time in the token's bytes, so a timing probe learns nothing but its length.
-    bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes()))
+    bool::from(subtle::ConstantTimeEq::ct_eq(
+        given.as_bytes(),
+        token.as_bytes(),
+    ))
 }
 
 /// Reads the body up to the limit; `Err(())` when it is larger.

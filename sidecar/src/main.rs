@@ -7,9 +7,9 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tally_agent::{Agent, Overflow};
 use tally_sidecar::backend::AgentBackend;
 use tally_sidecar::http::{DEFAULT_MAX_BODY_BYTES, HttpConfig, router};
-use tally_agent::{Agent, Overflow};
 
 #[derive(Parser)]
 #[command(
@@ -44,9 +44,7 @@ fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().with_ansi(false).init(),
     }
 }

@@ -89,7 +89,10 @@ fn json_logs_parse_line_by_line() {
         for line in &lines {
             let v: serde_json::Value = serde_json::from_str(line)
                 .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
-            assert!(v.get("level").is_some() && v.get("timestamp").is_some(), "{line}");
+            assert!(
+                v.get("level").is_some() && v.get("timestamp").is_some(),
+                "{line}"
+            );
         }
         assert!(lines.iter().any(|l| l.contains("\"sidecar listening\"")));
     }
