@@ -388,7 +388,8 @@ impl AgentBuilder {
 
     /// The wall clock for sealing, ids, ages and reconnect timers (default the system clock);
     /// a test passes a [`tally_clock::ManualClock`]. The `record()` hot path stamps usage with
-    /// [`tally_clock::coarse_now_ms`] regardless.
+    /// [`tally_clock::coarse_now_ms`] regardless. Reconnect backoffs and the handshake timeout
+    /// run on this clock too: on a manual clock they fire only as the test advances it.
     pub fn clock(mut self, clock: SharedClock) -> Self {
         self.clock = Some(clock);
         self
@@ -1132,6 +1133,12 @@ impl Agent {
             });
         sh.metrics.oldest_unacked_age.set(oldest);
         sh.metrics.render(sh.agg.counts())
+    }
+
+    /// The agent's wall clock (the one given to [`AgentBuilder::clock`]), for embedders that
+    /// stamp usage on the same time.
+    pub fn clock(&self) -> &SharedClock {
+        &self.h.sh.clock
     }
 
     /// The agent's id (derived from its key).

@@ -214,3 +214,34 @@ async fn record_durable_all_is_one_unit() {
     assert_eq!(a.status().durable_log_events, 3);
     assert_eq!(a.record_durable_all(Vec::new()).await.unwrap(), Vec::new());
 }
+
+#[tokio::test]
+async fn wall_time_comes_from_the_injected_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = 1_700_000_000_000;
+    let clock = tally_clock::ManualClock::new(t0);
+    let a = Agent::builder()
+        .data_dir(dir.path())
+        .flush_interval(Duration::from_secs(3600))
+        .clock(std::sync::Arc::new(clock.clone()))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(a.clock().now_ms(), t0);
+    // An event without a time is stamped with the injected clock, and sealed on it.
+    a.record_durable(Event::new("acme", "api_calls", Decimal::ONE))
+        .await
+        .unwrap();
+    a.seal().await.unwrap();
+    assert_eq!(
+        a.status().oldest_unacked_age,
+        Some(Duration::ZERO),
+        "sealed at the virtual time"
+    );
+    clock.advance_ms(600_000);
+    assert_eq!(
+        a.status().oldest_unacked_age,
+        Some(Duration::from_secs(600))
+    );
+    let _ = a.shutdown(Duration::from_millis(10)).await;
+}
