@@ -42,6 +42,14 @@ const PENDING_SEAL_HINT: usize = 10_000;
 const PENDING_MAX: usize = 1_000_000;
 /// Requests folded into one durable-log commit at most.
 const MAX_GROUP_COMMIT: usize = 16_384;
+/// `seal()`/`flush()`/`shutdown()` requests waiting for the sealer thread at most; more callers
+/// wait (asynchronously) for room.
+pub const SEAL_QUEUE: usize = 64;
+/// `record_durable` requests waiting for the durable-log writer at most; more callers wait
+/// (asynchronously) for room, so memory stays bounded under any number of callers.
+pub const DURABLE_QUEUE: usize = 4_096;
+/// Durable-log rows read per page when the agent opens (to rebuild the accepted-id set).
+const LOG_PAGE: usize = 10_000;
 
 /// Unacknowledged batches and unsealed log rows, as the budget and `status()` see them.
 #[derive(Debug, Default)]
@@ -221,6 +229,14 @@ impl Shared {
         let mut last = 0;
         self.update_backlog(|b| {
             for m in &sealed.batches {
+                // Seqs are consecutive: the store refused anything else, so a gap is a bug.
+                assert_eq!(
+                    m.seq,
+                    b.last_sealed + 1,
+                    "sealed batch {} does not follow {}",
+                    m.seq,
+                    b.last_sealed
+                );
                 b.batch_bytes += m.bytes;
                 b.batches.insert(m.seq, *m);
                 b.last_sealed = b.last_sealed.max(m.seq);
@@ -425,7 +441,7 @@ impl AgentBuilder {
         let (stop_tx, stop_rx) = watch::channel(false);
 
         let core = SealerCore::new(sh.agent_id, sh.epoch, sh.store.next_seq()?);
-        let (seal_tx, seal_rx) = mpsc::unbounded_channel();
+        let (seal_tx, seal_rx) = mpsc::channel(SEAL_QUEUE);
         let sealer = {
             let sh = sh.clone();
             std::thread::Builder::new()
@@ -434,7 +450,7 @@ impl AgentBuilder {
                 .map_err(StartError::Endpoint)?
         };
         sh.agg.set_sealer(sealer.thread().clone());
-        let (durable_tx, durable_rx) = mpsc::unbounded_channel();
+        let (durable_tx, durable_rx) = mpsc::channel(DURABLE_QUEUE);
         let writer = {
             let sh = sh.clone();
             std::thread::Builder::new()
@@ -479,12 +495,22 @@ fn open(cfg: Config, clock: SharedClock) -> Result<Shared, StartError> {
     let (rows, bytes) = store.log_size()?;
     backlog.log_rows = rows;
     backlog.log_bytes = bytes;
-    // Ids of logged events are not in the dedup set until they are sealed.
-    let ids = store
-        .read_log(usize::MAX)?
-        .into_iter()
-        .filter_map(|(_, e)| e.id)
-        .collect();
+    // Ids of logged events are not in the dedup set until they are sealed. The log is read in
+    // pages; the set is bounded by the log, which the disk budget bounds.
+    let mut ids = HashSet::new();
+    let mut from = 0;
+    loop {
+        let page = store.read_log_from(from, LOG_PAGE)?;
+        let n = page.len();
+        let Some(last) = page.last().map(|(k, _)| *k) else {
+            break;
+        };
+        ids.extend(page.into_iter().filter_map(|(_, e)| e.id));
+        if n < LOG_PAGE {
+            break;
+        }
+        from = last + 1;
+    }
     if !backlog.batches.is_empty() || rows > 0 {
         tracing::info!(
             batches = backlog.batches.len(),
@@ -515,17 +541,15 @@ fn open(cfg: Config, clock: SharedClock) -> Result<Shared, StartError> {
     Ok(sh)
 }
 
-fn sealer_thread(
-    sh: Arc<Shared>,
-    mut core: SealerCore,
-    mut rx: mpsc::UnboundedReceiver<SealerCmd>,
-) {
+fn sealer_thread(sh: Arc<Shared>, mut core: SealerCore, mut rx: mpsc::Receiver<SealerCmd>) {
     let mut carry = Carry::default();
     let interval = sh.cfg.flush_interval;
     let mut next = Instant::now() + interval;
     loop {
         let now = Instant::now();
-        if now < next {
+        // Queued requests are served back to back; callers waiting for room are not held up
+        // by the interval.
+        if now < next && rx.is_empty() {
             std::thread::park_timeout(next - now);
         }
         let cmd = rx.try_recv();
@@ -555,7 +579,7 @@ fn sealer_thread(
     }
 }
 
-fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<DurableReq>) {
+fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::Receiver<DurableReq>) {
     let mut since_seal = 0usize;
     while let Some(first) = rx.blocking_recv() {
         let mut n = first.events.len();
@@ -653,8 +677,8 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<DurableReq>) 
 
 struct Handle {
     sh: Arc<Shared>,
-    seal_tx: mpsc::UnboundedSender<SealerCmd>,
-    durable_tx: mpsc::UnboundedSender<DurableReq>,
+    seal_tx: mpsc::Sender<SealerCmd>,
+    durable_tx: mpsc::Sender<DurableReq>,
     stop_tx: watch::Sender<bool>,
     shipper: Mutex<Option<tokio::task::JoinHandle<()>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -664,14 +688,13 @@ impl Drop for Handle {
     fn drop(&mut self) {
         // Dropped without shutdown: stop recording, seal what is in memory, stop shipping.
         self.sh.agg.set_gate(GATE_CLOSED);
-        let (tx, _rx) = oneshot::channel();
-        let _ = self.seal_tx.send(SealerCmd::Stop(tx));
-        self.sh.agg.wake_sealer();
         let _ = self.stop_tx.send(true);
-        // Close the durable log's channel so its thread ends, then wait for both threads: the
-        // store is closed when this returns (unless a shipper task is still winding down).
-        let (closed, _) = mpsc::unbounded_channel();
-        drop(std::mem::replace(&mut self.durable_tx, closed));
+        // Close both channels: the sealer drains what is queued, seals a last time and ends; the
+        // durable log's thread ends. Then wait for both threads: the store is closed when this
+        // returns (unless a shipper task is still winding down).
+        drop(std::mem::replace(&mut self.seal_tx, mpsc::channel(1).0));
+        self.sh.agg.wake_sealer();
+        drop(std::mem::replace(&mut self.durable_tx, mpsc::channel(1).0));
         for t in self
             .threads
             .lock()
@@ -946,12 +969,14 @@ impl Agent {
             }
         }
         let (reply, rx) = oneshot::channel();
+        // At DURABLE_QUEUE waiting requests this awaits room (backpressure), never errors.
         self.h
             .durable_tx
             .send(DurableReq {
                 events: logged,
                 reply,
             })
+            .await
             .map_err(|_| RecordError::Closed)?;
         rx.await.map_err(|_| RecordError::Closed)?
     }
@@ -960,9 +985,11 @@ impl Agent {
     /// Does not wait for acknowledgements.
     pub async fn seal(&self) -> Result<u64, FlushError> {
         let (tx, rx) = oneshot::channel();
+        // At SEAL_QUEUE waiting requests this awaits room (backpressure), never errors.
         self.h
             .seal_tx
             .send(SealerCmd::Seal(tx))
+            .await
             .map_err(|_| FlushError::Closed)?;
         self.h.sh.agg.wake_sealer();
         rx.await
@@ -1018,7 +1045,7 @@ impl Agent {
         let deadline = tokio::time::Instant::now() + timeout;
         sh.agg.set_gate(GATE_CLOSED);
         let (tx, rx) = oneshot::channel();
-        let sealed = if self.h.seal_tx.send(SealerCmd::Stop(tx)).is_ok() {
+        let sealed = if self.h.seal_tx.send(SealerCmd::Stop(tx)).await.is_ok() {
             sh.agg.wake_sealer();
             rx.await.unwrap_or(Err(SealError::Stopped))
         } else {

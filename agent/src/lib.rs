@@ -42,7 +42,7 @@ pub mod shipper;
 pub mod status;
 pub mod store;
 
-pub use agent::{Agent, AgentBuilder, Counter};
+pub use agent::{Agent, AgentBuilder, Counter, DURABLE_QUEUE, SEAL_QUEUE};
 pub use config::Overflow;
 pub use error::{FlushError, RecordError, SealError, ShutdownError, StartError, StoreError};
 pub use event::{Event, Recorded};

@@ -138,14 +138,18 @@ impl SealerCore {
 
     /// Undoes every seal since `seq` was next: those seqs will be used again.
     pub fn rollback_to(&mut self, seq: u64) {
-        debug_assert!(seq <= self.next_seq);
+        assert!(seq <= self.next_seq, "a rollback goes back, not forward");
         self.next_seq = seq.max(1);
     }
 
     /// Undoes a [`SealerCore::seal`] whose bodies were not stored; returns their deltas.
     pub fn rollback(&mut self, bodies: Vec<BatchBody>) -> Vec<Delta> {
         if let Some(first) = bodies.first() {
-            debug_assert_eq!(first.seq + bodies.len() as u64, self.next_seq);
+            assert_eq!(
+                first.seq + bodies.len() as u64,
+                self.next_seq,
+                "only the last seal is rolled back"
+            );
             self.next_seq = first.seq;
         }
         bodies
@@ -263,6 +267,13 @@ pub(crate) fn seal_once(
             return Err(e.into());
         }
     };
+    // What is written is what the shipper will read back and check: a mismatch here is a bug.
+    let vk = key.verifying_key();
+    for (seq, row) in &rows {
+        if let Err(e) = crate::store::check_batch(*seq, core.epoch(), row, &vk) {
+            panic!("a freshly sealed batch fails its check: {e}");
+        }
+    }
     let commit = SealCommit {
         batches: rows,
         next_seq: core.next_seq(),

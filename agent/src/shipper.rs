@@ -84,6 +84,7 @@ pub async fn run(s: Shipper, mut stop: watch::Receiver<bool>) {
         events,
     } = s;
     let connect_timeout = cfg.connect_timeout;
+    let verifying_key = key.verifying_key();
     let sealed_upto = *sealed.borrow_and_update();
     let mut session = Session::new(
         cfg,
@@ -125,7 +126,9 @@ pub async fn run(s: Shipper, mut stop: watch::Receiver<bool>) {
                 Action::SendBatch(seq) => {
                     let Some(l) = &mut link else { continue };
                     let st = store.clone();
-                    let stored = tokio::task::spawn_blocking(move || st.batch(seq)).await;
+                    let stored =
+                        tokio::task::spawn_blocking(move || st.batch_verified(seq, &verifying_key))
+                            .await;
                     match stored {
                         Ok(Ok(Some(b))) => {
                             if let Err(e) = write_frame(&mut l.send, &Frame::Batch(b.batch)).await {

@@ -245,3 +245,51 @@ async fn wall_time_comes_from_the_injected_clock() {
     );
     let _ = a.shutdown(Duration::from_millis(10)).await;
 }
+
+/// The sealer's and the durable log's queues are bounded: callers past the limit wait for room
+/// (backpressure) and every one of them completes; none gets an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_past_the_queue_limits_wait_and_all_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = offline(dir.path()).await;
+    let mut tasks = Vec::new();
+    for i in 0..tally_agent::DURABLE_QUEUE + 500 {
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            a.record_durable(Event::new("acme", "api_calls", Decimal::ONE).with_id(format!("e{i}")))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }));
+    }
+    for i in 0..tally_agent::SEAL_QUEUE * 3 {
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                a.seal().await.map(|_| ()).map_err(|e| e.to_string())
+            } else {
+                a.record_durable(Event::new("acme", "api_calls", Decimal::ONE))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("a caller past the limit waits, then completes")
+            .unwrap()
+            .unwrap();
+    }
+    a.seal().await.unwrap();
+    assert_eq!(a.status().durable_log_events, 0);
+    let n = tally_agent::DURABLE_QUEUE as u64 + 500 + tally_agent::SEAL_QUEUE as u64 * 3 / 2;
+    assert!(
+        a.render_metrics()
+            .contains(&format!("tally_agent_records_total {n}")),
+        "{}",
+        a.render_metrics()
+    );
+    let _ = a.shutdown(Duration::from_millis(10)).await;
+}
