@@ -458,7 +458,13 @@ impl AgentBuilder {
                 .spawn(move || durable_thread(sh, durable_rx))
                 .map_err(StartError::Endpoint)?
         };
-        let shipper = client.map(|client| tokio::spawn(shipper::run(sh.shipper(client), stop_rx)));
+        let shipper = client.map(|client| {
+            let span = tracing::info_span!("shipper", agent_id = %sh.agent_id);
+            tokio::spawn(tracing::Instrument::instrument(
+                shipper::run(sh.shipper(client), stop_rx),
+                span,
+            ))
+        });
         tracing::info!(agent_id = %sh.agent_id, epoch = sh.epoch, "agent started");
         Ok(Agent {
             h: Arc::new(Handle {
