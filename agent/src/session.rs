@@ -1,5 +1,5 @@
 //! The agent's collector session as a sans-IO state machine (in the spirit of `quinn-proto`):
-//! no sockets, files, clocks or tasks. The [`shipper`](crate::shipper) shell feeds it what
+//! no sockets, files, clocks or tasks. The `shipper` shell feeds it what
 //! happened — [`Session::connected`], [`Session::frame_received`], [`Session::batches_sealed`],
 //! [`Session::handle_timeout`], [`Session::connection_lost`] — with `now_ms`, and performs what
 //! [`Session::poll`] returns, in order: connect, send a frame or a stored batch, close, a store
