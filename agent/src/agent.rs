@@ -14,22 +14,25 @@
 //! `record_durable` waits until the backlog is below the budget again.
 
 use crate::aggregate::{Aggregator, GATE_CLOSED, GATE_OPEN, GATE_OVER_BUDGET};
-use crate::clock::{coarse_now_ms, now_ms};
 use crate::config::{Config, Overflow};
-use crate::error::{FlushError, RecordError, ShutdownError, StartError};
+use crate::error::{FlushError, RecordError, SealError, ShutdownError, StartError};
 use crate::event::{Event, MAX_EVENT_ID_BYTES, Recorded};
 use crate::metrics::Metrics;
 use crate::sealer::{Carry, SealerCore, seal_once};
+use crate::session::{SessionConfig, SessionEvent};
+use crate::shipper::{self, SessionEvents, Shipper};
 use crate::status::{ConnectionState, Status};
 use crate::store::{BatchMeta, EntitlementsCache, LoggedEvent, Store};
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
+use tally_clock::{SharedClock, SystemClock, coarse_now_ms};
 use tally_protocol::batch::{AgentId, Delta};
 use tally_protocol::catalog::Catalog;
+use tally_protocol::frame::AckOutcome;
 use tally_protocol::names::{CustomerId, Dimensions, MeterName};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -39,10 +42,14 @@ const PENDING_SEAL_HINT: usize = 10_000;
 const PENDING_MAX: usize = 1_000_000;
 /// Requests folded into one durable-log commit at most.
 const MAX_GROUP_COMMIT: usize = 16_384;
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// `seal()`/`flush()`/`shutdown()` requests waiting for the sealer thread at most; more callers
+/// wait (asynchronously) for room.
+pub const SEAL_QUEUE: usize = 64;
+/// `record_durable` requests waiting for the durable-log writer at most; more callers wait
+/// (asynchronously) for room, so memory stays bounded under any number of callers.
+pub const DURABLE_QUEUE: usize = 4_096;
+/// Durable-log rows read per page when the agent opens (to rebuild the accepted-id set).
+const LOG_PAGE: usize = 10_000;
 
 /// Unacknowledged batches and unsealed log rows, as the budget and `status()` see them.
 #[derive(Debug, Default)]
@@ -62,7 +69,7 @@ type PendingEvent = (Delta, Option<(String, i64)>);
 pub(crate) struct Shared {
     pub(crate) cfg: Config,
     pub(crate) agg: Aggregator,
-    pub(crate) store: Store,
+    pub(crate) store: Arc<Store>,
     pub(crate) key: ed25519_dalek::SigningKey,
     pub(crate) agent_id: AgentId,
     pub(crate) epoch: u64,
@@ -73,20 +80,22 @@ pub(crate) struct Shared {
     pub(crate) backlog: Mutex<Backlog>,
     /// Bumped on every backlog change.
     pub(crate) changed: watch::Sender<u64>,
-    /// Wakes the shipper when batches are sealed.
-    pub(crate) sealed_notify: tokio::sync::Notify,
+    /// The highest sealed seq, for the shipper.
+    pub(crate) sealed: watch::Sender<u64>,
     pub(crate) conn: Mutex<ConnectionState>,
     /// Why the last connection attempt or connection failed.
     pub(crate) last_error: Mutex<Option<String>>,
     pub(crate) entitlements: RwLock<Option<EntitlementsCache>>,
     pub(crate) metrics: Metrics,
+    /// Wall time, except on the hot path (see [`tally_clock::coarse_now_ms`]).
+    pub(crate) clock: SharedClock,
     over_budget: AtomicBool,
 }
 
 impl Shared {
     fn update_backlog(&self, f: impl FnOnce(&mut Backlog)) {
         let (batches, bytes, oldest) = {
-            let mut b = lock(&self.backlog);
+            let mut b = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
             f(&mut b);
             (
                 b.batches.len() as u64,
@@ -109,9 +118,9 @@ impl Shared {
         self.metrics
             .backlog_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        self.metrics
-            .oldest_unacked_age
-            .set(oldest.map_or(0.0, |t| (now_ms().saturating_sub(t)) as f64 / 1000.0));
+        self.metrics.oldest_unacked_age.set(oldest.map_or(0.0, |t| {
+            (self.clock.now_ms().saturating_sub(t)) as f64 / 1000.0
+        }));
         self.changed.send_modify(|v| *v += 1);
     }
 
@@ -127,16 +136,69 @@ impl Shared {
         });
     }
 
+    /// The shipper's parts: the store, the key, what is unacknowledged now, and this agent as
+    /// the sink of the session's events.
+    fn shipper(self: &Arc<Self>, client: quinn::ClientConfig) -> Shipper {
+        let unacked = self
+            .backlog
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .batches
+            .keys()
+            .copied()
+            .collect();
+        Shipper {
+            cfg: SessionConfig {
+                collectors: self.cfg.collectors.clone(),
+                epoch: self.epoch,
+                enroll_token: self.cfg.enroll_token.clone(),
+                backoff_min: self.cfg.backoff_min,
+                backoff_max: self.cfg.backoff_max,
+                connect_timeout: self.cfg.connect_timeout,
+            },
+            key: self.key.clone(),
+            store: self.store.clone(),
+            client,
+            clock: self.clock.clone(),
+            // Subscribed before `unacked` was read: a seal in between is reported again.
+            sealed: self.sealed.subscribe(),
+            unacked,
+            entitlements: self
+                .entitlements
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            events: self.clone(),
+        }
+    }
+
+    fn set_conn(&self, s: ConnectionState) {
+        self.metrics
+            .connected
+            .set(i64::from(matches!(s, ConnectionState::Connected { .. })));
+        *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = s;
+    }
+
     fn over_budget(&self) -> bool {
         self.over_budget.load(Ordering::Relaxed)
     }
 
     /// Runs one seal and books its result.
-    fn seal(&self, core: &mut SealerCore, carry: &mut Carry, force: bool) -> Result<u64, String> {
+    fn seal(
+        &self,
+        core: &mut SealerCore,
+        carry: &mut Carry,
+        force: bool,
+    ) -> Result<u64, SealError> {
         if !force && self.cfg.overflow == Overflow::Block && self.over_budget() {
-            return Ok(lock(&self.backlog).last_sealed);
+            return Ok(self
+                .backlog
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .last_sealed);
         }
-        let pending = std::mem::take(&mut *lock(&self.pending));
+        let pending =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
         let sealed = seal_once(
             &self.agg,
             &self.store,
@@ -144,10 +206,10 @@ impl Shared {
             core,
             carry,
             pending,
-            now_ms(),
+            self.clock.now_ms(),
         )?;
         if !sealed.ids.is_empty() {
-            let mut ids = lock(&self.ids);
+            let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
             for id in &sealed.ids {
                 ids.remove(id);
             }
@@ -167,6 +229,14 @@ impl Shared {
         let mut last = 0;
         self.update_backlog(|b| {
             for m in &sealed.batches {
+                // Seqs are consecutive: the store refused anything else, so a gap is a bug.
+                assert_eq!(
+                    m.seq,
+                    b.last_sealed + 1,
+                    "sealed batch {} does not follow {}",
+                    m.seq,
+                    b.last_sealed
+                );
                 b.batch_bytes += m.bytes;
                 b.batches.insert(m.seq, *m);
                 b.last_sealed = b.last_sealed.max(m.seq);
@@ -176,15 +246,68 @@ impl Shared {
             last = b.last_sealed;
         });
         if !sealed.batches.is_empty() {
-            self.sealed_notify.notify_one();
+            self.sealed.send_replace(last);
         }
         Ok(last)
     }
 }
 
+/// The agent owns the backlog, the catalog, the entitlement cache and the connection state; the
+/// shipper reports what its session did, after the store writes committed.
+impl SessionEvents for Shared {
+    fn on_event(&self, event: SessionEvent) {
+        match event {
+            SessionEvent::Acked(acked) => {
+                let Some(last) = acked.last().map(|a| a.seq) else {
+                    return;
+                };
+                for a in &acked {
+                    let outcome = match a.outcome {
+                        AckOutcome::Committed => "committed",
+                        AckOutcome::Duplicate => "duplicate",
+                        AckOutcome::Quarantined { code } => {
+                            tracing::warn!(seq = a.seq, %code, "batch quarantined by the collector");
+                            "quarantined"
+                        }
+                    };
+                    self.metrics
+                        .batches_acked
+                        .get_or_create(&[("outcome", outcome)])
+                        .inc();
+                    self.metrics.ship_rtt.observe(a.rtt_ms as f64 / 1000.0);
+                    tracing::trace!(
+                        epoch = self.epoch,
+                        seq = a.seq,
+                        outcome,
+                        "batch acknowledged"
+                    );
+                }
+                let seqs: Vec<u64> = acked.iter().map(|a| a.seq).collect();
+                self.on_acked(&seqs, last);
+            }
+            SessionEvent::Catalog(c) => self.agg.set_catalog(c),
+            SessionEvent::Entitlements(e) => {
+                *self
+                    .entitlements
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(e);
+            }
+            SessionEvent::State(s) => {
+                if let ConnectionState::Disconnected { last_error } = &s {
+                    *self
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(last_error.clone());
+                }
+                self.set_conn(s);
+            }
+        }
+    }
+}
+
 enum SealerCmd {
-    Seal(oneshot::Sender<Result<u64, String>>),
-    Stop(oneshot::Sender<Result<u64, String>>),
+    Seal(oneshot::Sender<Result<u64, SealError>>),
+    Stop(oneshot::Sender<Result<u64, SealError>>),
 }
 
 /// Events appended to the durable log together: all of them in one commit, or none.
@@ -194,9 +317,19 @@ struct DurableReq {
 }
 
 /// Builds an [`Agent`]; see [`Agent::builder`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct AgentBuilder {
     cfg: Config,
+    clock: Option<SharedClock>,
+}
+
+impl std::fmt::Debug for AgentBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentBuilder")
+            .field("cfg", &self.cfg)
+            .field("clock", &self.clock.as_ref().map(|_| "custom"))
+            .finish()
+    }
 }
 
 impl AgentBuilder {
@@ -269,10 +402,20 @@ impl AgentBuilder {
         self
     }
 
+    /// The wall clock for sealing, ids, ages and reconnect timers (default the system clock);
+    /// a test passes a [`tally_clock::ManualClock`]. The `record()` hot path stamps usage with
+    /// [`tally_clock::coarse_now_ms`] regardless. Reconnect backoffs and the handshake timeout
+    /// run on this clock too: on a manual clock they fire only as the test advances it.
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
     /// Opens the store, loads or creates the key, and starts sealing and shipping. Must be
     /// called within a tokio runtime; the shipper runs on it.
     pub async fn start(self) -> Result<Agent, StartError> {
         let cfg = self.cfg;
+        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
         if cfg.data_dir.as_os_str().is_empty() {
             return Err(StartError::Config("data_dir is required".into()));
         }
@@ -286,17 +429,19 @@ impl AgentBuilder {
         let client = match (&cfg.ca_pem, cfg.collectors.is_empty()) {
             (_, true) => None,
             (None, false) => return Err(StartError::Config("ca_pem is required".into())),
-            (Some(pem), false) => Some(crate::shipper::client_config(pem)?),
+            (Some(pem), false) => Some(
+                tally_net::tls::client_config(pem).map_err(|e| StartError::Ca(e.to_string()))?,
+            ),
         };
         let c2 = cfg.clone();
-        let opened = tokio::task::spawn_blocking(move || open(c2))
+        let opened = tokio::task::spawn_blocking(move || open(c2, clock))
             .await
             .map_err(|e| StartError::Config(e.to_string()))??;
         let sh = Arc::new(opened);
         let (stop_tx, stop_rx) = watch::channel(false);
 
         let core = SealerCore::new(sh.agent_id, sh.epoch, sh.store.next_seq()?);
-        let (seal_tx, seal_rx) = mpsc::unbounded_channel();
+        let (seal_tx, seal_rx) = mpsc::channel(SEAL_QUEUE);
         let sealer = {
             let sh = sh.clone();
             std::thread::Builder::new()
@@ -305,7 +450,7 @@ impl AgentBuilder {
                 .map_err(StartError::Endpoint)?
         };
         sh.agg.set_sealer(sealer.thread().clone());
-        let (durable_tx, durable_rx) = mpsc::unbounded_channel();
+        let (durable_tx, durable_rx) = mpsc::channel(DURABLE_QUEUE);
         let writer = {
             let sh = sh.clone();
             std::thread::Builder::new()
@@ -313,8 +458,13 @@ impl AgentBuilder {
                 .spawn(move || durable_thread(sh, durable_rx))
                 .map_err(StartError::Endpoint)?
         };
-        let shipper =
-            client.map(|client| tokio::spawn(crate::shipper::run(sh.clone(), client, stop_rx)));
+        let shipper = client.map(|client| {
+            let span = tracing::info_span!("shipper", agent_id = %sh.agent_id);
+            tokio::spawn(tracing::Instrument::instrument(
+                shipper::run(sh.shipper(client), stop_rx),
+                span,
+            ))
+        });
         tracing::info!(agent_id = %sh.agent_id, epoch = sh.epoch, "agent started");
         Ok(Agent {
             h: Arc::new(Handle {
@@ -329,7 +479,7 @@ impl AgentBuilder {
     }
 }
 
-fn open(cfg: Config) -> Result<Shared, StartError> {
+fn open(cfg: Config, clock: SharedClock) -> Result<Shared, StartError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| crate::error::StoreError::Io {
         path: cfg.data_dir.display().to_string(),
         source: e,
@@ -351,12 +501,22 @@ fn open(cfg: Config) -> Result<Shared, StartError> {
     let (rows, bytes) = store.log_size()?;
     backlog.log_rows = rows;
     backlog.log_bytes = bytes;
-    // Ids of logged events are not in the dedup set until they are sealed.
-    let ids = store
-        .read_log(usize::MAX)?
-        .into_iter()
-        .filter_map(|(_, e)| e.id)
-        .collect();
+    // Ids of logged events are not in the dedup set until they are sealed. The log is read in
+    // pages; the set is bounded by the log, which the disk budget bounds.
+    let mut ids = HashSet::new();
+    let mut from = 0;
+    loop {
+        let page = store.read_log_from(from, LOG_PAGE)?;
+        let n = page.len();
+        let Some(last) = page.last().map(|(k, _)| *k) else {
+            break;
+        };
+        ids.extend(page.into_iter().filter_map(|(_, e)| e.id));
+        if n < LOG_PAGE {
+            break;
+        }
+        from = last + 1;
+    }
     if !backlog.batches.is_empty() || rows > 0 {
         tracing::info!(
             batches = backlog.batches.len(),
@@ -368,35 +528,34 @@ fn open(cfg: Config) -> Result<Shared, StartError> {
         epoch: store.epoch(),
         cfg,
         agg,
-        store,
+        store: Arc::new(store),
         key,
         agent_id,
         pending: Mutex::new(Vec::new()),
         ids: Mutex::new(ids),
         backlog: Mutex::new(Backlog::default()),
         changed: watch::channel(0).0,
-        sealed_notify: tokio::sync::Notify::new(),
+        sealed: watch::channel(backlog.last_sealed).0,
         conn: Mutex::new(ConnectionState::Idle),
         last_error: Mutex::new(None),
         entitlements: RwLock::new(entitlements),
         metrics: Metrics::new(),
+        clock,
         over_budget: AtomicBool::new(false),
     };
     sh.update_backlog(|b| *b = backlog);
     Ok(sh)
 }
 
-fn sealer_thread(
-    sh: Arc<Shared>,
-    mut core: SealerCore,
-    mut rx: mpsc::UnboundedReceiver<SealerCmd>,
-) {
+fn sealer_thread(sh: Arc<Shared>, mut core: SealerCore, mut rx: mpsc::Receiver<SealerCmd>) {
     let mut carry = Carry::default();
     let interval = sh.cfg.flush_interval;
     let mut next = Instant::now() + interval;
     loop {
         let now = Instant::now();
-        if now < next {
+        // Queued requests are served back to back; callers waiting for room are not held up
+        // by the interval.
+        if now < next && rx.is_empty() {
             std::thread::park_timeout(next - now);
         }
         let cmd = rx.try_recv();
@@ -426,7 +585,7 @@ fn sealer_thread(
     }
 }
 
-fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<DurableReq>) {
+fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::Receiver<DurableReq>) {
     let mut since_seal = 0usize;
     while let Some(first) = rx.blocking_recv() {
         let mut n = first.events.len();
@@ -442,11 +601,11 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<DurableReq>) 
         }
         // Ids: refuse repeats within the group, the accepted set and the store's dedup set. A
         // request's events are all appended or all refused.
-        let now = now_ms();
+        let now = sh.clock.now_ms();
         let mut events = Vec::new();
         let mut replies = Vec::with_capacity(reqs.len());
         {
-            let mut ids = lock(&sh.ids);
+            let mut ids = sh.ids.lock().unwrap_or_else(PoisonError::into_inner);
             'req: for r in reqs {
                 let mut outcomes = Vec::with_capacity(r.events.len());
                 let mut added: Vec<String> = Vec::new();
@@ -506,7 +665,7 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<DurableReq>) 
             }
             Err(e) => {
                 tracing::error!(error = %e, "durable log write failed");
-                let mut ids = lock(&sh.ids);
+                let mut ids = sh.ids.lock().unwrap_or_else(PoisonError::into_inner);
                 for ev in &events {
                     if let Some(id) = &ev.id {
                         ids.remove(id);
@@ -524,8 +683,8 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<DurableReq>) 
 
 struct Handle {
     sh: Arc<Shared>,
-    seal_tx: mpsc::UnboundedSender<SealerCmd>,
-    durable_tx: mpsc::UnboundedSender<DurableReq>,
+    seal_tx: mpsc::Sender<SealerCmd>,
+    durable_tx: mpsc::Sender<DurableReq>,
     stop_tx: watch::Sender<bool>,
     shipper: Mutex<Option<tokio::task::JoinHandle<()>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -535,15 +694,19 @@ impl Drop for Handle {
     fn drop(&mut self) {
         // Dropped without shutdown: stop recording, seal what is in memory, stop shipping.
         self.sh.agg.set_gate(GATE_CLOSED);
-        let (tx, _rx) = oneshot::channel();
-        let _ = self.seal_tx.send(SealerCmd::Stop(tx));
-        self.sh.agg.wake_sealer();
         let _ = self.stop_tx.send(true);
-        // Close the durable log's channel so its thread ends, then wait for both threads: the
-        // store is closed when this returns (unless a shipper task is still winding down).
-        let (closed, _) = mpsc::unbounded_channel();
-        drop(std::mem::replace(&mut self.durable_tx, closed));
-        for t in lock(&self.threads).drain(..) {
+        // Close both channels: the sealer drains what is queued, seals a last time and ends; the
+        // durable log's thread ends. Then wait for both threads: the store is closed when this
+        // returns (unless a shipper task is still winding down).
+        drop(std::mem::replace(&mut self.seal_tx, mpsc::channel(1).0));
+        self.sh.agg.wake_sealer();
+        drop(std::mem::replace(&mut self.durable_tx, mpsc::channel(1).0));
+        for t in self
+            .threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
             let _ = t.join();
         }
     }
@@ -640,6 +803,9 @@ impl Agent {
         meter: &str,
         quantity: Decimal,
     ) -> Result<(), RecordError> {
+        // The hot path reads the coarse clock, not the injected one: a vDSO read of the kernel's
+        // last tick (a few ns, accurate to 1–4 ms), far finer than the one-minute buckets usage
+        // is aggregated into; a virtual clock would cost a dynamic call per record.
         self.h
             .sh
             .agg
@@ -709,7 +875,9 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
-            let at = event.timestamp_ms.unwrap_or_else(now_ms);
+            let at = event
+                .timestamp_ms
+                .unwrap_or_else(|| self.h.sh.clock.now_ms());
             self.h
                 .sh
                 .agg
@@ -726,17 +894,17 @@ impl Agent {
     fn record_event_with_id(&self, event: Event) -> Result<Recorded, RecordError> {
         let sh = &self.h.sh;
         let (customer, meter, dims) = self.validate(&event)?;
-        let now = now_ms();
+        let now = sh.clock.now_ms();
         let at = event.timestamp_ms.unwrap_or(now);
         let Some(id) = event.id else {
             return Err(RecordError::InvalidEventId);
         };
         {
-            let mut ids = lock(&sh.ids);
+            let mut ids = sh.ids.lock().unwrap_or_else(PoisonError::into_inner);
             if ids.contains(&id) || sh.store.seen_id(&id, now)? {
                 return Ok(Recorded::Duplicate);
             }
-            let mut pending = lock(&sh.pending);
+            let mut pending = sh.pending.lock().unwrap_or_else(PoisonError::into_inner);
             if pending.len() >= PENDING_MAX {
                 return Err(RecordError::OverBudget);
             }
@@ -786,7 +954,7 @@ impl Agent {
 
     async fn record_durable_inner(&self, events: Vec<Event>) -> Result<Vec<Recorded>, RecordError> {
         let sh = &self.h.sh;
-        let now = now_ms();
+        let now = sh.clock.now_ms();
         let mut logged = Vec::with_capacity(events.len());
         for event in events {
             let (customer, meter, dimensions) = self.validate(&event)?;
@@ -810,12 +978,14 @@ impl Agent {
             }
         }
         let (reply, rx) = oneshot::channel();
+        // At DURABLE_QUEUE waiting requests this awaits room (backpressure), never errors.
         self.h
             .durable_tx
             .send(DurableReq {
                 events: logged,
                 reply,
             })
+            .await
             .map_err(|_| RecordError::Closed)?;
         rx.await.map_err(|_| RecordError::Closed)?
     }
@@ -824,9 +994,11 @@ impl Agent {
     /// Does not wait for acknowledgements.
     pub async fn seal(&self) -> Result<u64, FlushError> {
         let (tx, rx) = oneshot::channel();
+        // At SEAL_QUEUE waiting requests this awaits room (backpressure), never errors.
         self.h
             .seal_tx
             .send(SealerCmd::Seal(tx))
+            .await
             .map_err(|_| FlushError::Closed)?;
         self.h.sh.agg.wake_sealer();
         rx.await
@@ -856,7 +1028,13 @@ impl Agent {
         let sh = &self.h.sh;
         let mut rx = sh.changed.subscribe();
         loop {
-            let unacked = lock(&sh.backlog).batches.range(..=upto).count() as u64;
+            let unacked = sh
+                .backlog
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .batches
+                .range(..=upto)
+                .count() as u64;
             if unacked == 0 {
                 return Ok(());
             }
@@ -876,30 +1054,49 @@ impl Agent {
         let deadline = tokio::time::Instant::now() + timeout;
         sh.agg.set_gate(GATE_CLOSED);
         let (tx, rx) = oneshot::channel();
-        let sealed = if self.h.seal_tx.send(SealerCmd::Stop(tx)).is_ok() {
+        let sealed = if self.h.seal_tx.send(SealerCmd::Stop(tx)).await.is_ok() {
             sh.agg.wake_sealer();
-            rx.await.unwrap_or(Err("sealer stopped".into()))
+            rx.await.unwrap_or(Err(SealError::Stopped))
         } else {
-            Ok(lock(&sh.backlog).last_sealed)
+            Ok(sh
+                .backlog
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .last_sealed)
         };
         let upto = sealed.map_err(ShutdownError::Seal)?;
-        let has_shipper = lock(&self.h.shipper).is_some();
+        let has_shipper = self
+            .h
+            .shipper
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
         let acked = if has_shipper {
             self.wait_acked(upto, deadline).await
         } else {
             Ok(())
         };
         let _ = self.h.stop_tx.send(true);
-        let shipper = lock(&self.h.shipper).take();
+        let shipper = self
+            .h
+            .shipper
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(task) = shipper {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
-        *lock(&sh.conn) = ConnectionState::Closed;
+        *sh.conn.lock().unwrap_or_else(PoisonError::into_inner) = ConnectionState::Closed;
         tracing::info!(agent_id = %sh.agent_id, "agent shut down");
         match acked {
             Ok(()) if has_shipper => Ok(()),
             Ok(()) => {
-                let unacked = lock(&sh.backlog).batches.len() as u64;
+                let unacked = sh
+                    .backlog
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .batches
+                    .len() as u64;
                 if unacked == 0 {
                     Ok(())
                 } else {
@@ -907,15 +1104,16 @@ impl Agent {
                 }
             }
             Err(FlushError::Timeout { unacked }) => Err(ShutdownError::Unacked { unacked }),
-            Err(e) => Err(ShutdownError::Seal(e.to_string())),
+            Err(FlushError::Seal(e)) => Err(ShutdownError::Seal(e)),
+            Err(FlushError::Closed) => Err(ShutdownError::Seal(SealError::Stopped)),
         }
     }
 
     /// Backlog, connection and snapshot ages, as of now.
     pub fn status(&self) -> Status {
         let sh = &self.h.sh;
-        let now = now_ms();
-        let b = lock(&sh.backlog);
+        let now = sh.clock.now_ms();
+        let b = sh.backlog.lock().unwrap_or_else(PoisonError::into_inner);
         let age = |t: i64| Duration::from_millis(u64::try_from(now.saturating_sub(t)).unwrap_or(0));
         Status {
             agent_id: sh.agent_id,
@@ -926,8 +1124,16 @@ impl Agent {
             oldest_unacked_age: b.batches.values().next().map(|m| age(m.sealed_at_ms)),
             last_sealed_seq: b.last_sealed,
             last_acked_seq: b.last_acked,
-            connection: lock(&sh.conn).clone(),
-            last_error: lock(&sh.last_error).clone(),
+            connection: sh
+                .conn
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            last_error: sh
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
             entitlements_age: sh
                 .entitlements
                 .read()
@@ -948,14 +1154,27 @@ impl Agent {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .map_or(-1.0, |e| {
-                now_ms().saturating_sub(e.built_at_ms) as f64 / 1000.0
+                sh.clock.now_ms().saturating_sub(e.built_at_ms) as f64 / 1000.0
             });
         sh.metrics.entitlements_age.set(age);
-        let oldest = lock(&sh.backlog).batches.values().next().map_or(0.0, |m| {
-            now_ms().saturating_sub(m.sealed_at_ms) as f64 / 1000.0
-        });
+        let oldest = sh
+            .backlog
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .batches
+            .values()
+            .next()
+            .map_or(0.0, |m| {
+                sh.clock.now_ms().saturating_sub(m.sealed_at_ms) as f64 / 1000.0
+            });
         sh.metrics.oldest_unacked_age.set(oldest);
         sh.metrics.render(sh.agg.counts())
+    }
+
+    /// The agent's wall clock (the one given to [`AgentBuilder::clock`]), for embedders that
+    /// stamp usage on the same time.
+    pub fn clock(&self) -> &SharedClock {
+        &self.h.sh.clock
     }
 
     /// The agent's id (derived from its key).

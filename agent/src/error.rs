@@ -137,12 +137,27 @@ pub enum StartError {
     Endpoint(std::io::Error),
 }
 
+/// Why a seal did not store its batches. The usage it drained from memory is carried to the next
+/// attempt; durable-log rows stay in the log.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    /// A batch could not be built or signed (a protocol limit).
+    #[error("batch: {0}")]
+    Batch(#[from] tally_protocol::batch::BatchError),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The sealer thread is gone (the agent is shutting down).
+    #[error("sealer stopped")]
+    Stopped,
+}
+
 /// Why [`crate::Agent::flush`] or [`crate::Agent::seal`] did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum FlushError {
     /// Sealing failed: the local store could not be written.
     #[error("sealing failed: {0}")]
-    Seal(String),
+    Seal(#[source] SealError),
     /// Not everything sealed was acknowledged in time; it stays on disk and keeps being shipped.
     #[error("timed out with {unacked} batches unacknowledged")]
     Timeout {
@@ -160,7 +175,7 @@ pub enum FlushError {
 pub enum ShutdownError {
     /// The final seal failed; the usage recorded since the last seal is lost.
     #[error("final seal failed: {0}")]
-    Seal(String),
+    Seal(#[source] SealError),
     /// Some batches were not acknowledged before the timeout; they stay on disk.
     #[error("{unacked} batches were not acknowledged before the timeout; they stay on disk")]
     Unacked {

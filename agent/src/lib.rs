@@ -9,9 +9,17 @@
 //! - [`sealer`]: a plain state machine numbering and cutting deltas into batches, and the thread
 //!   that seals every `flush_interval`.
 //! - [`store`]: the local redb store and its format and guarantees.
-//! - [`shipper`]: the QUIC client, handshake, in-flight window and reconnection.
+//! - [`session`]: the collector session as a sans-IO state machine: handshake, in-flight
+//!   window, acks, catalog and entitlement pushes, reconnect and failover decisions.
+//! - [`shipper`]: the tokio shell around it: QUIC connect, frame I/O, store reads and writes;
+//!   it reports the session's events back to the agent, which owns the state.
 //! - [`metrics`]: Prometheus metrics in a per-agent registry (no exporter is installed).
 //! - [`keys`]: the agent's ed25519 key file.
+//!
+//! Time: every wall-clock read goes to the [`tally_clock::Clock`] given to
+//! [`AgentBuilder::clock`] (the system clock by default), except the `record()` hot path, which
+//! stamps usage with [`tally_clock::coarse_now_ms`]: a few nanoseconds, accurate to a scheduler
+//! tick, far finer than the one-minute buckets usage is aggregated into.
 //!
 //! Guarantees (SPEC A1–A4): a batch is fsynced before it is sent and deleted only when
 //! acknowledged; a `kill -9` loses at most the last `flush_interval` of `record()` usage and
@@ -23,21 +31,20 @@
 
 mod agent;
 pub mod aggregate;
-pub mod clock;
 pub mod config;
 pub mod error;
 pub mod event;
 pub mod keys;
 pub mod metrics;
 pub mod sealer;
+pub mod session;
 pub mod shipper;
-pub mod sidecar;
 pub mod status;
 pub mod store;
 
-pub use agent::{Agent, AgentBuilder, Counter};
+pub use agent::{Agent, AgentBuilder, Counter, DURABLE_QUEUE, SEAL_QUEUE};
 pub use config::Overflow;
-pub use error::{FlushError, RecordError, ShutdownError, StartError, StoreError};
+pub use error::{FlushError, RecordError, SealError, ShutdownError, StartError, StoreError};
 pub use event::{Event, Recorded};
 pub use status::{ConnectionState, Status};
 pub use tally_protocol::Decimal;

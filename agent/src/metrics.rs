@@ -1,7 +1,7 @@
 //! The agent's Prometheus metrics (SPEC §7), in a registry of its own.
 //!
 //! Owns the per-agent [`Registry`] and its kept handles. Hot-path counts are never a shared
-//! atomic bumped per call: shards count in plain integers and [`Metrics::render`] adds the
+//! atomic bumped per call: shards count in plain integers and `Metrics::render` adds the
 //! difference since the last scrape to the counters. The library never starts an exporter;
 //! binaries serve [`crate::Agent::render_metrics`].
 //!

@@ -14,6 +14,7 @@
 //! - Batches are deterministic for given input: deltas are sorted by key and bucket.
 
 use crate::aggregate::Aggregator;
+use crate::error::SealError;
 use crate::store::{LoggedEvent, SealCommit, StoredBatch};
 use tally_protocol::batch::{AgentId, BatchBody, BatchError, Delta, SignedBatch};
 
@@ -137,14 +138,18 @@ impl SealerCore {
 
     /// Undoes every seal since `seq` was next: those seqs will be used again.
     pub fn rollback_to(&mut self, seq: u64) {
-        debug_assert!(seq <= self.next_seq);
+        assert!(seq <= self.next_seq, "a rollback goes back, not forward");
         self.next_seq = seq.max(1);
     }
 
     /// Undoes a [`SealerCore::seal`] whose bodies were not stored; returns their deltas.
     pub fn rollback(&mut self, bodies: Vec<BatchBody>) -> Vec<Delta> {
         if let Some(first) = bodies.first() {
-            debug_assert_eq!(first.seq + bodies.len() as u64, self.next_seq);
+            assert_eq!(
+                first.seq + bodies.len() as u64,
+                self.next_seq,
+                "only the last seal is rolled back"
+            );
             self.next_seq = first.seq;
         }
         bodies
@@ -198,7 +203,7 @@ pub(crate) fn seal_once(
     carry: &mut Carry,
     pending: Vec<(Delta, Option<(String, i64)>)>,
     now_ms: i64,
-) -> Result<Sealed, String> {
+) -> Result<Sealed, SealError> {
     let mut deltas = std::mem::take(&mut carry.deltas);
     let mut ids = std::mem::take(&mut carry.ids);
     deltas.extend(agg.drain());
@@ -210,7 +215,7 @@ pub(crate) fn seal_once(
         Ok(l) => l,
         Err(e) => {
             *carry = Carry { deltas, ids };
-            return Err(e.to_string());
+            return Err(e.into());
         }
     };
     if deltas.is_empty() && log.is_empty() && ids.is_empty() {
@@ -245,23 +250,30 @@ pub(crate) fn seal_once(
     // that call could not be kept, so it is reported loudly.
     let mut bodies = core.seal(deltas, now_ms).map_err(|e| {
         tracing::error!(error = %e, "sealing usage from memory failed; it is lost");
-        e.to_string()
+        SealError::from(e)
     })?;
     let memory_bodies = bodies.len();
     match core.seal(log_deltas, now_ms) {
         Ok(b) => bodies.extend(b),
         Err(e) => {
             *carry = restore(core, bodies, memory_bodies, ids);
-            return Err(e.to_string());
+            return Err(e.into());
         }
     }
     let rows = match sign_all(&bodies, key) {
         Ok(r) => r,
         Err(e) => {
             *carry = restore(core, bodies, memory_bodies, ids);
-            return Err(e.to_string());
+            return Err(e.into());
         }
     };
+    // What is written is what the shipper will read back and check: a mismatch here is a bug.
+    let vk = key.verifying_key();
+    for (seq, row) in &rows {
+        if let Err(e) = crate::store::check_batch(*seq, core.epoch(), row, &vk) {
+            panic!("a freshly sealed batch fails its check: {e}");
+        }
+    }
     let commit = SealCommit {
         batches: rows,
         next_seq: core.next_seq(),
@@ -273,7 +285,7 @@ pub(crate) fn seal_once(
         Ok(s) => s,
         Err(e) => {
             *carry = restore(core, bodies, memory_bodies, commit.ids);
-            return Err(e.to_string());
+            return Err(e.into());
         }
     };
     let batches = commit

@@ -25,6 +25,10 @@
 //!   rows they fold in and records their event ids, all in one transaction: a logged event is in
 //!   exactly one sealed batch, or still in the log, never both and never neither.
 //! - A batch leaves `batches` only through [`Store::ack`].
+//! - A batch is checked against the agent's key before it is written (the sealer asserts
+//!   [`check_batch`]) and after it is read for shipping ([`Store::batch_verified`]): its body
+//!   decodes, its seq and epoch are the row's, its signature verifies. A mismatch on read is
+//!   [`StoreError::Corrupt`], never a panic.
 //! - The dedup set remembers an id for at least the dedup window and at most the window plus
 //!   one bucket (a seventh of the window): ids live in per-bucket tables and the oldest table is
 //!   dropped whole once it is entirely outside the window, so memory and disk stay bounded.
@@ -37,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Duration;
 use tally_protocol::Decimal;
-use tally_protocol::batch::SignedBatch;
+use tally_protocol::batch::{BatchBody, SignedBatch};
 use tally_protocol::catalog::Catalog;
 use tally_protocol::entitlements::EntitlementsSnapshot;
 use tally_protocol::names::{CustomerId, Dimensions, MeterName};
@@ -210,11 +214,36 @@ fn decode<'a, T: Deserialize<'a>>(table: &'static str, b: &'a [u8]) -> Result<T,
     postcard::from_bytes(b).map_err(|e| corrupt(table, e))
 }
 
+/// Checks a stored batch: its body decodes and its signature verifies with `key`, its seq and
+/// epoch are the row's, and its sealed time is the body's. Returns the body, or what is wrong.
+pub fn check_batch(
+    seq: u64,
+    epoch: u64,
+    b: &StoredBatch,
+    key: &ed25519_dalek::VerifyingKey,
+) -> Result<BatchBody, String> {
+    let body = b
+        .batch
+        .verify(key)
+        .map_err(|e| format!("batch {seq}: {e}"))?;
+    if body.seq != seq || body.epoch != epoch {
+        return Err(format!(
+            "row {seq} of epoch {epoch} holds batch {} of epoch {}",
+            body.seq, body.epoch
+        ));
+    }
+    if body.sealed_at_ms != b.sealed_at_ms {
+        return Err(format!("batch {seq}: sealed times differ"));
+    }
+    Ok(body)
+}
+
 fn random_u64() -> u64 {
     let mut b = [0; 8];
     if getrandom::getrandom(&mut b).is_err() {
         // No OS randomness: fall back to the clock, still distinct across stores in practice.
-        return crate::clock::now_ms().unsigned_abs() ^ u64::from(std::process::id()) << 40;
+        return tally_clock::Clock::now_ms(&tally_clock::SystemClock).unsigned_abs()
+            ^ u64::from(std::process::id()) << 40;
     }
     u64::from_le_bytes(b)
 }
@@ -312,10 +341,20 @@ impl Store {
 
     /// Up to `limit` durable-log rows, oldest first.
     pub fn read_log(&self, limit: usize) -> Result<Vec<(u64, LoggedEvent)>, StoreError> {
+        self.read_log_from(0, limit)
+    }
+
+    /// Up to `limit` durable-log rows with keys from `from` on, oldest first: one page of a
+    /// bounded scan (the next page starts after the last key returned).
+    pub fn read_log_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, LoggedEvent)>, StoreError> {
         let txn = self.db.begin_read()?;
         let log = txn.open_table(LOG)?;
-        let mut out = Vec::new();
-        for row in log.iter()?.take(limit) {
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for row in log.range(from..)?.take(limit) {
             let (k, v) = row?;
             out.push((k.value(), decode("log", v.value())?));
         }
@@ -434,6 +473,20 @@ impl Store {
             .get(seq)?
             .map(|v| decode("batches", v.value()))
             .transpose()
+    }
+
+    /// The batch `seq`, checked with [`check_batch`] against this store's epoch and the agent's
+    /// key: what the shipper sends. A row that fails the check is [`StoreError::Corrupt`].
+    pub fn batch_verified(
+        &self,
+        seq: u64,
+        key: &ed25519_dalek::VerifyingKey,
+    ) -> Result<Option<StoredBatch>, StoreError> {
+        let Some(b) = self.batch(seq)? else {
+            return Ok(None);
+        };
+        check_batch(seq, self.epoch, &b, key).map_err(|detail| corrupt("batches", detail))?;
+        Ok(Some(b))
     }
 
     /// Whether `id` was sealed within the dedup window as of `now_ms`.
@@ -614,5 +667,84 @@ mod tests {
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0].1.quantity, Decimal::from(3));
         assert_eq!(s.log_size().unwrap().0, 1);
+    }
+
+    #[test]
+    fn the_log_reads_in_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("p.redb"), Duration::from_secs(60)).unwrap();
+        let ev = |q: i64| LoggedEvent {
+            customer: CustomerId::new("c").unwrap(),
+            meter: MeterName::new("m").unwrap(),
+            dimensions: Dimensions::default(),
+            at_ms: 5,
+            quantity: Decimal::from(q),
+            id: Some(format!("id-{q}")),
+            accepted_at_ms: 5,
+        };
+        s.append_log(&(0..25).map(ev).collect::<Vec<_>>()).unwrap();
+        let mut seen = Vec::new();
+        let mut from = 0;
+        let mut pages = Vec::new();
+        loop {
+            let page = s.read_log_from(from, 10).unwrap();
+            pages.push(page.len());
+            let Some(last) = page.last().map(|(k, _)| *k) else {
+                break;
+            };
+            seen.extend(page.into_iter().map(|(_, e)| e.quantity));
+            from = last + 1;
+        }
+        assert_eq!(pages, vec![10, 10, 5, 0]);
+        assert_eq!(seen, (0..25).map(Decimal::from).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_stored_batch_is_checked_when_read_and_a_mismatch_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb"), Duration::from_secs(60)).unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+        let id = AgentId::from_public_key(&key.verifying_key());
+        let row = |seq: u64, epoch: u64| {
+            let body = BatchBody::new(id, epoch, seq, 10, vec![]).unwrap();
+            StoredBatch {
+                sealed_at_ms: 10,
+                batch: SignedBatch::seal(&body, &key).unwrap(),
+            }
+        };
+        let good = row(1, s.epoch());
+        assert!(check_batch(1, s.epoch(), &good, &key.verifying_key()).is_ok());
+        // Row 2 holds the body of batch 3; row 3 another epoch's batch.
+        s.commit_seal(&SealCommit {
+            batches: vec![
+                (1, good.clone()),
+                (2, row(3, s.epoch())),
+                (3, row(3, s.epoch() ^ 1)),
+            ],
+            next_seq: 4,
+            ..Default::default()
+        })
+        .unwrap();
+        let vk = key.verifying_key();
+        assert_eq!(s.batch_verified(1, &vk).unwrap(), Some(good));
+        for seq in [2, 3] {
+            assert!(
+                matches!(
+                    s.batch_verified(seq, &vk),
+                    Err(StoreError::Corrupt {
+                        table: "batches",
+                        ..
+                    })
+                ),
+                "{seq}"
+            );
+        }
+        // A signature by another key.
+        let other = ed25519_dalek::SigningKey::from_bytes(&[5; 32]).verifying_key();
+        assert!(matches!(
+            s.batch_verified(1, &other),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert_eq!(s.batch_verified(9, &vk).unwrap(), None);
     }
 }

@@ -214,3 +214,82 @@ async fn record_durable_all_is_one_unit() {
     assert_eq!(a.status().durable_log_events, 3);
     assert_eq!(a.record_durable_all(Vec::new()).await.unwrap(), Vec::new());
 }
+
+#[tokio::test]
+async fn wall_time_comes_from_the_injected_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = 1_700_000_000_000;
+    let clock = tally_clock::ManualClock::new(t0);
+    let a = Agent::builder()
+        .data_dir(dir.path())
+        .flush_interval(Duration::from_secs(3600))
+        .clock(std::sync::Arc::new(clock.clone()))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(a.clock().now_ms(), t0);
+    // An event without a time is stamped with the injected clock, and sealed on it.
+    a.record_durable(Event::new("acme", "api_calls", Decimal::ONE))
+        .await
+        .unwrap();
+    a.seal().await.unwrap();
+    assert_eq!(
+        a.status().oldest_unacked_age,
+        Some(Duration::ZERO),
+        "sealed at the virtual time"
+    );
+    clock.advance_ms(600_000);
+    assert_eq!(
+        a.status().oldest_unacked_age,
+        Some(Duration::from_secs(600))
+    );
+    let _ = a.shutdown(Duration::from_millis(10)).await;
+}
+
+/// The sealer's and the durable log's queues are bounded: callers past the limit wait for room
+/// (backpressure) and every one of them completes; none gets an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_past_the_queue_limits_wait_and_all_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = offline(dir.path()).await;
+    let mut tasks = Vec::new();
+    for i in 0..tally_agent::DURABLE_QUEUE + 500 {
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            a.record_durable(Event::new("acme", "api_calls", Decimal::ONE).with_id(format!("e{i}")))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }));
+    }
+    for i in 0..tally_agent::SEAL_QUEUE * 3 {
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                a.seal().await.map(|_| ()).map_err(|e| e.to_string())
+            } else {
+                a.record_durable(Event::new("acme", "api_calls", Decimal::ONE))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("a caller past the limit waits, then completes")
+            .unwrap()
+            .unwrap();
+    }
+    a.seal().await.unwrap();
+    assert_eq!(a.status().durable_log_events, 0);
+    let n = tally_agent::DURABLE_QUEUE as u64 + 500 + tally_agent::SEAL_QUEUE as u64 * 3 / 2;
+    assert!(
+        a.render_metrics()
+            .contains(&format!("tally_agent_records_total {n}")),
+        "{}",
+        a.render_metrics()
+    );
+    let _ = a.shutdown(Duration::from_millis(10)).await;
+}

@@ -57,7 +57,7 @@ fn allocs() -> u64 {
 /// key keep its old aggregate aside) falls inside the measured loop.
 fn away_from_a_minute_boundary() {
     loop {
-        let ms = tally_agent::clock::now_ms().rem_euclid(60_000);
+        let ms = tally_clock::Clock::now_ms(&tally_clock::SystemClock).rem_euclid(60_000);
         if ms < 40_000 {
             return;
         }

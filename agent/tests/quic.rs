@@ -185,7 +185,7 @@ async fn failover_catalog_and_entitlements_are_kept_on_disk() {
     };
     let ents = EntitlementsSnapshot {
         version: 2,
-        built_at_ms: tally_agent::clock::now_ms(),
+        built_at_ms: tally_clock::Clock::now_ms(&tally_clock::SystemClock),
         full: true,
         customers: BoundedVec::default(),
     };

@@ -9,9 +9,9 @@ use hdrhistogram::Histogram;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tally_agent::Agent;
-use tally_agent::sidecar::backend::AgentBackend;
-use tally_agent::sidecar::http::{HttpConfig, router};
 use tally_collector::{Collector, CollectorConfig};
+use tally_sidecar::backend::AgentBackend;
+use tally_sidecar::http::{HttpConfig, router};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 

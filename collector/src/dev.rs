@@ -97,7 +97,7 @@ struct Sidecar {
 
 /// Serves the sidecar endpoints of `agent` on `addr` until stopped.
 async fn serve_sidecar(agent: &tally_agent::Agent, addr: SocketAddr) -> Result<Sidecar, DevError> {
-    use tally_agent::sidecar::{backend::AgentBackend, http};
+    use tally_sidecar::{backend::AgentBackend, http};
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| DevError::Agent(format!("sidecar cannot listen on {addr}: {e}")))?;

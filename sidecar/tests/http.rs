@@ -5,13 +5,13 @@
 use rust_decimal::Decimal;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tally_agent::sidecar::http::{
-    BackendError, Consumed, EntitlementsView, HttpConfig, SidecarBackend, router,
-};
-use tally_agent::sidecar::mapping::{IngestCatalog, MappedEvent};
 use tally_protocol::bounded::BoundedVec;
 use tally_protocol::catalog::Catalog;
 use tally_protocol::names::{CustomerId, MeterName};
+use tally_sidecar::http::{
+    BackendError, Consumed, EntitlementsView, HttpConfig, SidecarBackend, router,
+};
+use tally_sidecar::mapping::{IngestCatalog, MappedEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Clone, Default)]

@@ -1,8 +1,8 @@
 //! Unit tests of the sidecar's wire formats.
 #![allow(clippy::unwrap_used, dead_code)]
-use crate::sidecar::cloudevents::{self, EventError, IngestError, Mode};
-use crate::sidecar::mapping::IngestCatalog;
-use crate::sidecar::stripe_form;
+use crate::cloudevents::{self, EventError, IngestError, Mode};
+use crate::mapping::IngestCatalog;
+use crate::stripe_form;
 use rust_decimal::Decimal;
 use tally_protocol::bounded::BoundedVec;
 use tally_protocol::catalog::Catalog;

@@ -1,6 +1,6 @@
 //! The sidecar (SPEC §4): the `tally-agent` binary's HTTP surface for products not written in
 //! Rust. OpenMeter's CloudEvents ingest and Stripe's meter-event endpoint, mapped through the
-//! collector's catalog and recorded with [`Agent::record_durable`](crate::Agent::record_durable),
+//! collector's catalog and recorded with [`Agent::record_durable`](tally_agent::Agent::record_durable),
 //! so a 2xx means the events are on the agent's disk; entitlement answers from the agent's
 //! cache; flush, metrics and health.
 //!
@@ -8,7 +8,11 @@
 //! - [`mapping`]: the catalog compiled for ingest.
 //! - [`cloudevents`], [`stripe_form`]: the two wire formats, as pure functions.
 //! - [`http`]: the axum shell over a [`http::SidecarBackend`].
-//! - [`backend`]: that backend over a running [`Agent`](crate::Agent).
+//! - [`backend`]: that backend over a running [`Agent`](tally_agent::Agent).
+//!
+//! Its own crate, not a feature of `tally-agent`, so a product that links the agent library
+//! compiles no HTTP server, CLI parser, config-file reader or log subscriber
+//! (docs/decisions/0031-sidecar-crate.md).
 
 pub mod backend;
 pub mod cloudevents;

@@ -2,14 +2,14 @@
 //! makes the agent's key, `status` shows the local backlog.
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tally_agent::sidecar::backend::AgentBackend;
-use tally_agent::sidecar::http::{DEFAULT_MAX_BODY_BYTES, HttpConfig, router};
 use tally_agent::{Agent, Overflow};
+use tally_sidecar::backend::AgentBackend;
+use tally_sidecar::http::{DEFAULT_MAX_BODY_BYTES, HttpConfig, router};
 
 #[derive(Parser)]
 #[command(
@@ -18,8 +18,35 @@ use tally_agent::{Agent, Overflow};
     about = "Tally sidecar agent: meter usage locally, ship it exactly once"
 )]
 struct Cli {
+    /// Log lines as `text` (colour only when stderr is a terminal) or `json` (one object a line).
+    #[arg(long, global = true, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How the binary writes its logs to stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Installs the stderr subscriber: `RUST_LOG` filters (default `info`), and ANSI colour codes
+/// only when stderr is a terminal, so files and pipes get plain text.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -124,14 +151,8 @@ impl RunArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Run(args) => rt.block_on(run(args.merge()?)),

@@ -1,8 +1,8 @@
 //! Stripe-compatible `POST /v1/billing/meter_events`: the form encoding Stripe's SDKs send
 //! (`payload[stripe_customer_id]=…`, brackets as they are), answers in Stripe's shapes.
 
-use crate::sidecar::mapping::{IngestCatalog, MappedEvent};
-use crate::sidecar::quantity::parse_quantity;
+use crate::mapping::{IngestCatalog, MappedEvent};
+use crate::quantity::parse_quantity;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use tally_protocol::names::{CustomerId, DimensionKey, DimensionValue, Dimensions};

@@ -2,9 +2,9 @@
 //! and metrics. A thin axum shell over [`SidecarBackend`]; a 2xx from an ingest endpoint means
 //! the events are on the agent's disk.
 
-use crate::sidecar::cloudevents::{self, Mode};
-use crate::sidecar::mapping::{IngestCatalog, MappedEvent};
-use crate::sidecar::stripe_form::{self, StripeError};
+use crate::cloudevents::{self, Mode};
+use crate::mapping::{IngestCatalog, MappedEvent};
+use crate::stripe_form::{self, StripeError};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::Path;
@@ -190,11 +190,11 @@ fn authorized<B>(ctx: &Ctx<B>, headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    constant_time_eq(given.as_bytes(), token.as_bytes())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    // Constant time in the token's bytes, so a timing probe learns nothing but its length.
+    bool::from(subtle::ConstantTimeEq::ct_eq(
+        given.as_bytes(),
+        token.as_bytes(),
+    ))
 }
 
 /// Reads the body up to the limit; `Err(())` when it is larger.
@@ -486,7 +486,7 @@ async fn consume<B: SidecarBackend>(
         );
     };
     let quantity = match serde_json::from_slice::<ConsumeBody>(&body) {
-        Ok(b) => match crate::sidecar::quantity::parse_quantity(&b.quantity) {
+        Ok(b) => match crate::quantity::parse_quantity(&b.quantity) {
             Ok(q) => q,
             Err(e) => return problem(StatusCode::BAD_REQUEST, format!("quantity: {e}")),
         },

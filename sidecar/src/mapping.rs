@@ -1,8 +1,8 @@
 //! The catalog compiled for ingest: which meters a CloudEvents `type` or a Stripe `event_name`
 //! feeds, and how to read value and dimensions.
 
-use crate::sidecar::json_path::{JsonPath, Leaf, PathError, leaf};
-use crate::sidecar::quantity::{QuantityError, parse_quantity};
+use crate::json_path::{JsonPath, Leaf, PathError, leaf};
+use crate::quantity::{QuantityError, parse_quantity};
 use rust_decimal::Decimal;
 use serde_json::value::RawValue;
 use std::collections::HashMap;

@@ -1,7 +1,7 @@
 //! OpenMeter-compatible ingest: CloudEvents 1.0 in JSON, one event or a batch, mapped through
 //! the catalog. A request is accepted or refused whole.
 
-use crate::sidecar::mapping::{DataError, IngestCatalog, MappedEvent};
+use crate::mapping::{DataError, IngestCatalog, MappedEvent};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tally_protocol::names::{CustomerId, NameError};

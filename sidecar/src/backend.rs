@@ -1,13 +1,13 @@
 //! [`SidecarBackend`] over a running [`Agent`]: durable recording, the compiled catalog (rebuilt
 //! when its version changes), and entitlement answers from the agent's cached snapshot.
 
-use crate::sidecar::http::{BackendError, Consumed, EntitlementsView, SidecarBackend};
-use crate::sidecar::mapping::{IngestCatalog, MappedEvent};
-use crate::{Agent, ConnectionState, Event, FlushError, RecordError};
+use crate::http::{BackendError, Consumed, EntitlementsView, SidecarBackend};
+use crate::mapping::{IngestCatalog, MappedEvent};
 use rust_decimal::Decimal;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tally_agent::{Agent, ConnectionState, Event, FlushError, RecordError};
 use tally_protocol::entitlements::Enforcement;
 use tally_protocol::names::{CustomerId, MeterName};
 
@@ -22,10 +22,6 @@ pub struct AgentBackend {
 
 /// Quantities consumed per customer and meter since the snapshot of this version.
 type ConsumedSince = (u64, HashMap<(CustomerId, MeterName), Decimal>);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 impl AgentBackend {
     /// Wraps a started agent.
@@ -65,7 +61,7 @@ fn backend_error(e: RecordError) -> BackendError {
 impl SidecarBackend for AgentBackend {
     fn catalog(&self) -> Option<Arc<IngestCatalog>> {
         let current = self.agent.catalog()?;
-        let mut cached = lock(&self.catalog);
+        let mut cached = self.catalog.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = cached.as_ref().filter(|c| c.version == current.version) {
             return Some(c.clone());
         }
@@ -107,9 +103,7 @@ impl SidecarBackend for AgentBackend {
     }
 
     fn now_ms(&self) -> i64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        self.agent.clock().now_ms()
     }
 
     fn status_json(&self) -> serde_json::Value {
@@ -152,7 +146,7 @@ impl SidecarBackend for AgentBackend {
         });
         let key = (customer.clone(), meter.clone());
         let remaining = {
-            let mut consumed = lock(&self.consumed);
+            let mut consumed = self.consumed.lock().unwrap_or_else(PoisonError::into_inner);
             let version = cache.as_ref().map_or(0, |c| c.version);
             if consumed.0 != version {
                 *consumed = (version, HashMap::new());
@@ -176,7 +170,7 @@ impl SidecarBackend for AgentBackend {
         let event = Event::new(customer.as_str(), meter.as_str(), quantity);
         if let Err(e) = self.agent.record_durable(event).await {
             if limit.is_some() {
-                let mut consumed = lock(&self.consumed);
+                let mut consumed = self.consumed.lock().unwrap_or_else(PoisonError::into_inner);
                 if let Some(v) = consumed.1.get_mut(&key) {
                     *v -= quantity;
                 }
@@ -191,7 +185,7 @@ impl SidecarBackend for AgentBackend {
 }
 
 /// `Status` as the sidecar's `/v1/status` and `tally-agent status` show it.
-pub fn status_json(s: &crate::Status) -> serde_json::Value {
+pub fn status_json(s: &tally_agent::Status) -> serde_json::Value {
     let ms = |d: Option<Duration>| d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let connection = match &s.connection {
         ConnectionState::Idle => serde_json::json!({"state": "idle"}),
