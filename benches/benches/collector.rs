@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_collector::ingest::{GroupLimits, IngestRequest};
 use tally_collector::metrics::Metrics;
-use tally_collector::redb_store::RedbStore;
+use tally_collector::store::redb::RedbStore;
 use tally_collector::store::{IngestBatch, IngestOutcome, Store};
 use tally_collector::testkit::TestClient;
 use tally_collector::{Collector, CollectorConfig};
@@ -172,11 +172,11 @@ fn breakdown(per_batch: usize, n: usize) {
         version: 1,
         meters: BoundedVec::new(METERS.iter().map(|m| meter(m)).collect()).expect("meters"),
     };
-    let mut ws = tally_collector::ledger::WorkingSet::new();
-    let mut base = tally_collector::ledger::NoAccounts;
+    let mut ws = tally_collector::core::ledger::WorkingSet::new();
+    let mut base = tally_collector::core::ledger::NoAccounts;
     let t = Instant::now();
     for b in &bodies {
-        let p = tally_collector::ledger::post_batch(&mut ws, &mut base, &catalog, b, 0)
+        let p = tally_collector::core::ledger::post_batch(&mut ws, &mut base, &catalog, b, 0)
             .expect("infallible")
             .expect("postable");
         std::hint::black_box(p);

@@ -7,11 +7,11 @@
 //! flush the acks of batches already received, commits everything queued, and only then
 //! returns; the HTTP server stops gracefully.
 
+use crate::core::ledger::{Adjustment, VerifyReport};
 use crate::ingest::{GroupLimits, IngestRequest, now_ms};
 use crate::init::{InitError, InitFiles};
-use crate::ledger::{Adjustment, VerifyReport};
 use crate::metrics::Metrics;
-use crate::redb_store::RedbStore;
+use crate::store::redb::RedbStore;
 use crate::store::{AdjustOutcome, Store, StoreError};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -79,7 +79,7 @@ pub enum StartError {
     Store(#[from] StoreError),
     /// TLS or QUIC setup failed.
     #[error(transparent)]
-    Tls(#[from] crate::quic::TlsSetupError),
+    Tls(#[from] crate::net::quic::TlsSetupError),
     /// A listener could not bind.
     #[error("bind {addr}: {source}")]
     Bind {
@@ -246,8 +246,10 @@ impl Collector {
         };
         let admin_token = InitFiles::read_token(&files.admin_token)?;
         let enroll_token = InitFiles::read_token(&files.enroll_token)?;
-        let server_config =
-            crate::quic::server_config(&read(&files.collector_pem)?, &read(&files.collector_key)?)?;
+        let server_config = crate::net::quic::server_config(
+            &read(&files.collector_pem)?,
+            &read(&files.collector_key)?,
+        )?;
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(&files.store)?);
         let metrics = Arc::new(Metrics::new());
         let stripe = crate::stripe::StripeRuntime::start(
@@ -327,7 +329,7 @@ impl Collector {
             info: Mutex::new(HashMap::new()),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let quic_task = tokio::spawn(crate::quic::serve(
+        let quic_task = tokio::spawn(crate::net::quic::serve(
             endpoint,
             shared.clone(),
             shutdown_rx.clone(),

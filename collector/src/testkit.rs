@@ -3,7 +3,7 @@
 //! agent (no disk buffer, no retries): it sends exactly what it is told to, which is what tests
 //! of the collector's rules need (tampered batches, replays, duplicates).
 
-use crate::quic::{BINDING_LABEL, ReadError, client_config, read_frame, write_frame};
+use crate::net::quic::{BINDING_LABEL, ReadError, client_config, read_frame, write_frame};
 use std::net::SocketAddr;
 use tally_protocol::ed25519_dalek::SigningKey;
 use tally_protocol::frame::{Frame, MAX_FRAME_BYTES, Welcome};

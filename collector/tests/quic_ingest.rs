@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use rust_decimal::Decimal;
 use std::collections::HashMap;
-use tally_collector::ledger::Period;
+use tally_collector::core::ledger::Period;
 use tally_protocol::catalog::Aggregation;
 use tally_protocol::error::ErrorCode;
 use tally_protocol::frame::{Ack, AckOutcome, Frame};

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tally_agent::Agent;
 use tally_agent::sidecar::backend::AgentBackend;
 use tally_agent::sidecar::http::{HttpConfig, router};
-use tally_collector::ledger::Period;
+use tally_collector::core::ledger::Period;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn raw(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, String) {

@@ -9,8 +9,8 @@ mod common;
 use proptest::prelude::*;
 use rust_decimal::Decimal;
 use std::collections::{HashMap, HashSet};
-use tally_collector::ledger::{Adjustment, Period};
-use tally_collector::redb_store::RedbStore;
+use tally_collector::core::ledger::{Adjustment, Period};
+use tally_collector::store::redb::RedbStore;
 use tally_collector::store::{AdjustOutcome, IngestBatch, IngestOutcome, Store};
 use tally_protocol::batch::{BatchBody, SignedBatch};
 use tally_protocol::catalog::Aggregation;
@@ -163,7 +163,7 @@ fn verify_catches_dedup_and_batch_record_drift() {
     {
         let def: redb::TableDefinition<(u128, u64), &[u8]> = redb::TableDefinition::new("dedup");
         let mut t = txn.open_table(def).unwrap();
-        let mut state = tally_collector::dedup::DedupState::default();
+        let mut state = tally_collector::core::dedup::DedupState::default();
         state.insert(1).unwrap();
         state.insert(2).unwrap();
         let k = (common::agent_id(&key).as_u128(), 1u64);

@@ -12,8 +12,8 @@
 //! - Transfers are append-only: nothing ever edits or deletes one.
 //! - Reads see only committed state.
 
-use crate::dedup::DedupState;
-use crate::ledger::{Account, Adjustment, Period, Rejection, Transfer, VerifyReport};
+use crate::core::dedup::DedupState;
+use crate::core::ledger::{Account, Adjustment, Period, Rejection, Transfer, VerifyReport};
 pub use crate::stripe_store::CustomerRecord;
 use serde::{Deserialize, Serialize};
 use tally_protocol::batch::{AgentId, BatchBody, SignedBatch};
@@ -202,3 +202,5 @@ pub trait Store: tally_stripe::OutboxStore {
     /// what Stripe should have, for reconciliation.
     fn outbox_items(&self) -> Result<Vec<(String, String, i64, u64)>, StoreError>;
 }
+
+pub mod redb;

@@ -27,7 +27,7 @@
 //! totals equal the sums of its transfers; every transfer's id is unique, derived from its source,
 //! and traces to that source (a committed batch row or a recorded adjustment).
 
-use crate::dedup::DedupState;
+use crate::core::dedup::DedupState;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

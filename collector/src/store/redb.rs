@@ -30,8 +30,8 @@
 //! unreachable. (A hash-keyed id index cost one random B-tree insert per delta — a dirty page
 //! per delta once the index is large; see `docs/perf/collector.md`.)
 
-use crate::dedup::{DedupState, MAX_ABOVE_WATERMARK};
-use crate::ledger::{
+use crate::core::dedup::{DedupState, MAX_ABOVE_WATERMARK};
+use crate::core::ledger::{
     self, Account, AccountId, AccountKey, Accounts, Adjustment, Existing, Period, Posting,
     Transfer, TransferSource, Verifier, VerifyReport, WorkingSet,
 };

@@ -14,8 +14,8 @@
 //!   must finish within the configured timeout, so unauthenticated peers cannot hold much.
 //! - Connections beyond the configured limit are refused at the QUIC level.
 
+use crate::core::registry::{Admission, admit};
 use crate::ingest::{IngestReply, IngestRequest, now_ms};
-use crate::registry::{Admission, admit};
 use crate::server::Shared;
 use crate::store::{AgentRecord, IngestBatch, IngestOutcome};
 use std::sync::Arc;

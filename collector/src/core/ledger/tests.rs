@@ -2,7 +2,7 @@
 //! exactly the steps a store does (dedup → post → append), and checked against a simple model.
 
 use super::*;
-use crate::dedup::DedupState;
+use crate::core::dedup::DedupState;
 use proptest::prelude::*;
 use tally_protocol::bounded::BoundedVec;
 use tally_protocol::catalog::MeterDef;

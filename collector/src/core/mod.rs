@@ -1,0 +1,9 @@
+//! The sans-IO rules: plain values and functions, no sockets, clocks, files or threads.
+//!
+//! - [`dedup`]: which batches of an `(agent, epoch)` are done.
+//! - [`ledger`]: accounts, transfers, posting rules, verification.
+//! - [`registry`]: who may connect (enrolment, revocation).
+
+pub mod dedup;
+pub mod ledger;
+pub mod registry;
