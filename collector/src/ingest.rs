@@ -29,6 +29,46 @@ pub struct IngestRequest {
     pub reply: oneshot::Sender<IngestReply>,
 }
 
+/// The ingest handle: the connections' end of the committer's queue.
+///
+/// The queue holds at most [`GroupLimits::queue`] batches; when it is full, [`IngestHandle::submit`]
+/// waits (back-pressure reaches the agents through their in-flight window).
+#[derive(Clone)]
+pub struct IngestHandle {
+    tx: mpsc::Sender<IngestRequest>,
+}
+
+/// The committer stopped (the collector is shutting down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the committer stopped")]
+pub struct CommitterGone;
+
+impl IngestHandle {
+    /// Queues a verified batch; the receiver gets its outcome once it is durable.
+    pub async fn submit(
+        &self,
+        batch: IngestBatch,
+    ) -> Result<oneshot::Receiver<IngestReply>, CommitterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(IngestRequest { batch, reply })
+            .await
+            .map_err(|_| CommitterGone)?;
+        Ok(rx)
+    }
+
+    /// The raw queue sender (benchmarks drive the committer directly).
+    pub fn sender(&self) -> &mpsc::Sender<IngestRequest> {
+        &self.tx
+    }
+}
+
+impl From<mpsc::Sender<IngestRequest>> for IngestHandle {
+    fn from(tx: mpsc::Sender<IngestRequest>) -> Self {
+        IngestHandle { tx }
+    }
+}
+
 /// How large one group commit may grow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupLimits {

@@ -11,8 +11,8 @@
 //! - [`stripe_store`] (the Stripe outbox in the embedded store) and [`stripe`] (the forwarder's
 //!   lifecycle, configuration and reconciliation; SPEC §6.4).
 //! - [`metrics`]: Prometheus metrics.
-//! - [`mod@init`], [`config`], [`server`], [`dev`]: files on disk, configuration, starting it
-//!   all, and the one-process quickstart.
+//! - [`mod@init`], [`config`], [`start`], [`dev`]: files on disk, configuration, starting it
+//!   all, and the one-process quickstart ([`server`] only keeps an old name).
 //! - [`testkit`]: a bare protocol client for tests and benchmarks.
 //!
 //! Starting a collector in-process (ports 0 pick free ones):
@@ -40,6 +40,7 @@ pub mod init;
 pub mod metrics;
 pub mod net;
 pub mod server;
+pub mod start;
 pub mod store;
 pub mod stripe;
 pub mod stripe_store;
@@ -51,5 +52,6 @@ pub(crate) mod redb_store {
     pub(crate) use crate::store::redb::META_TABLE;
 }
 
+pub use config::CollectorConfig;
 pub use init::{InitFiles, init};
-pub use server::{Collector, CollectorConfig, CollectorHandle};
+pub use start::{Collector, CollectorHandle};

@@ -1,9 +1,8 @@
 //! `POST /v1/adjustments`: operator corrections, idempotent by key.
 
-use super::St;
 use super::errors::*;
+use super::state::{St, blocking};
 use crate::core::ledger::{Adjustment, Period, Transfer};
-use crate::ingest::now_ms;
 use crate::store::AdjustOutcome;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -105,7 +104,7 @@ pub(super) async fn adjust(State(shared): St, body: Bytes) -> ApiResult<Adjustme
             "quantity must not be zero",
         ));
     }
-    let p = period(r.period.as_ref())?.unwrap_or_else(|| Period::of_ms(now_ms()));
+    let p = period(r.period.as_ref())?.unwrap_or_else(|| Period::of_ms(shared.now_ms()));
     let dimensions =
         Dimensions::from_strs(r.dimensions.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|e| ApiError::invalid("invalid_dimensions", "dimensions", e.to_string()))?;

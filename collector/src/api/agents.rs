@@ -1,8 +1,7 @@
 //! `GET /v1/agents` and `POST /v1/agents/{id}/revoke`: the registry as the operator sees it.
 
-use super::St;
 use super::errors::*;
-use crate::ingest::now_ms;
+use super::state::{St, blocking};
 use axum::extract::{Path, State};
 use serde::Serialize;
 use tally_protocol::batch::AgentId;
@@ -44,7 +43,7 @@ pub struct Agents {
 pub(super) async fn agents(State(shared): St) -> ApiResult<Agents> {
     let (agents, epochs) =
         blocking(&shared, |s| Ok((s.store.agents()?, s.store.epochs()?))).await?;
-    let now = now_ms();
+    let now = shared.now_ms();
     let data = agents
         .into_iter()
         .map(|a| {

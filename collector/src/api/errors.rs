@@ -2,7 +2,6 @@
 //! off the async workers.
 
 use crate::core::ledger::Period;
-use crate::server::Shared;
 use crate::store::StoreError;
 use axum::body::Bytes;
 use axum::http::StatusCode;
@@ -11,7 +10,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::Arc;
+
 use tally_protocol::names::{CustomerId, MeterName};
 use utoipa::ToSchema;
 
@@ -123,20 +122,6 @@ pub(super) async fn method_not_allowed() -> ApiError {
 
 pub(super) async fn not_found() -> ApiError {
     ApiError::not_found("resource_missing", "no such route")
-}
-
-/// Runs a store call off the async workers (writes fsync).
-pub(super) async fn blocking<T: Send + 'static>(
-    shared: &Arc<Shared>,
-    f: impl FnOnce(&Shared) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
-    let shared = shared.clone();
-    match tokio::task::spawn_blocking(move || f(&shared)).await {
-        Ok(r) => r.map_err(ApiError::from),
-        Err(_) => Err(ApiError::from(StoreError::Backend(String::from(
-            "task failed",
-        )))),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 //! `GET /v1/ledger/entries` and `GET /v1/ledger/verify`: the transfers and the invariant check.
 
-use super::St;
 use super::errors::*;
+use super::state::{St, blocking};
 use crate::core::ledger::{Transfer, TransferSource, VerifyReport};
 use axum::extract::{RawQuery, State};
 use rust_decimal::Decimal;

@@ -1,7 +1,7 @@
 //! `GET /v1/meters` and `PUT /v1/meters/{meter}`: the catalog, pushed to agents on change.
 
-use super::St;
 use super::errors::*;
+use super::state::{St, blocking};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use rust_decimal::Decimal;

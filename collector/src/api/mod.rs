@@ -7,7 +7,6 @@
 //! before anything is read; the token is compared in constant time and never logged.
 
 use crate::core::registry::constant_time_eq;
-use crate::server::Shared;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, header};
@@ -25,19 +24,20 @@ mod meters;
 mod openapi;
 mod ops;
 mod quarantine;
+mod state;
 mod stripe_routes;
 mod usage;
 
 pub use errors::{ApiError, ErrorBody, ErrorDetail};
-use errors::{ApiResult, MAX_PAGE, blocking, customer, json_body, number, query};
+use errors::{ApiResult, MAX_PAGE, customer, json_body, number, query};
 pub use openapi::openapi_doc;
-
-type St = State<Arc<Shared>>;
+pub use state::ApiState;
+use state::{St, blocking};
 
 /// Serves the admin API until `shutdown` turns true.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<ApiState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let app = router(shared);
@@ -52,7 +52,7 @@ pub async fn serve(
 }
 
 /// The API's routes.
-pub fn router(shared: Arc<Shared>) -> Router {
+pub fn router(shared: Arc<ApiState>) -> Router {
     let private = Router::new()
         .route("/v1/usage", get(usage::usage))
         .route("/v1/customers/{customer}/usage", get(usage::customer_usage))
@@ -90,7 +90,7 @@ async fn auth(State(shared): St, headers: HeaderMap, req: Request, next: Next) -
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
-        Some(t) if constant_time_eq(t.as_bytes(), shared.admin_token.as_bytes()) => {
+        Some(t) if constant_time_eq(t.as_bytes(), shared.admin_token().as_bytes()) => {
             next.run(req).await
         }
         _ => ApiError::unauthorized().into_response(),

@@ -1,6 +1,6 @@
 //! `GET /metrics` and `GET /healthz`.
 
-use super::St;
+use super::state::St;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};

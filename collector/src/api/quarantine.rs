@@ -1,7 +1,7 @@
 //! `GET /v1/quarantine`: batches that verified but could not be posted, kept whole.
 
-use super::St;
 use super::errors::*;
+use super::state::{St, blocking};
 use crate::store::QuarantineRecord;
 use axum::extract::{RawQuery, State};
 use serde::Serialize;

@@ -1,9 +1,8 @@
 //! `GET /v1/usage` and `GET /v1/customers/{customer}/usage`: usage totals from the ledger.
 
-use super::St;
 use super::errors::*;
+use super::state::{St, blocking};
 use crate::core::ledger::{Account, Period};
-use crate::ingest::now_ms;
 use axum::extract::{Path, RawQuery, State};
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -46,7 +45,7 @@ pub(super) async fn usage(State(shared): St, RawQuery(raw): RawQuery) -> ApiResu
         q.get("meter").ok_or_else(|| ApiError::missing("meter"))?,
         "meter",
     )?;
-    let p = period(q.get("period"))?.unwrap_or_else(|| Period::of_ms(now_ms()));
+    let p = period(q.get("period"))?.unwrap_or_else(|| Period::of_ms(shared.now_ms()));
     let (c2, m2) = (c.clone(), m.clone());
     let accounts = blocking(&shared, move |s| {
         s.store.usage_accounts(&c2, Some(&m2), Some(p))

@@ -4,8 +4,24 @@
 //! unknown key is registered only with the exact enrolment token (compared in constant time); a
 //! known key needs no token.
 
-use crate::store::AgentRecord;
+use serde::{Deserialize, Serialize};
+use tally_protocol::batch::AgentId;
 use tally_protocol::error::ErrorCode;
+
+/// A registered agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// Its id.
+    pub id: AgentId,
+    /// Its ed25519 public key.
+    pub public_key: [u8; 32],
+    /// When it enrolled, ms.
+    pub registered_at_ms: i64,
+    /// When it was revoked, if it was.
+    pub revoked_at_ms: Option<i64>,
+    /// When it last completed a handshake, ms.
+    pub last_seen_ms: i64,
+}
 
 /// What to do with an authenticated agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +60,6 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally_protocol::batch::AgentId;
 
     fn rec(revoked: bool) -> AgentRecord {
         AgentRecord {

@@ -14,13 +14,17 @@
 //!   must finish within the configured timeout, so unauthenticated peers cannot hold much.
 //! - Connections beyond the configured limit are refused at the QUIC level.
 
-use crate::core::registry::{Admission, admit};
-use crate::ingest::{IngestReply, IngestRequest, now_ms};
-use crate::server::Shared;
-use crate::store::{AgentRecord, IngestBatch, IngestOutcome};
+use crate::config::CollectorConfig;
+use crate::ingest::IngestHandle;
+use crate::ingest::{IngestReply, IngestRequest};
+use crate::metrics::Metrics;
+use crate::net::registry::{Admitted, Registry};
+use crate::store::{IngestBatch, IngestOutcome};
 use std::sync::Arc;
 use std::time::Duration;
+use tally_clock::SharedClock;
 use tally_protocol::batch::{AgentId, BatchError};
+use tally_protocol::catalog::Catalog;
 use tally_protocol::entitlements::{EntitlementsSnapshot, LeaseGrant};
 use tally_protocol::error::ErrorCode;
 use tally_protocol::frame::{
@@ -145,6 +149,43 @@ pub(crate) async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> 
     send.write_all(&bytes).await.map_err(|e| e.to_string())
 }
 
+/// The limits of one agent session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Unacknowledged batches an agent may have in flight per connection.
+    pub max_in_flight: u32,
+    /// Most concurrent QUIC connections.
+    pub max_connections: usize,
+    /// Time allowed from connection to `Welcome`.
+    pub handshake_timeout: Duration,
+}
+
+impl From<&CollectorConfig> for SessionLimits {
+    fn from(c: &CollectorConfig) -> Self {
+        SessionLimits {
+            max_in_flight: c.max_in_flight,
+            max_connections: c.max_connections,
+            handshake_timeout: c.handshake_timeout,
+        }
+    }
+}
+
+/// What the QUIC server holds: narrow handles, each owned elsewhere.
+pub struct QuicServer {
+    /// Session limits.
+    pub limits: SessionLimits,
+    /// The committer's queue.
+    pub ingest: IngestHandle,
+    /// Admission, live connections, revocation.
+    pub registry: Arc<Registry>,
+    /// The current catalog; sessions push it when it changes.
+    pub catalog: watch::Receiver<Arc<Catalog>>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Wall time.
+    pub clock: SharedClock,
+}
+
 /// What the connection's writer task sends, in order.
 enum Out {
     Frame(Frame),
@@ -158,7 +199,7 @@ enum Out {
 /// Serves QUIC until `shutdown` turns true, then lets every connection finish its acks.
 pub async fn serve(
     endpoint: quinn::Endpoint,
-    shared: Arc<Shared>,
+    shared: Arc<QuicServer>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = tokio::task::JoinSet::new();
@@ -169,7 +210,7 @@ pub async fn serve(
             _ = shutdown.wait_for(|s| *s) => break,
         };
         let Some(incoming) = incoming else { break };
-        if conns.len() >= shared.config.max_connections {
+        if conns.len() >= shared.limits.max_connections {
             incoming.refuse();
             continue;
         }
@@ -194,8 +235,12 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
-async fn handle(incoming: quinn::Incoming, shared: &Arc<Shared>, shutdown: watch::Receiver<bool>) {
-    let timeout = shared.config.handshake_timeout;
+async fn handle(
+    incoming: quinn::Incoming,
+    shared: &Arc<QuicServer>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let timeout = shared.limits.handshake_timeout;
     let conn = match tokio::time::timeout(timeout, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -240,7 +285,7 @@ async fn handle(incoming: quinn::Incoming, shared: &Arc<Shared>, shutdown: watch
         }
     };
     let span = tracing::info_span!("agent_session", agent = %auth.agent_id);
-    shared.register_live(auth.agent_id, conn.clone());
+    shared.registry.register_live(auth.agent_id, conn.clone());
     session(conn, send, recv, auth, shared, shutdown)
         .instrument(span)
         .await;
@@ -259,7 +304,7 @@ async fn handshake(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     binding: [u8; 32],
-    shared: &Arc<Shared>,
+    shared: &Arc<QuicServer>,
 ) -> Result<Authenticated, ErrorCode> {
     let mut nonce = [0u8; 32];
     getrandom::getrandom(&mut nonce).map_err(|_| ErrorCode::Internal)?;
@@ -285,48 +330,27 @@ async fn handshake(
         return Err(ErrorCode::UnexpectedFrame);
     };
     let auth = hs.on_proof(&proof).map_err(|e| e.code())?;
-    let store = shared.store.clone();
+    let registry = shared.registry.clone();
     let id = auth.agent_id;
-    let existing = tokio::task::spawn_blocking(move || store.agent(id))
-        .await
-        .map_err(|_| ErrorCode::Internal)?
-        .map_err(|_| ErrorCode::Internal)?;
-    let now = now_ms();
-    let admission = admit(
-        existing.as_ref(),
-        auth.enroll_token.as_deref(),
-        &shared.enroll_token,
-    );
-    let record = match (admission, existing) {
-        (Admission::Refuse(code), _) => return Err(code),
-        (Admission::Known, Some(mut rec)) => {
-            rec.last_seen_ms = now;
-            shared.metrics.handshake("ok");
-            rec
-        }
-        (Admission::Known | Admission::Enrol, _) => {
+    let public_key = auth.public_key.to_bytes();
+    let token = auth.enroll_token.clone();
+    let admitted =
+        tokio::task::spawn_blocking(move || registry.admit(id, public_key, token.as_deref()))
+            .await
+            .map_err(|_| ErrorCode::Internal)?
+            .map_err(|_| ErrorCode::Internal)??;
+    match admitted {
+        Admitted::Known => shared.metrics.handshake("ok"),
+        Admitted::Enrolled => {
             shared.metrics.handshake("enrolled");
             tracing::info!(agent = %id, "agent enrolled");
-            AgentRecord {
-                id,
-                public_key: auth.public_key.to_bytes(),
-                registered_at_ms: now,
-                revoked_at_ms: None,
-                last_seen_ms: now,
-            }
         }
-    };
-    let store = shared.store.clone();
-    tokio::task::spawn_blocking(move || store.put_agent(&record))
-        .await
-        .map_err(|_| ErrorCode::Internal)?
-        .map_err(|_| ErrorCode::Internal)?;
-    shared.touch(id, now);
+    }
     write_frame(
         send,
         &Frame::Welcome(Welcome {
             agent_id: id,
-            max_in_flight: shared.config.max_in_flight,
+            max_in_flight: shared.limits.max_in_flight,
         }),
     )
     .await
@@ -339,10 +363,10 @@ async fn session(
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     auth: Authenticated,
-    shared: &Arc<Shared>,
+    shared: &Arc<QuicServer>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let capacity = usize::try_from(shared.config.max_in_flight)
+    let capacity = usize::try_from(shared.limits.max_in_flight)
         .unwrap_or(32)
         .max(1)
         * 2;
@@ -351,11 +375,11 @@ async fn session(
         writer(conn.clone(), send, out_rx, shared.clone(), auth.agent_id)
             .instrument(tracing::Span::current()),
     );
-    let mut catalog_rx = shared.catalog_tx.subscribe();
+    let mut catalog_rx = shared.catalog.clone();
     let first = catalog_rx.borrow_and_update().as_ref().clone();
     let snapshot = EntitlementsSnapshot {
         version: 0,
-        built_at_ms: now_ms(),
+        built_at_ms: shared.clock.now_ms(),
         full: true,
         customers: Default::default(),
     };
@@ -386,7 +410,7 @@ async fn session(
                         batch: IngestBatch { body, signed },
                         reply: reply_tx,
                     };
-                    if shared.ingest.send(req).await.is_err() {
+                    if shared.ingest.sender().send(req).await.is_err() {
                         break Some(ErrorFrame::new(
                             ErrorCode::ShuttingDown,
                             "collector is shutting down",
@@ -427,7 +451,7 @@ async fn session(
                     customer: req.customer,
                     meter: req.meter,
                     granted: rust_decimal::Decimal::ZERO,
-                    expires_at_ms: now_ms(),
+                    expires_at_ms: shared.clock.now_ms(),
                 };
                 if out_tx
                     .send(Out::Frame(Frame::LeaseGrant(grant)))
@@ -467,7 +491,7 @@ async fn writer(
     conn: quinn::Connection,
     mut send: quinn::SendStream,
     mut rx: mpsc::Receiver<Out>,
-    shared: Arc<Shared>,
+    shared: Arc<QuicServer>,
     agent: AgentId,
 ) {
     let mut close_code = 0u32;
@@ -477,7 +501,7 @@ async fn writer(
             Out::Ack { epoch, seq, reply } => match reply.await {
                 Ok(Ok(IngestOutcome::Ack(outcome))) => {
                     tracing::debug!(epoch, seq, outcome = outcome_name(outcome), "batch acked");
-                    shared.acked(agent, epoch, seq, outcome);
+                    shared.registry.acked(agent, epoch, seq, outcome);
                     Frame::Ack(Ack {
                         epoch,
                         seq,

@@ -14,6 +14,7 @@
 
 use crate::core::dedup::DedupState;
 use crate::core::ledger::{Account, Adjustment, Period, Rejection, Transfer, VerifyReport};
+pub use crate::core::registry::AgentRecord;
 pub use crate::stripe_store::CustomerRecord;
 use serde::{Deserialize, Serialize};
 use tally_protocol::batch::{AgentId, BatchBody, SignedBatch};
@@ -25,7 +26,24 @@ use tally_protocol::names::{CustomerId, MeterName};
 /// A storage failure. The operation changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The backend failed (I/O, transaction, …).
+    /// The embedded database failed (I/O, transaction, table, commit).
+    #[error("storage: {0}")]
+    Redb(#[from] ::redb::Error),
+    /// A record could not be encoded.
+    #[error("encode: {0}")]
+    Encode(#[from] postcard::Error),
+    /// The system's random source failed (a new store's namespace).
+    #[error("random source: {0}")]
+    Random(getrandom::Error),
+    /// The store's file is of another format than this build reads.
+    #[error("store format {found} is newer than this build reads ({supported})")]
+    Format {
+        /// The format recorded in the file.
+        found: u64,
+        /// The newest format this build reads.
+        supported: u64,
+    },
+    /// A failure the Stripe outbox layer reports as text (its own error type is not typed yet).
     #[error("storage backend: {0}")]
     Backend(String),
     /// A stored record does not decode.
@@ -41,19 +59,27 @@ pub enum StoreError {
     Invariant(String),
 }
 
-/// A registered agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentRecord {
-    /// Its id.
-    pub id: AgentId,
-    /// Its ed25519 public key.
-    pub public_key: [u8; 32],
-    /// When it enrolled, ms.
-    pub registered_at_ms: i64,
-    /// When it was revoked, if it was.
-    pub revoked_at_ms: Option<i64>,
-    /// When it last completed a handshake, ms.
-    pub last_seen_ms: i64,
+macro_rules! redb_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Redb(e.into())
+            }
+        }
+    )*};
+}
+redb_error!(
+    ::redb::DatabaseError,
+    ::redb::TransactionError,
+    ::redb::TableError,
+    ::redb::StorageError,
+    ::redb::CommitError
+);
+
+impl From<getrandom::Error> for StoreError {
+    fn from(e: getrandom::Error) -> Self {
+        StoreError::Random(e)
+    }
 }
 
 /// What happened to a recorded batch.
