@@ -13,14 +13,14 @@
 //! - Reads see only committed state.
 
 use crate::core::dedup::DedupState;
+pub use crate::core::ingest::{
+    BatchOutcome, BatchRecord, IngestBatch, IngestOutcome, QuarantineRecord,
+};
 use crate::core::ledger::{Account, Adjustment, Period, Rejection, Transfer, VerifyReport};
 pub use crate::core::registry::AgentRecord;
 pub use crate::stripe_store::CustomerRecord;
-use serde::{Deserialize, Serialize};
-use tally_protocol::batch::{AgentId, BatchBody, SignedBatch};
+use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
-use tally_protocol::error::ErrorCode;
-use tally_protocol::frame::AckOutcome;
 use tally_protocol::names::{CustomerId, MeterName};
 
 /// A storage failure. The operation changed nothing.
@@ -80,68 +80,6 @@ impl From<getrandom::Error> for StoreError {
     fn from(e: getrandom::Error) -> Self {
         StoreError::Random(e)
     }
-}
-
-/// What happened to a recorded batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum BatchOutcome {
-    /// Posted to the ledger.
-    Committed,
-    /// Kept in quarantine with this reason.
-    Quarantined(ErrorCode),
-}
-
-/// A batch the collector has made durable (committed or quarantined).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BatchRecord {
-    /// Number of deltas.
-    pub deltas: u32,
-    /// Ledger position of the transfer of row 0 (row `r` is at `first_transfer + r`); 0 when
-    /// quarantined.
-    pub first_transfer: u64,
-    /// What happened.
-    pub outcome: BatchOutcome,
-    /// When the agent sealed it, ms.
-    pub sealed_at_ms: i64,
-    /// When the collector committed it, ms.
-    pub committed_at_ms: i64,
-}
-
-/// A batch that verified but could not be posted, kept whole with the reason.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QuarantineRecord {
-    /// Position in the quarantine, from 1.
-    pub id: u64,
-    /// The agent.
-    pub agent: AgentId,
-    /// The epoch.
-    pub epoch: u64,
-    /// The seq.
-    pub seq: u64,
-    /// Why.
-    pub rejection: Rejection,
-    /// When it was received, ms.
-    pub received_at_ms: i64,
-    /// The batch exactly as signed (body and signature).
-    pub batch: SignedBatch,
-}
-
-/// One verified batch for [`Store::ingest`].
-#[derive(Debug, Clone)]
-pub struct IngestBatch {
-    /// The decoded, verified body.
-    pub body: BatchBody,
-    /// The signed batch as received (kept if quarantined).
-    pub signed: SignedBatch,
-}
-
-/// The outcome of one batch of [`Store::ingest`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IngestOutcome {
-    /// Durable; send this ack.
-    Ack(AckOutcome),
-    /// Not recorded (the dedup state of its epoch has too many holes): refuse with this code.
-    Refused(ErrorCode),
 }
 
 /// The outcome of [`Store::adjust`].
@@ -229,4 +167,5 @@ pub trait Store: tally_stripe::OutboxStore {
     fn outbox_items(&self) -> Result<Vec<(String, String, i64, u64)>, StoreError>;
 }
 
+pub mod memory;
 pub mod redb;

@@ -15,7 +15,8 @@
 //! unreachable. (A hash-keyed id index cost one random B-tree insert per delta — a dirty page
 //! per delta once the index is large; see `docs/perf/collector.md`.)
 
-use crate::core::dedup::{DedupState, MAX_ABOVE_WATERMARK};
+use crate::core::dedup::DedupState;
+use crate::core::ingest::{IngestTxn, ingest_group};
 use crate::core::ledger::{
     self, Account, AccountId, AccountKey, Accounts, Adjustment, Existing, Period, Posting,
     Transfer, TransferSource, Verifier, VerifyReport, WorkingSet,
@@ -35,8 +36,6 @@ use tables::{
 };
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
-use tally_protocol::error::ErrorCode;
-use tally_protocol::frame::AckOutcome;
 use tally_protocol::names::{CustomerId, MeterName};
 
 pub mod tables;
@@ -121,21 +120,6 @@ fn read_catalog(
     }
 }
 
-/// Accounts as committed before this transaction.
-struct Committed<'a, 't> {
-    table: &'a Table<'t, u128, &'static [u8]>,
-}
-
-impl Accounts for Committed<'_, '_> {
-    type Error = StoreError;
-    fn load(&mut self, id: AccountId) -> Result<Option<Account>, StoreError> {
-        match self.table.get(id)? {
-            Some(v) => Ok(Some(dec("accounts", v.value())?)),
-            None => Ok(None),
-        }
-    }
-}
-
 /// One transaction's ledger writes: transfers appended as postings arrive; accounts (and the
 /// usage index of new ones) written once at the end from the working set.
 struct Ledger<'t> {
@@ -143,8 +127,18 @@ struct Ledger<'t> {
     transfers: Table<'t, u64, &'static [u8]>,
     usage_idx: Table<'t, UsageKey<'static>, ()>,
     next_pos: u64,
-    ws: WorkingSet,
     buf: Vec<u8>,
+}
+
+/// Accounts as committed before this transaction.
+impl Accounts for Ledger<'_> {
+    type Error = StoreError;
+    fn load(&mut self, id: AccountId) -> Result<Option<Account>, StoreError> {
+        match self.accounts.get(id)? {
+            Some(v) => Ok(Some(dec("accounts", v.value())?)),
+            None => Ok(None),
+        }
+    }
 }
 
 impl<'t> Ledger<'t> {
@@ -156,33 +150,8 @@ impl<'t> Ledger<'t> {
             transfers,
             usage_idx: txn.open_table(USAGE_IDX)?,
             next_pos,
-            ws: WorkingSet::new(),
             buf: Vec::new(),
         })
-    }
-
-    fn post_batch(
-        &mut self,
-        catalog: &Catalog,
-        body: &tally_protocol::batch::BatchBody,
-        now_ms: i64,
-    ) -> Result<Result<Posting, ledger::Rejection>, StoreError> {
-        let mut base = Committed {
-            table: &self.accounts,
-        };
-        ledger::post_batch(&mut self.ws, &mut base, catalog, body, now_ms)
-    }
-
-    fn post_adjustment(
-        &mut self,
-        catalog: &Catalog,
-        adj: &Adjustment,
-        now_ms: i64,
-    ) -> Result<Result<Posting, ledger::Rejection>, StoreError> {
-        let mut base = Committed {
-            table: &self.accounts,
-        };
-        ledger::post_adjustment(&mut self.ws, &mut base, catalog, adj, now_ms)
     }
 
     /// Appends the posting's transfers; returns the position of the first.
@@ -197,8 +166,9 @@ impl<'t> Ledger<'t> {
         Ok(first)
     }
 
-    fn finish(mut self) -> Result<(), StoreError> {
-        for id in &self.ws.created {
+    /// Writes every account of `ws` and indexes the created usage accounts.
+    fn put_accounts(&mut self, ws: &WorkingSet) -> Result<(), StoreError> {
+        for id in &ws.created {
             if let Some(Account {
                 key:
                     AccountKey::Usage {
@@ -208,14 +178,14 @@ impl<'t> Ledger<'t> {
                         ..
                     },
                 ..
-            }) = self.ws.accounts.get(id)
+            }) = ws.accounts.get(id)
             {
                 let p = period.to_string();
                 self.usage_idx
                     .insert((customer.as_str(), meter.as_str(), p.as_str(), *id), ())?;
             }
         }
-        for (id, acct) in &self.ws.accounts {
+        for (id, acct) in &ws.accounts {
             self.buf.clear();
             self.buf = postcard::to_extend(acct, std::mem::take(&mut self.buf))?;
             self.accounts.insert(*id, self.buf.as_slice())?;
@@ -224,7 +194,92 @@ impl<'t> Ledger<'t> {
     }
 }
 
+/// The tables [`ingest_group`] works on, in one write transaction.
+struct IngestTables<'t> {
+    ledger: Ledger<'t>,
+    dedup: Table<'t, (u128, u64), &'static [u8]>,
+    batches: Table<'t, (u128, u64, u64), &'static [u8]>,
+    quarantine: Table<'t, u64, &'static [u8]>,
+    outbox: crate::stripe_store::OutboxWriter<'t>,
+}
+
+impl Accounts for IngestTables<'_> {
+    type Error = StoreError;
+    fn load(&mut self, id: AccountId) -> Result<Option<Account>, StoreError> {
+        self.ledger.load(id)
+    }
+}
+
+impl IngestTxn for IngestTables<'_> {
+    fn dedup_state(&mut self, agent: AgentId, epoch: u64) -> Result<DedupState, StoreError> {
+        match self.dedup.get((agent.as_u128(), epoch))? {
+            Some(v) => dec("dedup", v.value()),
+            None => Ok(DedupState::default()),
+        }
+    }
+
+    fn next_quarantine_id(&mut self) -> Result<u64, StoreError> {
+        Ok(self.quarantine.last()?.map_or(1, |(k, _)| k.value() + 1))
+    }
+
+    fn append(&mut self, posting: &Posting) -> Result<u64, StoreError> {
+        self.ledger.append(posting)
+    }
+
+    fn outbox(
+        &mut self,
+        catalog: &Catalog,
+        transfer: &Transfer,
+        positive: bool,
+        bucket_s: i64,
+    ) -> Result<(), StoreError> {
+        self.outbox
+            .transfer(catalog, transfer, positive, bucket_s)
+            .map_err(outbox_err)
+    }
+
+    fn quarantine(&mut self, rec: &QuarantineRecord) -> Result<(), StoreError> {
+        self.quarantine.insert(rec.id, enc(rec)?.as_slice())?;
+        Ok(())
+    }
+
+    fn record_batch(
+        &mut self,
+        agent: AgentId,
+        epoch: u64,
+        seq: u64,
+        rec: &BatchRecord,
+    ) -> Result<(), StoreError> {
+        let old = self
+            .batches
+            .insert((agent.as_u128(), epoch, seq), enc(rec)?.as_slice())?;
+        if old.is_some() {
+            return Err(StoreError::Invariant(format!(
+                "batch {agent} {epoch} {seq} recorded twice"
+            )));
+        }
+        Ok(())
+    }
+
+    fn put_dedup(
+        &mut self,
+        agent: AgentId,
+        epoch: u64,
+        state: &DedupState,
+    ) -> Result<(), StoreError> {
+        self.dedup
+            .insert((agent.as_u128(), epoch), enc(state)?.as_slice())?;
+        Ok(())
+    }
+
+    fn put_accounts(&mut self, ws: &WorkingSet) -> Result<(), StoreError> {
+        self.ledger.put_accounts(ws)
+    }
+}
+
 impl RedbStore {
+    /// Runs the ingest rules ([`ingest_group`]) on this store's tables inside `txn`; returns the
+    /// outcomes and the number of outbox rows appended.
     fn ingest_in(
         &self,
         txn: &WriteTransaction,
@@ -232,96 +287,15 @@ impl RedbStore {
         now_ms: i64,
     ) -> Result<(Vec<IngestOutcome>, u64), StoreError> {
         let catalog = read_catalog(&txn.open_table(META)?)?;
-        let mut dedup_t = txn.open_table(DEDUP)?;
-        let mut batches_t = txn.open_table(BATCHES)?;
-        let mut quarantine = txn.open_table(QUARANTINE)?;
-        let mut next_q = quarantine.last()?.map_or(1, |(k, _)| k.value() + 1);
-        let mut ledger = Ledger::open(txn)?;
-        let mut outbox = crate::stripe_store::OutboxWriter::open(txn).map_err(outbox_err)?;
-        let mut states: HashMap<(u128, u64), DedupState> = HashMap::new();
-        let mut out = Vec::with_capacity(batches.len());
-        for b in batches {
-            let body = &b.body;
-            let key = (body.agent_id.as_u128(), body.epoch);
-            let state = match states.entry(key) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    let s = match dedup_t.get(key)? {
-                        Some(v) => dec("dedup", v.value())?,
-                        None => DedupState::default(),
-                    };
-                    e.insert(s)
-                }
-            };
-            if state.contains(body.seq) {
-                out.push(IngestOutcome::Ack(AckOutcome::Duplicate));
-                continue;
-            }
-            if body.seq != state.watermark + 1 && state.above.len() >= MAX_ABOVE_WATERMARK {
-                out.push(IngestOutcome::Refused(ErrorCode::Overloaded));
-                continue;
-            }
-            let posted = ledger.post_batch(&catalog, body, now_ms)?;
-            let mut first_transfer = 0;
-            let outcome = match posted {
-                Ok(posting) => {
-                    first_transfer = ledger.append(&posting)?;
-                    for (t, delta) in posting.transfers.iter().zip(body.deltas.iter()) {
-                        // Only a `last` meter going down moves usage back to the source.
-                        let positive = catalog.meter(t.unit.as_str()).is_none_or(|m| {
-                            m.aggregation != tally_protocol::catalog::Aggregation::Last
-                        }) || t.debit == ledger::source_account_id(&t.unit);
-                        let ts = delta.bucket_start_ms.div_euclid(1000);
-                        outbox
-                            .transfer(&catalog, t, positive, ts)
-                            .map_err(outbox_err)?;
-                    }
-                    BatchOutcome::Committed
-                }
-                Err(rejection) => {
-                    let code = rejection.code;
-                    let rec = QuarantineRecord {
-                        id: next_q,
-                        agent: body.agent_id,
-                        epoch: body.epoch,
-                        seq: body.seq,
-                        rejection,
-                        received_at_ms: now_ms,
-                        batch: b.signed.clone(),
-                    };
-                    quarantine.insert(next_q, enc(&rec)?.as_slice())?;
-                    next_q += 1;
-                    BatchOutcome::Quarantined(code)
-                }
-            };
-            let inserted = state
-                .insert(body.seq)
-                .map_err(|e| StoreError::Invariant(e.to_string()))?;
-            debug_assert!(inserted);
-            let rec = BatchRecord {
-                deltas: u32::try_from(body.deltas.len()).unwrap_or(u32::MAX),
-                first_transfer,
-                outcome,
-                sealed_at_ms: body.sealed_at_ms,
-                committed_at_ms: now_ms,
-            };
-            let old = batches_t.insert((key.0, key.1, body.seq), enc(&rec)?.as_slice())?;
-            if old.is_some() {
-                return Err(StoreError::Invariant(format!(
-                    "batch {} {} {} recorded twice",
-                    body.agent_id, body.epoch, body.seq
-                )));
-            }
-            out.push(IngestOutcome::Ack(match outcome {
-                BatchOutcome::Committed => AckOutcome::Committed,
-                BatchOutcome::Quarantined(code) => AckOutcome::Quarantined { code },
-            }));
-        }
-        for (key, state) in &states {
-            dedup_t.insert(*key, enc(state)?.as_slice())?;
-        }
-        ledger.finish()?;
-        let appended = outbox.finish().map_err(outbox_err)?;
+        let mut tables = IngestTables {
+            ledger: Ledger::open(txn)?,
+            dedup: txn.open_table(DEDUP)?,
+            batches: txn.open_table(BATCHES)?,
+            quarantine: txn.open_table(QUARANTINE)?,
+            outbox: crate::stripe_store::OutboxWriter::open(txn).map_err(outbox_err)?,
+        };
+        let out = ingest_group(&mut tables, &catalog, batches, now_ms)?;
+        let appended = tables.outbox.finish().map_err(outbox_err)?;
         Ok((out, appended))
     }
 }
@@ -367,7 +341,8 @@ impl Store for RedbStore {
             let catalog = read_catalog(&txn.open_table(META)?)?;
             let mut adjustments = txn.open_table(ADJUSTMENTS)?;
             let mut ledger = Ledger::open(&txn)?;
-            let posted = ledger.post_adjustment(&catalog, adj, now_ms)?;
+            let mut ws = WorkingSet::new();
+            let posted = ledger::post_adjustment(&mut ws, &mut ledger, &catalog, adj, now_ms)?;
             let existing = match adjustments.get(adj.idempotency_key.as_str())? {
                 Some(pos) => {
                     let t = ledger.transfers.get(pos.value())?;
@@ -408,7 +383,8 @@ impl Store for RedbStore {
                     };
                     let pos = ledger.append(&p)?;
                     adjustments.insert(adj.idempotency_key.as_str(), pos)?;
-                    ledger.finish()?;
+                    ws.assert_balanced();
+                    ledger.put_accounts(&ws)?;
                     let mut outbox =
                         crate::stripe_store::OutboxWriter::open(&txn).map_err(outbox_err)?;
                     outbox
@@ -575,7 +551,12 @@ impl Store for RedbStore {
         let mut out = Vec::new();
         for row in t.range(after.saturating_add(1)..)?.take(limit) {
             let (_, v) = row?;
-            out.push(dec("quarantine", v.value())?);
+            let rec: QuarantineRecord = dec("quarantine", v.value())?;
+            rec.check().map_err(|detail| StoreError::Corrupt {
+                table: "quarantine",
+                detail,
+            })?;
+            out.push(rec);
         }
         Ok(out)
     }
@@ -636,6 +617,10 @@ impl Store for RedbStore {
                         let rec = match batches.get(bkey)? {
                             Some(b) => {
                                 let r: BatchRecord = dec("batches", b.value())?;
+                                r.check().map_err(|detail| StoreError::Corrupt {
+                                    table: "batches",
+                                    detail,
+                                })?;
                                 (r.outcome == BatchOutcome::Committed)
                                     .then_some((r.deltas, r.first_transfer))
                             }
