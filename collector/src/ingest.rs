@@ -18,8 +18,7 @@ use tally_protocol::error::ErrorCode;
 use tally_protocol::frame::AckOutcome;
 use tokio::sync::{mpsc, oneshot};
 
-/// The answer for one batch.
-pub type IngestReply = Result<IngestOutcome, ErrorCode>;
+pub use crate::core::ingest::IngestReply;
 
 /// One verified batch waiting to be committed.
 pub struct IngestRequest {

@@ -70,8 +70,8 @@ pub struct QuarantineRecord {
     pub batch: SignedBatch,
 }
 
-/// One verified batch for [`Store::ingest`].
-#[derive(Debug, Clone)]
+/// One verified batch for [`crate::store::Store::ingest`].
+#[derive(Debug, Clone, PartialEq)]
 pub struct IngestBatch {
     /// The decoded, verified body.
     pub body: BatchBody,
@@ -118,6 +118,9 @@ impl QuarantineRecord {
         Ok(())
     }
 }
+
+/// The committer's answer for one batch: its outcome once durable, or why it was not written.
+pub type IngestReply = Result<IngestOutcome, ErrorCode>;
 
 /// What [`ingest_group`] reads and writes, inside one store transaction. Reads see what was
 /// committed before the transaction; the account reads are [`Accounts::load`].

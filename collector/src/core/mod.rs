@@ -4,8 +4,10 @@
 //! - [`ingest`]: the order of ingest steps over a narrow read/write trait.
 //! - [`ledger`]: accounts, transfers, posting rules, verification.
 //! - [`registry`]: who may connect (enrolment, revocation).
+//! - [`session`]: the collector's side of an agent session, as a state machine.
 
 pub mod dedup;
 pub mod ingest;
 pub mod ledger;
 pub mod registry;
+pub mod session;

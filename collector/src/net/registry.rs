@@ -37,15 +37,6 @@ pub struct LiveInfo {
     pub last_lag_ms: i64,
 }
 
-/// What an admission did, for the handshake metric.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admitted {
-    /// A known agent.
-    Known,
-    /// A new agent, enrolled now.
-    Enrolled,
-}
-
 /// The registry handle.
 pub struct Registry {
     store: Arc<dyn Store>,
@@ -73,38 +64,33 @@ impl Registry {
     }
 
     /// Applies the admission rule to an authenticated agent and records it (enrols it, or
-    /// notes it was seen). Blocking: call it off the async workers. `Ok(Err(code))` is a refusal.
+    /// notes it was seen). Blocking: call it off the async workers.
     pub fn admit(
         &self,
         id: AgentId,
         public_key: [u8; 32],
         presented: Option<&[u8]>,
-    ) -> Result<Result<Admitted, ErrorCode>, StoreError> {
+    ) -> Result<Admission, StoreError> {
         let existing = self.store.agent(id)?;
         let now = self.clock.now_ms();
-        let (record, admitted) = match (
-            admit(existing.as_ref(), presented, &self.enroll_token),
-            existing,
-        ) {
-            (Admission::Refuse(code), _) => return Ok(Err(code)),
+        let admission = admit(existing.as_ref(), presented, &self.enroll_token);
+        let record = match (&admission, existing) {
+            (Admission::Refuse(_), _) => return Ok(admission),
             (Admission::Known, Some(mut rec)) => {
                 rec.last_seen_ms = now;
-                (rec, Admitted::Known)
+                rec
             }
-            (Admission::Known | Admission::Enrol, _) => (
-                AgentRecord {
-                    id,
-                    public_key,
-                    registered_at_ms: now,
-                    revoked_at_ms: None,
-                    last_seen_ms: now,
-                },
-                Admitted::Enrolled,
-            ),
+            (Admission::Known | Admission::Enrol, _) => AgentRecord {
+                id,
+                public_key,
+                registered_at_ms: now,
+                revoked_at_ms: None,
+                last_seen_ms: now,
+            },
         };
         self.store.put_agent(&record)?;
         self.touch(id, now);
-        Ok(Ok(admitted))
+        Ok(admission)
     }
 
     /// Remembers a live connection of `agent` (so a revocation can close it). Past
