@@ -213,7 +213,13 @@ async fn group(per_batch: usize, n: usize) -> Report {
     let s: Arc<dyn Store> = Arc::new(store(dir.path()));
     let metrics = Arc::new(Metrics::new());
     let (tx, thread) =
-        tally_collector::ingest::spawn(s.clone(), metrics, GroupLimits::default()).expect("spawn");
+        tally_collector::ingest::spawn(
+            s.clone(),
+            metrics,
+            GroupLimits::default(),
+            std::sync::Arc::new(tally_collector::tally_clock::SystemClock),
+        )
+        .expect("spawn");
     let per_producer = n / PRODUCERS;
     let inputs: Vec<(SigningKey, Vec<SignedBatch>)> = (0..PRODUCERS)
         .map(|p| {

@@ -55,3 +55,6 @@ pub(crate) mod redb_store {
 pub use config::CollectorConfig;
 pub use init::{InitFiles, init};
 pub use start::{Collector, CollectorHandle};
+/// The clock crate [`CollectorConfig::clock`] takes (a `ManualClock` runs a collector on virtual
+/// time).
+pub use tally_clock;

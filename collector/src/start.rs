@@ -95,6 +95,7 @@ impl Collector {
             metrics.clone(),
             config.group,
             Some(outbox_wake.clone()),
+            config.clock.clone(),
         )
         .map_err(StartError::Thread)?;
         {

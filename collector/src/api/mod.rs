@@ -6,7 +6,6 @@
 //! to parse or validate is answered 400 and changes nothing; a missing or wrong token is 401
 //! before anything is read; the token is compared in constant time and never logged.
 
-use crate::core::registry::constant_time_eq;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, header};
@@ -14,6 +13,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use std::sync::Arc;
+use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
 mod adjustments;
@@ -90,7 +90,9 @@ async fn auth(State(shared): St, headers: HeaderMap, req: Request, next: Next) -
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
-        Some(t) if constant_time_eq(t.as_bytes(), shared.admin_token().as_bytes()) => {
+        Some(t)
+            if !t.is_empty() && bool::from(t.as_bytes().ct_eq(shared.admin_token().as_bytes())) =>
+        {
             next.run(req).await
         }
         _ => ApiError::unauthorized().into_response(),
