@@ -210,3 +210,45 @@ fn count(metrics: &Metrics, b: &IngestBatch, outcome: IngestOutcome, now: i64) {
         IngestOutcome::Refused(_) => metrics.batch("refused"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_protocol::batch::{AgentId, BatchBody, SignedBatch};
+    use tally_protocol::ed25519_dalek::SigningKey;
+
+    fn batch(seq: u64) -> IngestBatch {
+        let key = SigningKey::from_bytes(&[4; 32]);
+        let body = BatchBody::new(
+            AgentId::from_public_key(&key.verifying_key()),
+            1,
+            seq,
+            0,
+            vec![],
+        )
+        .unwrap();
+        let signed = SignedBatch::seal(&body, &key).unwrap();
+        IngestBatch { body, signed }
+    }
+
+    /// At the queue's limit a submission waits (back-pressure) until the committer takes one.
+    #[tokio::test]
+    async fn a_full_queue_makes_submit_wait() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let handle = IngestHandle::from(tx);
+        let _first = handle.submit(batch(1)).await.unwrap();
+        let second = handle.submit(batch(2));
+        tokio::pin!(second);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), &mut second)
+                .await
+                .is_err(),
+            "the queue is full: submit waits"
+        );
+        let taken = rx.recv().await.unwrap();
+        assert_eq!(taken.batch.body.seq, 1);
+        let _second = second.await.unwrap();
+        drop(rx);
+        assert_eq!(handle.submit(batch(3)).await.err(), Some(CommitterGone));
+    }
+}

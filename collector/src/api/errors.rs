@@ -81,6 +81,20 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// A store call's task panicked or was cancelled: answered as a store failure.
+    pub(crate) fn task_failed(e: &tokio::task::JoinError) -> Self {
+        tracing::error!(error = %e, "store task failed in admin api");
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "api_error",
+            code: "storage_error",
+            message: String::from("the store failed; nothing was changed"),
+            param: None,
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "store error in admin api");

@@ -102,8 +102,6 @@ pub(crate) async fn blocking<T: Send + 'static>(
     let shared = shared.clone();
     match tokio::task::spawn_blocking(move || f(&shared)).await {
         Ok(r) => r.map_err(ApiError::from),
-        Err(_) => Err(ApiError::from(StoreError::Backend(String::from(
-            "task failed",
-        )))),
+        Err(e) => Err(ApiError::task_failed(&e)),
     }
 }

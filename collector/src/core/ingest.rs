@@ -88,16 +88,47 @@ pub enum IngestOutcome {
     Refused(ErrorCode),
 }
 
+/// Why a stored record is not consistent with itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// A committed batch with deltas does not point at its transfers.
+    #[error("a committed batch with deltas has no first transfer")]
+    NoTransfers,
+    /// A quarantined batch points at transfers.
+    #[error("a quarantined batch points at transfers")]
+    QuarantinedWithTransfers,
+    /// A quarantined batch's signed bytes do not decode.
+    #[error("quarantined batch {id} does not decode: {source}")]
+    Undecodable {
+        /// The quarantine position.
+        id: u64,
+        /// Why.
+        source: postcard::Error,
+    },
+    /// A quarantined batch's signed bytes are another batch.
+    #[error("quarantined batch {id} is not agent {agent} epoch {epoch} seq {seq}")]
+    OtherBatch {
+        /// The quarantine position.
+        id: u64,
+        /// The agent the record names.
+        agent: AgentId,
+        /// The epoch it names.
+        epoch: u64,
+        /// The seq it names.
+        seq: u64,
+    },
+}
+
 impl BatchRecord {
     /// The record's own consistency: a committed batch points at its transfers, a quarantined
     /// one at none.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), RecordError> {
         match self.outcome {
-            BatchOutcome::Committed if self.first_transfer == 0 && self.deltas > 0 => Err(
-                String::from("a committed batch with deltas has no first transfer"),
-            ),
+            BatchOutcome::Committed if self.first_transfer == 0 && self.deltas > 0 => {
+                Err(RecordError::NoTransfers)
+            }
             BatchOutcome::Quarantined(_) if self.first_transfer != 0 => {
-                Err(String::from("a quarantined batch points at transfers"))
+                Err(RecordError::QuarantinedWithTransfers)
             }
             _ => Ok(()),
         }
@@ -106,14 +137,19 @@ impl BatchRecord {
 
 impl QuarantineRecord {
     /// The record's own consistency: its signed bytes are the batch it names.
-    pub fn check(&self) -> Result<(), String> {
-        let body: BatchBody = postcard::from_bytes(&self.batch.body)
-            .map_err(|e| format!("quarantined batch {} does not decode: {e}", self.id))?;
+    pub fn check(&self) -> Result<(), RecordError> {
+        let body: BatchBody =
+            postcard::from_bytes(&self.batch.body).map_err(|source| RecordError::Undecodable {
+                id: self.id,
+                source,
+            })?;
         if (body.agent_id, body.epoch, body.seq) != (self.agent, self.epoch, self.seq) {
-            return Err(format!(
-                "quarantined batch {} is not agent {} epoch {} seq {}",
-                self.id, self.agent, self.epoch, self.seq
-            ));
+            return Err(RecordError::OtherBatch {
+                id: self.id,
+                agent: self.agent,
+                epoch: self.epoch,
+                seq: self.seq,
+            });
         }
         Ok(())
     }

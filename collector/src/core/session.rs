@@ -22,6 +22,8 @@
 //!   already received are flushed first (not after revocation), then the final error if any,
 //!   then [`Action::Close`].
 //! - The handshake must reach `Welcome` by `handshake_timeout_ms` after the session began.
+//! - Limits: at most `max_in_flight` acks owed, one catalog and one entitlement push waiting
+//!   (a newer one replaces it), at most [`MAX_QUEUED_FRAMES`] frames waiting behind owed acks.
 
 pub use crate::core::ingest::IngestReply;
 use crate::core::ingest::{IngestBatch, IngestOutcome};
@@ -38,6 +40,11 @@ use tally_protocol::handshake::{Authenticated, ServerHandshake};
 
 /// Largest frame accepted before the handshake completes.
 pub const HANDSHAKE_FRAME_BYTES: usize = 4096;
+
+/// Most frames other than acks (pushes, lease grants) waiting behind owed acks. A catalog or
+/// entitlement push replaces one already waiting, so only lease requests can reach this; one
+/// more is answered `Error{Overloaded}` and the session ends.
+pub const MAX_QUEUED_FRAMES: usize = 64;
 
 /// The session's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,8 +320,7 @@ impl Session {
     pub fn on_catalog(&mut self, catalog: Catalog) {
         match self.state {
             State::Ready(_) => {
-                self.queue.push_back(Out::Frame(Frame::Catalog(catalog)));
-                self.flush();
+                self.push_replacing(Frame::Catalog(catalog));
             }
             State::AwaitHello(_) | State::AwaitProof(_) | State::AwaitAdmission(_) => {
                 self.catalog = Some(catalog);
@@ -327,9 +333,7 @@ impl Session {
     pub fn on_entitlements(&mut self, snapshot: EntitlementsSnapshot) {
         match self.state {
             State::Ready(_) => {
-                self.queue
-                    .push_back(Out::Frame(Frame::Entitlements(snapshot)));
-                self.flush();
+                self.push_replacing(Frame::Entitlements(snapshot));
             }
             State::AwaitHello(_) | State::AwaitProof(_) | State::AwaitAdmission(_) => {
                 self.entitlements = Some(snapshot);
@@ -417,6 +421,12 @@ impl Session {
                     granted: rust_decimal::Decimal::ZERO,
                     expires_at_ms: now_ms,
                 };
+                if self.queue.len() - self.unacked >= MAX_QUEUED_FRAMES {
+                    return self.finish(Some(ErrorFrame::new(
+                        ErrorCode::Overloaded,
+                        "too many requests behind unacknowledged batches",
+                    )));
+                }
                 self.queue.push_back(Out::Frame(Frame::LeaseGrant(grant)));
                 self.flush();
             }
@@ -425,6 +435,20 @@ impl Session {
                 "unexpected frame",
             ))),
         }
+    }
+
+    /// Queues a push; one of the same kind still waiting is replaced (the newer supersedes it).
+    fn push_replacing(&mut self, frame: Frame) {
+        let same = |f: &Frame| std::mem::discriminant(f) == std::mem::discriminant(&frame);
+        match self
+            .queue
+            .iter_mut()
+            .find(|o| matches!(o, Out::Frame(f) if same(f)))
+        {
+            Some(waiting) => *waiting = Out::Frame(frame),
+            None => self.queue.push_back(Out::Frame(frame)),
+        }
+        self.flush();
     }
 
     /// Stops reading; the queue drains (acks owed first), then `last`, then close.

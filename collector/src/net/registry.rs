@@ -175,3 +175,31 @@ impl Registry {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_clock::ManualClock;
+
+    /// Past the limit, the agent seen longest ago is forgotten; the others keep their facts.
+    #[test]
+    fn live_facts_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::redb::RedbStore::open(&dir.path().join("s.redb")).unwrap();
+        let r = Registry::new(
+            Arc::new(store),
+            String::from("t"),
+            Arc::new(ManualClock::new(0)),
+        );
+        let id = |n: u128| AgentId(n.to_be_bytes());
+        for n in 0..MAX_INFO_AGENTS as u128 {
+            r.touch(id(n), 1_000 + n as i64);
+        }
+        r.touch(id(u128::MAX), 5);
+        let info = r.info.lock().unwrap();
+        assert_eq!(info.len(), MAX_INFO_AGENTS);
+        assert!(!info.contains_key(&id(0)), "the stalest is evicted");
+        assert!(info.contains_key(&id(1)));
+        assert!(info.contains_key(&id(u128::MAX)));
+    }
+}

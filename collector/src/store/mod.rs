@@ -43,7 +43,11 @@ pub enum StoreError {
         /// The newest format this build reads.
         supported: u64,
     },
-    /// A failure the Stripe outbox layer reports as text (its own error type is not typed yet).
+    /// The Stripe outbox layer failed.
+    #[error("stripe outbox: {0}")]
+    Outbox(#[from] tally_stripe::outbox::StoreError),
+    /// A failure reported as text: only the Stripe glue (`stripe.rs`, `api/stripe_routes.rs`)
+    /// still makes these, until its rewrite uses the typed variants.
     #[error("storage backend: {0}")]
     Backend(String),
     /// A stored record does not decode.

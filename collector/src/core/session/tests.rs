@@ -200,7 +200,11 @@ fn acks_leave_in_batch_order_when_replies_come_back_out_of_order() {
         sent(&drain(&mut s)).is_empty(),
         "batch 1 is not durable yet"
     );
-    // A push queued now waits behind the owed acks.
+    // A push queued now waits behind the owed acks; a newer one replaces it.
+    s.on_catalog(Catalog {
+        version: 4,
+        ..Catalog::default()
+    });
     let c = Catalog {
         version: 5,
         ..Catalog::default()
@@ -219,6 +223,14 @@ fn acks_leave_in_batch_order_when_replies_come_back_out_of_order() {
         ]
     );
     assert_eq!(frames.last(), Some(&Frame::Catalog(c)));
+    assert_eq!(
+        frames
+            .iter()
+            .filter(|f| matches!(f, Frame::Catalog(_)))
+            .count(),
+        1,
+        "one catalog push waited"
+    );
     let noted: Vec<u64> = out
         .iter()
         .filter_map(|a| match a {
@@ -339,4 +351,28 @@ fn a_bad_signature_is_never_ingested_and_a_refused_reply_ends_the_session() {
     assert!(acks(&sent(&out)).is_empty(), "nothing after the refusal");
     assert_eq!(error_code(&sent(&out)), Some(ErrorCode::Overloaded));
     assert!(s.is_closed());
+}
+
+#[test]
+fn lease_requests_behind_owed_acks_are_bounded() {
+    use tally_protocol::entitlements::LeaseRequest;
+    use tally_protocol::names::{CustomerId, MeterName};
+    let clock = ManualClock::new(T0);
+    let key = SigningKey::from_bytes(&[1; 32]);
+    let mut s = ready(&key, &clock);
+    send_batches(&mut s, &key, &[1], clock.now_ms());
+    let req = |i: u64| {
+        Frame::LeaseRequest(LeaseRequest {
+            request_id: i,
+            customer: CustomerId::new("c").unwrap(),
+            meter: MeterName::new("calls").unwrap(),
+            quantity: rust_decimal::Decimal::ONE,
+        })
+    };
+    for i in 0..MAX_QUEUED_FRAMES as u64 {
+        s.handle_frame(clock.now_ms(), req(i));
+        assert!(s.wants_frames());
+    }
+    s.handle_frame(clock.now_ms(), req(999));
+    assert!(!s.wants_frames(), "one more is a protocol error");
 }

@@ -53,7 +53,7 @@ fn be<E: Into<StoreError>>(e: E) -> StoreError {
 fn outbox_err(e: tally_stripe::outbox::StoreError) -> StoreError {
     match e {
         tally_stripe::outbox::StoreError::Invalid(m) => StoreError::Invariant(m),
-        other => StoreError::Backend(other.to_string()),
+        other => StoreError::Outbox(other),
     }
 }
 
@@ -552,9 +552,9 @@ impl Store for RedbStore {
         for row in t.range(after.saturating_add(1)..)?.take(limit) {
             let (_, v) = row?;
             let rec: QuarantineRecord = dec("quarantine", v.value())?;
-            rec.check().map_err(|detail| StoreError::Corrupt {
+            rec.check().map_err(|e| StoreError::Corrupt {
                 table: "quarantine",
-                detail,
+                detail: e.to_string(),
             })?;
             out.push(rec);
         }
@@ -617,9 +617,9 @@ impl Store for RedbStore {
                         let rec = match batches.get(bkey)? {
                             Some(b) => {
                                 let r: BatchRecord = dec("batches", b.value())?;
-                                r.check().map_err(|detail| StoreError::Corrupt {
+                                r.check().map_err(|e| StoreError::Corrupt {
                                     table: "batches",
-                                    detail,
+                                    detail: e.to_string(),
                                 })?;
                                 (r.outcome == BatchOutcome::Committed)
                                     .then_some((r.deltas, r.first_transfer))
