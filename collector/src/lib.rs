@@ -3,10 +3,14 @@
 //! The folders show the flow: batches come in over [`net`], the rules of [`mod@core`] decide what
 //! they do, [`store`] keeps the result, [`api`] shows it to operators.
 //!
-//! - [`mod@core`]: the sans-IO rules (dedup, ledger, admission): no sockets, clocks or files.
-//! - [`net`]: the QUIC shell (handshake, batches, acks, pushes).
-//! - [`ingest`]: the group committer between connections and the store.
-//! - [`store`]: the storage trait and its embedded redb backend ([`store::redb`]).
+//! - [`mod@core`]: the sans-IO rules (dedup, ledger, admission, the ingest order, the agent
+//!   session machine): no sockets, clocks or files.
+//! - [`net`]: the QUIC shell around [`core::session`] and the registry handle (enrolment,
+//!   revocation, live connections).
+//! - [`ingest`]: the group committer thread and its queue's handle.
+//! - [`catalog`]: the catalog handle (its one writer; pushes changes to sessions).
+//! - [`store`]: the storage trait, the redb backend ([`store::redb`], every table in
+//!   [`store::redb::tables`]) and the in-memory reference store ([`store::memory`]).
 //! - [`api`]: the admin HTTP API, one file per resource.
 //! - [`stripe_store`] (the Stripe outbox in the embedded store) and [`stripe`] (the forwarder's
 //!   lifecycle, configuration and reconciliation; SPEC §6.4).
