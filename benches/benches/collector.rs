@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_collector::ingest::{GroupLimits, IngestRequest};
 use tally_collector::metrics::Metrics;
-use tally_collector::redb_store::RedbStore;
+use tally_collector::store::redb::RedbStore;
 use tally_collector::store::{IngestBatch, IngestOutcome, Store};
 use tally_collector::testkit::TestClient;
 use tally_collector::{Collector, CollectorConfig};
@@ -172,11 +172,11 @@ fn breakdown(per_batch: usize, n: usize) {
         version: 1,
         meters: BoundedVec::new(METERS.iter().map(|m| meter(m)).collect()).expect("meters"),
     };
-    let mut ws = tally_collector::ledger::WorkingSet::new();
-    let mut base = tally_collector::ledger::NoAccounts;
+    let mut ws = tally_collector::core::ledger::WorkingSet::new();
+    let mut base = tally_collector::core::ledger::NoAccounts;
     let t = Instant::now();
     for b in &bodies {
-        let p = tally_collector::ledger::post_batch(&mut ws, &mut base, &catalog, b, 0)
+        let p = tally_collector::core::ledger::post_batch(&mut ws, &mut base, &catalog, b, 0)
             .expect("infallible")
             .expect("postable");
         std::hint::black_box(p);
@@ -212,8 +212,13 @@ async fn group(per_batch: usize, n: usize) -> Report {
     let dir = tempfile::tempdir().expect("tempdir");
     let s: Arc<dyn Store> = Arc::new(store(dir.path()));
     let metrics = Arc::new(Metrics::new());
-    let (tx, thread) =
-        tally_collector::ingest::spawn(s.clone(), metrics, GroupLimits::default()).expect("spawn");
+    let (tx, thread) = tally_collector::ingest::spawn(
+        s.clone(),
+        metrics,
+        GroupLimits::default(),
+        std::sync::Arc::new(tally_collector::tally_clock::SystemClock),
+    )
+    .expect("spawn");
     let per_producer = n / PRODUCERS;
     let inputs: Vec<(SigningKey, Vec<SignedBatch>)> = (0..PRODUCERS)
         .map(|p| {
@@ -378,21 +383,16 @@ async fn quic_paced(per_batch: usize, batches_per_s: u64, n: usize) -> Report {
         send
     });
     let mut lat = hist();
-    let mut decoder = tally_protocol::frame::FrameDecoder::new();
-    let mut buf = vec![0u8; 64 * 1024];
     let mut acked = 0;
     while acked < n {
-        let Some(read) = recv.read(&mut buf).await.expect("read") else {
+        let Ok(f) = recv.next().await else {
             break;
         };
-        decoder.push(&buf[..read]);
-        while let Some(f) = decoder.next_frame().expect("frame") {
-            if let Frame::Ack(a) = f {
-                assert_eq!(a.outcome, AckOutcome::Committed);
-                let t = rx.recv().await.expect("sent");
-                let _ = lat.record(t.elapsed().as_micros() as u64);
-                acked += 1;
-            }
+        if let Frame::Ack(a) = f {
+            assert_eq!(a.outcome, AckOutcome::Committed);
+            let t = rx.recv().await.expect("sent");
+            let _ = lat.record(t.elapsed().as_micros() as u64);
+            acked += 1;
         }
     }
     let elapsed = start.elapsed();

@@ -1,12 +1,80 @@
 //! Configuration of the `tally-collector` commands: every flag is also a `TALLY_*` environment
 //! variable or a key in the `--config` TOML file.
 //!
-//! Owns [`FileConfig`] and the precedence rule: a flag wins over its environment variable (clap
+//! Owns [`CollectorConfig`] (what [`crate::Collector::start`] takes), [`FileConfig`] and the precedence rule: a flag wins over its environment variable (clap
 //! merges those two), which wins over the file, which wins over the default.
 
+use crate::ingest::GroupLimits;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tally_clock::{SharedClock, SystemClock};
+
+/// Everything a collector needs to start.
+#[derive(Clone)]
+pub struct CollectorConfig {
+    /// The data directory (made by [`crate::init::init`]).
+    pub data_dir: PathBuf,
+    /// QUIC listen address (port 0 picks one).
+    pub quic_addr: SocketAddr,
+    /// Admin HTTP listen address (port 0 picks one).
+    pub http_addr: SocketAddr,
+    /// Unacknowledged batches an agent may have in flight per connection.
+    pub max_in_flight: u32,
+    /// Most concurrent QUIC connections.
+    pub max_connections: usize,
+    /// Time allowed from connection to `Welcome`.
+    pub handshake_timeout: Duration,
+    /// Group commit limits.
+    pub group: GroupLimits,
+    /// Stripe forwarding (log-only without an API key).
+    pub stripe: crate::stripe::StripeSettings,
+    /// Where the collector reads wall time (a [`tally_clock::ManualClock`] in tests).
+    pub clock: SharedClock,
+}
+
+impl std::fmt::Debug for CollectorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CollectorConfig")
+            .field("data_dir", &self.data_dir)
+            .field("quic_addr", &self.quic_addr)
+            .field("http_addr", &self.http_addr)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_connections", &self.max_connections)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("group", &self.group)
+            .field("stripe", &self.stripe)
+            .field("now_ms", &self.clock.now_ms())
+            .finish()
+    }
+}
+
+impl CollectorConfig {
+    /// Defaults: QUIC on `127.0.0.1:7443`, HTTP on `127.0.0.1:7080`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        CollectorConfig {
+            data_dir: data_dir.into(),
+            quic_addr: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            max_in_flight: 32,
+            max_connections: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            group: GroupLimits::default(),
+            stripe: crate::stripe::StripeSettings::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Both listeners on `127.0.0.1` with ports chosen by the OS (for tests).
+    pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
+        let mut c = Self::new(data_dir);
+        c.quic_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        c
+    }
+}
 
 /// The keys of `collector.toml`; all optional.
 ///
@@ -76,12 +144,12 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// It is not valid TOML for [`FileConfig`].
-    #[error("{path}: {message}")]
+    #[error("{path}: {source}")]
     Parse {
         /// The file.
         path: PathBuf,
         /// What is wrong.
-        message: String,
+        source: toml::de::Error,
     },
 }
 
@@ -95,15 +163,15 @@ impl FileConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
-            message,
+            source,
         })
     }
 
     /// Parses TOML text.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
     }
 }
 

@@ -8,7 +8,8 @@
 //! what it received, then `run` returns.
 
 use crate::catalog::sample_meters;
-use crate::server::{Collector, CollectorConfig, CollectorHandle};
+use crate::config::CollectorConfig;
+use crate::start::{Collector, CollectorHandle};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ pub enum DevError {
     Init(#[from] crate::init::InitError),
     /// The collector did not start.
     #[error(transparent)]
-    Start(#[from] crate::server::StartError),
+    Start(#[from] crate::start::StartError),
     /// The catalog could not be seeded.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),

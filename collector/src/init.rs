@@ -29,7 +29,7 @@ pub enum InitError {
     Cert(#[from] rcgen::Error),
     /// The OS random generator failed.
     #[error("random: {0}")]
-    Random(String),
+    Random(getrandom::Error),
     /// Only `ca.pem` or only `ca.key` exists, or a certificate without its key.
     #[error("{0} exists without its pair; remove it or restore the other file")]
     HalfPair(PathBuf),
@@ -107,7 +107,7 @@ fn create_new(path: &Path, contents: &[u8], secret: bool) -> Result<(), InitErro
 /// 32 random bytes from the OS, hex.
 pub fn random_token() -> Result<String, InitError> {
     let mut b = [0u8; 32];
-    getrandom::getrandom(&mut b).map_err(|e| InitError::Random(e.to_string()))?;
+    getrandom::getrandom(&mut b).map_err(InitError::Random)?;
     Ok(hex::encode(b))
 }
 

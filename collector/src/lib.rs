@@ -1,20 +1,22 @@
 //! The Tally collector: verified, exactly-once ingest into a double-entry ledger.
 //!
-//! Sans-IO core (plain functions and values; no sockets, clocks or files):
-//! - [`dedup`]: which batches of an `(agent, epoch)` are done.
-//! - [`ledger`]: accounts, transfers, posting rules, verification.
-//! - [`registry`]: who may connect (enrolment, revocation).
+//! The folders show the flow: batches come in over [`net`], the rules of [`mod@core`] decide what
+//! they do, [`store`] keeps the result, [`api`] shows it to operators.
 //!
-//! Shells:
-//! - [`store`] (the storage trait) and [`redb_store`] (the embedded implementation).
+//! - [`mod@core`]: the sans-IO rules (dedup, ledger, admission, the ingest order, the agent
+//!   session machine): no sockets, clocks or files.
+//! - [`net`]: the QUIC shell around [`core::session`] and the registry handle (enrolment,
+//!   revocation, live connections).
+//! - [`ingest`]: the group committer thread and its queue's handle.
+//! - [`catalog`]: the catalog handle (its one writer; pushes changes to sessions).
+//! - [`store`]: the storage trait, the redb backend ([`store::redb`], every table in
+//!   [`store::redb::tables`]) and the in-memory reference store ([`store::memory`]).
+//! - [`api`]: the admin HTTP API, one file per resource.
 //! - [`stripe_store`] (the Stripe outbox in the embedded store) and [`stripe`] (the forwarder's
 //!   lifecycle, configuration and reconciliation; SPEC §6.4).
-//! - [`ingest`]: the group committer between connections and the store.
-//! - [`quic`]: the QUIC server (handshake, batches, acks, pushes).
-//! - [`api`]: the admin HTTP API.
 //! - [`metrics`]: Prometheus metrics.
-//! - [`mod@init`], [`config`], [`server`], [`dev`]: files on disk, configuration, starting it
-//!   all, and the one-process quickstart.
+//! - [`mod@init`], [`config`], [`start`], [`dev`]: files on disk, configuration, starting it
+//!   all, and the one-process quickstart ([`server`] only keeps an old name).
 //! - [`testkit`]: a bare protocol client for tests and benchmarks.
 //!
 //! Starting a collector in-process (ports 0 pick free ones):
@@ -35,20 +37,28 @@
 pub mod api;
 pub mod catalog;
 pub mod config;
-pub mod dedup;
+pub mod core;
 pub mod dev;
 pub mod ingest;
 pub mod init;
-pub mod ledger;
 pub mod metrics;
-pub mod quic;
-pub mod redb_store;
-pub mod registry;
+pub mod net;
 pub mod server;
+pub mod start;
 pub mod store;
 pub mod stripe;
 pub mod stripe_store;
 pub mod testkit;
 
+/// The meta table's old path, named by `stripe_store` until its rewrite imports it from
+/// [`store::redb`].
+pub(crate) mod redb_store {
+    pub(crate) use crate::store::redb::META_TABLE;
+}
+
+pub use config::CollectorConfig;
 pub use init::{InitFiles, init};
-pub use server::{Collector, CollectorConfig, CollectorHandle};
+pub use start::{Collector, CollectorHandle};
+/// The clock crate [`CollectorConfig::clock`] takes (a `ManualClock` runs a collector on virtual
+/// time).
+pub use tally_clock;

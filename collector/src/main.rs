@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tally_collector::config::FileConfig;
 use tally_collector::dev::DevOptions;
-use tally_collector::redb_store::RedbStore;
 use tally_collector::store::Store;
+use tally_collector::store::redb::RedbStore;
 use tally_collector::stripe::StripeSettings;
 use tally_collector::{Collector, CollectorConfig, InitFiles};
 use tally_stripe::{Api, ApiKey, WebhookSecret};
@@ -24,6 +24,10 @@ struct Cli {
     /// stripe_reconcile_interval).
     #[arg(long, env = "TALLY_CONFIG", global = true)]
     config: Option<PathBuf>,
+    /// Log format on stderr: text (ANSI colours only when stderr is a terminal) or json (one
+    /// object a line).
+    #[arg(long, env = "TALLY_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -194,15 +198,34 @@ fn data_dir(flag: Option<PathBuf>, file: &FileConfig) -> anyhow::Result<PathBuf>
         .context("--data-dir (or TALLY_DATA_DIR, or data_dir in the config file) is required")
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+/// Logs to stderr at `RUST_LOG` (default `info`); colours only on a terminal, so files and
+/// pipes get plain text.
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logs(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

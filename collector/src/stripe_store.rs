@@ -34,8 +34,8 @@
 //! meter going down) lowers `net` and writes nothing, so later usage nets it out before anything
 //! more is sent (docs/decisions/0022). Without reductions `sent = ⌊Σ ledger × scale⌋` exactly.
 
-use crate::ledger::Transfer;
-use crate::redb_store::RedbStore;
+use crate::core::ledger::Transfer;
+use crate::store::redb::RedbStore;
 use redb::{ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
 use rust_decimal::Decimal;
 use serde::de::DeserializeOwned;

@@ -3,10 +3,11 @@
 //! agent (no disk buffer, no retries): it sends exactly what it is told to, which is what tests
 //! of the collector's rules need (tampered batches, replays, duplicates).
 
-use crate::quic::{BINDING_LABEL, ReadError, client_config, read_frame, write_frame};
 use std::net::SocketAddr;
+use tally_net::frames::{FrameReader, write_frame};
+use tally_net::tls::{binding, client_config};
 use tally_protocol::ed25519_dalek::SigningKey;
-use tally_protocol::frame::{Frame, MAX_FRAME_BYTES, Welcome};
+use tally_protocol::frame::{Frame, Welcome};
 use tally_protocol::handshake::ClientHandshake;
 
 /// Why the test client failed.
@@ -38,8 +39,8 @@ pub struct TestClient {
     pub conn: quinn::Connection,
     /// The stream's send half.
     pub send: quinn::SendStream,
-    /// The stream's receive half.
-    pub recv: quinn::RecvStream,
+    /// The stream's receive half, framed.
+    pub recv: FrameReader,
     /// What the collector said on welcome.
     pub welcome: Welcome,
 }
@@ -52,8 +53,8 @@ pub struct RawStream {
     pub conn: quinn::Connection,
     /// Send half.
     pub send: quinn::SendStream,
-    /// Receive half.
-    pub recv: quinn::RecvStream,
+    /// Receive half, framed.
+    pub recv: FrameReader,
     /// This connection's handshake binding.
     pub binding: [u8; 32],
 }
@@ -70,23 +71,20 @@ impl RawStream {
             .await
             .map_err(t)?;
         let (send, recv) = conn.open_bi().await.map_err(t)?;
-        let mut binding = [0u8; 32];
-        conn.export_keying_material(&mut binding, BINDING_LABEL, b"")
-            .map_err(|_| ClientError::Transport(String::from("no keying material")))?;
+        let binding = binding(&conn)
+            .ok_or_else(|| ClientError::Transport(String::from("no keying material")))?;
         Ok(RawStream {
             endpoint,
             conn,
             send,
-            recv,
+            recv: FrameReader::new(recv),
             binding,
         })
     }
 
     /// Sends a frame.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), ClientError> {
-        write_frame(&mut self.send, frame)
-            .await
-            .map_err(ClientError::Transport)
+        write_frame(&mut self.send, frame).await.map_err(t)
     }
 
     /// Reads the next frame.
@@ -95,14 +93,8 @@ impl RawStream {
     }
 }
 
-async fn read(recv: &mut quinn::RecvStream) -> Result<Frame, ClientError> {
-    read_frame(recv, MAX_FRAME_BYTES)
-        .await
-        .map_err(|e| match e {
-            ReadError::Finished => ClientError::Transport(String::from("stream finished")),
-            ReadError::Stream(s) => ClientError::Transport(s),
-            ReadError::Frame(f) => ClientError::Transport(f.to_string()),
-        })
+async fn read(recv: &mut FrameReader) -> Result<Frame, ClientError> {
+    recv.next().await.map_err(t)
 }
 
 impl TestClient {
@@ -141,9 +133,7 @@ impl TestClient {
 
     /// Sends a frame.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), ClientError> {
-        write_frame(&mut self.send, frame)
-            .await
-            .map_err(ClientError::Transport)
+        write_frame(&mut self.send, frame).await.map_err(t)
     }
 
     /// Reads the next frame.

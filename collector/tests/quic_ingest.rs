@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use rust_decimal::Decimal;
 use std::collections::HashMap;
-use tally_collector::ledger::Period;
+use tally_collector::core::ledger::Period;
 use tally_protocol::catalog::Aggregation;
 use tally_protocol::error::ErrorCode;
 use tally_protocol::frame::{Ack, AckOutcome, Frame};
@@ -164,5 +164,38 @@ async fn unpostable_batches_are_quarantined_whole() {
         Decimal::ONE
     );
     env.assert_verified();
+    env.handle.shutdown().await;
+}
+
+/// One clock: the collector reads wall time only from `CollectorConfig::clock`, so a manual
+/// clock puts enrolment, acks and postings at virtual times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_collector_reads_time_from_its_injected_clock() {
+    use tally_collector::tally_clock::ManualClock;
+    const T: i64 = 1_700_000_000_000;
+    let clock = ManualClock::new(T);
+    let c2 = clock.clone();
+    let env = start_with(move |c| c.clock = std::sync::Arc::new(c2)).await;
+    env.put_meter("api_calls", Aggregation::Sum);
+    let k = key(77);
+    let mut client = env.client(&k).await;
+    let store = env.handle.shared().store.clone();
+    let rec = store.agent(agent_id(&k)).unwrap().unwrap();
+    assert_eq!(rec.registered_at_ms, T);
+    clock.advance_ms(5_000);
+    let b = seal(
+        &k,
+        1,
+        1,
+        vec![delta("acme", "api_calls", &[], T, Decimal::ONE, 1)],
+    );
+    assert_eq!(ack(&send(&mut client, &b).await).2, AckOutcome::Committed);
+    let entries = store.entries(None, 0, 10).unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].1.posted_at_ms, T + 5_000);
+    assert_eq!(
+        env.handle.shared().live_info(agent_id(&k)).last_seen_ms,
+        T + 5_000
+    );
     env.handle.shutdown().await;
 }

@@ -255,3 +255,28 @@ async fn a_flood_of_garbage_does_not_stop_it_serving() {
     env.assert_verified();
     env.handle.shutdown().await;
 }
+
+/// The registry remembers at most `MAX_LIVE_PER_AGENT` live connections per agent: one more
+/// closes the oldest (so a revocation still reaches every connection left open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_connections_per_agent_are_bounded() {
+    use tally_collector::net::registry::MAX_LIVE_PER_AGENT;
+    let env = start().await;
+    let k = key(9);
+    let mut clients = Vec::new();
+    for _ in 0..=MAX_LIVE_PER_AGENT {
+        clients.push(env.client(&k).await);
+    }
+    let registry = &env.handle.shared().registry;
+    assert_eq!(registry.live_connections(agent_id(&k)), MAX_LIVE_PER_AGENT);
+    let closed = tokio::time::timeout(Duration::from_secs(5), clients[0].conn.closed())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(u32::from(ErrorCode::Overloaded.number()))),
+        "{closed:?}"
+    );
+    assert!(clients[1].conn.close_reason().is_none());
+    env.handle.shutdown().await;
+}

@@ -7,9 +7,9 @@ mod common;
 use common::*;
 use rust_decimal::Decimal;
 use std::process::Command;
-use tally_collector::ledger::Transfer;
-use tally_collector::redb_store::RedbStore;
+use tally_collector::core::ledger::Transfer;
 use tally_collector::store::Store;
+use tally_collector::store::redb::RedbStore;
 use tally_collector::{Collector, CollectorConfig};
 use tally_protocol::catalog::Aggregation;
 use tally_protocol::frame::{AckOutcome, Frame};
@@ -147,4 +147,55 @@ async fn ledger_verify_command_exit_codes() {
     let bad = verify();
     assert_eq!(bad.status.code(), Some(1), "{bad:?}");
     assert!(String::from_utf8_lossy(&bad.stdout).contains("\"ok\": false"));
+}
+
+/// Runs `tally-collector run` with stderr to a pipe until it has started; returns its stderr.
+fn logs_of_a_run(extra_env: &[(&str, &str)]) -> Vec<u8> {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    tally_collector::init(dir.path(), &[]).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally-collector"));
+    cmd.args(["run", "--quic", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .env_remove("TALLY_LOG_FORMAT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("collector:"), "{line}");
+    child.kill().unwrap();
+    let mut err = Vec::new();
+    child.stderr.take().unwrap().read_to_end(&mut err).unwrap();
+    let _ = child.wait();
+    err
+}
+
+#[test]
+fn logs_to_a_pipe_have_no_colour_and_json_lines_parse() {
+    let text = logs_of_a_run(&[]);
+    assert!(
+        String::from_utf8_lossy(&text).contains("collector started"),
+        "{}",
+        String::from_utf8_lossy(&text)
+    );
+    assert!(!text.contains(&0x1b), "an ANSI escape reached a pipe");
+    let json = logs_of_a_run(&[("TALLY_LOG_FORMAT", "json")]);
+    let json = String::from_utf8(json).unwrap();
+    let mut lines = 0;
+    for l in json.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v.get("level").is_some(), "{l}");
+        lines += 1;
+    }
+    assert!(lines > 0, "no log lines");
+    assert!(json.contains("collector started"));
 }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tally_agent::Agent;
-use tally_collector::ledger::Period;
+use tally_collector::core::ledger::Period;
 use tally_sidecar::backend::AgentBackend;
 use tally_sidecar::http::{HttpConfig, router};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

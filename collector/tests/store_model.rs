@@ -1,7 +1,8 @@
 //! The redb store against a model: random batches (duplicates, reorders, several epochs and
 //! agents, some unpostable) committed in random group sizes — so duplicates and shared accounts
 //! meet inside one transaction — plus adjustments; totals equal the model and verify is clean
-//! after every step.
+//! after every step. The in-memory reference store (same ingest rules, same trait) gives the
+//! same outcomes and totals.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -9,8 +10,9 @@ mod common;
 use proptest::prelude::*;
 use rust_decimal::Decimal;
 use std::collections::{HashMap, HashSet};
-use tally_collector::ledger::{Adjustment, Period};
-use tally_collector::redb_store::RedbStore;
+use tally_collector::core::ledger::{Adjustment, Period};
+use tally_collector::store::memory::MemoryLedger;
+use tally_collector::store::redb::RedbStore;
 use tally_collector::store::{AdjustOutcome, IngestBatch, IngestOutcome, Store};
 use tally_protocol::batch::{BatchBody, SignedBatch};
 use tally_protocol::catalog::Aggregation;
@@ -51,6 +53,7 @@ proptest! {
         for (name, agg) in [("calls", Aggregation::Sum), ("events", Aggregation::Count), ("seats", Aggregation::Last)] {
             store.put_meter(&common::meter(name, agg)).unwrap();
         }
+        let mut reference = MemoryLedger::new(store.catalog().unwrap());
         let keys = [SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32])];
         let names = ["calls", "events", "seats", "ghost"];
         let mut model: HashMap<(String, &str, Period), Decimal> = HashMap::new();
@@ -92,6 +95,7 @@ proptest! {
             if flush {
                 let batches: Vec<IngestBatch> = pending.drain(..).map(|(b, _)| b).collect();
                 let outs = store.ingest(&batches, 0).unwrap();
+                prop_assert_eq!(&reference.ingest(&batches, 0).unwrap(), &outs);
                 let got: Vec<&str> = outs.iter().map(|o| match o {
                     IngestOutcome::Ack(AckOutcome::Committed) => "committed",
                     IngestOutcome::Ack(AckOutcome::Duplicate) => "duplicate",
@@ -103,6 +107,12 @@ proptest! {
                 let r = store.verify().unwrap();
                 prop_assert!(r.ok, "{:?}", r);
             }
+        }
+        for ((c, m, p), want) in &model {
+            prop_assert_eq!(reference.usage(c, m, *p), *want, "reference {} {} {}", c, m, p);
+        }
+        for ((c, p), (_, v)) in &lasts {
+            prop_assert_eq!(reference.usage(c, "seats", *p), *v, "reference {} seats {}", c, p);
         }
         let period = Period::of_ms(T0);
         for (c, q, k) in adjustments {
@@ -163,7 +173,7 @@ fn verify_catches_dedup_and_batch_record_drift() {
     {
         let def: redb::TableDefinition<(u128, u64), &[u8]> = redb::TableDefinition::new("dedup");
         let mut t = txn.open_table(def).unwrap();
-        let mut state = tally_collector::dedup::DedupState::default();
+        let mut state = tally_collector::core::dedup::DedupState::default();
         state.insert(1).unwrap();
         state.insert(2).unwrap();
         let k = (common::agent_id(&key).as_u128(), 1u64);

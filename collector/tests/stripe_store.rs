@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally_collector::redb_store::RedbStore;
+use tally_collector::store::redb::RedbStore;
 use tally_stripe::outbox::{
     GroupState, NewGroup, NewOutboxRow, OutboxState, OutboxStore, StripeError, WebhookRecord,
     identifier_for,

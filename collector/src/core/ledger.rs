@@ -27,7 +27,7 @@
 //! totals equal the sums of its transfers; every transfer's id is unique, derived from its source,
 //! and traces to that source (a committed batch row or a recorded adjustment).
 
-use crate::dedup::DedupState;
+use crate::core::dedup::DedupState;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -432,6 +432,9 @@ pub struct WorkingSet {
     pub created: Vec<AccountId>,
     undo: Vec<Undo>,
     source_ids: Vec<(MeterName, AccountId)>,
+    /// Debits and credits of each account as it was loaded (zero for created ones), so the
+    /// changes can be checked to balance.
+    opened: HashMap<AccountId, (Decimal, Decimal)>,
 }
 
 impl WorkingSet {
@@ -449,7 +452,10 @@ impl WorkingSet {
     ) -> Result<AccountId, A::Error> {
         if !self.accounts.contains_key(&id) {
             let acct = match base.load(id)? {
-                Some(a) => a,
+                Some(a) => {
+                    self.opened.insert(id, (a.debits, a.credits));
+                    a
+                }
                 None => {
                     self.created.push(id);
                     self.undo.push(Undo::Created(id));
@@ -508,6 +514,7 @@ impl WorkingSet {
                 }
                 Undo::Created(id) => {
                     self.accounts.remove(&id);
+                    self.opened.remove(&id);
                     if self.created.last() == Some(&id) {
                         self.created.pop();
                     }
@@ -517,17 +524,57 @@ impl WorkingSet {
     }
 
     /// Applies a transfer to its two accounts; `Err` on overflow (the caller rolls back).
+    ///
+    /// # Panics
+    /// When either account is not in the set: posting ensures both first, so a missing one is
+    /// a programming error, not a rejection.
     fn apply(&mut self, t: &Transfer) -> Result<(), Rejection> {
         let overflow = || Rejection::new(ErrorCode::Overflow, None, "an account total overflows");
-        let d = self.touch(t.debit).ok_or_else(overflow)?;
+        let missing = |id: AccountId| -> ! {
+            panic!(
+                "account {id:032x} of transfer {:032x} is not in the working set",
+                t.id
+            )
+        };
+        let Some(d) = self.touch(t.debit) else {
+            missing(t.debit)
+        };
         d.debits = d.debits.checked_add(t.amount).ok_or_else(overflow)?;
         d.events = d.events.checked_add(t.events).ok_or_else(overflow)?;
         d.transfers += 1;
-        let c = self.touch(t.credit).ok_or_else(overflow)?;
+        let Some(c) = self.touch(t.credit) else {
+            missing(t.credit)
+        };
         c.credits = c.credits.checked_add(t.amount).ok_or_else(overflow)?;
         c.events = c.events.checked_add(t.events).ok_or_else(overflow)?;
         c.transfers += 1;
         Ok(())
+    }
+
+    /// Checks, in release builds too, that the changes made since the accounts were loaded
+    /// balance: for every unit, the debits added equal the credits added (double entry). Call
+    /// it before the transaction that writes the set commits.
+    ///
+    /// # Panics
+    /// When they do not: the ledger rules broke double entry.
+    pub fn assert_balanced(&self) {
+        let mut per_unit: HashMap<&MeterName, (Decimal, Decimal)> = HashMap::new();
+        for (id, a) in &self.accounts {
+            let (d0, c0) = self
+                .opened
+                .get(id)
+                .copied()
+                .unwrap_or((Decimal::ZERO, Decimal::ZERO));
+            let e = per_unit.entry(a.key.unit()).or_default();
+            e.0 += a.debits - d0;
+            e.1 += a.credits - c0;
+        }
+        for (unit, (debits, credits)) in per_unit {
+            assert_eq!(
+                debits, credits,
+                "ledger out of balance in unit {unit}: debits added {debits}, credits added {credits}"
+            );
+        }
     }
 }
 

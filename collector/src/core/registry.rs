@@ -1,11 +1,29 @@
 //! Who may connect: the admission rule applied after a successful handshake, with no I/O.
 //!
 //! Owns [`admit`]. Guarantees: a revoked key is always refused, whatever token it presents; an
-//! unknown key is registered only with the exact enrolment token (compared in constant time); a
+//! unknown key is registered only with the exact enrolment token (compared in constant time with
+//! `subtle`; an empty token never matches); a
 //! known key needs no token.
 
-use crate::store::AgentRecord;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use tally_protocol::batch::AgentId;
 use tally_protocol::error::ErrorCode;
+
+/// A registered agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// Its id.
+    pub id: AgentId,
+    /// Its ed25519 public key.
+    pub public_key: [u8; 32],
+    /// When it enrolled, ms.
+    pub registered_at_ms: i64,
+    /// When it was revoked, if it was.
+    pub revoked_at_ms: Option<i64>,
+    /// When it last completed a handshake, ms.
+    pub last_seen_ms: i64,
+}
 
 /// What to do with an authenticated agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,23 +46,16 @@ pub fn admit(
         (Some(rec), _) if rec.revoked_at_ms.is_some() => Admission::Refuse(ErrorCode::RevokedAgent),
         (Some(_), _) => Admission::Known,
         (None, None) => Admission::Refuse(ErrorCode::UnknownAgent),
-        (None, Some(t)) if constant_time_eq(t, enroll_token.as_bytes()) => Admission::Enrol,
+        (None, Some(t)) if !t.is_empty() && bool::from(t.ct_eq(enroll_token.as_bytes())) => {
+            Admission::Enrol
+        }
         (None, Some(_)) => Admission::Refuse(ErrorCode::InvalidEnrollToken),
     }
-}
-
-/// Compares secrets without an early exit on the first differing byte.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() || a.is_empty() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally_protocol::batch::AgentId;
 
     fn rec(revoked: bool) -> AgentRecord {
         AgentRecord {

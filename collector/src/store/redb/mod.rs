@@ -1,23 +1,8 @@
 //! The embedded [`Store`]: one redb file, `<data_dir>/collector.redb`.
 //!
-//! Tables (values are postcard unless said otherwise):
-//!
-//! | table          | key                                   | value                         |
-//! |----------------|---------------------------------------|-------------------------------|
-//! | `meta`         | `"catalog"`                           | current [`Catalog`]           |
-//! | `catalogs`     | version                               | every [`Catalog`] version     |
-//! | `agents`       | agent id (u128)                       | [`AgentRecord`]               |
-//! | `dedup`        | (agent id, epoch)                     | [`DedupState`]                |
-//! | `batches`      | (agent id, epoch, seq)                | [`BatchRecord`]               |
-//! | `accounts`     | account id                            | [`Account`]                   |
-//! | `transfers`    | position (1, 2, …, append only)       | [`Transfer`]                  |
-//! | `usage_idx`    | (customer, meter, period, account id) | `()`                          |
-//! | `quarantine`   | position                              | [`QuarantineRecord`]          |
-//! | `adjustments`  | idempotency key                       | position of its transfer      |
-//!
-//! The Stripe outbox, its carries, customer mapping and webhook events live in the same file
-//! (tables `outbox*`, `customers`, `stripe_webhooks`; see [`crate::stripe_store`]); outbox rows
-//! are written in the ingest or adjustment transaction that posts their usage.
+//! Every table, the on-disk format, its version and the migration hook are in [`tables`];
+//! outbox rows are written by [`crate::stripe_store`] in the ingest or adjustment transaction
+//! that posts their usage.
 //!
 //! Guarantees: every write is one redb write transaction with `Durability::Immediate` (fsynced
 //! before `commit` returns); a group of batches shares one transaction (group commit).
@@ -30,8 +15,9 @@
 //! unreachable. (A hash-keyed id index cost one random B-tree insert per delta — a dirty page
 //! per delta once the index is large; see `docs/perf/collector.md`.)
 
-use crate::dedup::{DedupState, MAX_ABOVE_WATERMARK};
-use crate::ledger::{
+use crate::core::dedup::DedupState;
+use crate::core::ingest::{IngestTxn, ingest_group};
+use crate::core::ledger::{
     self, Account, AccountId, AccountKey, Accounts, Adjustment, Existing, Period, Posting,
     Transfer, TransferSource, Verifier, VerifyReport, WorkingSet,
 };
@@ -44,36 +30,30 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 use std::path::Path;
+use tables::{
+    ACCOUNTS, ADJUSTMENTS, AGENTS, BATCHES, CATALOG_KEY, CATALOGS, DEDUP, META, NAMESPACE_KEY,
+    QUARANTINE, TRANSFERS, USAGE_IDX, UsageKey,
+};
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
-use tally_protocol::error::ErrorCode;
-use tally_protocol::frame::AckOutcome;
 use tally_protocol::names::{CustomerId, MeterName};
 
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub mod tables;
+
+/// The meta table, by its old name (named by `stripe_store`).
 pub(crate) const META_TABLE: TableDefinition<&str, &[u8]> = META;
-const CATALOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("catalogs");
-const AGENTS: TableDefinition<u128, &[u8]> = TableDefinition::new("agents");
-const DEDUP: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("dedup");
-const BATCHES: TableDefinition<(u128, u64, u64), &[u8]> = TableDefinition::new("batches");
-const ACCOUNTS: TableDefinition<u128, &[u8]> = TableDefinition::new("accounts");
-const TRANSFERS: TableDefinition<u64, &[u8]> = TableDefinition::new("transfers");
-type UsageKey<'a> = (&'a str, &'a str, &'a str, u128);
-const USAGE_IDX: TableDefinition<UsageKey<'static>, ()> = TableDefinition::new("usage_idx");
-const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
-const ADJUSTMENTS: TableDefinition<&str, u64> = TableDefinition::new("adjustments");
 
 /// Greater than every meter name (`[a-z0-9_.-]`) and period (`YYYY-MM`).
 const AFTER_ASCII: &str = "\u{7f}";
 
-fn be<E: std::fmt::Display>(e: E) -> StoreError {
-    StoreError::Backend(e.to_string())
+fn be<E: Into<StoreError>>(e: E) -> StoreError {
+    e.into()
 }
 
 fn outbox_err(e: tally_stripe::outbox::StoreError) -> StoreError {
     match e {
         tally_stripe::outbox::StoreError::Invalid(m) => StoreError::Invariant(m),
-        other => StoreError::Backend(other.to_string()),
+        other => StoreError::Outbox(other),
     }
 }
 
@@ -97,37 +77,22 @@ pub struct RedbStore {
 impl RedbStore {
     /// Opens (or creates) the database at `path` and its tables.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(be)?;
-        let txn = db.begin_write().map_err(be)?;
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        tables::create_all(&txn)?;
+        // stripe_store's own list of its tables (the same ones; see `tables`), until it imports them.
+        crate::stripe_store::create_tables(&txn)?;
+        tables::check_format(&txn)?;
         {
-            txn.open_table(META).map_err(be)?;
-            txn.open_table(CATALOGS).map_err(be)?;
-            txn.open_table(AGENTS).map_err(be)?;
-            txn.open_table(DEDUP).map_err(be)?;
-            txn.open_table(BATCHES).map_err(be)?;
-            txn.open_table(ACCOUNTS).map_err(be)?;
-            txn.open_table(TRANSFERS).map_err(be)?;
-            txn.open_table(USAGE_IDX).map_err(be)?;
-            txn.open_table(QUARANTINE).map_err(be)?;
-            txn.open_table(ADJUSTMENTS).map_err(be)?;
-            crate::stripe_store::create_tables(&txn).map_err(be)?;
-            let mut meta = txn.open_table(META).map_err(be)?;
-            if meta
-                .get(crate::stripe_store::NAMESPACE_KEY)
-                .map_err(be)?
-                .is_none()
-            {
+            let mut meta = txn.open_table(META)?;
+            if meta.get(NAMESPACE_KEY)?.is_none() {
                 // Part of every Stripe identifier: a fresh store never reuses an old one's.
                 let mut b = [0u8; 6];
-                getrandom::getrandom(&mut b).map_err(be)?;
-                meta.insert(
-                    crate::stripe_store::NAMESPACE_KEY,
-                    hex::encode(b).as_bytes(),
-                )
-                .map_err(be)?;
+                getrandom::getrandom(&mut b)?;
+                meta.insert(NAMESPACE_KEY, hex::encode(b).as_bytes())?;
             }
         }
-        txn.commit().map_err(be)?;
+        txn.commit()?;
         Ok(RedbStore {
             db,
             outbox_appended: std::sync::atomic::AtomicU64::new(0),
@@ -149,24 +114,9 @@ impl RedbStore {
 fn read_catalog(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<Catalog, StoreError> {
-    match meta.get("catalog").map_err(be)? {
+    match meta.get(CATALOG_KEY)? {
         Some(v) => dec("meta", v.value()),
         None => Ok(Catalog::default()),
-    }
-}
-
-/// Accounts as committed before this transaction.
-struct Committed<'a, 't> {
-    table: &'a Table<'t, u128, &'static [u8]>,
-}
-
-impl Accounts for Committed<'_, '_> {
-    type Error = StoreError;
-    fn load(&mut self, id: AccountId) -> Result<Option<Account>, StoreError> {
-        match self.table.get(id).map_err(be)? {
-            Some(v) => Ok(Some(dec("accounts", v.value())?)),
-            None => Ok(None),
-        }
     }
 }
 
@@ -177,49 +127,31 @@ struct Ledger<'t> {
     transfers: Table<'t, u64, &'static [u8]>,
     usage_idx: Table<'t, UsageKey<'static>, ()>,
     next_pos: u64,
-    ws: WorkingSet,
     buf: Vec<u8>,
+}
+
+/// Accounts as committed before this transaction.
+impl Accounts for Ledger<'_> {
+    type Error = StoreError;
+    fn load(&mut self, id: AccountId) -> Result<Option<Account>, StoreError> {
+        match self.accounts.get(id)? {
+            Some(v) => Ok(Some(dec("accounts", v.value())?)),
+            None => Ok(None),
+        }
+    }
 }
 
 impl<'t> Ledger<'t> {
     fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
-        let transfers = txn.open_table(TRANSFERS).map_err(be)?;
-        let next_pos = transfers
-            .last()
-            .map_err(be)?
-            .map_or(1, |(k, _)| k.value() + 1);
+        let transfers = txn.open_table(TRANSFERS)?;
+        let next_pos = transfers.last()?.map_or(1, |(k, _)| k.value() + 1);
         Ok(Ledger {
-            accounts: txn.open_table(ACCOUNTS).map_err(be)?,
+            accounts: txn.open_table(ACCOUNTS)?,
             transfers,
-            usage_idx: txn.open_table(USAGE_IDX).map_err(be)?,
+            usage_idx: txn.open_table(USAGE_IDX)?,
             next_pos,
-            ws: WorkingSet::new(),
             buf: Vec::new(),
         })
-    }
-
-    fn post_batch(
-        &mut self,
-        catalog: &Catalog,
-        body: &tally_protocol::batch::BatchBody,
-        now_ms: i64,
-    ) -> Result<Result<Posting, ledger::Rejection>, StoreError> {
-        let mut base = Committed {
-            table: &self.accounts,
-        };
-        ledger::post_batch(&mut self.ws, &mut base, catalog, body, now_ms)
-    }
-
-    fn post_adjustment(
-        &mut self,
-        catalog: &Catalog,
-        adj: &Adjustment,
-        now_ms: i64,
-    ) -> Result<Result<Posting, ledger::Rejection>, StoreError> {
-        let mut base = Committed {
-            table: &self.accounts,
-        };
-        ledger::post_adjustment(&mut self.ws, &mut base, catalog, adj, now_ms)
     }
 
     /// Appends the posting's transfers; returns the position of the first.
@@ -227,17 +159,16 @@ impl<'t> Ledger<'t> {
         let first = self.next_pos;
         for t in &posting.transfers {
             self.buf.clear();
-            self.buf = postcard::to_extend(t, std::mem::take(&mut self.buf)).map_err(be)?;
-            self.transfers
-                .insert(self.next_pos, self.buf.as_slice())
-                .map_err(be)?;
+            self.buf = postcard::to_extend(t, std::mem::take(&mut self.buf))?;
+            self.transfers.insert(self.next_pos, self.buf.as_slice())?;
             self.next_pos += 1;
         }
         Ok(first)
     }
 
-    fn finish(mut self) -> Result<(), StoreError> {
-        for id in &self.ws.created {
+    /// Writes every account of `ws` and indexes the created usage accounts.
+    fn put_accounts(&mut self, ws: &WorkingSet) -> Result<(), StoreError> {
+        for id in &ws.created {
             if let Some(Account {
                 key:
                     AccountKey::Usage {
@@ -247,128 +178,124 @@ impl<'t> Ledger<'t> {
                         ..
                     },
                 ..
-            }) = self.ws.accounts.get(id)
+            }) = ws.accounts.get(id)
             {
                 let p = period.to_string();
                 self.usage_idx
-                    .insert((customer.as_str(), meter.as_str(), p.as_str(), *id), ())
-                    .map_err(be)?;
+                    .insert((customer.as_str(), meter.as_str(), p.as_str(), *id), ())?;
             }
         }
-        for (id, acct) in &self.ws.accounts {
+        for (id, acct) in &ws.accounts {
             self.buf.clear();
-            self.buf = postcard::to_extend(acct, std::mem::take(&mut self.buf)).map_err(be)?;
-            self.accounts.insert(*id, self.buf.as_slice()).map_err(be)?;
+            self.buf = postcard::to_extend(acct, std::mem::take(&mut self.buf))?;
+            self.accounts.insert(*id, self.buf.as_slice())?;
         }
         Ok(())
     }
 }
 
+/// The tables [`ingest_group`] works on, in one write transaction.
+struct IngestTables<'t> {
+    ledger: Ledger<'t>,
+    dedup: Table<'t, (u128, u64), &'static [u8]>,
+    batches: Table<'t, (u128, u64, u64), &'static [u8]>,
+    quarantine: Table<'t, u64, &'static [u8]>,
+    outbox: crate::stripe_store::OutboxWriter<'t>,
+}
+
+impl Accounts for IngestTables<'_> {
+    type Error = StoreError;
+    fn load(&mut self, id: AccountId) -> Result<Option<Account>, StoreError> {
+        self.ledger.load(id)
+    }
+}
+
+impl IngestTxn for IngestTables<'_> {
+    fn dedup_state(&mut self, agent: AgentId, epoch: u64) -> Result<DedupState, StoreError> {
+        match self.dedup.get((agent.as_u128(), epoch))? {
+            Some(v) => dec("dedup", v.value()),
+            None => Ok(DedupState::default()),
+        }
+    }
+
+    fn next_quarantine_id(&mut self) -> Result<u64, StoreError> {
+        Ok(self.quarantine.last()?.map_or(1, |(k, _)| k.value() + 1))
+    }
+
+    fn append(&mut self, posting: &Posting) -> Result<u64, StoreError> {
+        self.ledger.append(posting)
+    }
+
+    fn outbox(
+        &mut self,
+        catalog: &Catalog,
+        transfer: &Transfer,
+        positive: bool,
+        bucket_s: i64,
+    ) -> Result<(), StoreError> {
+        self.outbox
+            .transfer(catalog, transfer, positive, bucket_s)
+            .map_err(outbox_err)
+    }
+
+    fn quarantine(&mut self, rec: &QuarantineRecord) -> Result<(), StoreError> {
+        self.quarantine.insert(rec.id, enc(rec)?.as_slice())?;
+        Ok(())
+    }
+
+    fn record_batch(
+        &mut self,
+        agent: AgentId,
+        epoch: u64,
+        seq: u64,
+        rec: &BatchRecord,
+    ) -> Result<(), StoreError> {
+        let old = self
+            .batches
+            .insert((agent.as_u128(), epoch, seq), enc(rec)?.as_slice())?;
+        if old.is_some() {
+            return Err(StoreError::Invariant(format!(
+                "batch {agent} {epoch} {seq} recorded twice"
+            )));
+        }
+        Ok(())
+    }
+
+    fn put_dedup(
+        &mut self,
+        agent: AgentId,
+        epoch: u64,
+        state: &DedupState,
+    ) -> Result<(), StoreError> {
+        self.dedup
+            .insert((agent.as_u128(), epoch), enc(state)?.as_slice())?;
+        Ok(())
+    }
+
+    fn put_accounts(&mut self, ws: &WorkingSet) -> Result<(), StoreError> {
+        self.ledger.put_accounts(ws)
+    }
+}
+
 impl RedbStore {
+    /// Runs the ingest rules ([`ingest_group`]) on this store's tables inside `txn`; returns the
+    /// outcomes and the number of outbox rows appended.
     fn ingest_in(
         &self,
         txn: &WriteTransaction,
         batches: &[IngestBatch],
         now_ms: i64,
     ) -> Result<(Vec<IngestOutcome>, u64), StoreError> {
-        let catalog = read_catalog(&txn.open_table(META).map_err(be)?)?;
-        let mut dedup_t = txn.open_table(DEDUP).map_err(be)?;
-        let mut batches_t = txn.open_table(BATCHES).map_err(be)?;
-        let mut quarantine = txn.open_table(QUARANTINE).map_err(be)?;
-        let mut next_q = quarantine
-            .last()
-            .map_err(be)?
-            .map_or(1, |(k, _)| k.value() + 1);
-        let mut ledger = Ledger::open(txn)?;
-        let mut outbox = crate::stripe_store::OutboxWriter::open(txn).map_err(outbox_err)?;
-        let mut states: HashMap<(u128, u64), DedupState> = HashMap::new();
-        let mut out = Vec::with_capacity(batches.len());
-        for b in batches {
-            let body = &b.body;
-            let key = (body.agent_id.as_u128(), body.epoch);
-            let state = match states.entry(key) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    let s = match dedup_t.get(key).map_err(be)? {
-                        Some(v) => dec("dedup", v.value())?,
-                        None => DedupState::default(),
-                    };
-                    e.insert(s)
-                }
-            };
-            if state.contains(body.seq) {
-                out.push(IngestOutcome::Ack(AckOutcome::Duplicate));
-                continue;
-            }
-            if body.seq != state.watermark + 1 && state.above.len() >= MAX_ABOVE_WATERMARK {
-                out.push(IngestOutcome::Refused(ErrorCode::Overloaded));
-                continue;
-            }
-            let posted = ledger.post_batch(&catalog, body, now_ms)?;
-            let mut first_transfer = 0;
-            let outcome = match posted {
-                Ok(posting) => {
-                    first_transfer = ledger.append(&posting)?;
-                    for (t, delta) in posting.transfers.iter().zip(body.deltas.iter()) {
-                        // Only a `last` meter going down moves usage back to the source.
-                        let positive = catalog.meter(t.unit.as_str()).is_none_or(|m| {
-                            m.aggregation != tally_protocol::catalog::Aggregation::Last
-                        }) || t.debit == ledger::source_account_id(&t.unit);
-                        let ts = delta.bucket_start_ms.div_euclid(1000);
-                        outbox
-                            .transfer(&catalog, t, positive, ts)
-                            .map_err(outbox_err)?;
-                    }
-                    BatchOutcome::Committed
-                }
-                Err(rejection) => {
-                    let code = rejection.code;
-                    let rec = QuarantineRecord {
-                        id: next_q,
-                        agent: body.agent_id,
-                        epoch: body.epoch,
-                        seq: body.seq,
-                        rejection,
-                        received_at_ms: now_ms,
-                        batch: b.signed.clone(),
-                    };
-                    quarantine
-                        .insert(next_q, enc(&rec)?.as_slice())
-                        .map_err(be)?;
-                    next_q += 1;
-                    BatchOutcome::Quarantined(code)
-                }
-            };
-            let inserted = state
-                .insert(body.seq)
-                .map_err(|e| StoreError::Invariant(e.to_string()))?;
-            debug_assert!(inserted);
-            let rec = BatchRecord {
-                deltas: u32::try_from(body.deltas.len()).unwrap_or(u32::MAX),
-                first_transfer,
-                outcome,
-                sealed_at_ms: body.sealed_at_ms,
-                committed_at_ms: now_ms,
-            };
-            let old = batches_t
-                .insert((key.0, key.1, body.seq), enc(&rec)?.as_slice())
-                .map_err(be)?;
-            if old.is_some() {
-                return Err(StoreError::Invariant(format!(
-                    "batch {} {} {} recorded twice",
-                    body.agent_id, body.epoch, body.seq
-                )));
-            }
-            out.push(IngestOutcome::Ack(match outcome {
-                BatchOutcome::Committed => AckOutcome::Committed,
-                BatchOutcome::Quarantined(code) => AckOutcome::Quarantined { code },
-            }));
-        }
-        for (key, state) in &states {
-            dedup_t.insert(*key, enc(state)?.as_slice()).map_err(be)?;
-        }
-        ledger.finish()?;
-        let appended = outbox.finish().map_err(outbox_err)?;
+        let catalog = read_catalog(&txn.open_table(META)?)?;
+        let mut tables = IngestTables {
+            ledger: Ledger::open(txn)?,
+            dedup: txn.open_table(DEDUP)?,
+            batches: txn.open_table(BATCHES)?,
+            quarantine: txn.open_table(QUARANTINE)?,
+            outbox: crate::stripe_store::OutboxWriter::open(txn).map_err(outbox_err)?,
+        };
+        let out = ingest_group(&mut tables, &catalog, batches, now_ms)?;
+        let appended = tables.outbox.finish().map_err(outbox_err)?;
         Ok((out, appended))
     }
 }
@@ -400,24 +327,25 @@ impl Store for RedbStore {
         batches: &[IngestBatch],
         now_ms: i64,
     ) -> Result<Vec<IngestOutcome>, StoreError> {
-        let txn = self.db.begin_write().map_err(be)?;
+        let txn = self.db.begin_write()?;
         let (out, appended) = self.ingest_in(&txn, batches, now_ms)?;
-        txn.commit().map_err(be)?;
+        txn.commit()?;
         self.note_appended(appended);
         Ok(out)
     }
 
     fn adjust(&self, adj: &Adjustment, now_ms: i64) -> Result<AdjustOutcome, StoreError> {
-        let txn = self.db.begin_write().map_err(be)?;
+        let txn = self.db.begin_write()?;
         let mut appended = 0;
         let outcome = {
-            let catalog = read_catalog(&txn.open_table(META).map_err(be)?)?;
-            let mut adjustments = txn.open_table(ADJUSTMENTS).map_err(be)?;
+            let catalog = read_catalog(&txn.open_table(META)?)?;
+            let mut adjustments = txn.open_table(ADJUSTMENTS)?;
             let mut ledger = Ledger::open(&txn)?;
-            let posted = ledger.post_adjustment(&catalog, adj, now_ms)?;
-            let existing = match adjustments.get(adj.idempotency_key.as_str()).map_err(be)? {
+            let mut ws = WorkingSet::new();
+            let posted = ledger::post_adjustment(&mut ws, &mut ledger, &catalog, adj, now_ms)?;
+            let existing = match adjustments.get(adj.idempotency_key.as_str())? {
                 Some(pos) => {
-                    let t = ledger.transfers.get(pos.value()).map_err(be)?;
+                    let t = ledger.transfers.get(pos.value())?;
                     let Some(t) = t else {
                         return Err(StoreError::Invariant(String::from("transfer missing")));
                     };
@@ -454,10 +382,9 @@ impl Store for RedbStore {
                         return Err(StoreError::Invariant(String::from("empty adjustment")));
                     };
                     let pos = ledger.append(&p)?;
-                    adjustments
-                        .insert(adj.idempotency_key.as_str(), pos)
-                        .map_err(be)?;
-                    ledger.finish()?;
+                    adjustments.insert(adj.idempotency_key.as_str(), pos)?;
+                    ws.assert_balanced();
+                    ledger.put_accounts(&ws)?;
                     let mut outbox =
                         crate::stripe_store::OutboxWriter::open(&txn).map_err(outbox_err)?;
                     outbox
@@ -474,50 +401,49 @@ impl Store for RedbStore {
             }
         };
         if matches!(outcome, AdjustOutcome::Created(_)) {
-            txn.commit().map_err(be)?;
+            txn.commit()?;
             self.note_appended(appended);
         } else {
-            txn.abort().map_err(be)?;
+            txn.abort()?;
         }
         Ok(outcome)
     }
 
     fn agent(&self, id: AgentId) -> Result<Option<AgentRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(be)?;
-        let t = txn.open_table(AGENTS).map_err(be)?;
-        match t.get(id.as_u128()).map_err(be)? {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(AGENTS)?;
+        match t.get(id.as_u128())? {
             Some(v) => Ok(Some(dec("agents", v.value())?)),
             None => Ok(None),
         }
     }
 
     fn put_agent(&self, rec: &AgentRecord) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(be)?;
+        let txn = self.db.begin_write()?;
         {
-            let mut t = txn.open_table(AGENTS).map_err(be)?;
-            t.insert(rec.id.as_u128(), enc(rec)?.as_slice())
-                .map_err(be)?;
+            let mut t = txn.open_table(AGENTS)?;
+            t.insert(rec.id.as_u128(), enc(rec)?.as_slice())?;
         }
         txn.commit().map_err(be)
     }
 
     fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(be)?;
-        let t = txn.open_table(AGENTS).map_err(be)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(AGENTS)?;
         let mut out = Vec::new();
-        for row in t.iter().map_err(be)? {
-            let (_, v) = row.map_err(be)?;
+        for row in t.iter()? {
+            let (_, v) = row?;
             out.push(dec("agents", v.value())?);
         }
         Ok(out)
     }
 
     fn epochs(&self) -> Result<Vec<EpochState>, StoreError> {
-        let txn = self.db.begin_read().map_err(be)?;
-        let t = txn.open_table(DEDUP).map_err(be)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(DEDUP)?;
         let mut out = Vec::new();
-        for row in t.iter().map_err(be)? {
-            let (k, v) = row.map_err(be)?;
+        for row in t.iter()? {
+            let (k, v) = row?;
             let (agent, epoch) = k.value();
             out.push(EpochState {
                 agent: AgentId(agent.to_be_bytes()),
@@ -529,14 +455,14 @@ impl Store for RedbStore {
     }
 
     fn catalog(&self) -> Result<Catalog, StoreError> {
-        let txn = self.db.begin_read().map_err(be)?;
-        read_catalog(&txn.open_table(META).map_err(be)?)
+        let txn = self.db.begin_read()?;
+        read_catalog(&txn.open_table(META)?)
     }
 
     fn put_meter(&self, def: &MeterDef) -> Result<Catalog, StoreError> {
-        let txn = self.db.begin_write().map_err(be)?;
+        let txn = self.db.begin_write()?;
         let catalog = {
-            let mut meta = txn.open_table(META).map_err(be)?;
+            let mut meta = txn.open_table(META)?;
             let current = read_catalog(&meta)?;
             if current.meter(def.name.as_str()) == Some(def) {
                 return Ok(current);
@@ -555,14 +481,12 @@ impl Store for RedbStore {
                     .map_err(|e| StoreError::Invariant(e.to_string()))?,
             };
             let bytes = enc(&catalog)?;
-            meta.insert("catalog", bytes.as_slice()).map_err(be)?;
-            let mut versions = txn.open_table(CATALOGS).map_err(be)?;
-            versions
-                .insert(catalog.version, bytes.as_slice())
-                .map_err(be)?;
+            meta.insert(CATALOG_KEY, bytes.as_slice())?;
+            let mut versions = txn.open_table(CATALOGS)?;
+            versions.insert(catalog.version, bytes.as_slice())?;
             catalog
         };
-        txn.commit().map_err(be)?;
+        txn.commit()?;
         Ok(catalog)
     }
 
@@ -572,9 +496,9 @@ impl Store for RedbStore {
         meter: Option<&MeterName>,
         period: Option<Period>,
     ) -> Result<Vec<Account>, StoreError> {
-        let txn = self.db.begin_read().map_err(be)?;
-        let idx = txn.open_table(USAGE_IDX).map_err(be)?;
-        let accounts = txn.open_table(ACCOUNTS).map_err(be)?;
+        let txn = self.db.begin_read()?;
+        let idx = txn.open_table(USAGE_IDX)?;
+        let accounts = txn.open_table(ACCOUNTS)?;
         let c = customer.as_str();
         let m = meter.map(MeterName::as_str);
         let p = period.map(|p| p.to_string());
@@ -583,13 +507,13 @@ impl Store for RedbStore {
         let lo: UsageKey = (c, lo_m, lo_p, 0);
         let hi: UsageKey = (c, hi_m, hi_p, u128::MAX);
         let mut out = Vec::new();
-        for row in idx.range(lo..=hi).map_err(be)? {
-            let (k, _) = row.map_err(be)?;
+        for row in idx.range(lo..=hi)? {
+            let (k, _) = row?;
             let (_, km, kp, id) = k.value();
             if m.is_some_and(|m| m != km) || p.as_deref().is_some_and(|p| p != kp) {
                 continue;
             }
-            let Some(v) = accounts.get(id).map_err(be)? else {
+            let Some(v) = accounts.get(id)? else {
                 return Err(StoreError::Invariant(format!(
                     "indexed account {id:032x} missing"
                 )));
@@ -605,14 +529,14 @@ impl Store for RedbStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Transfer)>, StoreError> {
-        let txn = self.db.begin_read().map_err(be)?;
-        let t = txn.open_table(TRANSFERS).map_err(be)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(TRANSFERS)?;
         let mut out = Vec::new();
-        for row in t.range(after.saturating_add(1)..).map_err(be)? {
+        for row in t.range(after.saturating_add(1)..)? {
             if out.len() >= limit {
                 break;
             }
-            let (k, v) = row.map_err(be)?;
+            let (k, v) = row?;
             let tr: Transfer = dec("transfers", v.value())?;
             if customer.is_none_or(|c| *c == tr.customer) {
                 out.push((k.value(), tr));
@@ -622,37 +546,42 @@ impl Store for RedbStore {
     }
 
     fn quarantined(&self, after: u64, limit: usize) -> Result<Vec<QuarantineRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(be)?;
-        let t = txn.open_table(QUARANTINE).map_err(be)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(QUARANTINE)?;
         let mut out = Vec::new();
-        for row in t.range(after.saturating_add(1)..).map_err(be)?.take(limit) {
-            let (_, v) = row.map_err(be)?;
-            out.push(dec("quarantine", v.value())?);
+        for row in t.range(after.saturating_add(1)..)?.take(limit) {
+            let (_, v) = row?;
+            let rec: QuarantineRecord = dec("quarantine", v.value())?;
+            rec.check().map_err(|e| StoreError::Corrupt {
+                table: "quarantine",
+                detail: e.to_string(),
+            })?;
+            out.push(rec);
         }
         Ok(out)
     }
 
     fn verify(&self) -> Result<VerifyReport, StoreError> {
-        let txn = self.db.begin_read().map_err(be)?;
-        let transfers = txn.open_table(TRANSFERS).map_err(be)?;
-        let batches = txn.open_table(BATCHES).map_err(be)?;
-        let dedup = txn.open_table(DEDUP).map_err(be)?;
-        let adjustments = txn.open_table(ADJUSTMENTS).map_err(be)?;
-        let accounts = txn.open_table(ACCOUNTS).map_err(be)?;
+        let txn = self.db.begin_read()?;
+        let transfers = txn.open_table(TRANSFERS)?;
+        let batches = txn.open_table(BATCHES)?;
+        let dedup = txn.open_table(DEDUP)?;
+        let adjustments = txn.open_table(ADJUSTMENTS)?;
+        let accounts = txn.open_table(ACCOUNTS)?;
         let mut v = Verifier::new();
         let mut dedup_cache: HashMap<(u128, u64), DedupState> = HashMap::new();
         let mut batch_cache: HashMap<(u128, u64, u64), Option<(u32, u64)>> = HashMap::new();
         // Dedup state and batch records agree: every recorded batch is done, and every done seq
         // has its record.
         let mut recorded: HashMap<(u128, u64), Vec<u64>> = HashMap::new();
-        for row in batches.iter().map_err(be)? {
-            let (k, _) = row.map_err(be)?;
+        for row in batches.iter()? {
+            let (k, _) = row?;
             let (agent, epoch, seq) = k.value();
             recorded.entry((agent, epoch)).or_default().push(seq);
             v.batch();
         }
-        for row in dedup.iter().map_err(be)? {
-            let (k, val) = row.map_err(be)?;
+        for row in dedup.iter()? {
+            let (k, val) = row?;
             let key = k.value();
             let state: DedupState = dec("dedup", val.value())?;
             let seqs = recorded.remove(&key).unwrap_or_default();
@@ -672,8 +601,8 @@ impl Store for RedbStore {
                 AgentId(agent.to_be_bytes())
             ));
         }
-        for row in transfers.iter().map_err(be)? {
-            let (pos, val) = row.map_err(be)?;
+        for row in transfers.iter()? {
+            let (pos, val) = row?;
             let t: Transfer = dec("transfers", val.value())?;
             let pos = pos.value();
             let trace = match &t.source {
@@ -685,9 +614,13 @@ impl Store for RedbStore {
                 } => {
                     let bkey = (agent.as_u128(), *epoch, *seq);
                     if let std::collections::hash_map::Entry::Vacant(e) = batch_cache.entry(bkey) {
-                        let rec = match batches.get(bkey).map_err(be)? {
+                        let rec = match batches.get(bkey)? {
                             Some(b) => {
                                 let r: BatchRecord = dec("batches", b.value())?;
+                                r.check().map_err(|e| StoreError::Corrupt {
+                                    table: "batches",
+                                    detail: e.to_string(),
+                                })?;
                                 (r.outcome == BatchOutcome::Committed)
                                     .then_some((r.deltas, r.first_transfer))
                             }
@@ -697,7 +630,7 @@ impl Store for RedbStore {
                     }
                     let dkey = (agent.as_u128(), *epoch);
                     if !dedup_cache.contains_key(&dkey)
-                        && let Some(d) = dedup.get(dkey).map_err(be)?
+                        && let Some(d) = dedup.get(dkey)?
                     {
                         dedup_cache.insert(dkey, dec("dedup", d.value())?);
                     }
@@ -710,7 +643,7 @@ impl Store for RedbStore {
                 }
                 TransferSource::Adjustment {
                     idempotency_key, ..
-                } => match adjustments.get(idempotency_key.as_str()).map_err(be)? {
+                } => match adjustments.get(idempotency_key.as_str())? {
                     Some(p) if p.value() == pos => Ok(()),
                     Some(_) => Err(String::from("adjustment key names another transfer")),
                     None => Err(String::from("adjustment key is not recorded")),
@@ -718,8 +651,8 @@ impl Store for RedbStore {
             };
             v.transfer(&t, trace);
         }
-        for row in accounts.iter().map_err(be)? {
-            let (id, val) = row.map_err(be)?;
+        for row in accounts.iter()? {
+            let (id, val) = row?;
             let a: Account = dec("accounts", val.value())?;
             v.account(id.value(), &a);
         }

@@ -2,7 +2,7 @@
 //! exactly the steps a store does (dedup → post → append), and checked against a simple model.
 
 use super::*;
-use crate::dedup::DedupState;
+use crate::core::dedup::DedupState;
 use proptest::prelude::*;
 use tally_protocol::bounded::BoundedVec;
 use tally_protocol::catalog::MeterDef;
@@ -542,4 +542,51 @@ proptest! {
             prop_assert_eq!(m.usage_in(customer, "seats", Some(*period)), *value, "{} {}", customer, period);
         }
     }
+}
+
+fn bare_transfer(debit: AccountId, credit: AccountId) -> Transfer {
+    Transfer {
+        id: 1,
+        debit,
+        credit,
+        unit: MeterName::new("calls").unwrap(),
+        amount: Decimal::ONE,
+        events: 1,
+        customer: CustomerId::new("c").unwrap(),
+        event_at_ms: 0,
+        posted_at_ms: 0,
+        source: TransferSource::Adjustment {
+            idempotency_key: String::from("k"),
+            reason: String::from("r"),
+        },
+    }
+}
+
+#[test]
+#[should_panic(expected = "is not in the working set")]
+fn a_missing_account_is_a_programming_error_not_an_overflow() {
+    let mut ws = WorkingSet::new();
+    let _ = ws.apply(&bare_transfer(1, 2));
+}
+
+#[test]
+#[should_panic(expected = "ledger out of balance in unit calls")]
+fn an_unbalanced_working_set_fails_before_commit() {
+    let mut ws = WorkingSet::new();
+    let key = AccountKey::Source {
+        meter: MeterName::new("calls").unwrap(),
+    };
+    let mut a = Account::new(key.clone());
+    a.debits = Decimal::ONE;
+    ws.accounts.insert(key.id(), a);
+    ws.assert_balanced();
+}
+
+#[test]
+fn a_posted_working_set_balances() {
+    let mut ws = WorkingSet::new();
+    let b = body(1, 1, 1, vec![delta("c", "calls", 0, Decimal::new(5, 0), 2)]);
+    let p = post_batch(&mut ws, &mut NoAccounts, &catalog(), &b, 0).unwrap();
+    assert!(p.is_ok());
+    ws.assert_balanced();
 }

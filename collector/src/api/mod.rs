@@ -1,0 +1,100 @@
+//! The admin HTTP API (SPEC §6.6): JSON, decimals as strings, errors in Stripe's shape
+//! (`{"error":{"type","code","message","param"}}`), `Authorization: Bearer <admin token>` on
+//! every route except `/healthz` and `/openapi.json`.
+//!
+//! Owns the routes, their request parsing and their answers. Guarantees: a request that fails
+//! to parse or validate is answered 400 and changes nothing; a missing or wrong token is 401
+//! before anything is read; the token is compared in constant time and never logged.
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+
+mod adjustments;
+mod agents;
+mod errors;
+mod ledger;
+mod meters;
+mod openapi;
+mod ops;
+mod quarantine;
+mod state;
+mod stripe_routes;
+mod usage;
+
+pub use errors::{ApiError, ErrorBody, ErrorDetail};
+use errors::{ApiResult, MAX_PAGE, customer, json_body, number, query};
+pub use openapi::openapi_doc;
+pub use state::ApiState;
+use state::{St, blocking};
+
+/// Serves the admin API until `shutdown` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<ApiState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let app = router(shared);
+    let r = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "admin api stopped");
+    }
+}
+
+/// The API's routes.
+pub fn router(shared: Arc<ApiState>) -> Router {
+    let private = Router::new()
+        .route("/v1/usage", get(usage::usage))
+        .route("/v1/customers/{customer}/usage", get(usage::customer_usage))
+        .route("/v1/meters", get(meters::list_meters))
+        .route("/v1/meters/{meter}", put(meters::put_meter))
+        .route("/v1/ledger/entries", get(ledger::entries))
+        .route("/v1/ledger/verify", get(ledger::verify))
+        .route("/v1/agents", get(agents::agents))
+        .route("/v1/agents/{id}/revoke", post(agents::revoke))
+        .route("/v1/adjustments", post(adjustments::adjust))
+        .route("/v1/quarantine", get(quarantine::quarantine))
+        .route("/v1/customers/{customer}", put(stripe_routes::put_customer))
+        .route("/v1/stripe/outbox", get(stripe_routes::list_outbox))
+        .route(
+            "/v1/stripe/outbox/{id}/retry",
+            post(stripe_routes::retry_outbox),
+        )
+        .route("/v1/reconciliation", get(stripe_routes::reconciliation))
+        .route("/metrics", get(ops::metrics))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
+    Router::new()
+        .merge(private)
+        .route("/healthz", get(ops::healthz))
+        .route("/v1/stripe/webhooks", post(stripe_routes::webhook))
+        .route("/openapi.json", get(openapi::openapi))
+        .fallback(errors::not_found)
+        .method_not_allowed_fallback(errors::method_not_allowed)
+        .with_state(shared)
+}
+
+async fn auth(State(shared): St, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(t)
+            if !t.is_empty() && bool::from(t.as_bytes().ct_eq(shared.admin_token().as_bytes())) =>
+        {
+            next.run(req).await
+        }
+        _ => ApiError::unauthorized().into_response(),
+    }
+}

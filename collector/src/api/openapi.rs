@@ -1,0 +1,43 @@
+//! The OpenAPI document of the admin API (`GET /openapi.json`).
+
+use super::errors::*;
+use utoipa::OpenApi;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Tally collector admin API", description = "Usage, meters, ledger, agents, Stripe forwarding. Errors in Stripe's shape. Bearer admin token."),
+    paths(super::usage::usage, super::usage::customer_usage, super::meters::list_meters, super::meters::put_meter, super::ledger::entries, super::ledger::verify,
+        super::agents::agents, super::agents::revoke, super::adjustments::adjust, super::quarantine::quarantine, super::ops::metrics, super::ops::healthz,
+        super::stripe_routes::put_customer, super::stripe_routes::list_outbox, super::stripe_routes::retry_outbox, super::stripe_routes::webhook, super::stripe_routes::reconciliation),
+    components(schemas(ErrorBody, ErrorDetail)),
+    modifiers(&BearerAuth),
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        openapi.security = Some(vec![SecurityRequirement::new(
+            "admin_token",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+/// The OpenAPI document of this API.
+pub fn openapi_doc() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+pub(super) async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(openapi_doc())
+}

@@ -1,0 +1,107 @@
+//! The admin API's state: handles to what it reads and writes, each owned elsewhere.
+
+use super::errors::ApiError;
+use crate::catalog::Catalogs;
+use crate::core::ledger::{Adjustment, VerifyReport};
+use crate::metrics::Metrics;
+use crate::net::registry::{LiveInfo, Registry};
+use crate::store::{AdjustOutcome, Store, StoreError};
+use crate::stripe::StripeRuntime;
+use axum::extract::State;
+use std::sync::Arc;
+use tally_clock::SharedClock;
+use tally_protocol::batch::AgentId;
+use tally_protocol::catalog::{Catalog, MeterDef};
+
+/// A handler's state.
+pub(crate) type St = State<Arc<ApiState>>;
+
+/// What the admin API reads and writes; each piece is owned elsewhere and shared by handle.
+pub struct ApiState {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Stripe forwarding: the forwarder, its metrics, webhooks and reconciliation.
+    pub stripe: Arc<StripeRuntime>,
+    /// Enrolment, revocation, live connections.
+    pub registry: Arc<Registry>,
+    /// The catalog handle (writes push to connected agents).
+    pub catalogs: Arc<Catalogs>,
+    admin_token: String,
+    clock: SharedClock,
+}
+
+impl ApiState {
+    /// The API's state from its handles.
+    pub fn new(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        stripe: Arc<StripeRuntime>,
+        registry: Arc<Registry>,
+        catalogs: Arc<Catalogs>,
+        admin_token: String,
+        clock: SharedClock,
+    ) -> Self {
+        ApiState {
+            store,
+            metrics,
+            stripe,
+            registry,
+            catalogs,
+            admin_token,
+            clock,
+        }
+    }
+
+    /// The admin token (a secret: do not log it).
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// Adds or replaces a meter and pushes the new catalog to every connected agent.
+    pub fn put_meter(&self, def: &MeterDef) -> Result<Catalog, StoreError> {
+        self.catalogs.put_meter(def)
+    }
+
+    /// Revokes an agent and closes its live connections. `Ok(false)` if it is unknown.
+    pub fn revoke(&self, agent: AgentId) -> Result<bool, StoreError> {
+        self.registry.revoke(agent)
+    }
+
+    /// Live facts about an agent.
+    pub fn live_info(&self, agent: AgentId) -> LiveInfo {
+        self.registry.live_info(agent)
+    }
+
+    /// Posts an adjustment.
+    pub fn adjust(&self, adj: &Adjustment) -> Result<AdjustOutcome, StoreError> {
+        let out = self.store.adjust(adj, self.clock.now_ms())?;
+        if matches!(out, AdjustOutcome::Created(_)) {
+            self.metrics.adjustments.inc();
+        }
+        Ok(out)
+    }
+
+    /// Verifies the ledger.
+    pub fn verify(&self) -> Result<VerifyReport, StoreError> {
+        self.store.verify()
+    }
+
+    /// Wall time, ms.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+}
+
+/// Runs a store call off the async workers (writes fsync).
+pub(crate) async fn blocking<T: Send + 'static>(
+    shared: &Arc<ApiState>,
+    f: impl FnOnce(&ApiState) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let shared = shared.clone();
+    match tokio::task::spawn_blocking(move || f(&shared)).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::task_failed(&e)),
+    }
+}

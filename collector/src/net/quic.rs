@@ -1,0 +1,310 @@
+//! The QUIC shell of the agent session: accepts connections, moves frames between the stream
+//! and the session machine ([`crate::core::session`]), and carries out its actions (ask the
+//! registry, queue batches for the committer, note metrics, close). No protocol rule lives here.
+//!
+//! Guarantees (with the machine's):
+//! - Connections beyond the configured limit are refused at the QUIC level.
+//! - Before `Welcome` a frame may be at most [`HANDSHAKE_FRAME_BYTES`], and the connection,
+//!   its stream and the handshake must each be done within the configured timeout.
+//! - On shutdown, every connection stops reading, flushes the acks of batches it received and
+//!   closes; [`serve`] waits at most 10 s for them.
+
+use crate::config::CollectorConfig;
+use crate::core::registry::Admission;
+pub use crate::core::session::HANDSHAKE_FRAME_BYTES;
+use crate::core::session::{Action, IngestReply, Note, Session, SessionConfig};
+use crate::ingest::IngestHandle;
+use crate::metrics::Metrics;
+use crate::net::registry::Registry;
+use std::sync::Arc;
+use std::time::Duration;
+use tally_clock::SharedClock;
+use tally_net::frames::{FrameReader, ReadError, write_frame};
+use tally_protocol::catalog::Catalog;
+use tally_protocol::error::ErrorCode;
+use tally_protocol::frame::AckOutcome;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+/// The limits of one agent session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Unacknowledged batches an agent may have in flight per connection.
+    pub max_in_flight: u32,
+    /// Most concurrent QUIC connections.
+    pub max_connections: usize,
+    /// Time allowed from connection to `Welcome`.
+    pub handshake_timeout: Duration,
+}
+
+impl From<&CollectorConfig> for SessionLimits {
+    fn from(c: &CollectorConfig) -> Self {
+        SessionLimits {
+            max_in_flight: c.max_in_flight,
+            max_connections: c.max_connections,
+            handshake_timeout: c.handshake_timeout,
+        }
+    }
+}
+
+/// What the QUIC server holds: narrow handles, each owned elsewhere.
+pub struct QuicServer {
+    /// Session limits.
+    pub limits: SessionLimits,
+    /// The committer's queue.
+    pub ingest: IngestHandle,
+    /// Admission, live connections, revocation.
+    pub registry: Arc<Registry>,
+    /// The current catalog; sessions push it when it changes.
+    pub catalog: watch::Receiver<Arc<Catalog>>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Wall time.
+    pub clock: SharedClock,
+}
+
+/// Serves QUIC until `shutdown` turns true, then lets every connection finish its acks.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    server: Arc<QuicServer>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let Some(incoming) = incoming else { break };
+        if conns.len() >= server.limits.max_connections {
+            incoming.refuse();
+            continue;
+        }
+        let server = server.clone();
+        let shutdown = shutdown.clone();
+        conns.spawn(async move {
+            server.metrics.connections.inc();
+            server.metrics.connections_active.inc();
+            handle(incoming, &server, shutdown).await;
+            server.metrics.connections_active.dec();
+        });
+    }
+    // Draining: connections stop reading new batches and flush their acks.
+    let drain = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
+        conns.abort_all();
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+async fn handle(
+    incoming: quinn::Incoming,
+    server: &Arc<QuicServer>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let timeout = server.limits.handshake_timeout;
+    let conn = match tokio::time::timeout(timeout, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "connection failed before it was established");
+            return;
+        }
+        Err(_) => return,
+    };
+    let (send, recv) = match tokio::time::timeout(timeout, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "no stream");
+            conn.close(quinn::VarInt::from_u32(1), b"no stream");
+            return;
+        }
+        Err(_) => {
+            conn.close(quinn::VarInt::from_u32(1), b"handshake timeout");
+            return;
+        }
+    };
+    let Some(binding) = tally_net::tls::binding(&conn) else {
+        conn.close(quinn::VarInt::from_u32(1), b"no keying material");
+        return;
+    };
+    let mut nonce = [0u8; 32];
+    if getrandom::getrandom(&mut nonce).is_err() {
+        conn.close(
+            quinn::VarInt::from_u32(u32::from(ErrorCode::Internal.number())),
+            b"error",
+        );
+        return;
+    }
+    let config = SessionConfig {
+        max_in_flight: server.limits.max_in_flight.max(1),
+        handshake_timeout_ms: i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX),
+    };
+    let session = Session::new(config, binding, nonce, server.clock.now_ms());
+    let span = tracing::info_span!("agent_session", agent = tracing::field::Empty);
+    Shell {
+        server: server.clone(),
+        conn,
+        send,
+        reader: FrameReader::new(recv),
+        session,
+        replies: JoinSet::new(),
+        shutdown,
+    }
+    .run()
+    .instrument(span)
+    .await;
+}
+
+/// One connection: the session machine and the I/O it asks for.
+struct Shell {
+    server: Arc<QuicServer>,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    reader: FrameReader,
+    session: Session,
+    replies: JoinSet<(u64, IngestReply)>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Shell {
+    async fn run(mut self) {
+        let mut catalog = self.server.catalog.clone();
+        self.session
+            .on_catalog(catalog.borrow_and_update().as_ref().clone());
+        let mut catalog_open = true;
+        let mut shutdown_seen = false;
+        loop {
+            if self.act().await {
+                return;
+            }
+            let now = self.server.clock.now_ms();
+            let timer = self.session.poll_timeout().map(|due| {
+                Duration::from_millis(u64::try_from(due.saturating_sub(now)).unwrap_or(0))
+            });
+            let reading = self.session.wants_frames();
+            tokio::select! {
+                Some(r) = self.replies.join_next(), if !self.replies.is_empty() => {
+                    let (ticket, reply) = r.unwrap_or((0, Err(ErrorCode::Internal)));
+                    self.session.on_ingest_reply(ticket, reply);
+                }
+                f = self.reader.next(), if reading => match f {
+                    Ok(frame) => self.session.handle_frame(self.server.clock.now_ms(), frame),
+                    Err(ReadError::Frame(e)) => self.session.handle_bad_frame(&e),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "stream ended");
+                        self.session.handle_peer_finished();
+                    }
+                },
+                c = catalog.changed(), if catalog_open => match c {
+                    Ok(()) => {
+                        let c = catalog.borrow_and_update().as_ref().clone();
+                        self.session.on_catalog(c);
+                    }
+                    Err(_) => catalog_open = false,
+                },
+                _ = self.shutdown.wait_for(|s| *s), if !shutdown_seen => {
+                    shutdown_seen = true;
+                    self.session.on_shutdown();
+                }
+                _ = tokio::time::sleep(timer.unwrap_or(Duration::ZERO)), if timer.is_some() => {
+                    self.session.handle_timeout(self.server.clock.now_ms());
+                }
+            }
+        }
+    }
+
+    /// Carries out the session's actions; true once the connection is closed.
+    async fn act(&mut self) -> bool {
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                Action::Send(frame) => {
+                    if let Err(e) = write_frame(&mut self.send, &frame).await {
+                        tracing::debug!(error = %e, "write failed");
+                        self.conn.close(quinn::VarInt::from_u32(0), b"bye");
+                        return true;
+                    }
+                }
+                Action::Admit(auth) => {
+                    let registry = self.server.registry.clone();
+                    let (id, key, token) = (
+                        auth.agent_id,
+                        auth.public_key.to_bytes(),
+                        auth.enroll_token.clone(),
+                    );
+                    let admission = tokio::task::spawn_blocking(move || {
+                        registry.admit(id, key, token.as_deref())
+                    })
+                    .await;
+                    let admission = match admission {
+                        Ok(Ok(a)) => a,
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "admission failed");
+                            Admission::Refuse(ErrorCode::Internal)
+                        }
+                        Err(_) => Admission::Refuse(ErrorCode::Internal),
+                    };
+                    if admission == Admission::Enrol {
+                        tracing::info!(agent = %id, "agent enrolled");
+                    }
+                    if !matches!(admission, Admission::Refuse(_)) {
+                        tracing::Span::current().record("agent", tracing::field::display(id));
+                        self.server.registry.register_live(id, self.conn.clone());
+                    }
+                    self.session
+                        .on_admitted(self.server.clock.now_ms(), admission);
+                }
+                Action::Ingest { ticket, batch } => match self.server.ingest.submit(*batch).await {
+                    Ok(rx) => {
+                        self.replies.spawn(async move {
+                            (ticket, rx.await.unwrap_or(Err(ErrorCode::Internal)))
+                        });
+                    }
+                    Err(_) => self
+                        .session
+                        .on_ingest_reply(ticket, Err(ErrorCode::ShuttingDown)),
+                },
+                Action::Acked {
+                    agent,
+                    epoch,
+                    seq,
+                    outcome,
+                } => {
+                    tracing::debug!(%agent, epoch, seq, outcome = outcome_name(outcome), "batch acked");
+                    self.server.registry.acked(agent, epoch, seq, outcome);
+                }
+                Action::SetFrameLimit(n) => self.reader.set_limit(n),
+                Action::Note(Note::Handshake(result)) => self.server.metrics.handshake(result),
+                Action::Note(Note::BatchRefused(result)) => {
+                    self.server.metrics.batch(result);
+                    if result == "bad_signature" {
+                        self.server.metrics.signature_failures.inc();
+                    }
+                    tracing::warn!(agent = ?self.session.agent(), result, "batch refused");
+                }
+                Action::Close { code, reason } => {
+                    let _ = self.send.finish();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), self.send.stopped()).await;
+                    self.conn
+                        .close(quinn::VarInt::from_u32(code), reason.as_bytes());
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// The committed outcome's name, for logs.
+pub fn outcome_name(o: AckOutcome) -> &'static str {
+    match o {
+        AckOutcome::Committed => "committed",
+        AckOutcome::Duplicate => "duplicate",
+        AckOutcome::Quarantined { .. } => "quarantined",
+    }
+}

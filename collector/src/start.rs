@@ -1,0 +1,241 @@
+//! Starting and stopping a whole collector in-process: store, committer, QUIC and HTTP.
+//!
+//! Owns [`Collector::start`] and [`CollectorHandle`]: it builds each piece of state once and
+//! hands each shell the narrow handles it needs (the QUIC server an ingest handle, the registry
+//! and catalog subscriptions; the admin API what it reads and writes, [`crate::api::ApiState`]).
+//!
+//! Guarantees: [`CollectorHandle::shutdown`] stops accepting batches, lets every connection
+//! flush the acks of batches already received, commits everything queued, and only then
+//! returns; the HTTP server stops gracefully.
+
+use crate::api::ApiState;
+use crate::catalog::Catalogs;
+use crate::config::CollectorConfig;
+use crate::init::{InitError, InitFiles};
+use crate::metrics::Metrics;
+use crate::net::quic::{QuicServer, SessionLimits};
+use crate::net::registry::Registry;
+use crate::store::redb::RedbStore;
+use crate::store::{Store, StoreError};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// Why a collector did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory is incomplete or unreadable (run `tally-collector init`).
+    #[error("data directory: {0} (run `tally-collector init` first)")]
+    Files(#[from] InitError),
+    /// The store did not open.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// TLS or QUIC setup failed.
+    #[error(transparent)]
+    Tls(#[from] tally_net::tls::TlsError),
+    /// A listener could not bind.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A thread could not start.
+    #[error("thread: {0}")]
+    Thread(std::io::Error),
+    /// The Stripe forwarder could not start.
+    #[error("stripe forwarder: {0}")]
+    Stripe(#[from] tally_stripe::forwarder::ForwarderError),
+}
+
+/// A running collector.
+pub struct CollectorHandle {
+    quic_addr: SocketAddr,
+    http_addr: SocketAddr,
+    files: InitFiles,
+    shared: Arc<ApiState>,
+    shutdown_tx: watch::Sender<bool>,
+    quic_task: tokio::task::JoinHandle<()>,
+    http_task: tokio::task::JoinHandle<()>,
+    committer: std::thread::JoinHandle<()>,
+}
+
+/// Starts collectors.
+pub struct Collector;
+
+impl Collector {
+    /// Opens the store in `config.data_dir` and starts the committer, QUIC and HTTP. The data
+    /// directory must have been made by [`crate::init::init`].
+    pub async fn start(config: CollectorConfig) -> Result<CollectorHandle, StartError> {
+        let files = InitFiles::at(&config.data_dir);
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| InitError::Io {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let admin_token = InitFiles::read_token(&files.admin_token)?;
+        let enroll_token = InitFiles::read_token(&files.enroll_token)?;
+        let server_config = tally_net::tls::server_config(
+            &read(&files.collector_pem)?,
+            &read(&files.collector_key)?,
+        )?;
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&files.store)?);
+        let metrics = Arc::new(Metrics::new());
+        let stripe = crate::stripe::StripeRuntime::start(
+            &config.stripe,
+            store.clone(),
+            metrics.stripe.clone(),
+        )?;
+        let outbox_wake = Arc::new(tokio::sync::Notify::new());
+        let (ingest, committer) = crate::ingest::spawn_with_wake(
+            store.clone(),
+            metrics.clone(),
+            config.group,
+            Some(outbox_wake.clone()),
+            config.clock.clone(),
+        )
+        .map_err(StartError::Thread)?;
+        {
+            let s = stripe.clone();
+            stripe.keep_task(tokio::spawn(async move {
+                loop {
+                    outbox_wake.notified().await;
+                    s.notify();
+                }
+            }));
+        }
+        if let Some(every) = config.stripe.reconcile_interval
+            && stripe.sends()
+        {
+            let (s, st) = (stripe.clone(), store.clone());
+            stripe.keep_task(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    match s.reconcile(&st, 7, false).await {
+                        Ok(r) => tracing::info!(
+                            discrepancies = r.discrepancies.len(),
+                            "stripe reconciliation"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "stripe reconciliation failed"),
+                    }
+                }
+            }));
+        }
+        let catalogs = Arc::new(Catalogs::open(store.clone())?);
+        let registry = Arc::new(Registry::new(
+            store.clone(),
+            enroll_token,
+            config.clock.clone(),
+        ));
+        let endpoint =
+            quinn::Endpoint::server(server_config, config.quic_addr).map_err(|source| {
+                StartError::Bind {
+                    addr: config.quic_addr,
+                    source,
+                }
+            })?;
+        let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+            addr: config.quic_addr,
+            source,
+        })?;
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.http_addr,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.http_addr,
+            source,
+        })?;
+        let quic = QuicServer {
+            limits: SessionLimits::from(&config),
+            ingest: ingest.into(),
+            registry: registry.clone(),
+            catalog: catalogs.subscribe(),
+            metrics: metrics.clone(),
+            clock: config.clock.clone(),
+        };
+        let shared = Arc::new(ApiState::new(
+            store,
+            metrics,
+            stripe,
+            registry,
+            catalogs,
+            admin_token,
+            config.clock.clone(),
+        ));
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let quic_task = tokio::spawn(crate::net::quic::serve(
+            endpoint,
+            Arc::new(quic),
+            shutdown_rx.clone(),
+        ));
+        let http_task = tokio::spawn(crate::api::serve(listener, shared.clone(), shutdown_rx));
+        tracing::info!(%quic_addr, %http_addr, "collector started");
+        Ok(CollectorHandle {
+            quic_addr,
+            http_addr,
+            files,
+            shared,
+            shutdown_tx,
+            quic_task,
+            http_task,
+            committer,
+        })
+    }
+}
+
+impl CollectorHandle {
+    /// The QUIC address it listens on.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// The admin HTTP address it listens on.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The admin token (a secret: do not log it).
+    pub fn admin_token(&self) -> &str {
+        self.shared.admin_token()
+    }
+
+    /// The enrolment token (a secret: do not log it).
+    pub fn enroll_token(&self) -> &str {
+        self.shared.registry.enroll_token()
+    }
+
+    /// The files of its data directory.
+    pub fn files(&self) -> &InitFiles {
+        &self.files
+    }
+
+    /// What the admin API reads and writes (store, metrics, catalog, registry, Stripe), for
+    /// tests and embedding.
+    pub fn shared(&self) -> &Arc<ApiState> {
+        &self.shared
+    }
+
+    /// Stops gracefully: no new batches, acks of received ones flushed, queue committed.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        let _ = self.quic_task.await;
+        let _ = self.http_task.await;
+        // Requests to Stripe in flight are answered and recorded before the store closes.
+        self.shared.stripe.shutdown().await;
+        // Every connection is gone; dropping the last sender lets the committer drain and end.
+        let CollectorHandle {
+            shared, committer, ..
+        } = self;
+        drop(shared);
+        let _ = tokio::task::spawn_blocking(move || committer.join()).await;
+        tracing::info!("collector stopped");
+    }
+}
