@@ -29,10 +29,9 @@ mod stripe_routes;
 mod usage;
 
 pub use errors::{ApiError, ErrorBody, ErrorDetail};
-use errors::{ApiResult, MAX_PAGE, customer, json_body, number, query};
 pub use openapi::openapi_doc;
 pub use state::ApiState;
-use state::{St, blocking};
+use state::St;
 
 /// Serves the admin API until `shutdown` turns true.
 pub async fn serve(
