@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::store::{IngestBatch, IngestOutcome, Store};
 use std::sync::Arc;
 use std::time::Instant;
-use tally_clock::{Clock, SharedClock, SystemClock};
+use tally_clock::{Clock, SharedClock};
 use tally_protocol::error::ErrorCode;
 use tally_protocol::frame::AckOutcome;
 use tokio::sync::{mpsc, oneshot};
@@ -88,14 +88,6 @@ impl Default for GroupLimits {
             queue: 4096,
         }
     }
-}
-
-/// Milliseconds since the Unix epoch, now, from the system clock. Only for
-/// `stripe.rs` and `api/stripe_routes.rs`, until their rewrite takes the injected clock; every
-/// other part of the collector reads [`crate::CollectorConfig::clock`].
-#[doc(hidden)]
-pub fn now_ms() -> i64 {
-    SystemClock.now_ms()
 }
 
 /// Starts the committer thread; returns the queue's sender and the thread.

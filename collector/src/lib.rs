@@ -10,13 +10,13 @@
 //! - [`ingest`]: the group committer thread and its queue's handle.
 //! - [`catalog`]: the catalog handle (its one writer; pushes changes to sessions).
 //! - [`store`]: the storage trait, the redb backend ([`store::redb`], every table in
-//!   [`store::redb::tables`]) and the in-memory reference store ([`store::memory`]).
+//!   [`store::redb::tables`], the Stripe outbox in [`store::redb::outbox`]) and the in-memory
+//!   reference store ([`store::memory`]).
 //! - [`api`]: the admin HTTP API, one file per resource.
-//! - [`stripe_store`] (the Stripe outbox in the embedded store) and [`stripe`] (the forwarder's
-//!   lifecycle, configuration and reconciliation; SPEC §6.4).
+//! - [`stripe`]: the forwarder's lifecycle, configuration and reconciliation (SPEC §6.4).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`mod@init`], [`config`], [`start`], [`dev`]: files on disk, configuration, starting it
-//!   all, and the one-process quickstart ([`server`] only keeps an old name).
+//!   all, and the one-process quickstart.
 //! - [`testkit`]: a bare protocol client for tests and benchmarks.
 //!
 //! Starting a collector in-process (ports 0 pick free ones):
@@ -43,18 +43,10 @@ pub mod ingest;
 pub mod init;
 pub mod metrics;
 pub mod net;
-pub mod server;
 pub mod start;
 pub mod store;
 pub mod stripe;
-pub mod stripe_store;
 pub mod testkit;
-
-/// The meta table's old path, named by `stripe_store` until its rewrite imports it from
-/// [`store::redb`].
-pub(crate) mod redb_store {
-    pub(crate) use crate::store::redb::META_TABLE;
-}
 
 pub use config::CollectorConfig;
 pub use init::{InitFiles, init};

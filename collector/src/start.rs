@@ -84,10 +84,12 @@ impl Collector {
         )?;
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(&files.store)?);
         let metrics = Arc::new(Metrics::new());
-        let stripe = crate::stripe::StripeRuntime::start(
+        // The forwarder, reconciliation and the webhook check read the collector's one clock.
+        let stripe = crate::stripe::StripeRuntime::start_with_clock(
             &config.stripe,
             store.clone(),
             metrics.stripe.clone(),
+            config.clock.clone(),
         )?;
         let outbox_wake = Arc::new(tokio::sync::Notify::new());
         let (ingest, committer) = crate::ingest::spawn_with_wake(

@@ -25,14 +25,13 @@ mod openapi;
 mod ops;
 mod quarantine;
 mod state;
-mod stripe_routes;
+mod stripe;
 mod usage;
 
 pub use errors::{ApiError, ErrorBody, ErrorDetail};
-use errors::{ApiResult, MAX_PAGE, customer, json_body, number, query};
 pub use openapi::openapi_doc;
 pub use state::ApiState;
-use state::{St, blocking};
+use state::St;
 
 /// Serves the admin API until `shutdown` turns true.
 pub async fn serve(
@@ -64,19 +63,16 @@ pub fn router(shared: Arc<ApiState>) -> Router {
         .route("/v1/agents/{id}/revoke", post(agents::revoke))
         .route("/v1/adjustments", post(adjustments::adjust))
         .route("/v1/quarantine", get(quarantine::quarantine))
-        .route("/v1/customers/{customer}", put(stripe_routes::put_customer))
-        .route("/v1/stripe/outbox", get(stripe_routes::list_outbox))
-        .route(
-            "/v1/stripe/outbox/{id}/retry",
-            post(stripe_routes::retry_outbox),
-        )
-        .route("/v1/reconciliation", get(stripe_routes::reconciliation))
+        .route("/v1/customers/{customer}", put(stripe::put_customer))
+        .route("/v1/stripe/outbox", get(stripe::list_outbox))
+        .route("/v1/stripe/outbox/{id}/retry", post(stripe::retry_outbox))
+        .route("/v1/reconciliation", get(stripe::reconciliation))
         .route("/metrics", get(ops::metrics))
         .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
     Router::new()
         .merge(private)
         .route("/healthz", get(ops::healthz))
-        .route("/v1/stripe/webhooks", post(stripe_routes::webhook))
+        .route("/v1/stripe/webhooks", post(stripe::webhook))
         .route("/openapi.json", get(openapi::openapi))
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)

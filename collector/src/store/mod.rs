@@ -18,10 +18,18 @@ pub use crate::core::ingest::{
 };
 use crate::core::ledger::{Account, Adjustment, Period, Rejection, Transfer, VerifyReport};
 pub use crate::core::registry::AgentRecord;
-pub use crate::stripe_store::CustomerRecord;
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
 use tally_protocol::names::{CustomerId, MeterName};
+
+/// A customer's settings (`PUT /v1/customers/{customer}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CustomerRecord {
+    /// The Stripe customer (`cus_…`) usage is forwarded to.
+    pub stripe_customer_id: Option<String>,
+    /// The plan (stored; entitlements are a later issue and do not read it yet).
+    pub plan: Option<String>,
+}
 
 /// A storage failure. The operation changed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -46,10 +54,6 @@ pub enum StoreError {
     /// The Stripe outbox layer failed.
     #[error("stripe outbox: {0}")]
     Outbox(#[from] tally_stripe::outbox::StoreError),
-    /// A failure reported as text: only the Stripe glue (`stripe.rs`, `api/stripe_routes.rs`)
-    /// still makes these, until its rewrite uses the typed variants.
-    #[error("storage backend: {0}")]
-    Backend(String),
     /// A stored record does not decode.
     #[error("corrupt record in {table}: {detail}")]
     Corrupt {

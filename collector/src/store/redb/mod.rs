@@ -1,8 +1,8 @@
 //! The embedded [`Store`]: one redb file, `<data_dir>/collector.redb`.
 //!
 //! Every table, the on-disk format, its version and the migration hook are in [`tables`];
-//! outbox rows are written by [`crate::stripe_store`] in the ingest or adjustment transaction
-//! that posts their usage.
+//! outbox rows are written by [`outbox_rows`] in the ingest or adjustment transaction that posts
+//! their usage, and [`outbox`] serves them to the Stripe forwarder.
 //!
 //! Guarantees: every write is one redb write transaction with `Durability::Immediate` (fsynced
 //! before `commit` returns); a group of batches shares one transaction (group commit).
@@ -22,10 +22,10 @@ use crate::core::ledger::{
     Transfer, TransferSource, Verifier, VerifyReport, WorkingSet,
 };
 use crate::store::{
-    AdjustOutcome, AgentRecord, BatchOutcome, BatchRecord, EpochState, IngestBatch, IngestOutcome,
-    QuarantineRecord, Store, StoreError,
+    AdjustOutcome, AgentRecord, BatchOutcome, BatchRecord, CustomerRecord, EpochState, IngestBatch,
+    IngestOutcome, QuarantineRecord, Store, StoreError,
 };
-use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
@@ -38,10 +38,9 @@ use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
 use tally_protocol::names::{CustomerId, MeterName};
 
+pub mod outbox;
+pub mod outbox_rows;
 pub mod tables;
-
-/// The meta table, by its old name (named by `stripe_store`).
-pub(crate) const META_TABLE: TableDefinition<&str, &[u8]> = META;
 
 /// Greater than every meter name (`[a-z0-9_.-]`) and period (`YYYY-MM`).
 const AFTER_ASCII: &str = "\u{7f}";
@@ -80,8 +79,6 @@ impl RedbStore {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         tables::create_all(&txn)?;
-        // stripe_store's own list of its tables (the same ones; see `tables`), until it imports them.
-        crate::stripe_store::create_tables(&txn)?;
         tables::check_format(&txn)?;
         {
             let mut meta = txn.open_table(META)?;
@@ -101,6 +98,40 @@ impl RedbStore {
 
     pub(crate) fn db(&self) -> &Database {
         &self.db
+    }
+
+    /// The customer's settings.
+    pub fn customer_record(
+        &self,
+        customer: &str,
+    ) -> Result<Option<CustomerRecord>, tally_stripe::outbox::StoreError> {
+        outbox_rows::customer_record(&self.db, customer)
+    }
+
+    /// Stores the customer's settings.
+    pub fn put_customer_record(
+        &self,
+        customer: &str,
+        rec: &CustomerRecord,
+    ) -> Result<(), tally_stripe::outbox::StoreError> {
+        outbox_rows::put_customer_record(&self.db, customer, rec)
+    }
+
+    /// Appends one row outside any ledger transaction, as [`tally_stripe::MemoryStore::insert`]
+    /// does (zero values refused). For tests and tools only: the collector itself writes rows
+    /// in the ledger transaction that posts the usage.
+    pub fn append_outbox_row(
+        &self,
+        row: tally_stripe::NewOutboxRow,
+    ) -> Result<tally_stripe::outbox::RowId, tally_stripe::outbox::StoreError> {
+        outbox_rows::append_outbox_row(&self.db, row)
+    }
+
+    /// Every outbox row as (customer, stripe event name, bucket time, units), for reconciliation.
+    pub fn outbox_items(
+        &self,
+    ) -> Result<Vec<(String, String, i64, u64)>, tally_stripe::outbox::StoreError> {
+        outbox_rows::outbox_items(&self.db)
     }
 
     fn note_appended(&self, n: u64) {
@@ -200,7 +231,7 @@ struct IngestTables<'t> {
     dedup: Table<'t, (u128, u64), &'static [u8]>,
     batches: Table<'t, (u128, u64, u64), &'static [u8]>,
     quarantine: Table<'t, u64, &'static [u8]>,
-    outbox: crate::stripe_store::OutboxWriter<'t>,
+    outbox: outbox_rows::OutboxWriter<'t>,
 }
 
 impl Accounts for IngestTables<'_> {
@@ -292,7 +323,7 @@ impl RedbStore {
             dedup: txn.open_table(DEDUP)?,
             batches: txn.open_table(BATCHES)?,
             quarantine: txn.open_table(QUARANTINE)?,
-            outbox: crate::stripe_store::OutboxWriter::open(txn).map_err(outbox_err)?,
+            outbox: outbox_rows::OutboxWriter::open(txn).map_err(outbox_err)?,
         };
         let out = ingest_group(&mut tables, &catalog, batches, now_ms)?;
         let appended = tables.outbox.finish().map_err(outbox_err)?;
@@ -306,15 +337,11 @@ impl Store for RedbStore {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn customer(&self, customer: &str) -> Result<Option<crate::store::CustomerRecord>, StoreError> {
+    fn customer(&self, customer: &str) -> Result<Option<CustomerRecord>, StoreError> {
         self.customer_record(customer).map_err(outbox_err)
     }
 
-    fn put_customer(
-        &self,
-        customer: &str,
-        rec: &crate::store::CustomerRecord,
-    ) -> Result<(), StoreError> {
+    fn put_customer(&self, customer: &str, rec: &CustomerRecord) -> Result<(), StoreError> {
         self.put_customer_record(customer, rec).map_err(outbox_err)
     }
 
@@ -385,8 +412,7 @@ impl Store for RedbStore {
                     adjustments.insert(adj.idempotency_key.as_str(), pos)?;
                     ws.assert_balanced();
                     ledger.put_accounts(&ws)?;
-                    let mut outbox =
-                        crate::stripe_store::OutboxWriter::open(&txn).map_err(outbox_err)?;
+                    let mut outbox = outbox_rows::OutboxWriter::open(&txn).map_err(outbox_err)?;
                     outbox
                         .transfer(
                             &catalog,
@@ -657,7 +683,7 @@ impl Store for RedbStore {
             v.account(id.value(), &a);
         }
         drop(txn);
-        for problem in self.verify_outbox().map_err(outbox_err)? {
+        for problem in outbox_rows::verify_outbox(&self.db).map_err(outbox_err)? {
             v.violation(problem);
         }
         Ok(v.finish())

@@ -30,8 +30,9 @@
 //! | `customers`       | customer                              | `CustomerRecord`                 |
 //! | `stripe_webhooks` | Stripe event id                       | webhook record                   |
 //!
-//! The Stripe tables are read and written by [`crate::stripe_store`]; outbox rows are written
-//! in the ingest or adjustment transaction that posts their usage (SPEC §6.4).
+//! The Stripe tables (`outbox*`, `customers`, `stripe_webhooks`) are described, with their
+//! guarantees, in [`super::outbox`]: rows are written by [`super::outbox_rows`] in the ingest or
+//! adjustment transaction that posts their usage (SPEC §6.4).
 //!
 //! A store written before the format was recorded has no `"format"` key: it is version 1 (the
 //! layout did not change), and opening it records that. A newer version than this build knows
@@ -149,31 +150,6 @@ pub(crate) fn migrate(_txn: &WriteTransaction, from: u64) -> Result<(), StoreErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use redb::TableHandle;
-
-    /// `stripe_store` still declares its own copies of the Stripe tables until its rewrite
-    /// imports them from here; they must name the same tables.
-    #[test]
-    fn stripe_store_names_the_same_tables() {
-        use crate::stripe_store as s;
-        let pairs = [
-            (OUTBOX.name(), s::OUTBOX.name()),
-            (OUTBOX_FREE.name(), s::OUTBOX_FREE.name()),
-            (OUTBOX_OPEN.name(), s::OUTBOX_OPEN.name()),
-            (OUTBOX_GROUPS.name(), s::OUTBOX_GROUPS.name()),
-            (OUTBOX_ACTIVE.name(), s::OUTBOX_ACTIVE.name()),
-            (OUTBOX_IDENT.name(), s::OUTBOX_IDENT.name()),
-            (OUTBOX_WINDOW.name(), s::OUTBOX_WINDOW.name()),
-            (OUTBOX_CARRY.name(), s::OUTBOX_CARRY.name()),
-            (OUTBOX_COUNTERS.name(), s::OUTBOX_COUNTERS.name()),
-            (CUSTOMERS.name(), s::CUSTOMERS.name()),
-            (WEBHOOKS.name(), s::WEBHOOKS.name()),
-        ];
-        for (a, b) in pairs {
-            assert_eq!(a, b);
-        }
-        assert_eq!(NAMESPACE_KEY, s::NAMESPACE_KEY);
-    }
 
     #[test]
     fn a_newer_format_is_refused_and_an_unversioned_store_is_version_1() {

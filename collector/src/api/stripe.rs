@@ -1,8 +1,9 @@
 //! Stripe routes of the admin API (SPEC §6.4, §6.6): customer mapping, the outbox listing and
 //! operator retry, the webhook endpoint (signature, no token) and reconciliation.
 
-use super::{ApiError, ApiResult, St, blocking, json_body, number, query};
-use crate::store::CustomerRecord;
+use super::errors::{ApiError, ApiResult, json_body, number, query};
+use super::state::{ApiState, St, blocking};
+use crate::store::{CustomerRecord, StoreError};
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -21,20 +22,18 @@ fn outbox_error(e: OutboxError) -> ApiError {
             message: m,
             param: Some(String::from("id")),
         },
-        other => ApiError::from(crate::store::StoreError::Backend(other.to_string())),
+        other => ApiError::from(StoreError::Outbox(other)),
     }
 }
 
 async fn outbox_call<T: Send + 'static>(
-    shared: &std::sync::Arc<crate::server::Shared>,
-    f: impl FnOnce(&crate::server::Shared) -> Result<T, OutboxError> + Send + 'static,
+    shared: &std::sync::Arc<ApiState>,
+    f: impl FnOnce(&ApiState) -> Result<T, OutboxError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let shared = shared.clone();
     match tokio::task::spawn_blocking(move || f(&shared)).await {
         Ok(r) => r.map_err(outbox_error),
-        Err(_) => Err(ApiError::from(crate::store::StoreError::Backend(
-            String::from("task failed"),
-        ))),
+        Err(e) => Err(ApiError::task_failed(&e)),
     }
 }
 
@@ -62,13 +61,13 @@ pub struct CustomerAnswer {
 }
 
 #[utoipa::path(put, path = "/v1/customers/{customer}", tag = "stripe", params(("customer" = String, Path)),
-    request_body = CustomerBody, responses((status = 200, body = CustomerAnswer), (status = 400, body = super::ErrorBody)))]
+    request_body = CustomerBody, responses((status = 200, body = CustomerAnswer), (status = 400, body = super::errors::ErrorBody)))]
 pub(super) async fn put_customer(
     State(shared): St,
     Path(customer): Path<String>,
     body: Bytes,
 ) -> ApiResult<CustomerAnswer> {
-    let c = super::customer(&customer, "customer")?;
+    let c = super::errors::customer(&customer, "customer")?;
     let b: CustomerBody = json_body(&body)?;
     if let Some(sc) = &b.stripe_customer_id {
         let ok = sc.starts_with("cus_")
@@ -150,7 +149,7 @@ pub struct OutboxListing {
 #[utoipa::path(get, path = "/v1/stripe/outbox", tag = "stripe",
     params(("state" = Option<String>, Query, description = "pending (default), unknown, sent or dead"),
            ("after" = Option<u64>, Query), ("limit" = Option<u64>, Query)),
-    responses((status = 200, body = OutboxListing), (status = 400, body = super::ErrorBody)))]
+    responses((status = 200, body = OutboxListing), (status = 400, body = super::errors::ErrorBody)))]
 pub(super) async fn list_outbox(
     State(shared): St,
     RawQuery(raw): RawQuery,
@@ -167,7 +166,7 @@ pub(super) async fn list_outbox(
         })?,
     };
     let after = number(&q, "after", 0)?;
-    let limit = number(&q, "limit", 100)?.clamp(1, super::MAX_PAGE) as usize;
+    let limit = number(&q, "limit", 100)?.clamp(1, super::errors::MAX_PAGE) as usize;
     let (data, stats) = outbox_call(&shared, move |s| {
         Ok((s.store.list(state, after, limit)?, s.store.stats()?))
     })
@@ -194,7 +193,7 @@ pub struct Requeued {
 }
 
 #[utoipa::path(post, path = "/v1/stripe/outbox/{id}/retry", tag = "stripe", params(("id" = u64, Path)),
-    responses((status = 200, body = Requeued), (status = 400, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
+    responses((status = 200, body = Requeued), (status = 400, body = super::errors::ErrorBody), (status = 404, body = super::errors::ErrorBody)))]
 pub(super) async fn retry_outbox(State(shared): St, Path(id): Path<String>) -> ApiResult<Requeued> {
     let id: u64 = id
         .parse()
@@ -223,7 +222,7 @@ pub struct WebhookAnswer {
 #[utoipa::path(post, path = "/v1/stripe/webhooks", tag = "stripe", security(),
     params(("Stripe-Signature" = String, Header)),
     request_body(content = String, content_type = "application/json", description = "the Stripe event, raw"),
-    responses((status = 200, body = WebhookAnswer), (status = 400, body = super::ErrorBody)))]
+    responses((status = 200, body = WebhookAnswer), (status = 400, body = super::errors::ErrorBody)))]
 pub(super) async fn webhook(
     State(shared): St,
     headers: HeaderMap,
@@ -248,11 +247,7 @@ pub(super) async fn webhook(
         tally_stripe::webhook::handle_webhook(st.store.as_ref(), &header, &body, &secret, now_s)
     })
     .await
-    .map_err(|_| {
-        ApiError::from(crate::store::StoreError::Backend(String::from(
-            "task failed",
-        )))
-    })?;
+    .map_err(|e| ApiError::task_failed(&e))?;
     let handled = match r {
         Ok(h) => h,
         Err(WebhookError::Store(e)) => return Err(outbox_error(e)),
@@ -283,7 +278,7 @@ pub(super) async fn webhook(
 #[utoipa::path(get, path = "/v1/reconciliation", tag = "stripe",
     params(("days" = Option<u64>, Query, description = "UTC days to compare (default 7)"),
            ("include_today" = Option<bool>, Query, description = "also today (summaries lag; default false)")),
-    responses((status = 200, body = crate::stripe::ReconciliationReport), (status = 502, body = super::ErrorBody)))]
+    responses((status = 200, body = crate::stripe::ReconciliationReport), (status = 502, body = super::errors::ErrorBody)))]
 pub(super) async fn reconciliation(
     State(shared): St,
     RawQuery(raw): RawQuery,
