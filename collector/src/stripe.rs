@@ -14,12 +14,13 @@ use crate::store::Store;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
-use tally_stripe::client::StripeClient;
+use tally_stripe::client::{MeterIds, StripeClient};
 use tally_stripe::metrics::StripeMetrics;
 use tally_stripe::outbox::StoreError as OutboxError;
 use tally_stripe::reconcile::{DayKey, Discrepancy};
+use tally_stripe::time::{SharedClock, SystemClock};
 use tally_stripe::{ApiKey, ForwarderConfig, ForwarderHandle, WebhookSecret};
 
 /// Stripe settings of a collector.
@@ -110,9 +111,9 @@ pub enum ReconcileError {
     /// The outbox failed.
     #[error(transparent)]
     Outbox(#[from] OutboxError),
-    /// Stripe could not be reached.
-    #[error("stripe: {0}")]
-    Stripe(String),
+    /// The blocking store task failed.
+    #[error("reconciliation task: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// The running Stripe side of a collector.
@@ -123,17 +124,31 @@ pub struct StripeRuntime {
     /// The webhook signing secret.
     pub webhook_secret: Option<WebhookSecret>,
     client: Option<StripeClient>,
-    meter_ids: tokio::sync::Mutex<HashMap<String, String>>,
+    meter_ids: MeterIds,
+    clock: SharedClock,
     last: Mutex<Option<ReconciliationReport>>,
+    /// Background tasks (the commit relay, the reconciliation job): a fixed few, kept by the
+    /// server at start.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl StripeRuntime {
-    /// Starts the forwarder on `store` (call on a tokio runtime).
+    /// Starts the forwarder on `store` (call on a tokio runtime), on the system clock.
     pub fn start(
         settings: &StripeSettings,
         store: Arc<dyn Store>,
         metrics: StripeMetrics,
+    ) -> Result<Arc<Self>, tally_stripe::forwarder::ForwarderError> {
+        Self::start_with_clock(settings, store, metrics, Arc::new(SystemClock))
+    }
+
+    /// [`StripeRuntime::start`] on the collector's clock: the forwarder, reconciliation and the
+    /// webhook's timestamp check all read time from `clock`.
+    pub fn start_with_clock(
+        settings: &StripeSettings,
+        store: Arc<dyn Store>,
+        metrics: StripeMetrics,
+        clock: SharedClock,
     ) -> Result<Arc<Self>, tally_stripe::forwarder::ForwarderError> {
         tally_stripe::client::install_ring_provider();
         let f = &settings.forwarder;
@@ -150,13 +165,15 @@ impl StripeRuntime {
             ),
             None => None,
         };
-        let handle = tally_stripe::spawn(f.clone(), store, Some(metrics.clone()), None)?;
+        let handle =
+            tally_stripe::spawn(f.clone(), store, Some(metrics.clone()), Some(clock.clone()))?;
         Ok(Arc::new(Self {
             handle: Mutex::new(Some(handle)),
             metrics,
             webhook_secret: settings.webhook_secret.clone(),
             client,
-            meter_ids: tokio::sync::Mutex::new(f.meter_ids.clone()),
+            meter_ids: MeterIds::new(f.meter_ids.clone()),
+            clock,
             last: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
         }))
@@ -164,15 +181,24 @@ impl StripeRuntime {
 
     /// Keeps a background task (the commit relay, the reconciliation job) to stop at shutdown.
     pub fn keep_task(&self, t: tokio::task::JoinHandle<()>) {
-        if let Ok(mut v) = self.tasks.lock() {
-            v.push(t);
-        }
+        self.tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(t);
+    }
+
+    /// Now, on the runtime's clock (Unix ms).
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     /// Asks the forwarder for a pass now (after outbox rows or a mapping change).
     pub fn notify(&self) {
-        if let Ok(h) = self.handle.lock()
-            && let Some(h) = h.as_ref()
+        if let Some(h) = self
+            .handle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
         {
             h.notify();
         }
@@ -182,8 +208,9 @@ impl StripeRuntime {
     pub fn status(&self) -> tally_stripe::ForwarderStatus {
         self.handle
             .lock()
-            .ok()
-            .and_then(|h| h.as_ref().map(ForwarderHandle::status))
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(ForwarderHandle::status)
             .unwrap_or_default()
     }
 
@@ -194,7 +221,10 @@ impl StripeRuntime {
 
     /// The last reconciliation report.
     pub fn last_reconciliation(&self) -> Option<ReconciliationReport> {
-        self.last.lock().ok().and_then(|l| l.clone())
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Stops the background tasks and the forwarder after its requests in flight are answered.
@@ -202,8 +232,9 @@ impl StripeRuntime {
         let tasks: Vec<_> = self
             .tasks
             .lock()
-            .map(|mut v| v.drain(..).collect())
-            .unwrap_or_default();
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect();
         for t in &tasks {
             t.abort();
         }
@@ -211,23 +242,14 @@ impl StripeRuntime {
         for t in tasks {
             let _ = t.await;
         }
-        let h = self.handle.lock().ok().and_then(|mut h| h.take());
+        let h = self
+            .handle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(h) = h {
             h.shutdown().await;
         }
-    }
-
-    async fn meter_id(&self, client: &StripeClient, event_name: &str) -> Option<String> {
-        let mut ids = self.meter_ids.lock().await;
-        if let Some(id) = ids.get(event_name) {
-            return Some(id.clone());
-        }
-        if let Ok(Ok(meters)) = client.list_meters().await {
-            for m in meters {
-                ids.insert(m.event_name, m.id);
-            }
-        }
-        ids.get(event_name).cloned()
     }
 
     /// Compares what the ledger made due (Σ outbox units per Stripe customer, event name and UTC
@@ -240,7 +262,7 @@ impl StripeRuntime {
         days: i64,
         include_today: bool,
     ) -> Result<ReconciliationReport, ReconcileError> {
-        let now_s = crate::ingest::now_ms() / 1000;
+        let now_s = self.clock.now_ms() / 1000;
         let today = tally_stripe::time::day_start(now_s);
         let to_day = if include_today { today + 86_400 } else { today };
         let from_day = to_day - days.max(1) * 86_400;
@@ -257,9 +279,7 @@ impl StripeRuntime {
             return Ok(r);
         };
         let st = store.clone();
-        let items = tokio::task::spawn_blocking(move || st.outbox_items())
-            .await
-            .map_err(|e| ReconcileError::Stripe(format!("task: {e}")))??;
+        let items = tokio::task::spawn_blocking(move || st.outbox_items()).await??;
         let mut skipped = Vec::new();
         let mut resolved: HashMap<String, Option<String>> = HashMap::new();
         let mut mapped = Vec::new();
@@ -295,7 +315,7 @@ impl StripeRuntime {
         let mut stripe: BTreeMap<DayKey, Decimal> = BTreeMap::new();
         let mut compared_pairs = std::collections::HashSet::new();
         for (sc, event) in pairs {
-            let Some(mid) = self.meter_id(&client, &event).await else {
+            let Ok(mid) = self.meter_ids.get(&client, &event).await else {
                 skipped.push(format!("event {event}: no stripe meter"));
                 continue;
             };
@@ -330,9 +350,7 @@ impl StripeRuntime {
             skipped,
             mode: String::from("ok"),
         };
-        if let Ok(mut l) = self.last.lock() {
-            *l = Some(report.clone());
-        }
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(report.clone());
         Ok(report)
     }
 }

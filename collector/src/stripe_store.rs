@@ -23,6 +23,11 @@
 //! redb transaction (`Durability::Immediate`, redb's default), so a crash leaves either the
 //! whole call or none of it. Counts for [`OutboxStore::stats`] are maintained incrementally.
 //!
+//! The rules are not here: a group moves only as [`EventGroup::step`] says
+//! (`tally_stripe::group`), and units follow [`tally_stripe::units::Carry::step`]; this module
+//! stores their results and keeps its indexes (open groups, open rows per bucket time, counts)
+//! in step with the state each transition produced.
+//!
 //! Units: per (customer, meter) the store keeps [`Carry`] — the net scaled quantity posted so
 //! far and the whole units written to the outbox. Usage adds `quantity × stripe_unit_scale` and
 //! writes `⌊net⌋ − sent` units when positive; a reduction (a negative adjustment or a `last`
@@ -35,12 +40,14 @@ use redb::{ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransac
 use rust_decimal::Decimal;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use tally_protocol::catalog::Catalog;
 use tally_stripe::outbox::{
-    EventGroup, GroupId, GroupState, NewGroup, OutboxEntry, OutboxRow, OutboxState, OutboxStats,
-    RowId, StoreError as OutboxError, StripeError, WebhookRecord,
+    EventGroup, GroupEvent, GroupId, GroupState, NewGroup, OutboxEntry, OutboxRow, OutboxState,
+    OutboxStats, RowClaim, RowId, StoreError as OutboxError, StripeError, WebhookRecord,
+    check_new_groups,
 };
+use tally_stripe::units::UnitsError;
 
 pub(crate) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 pub(crate) const OUTBOX_FREE: TableDefinition<u64, ()> = TableDefinition::new("outbox_free");
@@ -94,7 +101,8 @@ pub struct CustomerRecord {
     pub plan: Option<String>,
 }
 
-/// Per (customer, meter): what was posted and what was written to the outbox, in Stripe units.
+/// Per (customer, meter): what was posted and what was written to the outbox, in Stripe units
+/// (the stored form of [`tally_stripe::units::Carry`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Carry {
     /// Net `Σ signed quantity × stripe_unit_scale` posted so far.
@@ -143,48 +151,20 @@ fn counter(t: &impl ReadableTable<&'static str, u64>, k: &str) -> Result<u64, Ou
     Ok(t.get(k).map_err(obe)?.map_or(0, |v| v.value()))
 }
 
-/// How many whole units one signed, scaled amount makes due (see the module doc).
-///
-/// The common case — usage with no reduction outstanding — goes through
-/// [`tally_stripe::outbox::outbox_row_for_usage`] (the crate's carry rule); a reduction, or usage
-/// while one is outstanding, uses the netting rule `max(0, ⌊net⌋ − sent)`, which is the same
-/// value whenever nothing is outstanding.
+/// How many whole units one signed, scaled amount makes due: [`tally_stripe::units::Carry::step`]
+/// on the stored carry (see the module doc).
 pub fn carry_step(
     carry: &mut Carry,
     signed_quantity: Decimal,
     scale: Decimal,
-) -> Result<u64, String> {
-    let no_debt = !carry.net_scaled.is_sign_negative()
-        && Decimal::from(carry.sent_units) == carry.net_scaled.floor();
-    if no_debt && !signed_quantity.is_sign_negative() {
-        let (row, cum) = tally_stripe::outbox::outbox_row_for_usage(
-            "",
-            "",
-            "",
-            0,
-            carry.net_scaled,
-            signed_quantity,
-            scale,
-        )
-        .map_err(|e| e.to_string())?;
-        let units = row.map_or(0, |r| r.value);
-        carry.net_scaled = cum;
-        carry.sent_units = carry.sent_units.checked_add(units).ok_or("unit overflow")?;
-        return Ok(units);
-    }
-    let scaled = signed_quantity
-        .checked_mul(scale)
-        .ok_or("scaled quantity overflows")?;
-    carry.net_scaled = carry
-        .net_scaled
-        .checked_add(scaled)
-        .ok_or("scaled quantity overflows")?;
-    let due = carry.net_scaled.floor() - Decimal::from(carry.sent_units);
-    if due <= Decimal::ZERO {
-        return Ok(0);
-    }
-    let units: u64 = due.try_into().map_err(|_| "unit overflow")?;
-    carry.sent_units = carry.sent_units.checked_add(units).ok_or("unit overflow")?;
+) -> Result<u64, UnitsError> {
+    let now = tally_stripe::units::Carry {
+        net_scaled: carry.net_scaled,
+        sent_units: carry.sent_units,
+    };
+    let (next, units) = now.step(signed_quantity, scale)?;
+    carry.net_scaled = next.net_scaled;
+    carry.sent_units = next.sent_units;
     Ok(units)
 }
 
@@ -258,7 +238,7 @@ impl<'t> OutboxWriter<'t> {
         };
         let signed = if positive { t.amount } else { -t.amount };
         let units = carry_step(&mut e.carry, signed, def.stripe_unit_scale)
-            .map_err(OutboxError::Invalid)?;
+            .map_err(|e| OutboxError::Invalid(e.to_string()))?;
         if units > 0 {
             // (The catalog is read once per transaction, so the event name cannot change here.)
             let d = e.due.entry(timestamp_s).or_insert(0);
@@ -336,10 +316,6 @@ struct GroupTables<'t> {
     counters: Table<'t, &'static str, u64>,
 }
 
-fn is_open(s: GroupState) -> bool {
-    matches!(s, GroupState::Pending | GroupState::Unknown)
-}
-
 fn state_counter(s: GroupState) -> Option<&'static str> {
     match s {
         GroupState::Pending => None,
@@ -400,8 +376,18 @@ impl<'t> GroupTables<'t> {
         Ok(())
     }
 
-    /// Moves `g` to `to`, keeping counters, the active set and the open-row index in step.
-    fn transition(&mut self, g: &mut EventGroup, to: GroupState) -> Result<(), OutboxError> {
+    /// Applies `event` to group `id` and stores the result ([`EventGroup::step`] decides).
+    fn apply(&mut self, id: GroupId, event: GroupEvent) -> Result<(), OutboxError> {
+        let g = self.group(id)?;
+        if let Some(next) = g.step(event)? {
+            self.reindex(&g, next.state)?;
+            self.put_group(&next)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps counters, the active set and the open-row index in step with `g` moving to `to`.
+    fn reindex(&mut self, g: &EventGroup, to: GroupState) -> Result<(), OutboxError> {
         let from = g.state;
         if from == to {
             return Ok(());
@@ -413,13 +399,13 @@ impl<'t> GroupTables<'t> {
         if let Some(k) = state_counter(to) {
             self.bump(k, n)?;
         }
-        if is_open(from) != is_open(to) {
-            if is_open(to) {
+        if from.is_open() != to.is_open() {
+            if to.is_open() {
                 self.active.insert(g.id, ()).map_err(obe)?;
             } else {
                 self.active.remove(g.id).map_err(obe)?;
             }
-            let sign = if is_open(to) { 1 } else { -1 };
+            let sign = if to.is_open() { 1 } else { -1 };
             let mut counts: BTreeMap<i64, i64> = BTreeMap::new();
             for rid in &g.event.row_ids {
                 let Some(r) = self.row(*rid)? else { continue };
@@ -427,7 +413,6 @@ impl<'t> GroupTables<'t> {
             }
             open_add(&mut self.open, counts)?;
         }
-        g.state = to;
         Ok(())
     }
 }
@@ -568,12 +553,7 @@ impl RedbStore {
         let (state, group, error) = match grp {
             None => (OutboxState::Pending, None, None),
             Some(g) => (
-                match g.state {
-                    GroupState::Pending => OutboxState::Pending,
-                    GroupState::Unknown => OutboxState::Unknown,
-                    GroupState::Sent => OutboxState::Sent,
-                    GroupState::Dead => OutboxState::Dead,
-                },
+                OutboxState::of(Some(g.state)),
                 Some((g.id, g.event.identifier.clone())),
                 g.last_error.clone(),
             ),
@@ -641,34 +621,16 @@ impl tally_stripe::OutboxStore for RedbStore {
     fn create_groups(&self, groups: Vec<NewGroup>) -> Result<Vec<EventGroup>, OutboxError> {
         self.write(|txn| {
             let mut t = GroupTables::open(txn)?;
-            let mut seen: HashSet<RowId> = HashSet::new();
-            for grp in &groups {
-                if grp.value == 0 || grp.row_ids.is_empty() {
-                    return Err(OutboxError::Invalid("empty group".into()));
-                }
-                if t.ident.get(grp.identifier.as_str()).map_err(obe)?.is_some() {
-                    return Err(OutboxError::Invalid(format!(
-                        "identifier {} exists",
-                        grp.identifier
-                    )));
-                }
-                let mut sum: u64 = 0;
-                for id in &grp.row_ids {
-                    let r = t
-                        .row(*id)?
-                        .ok_or_else(|| OutboxError::NotFound(format!("row {id}")))?;
-                    if r.group.is_some() || !seen.insert(*id) {
-                        return Err(OutboxError::Conflict(*id));
-                    }
-                    sum = sum.saturating_add(r.row.value);
-                }
-                if sum != grp.value {
-                    return Err(OutboxError::Invalid(format!(
-                        "group value {} differs from its rows' {sum}",
-                        grp.value
-                    )));
-                }
-            }
+            check_new_groups(
+                &groups,
+                |id| {
+                    Ok(t.row(id)?.map(|r| RowClaim {
+                        value: r.row.value,
+                        grouped: r.group.is_some(),
+                    }))
+                },
+                |ident| Ok(t.ident.get(ident).map_err(obe)?.is_some()),
+            )?;
             let mut next = counter(&t.counters, NEXT_GROUP)?.max(1);
             let mut out = Vec::with_capacity(groups.len());
             for grp in groups {
@@ -694,15 +656,7 @@ impl tally_stripe::OutboxStore for RedbStore {
                     )
                     .map_err(obe)?;
                 t.active.insert(id, ()).map_err(obe)?;
-                let eg = EventGroup {
-                    id,
-                    event: grp,
-                    state: GroupState::Pending,
-                    attempts: 0,
-                    first_attempt_ms: None,
-                    next_attempt_ms: 0,
-                    last_error: None,
-                };
+                let eg = EventGroup::new(id, grp);
                 t.put_group(&eg)?;
                 out.push(eg);
             }
@@ -725,7 +679,7 @@ impl tally_stripe::OutboxStore for RedbStore {
                 continue;
             };
             let g: EventGroup = odec("outbox_groups", v.value())?;
-            if is_open(g.state) && g.next_attempt_ms <= now_ms {
+            if g.state.is_open() && g.next_attempt_ms <= now_ms {
                 out.push(g);
             }
         }
@@ -741,11 +695,11 @@ impl tally_stripe::OutboxStore for RedbStore {
         self.write(|txn| {
             let mut t = GroupTables::open(txn)?;
             for id in ids {
-                let mut g = t.group(*id)?;
-                g.attempts = g.attempts.saturating_add(1);
-                g.first_attempt_ms.get_or_insert(now_ms);
-                g.next_attempt_ms = lease_until_ms;
-                t.put_group(&g)?;
+                let event = GroupEvent::Attempt {
+                    now_ms,
+                    lease_until_ms,
+                };
+                t.apply(*id, event)?;
             }
             Ok(())
         })
@@ -755,10 +709,7 @@ impl tally_stripe::OutboxStore for RedbStore {
         self.write(|txn| {
             let mut t = GroupTables::open(txn)?;
             for id in ids {
-                let mut g = t.group(*id)?;
-                t.transition(&mut g, GroupState::Sent)?;
-                g.last_error = None;
-                t.put_group(&g)?;
+                t.apply(*id, GroupEvent::Delivered)?;
             }
             Ok(())
         })
@@ -772,30 +723,17 @@ impl tally_stripe::OutboxStore for RedbStore {
         error: Option<StripeError>,
     ) -> Result<(), OutboxError> {
         self.write(|txn| {
-            let mut t = GroupTables::open(txn)?;
-            let mut g = t.group(id)?;
-            if g.state == GroupState::Sent || g.state == GroupState::Dead {
-                return Ok(());
-            }
-            g.next_attempt_ms = next_attempt_ms;
-            if unknown {
-                t.transition(&mut g, GroupState::Unknown)?;
-            }
-            if error.is_some() {
-                g.last_error = error;
-            }
-            t.put_group(&g)
+            let event = GroupEvent::Retry {
+                next_attempt_ms,
+                unknown,
+                error,
+            };
+            GroupTables::open(txn)?.apply(id, event)
         })
     }
 
     fn mark_dead(&self, id: GroupId, error: StripeError) -> Result<(), OutboxError> {
-        self.write(|txn| {
-            let mut t = GroupTables::open(txn)?;
-            let mut g = t.group(id)?;
-            t.transition(&mut g, GroupState::Dead)?;
-            g.last_error = Some(error);
-            t.put_group(&g)
-        })
+        self.write(|txn| GroupTables::open(txn)?.apply(id, GroupEvent::Rejected(error)))
     }
 
     fn mark_dead_by_identifier(
@@ -808,10 +746,7 @@ impl tally_stripe::OutboxStore for RedbStore {
             let Some(id) = t.ident.get(identifier).map_err(obe)?.map(|v| v.value()) else {
                 return Ok(false);
             };
-            let mut g = t.group(id)?;
-            t.transition(&mut g, GroupState::Dead)?;
-            g.last_error = Some(error);
-            t.put_group(&g)?;
+            t.apply(id, GroupEvent::Reported(error))?;
             Ok(true)
         })
     }
@@ -825,12 +760,12 @@ impl tally_stripe::OutboxStore for RedbStore {
             let gid = r
                 .group
                 .ok_or_else(|| OutboxError::Invalid(format!("row {row} is not dead")))?;
-            let mut g = t.group(gid)?;
-            if g.state != GroupState::Dead {
+            let g = t.group(gid)?;
+            let Ok(Some(back)) = g.step(GroupEvent::Requeue) else {
                 return Err(OutboxError::Invalid(format!("row {row} is not dead")));
-            }
+            };
             // Back to an open state first so counters and the open index follow.
-            t.transition(&mut g, GroupState::Pending)?;
+            t.reindex(&g, back.state)?;
             t.active.remove(gid).map_err(obe)?;
             t.groups.remove(gid).map_err(obe)?;
             t.ident.remove(g.event.identifier.as_str()).map_err(obe)?;
@@ -845,7 +780,7 @@ impl tally_stripe::OutboxStore for RedbStore {
             for rid in &g.event.row_ids {
                 if let Some(mut rec) = t.row(*rid)? {
                     rec.group = None;
-                    rec.row.revision = rec.row.revision.saturating_add(1);
+                    rec.row = rec.row.requeued();
                     t.put_row(&rec)?;
                 }
                 t.free.insert(*rid, ()).map_err(obe)?;

@@ -287,7 +287,7 @@ impl StripeClient {
         Self::finish(r).await
     }
 
-    /// `GET /v1/billing/meters` (all pages).
+    /// `GET /v1/billing/meters` (all pages, at most 100 of 100 meters).
     pub async fn list_meters(&self) -> Result<Result<Vec<Meter>, Answer>, TransportError> {
         #[derive(Deserialize)]
         struct Page {
@@ -317,7 +317,8 @@ impl StripeClient {
     }
 
     /// `GET /v1/billing/meters/{id}/event_summaries` for one customer over `[start, end)`,
-    /// grouped by `window` (`"day"`, `"hour"`, or `None` for one summary); all pages.
+    /// grouped by `window` (`"day"`, `"hour"`, or `None` for one summary); all pages, at most
+    /// 1000 of 100 summaries.
     pub async fn event_summaries(
         &self,
         meter_id: &str,
@@ -378,6 +379,79 @@ impl StripeClient {
             }
         }
         Ok(Ok(out))
+    }
+}
+
+/// Most Stripe meter ids [`MeterIds`] keeps (an account has far fewer meters; at the limit, new
+/// ones are looked up again each time they are needed).
+pub const METER_IDS_MAX: usize = 10_000;
+
+/// Why a meter id could not be found.
+#[derive(Debug, thiserror::Error)]
+pub enum MeterIdError {
+    /// `GET /v1/billing/meters` answered with this status.
+    #[error("list meters: http {0}")]
+    ListMeters(u16),
+    /// No Stripe meter has the event name.
+    #[error("no stripe meter for event {0}")]
+    NoMeter(String),
+    /// The request failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+/// Stripe meter ids (`mtr_…`) by event name: configured ones, the rest looked up with
+/// `GET /v1/billing/meters` when first needed. At most [`METER_IDS_MAX`] are kept.
+#[derive(Debug, Default)]
+pub struct MeterIds {
+    ids: tokio::sync::Mutex<std::collections::HashMap<String, String>>,
+}
+
+impl MeterIds {
+    /// A cache holding `known` (configured ids; beyond the limit they are dropped).
+    pub fn new(known: std::collections::HashMap<String, String>) -> Self {
+        Self {
+            ids: tokio::sync::Mutex::new(known.into_iter().take(METER_IDS_MAX).collect()),
+        }
+    }
+
+    /// The meter id for `event_name`.
+    pub async fn get(
+        &self,
+        client: &StripeClient,
+        event_name: &str,
+    ) -> Result<String, MeterIdError> {
+        let mut ids = self.ids.lock().await;
+        if let Some(id) = ids.get(event_name) {
+            return Ok(id.clone());
+        }
+        let meters = client
+            .list_meters()
+            .await?
+            .map_err(|a| MeterIdError::ListMeters(a.status))?;
+        let mut hit = None;
+        for m in meters {
+            if m.event_name == event_name {
+                hit = Some(m.id.clone());
+            }
+            if ids.len() < METER_IDS_MAX {
+                ids.entry(m.event_name).or_insert(m.id);
+            }
+        }
+        ids.get(event_name)
+            .cloned()
+            .or(hit)
+            .ok_or_else(|| MeterIdError::NoMeter(event_name.to_owned()))
+    }
+
+    /// How many ids are kept.
+    pub async fn len(&self) -> usize {
+        self.ids.lock().await.len()
+    }
+
+    /// Whether none are kept.
+    pub async fn is_empty(&self) -> bool {
+        self.ids.lock().await.is_empty()
     }
 }
 

@@ -1,21 +1,26 @@
-//! The forwarder: a tokio shell that turns pending outbox rows into meter events and drives them
-//! to `Sent` (or `Dead`) through every failure Stripe and the network produce.
+//! The forwarder: the tokio shell around [`crate::dispatch::Dispatcher`] that turns pending
+//! outbox rows into meter events and drives them to `Sent` (or `Dead`) through every failure
+//! Stripe and the network produce.
 //!
-//! Each pass: (1) pending rows are grouped ([`crate::plan`]) and the groups persisted before any
-//! send, fixing their identifiers; (2) ready groups are sent — v1 one event per request, at most
-//! one request in flight per (Stripe customer, event name); v2 up to 100 events per stream
-//! request on a session renewed before expiry and on `temporary_session_expired` — paced by a
-//! token bucket; (3) each answer is classified ([`crate::retry::classify`]) and recorded.
+//! The shell only moves data: it reads the store (pending rows, grouped with [`crate::plan`];
+//! ready groups), hands what it read and every HTTP answer to the machine, and performs the
+//! machine's actions in order — store calls on the blocking pool, requests through
+//! [`StripeClient`] on tasks — sleeping until the machine's next timer. Every decision (what to
+//! claim, retry classes, the 23-hour rule, v2 sessions, pacing, dead letters) is the machine's.
 //!
 //! Guarantees: a group is only ever sent under its one identifier, so retries (including after a
 //! crash, when the lease written before the send runs out) are deduplicated by Stripe; a group
 //! whose outcome stayed unknown longer than `unknown_check_after` (23 h) is checked against
 //! event summaries before it is sent again; without an API key nothing is sent and nothing is
 //! marked (log-only mode). The key never appears in logs.
+//!
+//! Limits: jobs ≤ `max_in_flight` (the machine's); tasks ≤ jobs × (1 + one check per event) + one
+//! session request; meter ids cached ≤ [`crate::client::METER_IDS_MAX`]; unmapped counts ≤ the distinct
+//! customers of one scan (`rows_per_pass` rows). Time is read only from the injected [`Clock`];
+//! the run loop sleeps until the machine's next timer, at most `poll_interval`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rust_decimal::Decimal;
@@ -23,35 +28,17 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::client::{DEFAULT_STRIPE_VERSION, MeterEvent, StripeClient, TransportError};
+use crate::client::{DEFAULT_STRIPE_VERSION, MeterIdError, MeterIds, StripeClient, TransportError};
+use crate::dispatch::{
+    Action, CheckReading, DispatchConfig, Dispatcher, JobId, PlanScan, Request, ScannedRows,
+    StoreOp,
+};
+pub use crate::dispatch::{Api, ForwarderStatus, ParseApiError};
 use crate::metrics::StripeMetrics;
-use crate::outbox::{EventGroup, GroupId, GroupState, OutboxStore, StoreError, resolve_customer};
-use crate::plan::plan_groups;
-use crate::retry::{Backoff, Outcome, TokenBucket, classify};
+use crate::outbox::{EventGroup, GroupId, OutboxStore, StoreError, resolve_customer};
+use crate::retry::{Answer, Backoff};
 use crate::secret::ApiKey;
-use crate::time::{Clock, SystemClock, parse_rfc3339};
-
-/// Which Stripe API carries meter events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Api {
-    /// `POST /v1/billing/meter_events` (default).
-    #[default]
-    V1,
-    /// v2 meter event session + stream.
-    V2,
-}
-
-impl std::str::FromStr for Api {
-    type Err = String;
-    /// `v1` or `v2` (the `--stripe-api` flag).
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "v1" => Ok(Self::V1),
-            "v2" => Ok(Self::V2),
-            other => Err(format!("unknown stripe api {other:?}: expected v1 or v2")),
-        }
-    }
-}
+use crate::time::{Clock, SystemClock};
 
 /// Forwarder settings.
 #[derive(Debug, Clone)]
@@ -116,6 +103,23 @@ impl ForwarderConfig {
             _ => 20,
         })
     }
+
+    /// The dispatch machine's settings.
+    pub fn dispatch(&self) -> DispatchConfig {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4);
+        DispatchConfig {
+            api: self.api,
+            live: self.api_key.is_some(),
+            rate_per_s: self.effective_rate(),
+            max_in_flight: self.max_in_flight,
+            poll_interval_ms: ms(self.poll_interval),
+            request_timeout_ms: ms(self.request_timeout),
+            backoff: self.backoff,
+            unknown_check_after_ms: ms(self.unknown_check_after),
+            session_renew_before_ms: ms(self.session_renew_before),
+            rows_per_pass: self.rows_per_pass,
+        }
+    }
 }
 
 /// Errors starting the forwarder.
@@ -126,34 +130,21 @@ pub enum ForwarderError {
     Client(#[from] TransportError),
 }
 
-/// What the forwarder knows beyond the store (for the API and tests).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ForwarderStatus {
-    /// Rows waiting for a customer mapping, per customer key (from the last pass).
-    pub unmapped: BTreeMap<String, u64>,
-    /// Requests sent.
-    pub requests: u64,
-    /// Unknown-outcome checks that could not decide (left for a later check / an operator).
-    pub inconclusive_checks: u64,
-    /// Groups found delivered by an unknown-outcome check.
-    pub resolved_by_check: u64,
-    /// The last store or transport error, for operators (no secrets).
-    pub last_error: Option<String>,
-}
-
-/// What the unknown-outcome check found.
-enum Check {
-    /// Stripe has these groups (all unknown ones in the window).
-    Delivered(Vec<GroupId>),
-    /// Stripe has none of the unknown ones: send.
-    NotDelivered,
-    /// Neither explains Stripe's total (eventual consistency, foreign events): wait.
-    Undecided,
-}
-
-struct Session {
-    token: String,
-    expires_ms: i64,
+/// Why an unknown-outcome check could not read what it compares.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The meter id is unknown.
+    #[error(transparent)]
+    MeterId(#[from] MeterIdError),
+    /// The event summaries answered with this status.
+    #[error("event summaries: http {0}")]
+    Summaries(u16),
+    /// The request failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
 }
 
 struct Shared<S: ?Sized> {
@@ -162,14 +153,8 @@ struct Shared<S: ?Sized> {
     client: Option<StripeClient>,
     clock: Arc<dyn Clock>,
     metrics: StripeMetrics,
-    bucket: Mutex<TokenBucket>,
-    session: tokio::sync::Mutex<Option<Session>>,
-    meter_ids: tokio::sync::Mutex<HashMap<String, String>>,
+    meter_ids: MeterIds,
     status: Mutex<ForwarderStatus>,
-    rng: AtomicU64,
-    logged: Mutex<HashSet<GroupId>>,
-    /// Where the next planning pass resumes, and unmapped counts gathered since the last wrap.
-    plan_cursor: Mutex<(u64, BTreeMap<String, u64>)>,
     wake: Notify,
 }
 
@@ -200,8 +185,8 @@ impl<S: OutboxStore + ?Sized> ForwarderHandle<S> {
         self.shared
             .status
             .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Stops after the requests in flight have been answered.
@@ -232,21 +217,14 @@ pub fn spawn<S: OutboxStore + ?Sized>(
         None => None,
     };
     let rate = cfg.effective_rate();
-    let mut seed = [0u8; 8];
-    let _ = getrandom::getrandom(&mut seed);
     let shared = Arc::new(Shared {
-        bucket: Mutex::new(TokenBucket::new(rate, rate, clock.now_ms())),
-        meter_ids: tokio::sync::Mutex::new(cfg.meter_ids.clone()),
+        meter_ids: MeterIds::new(cfg.meter_ids.clone()),
         cfg,
         store,
         client,
         clock,
         metrics: metrics.unwrap_or_default(),
-        session: tokio::sync::Mutex::new(None),
         status: Mutex::new(ForwarderStatus::default()),
-        rng: AtomicU64::new(u64::from_le_bytes(seed) | 1),
-        logged: Mutex::new(HashSet::new()),
-        plan_cursor: Mutex::new((0, BTreeMap::new())),
         wake: Notify::new(),
     });
     match &shared.cfg.api_key {
@@ -262,22 +240,32 @@ pub fn spawn<S: OutboxStore + ?Sized>(
     })
 }
 
+/// What a finished task brings back to the machine.
+enum Done {
+    /// A v1 or stream answer (`None`: lost).
+    Answer(JobId, Option<Answer>),
+    /// The session answer.
+    Session(Result<Result<(String, String), Answer>, ()>),
+    /// An unknown-outcome check's reading.
+    Check(JobId, GroupId, CheckReading),
+}
+
+/// What a task was for, to answer the machine if it panics.
+#[derive(Clone, Copy)]
+enum Pending {
+    Answer(JobId),
+    Session,
+    Check(JobId, GroupId),
+}
+
 impl<S: OutboxStore + ?Sized> Shared<S> {
-    fn random(&self) -> u64 {
-        // xorshift64*; quality is plenty for jitter and idempotency keys.
-        let mut x = self.rng.load(Ordering::Relaxed);
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng.store(x, Ordering::Relaxed);
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    fn note_error(&self, m: &mut Dispatcher, e: impl std::fmt::Display) {
+        warn!(error = %e, "stripe forwarder");
+        m.note_error(e);
     }
 
-    fn note_error(&self, e: impl std::fmt::Display) {
-        warn!(error = %e, "stripe forwarder");
-        if let Ok(mut s) = self.status.lock() {
-            s.last_error = Some(e.to_string());
-        }
+    fn publish(&self, m: &Dispatcher) {
+        *self.status.lock().unwrap_or_else(PoisonError::into_inner) = m.status().clone();
     }
 
     async fn blocking<T: Send + 'static>(
@@ -290,105 +278,40 @@ impl<S: OutboxStore + ?Sized> Shared<S> {
             .map_err(|e| StoreError::Backend(format!("store task: {e}")))?
     }
 
-    async fn take_token(&self) {
-        loop {
-            let now = self.clock.now_ms();
-            let r = match self.bucket.lock() {
-                Ok(mut b) => b.try_take(now),
-                Err(_) => Ok(()),
-            };
-            match r {
-                Ok(()) => return,
-                Err(wait) => tokio::time::sleep(wait).await,
+    /// Reads pending rows as the scan says, and their customers' Stripe mapping.
+    async fn scan(self: &Arc<Self>, scan: PlanScan) -> Result<ScannedRows, StoreError> {
+        self.blocking(move |store| {
+            let ns = store.namespace()?;
+            let mut rows = Vec::new();
+            let mut after = scan.after;
+            let mut reached_end = false;
+            while rows.len() < scan.limit {
+                let page = store.pending_rows(after, (scan.limit - rows.len()).min(10_000))?;
+                let Some(last) = page.last() else {
+                    reached_end = true;
+                    break;
+                };
+                after = last.id;
+                rows.extend(page);
             }
-        }
-    }
-
-    fn lease_until(&self, now_ms: i64) -> i64 {
-        now_ms + i64::try_from(self.cfg.request_timeout.as_millis()).unwrap_or(i64::MAX / 4) + 1000
-    }
-
-    fn retry_at(&self, attempts: u32, after: Option<Duration>) -> i64 {
-        let d = self
-            .cfg
-            .backoff
-            .delay(attempts.saturating_sub(1), self.random());
-        let d = after.map_or(d, |a| a.max(d));
-        self.clock.now_ms() + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
-    }
-
-    /// Groups pending rows and persists the groups; counts rows waiting for a mapping.
-    ///
-    /// Scans at most `rows_per_pass` rows a pass, resuming where the last pass stopped, so a
-    /// backlog of unmapped rows cannot starve newer rows; the unmapped counts are published each
-    /// time a scan reaches the end of the outbox.
-    async fn plan_pass(self: &Arc<Self>) -> Result<(), StoreError> {
-        let limit = self.cfg.rows_per_pass.max(1);
-        let start = self.plan_cursor.lock().map(|c| c.0).unwrap_or(0);
-        let (groups, unmapped, reached_end, last) = self
-            .blocking(move |store| {
-                let ns = store.namespace()?;
-                let mut rows = Vec::new();
-                let mut after = start;
-                let mut reached_end = false;
-                while rows.len() < limit {
-                    let page = store.pending_rows(after, (limit - rows.len()).min(10_000))?;
-                    let Some(last) = page.last() else {
-                        reached_end = true;
-                        break;
-                    };
-                    after = last.id;
-                    rows.extend(page);
+            // At most one entry per distinct customer of the scan.
+            let mut mapping = BTreeMap::new();
+            for r in &rows {
+                if !mapping.contains_key(&r.customer) {
+                    mapping.insert(r.customer.clone(), resolve_customer(store, &r.customer)?);
                 }
-                let mut err = None;
-                let plan = plan_groups(&ns, &rows, |c| match resolve_customer(store, c) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        err = Some(e);
-                        None
-                    }
-                });
-                if let Some(e) = err {
-                    return Err(e);
-                }
-                let n = plan.groups.len();
-                if n > 0 {
-                    store.create_groups(plan.groups)?;
-                }
-                Ok((n, plan.unmapped, reached_end, after))
+            }
+            Ok(ScannedRows {
+                namespace: ns,
+                rows,
+                mapping,
+                reached_end,
             })
-            .await?;
-        if groups > 0 {
-            debug!(groups, "stripe outbox rows grouped");
-        }
-        let publish = {
-            let Ok(mut c) = self.plan_cursor.lock() else {
-                return Ok(());
-            };
-            for (k, v) in unmapped {
-                *c.1.entry(k).or_insert(0) += v;
-            }
-            if reached_end {
-                c.0 = 0;
-                Some(std::mem::take(&mut c.1))
-            } else {
-                c.0 = last;
-                None
-            }
-        };
-        if let Some(unmapped) = publish {
-            let unmapped_rows: u64 = unmapped.values().sum();
-            self.metrics
-                .outbox_unmapped
-                .set(i64::try_from(unmapped_rows).unwrap_or(i64::MAX));
-            if let Ok(mut s) = self.status.lock() {
-                s.unmapped = unmapped;
-            }
-        }
-        Ok(())
+        })
+        .await
     }
 
-    async fn refresh_gauges(self: &Arc<Self>) {
+    async fn refresh_gauges(self: &Arc<Self>, m: &mut Dispatcher) {
         match self.blocking(|s| s.stats()).await {
             Ok(st) => {
                 self.metrics
@@ -403,501 +326,322 @@ impl<S: OutboxStore + ?Sized> Shared<S> {
                         .map_or(0, |t| (now_s - t).max(0)),
                 );
             }
-            Err(e) => self.note_error(e),
+            Err(e) => self.note_error(m, e),
         }
     }
 
-    fn needs_check(&self, g: &EventGroup, now_ms: i64) -> bool {
-        let limit = i64::try_from(self.cfg.unknown_check_after.as_millis()).unwrap_or(i64::MAX);
-        g.state == GroupState::Unknown && g.first_attempt_ms.is_some_and(|t| now_ms - t > limit)
-    }
-
-    async fn meter_id(&self, client: &StripeClient, event_name: &str) -> Option<String> {
-        let mut ids = self.meter_ids.lock().await;
-        if let Some(id) = ids.get(event_name) {
-            return Some(id.clone());
-        }
-        match client.list_meters().await {
-            Ok(Ok(meters)) => {
-                for m in meters {
-                    ids.entry(m.event_name).or_insert(m.id);
-                }
-            }
-            Ok(Err(a)) => self.note_error(format!("list meters: http {}", a.status)),
-            Err(e) => self.note_error(format!("list meters: {e}")),
-        }
-        ids.get(event_name).cloned()
-    }
-
-    /// The unknown-outcome check for `g`, over its minute window: Stripe's summary is compared
-    /// with what we know was delivered there plus every group whose outcome is unknown.
-    async fn check_delivered(&self, client: &StripeClient, g: &EventGroup) -> Check {
-        let Some(meter) = self.meter_id(client, &g.event.event_name).await else {
-            return Check::Undecided;
-        };
+    /// Reads what the unknown-outcome check of `g` compares: Stripe's event summaries over the
+    /// group's minute and the store's groups in it.
+    async fn read_check(
+        self: &Arc<Self>,
+        client: &StripeClient,
+        g: &EventGroup,
+    ) -> Result<CheckReading, CheckError> {
+        let meter = self.meter_ids.get(client, &g.event.event_name).await?;
         let start = g.event.timestamp_s - g.event.timestamp_s.rem_euclid(60);
         let end = start + 60;
-        let summaries = match client
+        let summaries = client
             .event_summaries(&meter, &g.event.stripe_customer, start, end, None)
-            .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(a)) => {
-                self.note_error(format!("event summaries: http {}", a.status));
-                return Check::Undecided;
-            }
-            Err(e) => {
-                self.note_error(format!("event summaries: {e}"));
-                return Check::Undecided;
-            }
-        };
-        let total: Decimal = summaries.iter().map(|s| s.aggregated_value).sum();
+            .await?
+            .map_err(|a| CheckError::Summaries(a.status))?;
+        let stripe_total: Decimal = summaries.iter().map(|s| s.aggregated_value).sum();
         let (cust, name) = (g.event.stripe_customer.clone(), g.event.event_name.clone());
-        let window = match self.store.window_groups(&cust, &name, start, end) {
-            Ok(w) => w,
-            Err(e) => {
-                self.note_error(e);
-                return Check::Undecided;
-            }
-        };
-        let sent: u64 = window
-            .iter()
-            .filter(|x| x.state == GroupState::Sent)
-            .map(|x| x.event.value)
-            .sum();
-        let mut unknown: Vec<(GroupId, u64)> = window
-            .iter()
-            .filter(|x| x.state == GroupState::Unknown)
-            .map(|x| (x.id, x.event.value))
-            .collect();
-        if !unknown.iter().any(|(id, _)| *id == g.id) {
-            unknown.push((g.id, g.event.value));
-        }
-        let unknown_sum: u64 = unknown.iter().map(|(_, v)| v).sum();
-        if total == Decimal::from(sent) + Decimal::from(unknown_sum) {
-            Check::Delivered(unknown.into_iter().map(|(id, _)| id).collect())
-        } else if total == Decimal::from(sent) {
-            Check::NotDelivered
-        } else {
-            Check::Undecided
-        }
+        let window = self
+            .blocking(move |s| s.window_groups(&cust, &name, start, end))
+            .await?;
+        Ok(CheckReading::Read {
+            stripe_total,
+            window,
+        })
     }
 
-    /// Runs the unknown-outcome check on `g`; returns true if the group may be sent now.
-    async fn gate_unknown(self: &Arc<Self>, client: &StripeClient, g: &EventGroup) -> bool {
-        if !self.needs_check(g, self.clock.now_ms()) {
-            return true;
-        }
-        match self.check_delivered(client, g).await {
-            Check::Delivered(ids) => {
-                info!(identifier = %g.event.identifier, groups = ids.len(), "unknown outcome found delivered in event summaries");
-                let n = ids.len() as u64;
-                if let Err(e) = self.blocking(move |s| s.mark_sent(&ids)).await {
-                    self.note_error(e);
-                }
-                if let Ok(mut s) = self.status.lock() {
-                    s.resolved_by_check += n;
-                }
-                false
-            }
-            Check::NotDelivered => true,
-            Check::Undecided => {
-                warn!(identifier = %g.event.identifier, "unknown outcome could not be decided from event summaries; checking again in an hour");
-                if let Ok(mut s) = self.status.lock() {
-                    s.inconclusive_checks += 1;
-                }
-                let (id, at) = (g.id, self.clock.now_ms() + 3_600_000);
-                if let Err(e) = self
-                    .blocking(move |s| s.mark_retry(id, at, true, None))
-                    .await
-                {
-                    self.note_error(e);
-                }
-                false
-            }
-        }
-    }
-
-    async fn apply(self: &Arc<Self>, groups: &[EventGroup], outcome: Outcome) {
-        let ids: Vec<GroupId> = groups.iter().map(|g| g.id).collect();
-        let attempts = groups.iter().map(|g| g.attempts + 1).max().unwrap_or(1);
-        let r = match outcome {
-            Outcome::Delivered => self.blocking(move |s| s.mark_sent(&ids)).await,
-            Outcome::Retry {
-                after,
-                unknown,
-                error,
-            } => {
-                let at = self.retry_at(attempts, after);
-                self.blocking(move |s| {
-                    for id in ids {
-                        s.mark_retry(id, at, unknown, error.clone())?;
+    /// Performs the machine's actions in order; a failed store action ends its job and skips
+    /// the job's later actions.
+    async fn perform(
+        self: &Arc<Self>,
+        m: &mut Dispatcher,
+        actions: Vec<Action>,
+        tasks: &mut JoinSet<Done>,
+        pending: &mut HashMap<tokio::task::Id, Pending>,
+    ) {
+        let mut failed: Vec<JobId> = Vec::new();
+        for action in actions {
+            match action {
+                Action::Store { job, op } => {
+                    if job.is_some_and(|j| failed.contains(&j)) {
+                        continue;
                     }
-                    Ok(())
-                })
-                .await
-            }
-            Outcome::SessionExpired => {
-                let at = self.clock.now_ms();
-                self.blocking(move |s| {
-                    for id in ids {
-                        s.mark_retry(id, at, false, None)?;
-                    }
-                    Ok(())
-                })
-                .await
-            }
-            Outcome::Dead(err) => {
-                warn!(code = %err.code, status = err.status, events = groups.len(), "stripe rejected meter events: dead letter");
-                let was_unknown: Vec<bool> = groups
-                    .iter()
-                    .map(|g| g.state == GroupState::Unknown)
-                    .collect();
-                self.blocking(move |s| {
-                    for (id, unknown) in ids.into_iter().zip(was_unknown) {
-                        let mut e = err.clone();
-                        if unknown {
-                            // An earlier send may have been delivered: a blind retry (new
-                            // identifier) could count twice. Say so where the operator looks.
-                            e.message = format!(
-                                "{} [an earlier send's outcome is unknown: check event summaries before retrying]",
-                                e.message
-                            );
+                    if let Err(e) = self.store_op(op).await {
+                        self.note_error(m, e);
+                        if let Some(j) = job {
+                            failed.push(j);
+                            m.on_store_failed(j);
                         }
-                        s.mark_dead(id, e)?;
-                    }
-                    Ok(())
-                })
-                .await
-            }
-        };
-        if let Err(e) = r {
-            self.note_error(e);
-        }
-    }
-
-    fn count_request(&self, status: Option<u16>) {
-        self.metrics.request(status);
-        if let Ok(mut s) = self.status.lock() {
-            s.requests += 1;
-        }
-    }
-
-    async fn send_v1(self: Arc<Self>, client: StripeClient, g: EventGroup) {
-        if !self.gate_unknown(&client, &g).await {
-            return;
-        }
-        self.take_token().await;
-        let (id, now) = (g.id, self.clock.now_ms());
-        let lease = self.lease_until(now);
-        if let Err(e) = self
-            .blocking(move |s| s.record_attempt(&[id], now, lease))
-            .await
-        {
-            self.note_error(e);
-            return;
-        }
-        let event = to_event(&g);
-        let key = format!("{}-a{}", g.event.identifier, g.attempts + 1);
-        let outcome = match client.create_meter_event(&event, &key).await {
-            Ok(a) => {
-                self.count_request(Some(a.status));
-                classify(&a, Some(&g.event.identifier))
-            }
-            Err(e) => {
-                self.count_request(None);
-                debug!(identifier = %g.event.identifier, error = %e, "meter event outcome unknown");
-                Outcome::Retry {
-                    after: None,
-                    unknown: true,
-                    error: None,
-                }
-            }
-        };
-        self.apply(std::slice::from_ref(&g), outcome).await;
-    }
-
-    async fn session_token(&self, client: &StripeClient) -> Result<String, Outcome> {
-        let mut guard = self.session.lock().await;
-        let now = self.clock.now_ms();
-        let renew = i64::try_from(self.cfg.session_renew_before.as_millis()).unwrap_or(0);
-        if let Some(s) = guard.as_ref()
-            && s.expires_ms - renew > now
-        {
-            return Ok(s.token.clone());
-        }
-        self.take_token().await;
-        let key = format!("tally-session-{:016x}", self.random());
-        match client.create_session(&key).await {
-            Ok(Ok(s)) => {
-                self.count_request(Some(200));
-                let cap = now + 15 * 60 * 1000;
-                let expires_ms = parse_rfc3339(&s.expires_at).map_or(cap, |t| (t * 1000).min(cap));
-                debug!(expires_ms, "meter event session created");
-                let token = s.authentication_token.clone();
-                *guard = Some(Session {
-                    token: s.authentication_token,
-                    expires_ms,
-                });
-                Ok(token)
-            }
-            Ok(Err(a)) => {
-                self.count_request(Some(a.status));
-                Err(match classify(&a, None) {
-                    // Nothing was sent: not an unknown outcome for the events.
-                    Outcome::Retry { after, error, .. } => Outcome::Retry {
-                        after,
-                        unknown: false,
-                        error,
-                    },
-                    other => other,
-                })
-            }
-            Err(_) => {
-                self.count_request(None);
-                Err(Outcome::Retry {
-                    after: None,
-                    unknown: false,
-                    error: None,
-                })
-            }
-        }
-    }
-
-    async fn send_v2(self: Arc<Self>, client: StripeClient, groups: Vec<EventGroup>) {
-        let mut ready = Vec::with_capacity(groups.len());
-        for g in groups {
-            if self.gate_unknown(&client, &g).await {
-                ready.push(g);
-            }
-        }
-        if ready.is_empty() {
-            return;
-        }
-        let events: Vec<MeterEvent> = ready.iter().map(to_event).collect();
-        let ids: Vec<GroupId> = ready.iter().map(|g| g.id).collect();
-        let now = self.clock.now_ms();
-        let lease = self.lease_until(now);
-        if let Err(e) = self
-            .blocking(move |s| s.record_attempt(&ids, now, lease))
-            .await
-        {
-            self.note_error(e);
-            return;
-        }
-        let outcome = self.stream_once(&client, &events).await;
-        if let Outcome::Dead(err) = &outcome
-            && ready.len() > 1
-        {
-            // One bad event must not dead-letter the other 99: resend each on its own (same
-            // identifiers, so nothing can count twice) and keep each event's own outcome.
-            debug!(code = %err.code, events = ready.len(), "stream rejected; isolating events");
-            for (g, e) in ready.iter().zip(&events) {
-                let o = self.stream_once(&client, std::slice::from_ref(e)).await;
-                self.apply(std::slice::from_ref(g), o).await;
-            }
-            return;
-        }
-        self.apply(&ready, outcome).await;
-    }
-
-    /// One stream request (renewing the session on `temporary_session_expired`, at most twice).
-    async fn stream_once(&self, client: &StripeClient, events: &[MeterEvent]) -> Outcome {
-        let mut outcome = Outcome::Retry {
-            after: None,
-            unknown: false,
-            error: None,
-        };
-        for _ in 0..3 {
-            let token = match self.session_token(client).await {
-                Ok(t) => t,
-                Err(o) => return o,
-            };
-            self.take_token().await;
-            let key = format!("tally-stream-{:016x}", self.random());
-            outcome = match client.send_stream(&token, events, &key).await {
-                Ok(a) => {
-                    self.count_request(Some(a.status));
-                    // Any 401 on the stream is about the session token, never the events.
-                    if a.status == 401 {
-                        Outcome::SessionExpired
-                    } else {
-                        classify(&a, None)
                     }
                 }
-                Err(_) => {
-                    self.count_request(None);
-                    Outcome::Retry {
-                        after: None,
-                        unknown: true,
-                        error: None,
+                Action::Send { job, request } => {
+                    if job.is_some_and(|j| failed.contains(&j)) {
+                        continue;
                     }
+                    let Some(client) = self.client.clone() else {
+                        continue;
+                    };
+                    let (kind, fut): (Pending, _) = match (job, request) {
+                        (None, Request::Session { idempotency_key }) => (
+                            Pending::Session,
+                            Box::pin(async move {
+                                Done::Session(match client.create_session(&idempotency_key).await {
+                                    Ok(Ok(s)) => Ok(Ok((s.authentication_token, s.expires_at))),
+                                    Ok(Err(a)) => Ok(Err(a)),
+                                    Err(_) => Err(()),
+                                })
+                            })
+                                as std::pin::Pin<Box<dyn Future<Output = Done> + Send>>,
+                        ),
+                        (
+                            Some(j),
+                            Request::V1 {
+                                event,
+                                idempotency_key,
+                            },
+                        ) => (
+                            Pending::Answer(j),
+                            Box::pin(async move {
+                                let r = client.create_meter_event(&event, &idempotency_key).await;
+                                if let Err(e) = &r {
+                                    debug!(identifier = %event.identifier, error = %e, "meter event outcome unknown");
+                                }
+                                Done::Answer(j, r.ok())
+                            }),
+                        ),
+                        (
+                            Some(j),
+                            Request::Stream {
+                                token,
+                                events,
+                                idempotency_key,
+                            },
+                        ) => (
+                            Pending::Answer(j),
+                            Box::pin(async move {
+                                let r = client.send_stream(&token, &events, &idempotency_key).await;
+                                Done::Answer(j, r.ok())
+                            }),
+                        ),
+                        _ => continue,
+                    };
+                    let h = tasks.spawn(fut);
+                    pending.insert(h.id(), kind);
                 }
-            };
-            if outcome != Outcome::SessionExpired {
-                break;
-            }
-            debug!("meter event session expired; renewing");
-            *self.session.lock().await = None;
-        }
-        outcome
-    }
-
-    fn log_only(&self, groups: &[EventGroup]) {
-        let Ok(mut logged) = self.logged.lock() else {
-            return;
-        };
-        for g in groups {
-            if logged.insert(g.id) {
-                info!(
+                Action::Check { job, group } => {
+                    let Some(client) = self.client.clone() else {
+                        continue;
+                    };
+                    let me = self.clone();
+                    let gid = group.id;
+                    let h = tasks.spawn(async move {
+                        let reading = match me.read_check(&client, &group).await {
+                            Ok(r) => r,
+                            Err(e) => CheckReading::Failed(e.to_string()),
+                        };
+                        Done::Check(job, gid, reading)
+                    });
+                    pending.insert(h.id(), Pending::Check(job, gid));
+                }
+                Action::Log(g) => info!(
                     identifier = %g.event.identifier,
                     customer = %g.event.stripe_customer,
                     event_name = %g.event.event_name,
                     timestamp = g.event.timestamp_s,
                     value = g.event.value,
                     "stripe log-only: would send meter event"
-                );
+                ),
             }
         }
     }
-}
 
-fn to_event(g: &EventGroup) -> MeterEvent {
-    MeterEvent {
-        event_name: g.event.event_name.clone(),
-        identifier: g.event.identifier.clone(),
-        timestamp_s: g.event.timestamp_s,
-        stripe_customer: g.event.stripe_customer.clone(),
-        value: g.event.value,
-    }
-}
-
-type Key = (String, String);
-
-/// How often the outbox gauges are refreshed from the store (a full count can be costly).
-const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
-
-async fn run<S: OutboxStore + ?Sized>(shared: Arc<Shared<S>>, stop: Arc<Notify>) {
-    let mut tasks: JoinSet<(Vec<GroupId>, Option<Key>)> = JoinSet::new();
-    let mut busy_keys: HashSet<Key> = HashSet::new();
-    let mut busy_groups: HashSet<GroupId> = HashSet::new();
-    let mut last_plan = tokio::time::Instant::now() - shared.cfg.poll_interval;
-    let mut last_gauges = tokio::time::Instant::now() - GAUGE_INTERVAL;
-    let mut stopping = false;
-    loop {
-        if !stopping && last_plan.elapsed() >= shared.cfg.poll_interval {
-            if let Err(e) = shared.plan_pass().await {
-                shared.note_error(e);
+    async fn store_op(self: &Arc<Self>, op: StoreOp) -> Result<(), StoreError> {
+        match op {
+            StoreOp::CreateGroups(groups) => {
+                let n = groups.len();
+                self.blocking(move |s| s.create_groups(groups).map(|_| ()))
+                    .await?;
+                debug!(groups = n, "stripe outbox rows grouped");
+                Ok(())
             }
-            last_plan = tokio::time::Instant::now();
+            StoreOp::RecordAttempt {
+                ids,
+                now_ms,
+                lease_until_ms,
+            } => {
+                self.blocking(move |s| s.record_attempt(&ids, now_ms, lease_until_ms))
+                    .await
+            }
+            StoreOp::MarkSent(ids) => self.blocking(move |s| s.mark_sent(&ids)).await,
+            StoreOp::MarkRetry {
+                id,
+                at_ms,
+                unknown,
+                error,
+            } => {
+                self.blocking(move |s| s.mark_retry(id, at_ms, unknown, error))
+                    .await
+            }
+            StoreOp::MarkDead { id, error } => {
+                warn!(code = %error.code, status = error.status, group = id, "stripe rejected meter event: dead letter");
+                self.blocking(move |s| s.mark_dead(id, error)).await
+            }
         }
-        if last_gauges.elapsed() >= GAUGE_INTERVAL {
-            shared.refresh_gauges().await;
-            last_gauges = tokio::time::Instant::now();
-        }
-        if !stopping {
-            dispatch(&shared, &mut tasks, &mut busy_keys, &mut busy_groups).await;
-        }
-        if stopping && tasks.is_empty() {
-            break;
-        }
-        tokio::select! {
-            _ = stop.notified() => stopping = true,
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Ok((ids, key)) = done {
-                    for id in ids { busy_groups.remove(&id); }
-                    if let Some(k) = key { busy_keys.remove(&k); }
-                } else {
-                    // A panicked send task: forget everything in flight; leases protect the rows.
-                    busy_groups.clear();
-                    busy_keys.clear();
+    }
+
+    /// Hands a finished task's result to the machine.
+    fn on_done(&self, m: &mut Dispatcher, done: Done) -> Vec<Action> {
+        let now = self.clock.now_ms();
+        match done {
+            Done::Answer(job, answer) => {
+                self.metrics.request(answer.as_ref().map(|a| a.status));
+                m.on_answer(now, job, answer)
+            }
+            Done::Session(r) => {
+                self.metrics.request(match &r {
+                    Ok(Ok(_)) => Some(200),
+                    Ok(Err(a)) => Some(a.status),
+                    Err(()) => None,
+                });
+                if let Ok(Ok((_, expires_at))) = &r {
+                    debug!(%expires_at, "meter event session created");
                 }
-                while let Some(more) = tasks.try_join_next() {
-                    if let Ok((ids, key)) = more {
-                        for id in ids { busy_groups.remove(&id); }
-                        if let Some(k) = key { busy_keys.remove(&k); }
+                m.on_session(now, r)
+            }
+            Done::Check(job, group, reading) => {
+                if let CheckReading::Failed(e) = &reading {
+                    warn!(error = %e, "stripe forwarder: unknown-outcome check");
+                }
+                let out = m.on_check(now, job, group, reading);
+                for a in &out {
+                    if let Action::Store {
+                        op: StoreOp::MarkSent(ids),
+                        ..
+                    } = a
+                    {
+                        info!(
+                            groups = ids.len(),
+                            "unknown outcome found delivered in event summaries"
+                        );
+                    }
+                    if let Action::Store {
+                        op: StoreOp::MarkRetry { id, .. },
+                        ..
+                    } = a
+                    {
+                        warn!(
+                            group = id,
+                            "unknown outcome could not be decided from event summaries; checking again in an hour"
+                        );
                     }
                 }
+                out
             }
-            _ = shared.wake.notified() => last_plan = tokio::time::Instant::now() - shared.cfg.poll_interval,
-            _ = tokio::time::sleep(shared.cfg.poll_interval) => {}
         }
     }
-    shared.refresh_gauges().await;
 }
 
-async fn dispatch<S: OutboxStore + ?Sized>(
-    shared: &Arc<Shared<S>>,
-    tasks: &mut JoinSet<(Vec<GroupId>, Option<Key>)>,
-    busy_keys: &mut HashSet<Key>,
-    busy_groups: &mut HashSet<GroupId>,
-) {
-    let free = shared.cfg.max_in_flight.saturating_sub(tasks.len());
-    if free == 0 {
-        return;
-    }
-    let per = if shared.cfg.api == Api::V2 {
-        crate::STREAM_EVENTS_MAX
-    } else {
-        1
-    };
-    let limit = busy_groups.len() + free * per * 4 + 100;
-    let now = shared.clock.now_ms();
-    let ready = match shared.blocking(move |s| s.ready_groups(now, limit)).await {
-        Ok(r) => r,
-        Err(e) => {
-            shared.note_error(e);
-            return;
-        }
-    };
-    let ready: Vec<EventGroup> = ready
-        .into_iter()
-        .filter(|g| !busy_groups.contains(&g.id))
-        .collect();
-    if ready.is_empty() {
-        return;
-    }
-    let Some(client) = shared.client.clone() else {
-        shared.log_only(&ready);
-        return;
-    };
-    match shared.cfg.api {
-        Api::V1 => {
-            let mut started = 0;
-            for g in ready {
-                if started >= free {
-                    break;
+async fn run<S: OutboxStore + ?Sized>(shared: Arc<Shared<S>>, stop: Arc<Notify>) {
+    let mut seed = [0u8; 8];
+    let _ = getrandom::getrandom(&mut seed);
+    let clock = shared.clock.clone();
+    let mut m = Dispatcher::new(
+        shared.cfg.dispatch(),
+        clock.now_ms(),
+        u64::from_le_bytes(seed),
+    );
+    let mut tasks: JoinSet<Done> = JoinSet::new();
+    let mut pending: HashMap<tokio::task::Id, Pending> = HashMap::new();
+    let poll_ms = i64::try_from(shared.cfg.poll_interval.as_millis()).unwrap_or(i64::MAX / 4);
+    loop {
+        let now = clock.now_ms();
+        if let Some(scan) = m.plan_due(now) {
+            match shared.scan(scan).await {
+                Ok(scanned) => {
+                    let (create, publish) = m.on_rows(now, scanned);
+                    if let Some(a) = create {
+                        shared
+                            .perform(&mut m, vec![a], &mut tasks, &mut pending)
+                            .await;
+                    }
+                    if let Some(unmapped) = publish {
+                        let rows: u64 = unmapped.values().sum();
+                        shared
+                            .metrics
+                            .outbox_unmapped
+                            .set(i64::try_from(rows).unwrap_or(i64::MAX));
+                    }
                 }
-                let key = (g.event.stripe_customer.clone(), g.event.event_name.clone());
-                if busy_keys.contains(&key) {
-                    continue;
+                Err(e) => {
+                    shared.note_error(&mut m, e);
+                    m.on_plan_failed(now);
                 }
-                busy_keys.insert(key.clone());
-                busy_groups.insert(g.id);
-                let (me, c) = (shared.clone(), client.clone());
-                tasks.spawn(async move {
-                    let id = g.id;
-                    me.send_v1(c, g).await;
-                    (vec![id], Some(key))
-                });
-                started += 1;
             }
         }
-        Api::V2 => {
-            let mut iter = ready.into_iter().peekable();
-            for _ in 0..free {
-                let chunk: Vec<EventGroup> = iter.by_ref().take(crate::STREAM_EVENTS_MAX).collect();
-                if chunk.is_empty() {
-                    break;
+        if m.gauges_due(clock.now_ms()) {
+            shared.refresh_gauges(&mut m).await;
+            m.gauges_refreshed(clock.now_ms());
+        }
+        if let Some(limit) = m.ready_limit() {
+            let now = clock.now_ms();
+            match shared.blocking(move |s| s.ready_groups(now, limit)).await {
+                Ok(ready) => {
+                    let actions = m.on_ready(now, ready);
+                    shared
+                        .perform(&mut m, actions, &mut tasks, &mut pending)
+                        .await;
                 }
-                let ids: Vec<GroupId> = chunk.iter().map(|g| g.id).collect();
-                busy_groups.extend(ids.iter().copied());
-                let (me, c) = (shared.clone(), client.clone());
-                tasks.spawn(async move {
-                    me.send_v2(c, chunk).await;
-                    (ids, None)
-                });
+                Err(e) => shared.note_error(&mut m, e),
             }
         }
+        let actions = m.on_timeout(clock.now_ms());
+        shared
+            .perform(&mut m, actions, &mut tasks, &mut pending)
+            .await;
+        shared.publish(&m);
+        if m.is_done() && tasks.is_empty() {
+            break;
+        }
+        let wait = (m.poll_timeout() - clock.now_ms()).clamp(0, poll_ms.max(1));
+        tokio::select! {
+            _ = stop.notified() => m.stop(),
+            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                let mut finished = vec![done];
+                while let Some(more) = tasks.try_join_next_with_id() {
+                    finished.push(more);
+                }
+                for f in finished {
+                    let done = match f {
+                        Ok((id, done)) => {
+                            pending.remove(&id);
+                            done
+                        }
+                        Err(e) => {
+                            // A panicked task: the machine hears of it as a lost answer.
+                            shared.note_error(&mut m, format!("stripe task: {e}"));
+                            match pending.remove(&e.id()) {
+                                Some(Pending::Answer(j)) => Done::Answer(j, None),
+                                Some(Pending::Session) => Done::Session(Err(())),
+                                Some(Pending::Check(j, g)) => {
+                                    Done::Check(j, g, CheckReading::Failed("task failed".into()))
+                                }
+                                None => continue,
+                            }
+                        }
+                    };
+                    let actions = shared.on_done(&mut m, done);
+                    shared.perform(&mut m, actions, &mut tasks, &mut pending).await;
+                }
+            }
+            _ = shared.wake.notified() => m.wake(clock.now_ms()),
+            _ = tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(0))) => {}
+        }
     }
+    shared.refresh_gauges(&mut m).await;
+    shared.publish(&m);
 }

@@ -1,13 +1,17 @@
 //! Tally's Stripe forwarding core: ledger usage → Stripe Billing meter events, exactly once.
 //!
-//! - [`units`]: Decimal usage → whole Stripe units with the remainder carried (called by the
-//!   collector inside its ledger transaction).
-//! - [`outbox`]: outbox rows, event groups, the [`outbox::OutboxStore`] trait and an in-memory
-//!   store.
+//! - [`units`]: Decimal usage → whole Stripe units with the remainder carried
+//!   ([`units::Carry::step`], reductions included; called by the collector inside its ledger
+//!   transaction).
+//! - [`group`]: event groups and their state machine ([`outbox::EventGroup::step`]), the one rule
+//!   every store applies.
+//! - [`outbox`]: outbox rows, the [`outbox::OutboxStore`] trait, the shared `create_groups`
+//!   checks and the in-memory reference store.
 //! - [`plan`]: aggregation of rows into meter events with deterministic identifiers.
 //! - [`retry`]: retry classes, backoff, token bucket (no I/O).
-//! - [`client`]: the HTTP shell (reqwest + rustls/ring).
-//! - [`forwarder`]: the tokio engine (v1 and v2).
+//! - [`client`]: the HTTP shell (reqwest + rustls/ring) and the bounded meter-id cache.
+//! - [`dispatch`]: the forwarder's decisions as a sans-IO state machine (v1 and v2).
+//! - [`forwarder`]: the tokio shell around it.
 //! - [`webhook`]: `Stripe-Signature` verification and the idempotent event handler.
 //! - [`reconcile`]: ledger totals vs Stripe event summaries.
 //! - [`metrics`]: Prometheus handles.
@@ -21,7 +25,8 @@
 //!    [`units::carry_units`]) and, if it returns a row, append it to the outbox table with the
 //!    next row id. Zero-unit rows are never written; the remainder is carried.
 //! 2. **Implement [`outbox::OutboxStore`]** on the collector's store (redb now, PostgreSQL later);
-//!    [`outbox::MemoryStore`] is the reference implementation and documents each method's rules.
+//!    [`outbox::MemoryStore`] is the reference implementation; every store applies the same
+//!    rules ([`outbox::EventGroup::step`], [`outbox::check_new_groups`], [`units::Carry::step`]).
 //! 3. **Start the forwarder**: [`spawn`]`(config, store, Some(metrics), None)` with a
 //!    [`ForwarderConfig`] (`api_key` from [`ApiKey::from_env_or_file`], `base_url`,
 //!    `meter_events_url`, `api` parsed from `--stripe-api`); call
@@ -39,7 +44,9 @@
 //!    `test_server::FakeStripe::url()`.
 
 pub mod client;
+pub mod dispatch;
 pub mod forwarder;
+pub mod group;
 pub mod metrics;
 pub mod outbox;
 pub mod plan;

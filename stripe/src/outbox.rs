@@ -12,6 +12,8 @@
 //!   with [`StoreError::Conflict`] if any row is already grouped — the hook where PostgreSQL uses
 //!   `FOR UPDATE SKIP LOCKED`);
 //! - a group's identifier, value and rows never change once created;
+//! - a group moves only as [`EventGroup::step`] (the [`crate::group`] state machine) says — every
+//!   store applies that one rule instead of its own;
 //! - `Unknown` is sticky: once a send's outcome was unknown, only a success (or an operator)
 //!   leaves that state, and `first_attempt_ms` keeps the time of the first possibly-delivered send.
 
@@ -21,10 +23,9 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Outbox row id, assigned by the store, strictly increasing.
-pub type RowId = u64;
-/// Event group id, assigned by the store.
-pub type GroupId = u64;
+pub use crate::group::{
+    EventGroup, GroupEvent, GroupId, GroupState, NewGroup, RowId, StripeError, TransitionError,
+};
 
 /// A row the collector writes in the same transaction as the ledger transfer it comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,69 +61,6 @@ pub struct OutboxRow {
     pub revision: u32,
 }
 
-/// Stripe's error as it came back (or as a webhook reported it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StripeError {
-    /// HTTP status, 0 when it came from a webhook.
-    pub status: u16,
-    /// Stripe's `error.code` (or `error.type` when there is no code).
-    pub code: String,
-    /// Stripe's `error.message`.
-    pub message: String,
-}
-
-/// Where a group stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GroupState {
-    /// Not yet delivered, no send with an unknown outcome yet.
-    Pending,
-    /// At least one send may have reached Stripe; retried with the same identifier.
-    Unknown,
-    /// Stripe accepted it (or told us it already had our identifier).
-    Sent,
-    /// Rejected permanently; waits for an operator.
-    Dead,
-}
-
-/// A meter event to be sent, covering one or more outbox rows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NewGroup {
-    /// Deterministic identifier, see [`identifier_for`].
-    pub identifier: String,
-    /// Stripe customer id (`cus_…`).
-    pub stripe_customer: String,
-    /// Stripe `event_name`.
-    pub event_name: String,
-    /// Our meter name (for reconciliation and listing).
-    pub meter: String,
-    /// Bucket time, Unix seconds.
-    pub timestamp_s: i64,
-    /// Σ row values, > 0.
-    pub value: u64,
-    /// Covered rows, ascending.
-    pub row_ids: Vec<RowId>,
-}
-
-/// A persisted group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EventGroup {
-    /// Store-assigned id.
-    pub id: GroupId,
-    /// What was planned.
-    pub event: NewGroup,
-    /// Current state.
-    pub state: GroupState,
-    /// Sends started.
-    pub attempts: u32,
-    /// When the first send started (Unix ms), if any.
-    pub first_attempt_ms: Option<i64>,
-    /// Not to be sent before this time (Unix ms).
-    pub next_attempt_ms: i64,
-    /// Last error seen.
-    pub last_error: Option<StripeError>,
-}
-
 /// Listing filter and per-row state as shown by `GET /v1/stripe/outbox?state=…`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -135,6 +73,83 @@ pub enum OutboxState {
     Sent,
     /// Dead letter.
     Dead,
+}
+
+impl OutboxState {
+    /// A row's state from its group's (`None`: the row is in no group yet).
+    pub fn of(group: Option<GroupState>) -> Self {
+        match group {
+            None | Some(GroupState::Pending) => Self::Pending,
+            Some(GroupState::Unknown) => Self::Unknown,
+            Some(GroupState::Sent) => Self::Sent,
+            Some(GroupState::Dead) => Self::Dead,
+        }
+    }
+}
+
+impl OutboxRow {
+    /// The row as an operator's requeue returns it to pending: the next revision, so the next
+    /// identifier differs from the rejected one.
+    pub fn requeued(mut self) -> Self {
+        self.revision = self.revision.saturating_add(1);
+        self
+    }
+}
+
+/// What a store knows about one row when a group is about to be created over it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowClaim {
+    /// The row's units.
+    pub value: u64,
+    /// Whether it is already in a group.
+    pub grouped: bool,
+}
+
+/// The rules of [`OutboxStore::create_groups`], for every store: each group is non-empty, its
+/// identifier is new, each row exists and is in no group (nor in two groups of the batch), and
+/// the group's value is exactly the sum of its rows'. `row` reads a row; `identifier_exists`
+/// looks an identifier up.
+pub fn check_new_groups(
+    groups: &[NewGroup],
+    mut row: impl FnMut(RowId) -> Result<Option<RowClaim>, StoreError>,
+    mut identifier_exists: impl FnMut(&str) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    let mut seen_rows = std::collections::HashSet::new();
+    let mut seen_identifiers = std::collections::HashSet::new();
+    for grp in groups {
+        if grp.value == 0 || grp.row_ids.is_empty() {
+            return Err(StoreError::Invalid("empty group".into()));
+        }
+        if !seen_identifiers.insert(grp.identifier.as_str()) || identifier_exists(&grp.identifier)?
+        {
+            return Err(StoreError::Invalid(format!(
+                "identifier {} exists",
+                grp.identifier
+            )));
+        }
+        let mut sum: u64 = 0;
+        for id in &grp.row_ids {
+            let r = row(*id)?.ok_or_else(|| StoreError::NotFound(format!("row {id}")))?;
+            if r.grouped || !seen_rows.insert(*id) {
+                return Err(StoreError::Conflict(*id));
+            }
+            sum = sum.saturating_add(r.value);
+        }
+        // Pair assertion: the group carries exactly the value of its rows.
+        if sum != grp.value {
+            return Err(StoreError::Invalid(format!(
+                "group value {} differs from its rows' {sum}",
+                grp.value
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl From<TransitionError> for StoreError {
+    fn from(e: TransitionError) -> Self {
+        Self::Invalid(e.to_string())
+    }
 }
 
 impl std::str::FromStr for OutboxState {
@@ -237,9 +252,10 @@ pub trait OutboxStore: Send + Sync + 'static {
         now_ms: i64,
         lease_until_ms: i64,
     ) -> Result<(), StoreError>;
-    /// Delivered.
+    /// Delivered ([`GroupEvent::Delivered`]; a settled group is left as it is).
     fn mark_sent(&self, ids: &[GroupId]) -> Result<(), StoreError>;
-    /// Try again at `next_attempt_ms`; `unknown` moves the group to `Unknown` (sticky).
+    /// Try again at `next_attempt_ms`; `unknown` moves the group to `Unknown` (sticky)
+    /// ([`GroupEvent::Retry`]; a settled group is left as it is).
     fn mark_retry(
         &self,
         id: GroupId,
@@ -247,9 +263,11 @@ pub trait OutboxStore: Send + Sync + 'static {
         unknown: bool,
         error: Option<StripeError>,
     ) -> Result<(), StoreError>;
-    /// Dead letter with Stripe's error.
+    /// Dead letter with Stripe's error ([`GroupEvent::Rejected`]; a settled group is left as
+    /// it is).
     fn mark_dead(&self, id: GroupId, error: StripeError) -> Result<(), StoreError>;
-    /// Dead letter by identifier (from a webhook error report); `Ok(false)` if unknown to us.
+    /// Dead letter by identifier (from a webhook error report, [`GroupEvent::Reported`], which
+    /// also overrides `Sent`); `Ok(false)` if unknown to us.
     fn mark_dead_by_identifier(
         &self,
         identifier: &str,
@@ -457,20 +475,30 @@ impl MemoryStore {
     ) -> (OutboxState, Option<(GroupId, String)>, Option<StripeError>) {
         match r.group.and_then(|id| g.groups.get(&id)) {
             None => (OutboxState::Pending, None, None),
-            Some(grp) => {
-                let st = match grp.state {
-                    GroupState::Pending => OutboxState::Pending,
-                    GroupState::Unknown => OutboxState::Unknown,
-                    GroupState::Sent => OutboxState::Sent,
-                    GroupState::Dead => OutboxState::Dead,
-                };
-                (
-                    st,
-                    Some((grp.id, grp.event.identifier.clone())),
-                    grp.last_error.clone(),
-                )
-            }
+            Some(grp) => (
+                OutboxState::of(Some(grp.state)),
+                Some((grp.id, grp.event.identifier.clone())),
+                grp.last_error.clone(),
+            ),
         }
+    }
+
+    /// Applies `event` to group `id` (the rules are [`EventGroup::step`]'s), keeping the set of
+    /// open groups in step.
+    fn apply(g: &mut Inner, id: GroupId, event: GroupEvent) -> Result<(), StoreError> {
+        let grp = g
+            .groups
+            .get_mut(&id)
+            .ok_or_else(|| StoreError::NotFound(format!("group {id}")))?;
+        if let Some(next) = grp.step(event)? {
+            if next.state.is_open() {
+                g.active.insert(id);
+            } else {
+                g.active.remove(&id);
+            }
+            *grp = next;
+        }
+        Ok(())
     }
 }
 
@@ -502,35 +530,16 @@ impl OutboxStore for MemoryStore {
 
     fn create_groups(&self, groups: Vec<NewGroup>) -> Result<Vec<EventGroup>, StoreError> {
         let mut g = self.lock()?;
-        for grp in &groups {
-            if grp.value == 0 || grp.row_ids.is_empty() {
-                return Err(StoreError::Invalid("empty group".into()));
-            }
-            if g.by_identifier.contains_key(&grp.identifier) {
-                return Err(StoreError::Invalid(format!(
-                    "identifier {} exists",
-                    grp.identifier
-                )));
-            }
-            let mut sum: u64 = 0;
-            for id in &grp.row_ids {
-                let r = g
-                    .rows
-                    .get(id)
-                    .ok_or_else(|| StoreError::NotFound(format!("row {id}")))?;
-                if r.group.is_some() {
-                    return Err(StoreError::Conflict(*id));
-                }
-                sum = sum.saturating_add(r.row.value);
-            }
-            // Pair assertion: the group carries exactly the value of its rows.
-            if sum != grp.value {
-                return Err(StoreError::Invalid(format!(
-                    "group value {} differs from its rows' {sum}",
-                    grp.value
-                )));
-            }
-        }
+        check_new_groups(
+            &groups,
+            |id| {
+                Ok(g.rows.get(&id).map(|r| RowClaim {
+                    value: r.row.value,
+                    grouped: r.group.is_some(),
+                }))
+            },
+            |ident| Ok(g.by_identifier.contains_key(ident)),
+        )?;
         let mut out = Vec::with_capacity(groups.len());
         for grp in groups {
             let id = g.next_group;
@@ -543,15 +552,7 @@ impl OutboxStore for MemoryStore {
             }
             g.by_identifier.insert(grp.identifier.clone(), id);
             g.active.insert(id);
-            let eg = EventGroup {
-                id,
-                event: grp,
-                state: GroupState::Pending,
-                attempts: 0,
-                first_attempt_ms: None,
-                next_attempt_ms: 0,
-                last_error: None,
-            };
+            let eg = EventGroup::new(id, grp);
             g.groups.insert(id, eg.clone());
             out.push(eg);
         }
@@ -563,10 +564,7 @@ impl OutboxStore for MemoryStore {
         Ok(g.active
             .iter()
             .filter_map(|id| g.groups.get(id))
-            .filter(|x| {
-                matches!(x.state, GroupState::Pending | GroupState::Unknown)
-                    && x.next_attempt_ms <= now_ms
-            })
+            .filter(|x| x.state.is_open() && x.next_attempt_ms <= now_ms)
             .take(limit)
             .cloned()
             .collect())
@@ -580,13 +578,11 @@ impl OutboxStore for MemoryStore {
     ) -> Result<(), StoreError> {
         let mut g = self.lock()?;
         for id in ids {
-            let grp = g
-                .groups
-                .get_mut(id)
-                .ok_or_else(|| StoreError::NotFound(format!("group {id}")))?;
-            grp.attempts = grp.attempts.saturating_add(1);
-            grp.first_attempt_ms.get_or_insert(now_ms);
-            grp.next_attempt_ms = lease_until_ms;
+            let event = GroupEvent::Attempt {
+                now_ms,
+                lease_until_ms,
+            };
+            Self::apply(&mut g, *id, event)?;
         }
         Ok(())
     }
@@ -594,13 +590,7 @@ impl OutboxStore for MemoryStore {
     fn mark_sent(&self, ids: &[GroupId]) -> Result<(), StoreError> {
         let mut g = self.lock()?;
         for id in ids {
-            let grp = g
-                .groups
-                .get_mut(id)
-                .ok_or_else(|| StoreError::NotFound(format!("group {id}")))?;
-            grp.state = GroupState::Sent;
-            grp.last_error = None;
-            g.active.remove(id);
+            Self::apply(&mut g, *id, GroupEvent::Delivered)?;
         }
         Ok(())
     }
@@ -612,34 +602,16 @@ impl OutboxStore for MemoryStore {
         unknown: bool,
         error: Option<StripeError>,
     ) -> Result<(), StoreError> {
-        let mut g = self.lock()?;
-        let grp = g
-            .groups
-            .get_mut(&id)
-            .ok_or_else(|| StoreError::NotFound(format!("group {id}")))?;
-        if grp.state == GroupState::Sent || grp.state == GroupState::Dead {
-            return Ok(());
-        }
-        grp.next_attempt_ms = next_attempt_ms;
-        if unknown {
-            grp.state = GroupState::Unknown;
-        }
-        if error.is_some() {
-            grp.last_error = error;
-        }
-        Ok(())
+        let event = GroupEvent::Retry {
+            next_attempt_ms,
+            unknown,
+            error,
+        };
+        Self::apply(&mut *self.lock()?, id, event)
     }
 
     fn mark_dead(&self, id: GroupId, error: StripeError) -> Result<(), StoreError> {
-        let mut g = self.lock()?;
-        let grp = g
-            .groups
-            .get_mut(&id)
-            .ok_or_else(|| StoreError::NotFound(format!("group {id}")))?;
-        grp.state = GroupState::Dead;
-        grp.last_error = Some(error);
-        g.active.remove(&id);
-        Ok(())
+        Self::apply(&mut *self.lock()?, id, GroupEvent::Rejected(error))
     }
 
     fn mark_dead_by_identifier(
@@ -647,11 +619,11 @@ impl OutboxStore for MemoryStore {
         identifier: &str,
         error: StripeError,
     ) -> Result<bool, StoreError> {
-        let id = match self.lock()?.by_identifier.get(identifier) {
-            Some(id) => *id,
-            None => return Ok(false),
+        let mut g = self.lock()?;
+        let Some(id) = g.by_identifier.get(identifier).copied() else {
+            return Ok(false);
         };
-        self.mark_dead(id, error)?;
+        Self::apply(&mut g, id, GroupEvent::Reported(error))?;
         Ok(true)
     }
 
@@ -667,7 +639,7 @@ impl OutboxStore for MemoryStore {
             .groups
             .get(&gid)
             .ok_or_else(|| StoreError::NotFound(format!("group {gid}")))?;
-        if grp.state != GroupState::Dead {
+        if grp.step(GroupEvent::Requeue).is_err() {
             return Err(StoreError::Invalid(format!("row {row} is not dead")));
         }
         let rows = grp.event.row_ids.clone();
@@ -678,7 +650,7 @@ impl OutboxStore for MemoryStore {
         for r in &rows {
             if let Some(rec) = g.rows.get_mut(r) {
                 rec.group = None;
-                rec.row.revision = rec.row.revision.saturating_add(1);
+                rec.row = rec.row.clone().requeued();
             }
             g.ungrouped.insert(*r);
         }
@@ -714,12 +686,7 @@ impl OutboxStore for MemoryStore {
         let g = self.lock()?;
         let mut s = OutboxStats::default();
         for r in g.rows.values() {
-            let st = match r.group.and_then(|id| g.groups.get(&id)).map(|x| x.state) {
-                None | Some(GroupState::Pending) => OutboxState::Pending,
-                Some(GroupState::Unknown) => OutboxState::Unknown,
-                Some(GroupState::Sent) => OutboxState::Sent,
-                Some(GroupState::Dead) => OutboxState::Dead,
-            };
+            let st = OutboxState::of(r.group.and_then(|id| g.groups.get(&id)).map(|x| x.state));
             match st {
                 OutboxState::Pending | OutboxState::Unknown => {
                     s.pending_rows += 1;

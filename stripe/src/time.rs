@@ -4,7 +4,7 @@
 //! one clock of the whole system), so tests can move time (the 23-hour unknown-outcome rule,
 //! session expiry) without sleeping.
 
-pub use tally_clock::{Clock, ManualClock, OffsetClock, SystemClock};
+pub use tally_clock::{Clock, ManualClock, OffsetClock, SharedClock, SystemClock};
 
 /// Formats Unix seconds as RFC 3339 UTC (`2026-11-21T20:00:00Z`).
 pub fn rfc3339(unix_s: i64) -> String {

@@ -7,6 +7,12 @@
 //! Guarantee: if the collector stores the returned `cumulative_scaled` and passes it back as
 //! `cumulative_scaled_before` on the next call, then after any sequence of calls
 //! `Σ units_now = ⌊Σ quantity × scale⌋` exactly (`Decimal` arithmetic, never floats).
+//!
+//! [`Carry::step`] is the one rule, reductions included: per (customer, meter) the collector
+//! keeps the net scaled quantity posted and the whole units written; usage writes
+//! `⌊net⌋ − sent` units when positive, a reduction (negative adjustment, a `last` meter going
+//! down) lowers `net` and writes nothing, so later usage nets it out before anything more is sent
+//! (docs/decisions/0022). [`carry_units`] is the same rule for usage only.
 
 use rust_decimal::Decimal;
 
@@ -36,8 +42,67 @@ pub enum UnitsError {
     Overflow,
 }
 
+/// Per (customer, meter): what was posted and what was written to the outbox, in Stripe units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carry {
+    /// Net `Σ signed quantity × stripe_unit_scale` posted so far.
+    pub net_scaled: Decimal,
+    /// Whole units written to the outbox so far (never decreases).
+    pub sent_units: u64,
+}
+
+impl Carry {
+    /// Posts `signed_quantity` (negative for a reduction) at `stripe_unit_scale`; returns the
+    /// new carry and the whole units to write now (`max(0, ⌊net⌋ − sent)`).
+    ///
+    /// Asserted: `sent_units` never decreases, and afterwards `sent_units ≥ ⌊net⌋` — every whole
+    /// unit posted is written exactly once.
+    pub fn step(
+        &self,
+        signed_quantity: Decimal,
+        stripe_unit_scale: Decimal,
+    ) -> Result<(Carry, u64), UnitsError> {
+        if stripe_unit_scale <= Decimal::ZERO {
+            return Err(UnitsError::InvalidScale(stripe_unit_scale));
+        }
+        let scaled = signed_quantity
+            .checked_mul(stripe_unit_scale)
+            .ok_or(UnitsError::Overflow)?;
+        let net_scaled = self
+            .net_scaled
+            .checked_add(scaled)
+            .ok_or(UnitsError::Overflow)?;
+        let due = net_scaled
+            .floor()
+            .checked_sub(Decimal::from(self.sent_units))
+            .ok_or(UnitsError::Overflow)?;
+        let units: u64 = if due > Decimal::ZERO {
+            due.try_into().map_err(|_| UnitsError::Overflow)?
+        } else {
+            0
+        };
+        let next = Carry {
+            net_scaled,
+            sent_units: self
+                .sent_units
+                .checked_add(units)
+                .ok_or(UnitsError::Overflow)?,
+        };
+        assert!(
+            next.sent_units >= self.sent_units,
+            "sent units never decrease"
+        );
+        assert!(
+            Decimal::from(next.sent_units) >= next.net_scaled.floor(),
+            "every whole unit posted is written"
+        );
+        Ok((next, units))
+    }
+}
+
 /// Converts `quantity` (in the meter's unit) to whole Stripe units given the cumulative scaled
-/// quantity recorded so far for the same customer and meter.
+/// quantity recorded so far for the same customer and meter: [`Carry::step`] for usage only,
+/// with nothing outstanding (`sent = ⌊before⌋`).
 ///
 /// `units_now = ⌊before + quantity × scale⌋ − ⌊before⌋`.
 pub fn carry_units(
@@ -54,20 +119,17 @@ pub fn carry_units(
     if cumulative_scaled_before.is_sign_negative() && !cumulative_scaled_before.is_zero() {
         return Err(UnitsError::NegativeCumulative(cumulative_scaled_before));
     }
-    let scaled = quantity
-        .checked_mul(stripe_unit_scale)
-        .ok_or(UnitsError::Overflow)?;
-    let cumulative_scaled = cumulative_scaled_before
-        .checked_add(scaled)
-        .ok_or(UnitsError::Overflow)?;
-    let whole_after = cumulative_scaled.floor();
-    let whole_before = cumulative_scaled_before.floor();
-    let diff = whole_after - whole_before;
-    let units_now: u64 = diff.try_into().map_err(|_| UnitsError::Overflow)?;
-    debug_assert!(cumulative_scaled >= cumulative_scaled_before);
+    let before = Carry {
+        net_scaled: cumulative_scaled_before,
+        sent_units: cumulative_scaled_before
+            .floor()
+            .try_into()
+            .map_err(|_| UnitsError::Overflow)?,
+    };
+    let (after, units_now) = before.step(quantity, stripe_unit_scale)?;
     Ok(UnitStep {
         units_now,
-        cumulative_scaled,
+        cumulative_scaled: after.net_scaled,
     })
 }
 
@@ -96,6 +158,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.units_now, 1);
+    }
+
+    #[test]
+    fn a_reduction_writes_nothing_and_is_netted_out_first() {
+        let d = |s: &str| Decimal::from_str(s).unwrap();
+        let mut c = Carry::default();
+        let mut sum = 0;
+        for q in ["0.4", "0.4", "0.4", "2.25", "0"] {
+            let (n, u) = c.step(d(q), d("1")).unwrap();
+            (c, sum) = (n, sum + u);
+        }
+        assert_eq!((sum, c.net_scaled), (3, d("3.45")));
+        let (c, u) = c.step(d("-2"), d("1")).unwrap();
+        assert_eq!(u, 0);
+        let (c, u) = c.step(d("1.5"), d("1")).unwrap();
+        assert_eq!(u, 0);
+        let (c, u) = c.step(d("1.1"), d("1")).unwrap();
+        assert_eq!((u, c.sent_units, c.net_scaled), (1, 4, d("4.05")));
     }
 
     #[test]
@@ -142,6 +222,31 @@ mod tests {
                 sent += step.units_now;
                 let expected: u64 = (ledger * scale).floor().try_into().unwrap();
                 prop_assert_eq!(sent, expected);
+            }
+        }
+
+        /// Units are conserved through the carry, reductions included: what was written is
+        /// always `max` over time of `⌊net⌋`, and once usage has netted out every reduction,
+        /// exactly `⌊net⌋`.
+        #[test]
+        fn carry_conserves_units_through_reductions(
+            steps in proptest::collection::vec((quantity(), any::<bool>()), 0..200),
+            scale in scale(),
+        ) {
+            let mut c = Carry::default();
+            let mut net = Decimal::ZERO;
+            let mut written: u64 = 0;
+            let mut high: Decimal = Decimal::ZERO;
+            for (q, reduce) in steps {
+                let signed = if reduce { -q } else { q };
+                let (next, units) = c.step(signed, scale).unwrap();
+                net += signed * scale;
+                written += units;
+                high = high.max(net.floor());
+                prop_assert_eq!(next.net_scaled, net);
+                prop_assert_eq!(next.sent_units, written);
+                prop_assert_eq!(Decimal::from(written), high);
+                c = next;
             }
         }
     }

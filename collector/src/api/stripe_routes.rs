@@ -242,7 +242,7 @@ pub(super) async fn webhook(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .ok_or_else(|| ApiError::missing("Stripe-Signature"))?;
-    let now_s = crate::ingest::now_ms() / 1000;
+    let now_s = shared.stripe.now_ms() / 1000;
     let st = shared.clone();
     let r = tokio::task::spawn_blocking(move || {
         tally_stripe::webhook::handle_webhook(st.store.as_ref(), &header, &body, &secret, now_s)
