@@ -176,6 +176,11 @@ impl Collector {
             Arc::new(quic),
             shutdown_rx.clone(),
         ));
+        if let Some(job) = &config.export {
+            let runner = crate::export::ExportRunner::new(shared.store.clone(), job.options.clone());
+            let _ = shared.export.set(runner.clone());
+            crate::export::spawn(runner, job.interval, shutdown_rx.clone());
+        }
         let http_task = tokio::spawn(crate::api::serve(listener, shared.clone(), shutdown_rx));
         tracing::info!(%quic_addr, %http_addr, "collector started");
         Ok(CollectorHandle {

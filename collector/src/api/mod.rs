@@ -71,6 +71,7 @@ pub fn router(shared: Arc<ApiState>) -> Router {
             post(stripe_routes::retry_outbox),
         )
         .route("/v1/reconciliation", get(stripe_routes::reconciliation))
+        .route("/v1/export", post(crate::export::route::export))
         .route("/metrics", get(ops::metrics))
         .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
     Router::new()
