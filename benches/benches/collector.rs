@@ -212,14 +212,13 @@ async fn group(per_batch: usize, n: usize) -> Report {
     let dir = tempfile::tempdir().expect("tempdir");
     let s: Arc<dyn Store> = Arc::new(store(dir.path()));
     let metrics = Arc::new(Metrics::new());
-    let (tx, thread) =
-        tally_collector::ingest::spawn(
-            s.clone(),
-            metrics,
-            GroupLimits::default(),
-            std::sync::Arc::new(tally_collector::tally_clock::SystemClock),
-        )
-        .expect("spawn");
+    let (tx, thread) = tally_collector::ingest::spawn(
+        s.clone(),
+        metrics,
+        GroupLimits::default(),
+        std::sync::Arc::new(tally_collector::tally_clock::SystemClock),
+    )
+    .expect("spawn");
     let per_producer = n / PRODUCERS;
     let inputs: Vec<(SigningKey, Vec<SignedBatch>)> = (0..PRODUCERS)
         .map(|p| {
@@ -384,21 +383,17 @@ async fn quic_paced(per_batch: usize, batches_per_s: u64, n: usize) -> Report {
         send
     });
     let mut lat = hist();
-    let mut decoder = tally_protocol::frame::FrameDecoder::new();
-    let mut buf = vec![0u8; 64 * 1024];
     let mut acked = 0;
     while acked < n {
-        let Some(read) = recv.read(&mut buf).await.expect("read") else {
+        // `recv` is the client's cancel-safe frame reader.
+        let Ok(f) = recv.next().await else {
             break;
         };
-        decoder.push(&buf[..read]);
-        while let Some(f) = decoder.next_frame().expect("frame") {
-            if let Frame::Ack(a) = f {
-                assert_eq!(a.outcome, AckOutcome::Committed);
-                let t = rx.recv().await.expect("sent");
-                let _ = lat.record(t.elapsed().as_micros() as u64);
-                acked += 1;
-            }
+        if let Frame::Ack(a) = f {
+            assert_eq!(a.outcome, AckOutcome::Committed);
+            let t = rx.recv().await.expect("sent");
+            let _ = lat.record(t.elapsed().as_micros() as u64);
+            acked += 1;
         }
     }
     let elapsed = start.elapsed();

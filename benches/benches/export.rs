@@ -90,9 +90,15 @@ fn main() {
         let r = export_once(&store, &opts).expect("export");
         let secs = t.elapsed().as_secs_f64();
         assert_eq!(r.rows as f64, rows);
-        let m = read_manifest(out.path()).expect("manifest").expect("manifest");
+        let m = read_manifest(out.path())
+            .expect("manifest")
+            .expect("manifest");
         let bytes = |ds: Dataset| -> u64 {
-            m.files.iter().filter(|f| f.dataset == ds).map(|f| f.bytes).sum()
+            m.files
+                .iter()
+                .filter(|f| f.dataset == ds)
+                .map(|f| f.bytes)
+                .sum()
         };
         let hourly_rows: u64 = m
             .files

@@ -177,7 +177,8 @@ impl Collector {
             shutdown_rx.clone(),
         ));
         if let Some(job) = &config.export {
-            let runner = crate::export::ExportRunner::new(shared.store.clone(), job.options.clone());
+            let runner =
+                crate::export::ExportRunner::new(shared.store.clone(), job.options.clone());
             let _ = shared.export.set(runner.clone());
             crate::export::spawn(runner, job.interval, shutdown_rx.clone());
         }

@@ -77,14 +77,17 @@ fn totals_of(v: &serde_json::Value) -> Totals {
         .iter()
         .map(|r| {
             let s = |i: usize| r[i].as_str().unwrap().to_owned();
-            ((s(0), s(1), s(2)), s(3).parse::<Decimal>().unwrap().normalize())
+            (
+                (s(0), s(1), s(2)),
+                s(3).parse::<Decimal>().unwrap().normalize(),
+            )
         })
         .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duckdb_reads_totals_equal_to_the_admin_api_adjustments_included() {
-    let mut env = start().await;
+    let env = start().await;
     env.put_meter("api_calls", Aggregation::Sum);
     env.put_meter("requests", Aggregation::Count);
     env.put_meter("seats", Aggregation::Last);
@@ -100,11 +103,17 @@ async fn duckdb_reads_totals_equal_to_the_admin_api_adjustments_included() {
             }
             let at = if seq % 2 == 0 { NOV } else { DEC } + (seq as i64) * 60_000 + i as i64;
             // Up to 18 decimals: exact in DECIMAL(38, 18), lossy as a float.
-            let q = Decimal::new(1 + rng.below(1_000_000_000_000) as i64, 12)
-                + Decimal::new(1, 18);
+            let q = Decimal::new(1 + rng.below(1_000_000_000_000) as i64, 12) + Decimal::new(1, 18);
             let model = ["a", "b"][rng.below(2) as usize];
             deltas.push(delta(cust, "api_calls", &[("model", model)], at, q, 2));
-            deltas.push(delta(cust, "requests", &[], at, Decimal::ONE, 1 + rng.below(5)));
+            deltas.push(delta(
+                cust,
+                "requests",
+                &[],
+                at,
+                Decimal::ONE,
+                1 + rng.below(5),
+            ));
             // `last`: goes up and down, so some transfers debit the usage account.
             let seats = Decimal::from(rng.below(20));
             deltas.push(delta(cust, "seats", &[], at, seats, 1));
@@ -179,11 +188,7 @@ async fn duckdb_reads_totals_equal_to_the_admin_api_adjustments_included() {
         .arg(out.path())
         .output()
         .unwrap();
-    assert!(
-        o.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(totals_of(&v["transfers"]), api, "DuckDB over transfers");
     assert_eq!(totals_of(&v["hourly"]), api, "DuckDB over usage_hourly");
@@ -282,7 +287,12 @@ fn run(dir: &Path, out: &Path) -> (Proc, SocketAddr, SocketAddr) {
         .arg(dir)
         .arg("--export-dir")
         .arg(out)
-        .args(["--export-interval", "0.02", "--export-max-rows-per-file", "7"])
+        .args([
+            "--export-interval",
+            "0.02",
+            "--export-max-rows-per-file",
+            "7",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -312,7 +322,8 @@ async fn sigkill_the_exporter_while_usage_flows_no_gap_no_overlap() {
     let mut rng = Rng(2026);
     let mut seq = 0u64;
     let mut adjustments = 0;
-    let rounds = 8;
+    let mut killed_mid_plan = 0;
+    let rounds = 10;
     for round in 0..rounds {
         let (proc, quic, http_addr) = run(dir.path(), out.path());
         if round == 0 {
@@ -367,12 +378,25 @@ async fn sigkill_the_exporter_while_usage_flows_no_gap_no_overlap() {
             }
         }
         drop(client);
-        drop(proc); // SIGKILL, mid-export more often than not
+        drop(proc); // SIGKILL, at whatever step the exporter is
+        if read_manifest(out.path())
+            .unwrap()
+            .is_some_and(|m| m.pending.is_some())
+        {
+            killed_mid_plan += 1;
+        }
     }
+    eprintln!("{killed_mid_plan} of {rounds} kills left a plan pending");
     assert!(adjustments > 0 && seq > 20, "usage flowed: {seq} batches");
 
     // What the killed exporters left: a checkpoint somewhere, maybe a pending plan.
     let before = read_manifest(out.path()).unwrap().unwrap();
+    eprintln!(
+        "after {rounds} kills: checkpoint {}, pending {:?}, {} files",
+        before.last_position,
+        before.pending,
+        before.files.len()
+    );
     // A stopped collector's export finishes the job (the same core, the same directory).
     let o = Command::new(env!("CARGO_BIN_EXE_tally-collector"))
         .args(["export", "--max-rows-per-file", "7", "--data-dir"])
@@ -383,6 +407,11 @@ async fn sigkill_the_exporter_while_usage_flows_no_gap_no_overlap() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let m = read_manifest(out.path()).unwrap().unwrap();
+    eprintln!(
+        "final: checkpoint {}, {} files",
+        m.last_position,
+        m.files.len()
+    );
     assert!(m.pending.is_none());
     assert!(before.last_position <= m.last_position);
     assert!(
@@ -433,8 +462,7 @@ async fn sigkill_the_exporter_while_usage_flows_no_gap_no_overlap() {
     for c in ["acme", "globex", "initech"] {
         let cust = tally_protocol::names::CustomerId::new(c).unwrap();
         for a in store.usage_accounts(&cust, None, None).unwrap() {
-            if let tally_collector::core::ledger::AccountKey::Usage { meter, period, .. } = &a.key
-            {
+            if let tally_collector::core::ledger::AccountKey::Usage { meter, period, .. } = &a.key {
                 *ledger
                     .entry((c.to_owned(), meter.to_string(), period.to_string()))
                     .or_default() += a.balance();
@@ -453,7 +481,11 @@ fn walk(root: &Path, p: &Path, out: &mut Vec<String>) {
         if path.is_dir() {
             walk(root, &path, out);
         } else {
-            let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             out.push(rel);
         }
     }

@@ -54,7 +54,9 @@ impl std::str::FromStr for Format {
         match s {
             "parquet" => Ok(Format::Parquet),
             "ndjson" => Ok(Format::Ndjson),
-            other => Err(format!("unknown export format {other:?} (parquet or ndjson)")),
+            other => Err(format!(
+                "unknown export format {other:?} (parquet or ndjson)"
+            )),
         }
     }
 }
@@ -171,7 +173,9 @@ impl Manifest {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CoreError {
     /// The manifest on disk is of another format or a newer schema.
-    #[error("the export directory holds {found:?} schema {version}; this build writes {wanted:?} schema {SCHEMA_VERSION}")]
+    #[error(
+        "the export directory holds {found:?} schema {version}; this build writes {wanted:?} schema {SCHEMA_VERSION}"
+    )]
     Incompatible {
         /// Format found.
         found: Format,

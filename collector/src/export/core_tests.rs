@@ -17,7 +17,9 @@ struct Disk {
 /// The "ledger": position → posted_at. A file's content is a pure function of its range.
 fn ledger(n: u64) -> Vec<(u64, i64)> {
     // Three days, with more than `max_rows` on the first.
-    (1..=n).map(|p| (p, 20_000 * DAY + (p as i64 / 7) * DAY / 2)).collect()
+    (1..=n)
+        .map(|p| (p, 20_000 * DAY + (p as i64 / 7) * DAY / 2))
+        .collect()
 }
 
 fn content(plan: &Plan, dataset: Dataset) -> Vec<u8> {
@@ -119,7 +121,11 @@ fn check_exact(disk: &Disk, n: u64) {
         }
         assert_eq!(next, n + 1);
     }
-    assert_eq!(disk.files.len(), m.files.len(), "a file outside the manifest");
+    assert_eq!(
+        disk.files.len(),
+        m.files.len(),
+        "a file outside the manifest"
+    );
 }
 
 #[test]
@@ -138,7 +144,10 @@ fn a_crash_at_every_step_recreates_the_same_files() {
         // Recover (with more rows available than before: the ledger grew meanwhile).
         assert!(run(&mut disk, &all, 0));
         assert_eq!(disk.files, reference.files, "crash at step {crash_at}");
-        assert_eq!(disk.manifest, reference.manifest, "crash at step {crash_at}");
+        assert_eq!(
+            disk.manifest, reference.manifest,
+            "crash at step {crash_at}"
+        );
         assert_eq!(disk.temps, 0);
         crash_at += 1;
     }
@@ -166,7 +175,10 @@ fn a_plan_holds_one_day_and_at_most_max_rows() {
         panic!("{a:?}")
     };
     let plan = m.pending.clone().unwrap();
-    assert_eq!((plan.first, plan.last, plan.date.as_str()), (1, 3, "1970-01-01"));
+    assert_eq!(
+        (plan.first, plan.last, plan.date.as_str()),
+        (1, 3, "1970-01-01")
+    );
     assert_eq!(
         plan.path(Dataset::Transfers, Format::Ndjson),
         "transfers/date=1970-01-01/transfers-00000000000000000001-00000000000000000003.ndjson"
@@ -179,7 +191,11 @@ fn a_plan_holds_one_day_and_at_most_max_rows() {
     let Action::SaveManifest(m) = &a[0] else {
         panic!("{a:?}")
     };
-    assert_eq!(m.pending.as_ref().map(|p| p.last), Some(1), "cut at midnight");
+    assert_eq!(
+        m.pending.as_ref().map(|p| p.last),
+        Some(1),
+        "cut at midnight"
+    );
 }
 
 #[test]

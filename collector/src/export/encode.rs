@@ -344,10 +344,7 @@ pub fn transfers_batch(rows: &[Row]) -> Result<RecordBatch, EncodeError> {
         times(rows.iter().map(|r| r.transfer.event_at_ms).collect()),
         times(rows.iter().map(|r| r.transfer.posted_at_ms).collect()),
     ];
-    Ok(RecordBatch::try_new(
-        Arc::new(transfers_schema()),
-        columns,
-    )?)
+    Ok(RecordBatch::try_new(Arc::new(transfers_schema()), columns)?)
 }
 
 /// The hourly roll-up as one Arrow record batch.

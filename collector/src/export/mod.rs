@@ -243,8 +243,8 @@ pub fn export_once(store: &dyn Store, opts: &ExportOptions) -> Result<ExportRepo
     let mut report = ExportReport::default();
     run_actions(&mut ex, actions, &mut resolver, opts, &mut report)?;
     loop {
-        let limit = usize::try_from(opts.max_rows_per_file.clamp(1, core::MAX_ROWS_PER_FILE))
-            .unwrap_or(1);
+        let limit =
+            usize::try_from(opts.max_rows_per_file.clamp(1, core::MAX_ROWS_PER_FILE)).unwrap_or(1);
         let entries = store.entries(None, ex.checkpoint(), limit)?;
         if entries.is_empty() {
             break;
@@ -271,12 +271,11 @@ fn run_actions(
         match action {
             Action::RemoveTemps => remove_temps(dir)?,
             Action::SaveManifest(m) => {
-                let bytes = serde_json::to_vec_pretty(&m).map_err(|source| {
-                    ExportError::Manifest {
+                let bytes =
+                    serde_json::to_vec_pretty(&m).map_err(|source| ExportError::Manifest {
                         path: dir.join(MANIFEST),
                         source,
-                    }
-                })?;
+                    })?;
                 write_atomic(dir, MANIFEST, &bytes)?;
             }
             Action::WriteFile {
@@ -284,7 +283,10 @@ fn run_actions(
                 dataset,
                 path,
             } => {
-                if cached.as_ref().is_none_or(|(first, _)| *first != plan.first) {
+                if cached
+                    .as_ref()
+                    .is_none_or(|(first, _)| *first != plan.first)
+                {
                     cached = Some((plan.first, resolver.rows(plan.first, plan.last)?));
                 }
                 let rows = cached.as_ref().map(|(_, r)| r.as_slice()).unwrap_or(&[]);
@@ -375,11 +377,16 @@ pub fn spawn(
             }
             match runner.run().await {
                 Ok(r) if r.rows > 0 => tracing::info!(
-                    rows = r.rows, files = r.files, bytes = r.bytes,
-                    last_position = r.last_position, "exported"
+                    rows = r.rows,
+                    files = r.files,
+                    bytes = r.bytes,
+                    last_position = r.last_position,
+                    "exported"
                 ),
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "export failed; retrying at the next interval"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "export failed; retrying at the next interval")
+                }
             }
         }
     })

@@ -59,7 +59,11 @@ pub(crate) async fn export(
                 _ => "export_failed",
             };
             tracing::warn!(error = %e, "export failed");
-            Err(error(StatusCode::INTERNAL_SERVER_ERROR, code, e.to_string()))
+            Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                code,
+                e.to_string(),
+            ))
         }
     }
 }
