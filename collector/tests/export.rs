@@ -490,3 +490,62 @@ fn walk(root: &Path, p: &Path, out: &mut Vec<String>) {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_continuous_job_and_post_v1_export() {
+    // Without --export-dir the route says so.
+    let plain = start().await;
+    let (s, v) = plain.admin("POST", "/v1/export", None).await;
+    assert_eq!(s, 409, "{v}");
+    assert_eq!(v["error"]["code"], "export_not_configured");
+    plain.handle.shutdown().await;
+
+    let out = tempfile::tempdir().unwrap();
+    let job = tally_collector::export::ExportJob {
+        options: ExportOptions::new(out.path()),
+        interval: Duration::from_millis(30),
+    };
+    let env = start_with(|c| c.export = Some(job)).await;
+    env.put_meter("api_calls", Aggregation::Sum);
+    let k = key(51);
+    let mut c = env.client(&k).await;
+    let d = delta("acme", "api_calls", &[], NOV, Decimal::new(42, 1), 1);
+    assert!(
+        matches!(send(&mut c, &seal(&k, 1, 1, vec![d])).await, Frame::Ack(a) if a.outcome == AckOutcome::Committed)
+    );
+    // The job picks it up by itself...
+    let mut exported = 0;
+    for _ in 0..200 {
+        exported = read_manifest(out.path())
+            .unwrap()
+            .map_or(0, |m| m.last_position);
+        if exported == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(exported, 1);
+    // ... and POST /v1/export runs it now (nothing new: no file written).
+    let (s, v) = env.admin("POST", "/v1/export", None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["last_position"], 1);
+    assert_eq!(v["files"], 0);
+    let (s, _) = env
+        .admin(
+            "POST",
+            "/v1/adjustments",
+            Some(r#"{"customer":"acme","meter":"api_calls","quantity":"-0.2","reason":"r","idempotency_key":"a1","period":"2025-11"}"#),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = env.admin("POST", "/v1/export", None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["last_position"], 2);
+    drop(c);
+    env.handle.shutdown().await;
+    let mut t = rust_totals(out.path());
+    assert_eq!(
+        t.remove(&("acme".into(), "api_calls".into(), "2025-11".into())),
+        Some(Decimal::new(4, 0))
+    );
+}

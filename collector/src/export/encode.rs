@@ -479,3 +479,113 @@ pub fn encode_hourly(rows: &[Row], format: Format) -> Result<(Vec<u8>, u64), Enc
     };
     Ok((bytes, hours.len() as u64))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::ledger::{Transfer, TransferSource, usage_transfer_id};
+    use tally_protocol::batch::AgentId;
+    use tally_protocol::names::{CustomerId, Dimensions, MeterName};
+
+    fn row(position: u64, amount: Decimal, credited: bool) -> Row {
+        let key = AccountKey::Usage {
+            customer: CustomerId::new("acme").unwrap(),
+            meter: MeterName::new("tokens").unwrap(),
+            dimensions: Dimensions::from_strs([("model", "large")]).unwrap(),
+            period: crate::core::ledger::Period {
+                year: 2026,
+                month: 12,
+            },
+        };
+        let source = TransferSource::BatchRow {
+            agent: AgentId([7; 16]),
+            epoch: 1,
+            seq: position,
+            row: 0,
+        };
+        let t = Transfer {
+            id: usage_transfer_id(AgentId([7; 16]), 1, position, 0),
+            debit: 1,
+            credit: key.id(),
+            unit: MeterName::new("tokens").unwrap(),
+            amount,
+            events: 3,
+            customer: CustomerId::new("acme").unwrap(),
+            event_at_ms: 1_796_256_000_000 + position as i64 * 1_000_000,
+            posted_at_ms: 1_796_256_000_000,
+            source,
+        };
+        Row::new(position, t, &key, credited)
+    }
+
+    #[test]
+    fn decimals_are_exact_or_refused() {
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        assert_eq!(decimal_to_i128(d("1")), Some(10i128.pow(18)));
+        assert_eq!(decimal_to_i128(d("-0.000000000000000001")), Some(-1));
+        assert_eq!(
+            decimal_to_i128(d("1.500000000000000000000")),
+            Some(15 * 10i128.pow(17))
+        );
+        // rust_decimal holds 28 significant digits: 20 integer digits and 8 decimals fit.
+        assert_eq!(
+            decimal_to_i128(d("99999999999999999999.99999999")),
+            Some((10i128.pow(28) - 1) * 10i128.pow(10))
+        );
+        assert_eq!(
+            decimal_to_i128(d("0.0000000000000000001")),
+            None,
+            "19 decimals"
+        );
+        assert_eq!(decimal_to_i128(d("100000000000000000000")), None, "10^20");
+        let r = row(1, d("0.0000000000000000001"), true);
+        assert!(matches!(
+            transfers_batch(&[r]),
+            Err(EncodeError::Decimal { position: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn the_same_rows_give_the_same_bytes_with_the_schema_version() {
+        let rows: Vec<Row> = (1..=50)
+            .map(|p| row(p, Decimal::new(p as i64 * 7, 3), p % 5 != 0))
+            .collect();
+        for format in [Format::Parquet, Format::Ndjson] {
+            let (a, n) = encode_transfers(&rows, format).unwrap();
+            let (b, _) = encode_transfers(&rows, format).unwrap();
+            assert_eq!(n, 50);
+            assert_eq!(a, b, "{format:?} transfers are deterministic");
+            let (h1, hn) = encode_hourly(&rows, format).unwrap();
+            assert_eq!(h1, encode_hourly(&rows, format).unwrap().0);
+            assert!(hn >= 1 && hn < 50, "rolled up: {hn}");
+        }
+        let (bytes, _) = encode_transfers(&rows, Format::Parquet).unwrap();
+        let reader =
+            parquet::file::serialized_reader::SerializedFileReader::new(bytes::Bytes::from(bytes))
+                .unwrap();
+        use parquet::file::reader::FileReader;
+        let kv = reader
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            kv.iter()
+                .any(|k| k.key == SCHEMA_VERSION_KEY && k.value.as_deref() == Some("1"))
+        );
+    }
+
+    #[test]
+    fn the_roll_up_keeps_the_signed_sum() {
+        let rows = vec![
+            row(1, Decimal::new(5, 0), true),
+            row(2, Decimal::new(2, 0), false),
+            row(3, Decimal::new(1, 1), true),
+        ];
+        let total: Decimal = roll_up(&rows).iter().map(|h| h.quantity).sum();
+        assert_eq!(total, Decimal::new(31, 1));
+        let all: Decimal = rows.iter().map(|r| r.quantity).sum();
+        assert_eq!(total, all);
+    }
+}

@@ -173,12 +173,21 @@ fn remove_temps(dir: &Path) -> Result<(), ExportError> {
 struct Resolver<'a> {
     store: &'a dyn Store,
     accounts: HashMap<AccountId, AccountKey>,
+    /// The transfers read for planning, reused when they cover a plan (saves a second read).
+    prefetched: Vec<(u64, crate::core::ledger::Transfer)>,
 }
 
 impl Resolver<'_> {
     fn rows(&mut self, first: u64, last: u64) -> Result<Vec<Row>, ExportError> {
         let n = usize::try_from(last - first + 1).unwrap_or(usize::MAX);
-        let entries = self.store.entries(None, first - 1, n)?;
+        let pre = std::mem::take(&mut self.prefetched);
+        let entries = if pre.first().is_some_and(|(p, _)| *p == first) && pre.len() >= n {
+            let mut pre = pre;
+            pre.truncate(n);
+            pre
+        } else {
+            self.store.entries(None, first - 1, n)?
+        };
         let mut rows = Vec::with_capacity(entries.len());
         let mut expect = first;
         for (pos, t) in entries {
@@ -239,6 +248,7 @@ pub fn export_once(store: &dyn Store, opts: &ExportOptions) -> Result<ExportRepo
     let mut resolver = Resolver {
         store,
         accounts: HashMap::new(),
+        prefetched: Vec::new(),
     };
     let mut report = ExportReport::default();
     run_actions(&mut ex, actions, &mut resolver, opts, &mut report)?;
@@ -251,6 +261,7 @@ pub fn export_once(store: &dyn Store, opts: &ExportOptions) -> Result<ExportRepo
         }
         let meta: Vec<(u64, i64)> = entries.iter().map(|(p, t)| (*p, t.posted_at_ms)).collect();
         let actions = ex.offer(&meta)?;
+        resolver.prefetched = entries;
         run_actions(&mut ex, actions, &mut resolver, opts, &mut report)?;
     }
     report.last_position = ex.checkpoint();
