@@ -557,7 +557,7 @@ mod tests {
             assert_eq!(a, b, "{format:?} transfers are deterministic");
             let (h1, hn) = encode_hourly(&rows, format).unwrap();
             assert_eq!(h1, encode_hourly(&rows, format).unwrap().0);
-            assert!(hn >= 1 && hn < 50, "rolled up: {hn}");
+            assert!((1..50).contains(&hn), "rolled up: {hn}");
         }
         let (bytes, _) = encode_transfers(&rows, Format::Parquet).unwrap();
         let reader =
