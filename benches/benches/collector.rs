@@ -385,6 +385,7 @@ async fn quic_paced(per_batch: usize, batches_per_s: u64, n: usize) -> Report {
     let mut lat = hist();
     let mut acked = 0;
     while acked < n {
+        // `recv` is the client's cancel-safe frame reader.
         let Ok(f) = recv.next().await else {
             break;
         };

@@ -33,6 +33,8 @@ pub struct CollectorConfig {
     pub stripe: crate::stripe::StripeSettings,
     /// Where the collector reads wall time (a [`tally_clock::ManualClock`] in tests).
     pub clock: SharedClock,
+    /// The continuous analytics export (`--export-dir`), off by default.
+    pub export: Option<crate::export::ExportJob>,
 }
 
 impl std::fmt::Debug for CollectorConfig {
@@ -46,6 +48,7 @@ impl std::fmt::Debug for CollectorConfig {
             .field("handshake_timeout", &self.handshake_timeout)
             .field("group", &self.group)
             .field("stripe", &self.stripe)
+            .field("export", &self.export)
             .field("now_ms", &self.clock.now_ms())
             .finish()
     }
@@ -64,6 +67,7 @@ impl CollectorConfig {
             group: GroupLimits::default(),
             stripe: crate::stripe::StripeSettings::default(),
             clock: Arc::new(SystemClock),
+            export: None,
         }
     }
 

@@ -50,6 +50,8 @@ pub struct DevOptions {
     pub agent: bool,
     /// Stripe forwarding (log-only without an API key).
     pub stripe: crate::stripe::StripeSettings,
+    /// The continuous analytics export (`--export-dir`), off by default.
+    pub export: Option<crate::export::ExportJob>,
 }
 
 impl DevOptions {
@@ -76,6 +78,7 @@ impl Default for DevOptions {
             agent_http: SocketAddr::from(([127, 0, 0, 1], 7070)),
             agent: true,
             stripe: crate::stripe::StripeSettings::default(),
+            export: None,
         }
     }
 }
@@ -131,6 +134,7 @@ pub async fn start(opts: &DevOptions) -> Result<Dev, DevError> {
     config.quic_addr = opts.quic;
     config.http_addr = opts.http;
     config.stripe = opts.stripe.clone();
+    config.export = opts.export.clone();
     let collector = Collector::start(config).await?;
     let shared = collector.shared().clone();
     tokio::task::spawn_blocking(move || -> Result<(), DevError> {

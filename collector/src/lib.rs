@@ -39,6 +39,7 @@ pub mod catalog;
 pub mod config;
 pub mod core;
 pub mod dev;
+pub mod export;
 pub mod ingest;
 pub mod init;
 pub mod metrics;

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tally_collector::config::FileConfig;
 use tally_collector::dev::DevOptions;
+use tally_collector::export::{ExportJob, ExportOptions};
 use tally_collector::store::Store;
 use tally_collector::store::redb::RedbStore;
 use tally_collector::stripe::StripeSettings;
@@ -45,6 +46,64 @@ enum Command {
     },
     /// Everything in one process: collector, sample catalog and an in-process agent.
     Dev(DevArgs),
+    /// Exports a stopped collector's ledger to Parquet (or NDJSON) files, from the last
+    /// checkpoint on; run it again to add what is new.
+    Export(ExportCmdArgs),
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// Export the ledger continuously into this directory.
+    #[arg(long, env = "TALLY_EXPORT_DIR")]
+    export_dir: Option<PathBuf>,
+    /// Seconds between export runs (default 60; fractions allowed).
+    #[arg(long, env = "TALLY_EXPORT_INTERVAL")]
+    export_interval: Option<f64>,
+    /// parquet (default) or ndjson.
+    #[arg(long, env = "TALLY_EXPORT_FORMAT")]
+    export_format: Option<String>,
+    /// Ledger positions per file at most (default and maximum 100000).
+    #[arg(long, env = "TALLY_EXPORT_MAX_ROWS_PER_FILE")]
+    export_max_rows_per_file: Option<u64>,
+}
+
+impl ExportArgs {
+    fn job(self) -> anyhow::Result<Option<ExportJob>> {
+        let Some(dir) = self.export_dir else {
+            return Ok(None);
+        };
+        let mut options = ExportOptions::new(dir);
+        if let Some(f) = self.export_format {
+            options.format = f.parse().map_err(anyhow::Error::msg)?;
+        }
+        if let Some(n) = self.export_max_rows_per_file {
+            options.max_rows_per_file = n;
+        }
+        let secs = self.export_interval.unwrap_or(60.0);
+        anyhow::ensure!(
+            secs.is_finite() && (0.01..=86_400.0).contains(&secs),
+            "--export-interval must be 0.01 to 86400 seconds"
+        );
+        Ok(Some(ExportJob {
+            options,
+            interval: std::time::Duration::from_secs_f64(secs),
+        }))
+    }
+}
+
+#[derive(Args)]
+struct ExportCmdArgs {
+    #[command(flatten)]
+    dir: DataDirArg,
+    /// The export directory.
+    #[arg(long)]
+    to: PathBuf,
+    /// parquet (default) or ndjson.
+    #[arg(long, default_value = "parquet")]
+    format: String,
+    /// Ledger positions per file at most.
+    #[arg(long, default_value_t = tally_collector::export::core::MAX_ROWS_PER_FILE)]
+    max_rows_per_file: u64,
 }
 
 #[derive(Subcommand)]
@@ -84,6 +143,8 @@ struct RunArgs {
     max_in_flight: Option<u32>,
     #[command(flatten)]
     stripe: StripeArgs,
+    #[command(flatten)]
+    export: ExportArgs,
 }
 
 /// Stripe forwarding. The API key comes from `STRIPE_API_KEY` or `--stripe-api-key-file`;
@@ -191,6 +252,8 @@ struct DevArgs {
     agent_http: Option<SocketAddr>,
     #[command(flatten)]
     stripe: StripeArgs,
+    #[command(flatten)]
+    export: ExportArgs,
 }
 
 fn data_dir(flag: Option<PathBuf>, file: &FileConfig) -> anyhow::Result<PathBuf> {
@@ -271,6 +334,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 config.max_in_flight = n.max(1);
             }
             config.stripe = a.stripe.settings(&file)?;
+            config.export = a.export.job()?;
             let handle = Collector::start(config).await?;
             println!(
                 "collector: quic {} admin http://{} (token in {})",
@@ -303,6 +367,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Export(a) => {
+            let dir = data_dir(a.dir.data_dir, &file)?;
+            let files = InitFiles::at(&dir);
+            anyhow::ensure!(
+                files.store.exists(),
+                "no store at {}",
+                files.store.display()
+            );
+            let store = RedbStore::open(&files.store).context(
+                "cannot open the store (is the collector running? use --export-dir or POST /v1/export)",
+            )?;
+            let mut options = ExportOptions::new(a.to);
+            options.format = a.format.parse().map_err(anyhow::Error::msg)?;
+            options.max_rows_per_file = a.max_rows_per_file;
+            let r = tally_collector::export::export_once(&store, &options)?;
+            println!(
+                "exported {} ledger positions in {} files ({} bytes); checkpoint {}",
+                r.rows, r.files, r.bytes, r.last_position
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dev(a) => {
             let d = DevOptions::default();
             let stripe = a.stripe.settings(&file)?;
@@ -313,6 +398,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 http: a.http.or(file.http).unwrap_or(d.http),
                 agent_http: a.agent_http.or(file.agent_http).unwrap_or(d.agent_http),
                 agent: true,
+                export: a.export.job()?,
             };
             tally_collector::dev::run(opts, stop_signal()).await?;
             Ok(ExitCode::SUCCESS)

@@ -60,6 +60,7 @@ pub struct CollectorHandle {
     quic_task: tokio::task::JoinHandle<()>,
     http_task: tokio::task::JoinHandle<()>,
     committer: std::thread::JoinHandle<()>,
+    export_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Starts collectors.
@@ -178,6 +179,18 @@ impl Collector {
             Arc::new(quic),
             shutdown_rx.clone(),
         ));
+        let export_task = if let Some(job) = &config.export {
+            let runner =
+                crate::export::ExportRunner::new(shared.store.clone(), job.options.clone());
+            let _ = shared.export.set(runner.clone());
+            Some(crate::export::spawn(
+                runner,
+                job.interval,
+                shutdown_rx.clone(),
+            ))
+        } else {
+            None
+        };
         let http_task = tokio::spawn(crate::api::serve(listener, shared.clone(), shutdown_rx));
         tracing::info!(%quic_addr, %http_addr, "collector started");
         Ok(CollectorHandle {
@@ -189,6 +202,7 @@ impl Collector {
             quic_task,
             http_task,
             committer,
+            export_task,
         })
     }
 }
@@ -230,6 +244,10 @@ impl CollectorHandle {
         let _ = self.shutdown_tx.send(true);
         let _ = self.quic_task.await;
         let _ = self.http_task.await;
+        // An export run in progress finishes (its files and manifest are whole either way).
+        if let Some(t) = self.export_task {
+            let _ = t.await;
+        }
         // Requests to Stripe in flight are answered and recorded before the store closes.
         self.shared.stripe.shutdown().await;
         // Every connection is gone; dropping the last sender lets the committer drain and end.

@@ -67,6 +67,7 @@ pub fn router(shared: Arc<ApiState>) -> Router {
         .route("/v1/stripe/outbox", get(stripe::list_outbox))
         .route("/v1/stripe/outbox/{id}/retry", post(stripe::retry_outbox))
         .route("/v1/reconciliation", get(stripe::reconciliation))
+        .route("/v1/export", post(crate::export::route::export))
         .route("/metrics", get(ops::metrics))
         .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
     Router::new()

@@ -28,6 +28,8 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     /// The catalog handle (writes push to connected agents).
     pub catalogs: Arc<Catalogs>,
+    /// The analytics export, when `--export-dir` is set (`POST /v1/export` runs it now).
+    pub export: std::sync::OnceLock<crate::export::ExportRunner>,
     admin_token: String,
     clock: SharedClock,
 }
@@ -49,6 +51,7 @@ impl ApiState {
             stripe,
             registry,
             catalogs,
+            export: std::sync::OnceLock::new(),
             admin_token,
             clock,
         }
