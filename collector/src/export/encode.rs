@@ -217,6 +217,9 @@ fn ts() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
 }
 
+/// Digits of the largest u64.
+const EPOCH_DIGITS: u8 = 20;
+
 fn decimal() -> DataType {
     DataType::Decimal128(PRECISION, SCALE)
 }
@@ -237,7 +240,9 @@ pub fn transfers_schema() -> Schema {
         Field::new("events", DataType::Int64, false),
         Field::new("kind", DataType::Utf8, false),
         Field::new("agent", DataType::Utf8, true),
-        Field::new("epoch", DataType::Int64, true),
+        // An epoch is a random u64 chosen by the agent: DECIMAL(20, 0) holds every one exactly
+        // and loads in every warehouse (BigQuery has no unsigned 64-bit integer).
+        Field::new("epoch", DataType::Decimal128(EPOCH_DIGITS, 0), true),
         Field::new("seq", DataType::Int64, true),
         Field::new("row", DataType::Int64, true),
         Field::new("idempotency_key", DataType::Utf8, true),
@@ -303,7 +308,7 @@ pub fn transfers_batch(rows: &[Row]) -> Result<RecordBatch, EncodeError> {
                 row: w,
             } => {
                 agent.push(Some(a.to_string()));
-                epoch.push(Some(i64_of(r.position, *e)?));
+                epoch.push(Some(i128::from(*e)));
                 seq.push(Some(i64_of(r.position, *s)?));
                 row.push(Some(i64::from(*w)));
                 key.push(None);
@@ -336,7 +341,7 @@ pub fn transfers_batch(rows: &[Row]) -> Result<RecordBatch, EncodeError> {
         Arc::new(Int64Array::from(events)),
         strings(rows.iter().map(|r| r.kind().as_str())),
         Arc::new(StringArray::from(agent)),
-        Arc::new(Int64Array::from(epoch)),
+        Arc::new(Decimal128Array::from(epoch).with_precision_and_scale(EPOCH_DIGITS, 0)?),
         Arc::new(Int64Array::from(seq)),
         Arc::new(Int64Array::from(row)),
         Arc::new(StringArray::from(key)),
@@ -420,7 +425,8 @@ fn ndjson_transfers(rows: &[Row]) -> Result<Vec<u8>, EncodeError> {
                     row,
                 } => {
                     m.insert("agent".into(), agent.to_string().into());
-                    m.insert("epoch".into(), (*epoch).into());
+                    // A string, like the decimals: JSON readers lose integers past 2^53.
+                    m.insert("epoch".into(), epoch.to_string().into());
                     m.insert("seq".into(), (*seq).into());
                     m.insert("row".into(), (*row).into());
                 }
@@ -487,6 +493,9 @@ mod tests {
     use tally_protocol::batch::AgentId;
     use tally_protocol::names::{CustomerId, Dimensions, MeterName};
 
+    /// A real agent's epoch: random, above 2^63 half the time.
+    const EPOCH: u64 = 16_614_833_290_247_471_335;
+
     fn row(position: u64, amount: Decimal, credited: bool) -> Row {
         let key = AccountKey::Usage {
             customer: CustomerId::new("acme").unwrap(),
@@ -499,12 +508,12 @@ mod tests {
         };
         let source = TransferSource::BatchRow {
             agent: AgentId([7; 16]),
-            epoch: 1,
+            epoch: EPOCH,
             seq: position,
             row: 0,
         };
         let t = Transfer {
-            id: usage_transfer_id(AgentId([7; 16]), 1, position, 0),
+            id: usage_transfer_id(AgentId([7; 16]), EPOCH, position, 0),
             debit: 1,
             credit: key.id(),
             unit: MeterName::new("tokens").unwrap(),
