@@ -3,6 +3,8 @@
 //! id is counted exactly once at the collector (SPEC §4: a 2xx means durable; retries are safe).
 #![allow(clippy::unwrap_used)]
 
+// The agent's collector stand-in, one copy for both crates' tests.
+#[path = "../../agent/tests/common/mod.rs"]
 mod common;
 
 use common::{Faults, StandIn};

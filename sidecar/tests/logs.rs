@@ -2,6 +2,8 @@
 //! line in `json` (`--log-format` and `TALLY_LOG_FORMAT`).
 #![allow(clippy::unwrap_used)]
 
+// The agent's collector stand-in, one copy for both crates' tests.
+#[path = "../../agent/tests/common/mod.rs"]
 mod common;
 
 use std::io::BufRead;
