@@ -125,6 +125,41 @@ pub fn coarse_now_ms() -> i64 {
     system_now_ms()
 }
 
+/// The proleptic Gregorian calendar in UTC, for the few places that name days and months (ledger
+/// periods, export partitions, RFC 3339): Howard Hinnant's algorithms, exact for every `i64` day
+/// a timestamp in ms can name.
+pub mod calendar {
+    /// `(year, month 1–12, day 1–31)` of the day `days` after 1970-01-01.
+    pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let y = yoe + era * 400;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        (if m <= 2 { y + 1 } else { y }, m, d)
+    }
+
+    /// Days from 1970-01-01 to `(year, month, day)`.
+    pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y.rem_euclid(400);
+        let mp = if m > 2 { m - 3 } else { m + 9 };
+        let doy = (153 * mp + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        era * 146_097 + doe - 719_468
+    }
+
+    /// `(year, month, day)` of the UTC day holding `ms` (ms since the Unix epoch).
+    pub fn civil_from_ms(ms: i64) -> (i64, i64, i64) {
+        civil_from_days(ms.div_euclid(86_400_000))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +184,19 @@ mod tests {
         assert_eq!(d.now_ms(), 15);
         d.set_ms(100);
         assert_eq!(c.now_ms(), 100);
+    }
+
+    #[test]
+    fn the_calendar_round_trips_and_knows_leap_days() {
+        use calendar::*;
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        assert_eq!(civil_from_ms(951_782_400_000), (2000, 2, 29));
+        assert_eq!(civil_from_ms(1_796_256_000_000), (2026, 12, 3));
+        for days in (-800_000..800_000).step_by(997) {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! one clock of the whole system), so tests can move time (the 23-hour unknown-outcome rule,
 //! session expiry) without sleeping.
 
+use tally_clock::calendar::{civil_from_days, days_from_civil};
 pub use tally_clock::{Clock, ManualClock, OffsetClock, SharedClock, SystemClock};
 
 /// Formats Unix seconds as RFC 3339 UTC (`2026-11-21T20:00:00Z`).
@@ -64,30 +65,6 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
 /// Start of the UTC day containing `unix_s`.
 pub fn day_start(unix_s: i64) -> i64 {
     unix_s - unix_s.rem_euclid(86_400)
-}
-
-// Howard Hinnant's civil calendar algorithms.
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = if m > 2 { m - 3 } else { m + 9 };
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]

@@ -68,16 +68,7 @@ pub struct Period {
 impl Period {
     /// The month that holds `ms` (milliseconds since the Unix epoch).
     pub fn of_ms(ms: i64) -> Period {
-        // Howard Hinnant's civil_from_days.
-        let days = ms.div_euclid(86_400_000);
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
+        let (year, month, _) = tally_clock::calendar::civil_from_ms(ms);
         Period {
             year: i32::try_from(year).unwrap_or(i32::MAX),
             month: month as u8,
