@@ -11,10 +11,9 @@ use common::*;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rust_decimal::Decimal;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use tally_collector::export::core::{Dataset, Format, Manifest};
 use tally_collector::export::{ExportOptions, export_once, read_manifest};
@@ -270,15 +269,6 @@ fn ndjson_totals(dir: &Path) -> Totals {
     t
 }
 
-/// Kills the child when dropped (SIGKILL).
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `tally-collector run` with a fast continuous export into `out`.
 fn run(dir: &Path, out: &Path) -> (Proc, SocketAddr, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally-collector"))
@@ -299,14 +289,7 @@ fn run(dir: &Path, out: &Path) -> (Proc, SocketAddr, SocketAddr) {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let quic: SocketAddr = words[2].parse().unwrap_or_else(|_| panic!("{line}"));
-    let http: SocketAddr = words[4]
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap_or_else(|_| panic!("{line}"));
+    let (quic, http) = ready_addrs(stdout);
     (Proc(child), quic, http)
 }
 

@@ -11,20 +11,11 @@ use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use tally_collector::testkit::TestClient;
 use tally_protocol::frame::{AckOutcome, Frame};
 use tally_stripe::test_server::{FakeStripe, RandomFaults};
-
-/// Kills the child when dropped (a failing test leaves no process behind).
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Starts `tally-collector run` and returns it with its QUIC and HTTP addresses.
 fn run(dir: &std::path::Path, stripe_url: &str) -> (Proc, SocketAddr, SocketAddr) {
@@ -51,15 +42,7 @@ fn run(dir: &std::path::Path, stripe_url: &str) -> (Proc, SocketAddr, SocketAddr
             );
         }
     });
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    // "collector: quic 127.0.0.1:p admin http://127.0.0.1:q (token in …)"
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let quic: SocketAddr = words[2].parse().unwrap_or_else(|_| panic!("{line}"));
-    let http: SocketAddr = words[4]
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap_or_else(|_| panic!("{line}"));
+    let (quic, http) = ready_addrs(stdout);
     (Proc(child), quic, http)
 }
 

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: an in-process collector in a temporary directory,
-//! batch builders, a seeded generator and a tiny HTTP/1.1 client.
+//! batch builders, a seeded generator, a tiny HTTP/1.1 client, and the `tally-collector` binary
+//! as a child process.
 #![allow(dead_code, clippy::unwrap_used, missing_docs)]
 
 use rust_decimal::Decimal;
@@ -205,4 +206,33 @@ fn dechunk(mut s: &str) -> String {
         s = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// A child process, killed (SIGKILL) when dropped, so a failing test leaves nothing behind.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The QUIC and HTTP addresses `tally-collector run` prints on its first line of stdout:
+/// "collector: quic 127.0.0.1:p admin http://127.0.0.1:q (token in …)".
+pub fn ready_addrs(
+    stdout: std::process::ChildStdout,
+) -> (std::net::SocketAddr, std::net::SocketAddr) {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let quic = words[2].parse().unwrap_or_else(|_| panic!("{line}"));
+    let http = words[4]
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap_or_else(|_| panic!("{line}"));
+    (quic, http)
 }
