@@ -261,6 +261,19 @@ fn data_dir(flag: Option<PathBuf>, file: &FileConfig) -> anyhow::Result<PathBuf>
         .context("--data-dir (or TALLY_DATA_DIR, or data_dir in the config file) is required")
 }
 
+/// Opens a stopped collector's store for an offline command; `online` names what to use while
+/// it runs (redb allows one process at a time).
+fn open_stopped(dir: PathBuf, online: &str) -> anyhow::Result<RedbStore> {
+    let files = InitFiles::at(&dir);
+    anyhow::ensure!(
+        files.store.exists(),
+        "no store at {}",
+        files.store.display()
+    );
+    RedbStore::open(&files.store)
+        .with_context(|| format!("cannot open the store (is the collector running? use {online})"))
+}
+
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
@@ -349,16 +362,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ledger {
             command: LedgerCommand::Verify(a),
         } => {
-            let dir = data_dir(a.data_dir, &file)?;
-            let files = InitFiles::at(&dir);
-            anyhow::ensure!(
-                files.store.exists(),
-                "no store at {}",
-                files.store.display()
-            );
-            let store = RedbStore::open(&files.store).context(
-                "cannot open the store (is the collector running? use GET /v1/ledger/verify)",
-            )?;
+            let store = open_stopped(data_dir(a.data_dir, &file)?, "GET /v1/ledger/verify")?;
             let report = store.verify()?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(if report.ok {
@@ -368,15 +372,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Export(a) => {
-            let dir = data_dir(a.dir.data_dir, &file)?;
-            let files = InitFiles::at(&dir);
-            anyhow::ensure!(
-                files.store.exists(),
-                "no store at {}",
-                files.store.display()
-            );
-            let store = RedbStore::open(&files.store).context(
-                "cannot open the store (is the collector running? use --export-dir or POST /v1/export)",
+            let store = open_stopped(
+                data_dir(a.dir.data_dir, &file)?,
+                "--export-dir or POST /v1/export",
             )?;
             let mut options = ExportOptions::new(a.to);
             options.format = a.format.parse().map_err(anyhow::Error::msg)?;
