@@ -358,21 +358,7 @@ fn transfer_ids_derive_from_source() {
     assert_ne!(usage_transfer_id(a, 1, 1, 0), usage_transfer_id(a, 1, 1, 1));
     assert_ne!(usage_transfer_id(a, 1, 2, 0), usage_transfer_id(a, 2, 1, 0));
     assert_eq!(usage_transfer_id(a, 1, 1, 0), usage_transfer_id(a, 1, 1, 0));
-    let t = Transfer {
-        id: 1,
-        debit: 2,
-        credit: 3,
-        unit: MeterName::new("m").unwrap(),
-        amount: Decimal::ONE,
-        events: 1,
-        customer: CustomerId::new("c").unwrap(),
-        event_at_ms: 0,
-        posted_at_ms: 0,
-        source: TransferSource::Adjustment {
-            idempotency_key: String::from("k"),
-            reason: String::from("r"),
-        },
-    };
+    let t = bare_transfer(2, 3);
     let mut u = t.clone();
     u.posted_at_ms = 99;
     assert_eq!(compare_existing(&t, &u), Existing::Exists);
