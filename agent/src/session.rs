@@ -373,6 +373,8 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::LeaseRequest(_) => "lease request",
         Frame::LeaseGrant(_) => "lease grant",
         Frame::Error(_) => "error",
+        Frame::EntitlementsRequest(_) => "entitlements request",
+        Frame::LeaseRelease(_) => "lease release",
     }
 }
 
@@ -714,9 +716,11 @@ mod tests {
     use super::*;
     use tally_protocol::batch::AgentId;
     use tally_protocol::bounded::BoundedVec;
-    use tally_protocol::entitlements::{CustomerEntitlements, EntitlementsSnapshot};
+    use tally_protocol::entitlements::{
+        CustomerEntitlements, EntitlementsSnapshot, Feature, Source,
+    };
     use tally_protocol::frame::{Challenge, ErrorFrame, Welcome};
-    use tally_protocol::names::CustomerId;
+    use tally_protocol::names::{CustomerId, FeatureName};
 
     fn ack(epoch: u64, seq: u64) -> Ack {
         Ack {
@@ -984,7 +988,12 @@ mod tests {
                     .iter()
                     .map(|c| CustomerEntitlements {
                         customer: CustomerId::new(*c).unwrap(),
-                        features: BoundedVec::new(vec![format!("f{version}")]).unwrap(),
+                        plan: None,
+                        features: BoundedVec::new(vec![Feature {
+                            name: FeatureName::new(format!("f{version}")).unwrap(),
+                            source: Source::Plan,
+                        }])
+                        .unwrap(),
                         limits: BoundedVec::default(),
                     })
                     .collect(),
@@ -1025,7 +1034,10 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["acme", "zed"]);
         assert_eq!(
-            merged[2].customers[0].features.first().map(String::as_str),
+            merged[2].customers[0]
+                .features
+                .first()
+                .map(|f| f.name.as_str()),
             Some("f6")
         );
         assert_eq!(

@@ -6,14 +6,16 @@
 //!
 //! Transport mapping (QUIC, ALPN `tally/1`): the agent opens one bidirectional stream per
 //! connection. It sends `Hello`, receives `Challenge`, sends `Proof`, receives `Welcome` (or
-//! `Error`), then sends `Batch` and `LeaseRequest` frames; the collector answers each batch with
-//! an `Ack` in the order batches arrived, and pushes `Catalog` and `Entitlements` frames whenever
-//! they change.
+//! `Error`), then sends `Batch`, `EntitlementsRequest`, `LeaseRequest` and `LeaseRelease` frames;
+//! the collector answers each batch with an `Ack` in the order batches arrived, each lease request
+//! with a `LeaseGrant`, and pushes `Catalog` and `Entitlements` frames whenever they change.
 
 use crate::batch::{AgentId, SignedBatch};
 use crate::bounded::{BoundedBytes, Sig64};
 use crate::catalog::Catalog;
-use crate::entitlements::{EntitlementsSnapshot, LeaseGrant, LeaseRequest};
+use crate::entitlements::{
+    EntitlementsRequest, EntitlementsSnapshot, LeaseGrant, LeaseRelease, LeaseRequest,
+};
 use crate::error::ErrorCode;
 use serde::{Deserialize, Serialize};
 
@@ -136,6 +138,10 @@ pub enum Frame {
     LeaseGrant(LeaseGrant),
     /// See [`ErrorFrame`].
     Error(ErrorFrame),
+    /// See [`EntitlementsRequest`].
+    EntitlementsRequest(EntitlementsRequest),
+    /// See [`LeaseRelease`].
+    LeaseRelease(LeaseRelease),
 }
 
 /// Why bytes are not a frame.

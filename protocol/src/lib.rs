@@ -48,7 +48,7 @@ pub use ed25519_dalek;
 pub use rust_decimal::Decimal;
 
 /// The protocol version carried in every hello; a collector refuses versions it does not speak.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The QUIC ALPN identifier of this protocol version.
 pub const ALPN: &[u8] = b"tally/1";

@@ -147,6 +147,31 @@ name_type!(
     }
 );
 
+/// Longest feature name (a plan's feature or a Stripe entitlement feature's `lookup_key`), in bytes.
+pub const FEATURE_MAX_BYTES: usize = 128;
+/// Longest plan name, in bytes.
+pub const PLAN_MAX_BYTES: usize = 64;
+
+name_type!(
+    /// A boolean feature: `[A-Za-z0-9_.:-]{1,128}` (a Stripe feature's `lookup_key` fits).
+    FeatureName,
+    |s| {
+        check_len("feature", s, 1, FEATURE_MAX_BYTES)?;
+        check_ascii("feature", s, |b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-')
+        })
+    }
+);
+
+name_type!(
+    /// A plan: `[a-z0-9_.-]{1,64}`, like a meter name.
+    PlanName,
+    |s| {
+        check_len("plan", s, 1, PLAN_MAX_BYTES)?;
+        check_ascii("plan", s, |b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'))
+    }
+);
+
 name_type!(
     /// A dimension key: `[A-Za-z0-9_.-]{1,64}`.
     DimensionKey,

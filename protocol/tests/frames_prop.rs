@@ -104,11 +104,27 @@ fn meter_def() -> impl Strategy<Value = MeterDef> {
         )
 }
 
+fn source() -> impl Strategy<Value = Source> {
+    prop_oneof![
+        Just(Source::Plan),
+        Just(Source::Override),
+        Just(Source::Stripe)
+    ]
+}
+
 fn entitlements() -> impl Strategy<Value = EntitlementsSnapshot> {
-    let limit =
-        (meter(), decimal(), decimal(), any::<bool>()).prop_map(|(meter, limit, used, hard)| {
-            MeterLimit {
+    let limit = (
+        meter(),
+        (decimal(), decimal(), decimal(), decimal()),
+        any::<bool>(),
+        source(),
+        (any::<i64>(), any::<i64>()),
+    )
+        .prop_map(
+            |(meter, (included, granted, limit, used), hard, source, (start, end))| MeterLimit {
                 meter,
+                included,
+                granted,
                 limit,
                 used,
                 enforcement: if hard {
@@ -116,15 +132,24 @@ fn entitlements() -> impl Strategy<Value = EntitlementsSnapshot> {
                 } else {
                     Enforcement::Soft
                 },
-            }
-        });
+                source,
+                period_start_ms: start,
+                period_end_ms: end,
+            },
+        );
+    let feature = ("[A-Za-z0-9_.:-]{1,20}", source()).prop_map(|(n, source)| Feature {
+        name: FeatureName::new(n).unwrap(),
+        source,
+    });
     let cust = (
         customer(),
-        proptest::collection::vec("[a-z0-9]{1,10}", 0..4),
+        proptest::option::of("[a-z0-9_.-]{1,20}"),
+        proptest::collection::vec(feature, 0..4),
         proptest::collection::vec(limit, 0..4),
     )
-        .prop_map(|(customer, f, l)| CustomerEntitlements {
+        .prop_map(|(customer, plan, f, l)| CustomerEntitlements {
             customer,
+            plan: plan.map(|p| PlanName::new(p).unwrap()),
             features: BoundedVec::new(f).unwrap(),
             limits: BoundedVec::new(l).unwrap(),
         });
@@ -196,27 +221,56 @@ fn frame() -> impl Strategy<Value = Frame> {
             })
         }),
         entitlements().prop_map(Frame::Entitlements),
-        (any::<u64>(), customer(), meter(), decimal()).prop_map(
-            |(request_id, customer, meter, quantity)| {
+        (any::<u64>(), customer(), meter(), any::<i64>(), decimal()).prop_map(
+            |(request_id, customer, meter, period_start_ms, quantity)| {
                 Frame::LeaseRequest(LeaseRequest {
                     request_id,
                     customer,
                     meter,
+                    period_start_ms,
                     quantity,
                 })
             }
         ),
-        (any::<u64>(), customer(), meter(), decimal(), any::<i64>()).prop_map(
-            |(request_id, customer, meter, granted, expires_at_ms)| {
-                Frame::LeaseGrant(LeaseGrant {
-                    request_id,
+        (
+            (any::<u64>(), any::<u64>(), any::<i64>(), any::<i64>()),
+            customer(),
+            meter(),
+            decimal(),
+            decimal(),
+        )
+            .prop_map(
+                |(
+                    (request_id, lease_id, period_start_ms, expires_at_ms),
                     customer,
                     meter,
-                    granted,
-                    expires_at_ms,
-                })
-            }
-        ),
+                    granted_total,
+                    added,
+                )| {
+                    Frame::LeaseGrant(LeaseGrant {
+                        request_id,
+                        customer,
+                        meter,
+                        lease_id,
+                        period_start_ms,
+                        granted_total,
+                        added,
+                        expires_at_ms,
+                    })
+                }
+            ),
+        proptest::collection::vec(customer(), 0..5).prop_map(|c| {
+            Frame::EntitlementsRequest(EntitlementsRequest {
+                customers: BoundedVec::new(c).unwrap(),
+            })
+        }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(lease_id, epoch, through_seq)| {
+            Frame::LeaseRelease(LeaseRelease {
+                lease_id,
+                epoch,
+                through_seq,
+            })
+        }),
         (error_code(), ".{0,100}").prop_map(|(code, m)| Frame::Error(ErrorFrame::new(code, &m))),
     ]
 }
@@ -285,6 +339,7 @@ proptest! {
             request_id: 1,
             customer: CustomerId::new("c").unwrap(),
             meter: MeterName::new("m").unwrap(),
+            period_start_ms: 0,
             quantity: d,
         });
         let Frame::LeaseRequest(back) = decode_frame(&encode_frame(&f).unwrap()).unwrap().unwrap().0 else { unreachable!() };

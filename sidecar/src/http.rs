@@ -402,7 +402,7 @@ async fn entitlements<B: SidecarBackend>(
     let (features, limits): (Vec<&str>, serde_json::Map<String, serde_json::Value>) =
         match &view.customer {
             Some(c) => (
-                c.features.iter().map(String::as_str).collect(),
+                c.features.iter().map(|f| f.name.as_str()).collect(),
                 c.limits
                     .iter()
                     .map(|l| (l.meter.to_string(), limit_json(l)))
@@ -440,7 +440,7 @@ async fn entitlement_item<B: SidecarBackend>(
         }),
         (false, None) => serde_json::json!({
             "feature": item,
-            "has_access": view.customer.as_ref().is_some_and(|c| c.features.contains(&item)),
+            "has_access": view.customer.as_ref().is_some_and(|c| c.features.iter().any(|f| f.name.as_str() == item)),
         }),
     };
     let mut body = body;

@@ -418,7 +418,10 @@ impl Session {
                     request_id: req.request_id,
                     customer: req.customer,
                     meter: req.meter,
-                    granted: rust_decimal::Decimal::ZERO,
+                    lease_id: 0,
+                    period_start_ms: req.period_start_ms,
+                    granted_total: rust_decimal::Decimal::ZERO,
+                    added: rust_decimal::Decimal::ZERO,
                     expires_at_ms: now_ms,
                 };
                 if self.queue.len() - self.unacked >= MAX_QUEUED_FRAMES {

@@ -366,6 +366,7 @@ fn lease_requests_behind_owed_acks_are_bounded() {
             request_id: i,
             customer: CustomerId::new("c").unwrap(),
             meter: MeterName::new("calls").unwrap(),
+            period_start_ms: 0,
             quantity: rust_decimal::Decimal::ONE,
         })
     };
