@@ -480,10 +480,7 @@ impl AgentBuilder {
 }
 
 fn open(cfg: Config, clock: SharedClock) -> Result<Shared, StartError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| crate::error::StoreError::Io {
-        path: cfg.data_dir.display().to_string(),
-        source: e,
-    })?;
+    tally_storefile::private_dir(&cfg.data_dir).map_err(crate::error::StoreError::from)?;
     let key = crate::keys::load_or_create(&cfg.data_dir)?;
     let store = Store::open(&cfg.data_dir.join("agent.redb"), cfg.dedup_window)?;
     let agent_id = AgentId::from_public_key(&key.verifying_key());

@@ -104,6 +104,9 @@ pub enum StoreError {
         /// What went wrong.
         detail: String,
     },
+    /// The store file is missing, empty or foreign: refused, and left as it is.
+    #[error(transparent)]
+    File(#[from] tally_storefile::StoreFileError),
     /// A file next to the database (the agent key) could not be read or written.
     #[error("i/o error on {path}: {source}")]
     Io {

@@ -257,9 +257,13 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens or creates the store at `path`.
+    /// Opens or creates the store at `path`. A file that is missing while its marker says it was
+    /// created, empty or not a redb file is refused and left alone (`tally_storefile`): starting
+    /// afresh there would drop every unacknowledged batch without a word.
     pub fn open(path: &Path, dedup_window: Duration) -> Result<Store, StoreError> {
+        let found = tally_storefile::check(path)?;
         let db = Database::create(path)?;
+        tally_storefile::private_file(path)?;
         let txn = db.begin_write()?;
         let epoch;
         {
@@ -286,6 +290,9 @@ impl Store {
             txn.open_table(SNAPSHOTS)?;
         }
         txn.commit()?;
+        if found == tally_storefile::Found::Nothing {
+            tally_storefile::mark(path)?;
+        }
         Ok(Store {
             db,
             epoch,

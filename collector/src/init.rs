@@ -33,6 +33,9 @@ pub enum InitError {
     /// Only `ca.pem` or only `ca.key` exists, or a certificate without its key.
     #[error("{0} exists without its pair; remove it or restore the other file")]
     HalfPair(PathBuf),
+    /// The data directory could not be created or made private.
+    #[error(transparent)]
+    Dir(tally_storefile::StoreFileError),
 }
 
 /// The paths of a data directory.
@@ -124,7 +127,7 @@ fn ca_params() -> Result<CertificateParams, InitError> {
 /// Creates whatever is missing in `data_dir`: the CA, the collector certificate (SANs
 /// `localhost`, `127.0.0.1`, `::1` and `extra_sans`), and the tokens. Never overwrites.
 pub fn init(data_dir: &Path, extra_sans: &[String]) -> Result<InitFiles, InitError> {
-    std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+    tally_storefile::private_dir(data_dir).map_err(InitError::Dir)?;
     let f = InitFiles::at(data_dir);
     for (a, b) in [(&f.ca_pem, &f.ca_key), (&f.collector_pem, &f.collector_key)] {
         match (a.exists(), b.exists()) {

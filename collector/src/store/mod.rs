@@ -62,6 +62,9 @@ pub enum StoreError {
         /// What failed.
         detail: String,
     },
+    /// The store file is missing, empty or foreign: refused, and left as it is.
+    #[error(transparent)]
+    File(#[from] tally_storefile::StoreFileError),
     /// A ledger invariant would break; the transaction was aborted.
     #[error("ledger invariant: {0}")]
     Invariant(String),

@@ -74,9 +74,16 @@ pub struct RedbStore {
 }
 
 impl RedbStore {
-    /// Opens (or creates) the database at `path` and its tables.
+    /// Opens (or creates) the database at `path` and its tables. A file that is missing while its
+    /// marker says it was created, empty or not a redb file is refused and left alone
+    /// (`tally_storefile`): a collector started afresh would count resent batches again.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let found = tally_storefile::check(path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tally_storefile::private_dir(dir)?;
+        }
         let db = Database::create(path)?;
+        tally_storefile::private_file(path)?;
         let txn = db.begin_write()?;
         tables::create_all(&txn)?;
         tables::check_format(&txn)?;
@@ -90,6 +97,9 @@ impl RedbStore {
             }
         }
         txn.commit()?;
+        if found == tally_storefile::Found::Nothing {
+            tally_storefile::mark(path)?;
+        }
         Ok(RedbStore {
             db,
             outbox_appended: std::sync::atomic::AtomicU64::new(0),
