@@ -389,6 +389,14 @@ impl AgentBuilder {
         self
     }
 
+    /// How far in the past and the future an event's own time may be (default 35 days and
+    /// 5 minutes, Stripe's bounds): outside, `record_event` and `record_durable` refuse it.
+    pub fn event_time_window(mut self, max_age: Duration, max_lead: Duration) -> Self {
+        self.cfg.max_event_age = max_age;
+        self.cfg.max_event_lead = max_lead;
+        self
+    }
+
     /// Reconnect delays: the first, and the largest (default 100 ms and 5 s).
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.cfg.backoff_min = min;
@@ -858,7 +866,24 @@ impl Agent {
         if !sh.agg.meter_known(meter.as_str()) {
             return Err(RecordError::UnknownMeter);
         }
+        self.check_time(e)?;
         Ok((customer, meter, dims))
+    }
+
+    /// An event's own time within the configured window around now.
+    fn check_time(&self, e: &Event) -> Result<(), RecordError> {
+        let Some(at) = e.timestamp_ms else {
+            return Ok(());
+        };
+        let cfg = &self.h.sh.cfg;
+        let now = self.h.sh.clock.now_ms();
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        if at < now.saturating_sub(ms(cfg.max_event_age))
+            || at > now.saturating_add(ms(cfg.max_event_lead))
+        {
+            return Err(RecordError::EventTimeOutOfRange);
+        }
+        Ok(())
     }
 
     /// Records one event. Without an id it is aggregated like [`Agent::record`] (at its own
@@ -866,6 +891,10 @@ impl Agent {
     /// of the local store) and counted at most once; the id is stored with the sealed batch.
     pub fn record_event(&self, event: Event) -> Result<Recorded, RecordError> {
         if event.id.is_none() {
+            if let Err(e) = self.check_time(&event) {
+                self.h.sh.agg.count_error(&e);
+                return Err(e);
+            }
             // The aggregator validates and counts (calls and errors) itself.
             let pairs: Vec<(&str, &str)> = event
                 .dimensions

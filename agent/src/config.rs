@@ -22,6 +22,11 @@ pub enum Overflow {
     Reject,
 }
 
+/// Default for [`Config::max_event_age`]: Stripe's 35 days.
+pub const DEFAULT_MAX_EVENT_AGE: Duration = Duration::from_secs(35 * 86_400);
+/// Default for [`Config::max_event_lead`]: Stripe's 5 minutes.
+pub const DEFAULT_MAX_EVENT_LEAD: Duration = Duration::from_secs(300);
+
 /// The settings an agent runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -47,6 +52,10 @@ pub struct Config {
     pub backoff_max: Duration,
     /// Time allowed for a QUIC connection and handshake.
     pub connect_timeout: Duration,
+    /// How far in the past an event's own time may be (default 35 days, as Stripe allows).
+    pub max_event_age: Duration,
+    /// How far in the future an event's own time may be (default 5 minutes, as Stripe allows).
+    pub max_event_lead: Duration,
 }
 
 impl Default for Config {
@@ -63,6 +72,8 @@ impl Default for Config {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            max_event_age: DEFAULT_MAX_EVENT_AGE,
+            max_event_lead: DEFAULT_MAX_EVENT_LEAD,
         }
     }
 }

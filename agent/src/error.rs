@@ -35,6 +35,10 @@ pub enum RecordError {
     /// The local store failed (only for operations that read the disk, such as an event id check).
     #[error("local store failed: {0}")]
     Store(String),
+    /// The event's own time is outside the configured window (default: more than 35 days ago or
+    /// more than 5 minutes ahead, as Stripe refuses).
+    #[error("event time is outside the accepted window (35 days back, 5 minutes ahead by default)")]
+    EventTimeOutOfRange,
 }
 
 impl From<StoreError> for RecordError {
@@ -56,6 +60,7 @@ impl RecordError {
             RecordError::Closed => "closed",
             RecordError::Store(_) => "store",
             RecordError::InvalidEventId => "invalid_event_id",
+            RecordError::EventTimeOutOfRange => "event_time_out_of_range",
         }
     }
 
@@ -71,12 +76,13 @@ impl RecordError {
             RecordError::Closed => 6,
             RecordError::Store(_) => 7,
             RecordError::InvalidEventId => 8,
+            RecordError::EventTimeOutOfRange => 9,
         }
     }
 }
 
 /// Number of [`RecordError`] kinds, for per-shard counters.
-pub(crate) const RECORD_ERROR_KINDS: usize = 9;
+pub(crate) const RECORD_ERROR_KINDS: usize = 10;
 /// The labels of [`RecordError::index`], in order.
 pub(crate) const RECORD_ERROR_REASONS: [&str; RECORD_ERROR_KINDS] = [
     "invalid_customer",
@@ -88,6 +94,7 @@ pub(crate) const RECORD_ERROR_REASONS: [&str; RECORD_ERROR_KINDS] = [
     "closed",
     "store",
     "invalid_event_id",
+    "event_time_out_of_range",
 ];
 
 /// The local store failed.

@@ -117,10 +117,11 @@ async fn serve_sidecar(agent: &tally_agent::Agent, addr: SocketAddr) -> Result<S
         let graceful = async move {
             let _ = stopped.await;
         };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(graceful)
-            .await
-        {
+        let limits = tally_http::HttpLimits::from_env().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "using the default HTTP limits");
+            tally_http::HttpLimits::default()
+        });
+        if let Err(e) = tally_http::serve(listener, app, limits, graceful).await {
             tracing::error!(error = %e, "sidecar HTTP server failed");
         }
     });

@@ -138,6 +138,22 @@ async fn stripe_sdk_and_openmeter_batches_reach_the_ledger_exactly() {
     // A refused batch records nothing: the last event has a negative value.
     let bad = r#"[{"specversion":"1.0","type":"api_call","id":"x1","source":"s","subject":"cus_0001","data":{"count":5}},{"specversion":"1.0","type":"api_call","id":"x2","source":"s","subject":"cus_0001","data":{"count":-1}}]"#;
     assert_eq!(cloudevents_post(addr, bad).await.0, 400);
+    // So is one dated outside Stripe's window (year 1, year 9999, 36 days back, 10 min ahead):
+    // 400 with the reason, and nothing of the batch reaches the ledger (the model checks it).
+    for t in [
+        "0001-01-01T00:00:00Z".to_string(),
+        "9999-12-31T23:59:59Z".to_string(),
+        time_rfc3339(now_s - 36 * 86_400),
+        time_rfc3339(now_s + 600),
+    ] {
+        let body = format!(
+            r#"[{{"specversion":"1.0","type":"api_call","id":"ok-{t}","source":"s","subject":"cus_0001","time":"{}","data":{{"count":5}}}},{{"specversion":"1.0","type":"api_call","id":"t-{t}","source":"s","subject":"cus_0001","time":"{t}","data":{{"count":7}}}}]"#,
+            time_rfc3339(ts)
+        );
+        let (status, text) = cloudevents_post(addr, &body).await;
+        assert_eq!(status, 400, "{t}: {text}");
+        assert!(text.contains("event time"), "{text}");
+    }
 
     let (status, _) = raw(addr, "POST /v1/flush HTTP/1.1\r\n", b"").await;
     assert_eq!(status, 200);

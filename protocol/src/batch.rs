@@ -96,6 +96,9 @@ pub enum DeltaError {
     /// Timestamps out of order or outside the bucket.
     #[error("timestamps are out of order or outside the bucket")]
     Timestamps,
+    /// An event time too far from the batch's seal (see [`MAX_EVENT_AGE_AT_SEAL_MS`]).
+    #[error("event time is more than 400 days before or 1 hour after the batch was sealed")]
+    OutOfWindow,
 }
 
 impl Delta {
@@ -139,7 +142,25 @@ impl Delta {
         }
         Ok(())
     }
+
+    /// [`Delta::validate`], and the event times within the outer bounds around `sealed_at_ms`.
+    pub fn validate_at(&self, sealed_at_ms: i64) -> Result<(), DeltaError> {
+        self.validate()?;
+        if self.first_at_ms < sealed_at_ms.saturating_sub(MAX_EVENT_AGE_AT_SEAL_MS)
+            || self.last_at_ms > sealed_at_ms.saturating_add(MAX_EVENT_LEAD_AT_SEAL_MS)
+        {
+            return Err(DeltaError::OutOfWindow);
+        }
+        Ok(())
+    }
 }
+
+/// How far before its batch's seal an event may be, checked by the collector whatever the
+/// agent's own window (Stripe's −35 days by default): far wider, it refuses wrong clocks (events
+/// dated year 1), not late usage.
+pub const MAX_EVENT_AGE_AT_SEAL_MS: i64 = 400 * 86_400_000;
+/// How far after its batch's seal an event may be (the agent's default allows 5 minutes).
+pub const MAX_EVENT_LEAD_AT_SEAL_MS: i64 = 3_600_000;
 
 /// Start of the bucket that holds `at_ms`.
 pub fn bucket_start(at_ms: i64) -> i64 {

@@ -73,6 +73,8 @@ codes! {
     InvalidDelta = 21, "invalid_delta";
     /// A quantity overflowed while being added up.
     Overflow = 22, "overflow";
+    /// An event time is outside the accepted window.
+    EventTimeOutOfRange = 23, "event_time_out_of_range";
     /// The collector failed internally; the agent should retry later.
     Internal = 30, "internal";
     /// The collector is overloaded; the agent should back off.

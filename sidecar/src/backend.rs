@@ -54,6 +54,7 @@ fn backend_error(e: RecordError) -> BackendError {
     match e {
         RecordError::OverBudget => BackendError::OverBudget,
         RecordError::UnknownMeter => BackendError::NotReady,
+        e @ RecordError::EventTimeOutOfRange => BackendError::Invalid(e.to_string()),
         other => BackendError::Unavailable(other.to_string()),
     }
 }

@@ -30,6 +30,10 @@ pub enum BackendError {
     /// The catalog is not known yet.
     #[error("the meter catalog is not known yet")]
     NotReady,
+    /// An event the agent refuses whatever its state (e.g. its time is outside the window):
+    /// none of the request's events were recorded.
+    #[error("{0}")]
+    Invalid(String),
     /// Anything else: the events were not recorded.
     #[error("{0}")]
     Unavailable(String),
@@ -223,6 +227,7 @@ fn content_type(headers: &HeaderMap) -> &str {
 fn backend_status(e: &BackendError) -> StatusCode {
     match e {
         BackendError::OverBudget => StatusCode::TOO_MANY_REQUESTS,
+        BackendError::Invalid(_) => StatusCode::BAD_REQUEST,
         BackendError::NotReady | BackendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }

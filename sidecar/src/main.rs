@@ -52,7 +52,7 @@ fn init_logging(format: LogFormat) {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent and its HTTP endpoints.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Create the agent's key in the data directory (if it has none) and print its id.
     Keygen {
         /// The agent's data directory.
@@ -101,9 +101,19 @@ struct RunArgs {
     /// HTTP listen address.
     #[arg(long, env = "TALLY_HTTP")]
     http: Option<SocketAddr>,
-    /// Bearer token required by the HTTP endpoints (health checks excepted).
+    /// Bearer token required by the HTTP endpoints (health checks excepted). Prefer
+    /// `--http-token-file` or the variable: a flag shows in `ps`.
     #[arg(long, env = "TALLY_HTTP_TOKEN", hide_env_values = true)]
     http_token: Option<String>,
+    /// File holding the HTTP bearer token, instead of `--http-token`.
+    #[arg(long, env = "TALLY_HTTP_TOKEN_FILE")]
+    http_token_file: Option<PathBuf>,
+    /// Oldest accepted event time, in seconds before now (default 35 days, as Stripe).
+    #[arg(long, env = "TALLY_MAX_EVENT_AGE_S")]
+    max_event_age_s: Option<u64>,
+    /// Latest accepted event time, in seconds after now (default 300, as Stripe).
+    #[arg(long, env = "TALLY_MAX_EVENT_LEAD_S")]
+    max_event_lead_s: Option<u64>,
     /// Seal interval in milliseconds (the `kill -9` loss window of `record()`).
     #[arg(long, env = "TALLY_FLUSH_INTERVAL_MS")]
     flush_interval_ms: Option<u64>,
@@ -138,6 +148,9 @@ impl RunArgs {
             enroll_token_file,
             http,
             http_token,
+            http_token_file,
+            max_event_age_s,
+            max_event_lead_s,
             flush_interval_ms,
             disk_budget,
             overflow,
@@ -188,17 +201,26 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     let ca_path = args.ca.context("--ca is required")?;
     let ca = std::fs::read(&ca_path).with_context(|| format!("reading {}", ca_path.display()))?;
-    let token = match (args.enroll_token, args.enroll_token_file) {
-        (Some(t), _) => Some(t),
-        (None, Some(p)) => Some(std::fs::read_to_string(&p)?.trim().to_string()),
-        (None, None) => None,
-    };
+    let token = secret("enroll token", args.enroll_token, args.enroll_token_file)?;
+    let http_token = secret("HTTP token", args.http_token, args.http_token_file)?;
     let mut builder = Agent::builder()
         .data_dir(&data_dir)
         .collectors(args.collectors)
         .ca_pem(ca);
     if let Some(t) = token {
         builder = builder.enroll_token(t);
+    }
+    if args.max_event_age_s.is_some() || args.max_event_lead_s.is_some() {
+        builder = builder.event_time_window(
+            args.max_event_age_s.map_or(
+                tally_agent::config::DEFAULT_MAX_EVENT_AGE,
+                Duration::from_secs,
+            ),
+            args.max_event_lead_s.map_or(
+                tally_agent::config::DEFAULT_MAX_EVENT_LEAD,
+                Duration::from_secs,
+            ),
+        );
     }
     if let Some(ms) = args.flush_interval_ms {
         builder = builder.flush_interval(Duration::from_millis(ms));
@@ -215,11 +237,35 @@ async fn run(args: RunArgs) -> Result<()> {
     let http = args
         .http
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070)));
+    if http_token.is_none() && !http.ip().is_loopback() {
+        tracing::warn!(
+            %http,
+            "the sidecar listens beyond loopback with no HTTP token: anyone who reaches {http} \
+             can record usage for any customer; set --http-token-file"
+        );
+    }
     let config = HttpConfig {
-        token: args.http_token,
+        token: http_token,
         max_body_bytes: args.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
     };
     serve(agent, http, config).await
+}
+
+/// A secret from its flag or variable, else from its file (trimmed). An empty one is refused:
+/// an empty HTTP token would silently turn authentication off.
+fn secret(what: &str, value: Option<String>, file: Option<PathBuf>) -> Result<Option<String>> {
+    let value = match (value, file) {
+        (Some(v), _) => v,
+        (None, Some(p)) => std::fs::read_to_string(&p)
+            .with_context(|| format!("reading the {what} from {}", p.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => return Ok(None),
+    };
+    if value.trim().is_empty() {
+        bail!("the {what} is empty; leave it unset instead (an empty token is not a token)");
+    }
+    Ok(Some(value))
 }
 
 /// Serves the sidecar until Ctrl-C or SIGTERM, then shuts the agent down gracefully.
@@ -229,9 +275,9 @@ async fn serve(agent: Agent, addr: SocketAddr, config: HttpConfig) -> Result<()>
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, agent_id = %agent.agent_id(), "sidecar listening");
     let app = router(AgentBackend::new(agent.clone()), config);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    // Timeouts and a connection cap: idle or slow clients cannot take ingest offline.
+    let limits = tally_http::HttpLimits::from_env().map_err(anyhow::Error::msg)?;
+    tally_http::serve(listener, app, limits, shutdown_signal()).await?;
     tracing::info!("shutting down: sealing and shipping what is left");
     if let Err(e) = agent.shutdown(Duration::from_secs(10)).await {
         tracing::warn!(error = %e, "shutdown left batches on disk; they ship on the next start");

@@ -40,11 +40,15 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let app = router(shared);
-    let r = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await;
+    let stop = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    // Timeouts and a connection cap: idle or slow clients cannot take the API offline.
+    let limits = tally_http::HttpLimits::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "using the default HTTP limits");
+        tally_http::HttpLimits::default()
+    });
+    let r = tally_http::serve(listener, app, limits, stop).await;
     if let Err(e) = r {
         tracing::error!(error = %e, "admin api stopped");
     }

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use tally_protocol::batch::{AgentId, BatchBody, Delta};
+use tally_protocol::batch::{AgentId, BatchBody, Delta, DeltaError, MAX_EVENT_LEAD_AT_SEAL_MS};
 use tally_protocol::catalog::{Aggregation, Catalog};
 use tally_protocol::error::ErrorCode;
 use tally_protocol::names::{CustomerId, Dimensions, MeterName};
@@ -576,14 +576,18 @@ pub struct Posting {
     pub transfers: Vec<Transfer>,
 }
 
-fn check_delta(catalog: &Catalog, delta: &Delta) -> Result<(), Rejection> {
+fn check_delta(catalog: &Catalog, delta: &Delta, sealed_at_ms: i64) -> Result<(), Rejection> {
     if catalog.meter(delta.meter.as_str()).is_none() {
         let msg = format!("meter {} is not in the catalog", delta.meter);
         return Err(Rejection::new(ErrorCode::UnknownMeter, None, msg));
     }
-    delta
-        .validate()
-        .map_err(|e| Rejection::new(ErrorCode::InvalidDelta, None, e.to_string()))
+    delta.validate_at(sealed_at_ms).map_err(|e| {
+        let code = match e {
+            DeltaError::OutOfWindow => ErrorCode::EventTimeOutOfRange,
+            _ => ErrorCode::InvalidDelta,
+        };
+        Rejection::new(code, None, e.to_string())
+    })
 }
 
 /// Posts every delta of a verified batch into `ws`, or rejects the whole batch and leaves `ws`
@@ -595,8 +599,16 @@ pub fn post_batch<A: Accounts>(
     body: &BatchBody,
     now_ms: i64,
 ) -> Result<Result<Posting, Rejection>, A::Error> {
+    // A seal in the future is a wrong clock; the events' own bounds are measured from the seal.
+    if body.sealed_at_ms > now_ms.saturating_add(MAX_EVENT_LEAD_AT_SEAL_MS) {
+        return Ok(Err(Rejection::new(
+            ErrorCode::EventTimeOutOfRange,
+            None,
+            "the batch was sealed more than 1 hour ahead of the collector's clock",
+        )));
+    }
     for (row, delta) in body.deltas.iter().enumerate() {
-        if let Err(rej) = check_delta(catalog, delta) {
+        if let Err(rej) = check_delta(catalog, delta, body.sealed_at_ms) {
             let row = u32::try_from(row).unwrap_or(u32::MAX);
             return Ok(Err(Rejection {
                 row: Some(row),

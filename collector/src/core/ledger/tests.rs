@@ -48,7 +48,13 @@ impl Mem {
         if state.contains(body.seq) {
             return AckOutcome::Duplicate;
         }
-        let out = match post_batch(&mut self.ws, &mut NoAccounts, catalog, body, 0) {
+        let out = match post_batch(
+            &mut self.ws,
+            &mut NoAccounts,
+            catalog,
+            body,
+            body.sealed_at_ms,
+        ) {
             Ok(Ok(p)) => {
                 self.transfers.extend(p.transfers);
                 self.batches.insert(
@@ -144,8 +150,10 @@ fn delta(customer: &str, meter: &str, at_ms: i64, sum: Decimal, count: u64) -> D
     d
 }
 
+/// Sealed just after its last event, as an agent seals.
 fn body(agent: u8, epoch: u64, seq: u64, deltas: Vec<Delta>) -> BatchBody {
-    BatchBody::new(AgentId([agent; 16]), epoch, seq, 0, deltas).unwrap()
+    let sealed = deltas.iter().map(|d| d.last_at_ms).max().unwrap_or(0);
+    BatchBody::new(AgentId([agent; 16]), epoch, seq, sealed, deltas).unwrap()
 }
 
 #[test]
@@ -575,4 +583,42 @@ fn a_posted_working_set_balances() {
     let p = post_batch(&mut ws, &mut NoAccounts, &catalog(), &b, 0).unwrap();
     assert!(p.is_ok());
     ws.assert_balanced();
+}
+
+#[test]
+fn event_times_far_from_the_seal_and_seals_in_the_future_are_quarantined() {
+    let c = catalog();
+    let sealed = 1_790_000_000_000;
+    let day = 86_400_000;
+    let at = |ms: i64| {
+        let mut b = body(1, 1, 1, vec![delta("c", "calls", ms, Decimal::ONE, 1)]);
+        b.sealed_at_ms = sealed;
+        b
+    };
+    let code = |b: &BatchBody, now: i64| {
+        post_batch(&mut WorkingSet::new(), &mut NoAccounts, &c, b, now)
+            .unwrap()
+            .map(|_| ())
+            .map_err(|r| r.code)
+    };
+    let year_9999 = 253_402_300_799_000;
+    for ms in [
+        -62_135_596_800_000,
+        year_9999,
+        sealed - 401 * day,
+        sealed + 2 * 3_600_000,
+    ] {
+        assert_eq!(
+            code(&at(ms), sealed),
+            Err(ErrorCode::EventTimeOutOfRange),
+            "{ms}"
+        );
+    }
+    // Late usage (an agent offline for months) is booked: the bound is wide.
+    assert_eq!(code(&at(sealed - 300 * day), sealed + 300 * day), Ok(()));
+    // A seal more than an hour ahead of the collector's clock is a wrong clock.
+    assert_eq!(
+        code(&at(sealed), sealed - 2 * 3_600_000),
+        Err(ErrorCode::EventTimeOutOfRange)
+    );
 }
