@@ -134,7 +134,7 @@ impl Collector {
             store.clone(),
             enroll_token,
             config.clock.clone(),
-        ));
+        )?);
         let endpoint =
             quinn::Endpoint::server(server_config, config.quic_addr).map_err(|source| {
                 StartError::Bind {

@@ -122,7 +122,7 @@ async fn unknown_badly_enrolled_and_revoked_keys_are_refused() {
         ErrorCode::InvalidEnrollToken
     );
     let mut live = env.client(&k).await;
-    assert!(env.handle.shared().revoke(agent_id(&k)).unwrap());
+    assert!(env.handle.shared().revoke(agent_id(&k), false).unwrap());
     // The live connection is closed, and new ones are refused, token or not.
     assert!(
         tokio::time::timeout(Duration::from_secs(5), live.next_reply())

@@ -61,6 +61,12 @@ codes! {
     RevokedAgent = 11, "revoked_agent";
     /// The enrolment token is wrong.
     InvalidEnrollToken = 12, "invalid_enroll_token";
+    /// The enrolment token is past its expiry.
+    EnrollTokenExpired = 16, "enroll_token_expired";
+    /// The enrolment token has enrolled as many agents as it may.
+    EnrollTokenUsedUp = 17, "enroll_token_used_up";
+    /// The enrolment token was revoked.
+    EnrollTokenRevoked = 18, "enroll_token_revoked";
     /// The handshake proof does not verify for this connection.
     BadProof = 13, "bad_proof";
     /// A batch signature does not verify.

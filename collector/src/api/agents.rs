@@ -2,8 +2,10 @@
 
 use super::errors::*;
 use super::state::{St, blocking};
+use axum::body::Bytes;
 use axum::extract::{Path, State};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use tally_protocol::batch::AgentId;
 use utoipa::ToSchema;
 
@@ -30,6 +32,10 @@ pub struct AgentBody {
     pub highest_seq: Option<u64>,
     /// Durable seqs above the watermark (a hole below them is still missing).
     pub pending_above_watermark: Option<u64>,
+    /// The enrolment token that enrolled it, if it was enrolled by one.
+    pub enrolled_by: Option<String>,
+    /// That token's labels.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Every agent.
@@ -41,12 +47,22 @@ pub struct Agents {
 
 #[utoipa::path(get, path = "/v1/agents", tag = "agents", responses((status = 200, body = Agents)))]
 pub(super) async fn agents(State(shared): St) -> ApiResult<Agents> {
-    let (agents, epochs) =
-        blocking(&shared, |s| Ok((s.store.agents()?, s.store.epochs()?))).await?;
+    let (agents, epochs, enrolments) = blocking(&shared, |s| {
+        let agents = s.store.agents()?;
+        let enrolments = agents
+            .iter()
+            .map(|a| s.store.enrolment(a.id))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((agents, s.store.epochs()?, enrolments))
+    })
+    .await?;
     let now = shared.now_ms();
     let data = agents
         .into_iter()
-        .map(|a| {
+        .zip(enrolments)
+        .map(|(a, enrolment)| {
+            let (enrolled_by, labels) =
+                enrolment.map_or((None, BTreeMap::new()), |e| (Some(e.token_id), e.labels));
             let live = shared.live_info(a.id);
             let latest = epochs
                 .iter()
@@ -64,6 +80,8 @@ pub(super) async fn agents(State(shared): St) -> ApiResult<Agents> {
                 acked_seq: latest.map(|e| e.dedup.watermark),
                 highest_seq: latest.map(|e| e.dedup.highest()),
                 pending_above_watermark: latest.map(|e| e.dedup.above.len() as u64),
+                enrolled_by,
+                labels,
             }
         })
         .collect();
@@ -79,13 +97,33 @@ pub struct Revoked {
     pub revoked: bool,
 }
 
+/// A revocation's options; the body may be empty.
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// Also revoke the enrolment token that enrolled the agent, so the same host cannot enrol
+    /// again with it.
+    #[serde(default)]
+    pub revoke_token: bool,
+}
+
 #[utoipa::path(post, path = "/v1/agents/{id}/revoke", tag = "agents", params(("id" = String, Path, description = "32 hex digits")),
+    request_body(content = Option<RevokeRequest>),
     responses((status = 200, body = Revoked), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub(super) async fn revoke(State(shared): St, Path(id): Path<String>) -> ApiResult<Revoked> {
+pub(super) async fn revoke(
+    State(shared): St,
+    Path(id): Path<String>,
+    raw: Bytes,
+) -> ApiResult<Revoked> {
     let agent = AgentId::from_hex(&id).ok_or_else(|| {
         ApiError::invalid("invalid_agent_id", "id", "an agent id is 32 hex digits")
     })?;
-    if !blocking(&shared, move |s| s.revoke(agent)).await? {
+    let r: RevokeRequest = if raw.iter().all(u8::is_ascii_whitespace) {
+        RevokeRequest::default()
+    } else {
+        json_body(&raw)?
+    };
+    if !blocking(&shared, move |s| s.revoke(agent, r.revoke_token)).await? {
         return Err(ApiError::not_found(
             "resource_missing",
             format!("no agent {id}"),

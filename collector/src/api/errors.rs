@@ -82,6 +82,19 @@ impl ApiError {
 }
 
 impl ApiError {
+    /// A failure of the collector itself (no store involved); nothing was changed.
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        let message = message.into();
+        tracing::error!(%message, "internal error in admin api");
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "api_error",
+            code: "internal_error",
+            message,
+            param: None,
+        }
+    }
+
     /// A store call's task panicked or was cancelled: answered as a store failure.
     pub(crate) fn task_failed(e: &tokio::task::JoinError) -> Self {
         tracing::error!(error = %e, "store task failed in admin api");

@@ -11,13 +11,14 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
 mod adjustments;
 mod agents;
+mod enroll_tokens;
 mod errors;
 mod ledger;
 mod meters;
@@ -65,6 +66,11 @@ pub fn router(shared: Arc<ApiState>) -> Router {
         .route("/v1/ledger/verify", get(ledger::verify))
         .route("/v1/agents", get(agents::agents))
         .route("/v1/agents/{id}/revoke", post(agents::revoke))
+        .route(
+            "/v1/enroll-tokens",
+            post(enroll_tokens::create).get(enroll_tokens::list),
+        )
+        .route("/v1/enroll-tokens/{id}", delete(enroll_tokens::revoke))
         .route("/v1/adjustments", post(adjustments::adjust))
         .route("/v1/quarantine", get(quarantine::quarantine))
         .route("/v1/customers/{customer}", put(stripe::put_customer))

@@ -68,8 +68,8 @@ impl ApiState {
     }
 
     /// Revokes an agent and closes its live connections. `Ok(false)` if it is unknown.
-    pub fn revoke(&self, agent: AgentId) -> Result<bool, StoreError> {
-        self.registry.revoke(agent)
+    pub fn revoke(&self, agent: AgentId, revoke_token: bool) -> Result<bool, StoreError> {
+        self.registry.revoke(agent, revoke_token)
     }
 
     /// Live facts about an agent.

@@ -276,7 +276,7 @@ impl Session {
         let label = match admission {
             Admission::Refuse(code) => return self.refuse_handshake(code),
             Admission::Known => "ok",
-            Admission::Enrol => "enrolled",
+            Admission::Enrol(_) => "enrolled",
         };
         self.actions.push_back(Action::Note(Note::Handshake(label)));
         self.actions.push_back(Action::Send(Frame::Welcome(Welcome {

@@ -249,8 +249,8 @@ impl Shell {
                         }
                         Err(_) => Admission::Refuse(ErrorCode::Internal),
                     };
-                    if admission == Admission::Enrol {
-                        tracing::info!(agent = %id, "agent enrolled");
+                    if let Admission::Enrol(token) = &admission {
+                        tracing::info!(agent = %id, token = %token, "agent enrolled");
                     }
                     if !matches!(admission, Admission::Refuse(_)) {
                         tracing::Span::current().record("agent", tracing::field::display(id));

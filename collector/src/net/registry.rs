@@ -10,7 +10,7 @@
 //! and facts of at most [`MAX_INFO_AGENTS`] agents are kept (one more evicts the agent seen
 //! longest ago; its facts read as empty until it is seen again).
 
-use crate::core::registry::{Admission, AgentRecord, admit};
+use crate::core::registry::{Admission, AgentRecord, EnrollToken, admit, token_hash};
 use crate::store::{Store, StoreError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -47,15 +47,39 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A registry over `store`, admitting new agents with `enroll_token`.
-    pub fn new(store: Arc<dyn Store>, enroll_token: String, clock: SharedClock) -> Self {
-        Registry {
+    /// A registry over `store`. `enroll_token` (the `enroll-token` file `init` writes) is kept
+    /// as a token object the first time it is seen — no expiry, no use limit, label
+    /// `source=init` — so the quickstart needs nothing else; revoked through the API, it stays
+    /// revoked. Tokens made through the API are single-use and expire by default.
+    pub fn new(
+        store: Arc<dyn Store>,
+        enroll_token: String,
+        clock: SharedClock,
+    ) -> Result<Self, StoreError> {
+        let secret = enroll_token.trim();
+        if !secret.is_empty() {
+            let hash = token_hash(secret.as_bytes());
+            if store.enroll_token_by_hash(&hash)?.is_none() {
+                let token = EnrollToken {
+                    id: format!("et_{}", hex::encode(&hash[..6])),
+                    hash,
+                    created_at_ms: clock.now_ms(),
+                    expires_at_ms: None,
+                    max_uses: None,
+                    uses: 0,
+                    labels: [(String::from("source"), String::from("init"))].into(),
+                    revoked_at_ms: None,
+                };
+                store.create_enroll_token(&token, clock.now_ms())?;
+            }
+        }
+        Ok(Registry {
             store,
             enroll_token,
             clock,
             live: Mutex::new(HashMap::new()),
             info: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// The enrolment token (a secret: do not log it).
@@ -73,22 +97,34 @@ impl Registry {
     ) -> Result<Admission, StoreError> {
         let existing = self.store.agent(id)?;
         let now = self.clock.now_ms();
-        let admission = admit(existing.as_ref(), presented, &self.enroll_token);
-        let record = match (&admission, existing) {
-            (Admission::Refuse(_), _) => return Ok(admission),
-            (Admission::Known, Some(mut rec)) => {
-                rec.last_seen_ms = now;
-                rec
-            }
-            (Admission::Known | Admission::Enrol, _) => AgentRecord {
-                id,
-                public_key,
-                registered_at_ms: now,
-                revoked_at_ms: None,
-                last_seen_ms: now,
-            },
+        let hash = presented.map(token_hash);
+        let token = match (&existing, &hash) {
+            (None, Some(h)) => self.store.enroll_token_by_hash(h)?,
+            _ => None,
         };
-        self.store.put_agent(&record)?;
+        let admission = admit(existing.as_ref(), presented, token.as_ref(), now);
+        match (&admission, existing, hash) {
+            (Admission::Refuse(_), _, _) => return Ok(admission),
+            (Admission::Known, Some(mut rec), _) => {
+                rec.last_seen_ms = now;
+                self.store.put_agent(&rec)?;
+            }
+            (Admission::Enrol(_), None, Some(hash)) => {
+                let rec = AgentRecord {
+                    id,
+                    public_key,
+                    registered_at_ms: now,
+                    revoked_at_ms: None,
+                    last_seen_ms: now,
+                };
+                // Checked again and counted in the store's transaction: a single-use token
+                // raced by two agents enrols one.
+                if let Err(code) = self.store.enrol(&rec, &hash, now)? {
+                    return Ok(Admission::Refuse(code));
+                }
+            }
+            _ => return Ok(Admission::Refuse(ErrorCode::Internal)),
+        }
         self.touch(id, now);
         Ok(admission)
     }
@@ -153,10 +189,14 @@ impl Registry {
     }
 
     /// Revokes an agent and closes its live connections. `Ok(false)` if it is unknown.
-    pub fn revoke(&self, agent: AgentId) -> Result<bool, StoreError> {
+    pub fn revoke(&self, agent: AgentId, revoke_token: bool) -> Result<bool, StoreError> {
         let Some(mut rec) = self.store.agent(agent)? else {
             return Ok(false);
         };
+        if revoke_token && let Some(e) = self.store.enrolment(agent)? {
+            self.store
+                .revoke_enroll_token(&e.token_id, self.clock.now_ms())?;
+        }
         if rec.revoked_at_ms.is_none() {
             rec.revoked_at_ms = Some(self.clock.now_ms());
             self.store.put_agent(&rec)?;
@@ -190,7 +230,8 @@ mod tests {
             Arc::new(store),
             String::from("t"),
             Arc::new(ManualClock::new(0)),
-        );
+        )
+        .unwrap();
         let id = |n: u128| AgentId(n.to_be_bytes());
         for n in 0..MAX_INFO_AGENTS as u128 {
             r.touch(id(n), 1_000 + n as i64);

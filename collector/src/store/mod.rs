@@ -18,8 +18,10 @@ pub use crate::core::ingest::{
 };
 use crate::core::ledger::{Account, Adjustment, Period, Rejection, Transfer, VerifyReport};
 pub use crate::core::registry::AgentRecord;
+use crate::core::registry::{EnrollToken, Enrolment};
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
+use tally_protocol::error::ErrorCode;
 use tally_protocol::names::{CustomerId, MeterName};
 
 /// A customer's settings (`PUT /v1/customers/{customer}`).
@@ -120,7 +122,7 @@ pub struct EpochState {
 /// The collector's storage. It is also the Stripe outbox ([`tally_stripe::OutboxStore`]): the
 /// rows are written by [`Store::ingest`] and [`Store::adjust`] in their ledger transaction
 /// (SPEC §6.4), and the forwarder works them through the outbox methods.
-pub trait Store: tally_stripe::OutboxStore {
+pub trait Store: tally_stripe::OutboxStore + EnrolmentStore {
     /// Dedups and posts (or quarantines) a group of verified batches in one durable transaction,
     /// in order; returns one outcome per batch.
     fn ingest(
@@ -176,6 +178,32 @@ pub trait Store: tally_stripe::OutboxStore {
     /// Every outbox row as (customer, Stripe event name, bucket time in Unix seconds, units):
     /// what Stripe should have, for reconciliation.
     fn outbox_items(&self) -> Result<Vec<(String, String, i64, u64)>, StoreError>;
+}
+
+/// Enrolment tokens (only their hashes) and how each agent was enrolled.
+pub trait EnrolmentStore {
+    /// Adds a token; `false` when its id or hash exists already. Past
+    /// [`MAX_ENROLL_TOKENS`](crate::core::registry::MAX_ENROLL_TOKENS) spent tokens are dropped
+    /// to make room, and if none is spent the call fails.
+    fn create_enroll_token(&self, t: &EnrollToken, now_ms: i64) -> Result<bool, StoreError>;
+    /// Every token.
+    fn enroll_tokens(&self) -> Result<Vec<EnrollToken>, StoreError>;
+    /// The token whose secret hashes to `hash`.
+    fn enroll_token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<EnrollToken>, StoreError>;
+    /// Revokes a token (idempotent); `None` when there is no such token.
+    fn revoke_enroll_token(&self, id: &str, now_ms: i64)
+    -> Result<Option<EnrollToken>, StoreError>;
+    /// Enrols `rec` with the token hashing to `token_hash`, in one transaction: checks the token
+    /// is usable, counts the use, writes the agent and its enrolment. The inner error is the
+    /// wire code when the token is not usable (nothing written).
+    fn enrol(
+        &self,
+        rec: &AgentRecord,
+        token_hash: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<Result<EnrollToken, ErrorCode>, StoreError>;
+    /// How `agent` was enrolled (none for agents enrolled before tokens were objects).
+    fn enrolment(&self, agent: AgentId) -> Result<Option<Enrolment>, StoreError>;
 }
 
 pub mod memory;

@@ -38,6 +38,7 @@ use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
 use tally_protocol::names::{CustomerId, MeterName};
 
+pub mod enrolment;
 pub mod outbox;
 pub mod outbox_rows;
 pub mod tables;

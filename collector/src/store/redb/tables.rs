@@ -29,6 +29,7 @@
 //! | `outbox_counters` | counter name                          | u64                              |
 //! | `customers`       | customer                              | `CustomerRecord`                 |
 //! | `stripe_webhooks` | Stripe event id                       | webhook record                   |
+//! | `enroll_tokens`, `enroll_token_hashes`, `agent_enrolment` | see [`super::enrolment`] |  |
 //!
 //! The Stripe tables (`outbox*`, `customers`, `stripe_webhooks`) are described, with their
 //! guarantees, in [`super::outbox`]: rows are written by [`super::outbox_rows`] in the ingest or
@@ -106,6 +107,7 @@ pub(crate) fn create_all(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(OUTBOX_COUNTERS)?;
     txn.open_table(CUSTOMERS)?;
     txn.open_table(WEBHOOKS)?;
+    super::enrolment::create_tables(txn)?;
     Ok(())
 }
 
