@@ -81,6 +81,8 @@ codes! {
     Overflow = 22, "overflow";
     /// An event time is outside the accepted window.
     EventTimeOutOfRange = 23, "event_time_out_of_range";
+    /// The agent has as many epochs as the collector keeps per agent; a new one is refused.
+    TooManyEpochs = 24, "too_many_epochs";
     /// The collector failed internally; the agent should retry later.
     Internal = 30, "internal";
     /// The collector is overloaded; the agent should back off.

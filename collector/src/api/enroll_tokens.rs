@@ -125,7 +125,7 @@ pub(super) async fn create(State(shared): St, raw: Bytes) -> ApiResult<TokenBody
 
 #[utoipa::path(get, path = "/v1/enroll-tokens", tag = "agents", responses((status = 200, body = Tokens)))]
 pub(super) async fn list(State(shared): St) -> ApiResult<Tokens> {
-    let mut tokens = blocking(&shared, |s| Ok(s.store.enroll_tokens()?)).await?;
+    let mut tokens = blocking(&shared, |s| s.store.enroll_tokens()).await?;
     tokens.sort_by_key(|t| std::cmp::Reverse(t.created_at_ms));
     let now = shared.now_ms();
     Ok(axum::Json(Tokens {
@@ -138,11 +138,7 @@ pub(super) async fn list(State(shared): St) -> ApiResult<Tokens> {
 pub(super) async fn revoke(State(shared): St, Path(id): Path<String>) -> ApiResult<TokenBody> {
     let now = shared.now_ms();
     let key = id.clone();
-    let Some(t) = blocking(&shared, move |s| {
-        Ok(s.store.revoke_enroll_token(&key, now)?)
-    })
-    .await?
-    else {
+    let Some(t) = blocking(&shared, move |s| s.store.revoke_enroll_token(&key, now)).await? else {
         return Err(ApiError::not_found(
             "resource_missing",
             format!("no enrolment token {id}"),

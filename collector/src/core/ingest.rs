@@ -163,6 +163,9 @@ pub type IngestReply = Result<IngestOutcome, ErrorCode>;
 pub trait IngestTxn: Accounts {
     /// The committed dedup state of `(agent, epoch)` (default when none).
     fn dedup_state(&mut self, agent: AgentId, epoch: u64) -> Result<DedupState, Self::Error>;
+    /// How many epochs of `agent` have committed dedup state (at most a little over
+    /// [`MAX_EPOCHS_PER_AGENT`], which is what keeps the count cheap).
+    fn epoch_count(&mut self, agent: AgentId) -> Result<usize, Self::Error>;
     /// The position the next quarantined batch gets.
     fn next_quarantine_id(&mut self) -> Result<u64, Self::Error>;
     /// Appends a posting's transfers; returns the position of the first.
@@ -196,6 +199,12 @@ pub trait IngestTxn: Accounts {
     fn put_accounts(&mut self, ws: &WorkingSet) -> Result<(), Self::Error>;
 }
 
+/// Most epochs kept per agent. An epoch is a life of an agent's store, so a real agent has a
+/// handful; the agent chooses the number, so without a cap one key could make the collector
+/// keep dedup state without end. A batch that would open one more is refused
+/// ([`ErrorCode::TooManyEpochs`]) and nothing of it is written.
+pub const MAX_EPOCHS_PER_AGENT: usize = 64;
+
 /// Dedups and posts (or quarantines) a group of verified batches, in order; one outcome per
 /// batch. Nothing is committed here: the caller commits `txn` when this returns `Ok`.
 pub fn ingest_group<T: IngestTxn>(
@@ -206,6 +215,8 @@ pub fn ingest_group<T: IngestTxn>(
 ) -> Result<Vec<IngestOutcome>, T::Error> {
     let mut ws = WorkingSet::new();
     let mut states: HashMap<(AgentId, u64), DedupState> = HashMap::new();
+    // Epochs counted per agent in this group (committed ones plus those opened here).
+    let mut epochs: HashMap<AgentId, usize> = HashMap::new();
     let mut next_q = txn.next_quarantine_id()?;
     let mut out = Vec::with_capacity(batches.len());
     for b in batches {
@@ -214,7 +225,22 @@ pub fn ingest_group<T: IngestTxn>(
         let state = match states.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(txn.dedup_state(body.agent_id, body.epoch)?)
+                let state = txn.dedup_state(body.agent_id, body.epoch)?;
+                if state == DedupState::default() {
+                    // A new epoch: is there room for it?
+                    let n = match epochs.entry(body.agent_id) {
+                        std::collections::hash_map::Entry::Occupied(n) => n.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(n) => {
+                            n.insert(txn.epoch_count(body.agent_id)?)
+                        }
+                    };
+                    if *n >= MAX_EPOCHS_PER_AGENT {
+                        out.push(IngestOutcome::Refused(ErrorCode::TooManyEpochs));
+                        continue;
+                    }
+                    *n += 1;
+                }
+                e.insert(state)
             }
         };
         // Dedup.

@@ -99,6 +99,10 @@ impl IngestTxn for MemoryLedger {
         Ok(self.dedup.get(&(agent, epoch)).cloned().unwrap_or_default())
     }
 
+    fn epoch_count(&mut self, agent: AgentId) -> Result<usize, MemoryError> {
+        Ok(self.dedup.keys().filter(|(a, _)| *a == agent).count())
+    }
+
     fn next_quarantine_id(&mut self) -> Result<u64, MemoryError> {
         Ok(self.quarantine.len() as u64 + 1)
     }

@@ -260,6 +260,16 @@ impl IngestTxn for IngestTables<'_> {
         }
     }
 
+    fn epoch_count(&mut self, agent: AgentId) -> Result<usize, StoreError> {
+        let a = agent.as_u128();
+        let mut n = 0;
+        for row in self.dedup.range((a, 0)..=(a, u64::MAX))? {
+            row?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     fn next_quarantine_id(&mut self) -> Result<u64, StoreError> {
         Ok(self.quarantine.last()?.map_or(1, |(k, _)| k.value() + 1))
     }
