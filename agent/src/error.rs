@@ -215,6 +215,7 @@ mod tests {
                 detail: String::new(),
             }),
             RecordError::InvalidEventId,
+            RecordError::EventTimeOutOfRange,
         ];
         for e in &errors {
             assert_eq!(RECORD_ERROR_REASONS[e.index()], e.reason());

@@ -67,7 +67,7 @@ proptest! {
             let deltas: Vec<_> = contents[idx].iter().map(|&(c, m, minute, mant, scale, count)| {
                 common::delta(&format!("c{c}"), names[m as usize], &[], T0 + minute * 60_000, Decimal::new(mant, scale), count)
             }).collect();
-            let body = BatchBody::new(common::agent_id(&keys[agent as usize]), epoch, seq, 0, deltas.clone()).unwrap();
+            let body = BatchBody::new(common::agent_id(&keys[agent as usize]), epoch, seq, T0 + 46 * 86_400_000, deltas.clone()).unwrap();
             let signed = SignedBatch::seal(&body, &keys[agent as usize]).unwrap();
             // The model, in send order.
             let first = done.insert((agent, epoch, seq));
@@ -94,8 +94,8 @@ proptest! {
             let flush = i + 1 == sends.len() || pending.len() >= *g.next().unwrap();
             if flush {
                 let batches: Vec<IngestBatch> = pending.drain(..).map(|(b, _)| b).collect();
-                let outs = store.ingest(&batches, 0).unwrap();
-                prop_assert_eq!(&reference.ingest(&batches, 0).unwrap(), &outs);
+                let outs = store.ingest(&batches, T0 + 46 * 86_400_000).unwrap();
+                prop_assert_eq!(&reference.ingest(&batches, T0 + 46 * 86_400_000).unwrap(), &outs);
                 let got: Vec<&str> = outs.iter().map(|o| match o {
                     IngestOutcome::Ack(AckOutcome::Committed) => "committed",
                     IngestOutcome::Ack(AckOutcome::Duplicate) => "duplicate",
@@ -159,12 +159,12 @@ fn verify_catches_dedup_and_batch_record_drift() {
         let batches: Vec<IngestBatch> = (1..=3)
             .map(|seq| {
                 let d = common::delta("c", "calls", &[], T0, Decimal::ONE, 1);
-                let body = BatchBody::new(common::agent_id(&key), 1, seq, 0, vec![d]).unwrap();
+                let body = BatchBody::new(common::agent_id(&key), 1, seq, T0, vec![d]).unwrap();
                 let signed = SignedBatch::seal(&body, &key).unwrap();
                 IngestBatch { body, signed }
             })
             .collect();
-        store.ingest(&batches, 0).unwrap();
+        store.ingest(&batches, T0).unwrap();
         assert!(store.verify().unwrap().ok);
     }
     // Forget that seq 3 was done: its transfers no longer trace, and the records disagree.

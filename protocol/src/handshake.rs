@@ -278,11 +278,11 @@ mod tests {
     fn wrong_version_and_order() {
         let key = SigningKey::from_bytes(&[5; 32]);
         let (_, mut hello) = ClientHandshake::start(key, vec![], None).unwrap();
-        hello.version = 2;
+        hello.version = PROTOCOL_VERSION + 1;
         let mut s = ServerHandshake::new(vec![], [0; 32]);
         assert_eq!(
             s.on_hello(hello),
-            Err(HandshakeError::UnsupportedVersion(2))
+            Err(HandshakeError::UnsupportedVersion(PROTOCOL_VERSION + 1))
         );
         let mut s = ServerHandshake::new(vec![], [0; 32]);
         assert_eq!(

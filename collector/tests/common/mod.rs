@@ -127,8 +127,14 @@ pub fn delta(
     d
 }
 
+/// Signs a batch sealed just after its last event, as an agent seals.
 pub fn seal(key: &SigningKey, epoch: u64, seq: u64, deltas: Vec<Delta>) -> SignedBatch {
-    let body = BatchBody::new(agent_id(key), epoch, seq, 1_763_000_000_000, deltas).unwrap();
+    let sealed = deltas
+        .iter()
+        .map(|d| d.last_at_ms)
+        .max()
+        .unwrap_or(1_763_000_000_000);
+    let body = BatchBody::new(agent_id(key), epoch, seq, sealed, deltas).unwrap();
     SignedBatch::seal(&body, key).unwrap()
 }
 
