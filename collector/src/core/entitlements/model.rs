@@ -38,8 +38,8 @@ pub enum ModelError {
     /// Times out of order.
     #[error("expires_at must be after effective_at")]
     Times,
-    /// An idempotency key is empty or too long.
-    #[error("idempotency_key must be 1 to {MAX_KEY_BYTES} bytes")]
+    /// An idempotency key is empty, too long or not printable ASCII.
+    #[error("idempotency_key must be 1 to {MAX_KEY_BYTES} printable ascii characters")]
     Key,
     /// An anchor day outside 1–31.
     #[error("anchor_day must be 1 to 31")]
@@ -205,7 +205,10 @@ impl GrantRequest {
         {
             return Err(ModelError::Times);
         }
-        if self.idempotency_key.is_empty() || self.idempotency_key.len() > MAX_KEY_BYTES {
+        if self.idempotency_key.is_empty()
+            || self.idempotency_key.len() > MAX_KEY_BYTES
+            || !self.idempotency_key.bytes().all(|b| b.is_ascii_graphic())
+        {
             return Err(ModelError::Key);
         }
         Ok(())
