@@ -30,6 +30,8 @@ pub struct ApiState {
     pub catalogs: Arc<Catalogs>,
     /// The analytics export, when `--export-dir` is set (`POST /v1/export` runs it now).
     pub export: std::sync::OnceLock<crate::export::ExportRunner>,
+    /// Plans, grants, leases and their pushes (set once at start).
+    pub entitlements: std::sync::OnceLock<Arc<crate::entitlements::Entitlements>>,
     admin_token: String,
     clock: SharedClock,
 }
@@ -52,6 +54,7 @@ impl ApiState {
             registry,
             catalogs,
             export: std::sync::OnceLock::new(),
+            entitlements: std::sync::OnceLock::new(),
             admin_token,
             clock,
         }

@@ -64,8 +64,7 @@ pub struct CustomerView {
 }
 
 impl CustomerView {
-    /// The wire form pushed to agents. `used` is sent as used plus leased, so an agent never
-    /// counts quantity another agent holds.
+    /// The wire form pushed to agents (`used` as the ledger knows it; leases travel apart).
     pub fn to_wire(&self) -> CustomerEntitlements {
         let features = self
             .features
@@ -83,7 +82,7 @@ impl CustomerView {
                 included: m.included,
                 granted: m.granted,
                 limit: m.limit,
-                used: m.used.saturating_add(m.leased),
+                used: m.used,
                 enforcement: m.enforcement,
                 source: m.source,
                 period_start_ms: m.period.start_ms,
@@ -331,6 +330,6 @@ mod tests {
             (m.limit, m.remaining, m.source),
             (d("20"), d("13"), Source::Override)
         );
-        assert_eq!(v.to_wire().limits[0].used, d("7"));
+        assert_eq!(v.to_wire().limits[0].used, d("3"));
     }
 }
