@@ -102,17 +102,6 @@ impl EntitlementMetrics {
     }
 }
 
-/// Why a write was refused. Nothing changed.
-#[derive(Debug, thiserror::Error)]
-pub enum EntitlementError {
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The customer names a plan that does not exist.
-    #[error("no such plan: {0}")]
-    UnknownPlan(String),
-}
-
 /// The entitlements handle.
 pub struct Entitlements {
     store: Arc<dyn EntitlementStore>,
@@ -200,20 +189,22 @@ impl Entitlements {
         Ok(())
     }
 
-    /// Stores a customer's record and entitlement settings after checking its plan exists.
+    /// A customer's entitlement settings.
+    pub fn settings(
+        &self,
+        customer: &CustomerId,
+    ) -> Result<crate::core::entitlements::CustomerSettings, StoreError> {
+        self.store.settings(customer)
+    }
+
+    /// Stores a customer's record and entitlement settings (the caller checked that its plan
+    /// exists: plans are never deleted) and tells sessions.
     pub fn put_customer(
         &self,
         customer: &CustomerId,
         rec: &CustomerRecord,
         settings: Option<&crate::core::entitlements::CustomerSettings>,
-    ) -> Result<(), EntitlementError> {
-        if let Some(p) = &rec.plan {
-            let name =
-                PlanName::new(p.as_str()).map_err(|_| EntitlementError::UnknownPlan(p.clone()))?;
-            if self.store.plan(&name)?.is_none() {
-                return Err(EntitlementError::UnknownPlan(p.clone()));
-            }
-        }
+    ) -> Result<(), StoreError> {
         if let Some(s) = settings {
             self.store.put_settings(customer, s)?;
         }

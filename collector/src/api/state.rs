@@ -94,6 +94,15 @@ impl ApiState {
         self.store.verify()
     }
 
+    /// The entitlements handle (set at start; an API built without it answers 500).
+    pub fn entitlements(&self) -> Result<Arc<crate::entitlements::Entitlements>, ApiError> {
+        self.entitlements.get().cloned().ok_or_else(|| {
+            ApiError::from(StoreError::Invariant(String::from(
+                "entitlements are not running",
+            )))
+        })
+    }
+
     /// Wall time, ms.
     pub fn now_ms(&self) -> i64 {
         self.clock.now_ms()
