@@ -228,6 +228,20 @@ impl Entitlements {
         Ok(())
     }
 
+    /// Applies a verified Stripe event: a summary update sets the features of every customer
+    /// mapped to its Stripe customer. Returns how many customers changed hands on it.
+    pub fn apply_stripe_event(&self, event: &serde_json::Value) -> Result<usize, StoreError> {
+        let Some((stripe, features)) = crate::core::entitlements::stripe::summary_update(event)
+        else {
+            return Ok(0);
+        };
+        let customers = self.store.customers_for_stripe(&stripe)?;
+        for c in &customers {
+            self.set_stripe_features(c, features.clone())?;
+        }
+        Ok(customers.len())
+    }
+
     /// Records a grant (checked by the caller) and tells sessions when it is new.
     pub fn grant(&self, req: &GrantRequest) -> Result<GrantOutcome, StoreError> {
         let out = self.store.grant(req, self.clock.now_ms())?;

@@ -19,9 +19,9 @@ use tally_protocol::entitlements::{
 use tally_protocol::frame::{AckOutcome, Frame};
 use tally_protocol::names::{CustomerId, MeterName};
 
-/// 2026-12-02T00:00:00Z.
+/// 2025-12-02T00:00:00Z.
 const T0: i64 = 1_764_633_600_000;
-/// 2027-01-01T00:00:00Z.
+/// 2026-01-01T00:00:00Z.
 const JAN1: i64 = 1_767_225_600_000;
 
 async fn env_at(now_ms: i64) -> (Env, Arc<ManualClock>) {
@@ -166,7 +166,7 @@ async fn plans_customers_grants_and_entitlements_over_the_api() {
     assert_eq!(m["source"], "override");
     assert_eq!(m["enforcement"], "hard");
     assert_eq!(m["allowed"], true);
-    assert_eq!(m["period"]["start"], 1_764_547_200); // 2026-12-01
+    assert_eq!(m["period"]["start"], 1_764_547_200); // 2025-12-01
 
     // The grant is a ledger transfer traced to its record.
     env.assert_verified();
@@ -337,6 +337,100 @@ async fn grant_expiry_and_period_roll_over_on_a_manual_clock() {
     })
     .await;
     assert_eq!(c.limits[0].used, Decimal::ZERO);
-    assert_eq!(c.limits[0].period_end_ms, 1_769_904_000_000); // 2027-02-01
+    assert_eq!(c.limits[0].period_end_ms, 1_769_904_000_000); // 2026-02-01
+    env.handle.shutdown().await;
+}
+
+async fn post_webhook(env: &Env, sig: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(env.handle.http_addr())
+        .await
+        .unwrap();
+    let req = format!(
+        "POST /v1/stripe/webhooks HTTP/1.1\r\nHost: x\r\nConnection: close\r\nStripe-Signature: {sig}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text[9..12].parse().unwrap();
+    (status, text)
+}
+
+#[tokio::test]
+async fn a_stripe_entitlement_webhook_grants_its_feature_and_a_refresh_fetches_them() {
+    use tally_stripe::test_server::FakeStripe;
+    use tally_stripe::{ApiKey, ForwarderConfig, WebhookSecret};
+    let server = FakeStripe::start().await.unwrap();
+    let settings = tally_collector::stripe::StripeSettings {
+        forwarder: ForwarderConfig {
+            api_key: Some(ApiKey::new("sk_test_tally_ent")),
+            base_url: server.url(),
+            meter_events_url: server.url(),
+            ..ForwarderConfig::default()
+        },
+        webhook_secret: Some(WebhookSecret::new("whsec_ent")),
+        reconcile_interval: None,
+    };
+    let env = start_with(move |c| c.stripe = settings).await;
+    ok(
+        &env,
+        "PUT",
+        "/v1/customers/acme",
+        r#"{"stripe_customer_id":"cus_acme"}"#,
+    )
+    .await;
+    let k = key(12);
+    let mut client = env.client(&k).await;
+    client.send(&ask(&["acme"])).await.unwrap();
+    pushed(&mut client, "acme", Duration::from_secs(2), |c| {
+        c.features.is_empty()
+    })
+    .await;
+
+    server.set_active_entitlements("cus_acme", &["gpt4"]);
+    let body = server.entitlement_summary_event("evt_ent_1", "cus_acme");
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let bad =
+        tally_stripe::webhook::sign_webhook(body.as_bytes(), &WebhookSecret::new("whsec_x"), t);
+    assert_eq!(
+        post_webhook(&env, &bad, &body).await.0,
+        400,
+        "a bad signature changes nothing"
+    );
+    let sig =
+        tally_stripe::webhook::sign_webhook(body.as_bytes(), &WebhookSecret::new("whsec_ent"), t);
+    let (st, text) = post_webhook(&env, &sig, &body).await;
+    assert_eq!(st, 200, "{text}");
+    let c = pushed(&mut client, "acme", Duration::from_secs(1), |c| {
+        !c.features.is_empty()
+    })
+    .await;
+    assert_eq!(c.features[0].name.as_str(), "gpt4");
+    assert_eq!(
+        c.features[0].source,
+        tally_protocol::entitlements::Source::Stripe
+    );
+    let v = ok(&env, "GET", "/v1/entitlements/acme", "").await;
+    assert_eq!(v["features"]["gpt4"]["source"], "stripe");
+
+    // On demand: the active entitlements fetched from Stripe.
+    server.set_active_entitlements("cus_acme", &["gpt4", "sso"]);
+    let v = ok(
+        &env,
+        "POST",
+        "/v1/customers/acme/stripe-entitlements/refresh",
+        "",
+    )
+    .await;
+    assert_eq!(v["features"], serde_json::json!(["gpt4", "sso"]));
+    pushed(&mut client, "acme", Duration::from_secs(1), |c| {
+        c.features.len() == 2
+    })
+    .await;
     env.handle.shutdown().await;
 }

@@ -168,3 +168,89 @@ pub(crate) async fn customer_settings(
         .map_err(|e| ApiError::invalid("invalid_overrides", "overrides", e.to_string()))?;
     Ok(Some(s))
 }
+
+/// Applies a verified, first-seen Stripe event to entitlements (summary updates).
+pub(crate) async fn apply_stripe_event(
+    shared: &std::sync::Arc<super::ApiState>,
+    raw: &[u8],
+) -> Result<(), ApiError> {
+    let Ok(event) = serde_json::from_slice::<serde_json::Value>(raw) else {
+        return Ok(());
+    };
+    let ent = shared.entitlements()?;
+    let n = blocking(shared, move |_| ent.apply_stripe_event(&event)).await?;
+    tracing::debug!(customers = n, "stripe entitlements applied");
+    Ok(())
+}
+
+/// `POST /v1/customers/{customer}/stripe-entitlements/refresh`.
+#[derive(Serialize, ToSchema)]
+pub struct RefreshAnswer {
+    /// Our customer.
+    pub customer: String,
+    /// The Stripe customer asked.
+    pub stripe_customer_id: String,
+    /// Features of its active entitlements now.
+    pub features: Vec<String>,
+}
+
+#[utoipa::path(post, path = "/v1/customers/{customer}/stripe-entitlements/refresh", tag = "entitlements",
+    params(("customer" = String, Path)),
+    responses((status = 200, body = RefreshAnswer), (status = 400, body = ErrorBody), (status = 502, body = ErrorBody)))]
+pub(super) async fn refresh_stripe(
+    State(shared): St,
+    Path(c): Path<String>,
+) -> ApiResult<RefreshAnswer> {
+    let c = customer(&c, "customer")?;
+    let Some(client) = shared.stripe.client().cloned() else {
+        return Err(ApiError::invalid(
+            "stripe_not_configured",
+            "customer",
+            "no Stripe API key is configured (STRIPE_API_KEY)",
+        ));
+    };
+    let key = c.as_str().to_owned();
+    let rec = blocking(&shared, move |s| s.store.customer(&key)).await?;
+    let stripe_id = if c.as_str().starts_with("cus_") {
+        c.as_str().to_owned()
+    } else {
+        rec.and_then(|r| r.stripe_customer_id).ok_or_else(|| {
+            ApiError::invalid(
+                "no_stripe_customer",
+                "customer",
+                "the customer has no stripe_customer_id",
+            )
+        })?
+    };
+    let keys = match client.active_entitlements(&stripe_id).await {
+        Ok(Ok(k)) => k,
+        Ok(Err(a)) => {
+            return Err(ApiError {
+                status: axum::http::StatusCode::BAD_GATEWAY,
+                kind: "api_error",
+                code: "stripe_error",
+                message: format!("stripe answered {}", a.status),
+                param: None,
+            });
+        }
+        Err(e) => {
+            return Err(ApiError {
+                status: axum::http::StatusCode::BAD_GATEWAY,
+                kind: "api_error",
+                code: "stripe_unreachable",
+                message: e.to_string(),
+                param: None,
+            });
+        }
+    };
+    let features = crate::core::entitlements::stripe::features(keys.iter().map(String::as_str));
+    let names = features.iter().map(ToString::to_string).collect();
+    let ent = shared.entitlements()?;
+    let cc = c.clone();
+    blocking(&shared, move |_| ent.set_stripe_features(&cc, features)).await?;
+    Ok(axum::Json(RefreshAnswer {
+        customer: c.to_string(),
+        stripe_customer_id: stripe_id,
+        features: names,
+    }))
+}

@@ -73,6 +73,10 @@ pub fn router(shared: Arc<ApiState>) -> Router {
         )
         .route("/v1/grants", post(grants::create_grant))
         .route(
+            "/v1/customers/{customer}/stripe-entitlements/refresh",
+            post(entitlements::refresh_stripe),
+        )
+        .route(
             "/v1/entitlements/{customer}",
             get(entitlements::get_entitlements),
         )

@@ -257,6 +257,7 @@ pub(super) async fn webhook(
         .ok_or_else(|| ApiError::missing("Stripe-Signature"))?;
     let now_s = shared.stripe.now_ms() / 1000;
     let st = shared.clone();
+    let raw = body.clone();
     let r = tokio::task::spawn_blocking(move || {
         tally_stripe::webhook::handle_webhook(st.store.as_ref(), &header, &body, &secret, now_s)
     })
@@ -282,6 +283,9 @@ pub(super) async fn webhook(
         Handled::DeadLettered(n) => (false, n),
         Handled::Stored | Handled::Ignored => (false, 0),
     };
+    if handled == Handled::Stored {
+        super::entitlements::apply_stripe_event(&shared, &raw).await?;
+    }
     Ok(axum::Json(WebhookAnswer {
         received: true,
         duplicate,

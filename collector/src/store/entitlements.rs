@@ -54,6 +54,9 @@ pub trait EntitlementStore: Send + Sync {
         meter: &MeterName,
         period: PeriodRange,
     ) -> Result<Decimal, StoreError>;
+    /// Our customers mapped to this Stripe customer (`stripe_customer_id`, or a key that is
+    /// the Stripe id itself).
+    fn customers_for_stripe(&self, stripe_customer: &str) -> Result<Vec<CustomerId>, StoreError>;
     /// Every lease kept (to restore the lease book at start).
     fn leases(&self) -> Result<Vec<Lease>, StoreError>;
     /// Applies lease changes in order, in one transaction.

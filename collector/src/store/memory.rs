@@ -313,6 +313,11 @@ impl EntitlementStore for MemoryEntitlements {
             .sum())
     }
 
+    fn customers_for_stripe(&self, stripe_customer: &str) -> Result<Vec<CustomerId>, StoreError> {
+        // No customer records here: only a key that is the Stripe id maps.
+        Ok(CustomerId::new(stripe_customer).into_iter().collect())
+    }
+
     fn leases(&self) -> Result<Vec<Lease>, StoreError> {
         Ok(self.lock().leases.values().cloned().collect())
     }

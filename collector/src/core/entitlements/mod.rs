@@ -5,6 +5,7 @@
 //! - [`model`]: plans, limits, overrides, grants and the customer's settings, with their checks.
 //! - [`period`]: the period a limit counts in (calendar month or the customer's anchor day).
 //! - [`build`]: a customer's entitlements at `now_ms`, and grant consumption order.
+//! - [`stripe`]: Stripe Entitlements events and lookup keys as features.
 //! - [`lease`]: the lease book, the pure state machine of the protocol's lease rules
 //!   (`tally_protocol::entitlements`).
 //!
@@ -14,6 +15,7 @@ pub mod build;
 pub mod lease;
 pub mod model;
 pub mod period;
+pub mod stripe;
 
 pub use build::{CustomerView, MeterView, build_customer};
 pub use lease::{LeaseBook, LeaseBookLimits, LeaseCounters, LimitInput};

@@ -234,6 +234,28 @@ impl EntitlementStore for RedbStore {
         Ok(total)
     }
 
+    fn customers_for_stripe(&self, stripe_customer: &str) -> Result<Vec<CustomerId>, StoreError> {
+        let txn = self.db().begin_read()?;
+        let t = txn.open_table(super::tables::CUSTOMERS)?;
+        let mut out: Vec<CustomerId> = CustomerId::new(stripe_customer).into_iter().collect();
+        // A scan of the customers table: webhooks are rare and the table holds settings only.
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let rec: crate::store::CustomerRecord =
+                postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
+                    table: "customers",
+                    detail: e.to_string(),
+                })?;
+            if rec.stripe_customer_id.as_deref() == Some(stripe_customer)
+                && let Ok(c) = CustomerId::new(k.value())
+                && !out.contains(&c)
+            {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
     fn leases(&self) -> Result<Vec<Lease>, StoreError> {
         let txn = self.db().begin_read()?;
         let t = txn.open_table(LEASES)?;
