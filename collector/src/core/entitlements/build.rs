@@ -297,11 +297,13 @@ mod tests {
             r#"{"features":["gpt4","sso"],"limits":{"api_calls":{"included":"1000","enforcement":"hard"},"tokens":{"included":"5","enforcement":"soft"}}}"#,
         )
         .unwrap();
-        let mut s = CustomerSettings::default();
-        s.overrides = serde_json::from_str(
+        let mut s = CustomerSettings {
+            overrides: serde_json::from_str(
             r#"{"add_features":["beta"],"remove_features":["sso"],"limits":{"api_calls":{"included":"20","enforcement":"hard"},"tokens":null}}"#,
         )
-        .unwrap();
+            .unwrap(),
+            ..CustomerSettings::default()
+        };
         s.stripe_features.insert(FeatureName::new("gpt4").unwrap());
         s.stripe_features.insert(FeatureName::new("vip").unwrap());
         let c = CustomerId::new("acme").unwrap();
