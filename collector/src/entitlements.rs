@@ -34,6 +34,10 @@ use tokio::sync::broadcast;
 /// Most time-driven changes queued (past it the latest are dropped; the customer's next view
 /// queues them again).
 const MAX_TIMERS: usize = 1_000_000;
+/// Most agents whose customers are remembered between their sessions, and most customers
+/// remembered in all.
+const MAX_REMEMBERED_AGENTS: usize = 10_000;
+const MAX_REMEMBERED_CUSTOMERS: usize = 1_000_000;
 /// Changes buffered per subscriber; a subscriber that falls behind rebuilds everything.
 const CHANGE_BUFFER: usize = 4_096;
 
@@ -111,7 +115,15 @@ pub struct Entitlements {
     tx: broadcast::Sender<Change>,
     version: AtomicU64,
     timers: Mutex<BTreeSet<(i64, CustomerId)>>,
+    /// Customers each agent's sessions tracked, pushed again when it reconnects.
+    remembered: Mutex<Remembered>,
     metrics: EntitlementMetrics,
+}
+
+#[derive(Default)]
+struct Remembered {
+    by_agent: std::collections::HashMap<AgentId, std::collections::HashSet<CustomerId>>,
+    total: usize,
 }
 
 fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -138,6 +150,7 @@ impl Entitlements {
             tx,
             version: AtomicU64::new(0),
             timers: Mutex::new(BTreeSet::new()),
+            remembered: Mutex::new(Remembered::default()),
             metrics,
         };
         e.refresh_gauges(&relock(&e.book));
@@ -175,6 +188,37 @@ impl Entitlements {
                 Err(v) => cur = v,
             }
         }
+    }
+
+    /// Remembers customers an agent's session started tracking (bounded: past the limits,
+    /// new ones are not remembered and the agent asks again after a reconnect).
+    pub fn remember(&self, agent: AgentId, customers: &[CustomerId]) {
+        let mut r = relock(&self.remembered);
+        if !r.by_agent.contains_key(&agent) && r.by_agent.len() >= MAX_REMEMBERED_AGENTS {
+            return;
+        }
+        let mut room = MAX_REMEMBERED_CUSTOMERS.saturating_sub(r.total);
+        let mine = r.by_agent.entry(agent).or_default();
+        let mut added = 0;
+        for c in customers {
+            if room == 0 {
+                break;
+            }
+            if mine.insert(c.clone()) {
+                added += 1;
+                room -= 1;
+            }
+        }
+        r.total += added;
+    }
+
+    /// Customers remembered for `agent` (pushed when it connects).
+    pub fn remembered(&self, agent: AgentId) -> Vec<CustomerId> {
+        relock(&self.remembered)
+            .by_agent
+            .get(&agent)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The plan with this name.

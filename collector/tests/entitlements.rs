@@ -221,6 +221,13 @@ async fn a_grant_reaches_a_connected_agent_within_a_second() {
         c.features.len() == 2 && c.limits.is_empty()
     })
     .await;
+    // The agent reconnects: what it was tracking is pushed on connect, without asking.
+    drop(client);
+    let mut again = env.client(&k).await;
+    pushed(&mut again, "acme", Duration::from_secs(2), |c| {
+        c.features.len() == 2
+    })
+    .await;
     env.handle.shutdown().await;
 }
 

@@ -411,6 +411,12 @@ impl Session {
         self.flush();
     }
 
+    /// Tracks customers the collector remembers for this agent (from earlier sessions);
+    /// returns those not tracked before, for the shell to push.
+    pub fn watch(&mut self, customers: &[CustomerId]) -> Vec<CustomerId> {
+        self.track(customers.iter())
+    }
+
     /// Tracks customers; returns those not tracked before.
     fn track<'a>(&mut self, customers: impl Iterator<Item = &'a CustomerId>) -> Vec<CustomerId> {
         let mut new = Vec::new();

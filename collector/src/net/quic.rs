@@ -311,8 +311,15 @@ impl Shell {
                         tracing::Span::current().record("agent", tracing::field::display(id));
                         self.server.registry.register_live(id, self.conn.clone());
                     }
+                    let admitted = !matches!(admission, Admission::Refuse(_));
                     self.session
                         .on_admitted(self.server.clock.now_ms(), admission);
+                    if admitted {
+                        // On connect: the customers its earlier sessions tracked.
+                        let known = self.server.entitlements.remembered(id);
+                        let again = self.session.watch(&known);
+                        self.push_entitlements(again).await;
+                    }
                 }
                 Action::Ingest { ticket, batch } => {
                     let rows = batch_usage(&self.server.catalog.borrow(), &batch.body);
@@ -332,7 +339,12 @@ impl Shell {
                             .on_ingest_reply(ticket, Err(ErrorCode::ShuttingDown)),
                     }
                 }
-                Action::Watch(customers) => self.push_entitlements(customers).await,
+                Action::Watch(customers) => {
+                    if let Some(agent) = self.session.agent() {
+                        self.server.entitlements.remember(agent, &customers);
+                    }
+                    self.push_entitlements(customers).await;
+                }
                 Action::Lease(req) => {
                     let grant = self.lease(req).await;
                     self.session.on_lease_grant(grant);
