@@ -233,7 +233,7 @@ async fn a_grant_reaches_a_connected_agent_within_a_second() {
 
 #[tokio::test]
 async fn leases_are_granted_from_what_remains_and_freed_after_release() {
-    let (env, _clock) = env_at(T0).await;
+    let (env, clock) = env_at(T0).await;
     pro_customer(&env).await;
     let (k1, k2) = (key(9), key(10));
     let mut a1 = env.client(&k1).await;
@@ -293,6 +293,69 @@ async fn leases_are_granted_from_what_remains_and_freed_after_release() {
         text.contains("tally_collector_entitlements_lease_grants_total 2"),
         "{text}"
     );
+    drop((a1, a2));
+    // Leases survive a collector restart (kept in the store).
+    env.handle.shutdown().await;
+    let mut cfg = tally_collector::CollectorConfig::ephemeral(env.dir.path());
+    cfg.clock = clock;
+    let handle = tally_collector::Collector::start(cfg).await.unwrap();
+    let token = handle.admin_token().to_owned();
+    let (st, text) = common::http(
+        handle.http_addr(),
+        "GET",
+        "/v1/entitlements/acme",
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["meters"]["api_calls"]["leased"], "10", "{v}");
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn anchor_day_periods_count_usage_from_the_anchor() {
+    let (env, _clock) = env_at(T0).await;
+    ok(
+        &env,
+        "PUT",
+        "/v1/plans/team",
+        r#"{"limits":{"api_calls":{"included":"100","enforcement":"soft","reset":"anchor"}}}"#,
+    )
+    .await;
+    ok(
+        &env,
+        "PUT",
+        "/v1/customers/acme",
+        r#"{"plan":"team","anchor_day":15}"#,
+    )
+    .await;
+    let k = key(13);
+    let mut client = env.client(&k).await;
+    // 2025-11-20 (in the period) and 2025-11-10 (before it).
+    let in_period = T0 - 12 * 86_400_000;
+    let before = T0 - 22 * 86_400_000;
+    let b = seal(
+        &k,
+        1,
+        1,
+        vec![
+            delta("acme", "api_calls", &[], in_period, d("30"), 1),
+            delta("acme", "api_calls", &[], before, d("5"), 1),
+        ],
+    );
+    assert!(matches!(send(&mut client, &b).await, Frame::Ack(_)));
+    let v = ok(&env, "GET", "/v1/entitlements/acme", "").await;
+    let m = &v["meters"]["api_calls"];
+    assert_eq!(m["used"], "30", "{m}");
+    assert_eq!(m["period"]["start"], 1_763_164_800); // 2025-11-15
+    assert_eq!(m["period"]["end"], 1_765_756_800); // 2025-12-15
+    assert_eq!(m["enforcement"], "soft");
+    let (st, v) = env
+        .admin("PUT", "/v1/customers/acme", Some(r#"{"anchor_day":32}"#))
+        .await;
+    assert_eq!(st, 400, "{v}");
     env.handle.shutdown().await;
 }
 
