@@ -29,7 +29,7 @@ use tally_protocol::names::{CustomerId, MeterName};
 pub struct CustomerRecord {
     /// The Stripe customer (`cus_…`) usage is forwarded to.
     pub stripe_customer_id: Option<String>,
-    /// The plan (stored; entitlements are a later issue and do not read it yet).
+    /// The plan (must name a stored plan; see `crate::core::entitlements`).
     pub plan: Option<String>,
 }
 
@@ -206,5 +206,6 @@ pub trait EnrolmentStore {
     fn enrolment(&self, agent: AgentId) -> Result<Option<Enrolment>, StoreError>;
 }
 
+pub mod entitlements;
 pub mod memory;
 pub mod redb;

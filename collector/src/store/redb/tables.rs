@@ -30,6 +30,7 @@
 //! | `customers`       | customer                              | `CustomerRecord`                 |
 //! | `stripe_webhooks` | Stripe event id                       | webhook record                   |
 //! | `enroll_tokens`, `enroll_token_hashes`, `agent_enrolment` | see [`super::enrolment`] |  |
+//! | `plans`, `ent_customers`, `grants`, `grants_by_customer`, `leases` | see [`super::entitlements`] | JSON |
 //!
 //! The Stripe tables (`outbox*`, `customers`, `stripe_webhooks`) are described, with their
 //! guarantees, in [`super::outbox`]: rows are written by [`super::outbox_rows`] in the ingest or
