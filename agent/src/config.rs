@@ -47,6 +47,8 @@ pub struct Config {
     pub backoff_max: Duration,
     /// Time allowed for a QUIC connection and handshake.
     pub connect_timeout: Duration,
+    /// Entitlement settings: stale age, offline policies, wait bound.
+    pub entitlements: crate::entitlements::EntitlementsConfig,
 }
 
 impl Default for Config {
@@ -63,6 +65,7 @@ impl Default for Config {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            entitlements: crate::entitlements::EntitlementsConfig::default(),
         }
     }
 }
