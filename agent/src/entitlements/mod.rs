@@ -26,3 +26,6 @@ pub use api::Reservation;
 pub use cache::EntitlementsCache;
 pub use decision::{ConsumeError, Consumed, DecidedBy, Decision, Limit};
 pub use policy::{EntitlementsConfig, OfflinePolicy};
+
+#[cfg(test)]
+mod tests;
