@@ -10,8 +10,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tally_protocol::Decimal;
 use tally_protocol::batch::AgentId;
+use tally_protocol::bounded::BoundedVec;
 use tally_protocol::catalog::Catalog;
-use tally_protocol::entitlements::EntitlementsSnapshot;
+use tally_protocol::entitlements::{
+    CustomerEntitlements, EntitlementsSnapshot, LeaseGrant, LeaseRelease,
+};
 use tally_protocol::error::ErrorCode;
 use tally_protocol::frame::{
     Ack, AckOutcome, ErrorFrame, Frame, FrameDecoder, Welcome, encode_frame,
@@ -45,6 +48,16 @@ pub struct Seen {
     pub connections: u64,
     pub bad_signatures: u64,
     pub overloaded: u64,
+    /// Entitlements answered to `EntitlementsRequest` (a customer not here comes back empty).
+    pub customers: HashMap<String, CustomerEntitlements>,
+    /// Quantity still grantable per (customer, meter); a lease request gets at most this.
+    pub pool: HashMap<(String, String), Decimal>,
+    /// Lease granted totals by lease id.
+    pub leases: HashMap<u64, Decimal>,
+    pub lease_requests: u64,
+    pub releases: Vec<LeaseRelease>,
+    pub snapshot_requests: Vec<String>,
+    pub snapshot_version: u64,
 }
 
 pub struct StandIn {
@@ -226,8 +239,80 @@ async fn handle(conn: quinn::Connection, ctx: Ctx) -> R<()> {
         send(&mut tx, &Frame::Entitlements(e.clone())).await?;
     }
     while let Some(f) = read_frame(&mut rx, &mut dec, &mut buf).await? {
-        let Frame::Batch(signed) = f else {
-            return Err("expected a batch".into());
+        let signed = match f {
+            Frame::Batch(b) => b,
+            Frame::EntitlementsRequest(r) => {
+                let snap = {
+                    let mut s = ctx.seen.lock().unwrap();
+                    s.snapshot_version += 1;
+                    let customers =
+                        r.customers
+                            .iter()
+                            .map(|c| {
+                                s.snapshot_requests.push(c.to_string());
+                                s.customers.get(c.as_str()).cloned().unwrap_or(
+                                    CustomerEntitlements {
+                                        customer: c.clone(),
+                                        plan: None,
+                                        features: BoundedVec::default(),
+                                        limits: BoundedVec::default(),
+                                    },
+                                )
+                            })
+                            .collect();
+                    EntitlementsSnapshot {
+                        version: 1_000 + s.snapshot_version,
+                        built_at_ms: tally_clock::Clock::now_ms(&tally_clock::SystemClock),
+                        full: false,
+                        customers: BoundedVec::new(customers).unwrap(),
+                    }
+                };
+                send(&mut tx, &Frame::Entitlements(snap)).await?;
+                continue;
+            }
+            Frame::LeaseRequest(r) => {
+                let g = {
+                    let mut s = ctx.seen.lock().unwrap();
+                    s.lease_requests += 1;
+                    let key = (r.customer.to_string(), r.meter.to_string());
+                    let pool = s.pool.entry(key).or_insert(Decimal::ZERO);
+                    let added = r.quantity.min(*pool);
+                    *pool -= added;
+                    // One lease per agent, customer and meter: the id hashes them.
+                    let lease_id = {
+                        use std::hash::{Hash, Hasher};
+                        let mut h = std::collections::hash_map::DefaultHasher::new();
+                        (
+                            auth.agent_id.to_string(),
+                            r.customer.as_str(),
+                            r.meter.as_str(),
+                            s.releases.len(),
+                        )
+                            .hash(&mut h);
+                        h.finish()
+                    };
+                    let total = s.leases.entry(lease_id).or_insert(Decimal::ZERO);
+                    *total += added;
+                    LeaseGrant {
+                        request_id: r.request_id,
+                        customer: r.customer,
+                        meter: r.meter,
+                        lease_id,
+                        period_start_ms: r.period_start_ms,
+                        granted_total: *total,
+                        added,
+                        expires_at_ms: tally_clock::Clock::now_ms(&tally_clock::SystemClock)
+                            + 30_000,
+                    }
+                };
+                send(&mut tx, &Frame::LeaseGrant(g)).await?;
+                continue;
+            }
+            Frame::LeaseRelease(r) => {
+                ctx.seen.lock().unwrap().releases.push(r);
+                continue;
+            }
+            _ => return Err("expected a batch".into()),
         };
         let body = match signed.verify(&auth.public_key) {
             Ok(b) => b,
