@@ -1442,6 +1442,17 @@ impl Agent {
         self.h.sh.agg.catalog()
     }
 
+    /// The version of the entitlement snapshot held, once one was received.
+    pub fn entitlements_version(&self) -> Option<u64> {
+        self.h
+            .sh
+            .entitlements
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|e| e.version)
+    }
+
     /// The cached entitlement snapshot, once received (kept on disk across restarts).
     pub fn entitlements(&self) -> Option<EntitlementsCache> {
         self.h

@@ -168,6 +168,28 @@ impl Agent {
         }
     }
 
+    /// What the agent knows of `customer`: plan, features, meters with accounting, staleness.
+    pub fn describe(&self, customer: &str) -> super::table::CustomerView {
+        let sh = self.shared();
+        sh.ent.describe(customer, sh.hot_now_ms())
+    }
+
+    /// [`Agent::describe`], first waiting for a new customer's snapshot.
+    pub async fn describe_wait(&self, customer: &str) -> super::table::CustomerView {
+        let r = self
+            .waiting(|| {
+                let v = self.describe(customer);
+                Ok((v.clone(), v.decided_by == Some(DecidedBy::NoSnapshot)))
+            })
+            .await;
+        r.unwrap_or_else(|_| self.describe(customer))
+    }
+
+    /// The offline policy of `meter`.
+    pub fn offline_policy(&self, meter: &str) -> super::OfflinePolicy {
+        self.shared().ent.config().policy(meter)
+    }
+
     /// [`Agent::check`], first waiting (up to the configured bound, default 100 ms) for the
     /// snapshot of a customer not seen before.
     pub async fn check_wait(&self, customer: &str, feature: &str) -> Decision {

@@ -37,11 +37,7 @@ impl DecidedBy {
     }
 
     pub(crate) fn from_source(s: Source) -> Self {
-        match s {
-            Source::Plan => DecidedBy::Plan,
-            Source::Override => DecidedBy::Override,
-            Source::Stripe => DecidedBy::Stripe,
-        }
+        Self::from(s)
     }
 
     /// Every value, in a fixed order (metric labels).
@@ -57,6 +53,16 @@ impl DecidedBy {
 
     pub(crate) fn index(self) -> usize {
         self as usize
+    }
+}
+
+impl From<Source> for DecidedBy {
+    fn from(s: Source) -> Self {
+        match s {
+            Source::Plan => DecidedBy::Plan,
+            Source::Override => DecidedBy::Override,
+            Source::Stripe => DecidedBy::Stripe,
+        }
     }
 }
 

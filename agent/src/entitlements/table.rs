@@ -30,7 +30,7 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use tally_protocol::entitlements::{CustomerEntitlements, Enforcement, Feature, LeaseGrant};
-use tally_protocol::names::{CustomerId, MeterName};
+use tally_protocol::names::{CustomerId, MeterName, PlanName};
 
 /// Stripes of the customer index (a power of two).
 pub const STRIPES: usize = 64;
@@ -61,6 +61,7 @@ struct CustomerSlot {
     customer: CustomerId,
     /// Whether a snapshot listed this customer.
     known: bool,
+    plan: Option<PlanName>,
     features: Vec<Feature>,
     meters: Vec<Arc<MeterSlot>>,
     requested_at_ms: AtomicI64,
@@ -96,6 +97,23 @@ pub struct ToRelease {
     pub meter: MeterName,
     /// The lease as it ended.
     pub lease: Lease,
+}
+
+/// What the table knows of one customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerView {
+    /// Whether a snapshot listed the customer.
+    pub known: bool,
+    /// Whether the answers come from a stale snapshot or none.
+    pub stale: bool,
+    /// The offline rule that decides, when not current.
+    pub decided_by: Option<DecidedBy>,
+    /// The plan.
+    pub plan: Option<PlanName>,
+    /// Features the customer has.
+    pub features: Vec<Feature>,
+    /// Meters with accounting (those with a limit, and those consumed).
+    pub meters: Vec<MeterName>,
 }
 
 /// Counts for metrics.
@@ -367,6 +385,7 @@ impl Table {
         let slot = Arc::new(CustomerSlot {
             customer: id.clone(),
             known: false,
+            plan: None,
             features: Vec::new(),
             meters: Vec::new(),
             requested_at_ms: AtomicI64::new(now_ms),
@@ -405,6 +424,7 @@ impl Table {
         *c = Arc::new(CustomerSlot {
             customer: c.customer.clone(),
             known: c.known,
+            plan: c.plan.clone(),
             features: c.features.clone(),
             meters,
             requested_at_ms: AtomicI64::new(c.requested_at_ms.load(Ordering::Relaxed)),
@@ -605,6 +625,7 @@ impl Table {
         let slot = Arc::new(CustomerSlot {
             customer: id.clone(),
             known: ce.is_some(),
+            plan: ce.and_then(|c| c.plan.clone()),
             features: ce.map(|c| c.features.to_vec()).unwrap_or_default(),
             meters,
             requested_at_ms: AtomicI64::new(
@@ -663,6 +684,46 @@ impl Table {
             keep
         });
         out
+    }
+
+    /// Everything the table knows of `customer` (its snapshot is asked for when new).
+    pub fn describe(&self, customer: &str, now_ms: i64) -> CustomerView {
+        let hash = self.hash(customer);
+        let found = {
+            let t = self.stripe(hash).read();
+            t.find(hash, |s| s.customer.as_str() == customer).map(|c| {
+                if !c.known {
+                    self.maybe_request(c, now_ms);
+                }
+                let fresh = self.freshness(c, now_ms);
+                CustomerView {
+                    known: c.known,
+                    stale: fresh != Freshness::Current,
+                    decided_by: match fresh {
+                        Freshness::Current => None,
+                        Freshness::NoSnapshot => Some(DecidedBy::NoSnapshot),
+                        Freshness::Stale => Some(DecidedBy::StaleSnapshot),
+                    },
+                    plan: c.plan.clone(),
+                    features: c.features.clone(),
+                    meters: c.meters.iter().map(|m| m.meter.clone()).collect(),
+                }
+            })
+        };
+        if let Some(v) = found {
+            return v;
+        }
+        if let Ok(id) = CustomerId::new(customer) {
+            self.placeholder(id, hash, now_ms);
+        }
+        CustomerView {
+            known: false,
+            stale: true,
+            decided_by: Some(DecidedBy::NoSnapshot),
+            plan: None,
+            features: Vec::new(),
+            meters: Vec::new(),
+        }
     }
 
     /// Customers listed by a snapshot, up to `max` (asked for again on reconnect).
