@@ -65,7 +65,7 @@ async fn a_new_customer_gets_its_plan_and_a_hard_limit_allows_exactly_the_grant(
         let mut s = standin.seen.lock().unwrap();
         s.customers.insert("acme".into(), plan("acme", 1_000, 10));
         // Only 25 of the 1,000 remain for this agent (others hold the rest).
-        s.pool
+        s.limits
             .insert(("acme".into(), "api_calls".into()), Decimal::from(25));
     }
     let dir = tempfile::tempdir().unwrap();
@@ -127,8 +127,8 @@ async fn a_new_customer_gets_its_plan_and_a_hard_limit_allows_exactly_the_grant(
         .seen
         .lock()
         .unwrap()
-        .pool
-        .insert(("acme".into(), "api_calls".into()), Decimal::from(3));
+        .limits
+        .insert(("acme".into(), "api_calls".into()), Decimal::from(28));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = a
         .reserve_wait("acme", "api_calls", Decimal::TWO)
@@ -153,7 +153,7 @@ async fn a_restarted_agent_decides_from_disk_then_releases_what_its_disk_remembe
     {
         let mut s = standin.seen.lock().unwrap();
         s.customers.insert("acme".into(), plan("acme", 100, 10));
-        s.pool
+        s.limits
             .insert(("acme".into(), "api_calls".into()), Decimal::from(100));
     }
     let dir = tempfile::tempdir().unwrap();
