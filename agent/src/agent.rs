@@ -846,6 +846,31 @@ async fn entitlement_task(
     let mut tick = tokio::time::interval(LEASE_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Releases first: a lease request after a release then always opens a new lease.
+        let ended: Vec<u64> = sh
+            .ent
+            .scan(sh.clock.now_ms(), false)
+            .iter()
+            .map(|r| r.lease.id)
+            .collect();
+        if !ended.is_empty() || !remembered.is_empty() {
+            let Some(seal_tx) = seal_tx.upgrade() else {
+                return;
+            };
+            match seal_now(&sh, &seal_tx).await {
+                Ok(upto) => {
+                    drop(seal_tx);
+                    let mut ids = std::mem::take(&mut remembered);
+                    ids.extend(ended);
+                    release(&sh, &ctl, &ids, upto).await;
+                }
+                Err(e) => {
+                    // Not sealed: not released yet; tried again on the next tick.
+                    tracing::warn!(error = %e, "could not seal before releasing leases");
+                    remembered.extend(ended);
+                }
+            }
+        }
         let mut customers = Vec::new();
         for m in sh.ent.drain_outbox(crate::entitlements::table::MAX_OUTBOX) {
             match m {
@@ -884,30 +909,6 @@ async fn entitlement_task(
                 .is_err()
             {
                 return;
-            }
-        }
-        let ended: Vec<u64> = sh
-            .ent
-            .scan(sh.clock.now_ms(), false)
-            .iter()
-            .map(|r| r.lease.id)
-            .collect();
-        if !ended.is_empty() || !remembered.is_empty() {
-            let Some(seal_tx) = seal_tx.upgrade() else {
-                return;
-            };
-            match seal_now(&sh, &seal_tx).await {
-                Ok(upto) => {
-                    drop(seal_tx);
-                    let mut ids = std::mem::take(&mut remembered);
-                    ids.extend(ended);
-                    release(&sh, &ctl, &ids, upto).await;
-                }
-                Err(e) => {
-                    // Not sealed: not released yet; tried again on the next tick.
-                    tracing::warn!(error = %e, "could not seal before releasing leases");
-                    remembered.extend(ended);
-                }
             }
         }
         tokio::select! {

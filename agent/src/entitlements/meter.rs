@@ -514,11 +514,21 @@ impl MeterState {
         }
     }
 
+    /// A grant for a lease this agent already released (the request crossed the release):
+    /// nothing of it may be consumed; the next request gets a new lease.
+    pub fn on_stale_grant(&mut self) {
+        self.request_since = None;
+    }
+
     /// A grant for this meter. Returns a lease it displaced, to release.
     pub fn on_grant(&mut self, g: &LeaseGrant, now_ms: i64) -> Option<Lease> {
         self.request_since = None;
         if g.added.is_zero() {
             self.exhausted_until = now_ms.saturating_add(EXHAUSTED_BACKOFF_MS);
+        }
+        if g.lease_id == 0 {
+            // Nothing granted and no lease opened.
+            return None;
         }
         match &mut self.lease {
             Some(l) if l.id == g.lease_id && l.closing => None,

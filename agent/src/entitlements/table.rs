@@ -42,6 +42,8 @@ pub const MAX_METERS_PER_CUSTOMER: usize = 512;
 pub const MAX_OUTBOX: usize = 16_384;
 /// A new customer's snapshot is asked for again after this long without an answer.
 pub const REQUEST_AGAIN_MS: i64 = 1_000;
+/// Released lease ids remembered (a grant for one is ignored) at most; the oldest goes first.
+pub const MAX_RELEASED_IDS: usize = 65_536;
 
 /// One (customer, meter) and its accounting.
 #[derive(Debug)]
@@ -143,6 +145,8 @@ pub struct Table {
     outbox: Mutex<VecDeque<Outgoing>>,
     leased: Mutex<Vec<Arc<MeterSlot>>>,
     displaced: Mutex<Vec<ToRelease>>,
+    /// Leases released (or being released): a grant that crossed the release is not consumed.
+    released: Mutex<(std::collections::HashSet<u64>, VecDeque<u64>)>,
     wake: OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Counts for metrics.
     pub stats: Stats,
@@ -187,6 +191,7 @@ impl Table {
             outbox: Mutex::new(VecDeque::new()),
             leased: Mutex::new(Vec::new()),
             displaced: Mutex::new(Vec::new()),
+            released: Mutex::new((std::collections::HashSet::new(), VecDeque::new())),
             wake: OnceLock::new(),
             stats: Stats::default(),
         }
@@ -642,10 +647,31 @@ impl Table {
         }
     }
 
+    /// Remembers leases as released: a grant for one of them (a request that crossed the
+    /// release) is never consumed under.
+    pub fn note_released(&self, ids: impl IntoIterator<Item = u64>) {
+        let mut r = self.released.lock();
+        for id in ids {
+            if r.0.insert(id) {
+                r.1.push_back(id);
+            }
+            while r.1.len() > MAX_RELEASED_IDS {
+                if let Some(old) = r.1.pop_front() {
+                    r.0.remove(&old);
+                }
+            }
+        }
+    }
+
     /// Applies a lease grant.
     pub fn on_grant(&self, g: &LeaseGrant, now_ms: i64) {
         self.stats.lease_grants.fetch_add(1, Ordering::Relaxed);
+        let stale = self.released.lock().0.contains(&g.lease_id);
         let r = self.with_slot(g.customer.as_str(), g.meter.as_str(), now_ms, |slot, _| {
+            if stale {
+                slot.state.lock().on_stale_grant();
+                return;
+            }
             let displaced = slot.state.lock().on_grant(g, now_ms);
             if let Some(lease) = displaced {
                 self.displaced.lock().push(ToRelease {
@@ -666,6 +692,12 @@ impl Table {
     /// Closes leases that expired or whose period ended (all of them when `force`), and returns
     /// those ready to release (nothing in flight under them).
     pub fn scan(&self, now_ms: i64, force: bool) -> Vec<ToRelease> {
+        let out = self.scan_inner(now_ms, force);
+        self.note_released(out.iter().map(|r| r.lease.id));
+        out
+    }
+
+    fn scan_inner(&self, now_ms: i64, force: bool) -> Vec<ToRelease> {
         let mut out = std::mem::take(&mut *self.displaced.lock());
         let mut leased = self.leased.lock();
         leased.retain(|slot| {

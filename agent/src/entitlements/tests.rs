@@ -518,3 +518,45 @@ fn concurrent_consumers_never_exceed_the_lease() {
     let l = t.limit("acme", "api_calls", 1);
     assert_eq!(l.leased_available, Some(Decimal::ZERO));
 }
+
+/// A grant that crossed a release (the collector added to the lease before the release reached
+/// it) is never consumed under: the collector frees that lease whole when the release settles.
+/// A "nothing granted" answer (lease 0) leaves an open lease alone.
+#[test]
+fn grants_for_released_leases_and_empty_answers_are_not_consumed() {
+    let t = Table::new(EntitlementsConfig::default());
+    t.set_connected(true, 0);
+    t.apply(&snapshot(vec![customer("acme", 100)]).customers, false, 0);
+    let grant = |id: u64, total: i64, added: i64| LeaseGrant {
+        request_id: 1,
+        customer: CustomerId::new("acme").unwrap(),
+        meter: MeterName::new("api_calls").unwrap(),
+        lease_id: id,
+        period_start_ms: 0,
+        granted_total: Decimal::from(total),
+        added: Decimal::from(added),
+        expires_at_ms: if id == 3 { 60_000 } else { 120_000 },
+    };
+    let consume = |t: &Table| {
+        t.try_consume("acme", "api_calls", Decimal::ONE, 1, || Ok(()))
+            .unwrap()
+            .0
+            .allowed
+    };
+    t.on_grant(&grant(3, 5, 5), 1);
+    assert!(consume(&t));
+    // Released at expiry, then a grant for it arrives.
+    let out = t.scan(60_000, false);
+    assert_eq!(out.len(), 1);
+    t.on_grant(&grant(3, 10, 5), 60_001);
+    assert!(!consume(&t));
+    // A new lease works; an empty answer does not displace it.
+    t.on_grant(&grant(4, 2, 2), 60_002);
+    t.on_grant(&grant(0, 0, 0), 60_003);
+    assert!(
+        t.try_consume("acme", "api_calls", Decimal::ONE, 60_004, || Ok(()))
+            .unwrap()
+            .0
+            .allowed
+    );
+}
