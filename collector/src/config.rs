@@ -35,6 +35,8 @@ pub struct CollectorConfig {
     pub clock: SharedClock,
     /// The continuous analytics export (`--export-dir`), off by default.
     pub export: Option<crate::export::ExportJob>,
+    /// The lease book's limits and timings (lease lifetime, reclaim grace).
+    pub leases: crate::core::entitlements::LeaseBookLimits,
 }
 
 impl std::fmt::Debug for CollectorConfig {
@@ -49,6 +51,7 @@ impl std::fmt::Debug for CollectorConfig {
             .field("group", &self.group)
             .field("stripe", &self.stripe)
             .field("export", &self.export)
+            .field("leases", &self.leases)
             .field("now_ms", &self.clock.now_ms())
             .finish()
     }
@@ -68,6 +71,7 @@ impl CollectorConfig {
             stripe: crate::stripe::StripeSettings::default(),
             clock: Arc::new(SystemClock),
             export: None,
+            leases: crate::core::entitlements::LeaseBookLimits::default(),
         }
     }
 

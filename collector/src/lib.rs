@@ -9,6 +9,7 @@
 //!   revocation, live connections).
 //! - [`ingest`]: the group committer thread and its queue's handle.
 //! - [`catalog`]: the catalog handle (its one writer; pushes changes to sessions).
+//! - [`entitlements`]: the entitlements handle (plans, grants, the lease book; pushes changes).
 //! - [`store`]: the storage trait, the redb backend ([`store::redb`], every table in
 //!   [`store::redb::tables`], the Stripe outbox in [`store::redb::outbox`]) and the in-memory
 //!   reference store ([`store::memory`]).
@@ -39,6 +40,7 @@ pub mod catalog;
 pub mod config;
 pub mod core;
 pub mod dev;
+pub mod entitlements;
 pub mod export;
 pub mod ingest;
 pub mod init;

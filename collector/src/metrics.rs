@@ -47,6 +47,8 @@ pub struct Metrics {
     /// The Stripe forwarder's metrics (`tally_stripe_…`: requests by status, outbox pending,
     /// unmapped, dead letters, forward lag, reconciliation discrepancies).
     pub stripe: tally_stripe::metrics::StripeMetrics,
+    /// Entitlement and lease metrics (`tally_collector_entitlements_…`).
+    pub entitlements: crate::entitlements::EntitlementMetrics,
 }
 
 impl Default for Metrics {
@@ -111,7 +113,9 @@ impl Metrics {
         let adjustments = Counter::default();
         registry.register("adjustments", "Adjustments posted", adjustments.clone());
         let stripe = tally_stripe::metrics::StripeMetrics::register(&mut root);
+        let entitlements = crate::entitlements::EntitlementMetrics::register(&mut root);
         Metrics {
+            entitlements,
             registry: root,
             stripe,
             batches,

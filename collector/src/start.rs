@@ -83,8 +83,16 @@ impl Collector {
             &read(&files.collector_pem)?,
             &read(&files.collector_key)?,
         )?;
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&files.store)?);
+        let redb = Arc::new(RedbStore::open(&files.store)?);
+        let store: Arc<dyn Store> = redb.clone();
         let metrics = Arc::new(Metrics::new());
+        let entitlements = Arc::new(crate::entitlements::Entitlements::open(
+            redb,
+            store.clone(),
+            config.clock.clone(),
+            config.leases,
+            metrics.entitlements.clone(),
+        )?);
         // The forwarder, reconciliation and the webhook check read the collector's one clock.
         let stripe = crate::stripe::StripeRuntime::start_with_clock(
             &config.stripe,
@@ -161,6 +169,7 @@ impl Collector {
             ingest: ingest.into(),
             registry: registry.clone(),
             catalog: catalogs.subscribe(),
+            entitlements: entitlements.clone(),
             metrics: metrics.clone(),
             clock: config.clock.clone(),
         };
@@ -173,6 +182,18 @@ impl Collector {
             admin_token,
             config.clock.clone(),
         ));
+        let _ = shared.entitlements.set(entitlements.clone());
+        let ticker = tokio::spawn(async move {
+            // Lease reclaims and time-driven changes (grant expiry, period roll-over).
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                if let Err(e) = entitlements.tick() {
+                    tracing::warn!(error = %e, "entitlements tick failed");
+                }
+            }
+        });
+        shared.stripe.keep_task(ticker);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let quic_task = tokio::spawn(crate::net::quic::serve(
             endpoint,

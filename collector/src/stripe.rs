@@ -133,6 +133,11 @@ pub struct StripeRuntime {
 }
 
 impl StripeRuntime {
+    /// The Stripe client, when an API key is configured.
+    pub fn client(&self) -> Option<&StripeClient> {
+        self.client.as_ref()
+    }
+
     /// Starts the forwarder on `store` (call on a tokio runtime), on the system clock.
     pub fn start(
         settings: &StripeSettings,

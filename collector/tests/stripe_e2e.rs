@@ -76,6 +76,9 @@ async fn put_meters(env: &Env) {
 }
 
 async fn map(env: &Env, customer: &str, stripe: &str) {
+    // Plans are enforced: the plan must exist first.
+    let (st, v) = env.admin("PUT", "/v1/plans/pro", Some("{}")).await;
+    assert_eq!(st, 200, "{v}");
     let body = format!(r#"{{"stripe_customer_id":"{stripe}","plan":"pro"}}"#);
     let (st, v) = env
         .admin("PUT", &format!("/v1/customers/{customer}"), Some(&body))

@@ -287,6 +287,48 @@ impl StripeClient {
         Self::finish(r).await
     }
 
+    /// `GET /v1/entitlements/active_entitlements?customer=…`: the `lookup_key` of every active
+    /// entitlement of a Stripe customer (all pages, at most 10 of 100).
+    pub async fn active_entitlements(
+        &self,
+        stripe_customer: &str,
+    ) -> Result<Result<Vec<String>, Answer>, TransportError> {
+        #[derive(Deserialize)]
+        struct Item {
+            id: String,
+            lookup_key: String,
+        }
+        #[derive(Deserialize)]
+        struct Page {
+            data: Vec<Item>,
+            has_more: bool,
+        }
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..10 {
+            let mut q = format!(
+                "/v1/entitlements/active_entitlements?customer={}&limit=100",
+                enc(stripe_customer)
+            );
+            if let Some(a) = &after {
+                q.push_str(&format!("&starting_after={}", enc(a)));
+            }
+            let a = self.get(&q).await?;
+            if a.status != 200 {
+                return Ok(Err(a));
+            }
+            let page: Page = serde_json::from_str(&a.body).map_err(|e| {
+                TransportError::Network(format!("bad active entitlements body: {e}"))
+            })?;
+            after = page.data.last().map(|m| m.id.clone());
+            out.extend(page.data.into_iter().map(|i| i.lookup_key));
+            if !page.has_more || after.is_none() {
+                break;
+            }
+        }
+        Ok(Ok(out))
+    }
+
     /// `GET /v1/billing/meters` (all pages, at most 100 of 100 meters).
     pub async fn list_meters(&self) -> Result<Result<Vec<Meter>, Answer>, TransportError> {
         #[derive(Deserialize)]

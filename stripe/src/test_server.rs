@@ -11,7 +11,11 @@
 //!   controllable, [`FakeStripe::expire_sessions`]); `POST /v2/billing/meter_event_stream`
 //!   (JSON, bearer token, 1–100 events, RFC 3339 timestamps, the whole request validated before
 //!   any event is taken; duplicates are dropped silently as Stripe's asynchronous validation does);
-//! - `GET /v1/billing/meters`, `GET /v1/billing/meters/{id}/event_summaries`.
+//! - `GET /v1/billing/meters`, `GET /v1/billing/meters/{id}/event_summaries`;
+//! - `GET /v1/entitlements/active_entitlements?customer=…` (one page) from what
+//!   [`FakeStripe::set_active_entitlements`] set, which also builds the
+//!   `entitlements.active_entitlement_summary.updated` event Stripe would send
+//!   ([`FakeStripe::entitlement_summary_event`]).
 //!
 //! Test-only rules: every POST must carry `Idempotency-Key` and `Stripe-Version`; meters are
 //! created on first use (`mtr_<event_name>`); [`FakeStripe::reject_customer`] makes v1 answer
@@ -129,6 +133,8 @@ struct Inner {
     idempotent: HashMap<String, (u16, String)>,
     counter: u64,
     faults_injected: u64,
+    /// Active entitlements' lookup keys per Stripe customer.
+    entitlements: BTreeMap<String, Vec<String>>,
 }
 
 /// A running fake Stripe on `127.0.0.1`.
@@ -310,6 +316,44 @@ impl FakeStripe {
     /// Delay between processing a meter-event request and answering it.
     pub fn set_response_delay(&self, d: Duration) {
         lock(&self.inner).response_delay = d;
+    }
+
+    /// Sets a Stripe customer's active entitlements (their features' lookup keys).
+    pub fn set_active_entitlements(&self, customer: &str, lookup_keys: &[&str]) {
+        lock(&self.inner).entitlements.insert(
+            customer.to_owned(),
+            lookup_keys.iter().map(|k| (*k).to_owned()).collect(),
+        );
+    }
+
+    /// The `entitlements.active_entitlement_summary.updated` event body Stripe sends for the
+    /// customer's current active entitlements (sign it with [`crate::webhook::sign_webhook`]).
+    pub fn entitlement_summary_event(&self, event_id: &str, customer: &str) -> String {
+        let g = lock(&self.inner);
+        let keys = g.entitlements.get(customer).cloned().unwrap_or_default();
+        let data: Vec<Value> = keys
+            .iter()
+            .map(|k| active_entitlement(customer, k))
+            .collect();
+        json!({
+            "id": event_id,
+            "object": "event",
+            "type": "entitlements.active_entitlement_summary.updated",
+            "created": now_ms(&g) / 1000,
+            "livemode": false,
+            "data": {"object": {
+                "object": "entitlements.active_entitlement_summary",
+                "customer": customer,
+                "livemode": false,
+                "entitlements": {
+                    "object": "list",
+                    "data": data,
+                    "has_more": false,
+                    "url": format!("/v1/customer/{customer}/entitlements"),
+                },
+            }},
+        })
+        .to_string()
     }
 
     /// The meter id for an event name (created if new).
@@ -527,6 +571,9 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
         (&Method::POST, "/v2/billing/meter_event_session") => v2_session(&inner, h, &body),
         (&Method::POST, "/v2/billing/meter_event_stream") => v2_stream(&inner, h, &body).await,
         (&Method::GET, "/v1/billing/meters") => list_meters(&inner, h),
+        (&Method::GET, "/v1/entitlements/active_entitlements") => {
+            active_entitlements(&inner, h, &query)
+        }
         (&Method::GET, p)
             if p.starts_with("/v1/billing/meters/") && p.ends_with("/event_summaries") =>
         {
@@ -544,6 +591,48 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
             None,
         ),
     }
+}
+
+fn active_entitlement(customer: &str, key: &str) -> Value {
+    json!({
+        "id": format!("ent_test_{customer}_{key}"),
+        "object": "entitlements.active_entitlement",
+        "feature": format!("feat_test_{key}"),
+        "livemode": false,
+        "lookup_key": key,
+    })
+}
+
+fn active_entitlements(inner: &Arc<Mutex<Inner>>, h: &HeaderMap, query: &str) -> Response {
+    if let Some(r) = check_secret_key(h) {
+        return r;
+    }
+    let customer = query.split('&').find_map(|kv| kv.strip_prefix("customer="));
+    let Some(customer) = customer.filter(|c| !c.is_empty()) else {
+        return invalid(
+            "Missing required param: customer.",
+            "parameter_missing",
+            Some("customer"),
+        );
+    };
+    let keys = lock(inner)
+        .entitlements
+        .get(customer)
+        .cloned()
+        .unwrap_or_default();
+    let data: Vec<Value> = keys
+        .iter()
+        .map(|k| active_entitlement(customer, k))
+        .collect();
+    json_response(
+        200,
+        json!({
+            "object": "list",
+            "data": data,
+            "has_more": false,
+            "url": "/v1/entitlements/active_entitlements",
+        }),
+    )
 }
 
 fn check_secret_key(h: &HeaderMap) -> Option<Response> {

@@ -54,6 +54,9 @@ impl Entry {
             } => serde_json::json!({
                 "type": "adjustment", "idempotency_key": idempotency_key, "reason": reason,
             }),
+            TransferSource::Grant { idempotency_key } => serde_json::json!({
+                "type": "grant", "idempotency_key": idempotency_key,
+            }),
         };
         Entry {
             position,

@@ -18,11 +18,14 @@ use tokio::sync::watch;
 
 mod adjustments;
 mod agents;
+mod entitlements;
 mod errors;
+mod grants;
 mod ledger;
 mod meters;
 mod openapi;
 mod ops;
+mod plans;
 mod quarantine;
 mod state;
 mod stripe;
@@ -64,6 +67,19 @@ pub fn router(shared: Arc<ApiState>) -> Router {
         .route("/v1/adjustments", post(adjustments::adjust))
         .route("/v1/quarantine", get(quarantine::quarantine))
         .route("/v1/customers/{customer}", put(stripe::put_customer))
+        .route(
+            "/v1/plans/{plan}",
+            put(plans::put_plan).get(plans::get_plan),
+        )
+        .route("/v1/grants", post(grants::create_grant))
+        .route(
+            "/v1/customers/{customer}/stripe-entitlements/refresh",
+            post(entitlements::refresh_stripe),
+        )
+        .route(
+            "/v1/entitlements/{customer}",
+            get(entitlements::get_entitlements),
+        )
         .route("/v1/stripe/outbox", get(stripe::list_outbox))
         .route("/v1/stripe/outbox/{id}/retry", post(stripe::retry_outbox))
         .route("/v1/reconciliation", get(stripe::reconciliation))

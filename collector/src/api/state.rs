@@ -30,6 +30,8 @@ pub struct ApiState {
     pub catalogs: Arc<Catalogs>,
     /// The analytics export, when `--export-dir` is set (`POST /v1/export` runs it now).
     pub export: std::sync::OnceLock<crate::export::ExportRunner>,
+    /// Plans, grants, leases and their pushes (set once at start).
+    pub entitlements: std::sync::OnceLock<Arc<crate::entitlements::Entitlements>>,
     admin_token: String,
     clock: SharedClock,
 }
@@ -52,6 +54,7 @@ impl ApiState {
             registry,
             catalogs,
             export: std::sync::OnceLock::new(),
+            entitlements: std::sync::OnceLock::new(),
             admin_token,
             clock,
         }
@@ -89,6 +92,15 @@ impl ApiState {
     /// Verifies the ledger.
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
         self.store.verify()
+    }
+
+    /// The entitlements handle (set at start; an API built without it answers 500).
+    pub fn entitlements(&self) -> Result<Arc<crate::entitlements::Entitlements>, ApiError> {
+        self.entitlements.get().cloned().ok_or_else(|| {
+            ApiError::from(StoreError::Invariant(String::from(
+                "entitlements are not running",
+            )))
+        })
     }
 
     /// Wall time, ms.

@@ -43,8 +43,14 @@ async fn outbox_call<T: Send + 'static>(
 pub struct CustomerBody {
     /// The Stripe customer (`cus_…`) this customer's usage is forwarded to.
     pub stripe_customer_id: Option<String>,
-    /// The plan. Stored only: entitlements (a later issue) do not read it yet.
+    /// The plan; it must exist (`PUT /v1/plans/{plan}`).
     pub plan: Option<String>,
+    /// Overrides of the plan (`add_features`, `remove_features`, `limits`; `null` limit removes
+    /// the plan's); replaces the stored overrides.
+    #[schema(value_type = Option<Object>)]
+    pub overrides: Option<crate::core::entitlements::Overrides>,
+    /// Day of the month `reset: anchor` limits start again (1–31).
+    pub anchor_day: Option<u8>,
 }
 
 /// A customer's settings.
@@ -100,6 +106,16 @@ pub(super) async fn put_customer(
         ));
     }
     let key = c.as_str().to_owned();
+    let settings = super::entitlements::customer_settings(
+        &shared,
+        &c,
+        b.plan.as_deref(),
+        b.overrides.clone(),
+        b.anchor_day,
+    )
+    .await?;
+    let ent = shared.entitlements()?;
+    let cust = c.clone();
     let rec = blocking(&shared, move |s| {
         let mut rec: CustomerRecord = s.store.customer(&key)?.unwrap_or_default();
         if b.stripe_customer_id.is_some() {
@@ -108,7 +124,7 @@ pub(super) async fn put_customer(
         if b.plan.is_some() {
             rec.plan = b.plan;
         }
-        s.store.put_customer(&key, &rec)?;
+        ent.put_customer(&cust, &rec, settings.as_ref())?;
         Ok(rec)
     })
     .await?;
@@ -122,9 +138,7 @@ pub(super) async fn put_customer(
         customer: c.as_str().to_owned(),
         stripe_customer_id,
         plan: rec.plan,
-        plan_note: String::from(
-            "plans are stored but not yet enforced (entitlements come in a later release)",
-        ),
+        plan_note: String::from("see GET /v1/entitlements/{customer}"),
     }))
 }
 
@@ -243,6 +257,7 @@ pub(super) async fn webhook(
         .ok_or_else(|| ApiError::missing("Stripe-Signature"))?;
     let now_s = shared.stripe.now_ms() / 1000;
     let st = shared.clone();
+    let raw = body.clone();
     let r = tokio::task::spawn_blocking(move || {
         tally_stripe::webhook::handle_webhook(st.store.as_ref(), &header, &body, &secret, now_s)
     })
@@ -268,6 +283,9 @@ pub(super) async fn webhook(
         Handled::DeadLettered(n) => (false, n),
         Handled::Stored | Handled::Ignored => (false, 0),
     };
+    if handled == Handled::Stored {
+        super::entitlements::apply_stripe_event(&shared, &raw).await?;
+    }
     Ok(axum::Json(WebhookAnswer {
         received: true,
         duplicate,

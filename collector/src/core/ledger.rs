@@ -117,6 +117,18 @@ pub enum AccountKey {
         /// The calendar month.
         period: Period,
     },
+    /// Where a meter's grants come from (entitlements, SPEC §6.3).
+    GrantSource {
+        /// The meter (and unit).
+        meter: MeterName,
+    },
+    /// A customer's granted quantity of a meter: credited with every grant.
+    Grants {
+        /// Who received them.
+        customer: CustomerId,
+        /// The meter (and unit).
+        meter: MeterName,
+    },
 }
 
 impl AccountKey {
@@ -134,6 +146,13 @@ impl AccountKey {
                 dimensions,
                 period,
             } => usage_account_id(customer, meter, dimensions, *period),
+            AccountKey::GrantSource { meter } => {
+                hash_id(b"tally/1 grant source\0", &[meter.as_str().as_bytes()])
+            }
+            AccountKey::Grants { customer, meter } => hash_id(
+                b"tally/1 grants account\0",
+                &[customer.as_str().as_bytes(), meter.as_str().as_bytes()],
+            ),
         }
     }
 
@@ -142,7 +161,9 @@ impl AccountKey {
         match self {
             AccountKey::Source { meter }
             | AccountKey::Adjustments { meter }
-            | AccountKey::Usage { meter, .. } => meter,
+            | AccountKey::Usage { meter, .. }
+            | AccountKey::GrantSource { meter }
+            | AccountKey::Grants { meter, .. } => meter,
         }
     }
 }
@@ -254,6 +275,11 @@ pub enum TransferSource {
         /// Why it was made.
         reason: String,
     },
+    /// A grant of extra quantity (`POST /v1/grants`).
+    Grant {
+        /// Its idempotency key.
+        idempotency_key: String,
+    },
 }
 
 impl TransferSource {
@@ -269,6 +295,7 @@ impl TransferSource {
             TransferSource::Adjustment {
                 idempotency_key, ..
             } => adjustment_transfer_id(idempotency_key),
+            TransferSource::Grant { idempotency_key } => grant_transfer_id(idempotency_key),
         }
     }
 }
@@ -289,6 +316,61 @@ pub fn usage_transfer_id(agent: AgentId, epoch: u64, seq: u64, row: u32) -> Tran
 /// The id of the adjustment with this idempotency key.
 pub fn adjustment_transfer_id(idempotency_key: &str) -> TransferId {
     hash_id(b"tally/1 adjustment\0", &[idempotency_key.as_bytes()])
+}
+
+/// The id of the grant with this idempotency key.
+pub fn grant_transfer_id(idempotency_key: &str) -> TransferId {
+    hash_id(b"tally/1 grant\0", &[idempotency_key.as_bytes()])
+}
+
+/// Posts a grant of `quantity` (positive) of `meter` to `customer`: `GrantSource{meter}` →
+/// `Grants{customer, meter}`, its id derived from the idempotency key. Grants do not touch
+/// usage: they raise a limit (SPEC §6.3), and the ledger keeps them traceable.
+pub fn post_grant<A: Accounts>(
+    ws: &mut WorkingSet,
+    base: &mut A,
+    customer: &CustomerId,
+    meter: &MeterName,
+    quantity: Decimal,
+    idempotency_key: &str,
+    now_ms: i64,
+) -> Result<Result<Posting, Rejection>, A::Error> {
+    if quantity <= Decimal::ZERO {
+        return Ok(Err(Rejection::new(
+            ErrorCode::InvalidDelta,
+            None,
+            "a grant's quantity must be positive",
+        )));
+    }
+    ws.begin();
+    let source_key = AccountKey::GrantSource {
+        meter: meter.clone(),
+    };
+    let debit = ws.ensure(base, source_key.id(), || source_key)?;
+    let grants_key = AccountKey::Grants {
+        customer: customer.clone(),
+        meter: meter.clone(),
+    };
+    let credit = ws.ensure(base, grants_key.id(), || grants_key)?;
+    let t = Transfer {
+        id: grant_transfer_id(idempotency_key),
+        debit,
+        credit,
+        unit: meter.clone(),
+        amount: quantity,
+        events: 0,
+        customer: customer.clone(),
+        event_at_ms: now_ms,
+        posted_at_ms: now_ms,
+        source: TransferSource::Grant {
+            idempotency_key: idempotency_key.to_owned(),
+        },
+    };
+    if let Err(r) = ws.apply(&t) {
+        ws.rollback();
+        return Ok(Err(r));
+    }
+    Ok(Ok(Posting { transfers: vec![t] }))
 }
 
 /// An immutable movement of `amount` from `debit` to `credit`, in one unit.

@@ -31,12 +31,15 @@ use crate::core::registry::Admission;
 use std::collections::VecDeque;
 use tally_protocol::batch::{AgentId, BatchError};
 use tally_protocol::catalog::Catalog;
-use tally_protocol::entitlements::{EntitlementsSnapshot, LeaseGrant};
+use tally_protocol::entitlements::{
+    EntitlementsSnapshot, LeaseGrant, LeaseRelease, LeaseRequest, MAX_CUSTOMERS_PER_PUSH,
+};
 use tally_protocol::error::ErrorCode;
 use tally_protocol::frame::{
     Ack, AckOutcome, ErrorFrame, Frame, FrameError, MAX_FRAME_BYTES, Welcome,
 };
 use tally_protocol::handshake::{Authenticated, ServerHandshake};
+use tally_protocol::names::CustomerId;
 
 /// Largest frame accepted before the handshake completes.
 pub const HANDSHAKE_FRAME_BYTES: usize = 4096;
@@ -45,6 +48,10 @@ pub const HANDSHAKE_FRAME_BYTES: usize = 4096;
 /// entitlement push replaces one already waiting, so only lease requests can reach this; one
 /// more is answered `Error{Overloaded}` and the session ends.
 pub const MAX_QUEUED_FRAMES: usize = 64;
+
+/// Most customers a session tracks for entitlement pushes (those in its agent's batches and
+/// requests); customers past it are answered once and not tracked.
+pub const MAX_SEEN_CUSTOMERS: usize = 100_000;
 
 /// The session's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +96,13 @@ pub enum Action {
         /// Its outcome.
         outcome: AckOutcome,
     },
+    /// These customers' entitlements are wanted now (first seen in a batch, or asked for);
+    /// answer with [`Session::on_entitlements_update`].
+    Watch(Vec<CustomerId>),
+    /// Answer this lease request with [`Session::on_lease_grant`].
+    Lease(LeaseRequest),
+    /// The agent ended a lease.
+    LeaseRelease(LeaseRelease),
     /// Frames over this many bytes are refused from now on.
     SetFrameLimit(usize),
     /// Count this.
@@ -134,6 +148,8 @@ pub struct Session {
     deadline_ms: i64,
     catalog: Option<Catalog>,
     entitlements: Option<EntitlementsSnapshot>,
+    /// Customers whose entitlement changes are pushed to this agent.
+    seen: std::collections::HashSet<CustomerId>,
     queue: VecDeque<Out>,
     /// Acks queued and not yet sent.
     unacked: usize,
@@ -152,6 +168,7 @@ impl Session {
             deadline_ms: now_ms.saturating_add(config.handshake_timeout_ms),
             catalog: None,
             entitlements: None,
+            seen: std::collections::HashSet::new(),
             queue: VecDeque::new(),
             unacked: 0,
             next_ticket: 1,
@@ -342,6 +359,76 @@ impl Session {
         }
     }
 
+    /// Customers this session pushes entitlement changes for.
+    pub fn seen_customers(&self) -> impl Iterator<Item = &CustomerId> {
+        self.seen.iter()
+    }
+
+    /// True when this session pushes `customer`'s changes.
+    pub fn watches(&self, customer: &CustomerId) -> bool {
+        self.seen.contains(customer)
+    }
+
+    /// Updated entitlements of some customers (`full: false`). A waiting update absorbs it
+    /// (customer by customer, newest wins) while it fits one frame, so changes are never lost
+    /// and the queue stays bounded.
+    pub fn on_entitlements_update(&mut self, snapshot: EntitlementsSnapshot) {
+        if !matches!(self.state, State::Ready(_)) {
+            return;
+        }
+        let waiting = self.queue.iter_mut().rev().find_map(|o| match o {
+            Out::Frame(Frame::Entitlements(s)) if !s.full => Some(s),
+            _ => None,
+        });
+        if let Some(w) = waiting {
+            let mut merged: Vec<_> = w.customers.iter().cloned().collect();
+            for c in snapshot.customers.iter() {
+                match merged.iter_mut().find(|m| m.customer == c.customer) {
+                    Some(m) => *m = c.clone(),
+                    None => merged.push(c.clone()),
+                }
+            }
+            if merged.len() <= MAX_CUSTOMERS_PER_PUSH
+                && let Ok(customers) = tally_protocol::bounded::BoundedVec::new(merged)
+            {
+                w.customers = customers;
+                w.version = w.version.max(snapshot.version);
+                w.built_at_ms = w.built_at_ms.max(snapshot.built_at_ms);
+                return;
+            }
+        }
+        self.queue
+            .push_back(Out::Frame(Frame::Entitlements(snapshot)));
+        self.flush();
+    }
+
+    /// The answer to an [`Action::Lease`].
+    pub fn on_lease_grant(&mut self, grant: LeaseGrant) {
+        if !matches!(self.state, State::Ready(_) | State::Draining) {
+            return;
+        }
+        self.queue.push_back(Out::Frame(Frame::LeaseGrant(grant)));
+        self.flush();
+    }
+
+    /// Tracks customers the collector remembers for this agent (from earlier sessions);
+    /// returns those not tracked before, for the shell to push.
+    pub fn watch(&mut self, customers: &[CustomerId]) -> Vec<CustomerId> {
+        self.track(customers.iter())
+    }
+
+    /// Tracks customers; returns those not tracked before.
+    fn track<'a>(&mut self, customers: impl Iterator<Item = &'a CustomerId>) -> Vec<CustomerId> {
+        let mut new = Vec::new();
+        for c in customers {
+            if !self.seen.contains(c) && self.seen.len() < MAX_SEEN_CUSTOMERS {
+                self.seen.insert(c.clone());
+                new.push(c.clone());
+            }
+        }
+        new
+    }
+
     /// The agent was revoked: it is told at once and the session ends (owed acks are dropped;
     /// their batches are durable and will be acked `Duplicate` if it ever comes back).
     pub fn on_revoked(&mut self) {
@@ -369,7 +456,7 @@ impl Session {
         }
     }
 
-    fn on_session_frame(&mut self, now_ms: i64, frame: Frame) {
+    fn on_session_frame(&mut self, _now_ms: i64, frame: Frame) {
         let State::Ready(auth) = &self.state else {
             return;
         };
@@ -391,6 +478,10 @@ impl Session {
                         reply: None,
                     });
                     self.unacked += 1;
+                    let new = self.track(body.deltas.iter().map(|d| &d.customer));
+                    if !new.is_empty() {
+                        self.actions.push_back(Action::Watch(new));
+                    }
                     self.actions.push_back(Action::Ingest {
                         ticket,
                         batch: Box::new(IngestBatch { body, signed }),
@@ -413,25 +504,21 @@ impl Session {
                 }
             },
             Frame::LeaseRequest(req) => {
-                // Entitlements and leases are a later issue: grant nothing, for now.
-                let grant = LeaseGrant {
-                    request_id: req.request_id,
-                    customer: req.customer,
-                    meter: req.meter,
-                    lease_id: 0,
-                    period_start_ms: req.period_start_ms,
-                    granted_total: rust_decimal::Decimal::ZERO,
-                    added: rust_decimal::Decimal::ZERO,
-                    expires_at_ms: now_ms,
-                };
                 if self.queue.len() - self.unacked >= MAX_QUEUED_FRAMES {
                     return self.finish(Some(ErrorFrame::new(
                         ErrorCode::Overloaded,
                         "too many requests behind unacknowledged batches",
                     )));
                 }
-                self.queue.push_back(Out::Frame(Frame::LeaseGrant(grant)));
-                self.flush();
+                self.track(std::iter::once(&req.customer));
+                self.actions.push_back(Action::Lease(req));
+            }
+            Frame::LeaseRelease(rel) => self.actions.push_back(Action::LeaseRelease(rel)),
+            Frame::EntitlementsRequest(req) => {
+                // Every customer asked for is answered, tracked or not.
+                self.track(req.customers.iter());
+                self.actions
+                    .push_back(Action::Watch(req.customers.iter().cloned().collect()));
             }
             _ => self.finish(Some(ErrorFrame::new(
                 ErrorCode::UnexpectedFrame,

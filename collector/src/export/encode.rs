@@ -117,7 +117,7 @@ impl Row {
     fn kind(&self) -> Kind {
         match self.transfer.source {
             TransferSource::BatchRow { .. } => Kind::Usage,
-            TransferSource::Adjustment { .. } => Kind::Adjustment,
+            TransferSource::Adjustment { .. } | TransferSource::Grant { .. } => Kind::Adjustment,
         }
     }
 
@@ -325,6 +325,14 @@ pub fn transfers_batch(rows: &[Row]) -> Result<RecordBatch, EncodeError> {
                 key.push(Some(idempotency_key.clone()));
                 reason.push(Some(why.clone()));
             }
+            TransferSource::Grant { idempotency_key } => {
+                agent.push(None);
+                epoch.push(None);
+                seq.push(None);
+                row.push(None);
+                key.push(Some(idempotency_key.clone()));
+                reason.push(Some(String::from("grant")));
+            }
         }
     }
     let columns: Vec<ArrayRef> = vec![
@@ -436,6 +444,10 @@ fn ndjson_transfers(rows: &[Row]) -> Result<Vec<u8>, EncodeError> {
                 } => {
                     m.insert("idempotency_key".into(), idempotency_key.clone().into());
                     m.insert("reason".into(), reason.clone().into());
+                }
+                TransferSource::Grant { idempotency_key } => {
+                    m.insert("idempotency_key".into(), idempotency_key.clone().into());
+                    m.insert("reason".into(), "grant".into());
                 }
             }
         }

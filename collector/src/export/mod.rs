@@ -199,6 +199,10 @@ impl Resolver<'_> {
                 .into());
             }
             expect += 1;
+            if matches!(t.source, crate::core::ledger::TransferSource::Grant { .. }) {
+                // Grants raise limits; they are not usage (no usage account to resolve).
+                continue;
+            }
             let (id, credited) = match (self.lookup(&t, t.credit)?, self.lookup(&t, t.debit)?) {
                 (Some(k), _) => (k, true),
                 (None, Some(k)) => (k, false),

@@ -58,6 +58,8 @@ pub struct QuicServer {
     pub registry: Arc<Registry>,
     /// The current catalog; sessions push it when it changes.
     pub catalog: watch::Receiver<Arc<Catalog>>,
+    /// Entitlements: snapshots, their changes and the lease book.
+    pub entitlements: Arc<crate::entitlements::Entitlements>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
     /// Wall time.
@@ -155,6 +157,7 @@ async fn handle(
         session,
         replies: JoinSet::new(),
         shutdown,
+        usage: std::collections::HashMap::new(),
     }
     .run()
     .instrument(span)
@@ -170,6 +173,32 @@ struct Shell {
     session: Session,
     replies: JoinSet<(u64, IngestReply)>,
     shutdown: watch::Receiver<bool>,
+    /// Usage of each batch in flight, by (epoch, seq), for the lease book once it is committed.
+    usage: std::collections::HashMap<(u64, u64), Vec<BatchUsage>>,
+}
+
+/// One row of a batch as the lease book counts it: customer, meter, bucket time, quantity.
+type BatchUsage = (
+    tally_protocol::names::CustomerId,
+    tally_protocol::names::MeterName,
+    i64,
+    rust_decimal::Decimal,
+);
+
+/// A batch's rows in the ledger's quantities (`sum` or `count`; `last` meters hold no leases).
+fn batch_usage(catalog: &Catalog, body: &tally_protocol::batch::BatchBody) -> Vec<BatchUsage> {
+    use tally_protocol::catalog::Aggregation;
+    body.deltas
+        .iter()
+        .filter_map(|d| {
+            let q = match catalog.meter(d.meter.as_str())?.aggregation {
+                Aggregation::Sum => d.sum,
+                Aggregation::Count => rust_decimal::Decimal::from(d.count),
+                Aggregation::Last => return None,
+            };
+            Some((d.customer.clone(), d.meter.clone(), d.bucket_start_ms, q))
+        })
+        .collect()
 }
 
 impl Shell {
@@ -178,6 +207,15 @@ impl Shell {
         self.session
             .on_catalog(catalog.borrow_and_update().as_ref().clone());
         let mut catalog_open = true;
+        let mut changes = self.server.entitlements.subscribe();
+        let mut changes_open = true;
+        self.session
+            .on_entitlements(tally_protocol::entitlements::EntitlementsSnapshot {
+                version: self.server.entitlements.next_version(),
+                built_at_ms: self.server.clock.now_ms(),
+                full: false,
+                customers: Default::default(),
+            });
         let mut shutdown_seen = false;
         loop {
             if self.act().await {
@@ -188,6 +226,7 @@ impl Shell {
                 Duration::from_millis(u64::try_from(due.saturating_sub(now)).unwrap_or(0))
             });
             let reading = self.session.wants_frames();
+            let mut wanted = Vec::new();
             tokio::select! {
                 Some(r) = self.replies.join_next(), if !self.replies.is_empty() => {
                     let (ticket, reply) = r.unwrap_or((0, Err(ErrorCode::Internal)));
@@ -208,6 +247,21 @@ impl Shell {
                     }
                     Err(_) => catalog_open = false,
                 },
+                c = changes.recv(), if changes_open => {
+                    use tokio::sync::broadcast::error::RecvError;
+                    wanted = match c {
+                        Ok(crate::entitlements::Change::Customer(c)) => {
+                            if self.session.watches(&c) { vec![c] } else { Vec::new() }
+                        }
+                        Ok(crate::entitlements::Change::All) | Err(RecvError::Lagged(_)) => {
+                            self.session.seen_customers().cloned().collect()
+                        }
+                        Err(RecvError::Closed) => {
+                            changes_open = false;
+                            Vec::new()
+                        }
+                    };
+                },
                 _ = self.shutdown.wait_for(|s| *s), if !shutdown_seen => {
                     shutdown_seen = true;
                     self.session.on_shutdown();
@@ -216,6 +270,7 @@ impl Shell {
                     self.session.handle_timeout(self.server.clock.now_ms());
                 }
             }
+            self.push_entitlements(wanted).await;
         }
     }
 
@@ -256,19 +311,53 @@ impl Shell {
                         tracing::Span::current().record("agent", tracing::field::display(id));
                         self.server.registry.register_live(id, self.conn.clone());
                     }
+                    let admitted = !matches!(admission, Admission::Refuse(_));
                     self.session
                         .on_admitted(self.server.clock.now_ms(), admission);
-                }
-                Action::Ingest { ticket, batch } => match self.server.ingest.submit(*batch).await {
-                    Ok(rx) => {
-                        self.replies.spawn(async move {
-                            (ticket, rx.await.unwrap_or(Err(ErrorCode::Internal)))
-                        });
+                    if admitted {
+                        // On connect: the customers its earlier sessions tracked.
+                        let known = self.server.entitlements.remembered(id);
+                        let again = self.session.watch(&known);
+                        self.push_entitlements(again).await;
                     }
-                    Err(_) => self
-                        .session
-                        .on_ingest_reply(ticket, Err(ErrorCode::ShuttingDown)),
-                },
+                }
+                Action::Ingest { ticket, batch } => {
+                    let rows = batch_usage(&self.server.catalog.borrow(), &batch.body);
+                    // At most max_in_flight batches are owed an ack; the bound is a backstop.
+                    if self.usage.len() >= 4 * self.server.limits.max_in_flight.max(1) as usize {
+                        self.usage.clear();
+                    }
+                    self.usage.insert((batch.body.epoch, batch.body.seq), rows);
+                    match self.server.ingest.submit(*batch).await {
+                        Ok(rx) => {
+                            self.replies.spawn(async move {
+                                (ticket, rx.await.unwrap_or(Err(ErrorCode::Internal)))
+                            });
+                        }
+                        Err(_) => self
+                            .session
+                            .on_ingest_reply(ticket, Err(ErrorCode::ShuttingDown)),
+                    }
+                }
+                Action::Watch(customers) => {
+                    if let Some(agent) = self.session.agent() {
+                        self.server.entitlements.remember(agent, &customers);
+                    }
+                    self.push_entitlements(customers).await;
+                }
+                Action::Lease(req) => {
+                    let grant = self.lease(req).await;
+                    self.session.on_lease_grant(grant);
+                }
+                Action::LeaseRelease(rel) => {
+                    if let Some(agent) = self.session.agent() {
+                        let hub = self.server.entitlements.clone();
+                        let r = tokio::task::spawn_blocking(move || hub.release(agent, &rel)).await;
+                        if !matches!(r, Ok(Ok(()))) {
+                            tracing::warn!(%agent, "lease release not recorded");
+                        }
+                    }
+                }
                 Action::Acked {
                     agent,
                     epoch,
@@ -277,6 +366,16 @@ impl Shell {
                 } => {
                     tracing::debug!(%agent, epoch, seq, outcome = outcome_name(outcome), "batch acked");
                     self.server.registry.acked(agent, epoch, seq, outcome);
+                    let rows = self.usage.remove(&(epoch, seq)).unwrap_or_default();
+                    let committed = outcome == AckOutcome::Committed;
+                    let hub = self.server.entitlements.clone();
+                    let r = tokio::task::spawn_blocking(move || {
+                        hub.on_batch(agent, epoch, seq, committed, &rows)
+                    })
+                    .await;
+                    if !matches!(r, Ok(Ok(()))) {
+                        tracing::warn!(%agent, epoch, seq, "lease book not updated");
+                    }
                 }
                 Action::SetFrameLimit(n) => self.reader.set_limit(n),
                 Action::Note(Note::Handshake(result)) => self.server.metrics.handshake(result),
@@ -297,6 +396,54 @@ impl Shell {
             }
         }
         false
+    }
+}
+
+impl Shell {
+    /// Builds and queues snapshots of these customers.
+    async fn push_entitlements(&mut self, customers: Vec<tally_protocol::names::CustomerId>) {
+        if customers.is_empty() {
+            return;
+        }
+        let hub = self.server.entitlements.clone();
+        match tokio::task::spawn_blocking(move || hub.snapshots(&customers)).await {
+            Ok(Ok(frames)) => {
+                for f in frames {
+                    self.session.on_entitlements_update(f);
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "entitlement snapshot failed"),
+            Err(e) => tracing::warn!(error = %e, "entitlement snapshot task failed"),
+        }
+    }
+
+    /// Answers a lease request from the lease book (nothing granted if it fails).
+    async fn lease(
+        &mut self,
+        req: tally_protocol::entitlements::LeaseRequest,
+    ) -> tally_protocol::entitlements::LeaseGrant {
+        let none = tally_protocol::entitlements::LeaseGrant {
+            request_id: req.request_id,
+            customer: req.customer.clone(),
+            meter: req.meter.clone(),
+            lease_id: 0,
+            period_start_ms: req.period_start_ms,
+            granted_total: rust_decimal::Decimal::ZERO,
+            added: rust_decimal::Decimal::ZERO,
+            expires_at_ms: self.server.clock.now_ms(),
+        };
+        let Some(agent) = self.session.agent() else {
+            return none;
+        };
+        let hub = self.server.entitlements.clone();
+        match tokio::task::spawn_blocking(move || hub.lease(agent, &req)).await {
+            Ok(Ok(g)) => g,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "lease request failed");
+                none
+            }
+            Err(_) => none,
+        }
     }
 }
 

@@ -6,16 +6,22 @@
 //! when the group succeeds), like a store transaction.
 
 use crate::core::dedup::DedupState;
+use crate::core::entitlements::lease::{Lease, LeaseChange};
+use crate::core::entitlements::period::PeriodRange;
+use crate::core::entitlements::{CustomerSettings, Grant, GrantRequest, Plan};
 use crate::core::ingest::{
     BatchRecord, IngestBatch, IngestOutcome, IngestTxn, QuarantineRecord, ingest_group,
 };
 use crate::core::ledger::{
     Account, AccountId, AccountKey, Accounts, Period, Posting, Transfer, WorkingSet,
 };
+use crate::store::StoreError;
+use crate::store::entitlements::{EntitlementStore, GrantOutcome, MAX_GRANTS_PER_CUSTOMER};
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashMap};
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::Catalog;
+use tally_protocol::names::{CustomerId, MeterName, PlanName};
 
 /// Why the reference store refused a write (a broken rule, as the embedded store's
 /// `StoreError::Invariant`).
@@ -155,6 +161,178 @@ impl IngestTxn for MemoryLedger {
     fn put_accounts(&mut self, ws: &WorkingSet) -> Result<(), MemoryError> {
         for (id, a) in &ws.accounts {
             self.accounts.insert(*id, a.clone());
+        }
+        Ok(())
+    }
+}
+
+/// The reference [`EntitlementStore`]: plain maps behind one lock, grants posted with the same
+/// ledger rule ([`crate::core::ledger::post_grant`]) into its own accounts and transfers, and
+/// usage recorded directly by tests ([`MemoryEntitlements::add_usage`]).
+#[derive(Debug, Default)]
+pub struct MemoryEntitlements {
+    inner: std::sync::Mutex<EntInner>,
+}
+
+#[derive(Debug, Default)]
+struct EntInner {
+    plans: BTreeMap<PlanName, Plan>,
+    settings: BTreeMap<CustomerId, CustomerSettings>,
+    grants: BTreeMap<String, Grant>,
+    accounts: HashMap<AccountId, Account>,
+    transfers: Vec<Transfer>,
+    usage: Vec<(CustomerId, MeterName, i64, Decimal)>,
+    leases: BTreeMap<u64, Lease>,
+}
+
+impl MemoryEntitlements {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, EntInner> {
+        // A panic while held leaves plain maps; keep serving them.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records usage of a customer's meter at `at_ms` (the reference for `used`).
+    pub fn add_usage(&self, customer: &CustomerId, meter: &MeterName, at_ms: i64, qty: Decimal) {
+        self.lock()
+            .usage
+            .push((customer.clone(), meter.clone(), at_ms, qty));
+    }
+
+    /// The grant transfers posted, in order.
+    pub fn transfers(&self) -> Vec<Transfer> {
+        self.lock().transfers.clone()
+    }
+}
+
+impl EntitlementStore for MemoryEntitlements {
+    fn plan(&self, name: &PlanName) -> Result<Option<Plan>, StoreError> {
+        Ok(self.lock().plans.get(name).cloned())
+    }
+
+    fn put_plan(&self, name: &PlanName, plan: &Plan) -> Result<(), StoreError> {
+        self.lock().plans.insert(name.clone(), plan.clone());
+        Ok(())
+    }
+
+    fn settings(&self, customer: &CustomerId) -> Result<CustomerSettings, StoreError> {
+        Ok(self
+            .lock()
+            .settings
+            .get(customer)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    fn put_settings(&self, customer: &CustomerId, s: &CustomerSettings) -> Result<(), StoreError> {
+        self.lock().settings.insert(customer.clone(), s.clone());
+        Ok(())
+    }
+
+    fn grant(&self, req: &GrantRequest, now_ms: i64) -> Result<GrantOutcome, StoreError> {
+        let mut g = self.lock();
+        if let Some(stored) = g.grants.get(&req.idempotency_key) {
+            return Ok(match stored.request.differs_from(req) {
+                None => GrantOutcome::Exists(stored.clone()),
+                Some(f) => GrantOutcome::ExistsWithDifferent(f),
+            });
+        }
+        let n = g
+            .grants
+            .values()
+            .filter(|x| x.request.customer == req.customer)
+            .count();
+        if n >= MAX_GRANTS_PER_CUSTOMER {
+            return Ok(GrantOutcome::Rejected(crate::core::ledger::Rejection {
+                code: tally_protocol::error::ErrorCode::Overloaded,
+                row: None,
+                message: format!("a customer has at most {MAX_GRANTS_PER_CUSTOMER} grants"),
+            }));
+        }
+        let mut ws = WorkingSet::new();
+        let mut base = g.accounts.clone();
+        let posting = match crate::core::ledger::post_grant(
+            &mut ws,
+            &mut base,
+            &req.customer,
+            &req.meter,
+            req.quantity,
+            &req.idempotency_key,
+            now_ms,
+        ) {
+            Ok(Ok(p)) => p,
+            Ok(Err(r)) => return Ok(GrantOutcome::Rejected(r)),
+            Err(never) => match never {},
+        };
+        ws.assert_balanced();
+        let Some(t) = posting.transfers.first().cloned() else {
+            return Err(StoreError::Invariant(String::from("empty grant posting")));
+        };
+        for (id, a) in ws.accounts {
+            g.accounts.insert(id, a);
+        }
+        g.transfers.push(t.clone());
+        let grant = Grant {
+            request: req.clone(),
+            transfer_id: t.id,
+            position: g.transfers.len() as u64,
+            created_at_ms: now_ms,
+        };
+        g.grants.insert(req.idempotency_key.clone(), grant.clone());
+        Ok(GrantOutcome::Created(grant))
+    }
+
+    fn grants(&self, customer: &CustomerId) -> Result<Vec<Grant>, StoreError> {
+        Ok(self
+            .lock()
+            .grants
+            .values()
+            .filter(|g| g.request.customer == *customer)
+            .cloned()
+            .collect())
+    }
+
+    fn used(
+        &self,
+        customer: &CustomerId,
+        meter: &MeterName,
+        period: PeriodRange,
+    ) -> Result<Decimal, StoreError> {
+        Ok(self
+            .lock()
+            .usage
+            .iter()
+            .filter(|(c, m, at, _)| c == customer && m == meter && period.contains(*at))
+            .map(|u| u.3)
+            .sum())
+    }
+
+    fn customers_for_stripe(&self, stripe_customer: &str) -> Result<Vec<CustomerId>, StoreError> {
+        // No customer records here: only a key that is the Stripe id maps.
+        Ok(CustomerId::new(stripe_customer).into_iter().collect())
+    }
+
+    fn leases(&self) -> Result<Vec<Lease>, StoreError> {
+        Ok(self.lock().leases.values().cloned().collect())
+    }
+
+    fn apply_lease_changes(&self, changes: &[LeaseChange]) -> Result<(), StoreError> {
+        let mut g = self.lock();
+        for c in changes {
+            match c {
+                LeaseChange::Put(l) => {
+                    g.leases.insert(l.id, l.clone());
+                }
+                LeaseChange::Delete(id) => {
+                    g.leases.remove(id);
+                }
+            }
         }
         Ok(())
     }

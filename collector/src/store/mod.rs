@@ -27,7 +27,7 @@ use tally_protocol::names::{CustomerId, MeterName};
 pub struct CustomerRecord {
     /// The Stripe customer (`cus_…`) usage is forwarded to.
     pub stripe_customer_id: Option<String>,
-    /// The plan (stored; entitlements are a later issue and do not read it yet).
+    /// The plan (must name a stored plan; see `crate::core::entitlements`).
     pub plan: Option<String>,
 }
 
@@ -175,5 +175,6 @@ pub trait Store: tally_stripe::OutboxStore {
     fn outbox_items(&self) -> Result<Vec<(String, String, i64, u64)>, StoreError>;
 }
 
+pub mod entitlements;
 pub mod memory;
 pub mod redb;

@@ -107,6 +107,7 @@ impl Mem {
                     Some(id) if *id == t.id => Ok(()),
                     _ => Err(String::from("no adjustment")),
                 },
+                TransferSource::Grant { .. } => Err(String::from("this model posts no grants")),
             };
             v.transfer(t, trace);
         }

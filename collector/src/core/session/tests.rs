@@ -370,10 +370,59 @@ fn lease_requests_behind_owed_acks_are_bounded() {
             quantity: rust_decimal::Decimal::ONE,
         })
     };
+    // The shell answers each request from the lease book; the grants wait behind the ack.
+    let answer = |s: &mut Session| {
+        for a in drain(s) {
+            if let Action::Lease(r) = a {
+                s.on_lease_grant(tally_protocol::entitlements::LeaseGrant {
+                    request_id: r.request_id,
+                    customer: r.customer,
+                    meter: r.meter,
+                    lease_id: 1,
+                    period_start_ms: 0,
+                    granted_total: rust_decimal::Decimal::ONE,
+                    added: rust_decimal::Decimal::ONE,
+                    expires_at_ms: 1,
+                });
+            }
+        }
+    };
     for i in 0..MAX_QUEUED_FRAMES as u64 {
         s.handle_frame(clock.now_ms(), req(i));
+        answer(&mut s);
         assert!(s.wants_frames());
     }
     s.handle_frame(clock.now_ms(), req(999));
     assert!(!s.wants_frames(), "one more is a protocol error");
+}
+
+#[test]
+fn customers_seen_in_batches_and_requests_are_watched_once() {
+    use tally_protocol::entitlements::EntitlementsRequest;
+    use tally_protocol::names::CustomerId;
+    let clock = ManualClock::new(T0);
+    let key = SigningKey::from_bytes(&[1; 32]);
+    let mut s = ready(&key, &clock);
+    let acme = CustomerId::new("acme").unwrap();
+    let other = CustomerId::new("other").unwrap();
+    let ask = |s: &mut Session| {
+        s.handle_frame(
+            clock.now_ms(),
+            Frame::EntitlementsRequest(EntitlementsRequest {
+                customers: tally_protocol::bounded::BoundedVec::new(vec![
+                    CustomerId::new("acme").unwrap(),
+                    CustomerId::new("other").unwrap(),
+                ])
+                .unwrap(),
+            }),
+        );
+        drain(s)
+    };
+    let out = ask(&mut s);
+    assert!(out.contains(&Action::Watch(vec![acme.clone(), other.clone()])));
+    // Asked again: answered again (the agent asked), still tracked once.
+    let out = ask(&mut s);
+    assert!(out.contains(&Action::Watch(vec![acme.clone(), other.clone()])));
+    assert_eq!(s.seen_customers().count(), 2);
+    assert!(s.watches(&acme));
 }

@@ -38,6 +38,7 @@ use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
 use tally_protocol::names::{CustomerId, MeterName};
 
+pub mod entitlements;
 pub mod outbox;
 pub mod outbox_rows;
 pub mod tables;
@@ -79,6 +80,7 @@ impl RedbStore {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         tables::create_all(&txn)?;
+        entitlements::create_all(&txn)?;
         tables::check_format(&txn)?;
         {
             let mut meta = txn.open_table(META)?;
@@ -594,6 +596,7 @@ impl Store for RedbStore {
         let dedup = txn.open_table(DEDUP)?;
         let adjustments = txn.open_table(ADJUSTMENTS)?;
         let accounts = txn.open_table(ACCOUNTS)?;
+        let grants = txn.open_table(entitlements::GRANTS)?;
         let mut v = Verifier::new();
         let mut dedup_cache: HashMap<(u128, u64), DedupState> = HashMap::new();
         let mut batch_cache: HashMap<(u128, u64, u64), Option<(u32, u64)>> = HashMap::new();
@@ -674,6 +677,9 @@ impl Store for RedbStore {
                     Some(_) => Err(String::from("adjustment key names another transfer")),
                     None => Err(String::from("adjustment key is not recorded")),
                 },
+                TransferSource::Grant { idempotency_key } => {
+                    entitlements::trace_grant(&grants, idempotency_key, pos)?
+                }
             };
             v.transfer(&t, trace);
         }

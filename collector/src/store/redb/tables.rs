@@ -29,6 +29,7 @@
 //! | `outbox_counters` | counter name                          | u64                              |
 //! | `customers`       | customer                              | `CustomerRecord`                 |
 //! | `stripe_webhooks` | Stripe event id                       | webhook record                   |
+//! | `plans`, `ent_customers`, `grants`, `grants_by_customer`, `leases` | see [`super::entitlements`] | JSON |
 //!
 //! The Stripe tables (`outbox*`, `customers`, `stripe_webhooks`) are described, with their
 //! guarantees, in [`super::outbox`]: rows are written by [`super::outbox_rows`] in the ingest or

@@ -1,0 +1,493 @@
+//! The entitlements handle: the one writer of plans, customers' entitlement settings and
+//! grants, the owner of the lease book, and the one sender of entitlement changes to agent
+//! sessions (like [`crate::catalog::Catalogs`] for the catalog).
+//!
+//! Every write tells subscribers which customer changed (or that every customer may have, for a
+//! plan edit); time-driven changes (a grant starting or expiring, a period rolling over) are
+//! queued per customer when its view is built and announced by [`Entitlements::tick`], which
+//! the collector runs every 250 ms. Sessions rebuild and push the customers they track.
+//!
+//! The lease book is held under one lock; `used` is read from the store while it is held and
+//! committed batches are reported to it after their commit (see `core::entitlements::lease`).
+
+use crate::core::entitlements::lease::{LeaseBook, LeaseBookLimits, LimitInput};
+use crate::core::entitlements::{CustomerView, GrantRequest, Plan, build_customer};
+use crate::store::entitlements::{EntitlementStore, GrantOutcome};
+use crate::store::{CustomerRecord, Store, StoreError};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tally_clock::SharedClock;
+use tally_protocol::batch::AgentId;
+use tally_protocol::bounded::BoundedVec;
+use tally_protocol::entitlements::{
+    EntitlementsSnapshot, LeaseGrant, LeaseRelease, LeaseRequest, MAX_CUSTOMERS_PER_PUSH,
+};
+use tally_protocol::names::{CustomerId, MeterName, PlanName};
+use tokio::sync::broadcast;
+
+/// Most time-driven changes queued (past it the latest are dropped; the customer's next view
+/// queues them again).
+const MAX_TIMERS: usize = 1_000_000;
+/// Most agents whose customers are remembered between their sessions, and most customers
+/// remembered in all.
+const MAX_REMEMBERED_AGENTS: usize = 10_000;
+const MAX_REMEMBERED_CUSTOMERS: usize = 1_000_000;
+/// Changes buffered per subscriber; a subscriber that falls behind rebuilds everything.
+const CHANGE_BUFFER: usize = 4_096;
+
+/// What changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// One customer's entitlements.
+    Customer(CustomerId),
+    /// Possibly every customer's (a plan edit).
+    All,
+}
+
+/// Entitlement metrics (`tally_collector_entitlements_…`).
+#[derive(Debug, Clone, Default)]
+pub struct EntitlementMetrics {
+    /// `lease_requests_total`.
+    pub lease_requests: Counter,
+    /// `lease_grants_total`: requests that added quantity.
+    pub lease_grants: Counter,
+    /// `leased_outstanding`: Σ outstanding over every lease.
+    pub leased_outstanding: Gauge<f64, AtomicU64>,
+    /// `lease_reclaimed_total`: leases reclaimed after expiry and grace.
+    pub reclaimed: Counter,
+    /// `overshoot`: usage booked for reclaimed leases (quantity, every meter).
+    pub overshoot: Gauge<f64, AtomicU64>,
+    /// `pushes_total`: snapshot frames sent to agents.
+    pub pushes: Counter,
+}
+
+impl EntitlementMetrics {
+    /// Registers them under `tally_collector_entitlements`.
+    pub fn register(root: &mut Registry) -> Self {
+        let m = EntitlementMetrics::default();
+        let r = root.sub_registry_with_prefix("tally_collector_entitlements");
+        r.register(
+            "lease_requests",
+            "Lease requests answered",
+            m.lease_requests.clone(),
+        );
+        r.register(
+            "lease_grants",
+            "Lease requests that added quantity",
+            m.lease_grants.clone(),
+        );
+        r.register(
+            "leased_outstanding",
+            "Quantity held by leases and not yet used",
+            m.leased_outstanding.clone(),
+        );
+        r.register(
+            "lease_reclaimed",
+            "Leases reclaimed unreleased",
+            m.reclaimed.clone(),
+        );
+        r.register(
+            "overshoot",
+            "Usage booked for reclaimed leases, past hard limits",
+            m.overshoot.clone(),
+        );
+        r.register(
+            "pushes",
+            "Entitlement snapshot frames sent",
+            m.pushes.clone(),
+        );
+        m
+    }
+}
+
+/// The entitlements handle.
+pub struct Entitlements {
+    store: Arc<dyn EntitlementStore>,
+    ledger: Arc<dyn Store>,
+    clock: SharedClock,
+    book: Mutex<LeaseBook>,
+    tx: broadcast::Sender<Change>,
+    version: AtomicU64,
+    timers: Mutex<BTreeSet<(i64, CustomerId)>>,
+    /// Customers each agent's sessions tracked, pushed again when it reconnects.
+    remembered: Mutex<Remembered>,
+    metrics: EntitlementMetrics,
+}
+
+#[derive(Default)]
+struct Remembered {
+    by_agent: std::collections::HashMap<AgentId, std::collections::HashSet<CustomerId>>,
+    total: usize,
+}
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Entitlements {
+    /// A handle over `store` (entitlements) and `ledger` (customers' plans), restoring the
+    /// leases kept from an earlier run.
+    pub fn open(
+        store: Arc<dyn EntitlementStore>,
+        ledger: Arc<dyn Store>,
+        clock: SharedClock,
+        limits: LeaseBookLimits,
+        metrics: EntitlementMetrics,
+    ) -> Result<Self, StoreError> {
+        let book = LeaseBook::restore(limits, store.leases()?);
+        let (tx, _) = broadcast::channel(CHANGE_BUFFER);
+        let e = Entitlements {
+            store,
+            ledger,
+            clock,
+            book: Mutex::new(book),
+            tx,
+            version: AtomicU64::new(0),
+            timers: Mutex::new(BTreeSet::new()),
+            remembered: Mutex::new(Remembered::default()),
+            metrics,
+        };
+        e.refresh_gauges(&relock(&e.book));
+        Ok(e)
+    }
+
+    /// A receiver of every later change.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.tx.subscribe()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &EntitlementMetrics {
+        &self.metrics
+    }
+
+    fn notify(&self, c: Change) {
+        // No subscriber is not an error: nothing to tell.
+        let _ = self.tx.send(c);
+    }
+
+    /// A version above every earlier one, also across restarts (ms × 1000 at least).
+    pub fn next_version(&self) -> u64 {
+        let floor = u64::try_from(self.clock.now_ms())
+            .unwrap_or(0)
+            .saturating_mul(1000);
+        let mut cur = self.version.load(Ordering::Relaxed);
+        loop {
+            let next = cur.saturating_add(1).max(floor);
+            match self
+                .version
+                .compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return next,
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    /// Remembers customers an agent's session started tracking (bounded: past the limits,
+    /// new ones are not remembered and the agent asks again after a reconnect).
+    pub fn remember(&self, agent: AgentId, customers: &[CustomerId]) {
+        let mut r = relock(&self.remembered);
+        if !r.by_agent.contains_key(&agent) && r.by_agent.len() >= MAX_REMEMBERED_AGENTS {
+            return;
+        }
+        let mut room = MAX_REMEMBERED_CUSTOMERS.saturating_sub(r.total);
+        let mine = r.by_agent.entry(agent).or_default();
+        let mut added = 0;
+        for c in customers {
+            if room == 0 {
+                break;
+            }
+            if mine.insert(c.clone()) {
+                added += 1;
+                room -= 1;
+            }
+        }
+        r.total += added;
+    }
+
+    /// Customers remembered for `agent` (pushed when it connects).
+    pub fn remembered(&self, agent: AgentId) -> Vec<CustomerId> {
+        relock(&self.remembered)
+            .by_agent
+            .get(&agent)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The plan with this name.
+    pub fn plan(&self, name: &PlanName) -> Result<Option<Plan>, StoreError> {
+        self.store.plan(name)
+    }
+
+    /// Adds or replaces a plan (checked by the caller) and tells every session.
+    pub fn put_plan(&self, name: &PlanName, plan: &Plan) -> Result<(), StoreError> {
+        self.store.put_plan(name, plan)?;
+        self.notify(Change::All);
+        Ok(())
+    }
+
+    /// A customer's entitlement settings.
+    pub fn settings(
+        &self,
+        customer: &CustomerId,
+    ) -> Result<crate::core::entitlements::CustomerSettings, StoreError> {
+        self.store.settings(customer)
+    }
+
+    /// Stores a customer's record and entitlement settings (the caller checked that its plan
+    /// exists: plans are never deleted) and tells sessions.
+    pub fn put_customer(
+        &self,
+        customer: &CustomerId,
+        rec: &CustomerRecord,
+        settings: Option<&crate::core::entitlements::CustomerSettings>,
+    ) -> Result<(), StoreError> {
+        if let Some(s) = settings {
+            self.store.put_settings(customer, s)?;
+        }
+        self.ledger.put_customer(customer.as_str(), rec)?;
+        self.notify(Change::Customer(customer.clone()));
+        Ok(())
+    }
+
+    /// Replaces the customer's Stripe features (a webhook or a fetch) and tells sessions.
+    pub fn set_stripe_features(
+        &self,
+        customer: &CustomerId,
+        features: std::collections::BTreeSet<tally_protocol::names::FeatureName>,
+    ) -> Result<(), StoreError> {
+        let mut s = self.store.settings(customer)?;
+        if s.stripe_features != features {
+            s.stripe_features = features;
+            self.store.put_settings(customer, &s)?;
+            self.notify(Change::Customer(customer.clone()));
+        }
+        Ok(())
+    }
+
+    /// Applies a verified Stripe event: a summary update sets the features of every customer
+    /// mapped to its Stripe customer. Returns how many customers changed hands on it.
+    pub fn apply_stripe_event(&self, event: &serde_json::Value) -> Result<usize, StoreError> {
+        let Some((stripe, features)) = crate::core::entitlements::stripe::summary_update(event)
+        else {
+            return Ok(0);
+        };
+        let customers = self.store.customers_for_stripe(&stripe)?;
+        for c in &customers {
+            self.set_stripe_features(c, features.clone())?;
+        }
+        Ok(customers.len())
+    }
+
+    /// Records a grant (checked by the caller) and tells sessions when it is new.
+    pub fn grant(&self, req: &GrantRequest) -> Result<GrantOutcome, StoreError> {
+        let out = self.store.grant(req, self.clock.now_ms())?;
+        if matches!(out, GrantOutcome::Created(_)) {
+            self.notify(Change::Customer(req.customer.clone()));
+        }
+        Ok(out)
+    }
+
+    /// A customer's entitlements now, with what leases hold.
+    pub fn view(&self, customer: &CustomerId) -> Result<CustomerView, StoreError> {
+        let book = relock(&self.book);
+        self.view_locked(&book, customer)
+    }
+
+    fn view_locked(
+        &self,
+        book: &LeaseBook,
+        customer: &CustomerId,
+    ) -> Result<CustomerView, StoreError> {
+        let now = self.clock.now_ms();
+        let rec = self.ledger.customer(customer.as_str())?.unwrap_or_default();
+        let plan_name = rec.plan.as_deref().and_then(|p| PlanName::new(p).ok());
+        let plan = match &plan_name {
+            Some(p) => self.store.plan(p)?,
+            None => None,
+        };
+        let settings = self.store.settings(customer)?;
+        let grants = self.store.grants(customer)?;
+        let mut err = None;
+        let view = build_customer(
+            customer,
+            plan_name.as_ref(),
+            plan.as_ref(),
+            &settings,
+            &grants,
+            now,
+            |m, p| match self.store.used(customer, m, p) {
+                Ok(u) => u,
+                Err(e) => {
+                    err = Some(e);
+                    Decimal::ZERO
+                }
+            },
+            |m, p| book.outstanding(customer, m, p.start_ms),
+        );
+        if let Some(e) = err {
+            return Err(e);
+        }
+        // The next time this view changes by itself: a period end, a grant starting or ending.
+        let next = view
+            .meters
+            .iter()
+            .map(|m| m.period.end_ms)
+            .chain(grants.iter().flat_map(|g| {
+                [Some(g.request.effective_at_ms), g.request.expires_at_ms]
+                    .into_iter()
+                    .flatten()
+            }))
+            .filter(|t| *t > now)
+            .min();
+        if let Some(t) = next {
+            let mut timers = relock(&self.timers);
+            if timers.len() < MAX_TIMERS {
+                timers.insert((t, customer.clone()));
+            }
+        }
+        Ok(view)
+    }
+
+    /// Snapshot frames (each at most [`MAX_CUSTOMERS_PER_PUSH`] customers, `full: false`) of
+    /// these customers now.
+    pub fn snapshots(
+        &self,
+        customers: &[CustomerId],
+    ) -> Result<Vec<EntitlementsSnapshot>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in customers.chunks(MAX_CUSTOMERS_PER_PUSH) {
+            let mut list = Vec::with_capacity(chunk.len());
+            {
+                let book = relock(&self.book);
+                for c in chunk {
+                    list.push(self.view_locked(&book, c)?.to_wire());
+                }
+            }
+            out.push(EntitlementsSnapshot {
+                version: self.next_version(),
+                built_at_ms: self.clock.now_ms(),
+                full: false,
+                customers: BoundedVec::new(list).unwrap_or_default(),
+            });
+        }
+        self.metrics.pushes.inc_by(out.len() as u64);
+        Ok(out)
+    }
+
+    /// Answers a lease request from `agent`.
+    pub fn lease(&self, agent: AgentId, req: &LeaseRequest) -> Result<LeaseGrant, StoreError> {
+        let now = self.clock.now_ms();
+        let mut book = relock(&self.book);
+        let view = self.view_locked(&book, &req.customer)?;
+        let limit = view.meters.iter().find(|m| m.meter == req.meter);
+        let grant = match limit {
+            Some(m) => book.request(
+                now,
+                agent,
+                req,
+                LimitInput {
+                    limit: m.limit,
+                    used: m.used,
+                    period: m.period,
+                },
+            ),
+            // No limit on this meter: nothing to lease.
+            None => LeaseGrant {
+                request_id: req.request_id,
+                customer: req.customer.clone(),
+                meter: req.meter.clone(),
+                lease_id: 0,
+                period_start_ms: req.period_start_ms,
+                granted_total: Decimal::ZERO,
+                added: Decimal::ZERO,
+                expires_at_ms: now,
+            },
+        };
+        self.metrics.lease_requests.inc();
+        if grant.added > Decimal::ZERO {
+            self.metrics.lease_grants.inc();
+        }
+        self.persist(&mut book)?;
+        Ok(grant)
+    }
+
+    /// `agent` ended a lease.
+    pub fn release(&self, agent: AgentId, rel: &LeaseRelease) -> Result<(), StoreError> {
+        let mut book = relock(&self.book);
+        book.release(agent, rel);
+        self.persist(&mut book)
+    }
+
+    /// A batch of `agent` was acknowledged (after its commit); `usage` as in
+    /// [`LeaseBook::on_batch`].
+    pub fn on_batch(
+        &self,
+        agent: AgentId,
+        epoch: u64,
+        seq: u64,
+        committed: bool,
+        usage: &[(CustomerId, MeterName, i64, Decimal)],
+    ) -> Result<(), StoreError> {
+        let mut book = relock(&self.book);
+        book.on_batch(agent, epoch, seq, committed, usage);
+        self.persist(&mut book)
+    }
+
+    /// Reclaims expired leases and announces time-driven changes that are due.
+    pub fn tick(&self) -> Result<(), StoreError> {
+        let now = self.clock.now_ms();
+        {
+            let mut book = relock(&self.book);
+            if book.poll_timeout().is_some_and(|t| t <= now) {
+                book.tick(now);
+                self.persist(&mut book)?;
+            }
+        }
+        let due: Vec<CustomerId> = {
+            let mut timers = relock(&self.timers);
+            let mut due = Vec::new();
+            while let Some(first) = timers.first() {
+                if first.0 > now {
+                    break;
+                }
+                if let Some((_, c)) = timers.pop_first() {
+                    due.push(c);
+                }
+            }
+            due
+        };
+        for c in due {
+            self.notify(Change::Customer(c));
+        }
+        Ok(())
+    }
+
+    /// Writes the book's changes (in the lock, so the store follows the book's order).
+    fn persist(&self, book: &mut LeaseBook) -> Result<(), StoreError> {
+        let changes = book.take_changes();
+        self.refresh_gauges(book);
+        self.store.apply_lease_changes(&changes)
+    }
+
+    fn refresh_gauges(&self, book: &LeaseBook) {
+        let c = book.counters();
+        self.metrics
+            .leased_outstanding
+            .set(book.outstanding_total().to_f64().unwrap_or(0.0));
+        self.metrics
+            .overshoot
+            .set(c.overshoot.to_f64().unwrap_or(0.0));
+        let seen = self.metrics.reclaimed.get();
+        if c.reclaimed > seen {
+            self.metrics.reclaimed.inc_by(c.reclaimed - seen);
+        }
+    }
+}
