@@ -53,7 +53,7 @@ fn init_logging(format: LogFormat) {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent and its HTTP endpoints.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Create the agent's key in the data directory (if it has none) and print its id.
     Keygen {
         /// The agent's data directory.
@@ -186,7 +186,7 @@ fn main() -> Result<()> {
     init_logging(cli.log_format);
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
-        Command::Run(args) => rt.block_on(run(args.merge()?)),
+        Command::Run(args) => rt.block_on(run((*args).merge()?)),
         Command::Keygen { data_dir } => keygen(&data_dir),
         Command::Status {
             data_dir,
