@@ -152,6 +152,8 @@ pub struct MeterState {
     window_consumed: Decimal,
     /// Recent rate, units per second.
     rate: Decimal,
+    /// What lasts [`LOW_WATER_MS`] at the recent rate (kept with the rate: no division per call).
+    low_water: Decimal,
     offline_used: Decimal,
     overshoot: Decimal,
 }
@@ -172,6 +174,7 @@ impl MeterState {
             window_start_ms: i64::MIN,
             window_consumed: Decimal::ZERO,
             rate: Decimal::ZERO,
+            low_water: Decimal::ZERO,
             offline_used: Decimal::ZERO,
             overshoot: Decimal::ZERO,
         }
@@ -288,18 +291,18 @@ impl MeterState {
     }
 
     fn local_add(&mut self, qty: Decimal) -> Decimal {
-        let before = self.used();
         self.local_used += qty;
-        match self.limit {
-            Some(l) => {
-                let over = (self.used() - l.limit.max(before))
-                    .max(Decimal::ZERO)
-                    .min(qty);
-                self.overshoot += over;
-                over
-            }
-            None => Decimal::ZERO,
+        let Some(l) = self.limit else {
+            return Decimal::ZERO;
+        };
+        let used = l.used + self.local_used;
+        if used <= l.limit {
+            return Decimal::ZERO;
         }
+        // Only the part of this take that lies past the limit.
+        let over = (used - l.limit).min(qty);
+        self.overshoot += over;
+        over
     }
 
     /// Consumes or holds `qty` if allowed. Does not ask for a refill: call
@@ -479,13 +482,12 @@ impl MeterState {
             return None;
         }
         let avail = self.available(now_ms);
-        let ms = Decimal::from(1000);
-        let low_water = self.rate * Decimal::from(LOW_WATER_MS) / ms;
         let expiring = self
             .lease
             .is_some_and(|l| l.expires_at_ms.saturating_sub(now_ms) < RENEW_BEFORE_MS);
-        let short =
-            avail < need || avail <= low_water || (expiring && !self.window_consumed.is_zero());
+        let short = avail < need
+            || avail <= self.low_water
+            || (expiring && !self.window_consumed.is_zero());
         if !short && self.lease_open(now_ms) {
             return None;
         }
@@ -496,7 +498,7 @@ impl MeterState {
             return None;
         }
         self.update_rate(now_ms);
-        let want = (self.rate * Decimal::from(REFILL_HORIZON_MS) / ms)
+        let want = (self.rate * Decimal::from(REFILL_HORIZON_MS) / Decimal::from(1000))
             .max(need - avail)
             .max(Decimal::ONE)
             .round_dp_with_strategy(0, rust_decimal::RoundingStrategy::AwayFromZero);
@@ -512,6 +514,7 @@ impl MeterState {
         } else if elapsed > REFILL_HORIZON_MS * 4 {
             self.rate = Decimal::ZERO;
         }
+        self.low_water = self.rate * Decimal::from(LOW_WATER_MS) / Decimal::from(1000);
     }
 
     /// A grant for a lease this agent already released (the request crossed the release):
