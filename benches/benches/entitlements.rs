@@ -345,7 +345,7 @@ async fn http_run(
         .collect();
     let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("h");
     for t in tasks {
-        merged.add(&t.await.expect("task")).expect("merge");
+        merged.add(t.await.expect("task")).expect("merge");
     }
     (
         (clients * per_client) as f64 / start.elapsed().as_secs_f64(),
