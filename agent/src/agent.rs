@@ -15,6 +15,9 @@
 
 use crate::aggregate::{Aggregator, GATE_CLOSED, GATE_OPEN, GATE_OVER_BUDGET};
 use crate::config::{Config, Overflow};
+use crate::entitlements::EntitlementsCache;
+use crate::entitlements::policy::{EntitlementsConfig, OfflinePolicy};
+use crate::entitlements::table::{Outgoing, Table};
 use crate::error::{FlushError, RecordError, SealError, ShutdownError, StartError};
 use crate::event::{Event, MAX_EVENT_ID_BYTES, Recorded};
 use crate::metrics::Metrics;
@@ -22,7 +25,7 @@ use crate::sealer::{Carry, SealerCore, seal_once};
 use crate::session::{SessionConfig, SessionEvent};
 use crate::shipper::{self, SessionEvents, Shipper};
 use crate::status::{ConnectionState, Status};
-use crate::store::{BatchMeta, EntitlementsCache, LoggedEvent, Store};
+use crate::store::{BatchMeta, LoggedEvent, Store};
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -31,10 +34,14 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use tally_clock::{SharedClock, SystemClock, coarse_now_ms};
 use tally_protocol::batch::{AgentId, Delta};
+use tally_protocol::bounded::BoundedVec;
 use tally_protocol::catalog::Catalog;
-use tally_protocol::frame::AckOutcome;
+use tally_protocol::entitlements::{
+    EntitlementsRequest, LeaseRelease, LeaseRequest, MAX_CUSTOMERS_PER_REQUEST,
+};
+use tally_protocol::frame::{AckOutcome, Frame};
 use tally_protocol::names::{CustomerId, Dimensions, MeterName};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 /// Events waiting in memory (from `record_event` with an id) before a seal asks to run early.
 const PENDING_SEAL_HINT: usize = 10_000;
@@ -50,6 +57,11 @@ pub const SEAL_QUEUE: usize = 64;
 pub const DURABLE_QUEUE: usize = 4_096;
 /// Durable-log rows read per page when the agent opens (to rebuild the accepted-id set).
 const LOG_PAGE: usize = 10_000;
+/// Frames for the collector (snapshot and lease requests, releases) waiting for the shipper at
+/// most; the entitlement task waits for room.
+pub const CONTROL_QUEUE: usize = 1_024;
+/// How often leases are checked for expiry and the period's end.
+const LEASE_TICK: Duration = Duration::from_millis(50);
 
 /// Unacknowledged batches and unsealed log rows, as the budget and `status()` see them.
 #[derive(Debug, Default)]
@@ -86,6 +98,16 @@ pub(crate) struct Shared {
     /// Why the last connection attempt or connection failed.
     pub(crate) last_error: Mutex<Option<String>>,
     pub(crate) entitlements: RwLock<Option<EntitlementsCache>>,
+    /// The decision table the entitlement calls answer from.
+    pub(crate) ent: Arc<Table>,
+    /// Notified when a snapshot or a lease grant was applied (the waiting variants wait on it).
+    pub(crate) ent_changed: Notify,
+    /// Notified when the table queued a message for the collector.
+    pub(crate) ent_outbox: Arc<Notify>,
+    /// Leases the disk remembered at start: released once what they consumed is sealed.
+    remembered_leases: Mutex<Vec<u64>>,
+    /// Whether a clock was injected (then hot paths read it instead of the coarse clock).
+    custom_clock: bool,
     pub(crate) metrics: Metrics,
     /// Wall time, except on the hot path (see [`tally_clock::coarse_now_ms`]).
     pub(crate) clock: SharedClock,
@@ -93,6 +115,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Now for the entitlement hot paths: the coarse clock, or the injected one in tests.
+    pub(crate) fn hot_now_ms(&self) -> i64 {
+        if self.custom_clock {
+            self.clock.now_ms()
+        } else {
+            coarse_now_ms()
+        }
+    }
+
     fn update_backlog(&self, f: impl FnOnce(&mut Backlog)) {
         let (batches, bytes, oldest) = {
             let mut b = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
@@ -138,7 +169,11 @@ impl Shared {
 
     /// The shipper's parts: the store, the key, what is unacknowledged now, and this agent as
     /// the sink of the session's events.
-    fn shipper(self: &Arc<Self>, client: quinn::ClientConfig) -> Shipper {
+    fn shipper(
+        self: &Arc<Self>,
+        client: quinn::ClientConfig,
+        control: mpsc::Receiver<Frame>,
+    ) -> Shipper {
         let unacked = self
             .backlog
             .lock()
@@ -169,6 +204,7 @@ impl Shared {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
             events: self.clone(),
+            control,
         }
     }
 
@@ -286,13 +322,25 @@ impl SessionEvents for Shared {
                 self.on_acked(&seqs, last);
             }
             SessionEvent::Catalog(c) => self.agg.set_catalog(c),
-            SessionEvent::Entitlements(e) => {
+            SessionEvent::Entitlements { cache, update } => {
+                self.ent
+                    .apply(&update.customers, update.full, self.clock.now_ms());
                 *self
                     .entitlements
                     .write()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(e);
+                    .unwrap_or_else(PoisonError::into_inner) = Some(cache);
+                self.ent_changed.notify_waiters();
+            }
+            SessionEvent::LeaseGrant(g) => {
+                tracing::debug!(customer = %g.customer, meter = %g.meter, lease = g.lease_id, granted_total = %g.granted_total, added = %g.added, "lease granted");
+                self.ent.on_grant(&g, self.clock.now_ms());
+                self.ent_changed.notify_waiters();
             }
             SessionEvent::State(s) => {
+                self.ent.set_connected(
+                    matches!(s, ConnectionState::Connected { .. }),
+                    self.clock.now_ms(),
+                );
                 if let ConnectionState::Disconnected { last_error } = &s {
                     *self
                         .last_error
@@ -419,10 +467,43 @@ impl AgentBuilder {
         self
     }
 
+    /// All entitlement settings at once (stale age, offline policies, wait bound).
+    pub fn entitlements(mut self, cfg: EntitlementsConfig) -> Self {
+        self.cfg.entitlements = cfg;
+        self
+    }
+
+    /// A snapshot not confirmed by a connected collector for this long is stale, and the
+    /// offline policy decides (default 15 minutes).
+    pub fn stale_after(mut self, d: Duration) -> Self {
+        self.cfg.entitlements.stale_after = d;
+        self
+    }
+
+    /// The offline policy of meters without one of their own, and of features (default deny).
+    pub fn default_offline_policy(mut self, p: OfflinePolicy) -> Self {
+        self.cfg.entitlements.default_policy = p;
+        self
+    }
+
+    /// The offline policy of one meter.
+    pub fn offline_policy(mut self, meter: MeterName, p: OfflinePolicy) -> Self {
+        self.cfg.entitlements.meter_policy.insert(meter, p);
+        self
+    }
+
+    /// How long the waiting variants (`check_wait`, `try_consume_wait`, …) wait for a new
+    /// customer's snapshot or a first lease (default 100 ms).
+    pub fn entitlements_wait(mut self, d: Duration) -> Self {
+        self.cfg.entitlements.wait = d;
+        self
+    }
+
     /// Opens the store, loads or creates the key, and starts sealing and shipping. Must be
     /// called within a tokio runtime; the shipper runs on it.
     pub async fn start(self) -> Result<Agent, StartError> {
         let cfg = self.cfg;
+        let custom_clock = self.clock.is_some();
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
         if cfg.data_dir.as_os_str().is_empty() {
             return Err(StartError::Config("data_dir is required".into()));
@@ -442,7 +523,7 @@ impl AgentBuilder {
             ),
         };
         let c2 = cfg.clone();
-        let opened = tokio::task::spawn_blocking(move || open(c2, clock))
+        let opened = tokio::task::spawn_blocking(move || open(c2, clock, custom_clock))
             .await
             .map_err(|e| StartError::Config(e.to_string()))??;
         let sh = Arc::new(opened);
@@ -466,13 +547,25 @@ impl AgentBuilder {
                 .spawn(move || durable_thread(sh, durable_rx))
                 .map_err(StartError::Endpoint)?
         };
+        let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
         let shipper = client.map(|client| {
             let span = tracing::info_span!("shipper", agent_id = %sh.agent_id);
             tokio::spawn(tracing::Instrument::instrument(
-                shipper::run(sh.shipper(client), stop_rx),
+                shipper::run(sh.shipper(client, ctl_rx), stop_rx.clone()),
                 span,
             ))
         });
+        let ctl_tx = shipper.as_ref().map(|_| ctl_tx);
+        if let Some(ctl) = &ctl_tx {
+            let outbox = sh.ent_outbox.clone();
+            sh.ent.set_waker(Box::new(move || outbox.notify_one()));
+            tokio::spawn(entitlement_task(
+                sh.clone(),
+                seal_tx.downgrade(),
+                ctl.clone(),
+                stop_rx,
+            ));
+        }
         tracing::info!(agent_id = %sh.agent_id, epoch = sh.epoch, "agent started");
         Ok(Agent {
             h: Arc::new(Handle {
@@ -480,6 +573,7 @@ impl AgentBuilder {
                 seal_tx,
                 durable_tx,
                 stop_tx,
+                ctl_tx,
                 shipper: Mutex::new(shipper),
                 threads: Mutex::new(vec![sealer, writer]),
             }),
@@ -487,7 +581,7 @@ impl AgentBuilder {
     }
 }
 
-fn open(cfg: Config, clock: SharedClock) -> Result<Shared, StartError> {
+fn open(cfg: Config, clock: SharedClock, custom_clock: bool) -> Result<Shared, StartError> {
     tally_storefile::private_dir(&cfg.data_dir).map_err(crate::error::StoreError::from)?;
     let key = crate::keys::load_or_create(&cfg.data_dir)?;
     let store = Store::open(&cfg.data_dir.join("agent.redb"), cfg.dedup_window)?;
@@ -497,6 +591,17 @@ fn open(cfg: Config, clock: SharedClock) -> Result<Shared, StartError> {
         agg.set_catalog(c);
     }
     let entitlements = store.entitlements()?;
+    let ent = Table::new(cfg.entitlements.clone());
+    if let Some(c) = &entitlements {
+        ent.load(c);
+    }
+    let remembered: Vec<u64> = store.leases()?.into_iter().map(|g| g.lease_id).collect();
+    if !remembered.is_empty() {
+        tracing::info!(
+            leases = remembered.len(),
+            "releasing the leases of the last run"
+        );
+    }
     let mut backlog = Backlog::default();
     for m in store.unacked()? {
         backlog.batch_bytes += m.bytes;
@@ -544,6 +649,11 @@ fn open(cfg: Config, clock: SharedClock) -> Result<Shared, StartError> {
         conn: Mutex::new(ConnectionState::Idle),
         last_error: Mutex::new(None),
         entitlements: RwLock::new(entitlements),
+        ent: Arc::new(ent),
+        ent_changed: Notify::new(),
+        ent_outbox: Arc::new(Notify::new()),
+        remembered_leases: Mutex::new(remembered),
+        custom_clock,
         metrics: Metrics::new(),
         clock,
         over_budget: AtomicBool::new(false),
@@ -686,11 +796,141 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::Receiver<DurableReq>) {
     }
 }
 
+/// Seals now through the sealer thread; the highest sealed seq.
+async fn seal_now(sh: &Shared, seal_tx: &mpsc::Sender<SealerCmd>) -> Result<u64, SealError> {
+    let (tx, rx) = oneshot::channel();
+    seal_tx
+        .send(SealerCmd::Seal(tx))
+        .await
+        .map_err(|_| SealError::Stopped)?;
+    sh.agg.wake_sealer();
+    rx.await.unwrap_or(Err(SealError::Stopped))
+}
+
+/// Sends the releases of `ids` (everything consumed under them is sealed through
+/// `through_seq`) and forgets them on disk.
+async fn release(sh: &Arc<Shared>, ctl: &mpsc::Sender<Frame>, ids: &[u64], through_seq: u64) {
+    if ids.is_empty() {
+        return;
+    }
+    for id in ids {
+        tracing::debug!(lease = id, through_seq, "lease released");
+        let f = Frame::LeaseRelease(LeaseRelease {
+            lease_id: *id,
+            epoch: sh.epoch,
+            through_seq,
+        });
+        if ctl.send(f).await.is_err() {
+            return;
+        }
+    }
+    let st = sh.store.clone();
+    let ids = ids.to_vec();
+    let r = tokio::task::spawn_blocking(move || st.delete_leases(&ids)).await;
+    if let Ok(Err(e)) = r {
+        tracing::warn!(error = %e, "could not forget released leases");
+    }
+}
+
+/// The entitlement shell: sends what the table queued (snapshot requests, batched; lease
+/// requests), and releases leases that ended (and, first, those of the last run) once what
+/// was consumed under them is sealed.
+async fn entitlement_task(
+    sh: Arc<Shared>,
+    seal_tx: mpsc::WeakSender<SealerCmd>,
+    ctl: mpsc::Sender<Frame>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut request_id = 0u64;
+    let mut remembered = std::mem::take(
+        &mut *sh
+            .remembered_leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+    );
+    let mut tick = tokio::time::interval(LEASE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Releases first: a lease request after a release then always opens a new lease.
+        let ended: Vec<u64> = sh
+            .ent
+            .scan(sh.clock.now_ms(), false)
+            .iter()
+            .map(|r| r.lease.id)
+            .collect();
+        if !ended.is_empty() || !remembered.is_empty() {
+            let Some(seal_tx) = seal_tx.upgrade() else {
+                return;
+            };
+            match seal_now(&sh, &seal_tx).await {
+                Ok(upto) => {
+                    drop(seal_tx);
+                    let mut ids = std::mem::take(&mut remembered);
+                    ids.extend(ended);
+                    release(&sh, &ctl, &ids, upto).await;
+                }
+                Err(e) => {
+                    // Not sealed: not released yet; tried again on the next tick.
+                    tracing::warn!(error = %e, "could not seal before releasing leases");
+                    remembered.extend(ended);
+                }
+            }
+        }
+        let mut customers = Vec::new();
+        for m in sh.ent.drain_outbox(crate::entitlements::table::MAX_OUTBOX) {
+            match m {
+                Outgoing::Snapshot(c) => customers.push(c),
+                Outgoing::Lease {
+                    customer,
+                    meter,
+                    period_start_ms,
+                    quantity,
+                } => {
+                    request_id += 1;
+                    let f = Frame::LeaseRequest(LeaseRequest {
+                        request_id,
+                        customer,
+                        meter,
+                        period_start_ms,
+                        quantity,
+                    });
+                    if ctl.send(f).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        customers.sort_unstable();
+        customers.dedup();
+        for chunk in customers.chunks(MAX_CUSTOMERS_PER_REQUEST) {
+            let Ok(customers) = BoundedVec::new(chunk.to_vec()) else {
+                continue;
+            };
+            if ctl
+                .send(Frame::EntitlementsRequest(EntitlementsRequest {
+                    customers,
+                }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = sh.ent_outbox.notified() => {}
+            _ = tick.tick() => {}
+        }
+    }
+}
+
 struct Handle {
     sh: Arc<Shared>,
     seal_tx: mpsc::Sender<SealerCmd>,
     durable_tx: mpsc::Sender<DurableReq>,
     stop_tx: watch::Sender<bool>,
+    /// Frames for the collector, when there is a shipper.
+    ctl_tx: Option<mpsc::Sender<Frame>>,
     shipper: Mutex<Option<tokio::task::JoinHandle<()>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -795,6 +1035,10 @@ impl Counter {
 }
 
 impl Agent {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.h.sh
+    }
+
     /// A builder with the defaults of SPEC §3.
     pub fn builder() -> AgentBuilder {
         AgentBuilder::default()
@@ -1091,6 +1335,12 @@ impl Agent {
                 .last_sealed)
         };
         let upto = sealed.map_err(ShutdownError::Seal)?;
+        // Every lease ends here: what was consumed under it is sealed (through `upto`).
+        let closing = sh.ent.scan(sh.clock.now_ms(), true);
+        if let Some(ctl) = &self.h.ctl_tx {
+            let ids: Vec<u64> = closing.iter().map(|r| r.lease.id).collect();
+            release(sh, ctl, &ids, upto).await;
+        }
         let has_shipper = self
             .h
             .shipper
@@ -1194,6 +1444,7 @@ impl Agent {
                 sh.clock.now_ms().saturating_sub(m.sealed_at_ms) as f64 / 1000.0
             });
         sh.metrics.oldest_unacked_age.set(oldest);
+        sh.metrics.fold_entitlements(&sh.ent.stats);
         sh.metrics.render(sh.agg.counts())
     }
 
@@ -1216,6 +1467,17 @@ impl Agent {
     /// The collector's meter catalog, once received (kept on disk across restarts).
     pub fn catalog(&self) -> Option<Arc<Catalog>> {
         self.h.sh.agg.catalog()
+    }
+
+    /// The version of the entitlement snapshot held, once one was received.
+    pub fn entitlements_version(&self) -> Option<u64> {
+        self.h
+            .sh
+            .entitlements
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|e| e.version)
     }
 
     /// The cached entitlement snapshot, once received (kept on disk across restarts).

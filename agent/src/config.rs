@@ -56,6 +56,8 @@ pub struct Config {
     pub max_event_age: Duration,
     /// How far in the future an event's own time may be (default 5 minutes, as Stripe allows).
     pub max_event_lead: Duration,
+    /// Entitlement settings: stale age, offline policies, wait bound.
+    pub entitlements: crate::entitlements::EntitlementsConfig,
 }
 
 impl Default for Config {
@@ -74,6 +76,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(5),
             max_event_age: DEFAULT_MAX_EVENT_AGE,
             max_event_lead: DEFAULT_MAX_EVENT_LEAD,
+            entitlements: crate::entitlements::EntitlementsConfig::default(),
         }
     }
 }

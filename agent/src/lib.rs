@@ -15,6 +15,8 @@
 //!   it reports the session's events back to the agent, which owns the state.
 //! - [`metrics`]: Prometheus metrics in a per-agent registry (no exporter is installed).
 //! - [`keys`]: the agent's ed25519 key file.
+//! - [`entitlements`]: `check`, `limit`, `try_consume`, `reserve` answered from memory, and the
+//!   lease accounting that keeps hard limits exact across agents.
 //!
 //! Time: every wall-clock read goes to the [`tally_clock::Clock`] given to
 //! [`AgentBuilder::clock`] (the system clock by default), except the `record()` hot path, which
@@ -32,6 +34,7 @@
 mod agent;
 pub mod aggregate;
 pub mod config;
+pub mod entitlements;
 pub mod error;
 pub mod event;
 pub mod keys;
@@ -44,6 +47,10 @@ pub mod store;
 
 pub use agent::{Agent, AgentBuilder, Counter, DURABLE_QUEUE, SEAL_QUEUE};
 pub use config::Overflow;
+pub use entitlements::{
+    ConsumeError, Consumed, DecidedBy, Decision, EntitlementsConfig, Limit, OfflinePolicy,
+    Reservation,
+};
 pub use error::{FlushError, RecordError, SealError, ShutdownError, StartError, StoreError};
 pub use event::{Event, Recorded};
 pub use status::{ConnectionState, Status};

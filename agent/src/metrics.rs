@@ -17,8 +17,15 @@
 //! | `tally_agent_ship_rtt_seconds` | histogram | batch sent → acknowledged |
 //! | `tally_agent_entitlements_snapshot_age_seconds` | gauge | age of the entitlement snapshot (-1: none) |
 //! | `tally_agent_connected` | gauge | 1 while a collector connection is up |
+//! | `tally_agent_entitlement_denials_total{decided_by}` | counter | refused consumptions, by what decided |
+//! | `tally_agent_lease_requests_total` | counter | lease requests sent to the collector |
+//! | `tally_agent_lease_grants_total` | counter | lease grants applied |
+//! | `tally_agent_soft_limit_overshoot` | gauge | quantity consumed past soft limits (total) |
+//! | `tally_agent_entitlement_messages_dropped_total` | counter | requests dropped by a full outbox |
 
 use crate::aggregate::Counts;
+use crate::entitlements::DecidedBy;
+use crate::entitlements::table::Stats;
 use crate::error::RECORD_ERROR_REASONS;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -44,6 +51,12 @@ pub(crate) struct Metrics {
     pub(crate) entitlements_age: Gauge<f64, AtomicU64>,
     pub(crate) connected: Gauge,
     reported: Mutex<Counts>,
+    denials: Family<Label, Counter>,
+    lease_requests: Counter,
+    lease_grants: Counter,
+    overshoot: Gauge<f64, AtomicU64>,
+    outbox_dropped: Counter,
+    reported_ent: Mutex<[u64; 10]>,
 }
 
 impl Metrics {
@@ -62,7 +75,38 @@ impl Metrics {
             connected: Gauge::default(),
             reported: Mutex::new(Counts::default()),
             registry: Registry::default(),
+            denials: Family::default(),
+            lease_requests: Counter::default(),
+            lease_grants: Counter::default(),
+            overshoot: Gauge::default(),
+            outbox_dropped: Counter::default(),
+            reported_ent: Mutex::new([0; 10]),
         };
+        registry.register(
+            "tally_agent_entitlement_denials",
+            "Consumptions refused, by what decided",
+            m.denials.clone(),
+        );
+        registry.register(
+            "tally_agent_lease_requests",
+            "Lease requests sent to the collector",
+            m.lease_requests.clone(),
+        );
+        registry.register(
+            "tally_agent_lease_grants",
+            "Lease grants applied",
+            m.lease_grants.clone(),
+        );
+        registry.register(
+            "tally_agent_soft_limit_overshoot",
+            "Quantity consumed past soft limits since start",
+            m.overshoot.clone(),
+        );
+        registry.register(
+            "tally_agent_entitlement_messages_dropped",
+            "Requests for the collector dropped because the outbox was full",
+            m.outbox_dropped.clone(),
+        );
         registry.register(
             "tally_agent_records",
             "Calls that recorded usage",
@@ -114,6 +158,34 @@ impl Metrics {
             m.connected.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// Folds the entitlement table's counts into the metrics.
+    pub(crate) fn fold_entitlements(&self, stats: &Stats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut now = [0u64; 10];
+        for (i, d) in stats.denials.iter().enumerate() {
+            now[i] = d.load(Relaxed);
+        }
+        now[7] = stats.lease_requests.load(Relaxed);
+        now[8] = stats.lease_grants.load(Relaxed);
+        now[9] = stats.outbox_dropped.load(Relaxed);
+        let mut last = self.reported_ent.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, by) in DecidedBy::ALL.iter().enumerate() {
+            let d = now[i].saturating_sub(last[i]);
+            if d > 0 {
+                self.denials
+                    .get_or_create(&[("decided_by", by.as_str())])
+                    .inc_by(d);
+            }
+        }
+        self.lease_requests.inc_by(now[7].saturating_sub(last[7]));
+        self.lease_grants.inc_by(now[8].saturating_sub(last[8]));
+        self.outbox_dropped.inc_by(now[9].saturating_sub(last[9]));
+        *last = now;
+        let over = *stats.overshoot.lock();
+        self.overshoot
+            .set(rust_decimal::prelude::ToPrimitive::to_f64(&over).unwrap_or(f64::MAX));
     }
 
     /// Folds the shards' counts into the counters and renders the registry as Prometheus text.

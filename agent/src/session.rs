@@ -30,10 +30,11 @@
 //! the store's sealed batches, which the disk budget bounds; the action queue holds at most one
 //! window of sends plus the store actions of one read.
 
-use crate::store::EntitlementsCache;
+use crate::entitlements::EntitlementsCache;
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 use tally_protocol::catalog::Catalog;
+use tally_protocol::entitlements::{EntitlementsSnapshot, LeaseGrant};
 use tally_protocol::error::ErrorCode;
 use tally_protocol::frame::{Ack, AckOutcome, Frame};
 use tally_protocol::handshake::{ClientHandshake, HandshakeError};
@@ -43,6 +44,10 @@ pub const HEALTHY_MS: i64 = 30_000;
 
 /// The largest window the agent uses, whatever the collector allows.
 pub const MAX_WINDOW: u32 = 1024;
+
+/// Control frames (snapshot requests, lease releases) kept while disconnected at most; past it
+/// the oldest goes (a request is asked again, a release's lease expires at the collector).
+pub const MAX_PENDING_CONTROL: usize = 4_096;
 
 /// Exponential backoff with jitter.
 #[derive(Debug)]
@@ -254,7 +259,14 @@ pub enum SessionEvent {
     /// A catalog was received and stored.
     Catalog(Catalog),
     /// Entitlements were received, merged into the cache, and the merged cache stored.
-    Entitlements(EntitlementsCache),
+    Entitlements {
+        /// The merged cache.
+        cache: EntitlementsCache,
+        /// The frame that changed it.
+        update: EntitlementsSnapshot,
+    },
+    /// A lease grant was received and stored.
+    LeaseGrant(LeaseGrant),
     /// The connection changed (`Disconnected` carries the error that ended it).
     State(ConnectionState),
 }
@@ -266,8 +278,10 @@ pub enum StoreAction {
     Ack(Vec<AckedBatch>),
     /// Keep this catalog.
     PutCatalog(Catalog),
-    /// Keep this merged entitlement cache.
-    PutEntitlements(EntitlementsCache),
+    /// Keep this merged entitlement cache (the frame that changed it is reported with it).
+    PutEntitlements(EntitlementsCache, EntitlementsSnapshot),
+    /// Keep this lease grant before anything is consumed under it.
+    PutLease(LeaseGrant),
 }
 
 impl StoreAction {
@@ -276,7 +290,10 @@ impl StoreAction {
         match self {
             StoreAction::Ack(a) => SessionEvent::Acked(a),
             StoreAction::PutCatalog(c) => SessionEvent::Catalog(c),
-            StoreAction::PutEntitlements(e) => SessionEvent::Entitlements(e),
+            StoreAction::PutEntitlements(cache, update) => {
+                SessionEvent::Entitlements { cache, update }
+            }
+            StoreAction::PutLease(g) => SessionEvent::LeaseGrant(g),
         }
     }
 }
@@ -358,6 +375,8 @@ pub struct Session {
     welcomed: bool,
     acked_any: bool,
     queue: VecDeque<Action>,
+    /// Control frames waiting for a connection.
+    pending_control: VecDeque<Frame>,
 }
 
 fn frame_name(f: &Frame) -> &'static str {
@@ -408,6 +427,7 @@ impl Session {
             welcomed: false,
             acked_any: false,
             queue: VecDeque::new(),
+            pending_control: VecDeque::new(),
         }
     }
 
@@ -566,12 +586,16 @@ impl Session {
                 }
                 Frame::Entitlements(e) => {
                     let mut merged = self.entitlements.clone().unwrap_or_default();
-                    merged.apply(e);
-                    self.entitlements = Some(merged.clone());
-                    self.queue
-                        .push_back(Action::Store(StoreAction::PutEntitlements(merged)));
+                    if merged.apply(e.clone()) {
+                        self.entitlements = Some(merged.clone());
+                        self.queue
+                            .push_back(Action::Store(StoreAction::PutEntitlements(merged, e)));
+                    }
                 }
-                Frame::LeaseGrant(_) => {}
+                Frame::LeaseGrant(g) => {
+                    self.queue
+                        .push_back(Action::Store(StoreAction::PutLease(g)));
+                }
                 Frame::Error(e) => self.end(collector_error(&e), now_ms),
                 other => {
                     let got = frame_name(&other);
@@ -587,6 +611,28 @@ impl Session {
             // A frame after the connection ended (already buffered by the shell): ignored.
             State::Idle | State::Connecting | State::Backoff { .. } => {}
         }
+    }
+
+    /// A control frame for the collector (a snapshot request, a lease request or release): sent
+    /// now when connected, else kept for the next connection — except a lease request, which
+    /// the agent asks again if no grant comes.
+    pub fn send_control(&mut self, frame: Frame) {
+        if self.is_connected() {
+            self.queue.push_back(Action::Send(frame));
+            return;
+        }
+        if matches!(frame, Frame::LeaseRequest(_)) {
+            return;
+        }
+        if self.pending_control.len() >= MAX_PENDING_CONTROL {
+            self.pending_control.pop_front();
+        }
+        self.pending_control.push_back(frame);
+    }
+
+    /// Control frames waiting for a connection.
+    pub fn pending_control(&self) -> usize {
+        self.pending_control.len()
     }
 
     /// The agent stops: the connection closes and no attempt follows.
@@ -631,6 +677,9 @@ impl Session {
                 max_in_flight,
             },
         )));
+        while let Some(f) = self.pending_control.pop_front() {
+            self.queue.push_back(Action::Send(f));
+        }
         self.fill_window(now_ms);
     }
 
@@ -1020,21 +1069,21 @@ mod tests {
         let merged: Vec<_> = a
             .iter()
             .filter_map(|a| match a {
-                Action::Store(StoreAction::PutEntitlements(e)) => Some(e.clone()),
+                Action::Store(StoreAction::PutEntitlements(e, _)) => Some(e.clone()),
                 _ => None,
             })
             .collect();
-        assert_eq!(merged.len(), 3);
+        // The older snapshot is not stored again.
+        assert_eq!(merged.len(), 2);
         assert_eq!(merged[1].version, 6);
-        assert_eq!(merged[2], merged[1], "an older snapshot changes nothing");
-        let names: Vec<_> = merged[2]
+        let names: Vec<_> = merged[1]
             .customers
             .iter()
             .map(|c| c.customer.as_str())
             .collect();
         assert_eq!(names, vec!["acme", "zed"]);
         assert_eq!(
-            merged[2].customers[0]
+            merged[1].customers[0]
                 .features
                 .first()
                 .map(|f| f.name.as_str()),

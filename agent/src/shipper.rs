@@ -8,8 +8,9 @@
 //! The shipper owns no agent state: it knows the store, the key, a receiver of the highest
 //! sealed seq and an event sink, so it imports nothing of the agent module.
 
+use crate::entitlements::EntitlementsCache;
 use crate::session::{Action, Session, SessionConfig, SessionError, SessionEvent, StoreAction};
-use crate::store::{EntitlementsCache, Store};
+use crate::store::Store;
 use quinn::{ClientConfig, Connection, Endpoint, SendStream};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,6 +52,8 @@ pub struct Shipper {
     pub entitlements: Option<EntitlementsCache>,
     /// Where events go.
     pub events: Arc<dyn SessionEvents>,
+    /// Control frames from the agent (snapshot and lease requests, releases).
+    pub control: tokio::sync::mpsc::Receiver<Frame>,
 }
 
 /// One live connection: its endpoint, the connection and its stream.
@@ -82,6 +85,7 @@ pub async fn run(s: Shipper, mut stop: watch::Receiver<bool>) {
         unacked,
         entitlements,
         events,
+        mut control,
     } = s;
     let connect_timeout = cfg.connect_timeout;
     let verifying_key = key.verifying_key();
@@ -96,6 +100,7 @@ pub async fn run(s: Shipper, mut stop: watch::Receiver<bool>) {
     );
     session.start(clock.now_ms());
     let mut link: Option<Link> = None;
+    let mut control_open = true;
     'run: loop {
         while let Some(action) = session.poll() {
             match action {
@@ -169,6 +174,12 @@ pub async fn run(s: Shipper, mut stop: watch::Receiver<bool>) {
             _ = async { match timer { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 session.handle_timeout(clock.now_ms());
             }
+            f = async { if control_open { control.recv().await } else { std::future::pending().await } } => {
+                match f {
+                    Some(f) => session.send_control(f),
+                    None => control_open = false,
+                }
+            }
             r = sealed.changed() => {
                 if r.is_err() {
                     break;
@@ -232,7 +243,8 @@ async fn perform(store: &Arc<Store>, a: StoreAction) -> Result<StoreAction, Sess
                 st.ack(&seqs).map(|_| ())
             }
             StoreAction::PutCatalog(c) => st.put_catalog(c),
-            StoreAction::PutEntitlements(e) => st.put_entitlements(e),
+            StoreAction::PutEntitlements(e, _) => st.put_entitlements(e),
+            StoreAction::PutLease(g) => st.put_lease(g),
         }
         .map(|()| a)
         .map_err(|e| SessionError::Store(e.to_string()))

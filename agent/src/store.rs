@@ -13,6 +13,7 @@
 //! | `log`          | `u64` log key     | postcard [`LoggedEvent`]                          |
 //! | `snapshots`    | `&str`            | postcard `Catalog` (`catalog`) or [`EntitlementsCache`] (`entitlements`) |
 //! | `dedup.<b>`    | `&str` event id   | `()`; one table per time bucket `b` of the dedup window |
+//! | `leases`       | `u64` lease id    | postcard `LeaseGrant`: the last grant of a lease not yet released |
 //!
 //! # Guarantees
 //! - Every mutating method is one redb write transaction committed with
@@ -32,6 +33,9 @@
 //! - The dedup set remembers an id for at least the dedup window and at most the window plus
 //!   one bucket (a seventh of the window): ids live in per-bucket tables and the oldest table is
 //!   dropped whole once it is entirely outside the window, so memory and disk stay bounded.
+//! - A lease is on disk before anything is consumed under it ([`Store::put_lease`] commits
+//!   before the agent applies the grant) and leaves only once its release was handed to the
+//!   session: a restarted agent releases every lease it finds here.
 
 use crate::error::StoreError;
 use redb::{
@@ -43,13 +47,14 @@ use std::time::Duration;
 use tally_protocol::Decimal;
 use tally_protocol::batch::{BatchBody, SignedBatch};
 use tally_protocol::catalog::Catalog;
-use tally_protocol::entitlements::EntitlementsSnapshot;
+use tally_protocol::entitlements::LeaseGrant;
 use tally_protocol::names::{CustomerId, Dimensions, MeterName};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
 const DEDUP_PREFIX: &str = "dedup.";
 
 /// The store format this code writes and reads.
@@ -103,39 +108,7 @@ pub struct LoggedEvent {
     pub accepted_at_ms: i64,
 }
 
-/// The entitlement snapshots received, merged: what the agent answers from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct EntitlementsCache {
-    /// Version of the last snapshot applied.
-    pub version: u64,
-    /// When the collector built it, ms since the Unix epoch.
-    pub built_at_ms: i64,
-    /// Every customer's entitlements.
-    pub customers: Vec<tally_protocol::entitlements::CustomerEntitlements>,
-}
-
-impl EntitlementsCache {
-    /// Applies a pushed snapshot: a full one replaces everything, a partial one replaces the
-    /// customers it lists. An older version than the one held is ignored.
-    pub fn apply(&mut self, s: EntitlementsSnapshot) {
-        if s.version < self.version {
-            return;
-        }
-        self.version = s.version;
-        self.built_at_ms = s.built_at_ms;
-        let incoming = s.customers.into_inner();
-        if s.full {
-            self.customers = incoming;
-            return;
-        }
-        for c in incoming {
-            match self.customers.iter_mut().find(|e| e.customer == c.customer) {
-                Some(e) => *e = c,
-                None => self.customers.push(c),
-            }
-        }
-    }
-}
+pub use crate::entitlements::EntitlementsCache;
 
 /// Size and age of one unacknowledged batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,6 +261,7 @@ impl Store {
             txn.open_table(BATCHES)?;
             txn.open_table(LOG)?;
             txn.open_table(SNAPSHOTS)?;
+            txn.open_table(LEASES)?;
         }
         txn.commit()?;
         if found == tally_storefile::Found::Nothing {
@@ -553,6 +527,39 @@ impl Store {
     /// Keeps the merged entitlement snapshots.
     pub fn put_entitlements(&self, e: &EntitlementsCache) -> Result<(), StoreError> {
         self.put_snapshot("entitlements", &encode("snapshots", e)?)
+    }
+
+    /// Keeps a lease's last grant.
+    pub fn put_lease(&self, g: &LeaseGrant) -> Result<(), StoreError> {
+        let row = encode("leases", g)?;
+        let txn = self.db.begin_write()?;
+        txn.open_table(LEASES)?.insert(g.lease_id, row.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Forgets released leases.
+    pub fn delete_leases(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(LEASES)?;
+            for id in ids {
+                t.remove(*id)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The leases kept (not yet released), by id.
+    pub fn leases(&self) -> Result<Vec<LeaseGrant>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(LEASES)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            out.push(decode("leases", row?.1.value())?);
+        }
+        Ok(out)
     }
 
     /// The merged entitlement snapshots kept.

@@ -130,3 +130,106 @@ fn record_allocates_nothing_after_warm_up() {
     assert_eq!(allocs() - before, 0);
     let _ = rt.block_on(agent.shutdown(Duration::from_millis(100)));
 }
+
+fn snapshot_customer(name: &str) -> tally_protocol::entitlements::CustomerEntitlements {
+    use tally_protocol::bounded::BoundedVec;
+    use tally_protocol::entitlements::{
+        CustomerEntitlements, Enforcement, Feature, MeterLimit, Source,
+    };
+    use tally_protocol::names::{CustomerId, FeatureName, MeterName};
+    CustomerEntitlements {
+        customer: CustomerId::new(name).unwrap(),
+        plan: None,
+        features: BoundedVec::new(vec![Feature {
+            name: FeatureName::new("gpt4").unwrap(),
+            source: Source::Plan,
+        }])
+        .unwrap(),
+        limits: BoundedVec::new(vec![MeterLimit {
+            meter: MeterName::new("api_calls").unwrap(),
+            included: Decimal::from(1_000_000_000),
+            granted: Decimal::ZERO,
+            limit: Decimal::from(1_000_000_000),
+            used: Decimal::ZERO,
+            enforcement: Enforcement::Soft,
+            source: Source::Plan,
+            period_start_ms: 0,
+            period_end_ms: i64::MAX,
+        }])
+        .unwrap(),
+    }
+}
+
+/// `check()`, `limit()` and `try_consume()` of known customers allocate nothing (issue 10),
+/// allowed or denied.
+#[test]
+fn entitlement_calls_allocate_nothing_once_a_customer_is_known() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let customers: Vec<String> = (0..1000).map(|i| format!("customer-{i}")).collect();
+    {
+        // The snapshot as a restarted agent finds it on disk.
+        let store = tally_agent::store::Store::open(
+            &dir.path().join("agent.redb"),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        store
+            .put_entitlements(&tally_agent::entitlements::EntitlementsCache {
+                version: 1,
+                built_at_ms: tally_clock::Clock::now_ms(&tally_clock::SystemClock),
+                customers: customers.iter().map(|c| snapshot_customer(c)).collect(),
+            })
+            .unwrap();
+    }
+    let agent = rt
+        .block_on(
+            Agent::builder()
+                .data_dir(dir.path())
+                .flush_interval(Duration::from_millis(1))
+                .start(),
+        )
+        .unwrap();
+    away_from_a_minute_boundary();
+    for _ in 0..3 {
+        for c in &customers {
+            assert!(agent.check(c, "gpt4").allowed);
+            assert!(
+                agent
+                    .try_consume(c, "api_calls", Decimal::ONE)
+                    .unwrap()
+                    .allowed
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before = allocs();
+    let start = std::time::Instant::now();
+    let mut calls = 0u64;
+    while start.elapsed() < Duration::from_millis(300) {
+        for c in &customers {
+            assert!(agent.check(c, "gpt4").allowed);
+            assert!(!agent.check(c, "sora").allowed);
+            assert!(
+                agent
+                    .try_consume(c, "api_calls", Decimal::ONE)
+                    .unwrap()
+                    .allowed
+            );
+            assert!(agent.limit(c, "api_calls").limit.is_some());
+            calls += 4;
+        }
+    }
+    let after = allocs();
+    assert!(calls > 10_000, "{calls}");
+    assert_eq!(
+        after - before,
+        0,
+        "{} allocations in {calls} calls",
+        after - before
+    );
+    let _ = rt.block_on(agent.shutdown(Duration::from_millis(100)));
+}

@@ -1,185 +1,393 @@
-//! The collector's entitlements: a lease grant and its settlement in the lease book with 10,000
-//! other leases open, a customer's view (plan with 5 limits, 20 grants), and a lease request
-//! through the entitlements handle over the embedded store (one fsync per grant).
+//! Entitlement benchmarks (issue 10, SPEC §9):
+//! - `check()` and `try_consume()` on one thread over 10,000 customers (targets: median ≤ 50 ns
+//!   and ≤ 100 ns), and how two threads scale (target ≥ 1.6×);
+//! - `try_consume()` on a hard limit under a lease (the lease accounting of the agent's table,
+//!   recording through a real agent's `record`, as `Agent::try_consume` does);
+//! - the sidecar's `GET /v1/entitlements/{c}/{feature}` and `POST …/consume` over loopback:
+//!   p50 / p99 (hdrhistogram), keep-alive clients; consume records durably (group commit).
 //!
+//! The agent decides from a snapshot of 10,000 customers kept in its store (as after a
+//! restart), so no collector is needed. Per-call latency is measured over batches of 64 calls
+//! (one clock read per batch), so p99 is the p99 of 64-call averages.
 //! `cargo bench -p tally-benches --bench entitlements`
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use hdrhistogram::Histogram;
 use rust_decimal::Decimal;
 use std::hint::black_box;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use tally_collector::core::entitlements::lease::{LeaseBook, LeaseBookLimits, LimitInput};
-use tally_collector::core::entitlements::period::calendar_month;
-use tally_collector::core::entitlements::{
-    CustomerSettings, Grant, GrantRequest, LimitDef, Plan, Reset, build_customer,
+use std::time::{Duration, Instant};
+use tally_agent::Agent;
+use tally_agent::entitlements::table::Table;
+use tally_agent::entitlements::{EntitlementsCache, EntitlementsConfig};
+use tally_agent::store::Store;
+use tally_protocol::bounded::BoundedVec;
+use tally_protocol::catalog::Catalog;
+use tally_protocol::entitlements::{
+    CustomerEntitlements, Enforcement, Feature, LeaseGrant, MeterLimit, Source,
 };
-use tally_collector::entitlements::{EntitlementMetrics, Entitlements};
-use tally_collector::store::Store;
-use tally_collector::store::entitlements::EntitlementStore;
-use tally_collector::store::redb::RedbStore;
-use tally_protocol::batch::AgentId;
-use tally_protocol::entitlements::{LeaseRelease, LeaseRequest};
-use tally_protocol::names::{CustomerId, MeterName, PlanName};
+use tally_protocol::names::{CustomerId, FeatureName, MeterName};
+use tally_sidecar::backend::AgentBackend;
+use tally_sidecar::http::{HttpConfig, router};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 
-const NOW: i64 = 1_764_633_600_000;
+const CUSTOMERS: usize = 10_000;
+const BATCH: u64 = 64;
 
-fn limit(included: i64) -> LimitDef {
-    LimitDef {
-        included: Decimal::from(included),
-        enforcement: tally_protocol::entitlements::Enforcement::Hard,
-        reset: Reset::Calendar,
-    }
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn req(customer: &CustomerId, meter: &MeterName, id: u64) -> LeaseRequest {
-    LeaseRequest {
-        request_id: id,
-        customer: customer.clone(),
-        meter: meter.clone(),
-        period_start_ms: 0,
-        quantity: Decimal::from(10),
-    }
+fn names() -> Arc<Vec<String>> {
+    Arc::new((0..CUSTOMERS).map(|i| format!("customer-{i:05}")).collect())
 }
 
-fn lease_book(c: &mut Criterion) {
-    let meter = MeterName::new("api_calls").expect("valid");
-    let period = calendar_month(NOW);
-    let input = LimitInput {
-        limit: Decimal::from(1_000_000),
-        used: Decimal::ZERO,
-        period,
-    };
-    let mut book = LeaseBook::new(LeaseBookLimits::default());
-    for i in 0..10_000u32 {
-        let cust = CustomerId::new(format!("c{i}")).expect("valid");
-        book.request(
-            NOW,
-            AgentId([1; 16]),
-            &req(&cust, &meter, u64::from(i)),
-            input,
-        );
-    }
-    let _ = book.take_changes();
-    let hot = CustomerId::new("hot").expect("valid");
-    let agent = AgentId([2; 16]);
-    let mut seq = 0u64;
-    c.bench_function("lease_book/grant_ship_release_settle", |b| {
-        b.iter(|| {
-            seq += 1;
-            let g = book.request(NOW, agent, &req(&hot, &meter, seq), input);
-            book.on_batch(
-                agent,
-                1,
-                seq,
-                true,
-                &[(hot.clone(), meter.clone(), NOW, g.added)],
-            );
-            book.release(
-                agent,
-                &LeaseRelease {
-                    lease_id: g.lease_id,
-                    epoch: 1,
-                    through_seq: seq,
-                },
-            );
-            black_box(book.take_changes());
-        });
-    });
-}
-
-fn view(c: &mut Criterion) {
-    let mut plan = Plan::default();
-    for m in ["a", "b", "c", "d", "e"] {
-        plan.limits
-            .insert(MeterName::new(m).expect("valid"), limit(1_000));
-    }
-    let customer = CustomerId::new("acme").expect("valid");
-    let grants: Vec<Grant> = (0..20)
-        .map(|i| Grant {
-            request: GrantRequest {
-                customer: customer.clone(),
-                meter: MeterName::new(["a", "b", "c", "d", "e"][i % 5]).expect("valid"),
-                quantity: Decimal::from(100),
-                priority: (i % 3) as u32,
-                effective_at_ms: NOW - 1_000,
-                expires_at_ms: Some(NOW + i as i64 * 1_000),
-                idempotency_key: format!("g{i}"),
+fn customer(name: &str, enforcement: Enforcement) -> CustomerEntitlements {
+    let big = Decimal::from(1_000_000_000_000i64);
+    CustomerEntitlements {
+        customer: CustomerId::new(name).expect("customer"),
+        plan: None,
+        features: BoundedVec::new(vec![
+            Feature {
+                name: FeatureName::new("sso").expect("feature"),
+                source: Source::Plan,
             },
-            transfer_id: 0,
-            position: 0,
-            created_at_ms: NOW,
+            Feature {
+                name: FeatureName::new("gpt4").expect("feature"),
+                source: Source::Plan,
+            },
+        ])
+        .expect("features"),
+        limits: BoundedVec::new(vec![MeterLimit {
+            meter: MeterName::new("api_calls").expect("meter"),
+            included: big,
+            granted: Decimal::ZERO,
+            limit: big,
+            used: Decimal::ZERO,
+            enforcement,
+            source: Source::Plan,
+            period_start_ms: 0,
+            period_end_ms: i64::MAX,
+        }])
+        .expect("limits"),
+    }
+}
+
+/// A data dir whose store holds the sample catalog and a snapshot of 10,000 customers with a
+/// soft limit on `api_calls`.
+fn prepared(dir: &std::path::Path, names: &[String]) {
+    std::fs::create_dir_all(dir).expect("dir");
+    let store = Store::open(&dir.join("agent.redb"), Duration::from_secs(3600)).expect("store");
+    let meters = tally_protocol::catalog::sample_meters().expect("meters");
+    store
+        .put_catalog(&Catalog {
+            version: 1,
+            meters: BoundedVec::new(meters).expect("catalog"),
+        })
+        .expect("catalog");
+    store
+        .put_entitlements(&EntitlementsCache {
+            version: 1,
+            built_at_ms: now_ms(),
+            customers: names
+                .iter()
+                .map(|n| customer(n, Enforcement::Soft))
+                .collect(),
+        })
+        .expect("snapshot");
+}
+
+/// Per-call ns of batches of 64 calls of `f(i)` over the customers, from `offset`.
+fn timed(calls: u64, offset: usize, mut f: impl FnMut(usize)) -> Histogram<u64> {
+    let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("histogram");
+    let mut k = offset % CUSTOMERS;
+    for _ in 0..calls / BATCH {
+        let t = Instant::now();
+        for _ in 0..BATCH {
+            f(k);
+            k += 1;
+            if k == CUSTOMERS {
+                k = 0;
+            }
+        }
+        let _ = h.record((t.elapsed().as_nanos() as u64 / BATCH).max(1));
+    }
+    h
+}
+
+/// `threads` threads of `calls` each of `f`; (calls/s overall, merged per-call histogram).
+fn threads<F>(threads: usize, calls: u64, f: F) -> (f64, Histogram<u64>)
+where
+    F: Fn(usize) + Send + Sync + Clone + 'static,
+{
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                for k in 0..CUSTOMERS {
+                    f(k);
+                }
+                let t0 = Instant::now();
+                let h = timed(calls, t * 997, &f);
+                (t0.elapsed(), h)
+            })
         })
         .collect();
-    let settings = CustomerSettings::default();
-    let name = PlanName::new("pro").expect("valid");
-    c.bench_function("view/5_limits_20_grants", |b| {
-        b.iter(|| {
-            black_box(build_customer(
-                &customer,
-                Some(&name),
-                Some(&plan),
-                &settings,
-                &grants,
-                NOW,
-                |_, _| Decimal::from(1_500),
-                |_, _| Decimal::from(10),
-            ))
-        });
-    });
+    let mut merged = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("histogram");
+    let mut busy = Duration::ZERO;
+    for h in handles {
+        let (d, hist) = h.join().expect("thread");
+        busy = busy.max(d);
+        merged.add(&hist).expect("merge");
+    }
+    ((threads as u64 * calls) as f64 / busy.as_secs_f64(), merged)
 }
 
-fn handle_over_redb(c: &mut Criterion) {
+fn report<F>(what: &str, calls: u64, f: F)
+where
+    F: Fn(usize) + Send + Sync + Clone + 'static,
+{
+    let (one, h1) = threads(1, calls, f.clone());
+    let (two, h2) = threads(2, calls, f);
+    println!(
+        "== {what} 1 thread: median {} ns, p99 {} ns, {:.1} M calls/s",
+        h1.value_at_quantile(0.5),
+        h1.value_at_quantile(0.99),
+        one / 1e6
+    );
+    println!(
+        "== {what} 2 threads: median {} ns, p99 {} ns, {:.1} M calls/s, scaling {:.2}x",
+        h2.value_at_quantile(0.5),
+        h2.value_at_quantile(0.99),
+        two / 1e6,
+        two / one
+    );
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn bench_calls(c: &mut Criterion) {
+    let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(RedbStore::open(&dir.path().join("c.redb")).expect("open"));
-    let meter = MeterName::new("api_calls").expect("valid");
-    let def = tally_protocol::catalog::MeterDef {
-        name: meter.clone(),
-        aggregation: tally_protocol::catalog::Aggregation::Sum,
-        event_type: String::from("api_calls"),
-        value_property: Some(String::from("$.value")),
-        group_by: Default::default(),
-        stripe_event_name: None,
-        stripe_unit_scale: Decimal::ONE,
-    };
-    store.put_meter(&def).expect("meter");
-    let mut plan = Plan::default();
-    plan.limits.insert(meter.clone(), limit(1_000_000_000));
-    let pname = PlanName::new("pro").expect("valid");
-    store.put_plan(&pname, &plan).expect("plan");
-    let customer = CustomerId::new("acme").expect("valid");
-    store
-        .put_customer(
-            "acme",
-            &tally_collector::store::CustomerRecord {
-                stripe_customer_id: None,
-                plan: Some(String::from("pro")),
-            },
+    let names = names();
+    prepared(dir.path(), &names);
+    let agent = rt
+        .block_on(
+            Agent::builder()
+                .data_dir(dir.path())
+                .disk_budget(u64::MAX)
+                .start(),
         )
-        .expect("customer");
-    let clock: tally_collector::tally_clock::SharedClock =
-        Arc::new(tally_collector::tally_clock::ManualClock::new(NOW));
-    let ent = Entitlements::open(
-        store.clone(),
-        store,
-        clock,
-        LeaseBookLimits::default(),
-        EntitlementMetrics::default(),
-    )
-    .expect("open");
-    let mut id = 0;
-    let mut g = c.benchmark_group("handle");
-    g.sample_size(20);
-    g.bench_function("lease_request_redb_fsync", |b| {
+        .expect("agent");
+    assert!(agent.check(&names[0], "gpt4").allowed, "snapshot loaded");
+
+    // A table with a hard limit per customer and a lease on each (as granted by a collector).
+    let table = Arc::new(Table::new(EntitlementsConfig::default()));
+    table.set_connected(true, now_ms());
+    let hard: Vec<_> = names
+        .iter()
+        .map(|n| customer(n, Enforcement::Hard))
+        .collect();
+    table.apply(&hard, true, now_ms());
+    for (i, n) in names.iter().enumerate() {
+        table.on_grant(
+            &LeaseGrant {
+                request_id: i as u64,
+                customer: CustomerId::new(n.as_str()).expect("customer"),
+                meter: MeterName::new("api_calls").expect("meter"),
+                lease_id: i as u64 + 1,
+                period_start_ms: 0,
+                granted_total: Decimal::from(1_000_000_000i64),
+                added: Decimal::from(1_000_000_000i64),
+                expires_at_ms: i64::MAX,
+            },
+            now_ms(),
+        );
+    }
+
+    let mut g = c.benchmark_group("entitlements");
+    g.measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(20);
+    g.bench_function("check_1_thread_10k_customers", |b| {
+        let mut k = 0;
         b.iter(|| {
-            id += 1;
-            black_box(
-                ent.lease(AgentId([3; 16]), &req(&customer, &meter, id))
-                    .expect("lease"),
-            )
-        });
+            let d = agent.check(&names[k], "gpt4");
+            k = (k + 1) % CUSTOMERS;
+            black_box(d)
+        })
+    });
+    g.bench_function("try_consume_soft_1_thread_10k_customers", |b| {
+        let mut k = 0;
+        b.iter(|| {
+            let r = agent.try_consume(&names[k], "api_calls", Decimal::ONE);
+            k = (k + 1) % CUSTOMERS;
+            black_box(r)
+        })
+    });
+    g.bench_function("try_consume_hard_lease_1_thread_10k_customers", |b| {
+        let mut k = 0;
+        b.iter(|| {
+            let n = &names[k];
+            let r = table.try_consume(n, "api_calls", Decimal::ONE, 0, || {
+                agent.record(n, "api_calls", Decimal::ONE)
+            });
+            k = (k + 1) % CUSTOMERS;
+            black_box(r)
+        })
     });
     g.finish();
+
+    let calls = 2_000_000;
+    let (a, n) = (agent.clone(), names.clone());
+    report("check", calls, move |k| {
+        black_box(a.check(&n[k], "gpt4"));
+    });
+    let (a, n) = (agent.clone(), names.clone());
+    report("try_consume soft", calls, move |k| {
+        let _ = black_box(a.try_consume(&n[k], "api_calls", Decimal::ONE));
+    });
+    let (a, n, t) = (agent.clone(), names.clone(), table.clone());
+    report("try_consume hard lease", calls, move |k| {
+        let c = &n[k];
+        let _ = black_box(t.try_consume(c, "api_calls", Decimal::ONE, 0, || {
+            a.record(c, "api_calls", Decimal::ONE)
+        }));
+    });
+    rt.block_on(async {
+        let _ = agent.shutdown(Duration::from_millis(200)).await;
+    });
 }
 
-criterion_group!(benches, lease_book, view, handle_over_redb);
+/// A keep-alive HTTP/1.1 connection.
+struct Conn(BufReader<TcpStream>);
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Conn {
+        let s = TcpStream::connect(addr).await.expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        Conn(BufReader::new(s))
+    }
+
+    async fn request(&mut self, method: &str, path: &str, body: &[u8]) -> u16 {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let s = self.0.get_mut();
+        s.write_all(head.as_bytes()).await.expect("write");
+        s.write_all(body).await.expect("write");
+        let mut line = String::new();
+        self.0.read_line(&mut line).await.expect("status line");
+        let status = line.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            self.0.read_line(&mut line).await.expect("header");
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut skip = vec![0; len];
+        self.0.read_exact(&mut skip).await.expect("body");
+        status
+    }
+}
+
+/// `clients` keep-alive clients, `per_client` requests each; per-request µs.
+async fn http_run(
+    addr: SocketAddr,
+    clients: usize,
+    per_client: usize,
+    consume: bool,
+    names: Arc<Vec<String>>,
+) -> (f64, Histogram<u64>) {
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let names = names.clone();
+            tokio::spawn(async move {
+                let mut conn = Conn::open(addr).await;
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("h");
+                for i in 0..per_client {
+                    let n = &names[(c * 7919 + i) % CUSTOMERS];
+                    let t = Instant::now();
+                    let status = if consume {
+                        conn.request(
+                            "POST",
+                            &format!("/v1/entitlements/{n}/api_calls/consume"),
+                            br#"{"quantity":"1"}"#,
+                        )
+                        .await
+                    } else {
+                        conn.request("GET", &format!("/v1/entitlements/{n}/gpt4"), b"")
+                            .await
+                    };
+                    assert_eq!(status, 200);
+                    let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+                }
+                h
+            })
+        })
+        .collect();
+    let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("h");
+    for t in tasks {
+        merged.add(t.await.expect("task")).expect("merge");
+    }
+    (
+        (clients * per_client) as f64 / start.elapsed().as_secs_f64(),
+        merged,
+    )
+}
+
+fn bench_sidecar(_: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let names = names();
+    prepared(dir.path(), &names);
+    rt.block_on(async {
+        let agent = Agent::builder()
+            .data_dir(dir.path())
+            .disk_budget(u64::MAX)
+            .start()
+            .await
+            .expect("agent");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = router(AgentBackend::new(agent.clone()), HttpConfig::default());
+        tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+        for (what, consume, clients, per) in [
+            ("GET feature", false, 1, 20_000),
+            ("GET feature", false, 8, 5_000),
+            ("POST consume", true, 1, 2_000),
+            ("POST consume", true, 8, 2_000),
+        ] {
+            let (rate, h) = http_run(addr, clients, per, consume, names.clone()).await;
+            println!(
+                "== sidecar {what}, {clients} keep-alive client(s): p50 {} µs, p99 {} µs, {:.0} req/s",
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99),
+                rate
+            );
+        }
+        let _ = agent.shutdown(Duration::from_secs(2)).await;
+    });
+}
+
+criterion_group!(benches, bench_calls, bench_sidecar);
 criterion_main!(benches);

@@ -1,36 +1,134 @@
 //! [`SidecarBackend`] over a running [`Agent`]: durable recording, the compiled catalog (rebuilt
-//! when its version changes), and entitlement answers from the agent's cached snapshot.
+//! when its version changes), and entitlement answers from the agent's decision table (waiting
+//! up to the agent's bound for a customer seen for the first time). Reservations live in a
+//! bounded map with an expiry; an expired or released one gives its hold back.
 
-use crate::http::{BackendError, Consumed, EntitlementsView, SidecarBackend};
+use crate::http::{
+    BackendError, Consumed, EntitlementsView, FeatureAnswer, LimitAnswer, Reserved, SidecarBackend,
+};
 use crate::mapping::{IngestCatalog, MappedEvent};
 use rust_decimal::Decimal;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
-use tally_agent::{Agent, ConnectionState, Event, FlushError, RecordError};
+use tally_agent::{
+    Agent, ConnectionState, ConsumeError, DecidedBy, Event, FlushError, OfflinePolicy, RecordError,
+    Reservation,
+};
 use tally_protocol::entitlements::Enforcement;
 use tally_protocol::names::{CustomerId, MeterName};
+
+/// Reservations held at most; past it a reserve answers 429.
+pub const MAX_RESERVATIONS: usize = 100_000;
+/// Default time a reservation is held without a commit.
+pub const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(300);
 
 /// The sidecar's view of an agent.
 pub struct AgentBackend {
     agent: Agent,
     catalog: Mutex<Option<Arc<IngestCatalog>>>,
-    /// Usage consumed through this sidecar since the snapshot of this version was built, so a
-    /// burst of consumes cannot each see the same remaining quantity.
-    consumed: Mutex<ConsumedSince>,
+    reservations: Arc<Reservations>,
+    reservation_ttl_ms: i64,
 }
-
-/// Quantities consumed per customer and meter since the snapshot of this version.
-type ConsumedSince = (u64, HashMap<(CustomerId, MeterName), Decimal>);
 
 impl AgentBackend {
     /// Wraps a started agent.
     pub fn new(agent: Agent) -> Self {
+        Self::with_reservation_ttl(agent, DEFAULT_RESERVATION_TTL)
+    }
+
+    /// Wraps a started agent; reservations not committed within `ttl` are released.
+    pub fn with_reservation_ttl(agent: Agent, ttl: Duration) -> Self {
         AgentBackend {
             agent,
             catalog: Mutex::new(None),
-            consumed: Mutex::new((0, HashMap::new())),
+            reservations: Arc::new(Mutex::new(HashMap::new())),
+            reservation_ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
         }
+    }
+
+    /// Releases expired reservations; returns how many.
+    pub fn sweep(&self) -> usize {
+        sweep(&self.agent, &self.reservations)
+    }
+
+    /// A sweeper to call every second from a task of its own (the router owns the backend).
+    pub fn sweeper(&self) -> impl Fn() -> usize + Send + Sync + 'static {
+        let agent = self.agent.clone();
+        let map = self.reservations.clone();
+        move || sweep(&agent, &map)
+    }
+
+    fn limit_answer(&self, customer: &str, meter: &str) -> LimitAnswer {
+        let l = self.agent.limit(customer, meter);
+        let by_policy = matches!(
+            l.decided_by,
+            DecidedBy::NoSnapshot | DecidedBy::StaleSnapshot
+        );
+        let allowed = if by_policy {
+            self.agent.offline_policy(meter) != OfflinePolicy::Deny
+        } else {
+            match l.enforcement {
+                Some(Enforcement::Hard) => l.remaining.is_some_and(|r| r > Decimal::ZERO),
+                _ => true,
+            }
+        };
+        LimitAnswer {
+            allowed,
+            decided_by: l.decided_by.as_str(),
+            limit: l.limit,
+            used: l.used,
+            remaining: l.remaining,
+            enforcement: l.enforcement.map(|e| match e {
+                Enforcement::Hard => "hard",
+                Enforcement::Soft => "soft",
+            }),
+            stale: l.stale,
+        }
+    }
+}
+
+type Reservations = Mutex<HashMap<String, (Reservation, i64)>>;
+
+fn sweep(agent: &Agent, map: &Reservations) -> usize {
+    let now = agent.clock().now_ms();
+    let expired: Vec<Reservation> = {
+        let mut m = map.lock().unwrap_or_else(PoisonError::into_inner);
+        let ids: Vec<String> = m
+            .iter()
+            .filter(|(_, (_, exp))| *exp <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.iter()
+            .filter_map(|id| m.remove(id))
+            .map(|(r, _)| r)
+            .collect()
+    };
+    // Dropped outside the map's lock: each drop takes its meter's lock.
+    expired.len()
+}
+
+fn fresh_id() -> String {
+    let mut b = [0u8; 12];
+    // Ids need only be unique among live reservations; the OS RNG failing leaves zeros, and a
+    // clash is refused by the map insert below.
+    let _ = getrandom::getrandom(&mut b);
+    format!("rsv_{}", hex::encode(b))
+}
+
+fn consume_error(e: ConsumeError) -> BackendError {
+    match e {
+        ConsumeError::Record(e) => backend_error(e),
+        other => BackendError::Unavailable(other.to_string()),
+    }
+}
+
+fn consumed(c: tally_agent::Consumed) -> Consumed {
+    Consumed {
+        allowed: c.allowed,
+        recorded: c.recorded,
+        remaining: c.remaining,
+        decided_by: c.decided_by.as_str(),
     }
 }
 
@@ -111,24 +209,51 @@ impl SidecarBackend for AgentBackend {
         status_json(&self.agent.status())
     }
 
-    fn entitlements(&self, customer: &CustomerId) -> EntitlementsView {
-        let status = self.agent.status();
-        let Some(cache) = self.agent.entitlements() else {
-            return EntitlementsView {
-                stale: true,
-                ..Default::default()
-            };
-        };
+    async fn entitlements(&self, customer: CustomerId) -> EntitlementsView {
+        let v = self.agent.describe_wait(customer.as_str()).await;
+        let cache = self.agent.status();
+        let version = self.agent.entitlements_version();
         EntitlementsView {
-            snapshot_version: Some(cache.version),
-            snapshot_age_ms: Some(self.now_ms().saturating_sub(cache.built_at_ms)),
-            stale: !matches!(status.connection, ConnectionState::Connected { .. }),
-            customer: cache
-                .customers
+            snapshot_version: version,
+            snapshot_age_ms: cache
+                .entitlements_age
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            known: v.known,
+            stale: v.stale,
+            decided_by: v.decided_by.map(DecidedBy::as_str),
+            plan: v.plan.map(|p| p.to_string()),
+            features: v
+                .features
                 .iter()
-                .find(|c| &c.customer == customer)
-                .cloned(),
+                .map(|f| (f.name.to_string(), DecidedBy::from(f.source).as_str()))
+                .collect(),
+            limits: v
+                .meters
+                .iter()
+                .map(|m| {
+                    (
+                        m.to_string(),
+                        self.limit_answer(customer.as_str(), m.as_str()),
+                    )
+                })
+                .collect(),
         }
+    }
+
+    async fn feature(&self, customer: CustomerId, feature: String) -> FeatureAnswer {
+        let d = self.agent.check_wait(customer.as_str(), &feature).await;
+        FeatureAnswer {
+            allowed: d.allowed,
+            decided_by: d.decided_by.as_str(),
+            stale: d.stale,
+        }
+    }
+
+    async fn limit(&self, customer: CustomerId, meter: MeterName) -> LimitAnswer {
+        self.agent
+            .limit_wait(customer.as_str(), meter.as_str())
+            .await;
+        self.limit_answer(customer.as_str(), meter.as_str())
     }
 
     async fn consume(
@@ -137,51 +262,113 @@ impl SidecarBackend for AgentBackend {
         meter: MeterName,
         quantity: Decimal,
     ) -> Result<Consumed, BackendError> {
-        let cache = self.agent.entitlements();
-        let limit = cache.as_ref().and_then(|c| {
-            c.customers
-                .iter()
-                .find(|e| e.customer == customer)
-                .and_then(|e| e.limits.iter().find(|l| l.meter == meter))
-                .cloned()
-        });
-        let key = (customer.clone(), meter.clone());
-        let remaining = {
-            let mut consumed = self.consumed.lock().unwrap_or_else(PoisonError::into_inner);
-            let version = cache.as_ref().map_or(0, |c| c.version);
-            if consumed.0 != version {
-                *consumed = (version, HashMap::new());
-            }
-            match &limit {
-                None => None,
-                Some(l) => {
-                    let used = l.used + consumed.1.get(&key).copied().unwrap_or_default();
-                    let remaining = (l.limit - used).max(Decimal::ZERO);
-                    if l.enforcement == Enforcement::Hard && quantity > remaining {
-                        return Ok(Consumed {
-                            allowed: false,
-                            remaining: Some(remaining),
-                        });
-                    }
-                    *consumed.1.entry(key.clone()).or_default() += quantity;
-                    Some((remaining - quantity).max(Decimal::ZERO))
-                }
-            }
-        };
-        let event = Event::new(customer.as_str(), meter.as_str(), quantity);
-        if let Err(e) = self.agent.record_durable(event).await {
-            if limit.is_some() {
-                let mut consumed = self.consumed.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(v) = consumed.1.get_mut(&key) {
-                    *v -= quantity;
-                }
-            }
-            return Err(backend_error(e));
+        // On a task of its own: a client that goes away does not cancel a durable record half
+        // way (the lease it consumes under stays open until the record ends).
+        let agent = self.agent.clone();
+        tokio::spawn(async move {
+            agent
+                .try_consume_durable(customer.as_str(), meter.as_str(), quantity)
+                .await
+        })
+        .await
+        .map_err(|e| BackendError::Unavailable(e.to_string()))?
+        .map(consumed)
+        .map_err(consume_error)
+    }
+
+    async fn reserve(
+        &self,
+        customer: CustomerId,
+        meter: MeterName,
+        quantity: Decimal,
+    ) -> Result<Reserved, BackendError> {
+        self.sweep();
+        if self
+            .reservations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+            >= MAX_RESERVATIONS
+        {
+            return Err(BackendError::OverBudget);
         }
-        Ok(Consumed {
-            allowed: true,
+        let r = match self
+            .agent
+            .reserve_wait(customer.as_str(), meter.as_str(), quantity)
+            .await
+        {
+            Ok(r) => r,
+            Err(ConsumeError::Denied {
+                decided_by,
+                remaining,
+                ..
+            }) => {
+                return Ok(Reserved::Denied {
+                    decided_by: decided_by.as_str(),
+                    remaining,
+                });
+            }
+            Err(e) => return Err(consume_error(e)),
+        };
+        let decided_by = r.decided_by().as_str();
+        let remaining = self
+            .agent
+            .limit(customer.as_str(), meter.as_str())
+            .remaining;
+        let expires_at_ms = self
+            .agent
+            .clock()
+            .now_ms()
+            .saturating_add(self.reservation_ttl_ms);
+        let id = fresh_id();
+        let mut m = self
+            .reservations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if m.len() >= MAX_RESERVATIONS || m.contains_key(&id) {
+            return Err(BackendError::OverBudget);
+        }
+        m.insert(id.clone(), (r, expires_at_ms));
+        Ok(Reserved::Held {
+            id,
+            expires_at_ms,
+            decided_by,
             remaining,
         })
+    }
+
+    async fn commit(
+        &self,
+        id: String,
+        quantity: Decimal,
+    ) -> Result<Option<Consumed>, BackendError> {
+        let now = self.agent.clock().now_ms();
+        let r = self
+            .reservations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+        let Some((r, expires)) = r else {
+            return Ok(None);
+        };
+        if expires <= now {
+            return Ok(None);
+        }
+        tokio::spawn(async move { r.commit_durable(quantity).await })
+            .await
+            .map_err(|e| BackendError::Unavailable(e.to_string()))?
+            .map(|c| Some(consumed(c)))
+            .map_err(consume_error)
+    }
+
+    fn release(&self, id: &str) -> bool {
+        let now = self.agent.clock().now_ms();
+        let r = self
+            .reservations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+        r.is_some_and(|(_, exp)| exp > now)
     }
 }
 

@@ -1,5 +1,5 @@
-//! The sidecar's HTTP surface (SPEC §4): OpenMeter- and Stripe-compatible ingest, flush, health
-//! and metrics. A thin axum shell over [`SidecarBackend`]; a 2xx from an ingest endpoint means
+//! The sidecar's HTTP surface (SPEC §4): OpenMeter- and Stripe-compatible ingest, entitlements
+//! (checks, consume, reserve / commit / release), flush, health and metrics. A thin axum shell over [`SidecarBackend`]; a 2xx from an ingest endpoint means
 //! the events are on the agent's disk.
 
 use crate::cloudevents::{self, Mode};
@@ -15,7 +15,6 @@ use axum::routing::{get, post};
 use rust_decimal::Decimal;
 use std::sync::Arc;
 use std::time::Duration;
-use tally_protocol::entitlements::{CustomerEntitlements, Enforcement, MeterLimit};
 use tally_protocol::names::{CustomerId, MeterName};
 
 /// Default largest request body: 4 MiB.
@@ -58,8 +57,20 @@ pub trait SidecarBackend: Send + Sync + 'static {
     fn now_ms(&self) -> i64;
     /// The agent's `status()` as JSON.
     fn status_json(&self) -> serde_json::Value;
-    /// What the agent's entitlement cache knows of `customer`.
-    fn entitlements(&self, customer: &CustomerId) -> EntitlementsView;
+    /// What the agent knows of `customer` (waiting a bounded time for a new customer).
+    fn entitlements(&self, customer: CustomerId) -> impl Future<Output = EntitlementsView> + Send;
+    /// Whether `customer` has `feature` (waiting a bounded time for a new customer).
+    fn feature(
+        &self,
+        customer: CustomerId,
+        feature: String,
+    ) -> impl Future<Output = FeatureAnswer> + Send;
+    /// The limit of `customer` on `meter` (waiting a bounded time for a new customer).
+    fn limit(
+        &self,
+        customer: CustomerId,
+        meter: MeterName,
+    ) -> impl Future<Output = LimitAnswer> + Send;
     /// Records `quantity` durably only if the customer's limit allows it.
     fn consume(
         &self,
@@ -67,28 +78,109 @@ pub trait SidecarBackend: Send + Sync + 'static {
         meter: MeterName,
         quantity: Decimal,
     ) -> impl Future<Output = Result<Consumed, BackendError>> + Send;
+    /// Holds `quantity` until a commit or a release (or its expiry).
+    fn reserve(
+        &self,
+        customer: CustomerId,
+        meter: MeterName,
+        quantity: Decimal,
+    ) -> impl Future<Output = Result<Reserved, BackendError>> + Send;
+    /// Records `quantity` durably against a reservation; `None` when the id is unknown or
+    /// expired.
+    fn commit(
+        &self,
+        id: String,
+        quantity: Decimal,
+    ) -> impl Future<Output = Result<Option<Consumed>, BackendError>> + Send;
+    /// Gives a reservation's hold back; false when the id is unknown or expired.
+    fn release(&self, id: &str) -> bool;
 }
 
-/// The entitlement cache's view of one customer.
+/// What the agent knows of one customer.
 #[derive(Debug, Clone, Default)]
 pub struct EntitlementsView {
     /// Version of the snapshot, if one was ever received.
     pub snapshot_version: Option<u64>,
     /// Age of the snapshot in ms.
     pub snapshot_age_ms: Option<i64>,
-    /// True when the agent is not connected, so the snapshot may be behind.
+    /// Whether a snapshot listed the customer.
+    pub known: bool,
+    /// True when answers come from a stale snapshot or none.
     pub stale: bool,
-    /// The customer's entry, if the snapshot has one.
-    pub customer: Option<CustomerEntitlements>,
+    /// The offline rule that decides when not current (`no_snapshot`, `stale_snapshot`).
+    pub decided_by: Option<&'static str>,
+    /// The plan.
+    pub plan: Option<String>,
+    /// Features the customer has, with what granted each.
+    pub features: Vec<(String, &'static str)>,
+    /// Limits by meter.
+    pub limits: Vec<(String, LimitAnswer)>,
 }
 
-/// The outcome of a consume.
+/// Whether a customer has a feature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureAnswer {
+    /// Allowed.
+    pub allowed: bool,
+    /// What decided (`plan`, `override`, `stripe`, `no_snapshot`, `stale_snapshot`).
+    pub decided_by: &'static str,
+    /// From a stale snapshot or none.
+    pub stale: bool,
+}
+
+/// A customer's limit on a meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitAnswer {
+    /// Whether one more unit would be allowed now, as far as this agent knows.
+    pub allowed: bool,
+    /// What decides.
+    pub decided_by: &'static str,
+    /// The limit; `None` without one.
+    pub limit: Option<Decimal>,
+    /// Used as far as this agent knows.
+    pub used: Decimal,
+    /// Remaining; `None` without a limit.
+    pub remaining: Option<Decimal>,
+    /// `hard` or `soft`.
+    pub enforcement: Option<&'static str>,
+    /// From a stale snapshot or none.
+    pub stale: bool,
+}
+
+/// The outcome of a consume or a commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consumed {
-    /// Whether the usage was allowed (and recorded).
+    /// Whether the usage was allowed (and recorded); a commit capped by a hard limit is not.
     pub allowed: bool,
+    /// What was recorded.
+    pub recorded: Decimal,
     /// What remains after it, when a limit is known.
     pub remaining: Option<Decimal>,
+    /// What decided.
+    pub decided_by: &'static str,
+}
+
+/// The outcome of a reserve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reserved {
+    /// Held under this id until `expires_at_ms`.
+    Held {
+        /// The reservation's id.
+        id: String,
+        /// When it is released unless committed.
+        expires_at_ms: i64,
+        /// What decided.
+        decided_by: &'static str,
+        /// Remaining, as far as this agent knows.
+        remaining: Option<Decimal>,
+    },
+    /// Refused.
+    Denied {
+        /// What decided.
+        decided_by: &'static str,
+        /// Remaining, as far as this agent knows.
+        remaining: Option<Decimal>,
+    },
 }
 
 /// HTTP settings.
@@ -130,6 +222,12 @@ pub fn router<B: SidecarBackend>(backend: B, config: HttpConfig) -> Router {
             "/v1/entitlements/{customer}/{meter}/consume",
             post(consume::<B>),
         )
+        .route(
+            "/v1/entitlements/{customer}/{meter}/reservations",
+            post(reserve::<B>),
+        )
+        .route("/v1/reservations/{id}/commit", post(commit::<B>))
+        .route("/v1/reservations/{id}", axum::routing::delete(release::<B>))
         .route("/metrics", get(metrics::<B>))
         .route("/v1/status", get(status::<B>))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -367,20 +465,28 @@ async fn readyz<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>) -> Response {
     }
 }
 
-fn limit_json(l: &MeterLimit) -> serde_json::Value {
+fn dec(d: Option<Decimal>) -> serde_json::Value {
+    d.map_or(serde_json::Value::Null, |d| {
+        serde_json::Value::from(d.to_string())
+    })
+}
+
+fn limit_json(l: &LimitAnswer) -> serde_json::Value {
     serde_json::json!({
-        "meter": l.meter.as_str(),
-        "limit": l.limit.to_string(),
+        "allowed": l.allowed,
+        "decided_by": l.decided_by,
+        "limit": dec(l.limit),
         "used": l.used.to_string(),
-        "remaining": (l.limit - l.used).max(Decimal::ZERO).to_string(),
-        "enforcement": match l.enforcement { Enforcement::Hard => "hard", Enforcement::Soft => "soft" },
+        "remaining": dec(l.remaining),
+        "enforcement": l.enforcement,
+        "stale": l.stale,
     })
 }
 
 fn snapshot_json(v: &EntitlementsView) -> serde_json::Value {
     match v.snapshot_version {
         Some(version) => serde_json::json!({
-            "known": true, "version": version, "age_ms": v.snapshot_age_ms, "stale": v.stale,
+            "known": v.known, "version": version, "age_ms": v.snapshot_age_ms, "stale": v.stale,
         }),
         None => serde_json::json!({
             "known": false,
@@ -403,20 +509,27 @@ async fn entitlements<B: SidecarBackend>(
         Ok(c) => c,
         Err(r) => return *r,
     };
-    let view = ctx.backend.entitlements(&customer);
-    let (features, limits): (Vec<&str>, serde_json::Map<String, serde_json::Value>) =
-        match &view.customer {
-            Some(c) => (
-                c.features.iter().map(|f| f.name.as_str()).collect(),
-                c.limits
-                    .iter()
-                    .map(|l| (l.meter.to_string(), limit_json(l)))
-                    .collect(),
-            ),
-            None => (Vec::new(), serde_json::Map::new()),
-        };
+    let view = ctx.backend.entitlements(customer.clone()).await;
+    let features: serde_json::Map<String, serde_json::Value> = view
+        .features
+        .iter()
+        .map(|(f, by)| {
+            (
+                f.clone(),
+                serde_json::json!({"allowed": true, "decided_by": by}),
+            )
+        })
+        .collect();
+    let limits: serde_json::Map<String, serde_json::Value> = view
+        .limits
+        .iter()
+        .map(|(m, l)| (m.clone(), limit_json(l)))
+        .collect();
     axum::Json(serde_json::json!({
         "customer": customer.as_str(),
+        "plan": view.plan,
+        "decided_by": view.decided_by,
+        "stale": view.stale,
         "snapshot": snapshot_json(&view),
         "features": features,
         "limits": limits,
@@ -432,32 +545,94 @@ async fn entitlement_item<B: SidecarBackend>(
         Ok(c) => c,
         Err(r) => return *r,
     };
-    let view = ctx.backend.entitlements(&customer);
     let is_meter = ctx.backend.catalog().is_some_and(|c| c.has_meter(&item));
-    let limit = view
-        .customer
-        .as_ref()
-        .and_then(|c| c.limits.iter().find(|l| l.meter.as_str() == item));
-    let body = match (is_meter, limit) {
-        (_, Some(l)) => limit_json(l),
-        (true, None) => serde_json::json!({
-            "meter": item, "limit": null, "used": null, "remaining": null, "enforcement": null,
-        }),
-        (false, None) => serde_json::json!({
-            "feature": item,
-            "has_access": view.customer.as_ref().is_some_and(|c| c.features.iter().any(|f| f.name.as_str() == item)),
-        }),
+    let mut body = match MeterName::new(item.as_str()) {
+        Ok(meter) if is_meter => {
+            let l = ctx.backend.limit(customer.clone(), meter).await;
+            let mut b = limit_json(&l);
+            b["meter"] = serde_json::Value::from(item);
+            b
+        }
+        _ => {
+            let f = ctx.backend.feature(customer.clone(), item.clone()).await;
+            serde_json::json!({
+                "feature": item,
+                "allowed": f.allowed,
+                "decided_by": f.decided_by,
+                "stale": f.stale,
+            })
+        }
     };
-    let mut body = body;
     body["customer"] = serde_json::Value::from(customer.as_str());
-    body["snapshot"] = snapshot_json(&view);
     axum::Json(body).into_response()
 }
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ConsumeBody {
+struct QuantityBody {
     quantity: String,
+}
+
+/// Reads `{"quantity":"…"}` (JSON, within the body limit) into a non-negative decimal.
+async fn quantity_body<B>(ctx: &Ctx<B>, req: Request) -> Result<Decimal, Box<Response>> {
+    if Mode::from_content_type(content_type(req.headers())) != Some(Mode::Json) {
+        return Err(Box::new(problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "use application/json",
+        )));
+    }
+    let limit = ctx.config.max_body_bytes;
+    let Ok(body) = body_bytes(req, limit).await else {
+        return Err(Box::new(problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body is larger than {limit} bytes"),
+        )));
+    };
+    match serde_json::from_slice::<QuantityBody>(&body) {
+        Ok(b) => crate::quantity::parse_quantity(&b.quantity)
+            .map_err(|e| Box::new(problem(StatusCode::BAD_REQUEST, format!("quantity: {e}")))),
+        Err(e) => Err(Box::new(problem(
+            StatusCode::BAD_REQUEST,
+            format!("body must be {{\"quantity\":\"…\"}}: {e}"),
+        ))),
+    }
+}
+
+/// The customer and a meter of the catalog from the path.
+fn customer_meter<B: SidecarBackend>(
+    ctx: &Ctx<B>,
+    customer: &str,
+    meter: String,
+) -> Result<(CustomerId, MeterName), Box<Response>> {
+    let customer = parse_customer(customer)?;
+    let meter = MeterName::new(meter)
+        .map_err(|e| Box::new(problem(StatusCode::BAD_REQUEST, format!("meter: {e}"))))?;
+    if !ctx
+        .backend
+        .catalog()
+        .is_some_and(|c| c.has_meter(meter.as_str()))
+    {
+        return Err(Box::new(problem(
+            StatusCode::BAD_REQUEST,
+            format!("unknown meter {meter}"),
+        )));
+    }
+    Ok((customer, meter))
+}
+
+fn consumed_response(c: &Consumed) -> Response {
+    let status = if c.allowed {
+        StatusCode::OK
+    } else {
+        StatusCode::PAYMENT_REQUIRED
+    };
+    let body = serde_json::json!({
+        "allowed": c.allowed,
+        "remaining": dec(c.remaining),
+        "recorded": c.recorded.to_string(),
+        "decided_by": c.decided_by,
+    });
+    (status, axum::Json(body)).into_response()
 }
 
 async fn consume<B: SidecarBackend>(
@@ -465,56 +640,111 @@ async fn consume<B: SidecarBackend>(
     Path((customer, meter)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    if Mode::from_content_type(content_type(req.headers())) != Some(Mode::Json) {
-        return problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "use application/json");
-    }
-    let customer = match parse_customer(&customer) {
-        Ok(c) => c,
+    let (customer, meter) = match customer_meter(&ctx, &customer, meter) {
+        Ok(v) => v,
         Err(r) => return *r,
     };
-    let meter = match MeterName::new(meter) {
-        Ok(m) => m,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, format!("meter: {e}")),
-    };
-    if !ctx
-        .backend
-        .catalog()
-        .is_some_and(|c| c.has_meter(meter.as_str()))
-    {
-        return problem(StatusCode::BAD_REQUEST, format!("unknown meter {meter}"));
-    }
-    let limit = ctx.config.max_body_bytes;
-    let Ok(body) = body_bytes(req, limit).await else {
-        return problem(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body is larger than {limit} bytes"),
-        );
-    };
-    let quantity = match serde_json::from_slice::<ConsumeBody>(&body) {
-        Ok(b) => match crate::quantity::parse_quantity(&b.quantity) {
-            Ok(q) => q,
-            Err(e) => return problem(StatusCode::BAD_REQUEST, format!("quantity: {e}")),
-        },
-        Err(e) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                format!("body must be {{\"quantity\":\"…\"}}: {e}"),
-            );
-        }
+    let quantity = match quantity_body(&ctx, req).await {
+        Ok(q) => q,
+        Err(r) => return *r,
     };
     match ctx.backend.consume(customer, meter, quantity).await {
-        Ok(c) => {
-            let status = if c.allowed {
-                StatusCode::OK
-            } else {
-                StatusCode::PAYMENT_REQUIRED
-            };
+        Ok(c) => consumed_response(&c),
+        Err(e) => problem(backend_status(&e), e.to_string()),
+    }
+}
+
+async fn reserve<B: SidecarBackend>(
+    State(ctx): State<Arc<Ctx<B>>>,
+    Path((customer, meter)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    let (customer, meter) = match customer_meter(&ctx, &customer, meter) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let quantity = match quantity_body(&ctx, req).await {
+        Ok(q) => q,
+        Err(r) => return *r,
+    };
+    match ctx
+        .backend
+        .reserve(customer.clone(), meter.clone(), quantity)
+        .await
+    {
+        Ok(Reserved::Held {
+            id,
+            expires_at_ms,
+            decided_by,
+            remaining,
+        }) => (
+            StatusCode::CREATED,
+            axum::Json(serde_json::json!({
+                "id": id,
+                "allowed": true,
+                "customer": customer.as_str(),
+                "meter": meter.as_str(),
+                "quantity": quantity.to_string(),
+                "expires_at_ms": expires_at_ms,
+                "decided_by": decided_by,
+                "remaining": dec(remaining),
+            })),
+        )
+            .into_response(),
+        Ok(Reserved::Denied {
+            decided_by,
+            remaining,
+        }) => (
+            StatusCode::PAYMENT_REQUIRED,
+            axum::Json(serde_json::json!({
+                "allowed": false,
+                "decided_by": decided_by,
+                "remaining": dec(remaining),
+            })),
+        )
+            .into_response(),
+        Err(e) => problem(backend_status(&e), e.to_string()),
+    }
+}
+
+async fn commit<B: SidecarBackend>(
+    State(ctx): State<Arc<Ctx<B>>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let quantity = match quantity_body(&ctx, req).await {
+        Ok(q) => q,
+        Err(r) => return *r,
+    };
+    match ctx.backend.commit(id, quantity).await {
+        Ok(Some(c)) => {
+            // A commit capped by a hard limit still recorded what it could: 200 either way.
             let body = serde_json::json!({
                 "allowed": c.allowed,
-                "remaining": c.remaining.map(|r| r.to_string()),
+                "remaining": dec(c.remaining),
+                "recorded": c.recorded.to_string(),
+                "decided_by": c.decided_by,
             });
-            (status, axum::Json(body)).into_response()
+            axum::Json(body).into_response()
         }
+        Ok(None) => problem(
+            StatusCode::NOT_FOUND,
+            "no such reservation (unknown or expired)",
+        ),
         Err(e) => problem(backend_status(&e), e.to_string()),
+    }
+}
+
+async fn release<B: SidecarBackend>(
+    State(ctx): State<Arc<Ctx<B>>>,
+    Path(id): Path<String>,
+) -> Response {
+    if ctx.backend.release(&id) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        problem(
+            StatusCode::NOT_FOUND,
+            "no such reservation (unknown or expired)",
+        )
     }
 }

@@ -7,7 +7,8 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tally_agent::{Agent, Overflow};
+use tally_agent::{Agent, OfflinePolicy, Overflow};
+use tally_protocol::names::MeterName;
 use tally_sidecar::backend::AgentBackend;
 use tally_sidecar::http::{DEFAULT_MAX_BODY_BYTES, HttpConfig, router};
 
@@ -126,6 +127,29 @@ struct RunArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "TALLY_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
+    /// Seconds without a connected collector after which the entitlement snapshot is stale and
+    /// the offline policy decides (default 900).
+    #[arg(long, env = "TALLY_STALE_AFTER_SECS")]
+    stale_after_secs: Option<u64>,
+    /// Offline policy of features and of meters without one of their own: `deny` (default),
+    /// `allow` or `allow_up_to:Q`.
+    #[arg(long, env = "TALLY_OFFLINE_POLICY")]
+    offline_policy: Option<String>,
+    /// Offline policy of one meter, `METER=POLICY` (e.g. `api_calls=allow_up_to:100`); repeat.
+    #[arg(
+        long = "meter-policy",
+        env = "TALLY_METER_POLICIES",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    meter_policies: Vec<String>,
+    /// Milliseconds an entitlement endpoint waits for a new customer's snapshot or a first
+    /// lease (default 100).
+    #[arg(long, env = "TALLY_ENTITLEMENTS_WAIT_MS")]
+    entitlements_wait_ms: Option<u64>,
+    /// Seconds a reservation is held without a commit (default 300).
+    #[arg(long, env = "TALLY_RESERVATION_TTL_SECS")]
+    reservation_ttl_secs: Option<u64>,
 }
 
 impl RunArgs {
@@ -154,10 +178,17 @@ impl RunArgs {
             flush_interval_ms,
             disk_budget,
             overflow,
-            max_body_bytes
+            max_body_bytes,
+            stale_after_secs,
+            offline_policy,
+            entitlements_wait_ms,
+            reservation_ttl_secs
         );
         if self.collectors.is_empty() {
             self.collectors = file.collectors;
+        }
+        if self.meter_policies.is_empty() {
+            self.meter_policies = file.meter_policies;
         }
         Ok(self)
     }
@@ -168,7 +199,7 @@ fn main() -> Result<()> {
     init_logging(cli.log_format);
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
-        Command::Run(args) => rt.block_on(run(args.merge()?)),
+        Command::Run(args) => rt.block_on(run((*args).merge()?)),
         Command::Keygen { data_dir } => keygen(&data_dir),
         Command::Status {
             data_dir,
@@ -233,6 +264,29 @@ async fn run(args: RunArgs) -> Result<()> {
         Some("reject") => builder = builder.overflow(Overflow::Reject),
         Some(other) => bail!("--overflow must be block or reject, not {other:?}"),
     }
+    if let Some(s) = args.stale_after_secs {
+        builder = builder.stale_after(Duration::from_secs(s));
+    }
+    if let Some(p) = &args.offline_policy {
+        let p: OfflinePolicy = p
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--offline-policy: {e}"))?;
+        builder = builder.default_offline_policy(p);
+    }
+    for mp in &args.meter_policies {
+        let (m, p) = mp
+            .split_once('=')
+            .with_context(|| format!("--meter-policy {mp:?}: use METER=POLICY"))?;
+        let m = MeterName::new(m).map_err(|e| anyhow::anyhow!("--meter-policy {mp:?}: {e}"))?;
+        let p: OfflinePolicy = p
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--meter-policy {mp:?}: {e}"))?;
+        builder = builder.offline_policy(m, p);
+    }
+    if let Some(ms) = args.entitlements_wait_ms {
+        builder = builder.entitlements_wait(Duration::from_millis(ms));
+    }
+    let ttl = Duration::from_secs(args.reservation_ttl_secs.unwrap_or(300));
     let agent = builder.start().await?;
     let http = args
         .http
@@ -248,7 +302,7 @@ async fn run(args: RunArgs) -> Result<()> {
         token: http_token,
         max_body_bytes: args.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
     };
-    serve(agent, http, config).await
+    serve(agent, http, config, ttl).await
 }
 
 /// A secret from its flag or variable, else from its file (trimmed). An empty one is refused:
@@ -269,15 +323,25 @@ fn secret(what: &str, value: Option<String>, file: Option<PathBuf>) -> Result<Op
 }
 
 /// Serves the sidecar until Ctrl-C or SIGTERM, then shuts the agent down gracefully.
-async fn serve(agent: Agent, addr: SocketAddr, config: HttpConfig) -> Result<()> {
+async fn serve(agent: Agent, addr: SocketAddr, config: HttpConfig, ttl: Duration) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, agent_id = %agent.agent_id(), "sidecar listening");
-    let app = router(AgentBackend::new(agent.clone()), config);
+    let backend = AgentBackend::with_reservation_ttl(agent.clone(), ttl);
+    let sweep = backend.sweeper();
+    let sweeper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            sweep();
+        }
+    });
+    let app = router(backend, config);
     // Timeouts and a connection cap: idle or slow clients cannot take ingest offline.
     let limits = tally_http::HttpLimits::from_env().map_err(anyhow::Error::msg)?;
     tally_http::serve(listener, app, limits, shutdown_signal()).await?;
+    sweeper.abort();
     tracing::info!("shutting down: sealing and shipping what is left");
     if let Err(e) = agent.shutdown(Duration::from_secs(10)).await {
         tracing::warn!(error = %e, "shutdown left batches on disk; they ship on the next start");

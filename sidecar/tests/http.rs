@@ -9,7 +9,8 @@ use tally_protocol::bounded::BoundedVec;
 use tally_protocol::catalog::Catalog;
 use tally_protocol::names::{CustomerId, MeterName};
 use tally_sidecar::http::{
-    BackendError, Consumed, EntitlementsView, HttpConfig, SidecarBackend, router,
+    BackendError, Consumed, EntitlementsView, FeatureAnswer, HttpConfig, LimitAnswer, Reserved,
+    SidecarBackend, router,
 };
 use tally_sidecar::mapping::{IngestCatalog, MappedEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,8 +44,26 @@ impl SidecarBackend for Fake {
     fn status_json(&self) -> serde_json::Value {
         serde_json::json!({})
     }
-    fn entitlements(&self, _: &CustomerId) -> EntitlementsView {
+    async fn entitlements(&self, _: CustomerId) -> EntitlementsView {
         EntitlementsView::default()
+    }
+    async fn feature(&self, _: CustomerId, _: String) -> FeatureAnswer {
+        FeatureAnswer {
+            allowed: false,
+            decided_by: "no_snapshot",
+            stale: true,
+        }
+    }
+    async fn limit(&self, _: CustomerId, _: MeterName) -> LimitAnswer {
+        LimitAnswer {
+            allowed: true,
+            decided_by: "plan",
+            limit: None,
+            used: Decimal::ZERO,
+            remaining: None,
+            enforcement: None,
+            stale: false,
+        }
     }
     async fn consume(
         &self,
@@ -62,8 +81,27 @@ impl SidecarBackend for Fake {
         });
         Ok(Consumed {
             allowed: true,
+            recorded: q,
+            remaining: None,
+            decided_by: "plan",
+        })
+    }
+    async fn reserve(
+        &self,
+        _: CustomerId,
+        _: MeterName,
+        _: Decimal,
+    ) -> Result<Reserved, BackendError> {
+        Ok(Reserved::Denied {
+            decided_by: "no_snapshot",
             remaining: None,
         })
+    }
+    async fn commit(&self, _: String, _: Decimal) -> Result<Option<Consumed>, BackendError> {
+        Ok(None)
+    }
+    fn release(&self, _: &str) -> bool {
+        false
     }
 }
 
@@ -209,7 +247,10 @@ async fn openmeter_and_stripe_ingest_and_refusals() {
     .await;
     assert_eq!(
         (status, text.as_str()),
-        (200, r#"{"allowed":true,"remaining":null}"#)
+        (
+            200,
+            r#"{"allowed":true,"decided_by":"plan","recorded":"1","remaining":null}"#
+        )
     );
     assert_eq!(
         raw(

@@ -10,8 +10,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tally_protocol::Decimal;
 use tally_protocol::batch::AgentId;
+use tally_protocol::bounded::BoundedVec;
 use tally_protocol::catalog::Catalog;
-use tally_protocol::entitlements::EntitlementsSnapshot;
+use tally_protocol::entitlements::{
+    CustomerEntitlements, EntitlementsSnapshot, LeaseGrant, LeaseRelease,
+};
 use tally_protocol::error::ErrorCode;
 use tally_protocol::frame::{
     Ack, AckOutcome, ErrorFrame, Frame, FrameDecoder, Welcome, encode_frame,
@@ -45,6 +48,72 @@ pub struct Seen {
     pub connections: u64,
     pub bad_signatures: u64,
     pub overloaded: u64,
+    /// Entitlements answered to `EntitlementsRequest` (a customer not here comes back empty).
+    pub customers: HashMap<String, CustomerEntitlements>,
+    /// Hard limits per (customer, meter) the stand-in grants leases against, as the protocol
+    /// says: a grant keeps `used + Σ outstanding ≤ limit`.
+    pub limits: HashMap<(String, String), Decimal>,
+    /// Leases by id.
+    pub leases: HashMap<u64, StandInLease>,
+    pub lease_requests: u64,
+    pub releases: Vec<LeaseRelease>,
+    /// Releases waiting for the batches they name to be committed.
+    pub pending_releases: Vec<(AgentId, LeaseRelease)>,
+    pub snapshot_requests: Vec<String>,
+    pub snapshot_version: u64,
+}
+
+/// One lease as the stand-in keeps it.
+#[derive(Debug, Clone)]
+pub struct StandInLease {
+    pub agent: AgentId,
+    pub customer: String,
+    pub meter: String,
+    pub granted: Decimal,
+    /// Usage of its customer and meter committed from its agent since it began.
+    pub shipped: Decimal,
+    pub open: bool,
+}
+
+impl Seen {
+    /// Committed usage of a customer and meter.
+    pub fn used(&self, c: &str, m: &str) -> Decimal {
+        self.totals
+            .get(&(c.to_string(), m.to_string()))
+            .map_or(Decimal::ZERO, |t| t.0)
+    }
+
+    /// Σ outstanding of the open leases of a customer and meter.
+    pub fn outstanding(&self, c: &str, m: &str) -> Decimal {
+        self.leases
+            .values()
+            .filter(|l| l.open && l.customer == c && l.meter == m)
+            .map(|l| (l.granted - l.shipped).max(Decimal::ZERO))
+            .sum()
+    }
+
+    fn contiguous(&self, agent: AgentId, epoch: u64) -> u64 {
+        let mut s = 0;
+        while self.committed.contains(&(agent, epoch, s + 1)) {
+            s += 1;
+        }
+        s
+    }
+
+    /// Frees the leases whose release names only committed batches.
+    fn settle_releases(&mut self) {
+        let pending = std::mem::take(&mut self.pending_releases);
+        for (agent, r) in pending {
+            if r.through_seq == 0 || self.contiguous(agent, r.epoch) >= r.through_seq {
+                if let Some(l) = self.leases.get_mut(&r.lease_id) {
+                    l.open = false;
+                }
+                self.releases.push(r);
+            } else {
+                self.pending_releases.push((agent, r));
+            }
+        }
+    }
 }
 
 pub struct StandIn {
@@ -159,6 +228,12 @@ impl StandIn {
     }
 }
 
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 type R<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 async fn read_frame(
@@ -226,8 +301,103 @@ async fn handle(conn: quinn::Connection, ctx: Ctx) -> R<()> {
         send(&mut tx, &Frame::Entitlements(e.clone())).await?;
     }
     while let Some(f) = read_frame(&mut rx, &mut dec, &mut buf).await? {
-        let Frame::Batch(signed) = f else {
-            return Err("expected a batch".into());
+        let signed = match f {
+            Frame::Batch(b) => b,
+            Frame::EntitlementsRequest(r) => {
+                let snap = {
+                    let mut s = ctx.seen.lock().unwrap();
+                    s.snapshot_version += 1;
+                    let customers =
+                        r.customers
+                            .iter()
+                            .map(|c| {
+                                s.snapshot_requests.push(c.to_string());
+                                s.customers.get(c.as_str()).cloned().unwrap_or(
+                                    CustomerEntitlements {
+                                        customer: c.clone(),
+                                        plan: None,
+                                        features: BoundedVec::default(),
+                                        limits: BoundedVec::default(),
+                                    },
+                                )
+                            })
+                            .collect();
+                    EntitlementsSnapshot {
+                        version: 1_000 + s.snapshot_version,
+                        built_at_ms: wall_ms(),
+                        full: false,
+                        customers: BoundedVec::new(customers).unwrap(),
+                    }
+                };
+                send(&mut tx, &Frame::Entitlements(snap)).await?;
+                continue;
+            }
+            Frame::LeaseRequest(r) => {
+                let g = {
+                    let mut s = ctx.seen.lock().unwrap();
+                    s.lease_requests += 1;
+                    let (c, m) = (r.customer.to_string(), r.meter.to_string());
+                    let limit = s
+                        .limits
+                        .get(&(c.clone(), m.clone()))
+                        .copied()
+                        .unwrap_or_default();
+                    let room = (limit - s.used(&c, &m) - s.outstanding(&c, &m)).max(Decimal::ZERO);
+                    let added = r.quantity.min(room);
+                    // One open lease per agent, customer and meter.
+                    let open = s
+                        .leases
+                        .iter()
+                        .find(|(_, l)| {
+                            l.open && l.agent == auth.agent_id && l.customer == c && l.meter == m
+                        })
+                        .map(|(id, _)| *id);
+                    let lease_id = match open {
+                        Some(id) => id,
+                        None => {
+                            let id = s.leases.len() as u64 + 1;
+                            s.leases.insert(
+                                id,
+                                StandInLease {
+                                    agent: auth.agent_id,
+                                    customer: c,
+                                    meter: m,
+                                    granted: Decimal::ZERO,
+                                    shipped: Decimal::ZERO,
+                                    open: true,
+                                },
+                            );
+                            id
+                        }
+                    };
+                    let total = match s.leases.get_mut(&lease_id) {
+                        Some(l) => {
+                            l.granted += added;
+                            l.granted
+                        }
+                        None => Decimal::ZERO,
+                    };
+                    LeaseGrant {
+                        request_id: r.request_id,
+                        customer: r.customer,
+                        meter: r.meter,
+                        lease_id,
+                        period_start_ms: r.period_start_ms,
+                        granted_total: total,
+                        added,
+                        expires_at_ms: wall_ms() + 30_000,
+                    }
+                };
+                send(&mut tx, &Frame::LeaseGrant(g)).await?;
+                continue;
+            }
+            Frame::LeaseRelease(r) => {
+                let mut s = ctx.seen.lock().unwrap();
+                s.pending_releases.push((auth.agent_id, r));
+                s.settle_releases();
+                continue;
+            }
+            _ => return Err("expected a batch".into()),
         };
         let body = match signed.verify(&auth.public_key) {
             Ok(b) => b,
@@ -267,6 +437,13 @@ async fn handle(conn: quinn::Connection, ctx: Ctx) -> R<()> {
                 let outcome = if s.committed.insert(key) {
                     for d in body.deltas.iter() {
                         d.validate().unwrap();
+                        let (c, m) = (d.customer.to_string(), d.meter.to_string());
+                        for l in s.leases.values_mut() {
+                            if l.open && l.agent == body.agent_id && l.customer == c && l.meter == m
+                            {
+                                l.shipped += d.sum;
+                            }
+                        }
                         let e = s
                             .totals
                             .entry((d.customer.to_string(), d.meter.to_string()))
@@ -274,6 +451,7 @@ async fn handle(conn: quinn::Connection, ctx: Ctx) -> R<()> {
                         e.0 += d.sum;
                         e.1 += d.count;
                     }
+                    s.settle_releases();
                     AckOutcome::Committed
                 } else {
                     s.duplicates += 1;

@@ -1,0 +1,774 @@
+//! The decision table: the merged snapshot indexed for answers from memory, and one
+//! [`MeterState`] per (customer, meter) behind its own lock.
+//!
+//! Layout: customers are spread over [`STRIPES`] cache-line-aligned `RwLock`s by the hash of
+//! their key; a stripe holds a hash table of immutable customer slots (features, meters) that a
+//! snapshot replaces whole (copy-on-write), while each meter's accounting lives in a
+//! `Mutex<MeterState>` shared by the old and the new slot. A call takes one stripe's read lock
+//! (readers never block each other) and, to consume, one meter's lock: two callers contend only
+//! on the same customer and meter, and never with the collector session, which only writes the
+//! stripe of a customer whose snapshot changed. Once a customer and meter are known a call
+//! allocates nothing.
+//!
+//! The table does no I/O and reads no clock: callers pass `now_ms`. What must go to the
+//! collector (snapshot requests for new customers, lease requests) is queued in a bounded
+//! outbox the agent's shell drains; leases to release are returned by [`Table::scan`].
+//!
+//! Limits: at most [`MAX_CUSTOMERS`] customers, [`MAX_METERS_PER_CUSTOMER`] meters each, and
+//! [`MAX_OUTBOX`] queued messages (past it a request is dropped and asked again later).
+
+use super::EntitlementsCache;
+use super::decision::{DecidedBy, Decision, Limit};
+use super::meter::{Booked, Freshness, Hold, Lease, LimitView, MeterState, Take};
+use super::policy::{EntitlementsConfig, OfflinePolicy};
+use crate::error::RecordError;
+use hashbrown::{DefaultHashBuilder, HashTable};
+use parking_lot::{Mutex, RwLock};
+use rust_decimal::Decimal;
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use tally_protocol::entitlements::{CustomerEntitlements, Enforcement, Feature, LeaseGrant};
+use tally_protocol::names::{CustomerId, MeterName, PlanName};
+
+/// Stripes of the customer index (a power of two).
+pub const STRIPES: usize = 64;
+/// Customers the table holds at most; past it new customers are decided by policy alone.
+pub const MAX_CUSTOMERS: usize = 1_000_000;
+/// Meters per customer at most.
+pub const MAX_METERS_PER_CUSTOMER: usize = 512;
+/// Messages waiting for the collector at most.
+pub const MAX_OUTBOX: usize = 16_384;
+/// A new customer's snapshot is asked for again after this long without an answer.
+pub const REQUEST_AGAIN_MS: i64 = 1_000;
+/// Released lease ids remembered (a grant for one is ignored) at most; the oldest goes first.
+pub const MAX_RELEASED_IDS: usize = 65_536;
+
+/// One (customer, meter) and its accounting.
+#[derive(Debug)]
+pub struct MeterSlot {
+    /// The customer.
+    pub customer: CustomerId,
+    /// The meter.
+    pub meter: MeterName,
+    /// The accounting.
+    pub state: Mutex<MeterState>,
+    /// Listed among the slots with a lease (for [`Table::scan`]).
+    tracked: AtomicBool,
+}
+
+#[derive(Debug)]
+struct CustomerSlot {
+    customer: CustomerId,
+    /// Whether a snapshot listed this customer.
+    known: bool,
+    plan: Option<PlanName>,
+    features: Vec<Feature>,
+    meters: Vec<Arc<MeterSlot>>,
+    requested_at_ms: AtomicI64,
+}
+
+#[repr(align(128))]
+struct Stripe(RwLock<HashTable<Arc<CustomerSlot>>>);
+
+/// A message for the collector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing {
+    /// Ask for this customer's snapshot.
+    Snapshot(CustomerId),
+    /// Ask for (more of) a lease.
+    Lease {
+        /// The customer.
+        customer: CustomerId,
+        /// The meter.
+        meter: MeterName,
+        /// The period the agent believes current.
+        period_start_ms: i64,
+        /// How much more.
+        quantity: Decimal,
+    },
+}
+
+/// A lease closed and ready to release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToRelease {
+    /// The customer.
+    pub customer: CustomerId,
+    /// The meter.
+    pub meter: MeterName,
+    /// The lease as it ended.
+    pub lease: Lease,
+}
+
+/// What the table knows of one customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerView {
+    /// Whether a snapshot listed the customer.
+    pub known: bool,
+    /// Whether the answers come from a stale snapshot or none.
+    pub stale: bool,
+    /// The offline rule that decides, when not current.
+    pub decided_by: Option<DecidedBy>,
+    /// The plan.
+    pub plan: Option<PlanName>,
+    /// Features the customer has.
+    pub features: Vec<Feature>,
+    /// Meters with accounting (those with a limit, and those consumed).
+    pub meters: Vec<MeterName>,
+}
+
+/// Counts for metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Denials by decider (index: [`DecidedBy::ALL`]).
+    pub denials: [AtomicU64; 7],
+    /// Lease requests queued.
+    pub lease_requests: AtomicU64,
+    /// Lease grants applied.
+    pub lease_grants: AtomicU64,
+    /// Messages dropped because the outbox was full.
+    pub outbox_dropped: AtomicU64,
+    /// Soft-limit overshoot, total quantity.
+    pub overshoot: Mutex<Decimal>,
+}
+
+/// The decision table. See the module doc.
+pub struct Table {
+    cfg: EntitlementsConfig,
+    hasher: DefaultHashBuilder,
+    stripes: Box<[Stripe]>,
+    customers: AtomicUsize,
+    connected: AtomicBool,
+    /// When the snapshot was last known current (ms).
+    synced_at_ms: AtomicI64,
+    outbox: Mutex<VecDeque<Outgoing>>,
+    leased: Mutex<Vec<Arc<MeterSlot>>>,
+    displaced: Mutex<Vec<ToRelease>>,
+    /// Leases released (or being released): a grant that crossed the release is not consumed.
+    released: Mutex<(std::collections::HashSet<u64>, VecDeque<u64>)>,
+    wake: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Counts for metrics.
+    pub stats: Stats,
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("customers", &self.customers.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl MeterSlot {
+    fn new(
+        customer: CustomerId,
+        meter: MeterName,
+        limit: Option<LimitView>,
+        policy: OfflinePolicy,
+    ) -> Arc<Self> {
+        Arc::new(MeterSlot {
+            customer,
+            meter,
+            state: Mutex::new(MeterState::new(limit, policy)),
+            tracked: AtomicBool::new(false),
+        })
+    }
+}
+
+impl Table {
+    /// An empty table.
+    pub fn new(cfg: EntitlementsConfig) -> Self {
+        Table {
+            cfg,
+            hasher: DefaultHashBuilder::default(),
+            stripes: (0..STRIPES)
+                .map(|_| Stripe(RwLock::new(HashTable::new())))
+                .collect(),
+            customers: AtomicUsize::new(0),
+            connected: AtomicBool::new(false),
+            synced_at_ms: AtomicI64::new(i64::MIN),
+            outbox: Mutex::new(VecDeque::new()),
+            leased: Mutex::new(Vec::new()),
+            displaced: Mutex::new(Vec::new()),
+            released: Mutex::new((std::collections::HashSet::new(), VecDeque::new())),
+            wake: OnceLock::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &EntitlementsConfig {
+        &self.cfg
+    }
+
+    /// Called whenever the outbox gets a message (the shell wakes its sender).
+    pub fn set_waker(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.wake.set(f);
+    }
+
+    fn hash(&self, customer: &str) -> u64 {
+        self.hasher.hash_one(customer)
+    }
+
+    fn stripe(&self, hash: u64) -> &RwLock<HashTable<Arc<CustomerSlot>>> {
+        // High bits: the hash table uses the low ones.
+        &self.stripes[(hash >> 58) as usize % STRIPES].0
+    }
+
+    /// The collector connection is up (snapshots are current) or down (they age from now).
+    pub fn set_connected(&self, up: bool, now_ms: i64) {
+        self.synced_at_ms.store(now_ms, Ordering::Relaxed);
+        self.connected.store(up, Ordering::Relaxed);
+    }
+
+    fn freshness(&self, c: &CustomerSlot, now_ms: i64) -> Freshness {
+        if !c.known {
+            return Freshness::NoSnapshot;
+        }
+        if self.connected.load(Ordering::Relaxed) {
+            return Freshness::Current;
+        }
+        let age = now_ms.saturating_sub(self.synced_at_ms.load(Ordering::Relaxed));
+        if age > i64::try_from(self.cfg.stale_after.as_millis()).unwrap_or(i64::MAX) {
+            Freshness::Stale
+        } else {
+            Freshness::Current
+        }
+    }
+
+    fn push(&self, m: Outgoing) -> bool {
+        let mut q = self.outbox.lock();
+        if q.len() >= MAX_OUTBOX {
+            self.stats.outbox_dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        q.push_back(m);
+        drop(q);
+        if let Some(w) = self.wake.get() {
+            w();
+        }
+        true
+    }
+
+    /// Takes up to `max` queued messages, oldest first.
+    pub fn drain_outbox(&self, max: usize) -> Vec<Outgoing> {
+        let mut q = self.outbox.lock();
+        let n = q.len().min(max);
+        q.drain(..n).collect()
+    }
+
+    fn maybe_request(&self, c: &CustomerSlot, now_ms: i64) {
+        let last = c.requested_at_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) >= REQUEST_AGAIN_MS
+            && c.requested_at_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.push(Outgoing::Snapshot(c.customer.clone()));
+        }
+    }
+
+    fn policy_decision(&self, fresh: Freshness) -> Decision {
+        let decided_by = if fresh == Freshness::NoSnapshot {
+            DecidedBy::NoSnapshot
+        } else {
+            DecidedBy::StaleSnapshot
+        };
+        Decision {
+            allowed: self.cfg.default_policy != OfflinePolicy::Deny,
+            decided_by,
+            stale: true,
+        }
+    }
+
+    /// Whether `customer` has `feature`.
+    pub fn check(&self, customer: &str, feature: &str, now_ms: i64) -> Decision {
+        let hash = self.hash(customer);
+        {
+            let t = self.stripe(hash).read();
+            if let Some(c) = t.find(hash, |s| s.customer.as_str() == customer) {
+                let fresh = self.freshness(c, now_ms);
+                if fresh != Freshness::Current {
+                    if !c.known {
+                        self.maybe_request(c, now_ms);
+                    }
+                    return self.policy_decision(fresh);
+                }
+                return match c.features.iter().find(|f| f.name.as_str() == feature) {
+                    Some(f) => Decision {
+                        allowed: true,
+                        decided_by: DecidedBy::from_source(f.source),
+                        stale: false,
+                    },
+                    None => Decision {
+                        allowed: false,
+                        decided_by: DecidedBy::Plan,
+                        stale: false,
+                    },
+                };
+            }
+        }
+        if let Ok(id) = CustomerId::new(customer) {
+            self.placeholder(id, hash, now_ms);
+        }
+        self.policy_decision(Freshness::NoSnapshot)
+    }
+
+    /// Whether the customer is listed by a snapshot (decisions about it are not by policy).
+    pub fn known(&self, customer: &str) -> bool {
+        let hash = self.hash(customer);
+        let t = self.stripe(hash).read();
+        t.find(hash, |s| s.customer.as_str() == customer)
+            .is_some_and(|c| c.known)
+    }
+
+    /// The limit of `customer` on `meter`.
+    pub fn limit(&self, customer: &str, meter: &str, now_ms: i64) -> Limit {
+        let hash = self.hash(customer);
+        {
+            let t = self.stripe(hash).read();
+            if let Some(c) = t.find(hash, |s| s.customer.as_str() == customer) {
+                let fresh = self.freshness(c, now_ms);
+                if !c.known {
+                    self.maybe_request(c, now_ms);
+                }
+                let stale = fresh != Freshness::Current;
+                return match c.meters.iter().find(|m| m.meter.as_str() == meter) {
+                    Some(m) => {
+                        let st = m.state.lock();
+                        let lim = st.limit();
+                        Limit {
+                            limit: lim.map(|l| l.limit),
+                            used: st.used(),
+                            remaining: st.remaining(),
+                            enforcement: lim.map(|l| l.enforcement),
+                            stale,
+                            decided_by: st.decider(fresh, now_ms),
+                            leased_available: lim
+                                .filter(|l| l.enforcement == Enforcement::Hard)
+                                .map(|_| st.available(now_ms)),
+                        }
+                    }
+                    None => Limit {
+                        limit: None,
+                        used: Decimal::ZERO,
+                        remaining: None,
+                        enforcement: None,
+                        stale,
+                        decided_by: MeterState::new(None, OfflinePolicy::Deny)
+                            .decider(fresh, now_ms),
+                        leased_available: None,
+                    },
+                };
+            }
+        }
+        if let Ok(id) = CustomerId::new(customer) {
+            self.placeholder(id, hash, now_ms);
+        }
+        Limit {
+            limit: None,
+            used: Decimal::ZERO,
+            remaining: None,
+            enforcement: None,
+            stale: true,
+            decided_by: DecidedBy::NoSnapshot,
+            leased_available: None,
+        }
+    }
+
+    /// Adds an unknown customer (and asks for its snapshot) unless it is there or the table is
+    /// full.
+    fn placeholder(&self, id: CustomerId, hash: u64, now_ms: i64) {
+        let mut t = self.stripe(hash).write();
+        if t.find(hash, |s| s.customer == id).is_some() {
+            return;
+        }
+        if self.customers.load(Ordering::Relaxed) >= MAX_CUSTOMERS {
+            return;
+        }
+        let slot = Arc::new(CustomerSlot {
+            customer: id.clone(),
+            known: false,
+            plan: None,
+            features: Vec::new(),
+            meters: Vec::new(),
+            requested_at_ms: AtomicI64::new(now_ms),
+        });
+        t.insert_unique(hash, slot, |s| self.hasher.hash_one(s.customer.as_str()));
+        self.customers.fetch_add(1, Ordering::Relaxed);
+        drop(t);
+        self.push(Outgoing::Snapshot(id));
+    }
+
+    /// Adds the meter slot of `customer` (and the customer) if missing.
+    fn add_meter(
+        &self,
+        customer: &str,
+        meter: &str,
+        hash: u64,
+        now_ms: i64,
+    ) -> Result<(), RecordError> {
+        let id = CustomerId::new(customer).map_err(RecordError::InvalidCustomer)?;
+        let meter = MeterName::new(meter).map_err(RecordError::InvalidMeter)?;
+        self.placeholder(id, hash, now_ms);
+        let mut t = self.stripe(hash).write();
+        let Some(c) = t.find_mut(hash, |s| s.customer.as_str() == customer) else {
+            return Ok(());
+        };
+        if c.meters.iter().any(|m| m.meter == meter) || c.meters.len() >= MAX_METERS_PER_CUSTOMER {
+            return Ok(());
+        }
+        let mut meters = c.meters.clone();
+        meters.push(MeterSlot::new(
+            c.customer.clone(),
+            meter.clone(),
+            None,
+            self.cfg.policy(meter.as_str()),
+        ));
+        *c = Arc::new(CustomerSlot {
+            customer: c.customer.clone(),
+            known: c.known,
+            plan: c.plan.clone(),
+            features: c.features.clone(),
+            meters,
+            requested_at_ms: AtomicI64::new(c.requested_at_ms.load(Ordering::Relaxed)),
+        });
+        Ok(())
+    }
+
+    /// Runs `f` on the slot of (`customer`, `meter`), creating it on first use.
+    pub fn with_slot<R>(
+        &self,
+        customer: &str,
+        meter: &str,
+        now_ms: i64,
+        f: impl FnOnce(&Arc<MeterSlot>, Freshness) -> R,
+    ) -> Result<R, RecordError> {
+        let hash = self.hash(customer);
+        let mut f = Some(f);
+        for _ in 0..2 {
+            {
+                let t = self.stripe(hash).read();
+                if let Some(c) = t.find(hash, |s| s.customer.as_str() == customer) {
+                    if let Some(m) = c.meters.iter().find(|m| m.meter.as_str() == meter) {
+                        let fresh = self.freshness(c, now_ms);
+                        if !c.known {
+                            self.maybe_request(c, now_ms);
+                        }
+                        if let Some(f) = f.take() {
+                            return Ok(f(m, fresh));
+                        }
+                    }
+                }
+            }
+            self.add_meter(customer, meter, hash, now_ms)?;
+        }
+        // The table is full: decide by a policy that cannot be counted, without state.
+        let policy = match self.cfg.policy(meter) {
+            OfflinePolicy::AllowUpTo(_) => OfflinePolicy::Deny,
+            p => p,
+        };
+        let slot = MeterSlot::new(
+            CustomerId::new(customer).map_err(RecordError::InvalidCustomer)?,
+            MeterName::new(meter).map_err(RecordError::InvalidMeter)?,
+            None,
+            policy,
+        );
+        let f = f.ok_or(RecordError::Closed)?;
+        Ok(f(&slot, Freshness::NoSnapshot))
+    }
+
+    /// After a take: queue a refill, count a denial or an overshoot.
+    pub(crate) fn after_take(&self, slot: &MeterSlot, t: &Take, refill: Option<(i64, Decimal)>) {
+        if !t.allowed {
+            self.stats.denials[t.decided_by.index()].fetch_add(1, Ordering::Relaxed);
+        }
+        if t.overshoot > Decimal::ZERO {
+            *self.stats.overshoot.lock() += t.overshoot;
+        }
+        if let Some((period_start_ms, quantity)) = refill {
+            self.stats.lease_requests.fetch_add(1, Ordering::Relaxed);
+            self.push(Outgoing::Lease {
+                customer: slot.customer.clone(),
+                meter: slot.meter.clone(),
+                period_start_ms,
+                quantity,
+            });
+        }
+    }
+
+    /// Consumes `qty` if allowed and then runs `record` under the meter's lock (so a lease is
+    /// never released between the decision and the recording); a failed `record` undoes it.
+    /// Returns the take and whether a lease or snapshot answer is pending (worth waiting for).
+    pub fn try_consume(
+        &self,
+        customer: &str,
+        meter: &str,
+        qty: Decimal,
+        now_ms: i64,
+        record: impl FnOnce() -> Result<(), RecordError>,
+    ) -> Result<(Take, bool), RecordError> {
+        self.with_slot(customer, meter, now_ms, |slot, fresh| {
+            let mut st = slot.state.lock();
+            let t = st.take(qty, Hold::Consume, fresh, now_ms);
+            if t.allowed
+                && let Err(e) = record()
+            {
+                st.untake(t.booked, qty);
+                return Err(e);
+            }
+            let refill = st.want_refill(qty, fresh, now_ms);
+            let pending =
+                !t.allowed && (fresh == Freshness::NoSnapshot || st.request_pending(now_ms));
+            drop(st);
+            self.after_take(slot, &t, refill);
+            Ok((t, pending))
+        })?
+    }
+
+    /// Takes `qty` for a durable record (consumption, or a hold for a reservation); a taken
+    /// consumption is marked in flight until [`Table::end_inflight`]. Returns the slot, the take
+    /// and whether an answer is pending.
+    pub fn take_slot(
+        &self,
+        customer: &str,
+        meter: &str,
+        qty: Decimal,
+        hold: Hold,
+        now_ms: i64,
+    ) -> Result<(Arc<MeterSlot>, Take, bool), RecordError> {
+        self.with_slot(customer, meter, now_ms, |slot, fresh| {
+            let mut st = slot.state.lock();
+            let t = st.take(qty, hold, fresh, now_ms);
+            if t.allowed && hold == Hold::Consume {
+                st.begin_inflight(t.booked);
+            }
+            let refill = st.want_refill(qty, fresh, now_ms);
+            let pending =
+                !t.allowed && (fresh == Freshness::NoSnapshot || st.request_pending(now_ms));
+            drop(st);
+            self.after_take(slot, &t, refill);
+            (slot.clone(), t, pending)
+        })
+    }
+
+    /// The freshness of `customer` now.
+    pub fn freshness_of(&self, customer: &str, now_ms: i64) -> Freshness {
+        let hash = self.hash(customer);
+        let t = self.stripe(hash).read();
+        t.find(hash, |s| s.customer.as_str() == customer)
+            .map_or(Freshness::NoSnapshot, |c| self.freshness(c, now_ms))
+    }
+
+    /// A durable record under `booked` ended; `ok == false` undoes it.
+    pub fn end_inflight(&self, slot: &MeterSlot, booked: Booked, qty: Decimal, ok: bool) {
+        slot.state.lock().end_inflight(booked, qty, ok);
+    }
+
+    /// Applies a snapshot update: the customers it lists (all others become unknown when
+    /// `full`). The snapshot is current as of `now_ms`.
+    pub fn apply(&self, customers: &[CustomerEntitlements], full: bool, now_ms: i64) {
+        if full {
+            let listed: std::collections::HashSet<&str> =
+                customers.iter().map(|c| c.customer.as_str()).collect();
+            let mut gone = Vec::new();
+            for s in self.stripes.iter() {
+                for c in s.0.read().iter() {
+                    if c.known && !listed.contains(c.customer.as_str()) {
+                        gone.push(c.customer.clone());
+                    }
+                }
+            }
+            for c in gone {
+                self.upsert(&c, None, now_ms);
+            }
+        }
+        for c in customers {
+            self.upsert(&c.customer, Some(c), now_ms);
+        }
+        self.synced_at_ms.fetch_max(now_ms, Ordering::Relaxed);
+    }
+
+    /// Loads a cache kept on disk; it was current when the collector built it.
+    pub fn load(&self, cache: &EntitlementsCache) {
+        for c in &cache.customers {
+            self.upsert(&c.customer, Some(c), cache.built_at_ms);
+        }
+        self.synced_at_ms
+            .store(cache.built_at_ms, Ordering::Relaxed);
+    }
+
+    fn upsert(&self, id: &CustomerId, ce: Option<&CustomerEntitlements>, now_ms: i64) {
+        let hash = self.hash(id.as_str());
+        let mut t = self.stripe(hash).write();
+        let old = t.find(hash, |s| s.customer == *id).cloned();
+        if old.is_none() && self.customers.load(Ordering::Relaxed) >= MAX_CUSTOMERS {
+            tracing::warn!(customer = %id, "entitlement table full; customer decided by policy");
+            return;
+        }
+        let mut meters: Vec<Arc<MeterSlot>> =
+            old.as_ref().map(|o| o.meters.clone()).unwrap_or_default();
+        for m in &meters {
+            let lim = ce.and_then(|c| c.limits.iter().find(|l| l.meter == m.meter));
+            m.state.lock().on_snapshot(lim.map(LimitView::from));
+        }
+        if let Some(ce) = ce {
+            for l in ce.limits.iter() {
+                if meters.len() < MAX_METERS_PER_CUSTOMER
+                    && !meters.iter().any(|m| m.meter == l.meter)
+                {
+                    meters.push(MeterSlot::new(
+                        id.clone(),
+                        l.meter.clone(),
+                        Some(LimitView::from(l)),
+                        self.cfg.policy(l.meter.as_str()),
+                    ));
+                }
+            }
+        }
+        let slot = Arc::new(CustomerSlot {
+            customer: id.clone(),
+            known: ce.is_some(),
+            plan: ce.and_then(|c| c.plan.clone()),
+            features: ce.map(|c| c.features.to_vec()).unwrap_or_default(),
+            meters,
+            requested_at_ms: AtomicI64::new(
+                old.as_ref()
+                    .map_or(now_ms, |o| o.requested_at_ms.load(Ordering::Relaxed)),
+            ),
+        });
+        match t.find_mut(hash, |s| s.customer == *id) {
+            Some(e) => *e = slot,
+            None => {
+                t.insert_unique(hash, slot, |s| self.hasher.hash_one(s.customer.as_str()));
+                self.customers.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Remembers leases as released: a grant for one of them (a request that crossed the
+    /// release) is never consumed under.
+    pub fn note_released(&self, ids: impl IntoIterator<Item = u64>) {
+        let mut r = self.released.lock();
+        for id in ids {
+            if r.0.insert(id) {
+                r.1.push_back(id);
+            }
+            while r.1.len() > MAX_RELEASED_IDS {
+                if let Some(old) = r.1.pop_front() {
+                    r.0.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Applies a lease grant.
+    pub fn on_grant(&self, g: &LeaseGrant, now_ms: i64) {
+        self.stats.lease_grants.fetch_add(1, Ordering::Relaxed);
+        let stale = self.released.lock().0.contains(&g.lease_id);
+        let r = self.with_slot(g.customer.as_str(), g.meter.as_str(), now_ms, |slot, _| {
+            if stale {
+                slot.state.lock().on_stale_grant();
+                return;
+            }
+            let displaced = slot.state.lock().on_grant(g, now_ms);
+            if let Some(lease) = displaced {
+                self.displaced.lock().push(ToRelease {
+                    customer: slot.customer.clone(),
+                    meter: slot.meter.clone(),
+                    lease,
+                });
+            }
+            if !slot.tracked.swap(true, Ordering::Relaxed) {
+                self.leased.lock().push(slot.clone());
+            }
+        });
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "lease grant for a customer the table cannot hold");
+        }
+    }
+
+    /// Closes leases that expired or whose period ended (all of them when `force`), and returns
+    /// those ready to release (nothing in flight under them).
+    pub fn scan(&self, now_ms: i64, force: bool) -> Vec<ToRelease> {
+        let out = self.scan_inner(now_ms, force);
+        self.note_released(out.iter().map(|r| r.lease.id));
+        out
+    }
+
+    fn scan_inner(&self, now_ms: i64, force: bool) -> Vec<ToRelease> {
+        let mut out = std::mem::take(&mut *self.displaced.lock());
+        let mut leased = self.leased.lock();
+        leased.retain(|slot| {
+            let mut st = slot.state.lock();
+            if let Some(lease) = st.due_release(now_ms, force) {
+                out.push(ToRelease {
+                    customer: slot.customer.clone(),
+                    meter: slot.meter.clone(),
+                    lease,
+                });
+            }
+            let keep = st.lease().is_some();
+            if !keep {
+                slot.tracked.store(false, Ordering::Relaxed);
+            }
+            keep
+        });
+        out
+    }
+
+    /// Everything the table knows of `customer` (its snapshot is asked for when new).
+    pub fn describe(&self, customer: &str, now_ms: i64) -> CustomerView {
+        let hash = self.hash(customer);
+        let found = {
+            let t = self.stripe(hash).read();
+            t.find(hash, |s| s.customer.as_str() == customer).map(|c| {
+                if !c.known {
+                    self.maybe_request(c, now_ms);
+                }
+                let fresh = self.freshness(c, now_ms);
+                CustomerView {
+                    known: c.known,
+                    stale: fresh != Freshness::Current,
+                    decided_by: match fresh {
+                        Freshness::Current => None,
+                        Freshness::NoSnapshot => Some(DecidedBy::NoSnapshot),
+                        Freshness::Stale => Some(DecidedBy::StaleSnapshot),
+                    },
+                    plan: c.plan.clone(),
+                    features: c.features.clone(),
+                    meters: c.meters.iter().map(|m| m.meter.clone()).collect(),
+                }
+            })
+        };
+        if let Some(v) = found {
+            return v;
+        }
+        if let Ok(id) = CustomerId::new(customer) {
+            self.placeholder(id, hash, now_ms);
+        }
+        CustomerView {
+            known: false,
+            stale: true,
+            decided_by: Some(DecidedBy::NoSnapshot),
+            plan: None,
+            features: Vec::new(),
+            meters: Vec::new(),
+        }
+    }
+
+    /// Customers listed by a snapshot, up to `max` (asked for again on reconnect).
+    pub fn known_customers(&self, max: usize) -> Vec<CustomerId> {
+        let mut out = Vec::new();
+        for s in self.stripes.iter() {
+            for c in s.0.read().iter() {
+                if out.len() >= max {
+                    return out;
+                }
+                out.push(c.customer.clone());
+            }
+        }
+        out
+    }
+}

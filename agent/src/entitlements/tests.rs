@@ -1,0 +1,562 @@
+//! The lease accounting against a model of the collector: any interleaving of consume,
+//! reserve/commit, refill, ship, expiry, restart and grant keeps `used + Σ outstanding ≤ limit`
+//! and never allows more than the limit in total; and the table under concurrent callers.
+#![allow(clippy::unwrap_used)]
+
+use super::meter::{Booked, Freshness, Hold, LimitView, MeterState};
+use super::policy::{EntitlementsConfig, OfflinePolicy};
+use super::table::Table;
+use super::{DecidedBy, EntitlementsCache};
+use proptest::prelude::*;
+use rust_decimal::Decimal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tally_protocol::bounded::BoundedVec;
+use tally_protocol::entitlements::{
+    CustomerEntitlements, Enforcement, EntitlementsSnapshot, Feature, LeaseGrant, MeterLimit,
+    Source,
+};
+use tally_protocol::names::{CustomerId, FeatureName, MeterName};
+
+const PERIOD_END: i64 = 1 << 50;
+const LEASE_MS: i64 = 10_000;
+
+fn limit(l: i64, used: Decimal, enforcement: Enforcement) -> LimitView {
+    LimitView {
+        limit: Decimal::from(l),
+        included: Decimal::from(l),
+        granted: Decimal::ZERO,
+        used,
+        enforcement,
+        source: Source::Plan,
+        period_start_ms: 0,
+        period_end_ms: PERIOD_END,
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Consume(usize, u8),
+    Reserve(usize, u8),
+    Commit(usize, u8),
+    DropReservation(usize),
+    Grant(usize),
+    Ship(usize),
+    Advance(u16),
+    Scan(usize, bool),
+    Restart(usize),
+    RaiseLimit(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..2usize, 1..6u8).prop_map(|(a, q)| Op::Consume(a, q)),
+        1 => (0..2usize, 1..6u8).prop_map(|(a, q)| Op::Reserve(a, q)),
+        1 => (0..2usize, 0..9u8).prop_map(|(a, q)| Op::Commit(a, q)),
+        1 => (0..2usize).prop_map(Op::DropReservation),
+        3 => (0..2usize).prop_map(Op::Grant),
+        2 => (0..2usize).prop_map(Op::Ship),
+        1 => (0..6000u16).prop_map(Op::Advance),
+        1 => (0..2usize, any::<bool>()).prop_map(|(a, f)| Op::Scan(a, f)),
+        1 => (0..2usize).prop_map(Op::Restart),
+        1 => (0..20u8).prop_map(Op::RaiseLimit),
+    ]
+}
+
+/// The collector's side of one lease.
+#[derive(Debug, Clone, Copy)]
+struct CLease {
+    id: u64,
+    granted: Decimal,
+    shipped: Decimal,
+}
+
+struct Model {
+    limit: i64,
+    used: Decimal,
+    leases: [Option<CLease>; 2],
+    next_id: u64,
+    agents: [MeterState; 2],
+    unshipped: [Decimal; 2],
+    requests: [Option<Decimal>; 2],
+    reservations: [Vec<(Booked, Decimal)>; 2],
+    allowed: Decimal,
+    now: i64,
+}
+
+impl Model {
+    fn new(l: i64) -> Self {
+        let st = || {
+            MeterState::new(
+                Some(limit(l, Decimal::ZERO, Enforcement::Hard)),
+                OfflinePolicy::Deny,
+            )
+        };
+        Model {
+            limit: l,
+            used: Decimal::ZERO,
+            leases: [None, None],
+            next_id: 1,
+            agents: [st(), st()],
+            unshipped: [Decimal::ZERO; 2],
+            requests: [None, None],
+            reservations: [Vec::new(), Vec::new()],
+            allowed: Decimal::ZERO,
+            now: 1_000,
+        }
+    }
+
+    fn outstanding(&self) -> Decimal {
+        self.leases
+            .iter()
+            .flatten()
+            .map(|l| (l.granted - l.shipped).max(Decimal::ZERO))
+            .sum()
+    }
+
+    fn refill(&mut self, a: usize, need: Decimal) {
+        if let Some((_, q)) = self.agents[a].want_refill(need, Freshness::Current, self.now) {
+            self.requests[a] = Some(q);
+        }
+    }
+
+    fn ship(&mut self, a: usize) {
+        let q = std::mem::take(&mut self.unshipped[a]);
+        self.used += q;
+        if let Some(l) = &mut self.leases[a] {
+            l.shipped += q;
+        }
+    }
+
+    fn release(&mut self, a: usize) {
+        // The agent sealed what it consumed; the collector commits it, then frees the lease.
+        self.ship(a);
+        self.leases[a] = None;
+    }
+
+    fn step(&mut self, op: Op) {
+        let now = self.now;
+        match op {
+            Op::Consume(a, q) => {
+                let q = Decimal::from(q);
+                let t = self.agents[a].take(q, Hold::Consume, Freshness::Current, now);
+                if t.allowed {
+                    assert_eq!(t.decided_by, DecidedBy::Lease);
+                    self.allowed += q;
+                    self.unshipped[a] += q;
+                }
+                self.refill(a, q);
+            }
+            Op::Reserve(a, q) => {
+                let q = Decimal::from(q);
+                let t = self.agents[a].take(q, Hold::Reserve, Freshness::Current, now);
+                if t.allowed {
+                    self.reservations[a].push((t.booked, q));
+                }
+                self.refill(a, q);
+            }
+            Op::Commit(a, actual) => {
+                if let Some((booked, held)) = self.reservations[a].pop() {
+                    let (rec, _) = self.agents[a].commit(
+                        booked,
+                        held,
+                        Decimal::from(actual),
+                        Freshness::Current,
+                        now,
+                    );
+                    assert!(rec <= Decimal::from(actual));
+                    self.allowed += rec;
+                    self.unshipped[a] += rec;
+                }
+            }
+            Op::DropReservation(a) => {
+                if let Some((booked, held)) = self.reservations[a].pop() {
+                    self.agents[a].unhold(booked, held);
+                }
+            }
+            Op::Grant(a) => {
+                let Some(want) = self.requests[a].take() else {
+                    return;
+                };
+                let room =
+                    (Decimal::from(self.limit) - self.used - self.outstanding()).max(Decimal::ZERO);
+                let added = want.min(room);
+                let lease = match &mut self.leases[a] {
+                    Some(l) => l,
+                    slot => {
+                        self.next_id += 1;
+                        slot.insert(CLease {
+                            id: self.next_id,
+                            granted: Decimal::ZERO,
+                            shipped: Decimal::ZERO,
+                        })
+                    }
+                };
+                lease.granted += added;
+                let g = LeaseGrant {
+                    request_id: 0,
+                    customer: CustomerId::new("c").unwrap(),
+                    meter: MeterName::new("m").unwrap(),
+                    lease_id: lease.id,
+                    period_start_ms: 0,
+                    granted_total: lease.granted,
+                    added,
+                    expires_at_ms: now + LEASE_MS,
+                };
+                if let Some(_displaced) = self.agents[a].on_grant(&g, now) {
+                    unreachable!("one lease per agent in the model");
+                }
+            }
+            Op::Ship(a) => self.ship(a),
+            Op::Advance(ms) => self.now += i64::from(ms),
+            Op::Scan(a, force) => {
+                if let Some(l) = self.agents[a].due_release(now, force) {
+                    assert_eq!(Some(l.id), self.leases[a].map(|c| c.id));
+                    // Reservations under it lost their hold.
+                    self.release(a);
+                }
+            }
+            Op::Restart(a) => {
+                // What was consumed is durable (the sidecar's record_durable): sealed on start,
+                // then the remembered lease is released. Memory is gone.
+                self.release(a);
+                self.reservations[a].clear();
+                self.requests[a] = None;
+                self.agents[a] = MeterState::new(
+                    Some(limit(self.limit, self.used, Enforcement::Hard)),
+                    OfflinePolicy::Deny,
+                );
+            }
+            Op::RaiseLimit(g) => {
+                // A grant raised the limit; the snapshot reaches both agents.
+                self.limit += i64::from(g);
+                for a in 0..2 {
+                    self.agents[a].on_snapshot(Some(limit(
+                        self.limit,
+                        self.used,
+                        Enforcement::Hard,
+                    )));
+                }
+            }
+        }
+    }
+
+    fn check(&self) {
+        let limit = Decimal::from(self.limit);
+        assert!(
+            self.used + self.outstanding() <= limit,
+            "used {} + outstanding {} > limit {}",
+            self.used,
+            self.outstanding(),
+            limit
+        );
+        assert!(
+            self.allowed <= limit,
+            "allowed {} > {}",
+            self.allowed,
+            limit
+        );
+        assert_eq!(
+            self.allowed,
+            self.used + self.unshipped[0] + self.unshipped[1]
+        );
+        for st in &self.agents {
+            if let Some(l) = st.lease() {
+                assert!(l.consumed + st.reserved() <= l.granted_total, "{l:?}");
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn lease_accounting_never_exceeds_the_limit(l in 0..120i64, ops in prop::collection::vec(op(), 1..250)) {
+        let mut m = Model::new(l);
+        for op in ops {
+            m.step(op);
+            m.check();
+        }
+    }
+}
+
+#[test]
+fn demand_above_the_limit_gets_all_of_it() {
+    // Two agents consuming until denied, with grants answered at once, get exactly the limit.
+    let mut m = Model::new(100);
+    for round in 0..2_000 {
+        let a = round % 2;
+        m.step(Op::Consume(a, 1));
+        m.step(Op::Grant(a));
+        m.step(Op::Ship(a));
+        m.step(Op::Advance(1));
+        m.check();
+    }
+    assert_eq!(m.allowed, Decimal::from(100));
+}
+
+#[test]
+fn soft_limits_allow_and_count_overshoot_and_policies_decide_offline() {
+    let mut s = MeterState::new(
+        Some(limit(10, Decimal::from(8), Enforcement::Soft)),
+        OfflinePolicy::Deny,
+    );
+    let t = s.take(Decimal::from(5), Hold::Consume, Freshness::Current, 0);
+    assert!(t.allowed);
+    assert_eq!(t.overshoot, Decimal::from(3));
+    assert_eq!(s.remaining(), Some(Decimal::ZERO));
+    let t = s.take(Decimal::ONE, Hold::Consume, Freshness::Current, 0);
+    assert_eq!((t.allowed, t.overshoot), (true, Decimal::ONE));
+    assert_eq!(s.overshoot(), Decimal::from(4));
+    // Stale: the policy decides, even for a soft limit.
+    let t = s.take(Decimal::ONE, Hold::Consume, Freshness::Stale, 0);
+    assert_eq!((t.allowed, t.decided_by), (false, DecidedBy::StaleSnapshot));
+
+    let mut s = MeterState::new(None, OfflinePolicy::AllowUpTo(Decimal::from(3)));
+    let t = s.take(Decimal::from(2), Hold::Consume, Freshness::NoSnapshot, 0);
+    assert_eq!((t.allowed, t.decided_by), (true, DecidedBy::NoSnapshot));
+    assert!(
+        !s.take(Decimal::from(2), Hold::Consume, Freshness::NoSnapshot, 0)
+            .allowed
+    );
+    assert!(
+        s.take(Decimal::ONE, Hold::Consume, Freshness::NoSnapshot, 0)
+            .allowed
+    );
+    // A snapshot arrives: the allowance starts again next time it applies.
+    s.on_snapshot(None);
+    let t = s.take(Decimal::from(100), Hold::Consume, Freshness::Current, 0);
+    assert_eq!((t.allowed, t.decided_by), (true, DecidedBy::Plan));
+}
+
+#[test]
+fn a_lease_expires_is_renewed_in_use_and_waits_for_in_flight_records() {
+    let mut s = MeterState::new(
+        Some(limit(100, Decimal::ZERO, Enforcement::Hard)),
+        OfflinePolicy::Allow,
+    );
+    // No lease: denied by the lease rule, and a request goes out (once).
+    let t = s.take(Decimal::ONE, Hold::Consume, Freshness::Current, 0);
+    assert_eq!((t.allowed, t.decided_by), (false, DecidedBy::Lease));
+    assert_eq!(
+        s.want_refill(Decimal::ONE, Freshness::Current, 0),
+        Some((0, Decimal::ONE))
+    );
+    assert_eq!(s.want_refill(Decimal::ONE, Freshness::Current, 10), None);
+    let grant = |total: i64, added: i64, exp: i64| LeaseGrant {
+        request_id: 1,
+        customer: CustomerId::new("c").unwrap(),
+        meter: MeterName::new("m").unwrap(),
+        lease_id: 9,
+        period_start_ms: 0,
+        granted_total: Decimal::from(total),
+        added: Decimal::from(added),
+        expires_at_ms: exp,
+    };
+    assert_eq!(s.on_grant(&grant(10, 10, 5_000), 20), None);
+    let t = s.take(Decimal::from(4), Hold::Consume, Freshness::Current, 30);
+    assert!(t.allowed);
+    s.begin_inflight(t.booked);
+    // Close to expiry and in use: a renewal is asked for.
+    assert!(
+        s.want_refill(Decimal::ONE, Freshness::Current, 4_000)
+            .is_some()
+    );
+    // Expired with a record in flight: closed but not released yet.
+    assert_eq!(s.due_release(5_000, false), None);
+    assert!(
+        !s.take(Decimal::ONE, Hold::Consume, Freshness::Current, 5_001)
+            .allowed
+    );
+    s.end_inflight(t.booked, Decimal::from(4), true);
+    let l = s.due_release(5_001, false).unwrap();
+    assert_eq!(
+        (l.id, l.consumed, l.granted_total),
+        (9, Decimal::from(4), Decimal::from(10))
+    );
+    // Stale after the lease ended: the policy (allow) decides.
+    let t = s.take(Decimal::ONE, Hold::Consume, Freshness::Stale, 5_002);
+    assert_eq!((t.allowed, t.decided_by), (true, DecidedBy::StaleSnapshot));
+    // A grant that adds nothing backs off requests until the limit changes.
+    s.want_refill(Decimal::ONE, Freshness::Current, 6_000)
+        .unwrap();
+    s.on_grant(&grant(0, 0, 9_000), 6_001);
+    assert_eq!(s.want_refill(Decimal::ONE, Freshness::Current, 6_002), None);
+    s.on_snapshot(Some(limit(200, Decimal::from(100), Enforcement::Hard)));
+    assert!(
+        s.want_refill(Decimal::ONE, Freshness::Current, 6_003)
+            .is_some()
+    );
+}
+
+fn snapshot(customers: Vec<CustomerEntitlements>) -> EntitlementsSnapshot {
+    EntitlementsSnapshot {
+        version: 1,
+        built_at_ms: 0,
+        full: false,
+        customers: BoundedVec::new(customers).unwrap(),
+    }
+}
+
+fn customer(name: &str, hard: i64) -> CustomerEntitlements {
+    CustomerEntitlements {
+        customer: CustomerId::new(name).unwrap(),
+        plan: None,
+        features: BoundedVec::new(vec![Feature {
+            name: FeatureName::new("gpt4").unwrap(),
+            source: Source::Plan,
+        }])
+        .unwrap(),
+        limits: BoundedVec::new(vec![MeterLimit {
+            meter: MeterName::new("api_calls").unwrap(),
+            included: Decimal::from(hard),
+            granted: Decimal::ZERO,
+            limit: Decimal::from(hard),
+            used: Decimal::ZERO,
+            enforcement: Enforcement::Hard,
+            source: Source::Plan,
+            period_start_ms: 0,
+            period_end_ms: PERIOD_END,
+        }])
+        .unwrap(),
+    }
+}
+
+#[test]
+fn the_table_decides_features_and_asks_for_new_customers_once() {
+    let t = Table::new(EntitlementsConfig::default());
+    t.set_connected(true, 0);
+    let d = t.check("acme", "gpt4", 0);
+    assert_eq!((d.allowed, d.decided_by), (false, DecidedBy::NoSnapshot));
+    t.check("acme", "gpt4", 1);
+    let out = t.drain_outbox(100);
+    assert_eq!(out.len(), 1, "{out:?}");
+    let mut cache = EntitlementsCache::default();
+    let snap = snapshot(vec![customer("acme", 10)]);
+    cache.apply(snap.clone());
+    t.apply(&snap.customers, false, 5);
+    let d = t.check("acme", "gpt4", 6);
+    assert_eq!((d.allowed, d.decided_by), (true, DecidedBy::Plan));
+    let d = t.check("acme", "sora", 6);
+    assert_eq!((d.allowed, d.decided_by), (false, DecidedBy::Plan));
+    // Disconnected for longer than the stale age: the policy (deny) decides.
+    t.set_connected(false, 10);
+    let later = 10 + 16 * 60_000;
+    assert_eq!(
+        t.check("acme", "gpt4", later).decided_by,
+        DecidedBy::StaleSnapshot
+    );
+    let l = t.limit("acme", "api_calls", 11);
+    assert_eq!(
+        (l.limit, l.decided_by),
+        (Some(Decimal::from(10)), DecidedBy::Lease)
+    );
+}
+
+/// Four threads consuming one unit at a time (some by reserve and commit) under a lease of
+/// 1,000 get exactly 1,000, never more.
+#[test]
+fn concurrent_consumers_never_exceed_the_lease() {
+    let t = Arc::new(Table::new(EntitlementsConfig::default()));
+    t.set_connected(true, 0);
+    t.apply(&snapshot(vec![customer("acme", 5_000)]).customers, false, 0);
+    t.on_grant(
+        &LeaseGrant {
+            request_id: 1,
+            customer: CustomerId::new("acme").unwrap(),
+            meter: MeterName::new("api_calls").unwrap(),
+            lease_id: 1,
+            period_start_ms: 0,
+            granted_total: Decimal::from(1_000),
+            added: Decimal::from(1_000),
+            expires_at_ms: PERIOD_END,
+        },
+        0,
+    );
+    let recorded = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let t = t.clone();
+            let recorded = recorded.clone();
+            std::thread::spawn(move || {
+                for n in 0..600 {
+                    if (i + n) % 3 == 0 {
+                        let (slot, take, _) = t
+                            .take_slot("acme", "api_calls", Decimal::TWO, Hold::Reserve, 1)
+                            .unwrap();
+                        if take.allowed {
+                            let (rec, _) = slot.state.lock().commit(
+                                take.booked,
+                                Decimal::TWO,
+                                Decimal::ONE,
+                                Freshness::Current,
+                                1,
+                            );
+                            recorded.fetch_add(
+                                u64::try_from(rec.mantissa()).unwrap(),
+                                Ordering::Relaxed,
+                            );
+                        }
+                    } else {
+                        let r = t
+                            .try_consume("acme", "api_calls", Decimal::ONE, 1, || {
+                                recorded.fetch_add(1, Ordering::Relaxed);
+                                Ok(())
+                            })
+                            .unwrap();
+                        assert_eq!(r.0.decided_by, DecidedBy::Lease);
+                    }
+                }
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().unwrap();
+    }
+    assert_eq!(recorded.load(Ordering::Relaxed), 1_000);
+    let l = t.limit("acme", "api_calls", 1);
+    assert_eq!(l.leased_available, Some(Decimal::ZERO));
+}
+
+/// A grant that crossed a release (the collector added to the lease before the release reached
+/// it) is never consumed under: the collector frees that lease whole when the release settles.
+/// A "nothing granted" answer (lease 0) leaves an open lease alone.
+#[test]
+fn grants_for_released_leases_and_empty_answers_are_not_consumed() {
+    let t = Table::new(EntitlementsConfig::default());
+    t.set_connected(true, 0);
+    t.apply(&snapshot(vec![customer("acme", 100)]).customers, false, 0);
+    let grant = |id: u64, total: i64, added: i64| LeaseGrant {
+        request_id: 1,
+        customer: CustomerId::new("acme").unwrap(),
+        meter: MeterName::new("api_calls").unwrap(),
+        lease_id: id,
+        period_start_ms: 0,
+        granted_total: Decimal::from(total),
+        added: Decimal::from(added),
+        expires_at_ms: if id == 3 { 60_000 } else { 120_000 },
+    };
+    let consume = |t: &Table| {
+        t.try_consume("acme", "api_calls", Decimal::ONE, 1, || Ok(()))
+            .unwrap()
+            .0
+            .allowed
+    };
+    t.on_grant(&grant(3, 5, 5), 1);
+    assert!(consume(&t));
+    // Released at expiry, then a grant for it arrives.
+    let out = t.scan(60_000, false);
+    assert_eq!(out.len(), 1);
+    t.on_grant(&grant(3, 10, 5), 60_001);
+    assert!(!consume(&t));
+    // A new lease works; an empty answer does not displace it.
+    t.on_grant(&grant(4, 2, 2), 60_002);
+    t.on_grant(&grant(0, 0, 0), 60_003);
+    assert!(
+        t.try_consume("acme", "api_calls", Decimal::ONE, 60_004, || Ok(()))
+            .unwrap()
+            .0
+            .allowed
+    );
+}
