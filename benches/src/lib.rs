@@ -1,5 +1,6 @@
 //! Criterion benchmarks for Tally live in `benches/benches/`. This library holds the
-//! deterministic simulation of the whole system ([`sim`]), which the `simulate` binary and the
-//! tests drive.
+//! deterministic simulation of the whole system ([`sim`]) and the process-level fault harness
+//! ([`harness`]), which the `simulate` and `faults` binaries and the tests drive.
 
+pub mod harness;
 pub mod sim;
