@@ -21,14 +21,23 @@ async fn kills_loss_and_full_disks_lose_nothing_and_count_nothing_twice() {
         },
         flush_ms: 50,
         outage: Duration::from_millis(2_000),
-        budget_bytes: 2_048,
+        budget_bytes: 16_384,
         collector_bin: find_bin("tally-collector").unwrap(),
         agent_bin: find_bin("tally-agent").unwrap(),
     };
     let r = run(&cfg).await.unwrap();
     println!("{r:#?}");
     assert!(r.agent_kills + r.collector_kills >= 3, "{r:?}");
-    assert!(r.datagrams.1 > 0 && r.datagrams.2 > 0, "the relay misbehaved: {r:?}");
-    assert!(r.rejected > 0, "the reject agent's budget never ran out: {r:?}");
-    assert!(r.block_over_budget, "the block agent's budget never ran out: {r:?}");
+    assert!(
+        r.datagrams.1 > 0 && r.datagrams.2 > 0,
+        "the relay misbehaved: {r:?}"
+    );
+    assert!(
+        r.rejected > 0,
+        "the reject agent's budget never ran out: {r:?}"
+    );
+    assert!(
+        r.block_over_budget,
+        "the block agent's budget never ran out: {r:?}"
+    );
 }

@@ -44,7 +44,11 @@ fn main() -> std::process::ExitCode {
         broken_dedup: args.broken_dedup,
         ..Options::default()
     };
-    println!("simulate: seeds {start}..{} ({} seeds)", start + args.seeds, args.seeds);
+    println!(
+        "simulate: seeds {start}..{} ({} seeds)",
+        start + args.seeds,
+        args.seeds
+    );
     let began = Instant::now();
     let mut total = Report::default();
     let mut revocations = 0u64;

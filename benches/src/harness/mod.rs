@@ -123,7 +123,12 @@ impl Collector {
             .arg("run")
             .arg("--data-dir")
             .arg(&self.dir)
-            .args(["--quic", &self.quic.to_string(), "--http", &self.http.to_string()])
+            .args([
+                "--quic",
+                &self.quic.to_string(),
+                "--http",
+                &self.http.to_string(),
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -159,7 +164,10 @@ impl Agent {
         self.proc = Some(Proc(child));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if get(self.http, "/readyz").await.is_some_and(|(s, _)| s == 200) {
+            if get(self.http, "/readyz")
+                .await
+                .is_some_and(|(s, _)| s == 200)
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -175,7 +183,14 @@ impl Agent {
 }
 
 /// One HTTP/1.1 request; `None` when the connection failed or no full answer came in time.
-async fn request(addr: SocketAddr, method: &str, path: &str, ct: &str, body: &[u8], timeout: Duration) -> Option<(u16, String)> {
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    ct: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Option<(u16, String)> {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
         let head = format!(
@@ -188,7 +203,10 @@ async fn request(addr: SocketAddr, method: &str, path: &str, ct: &str, body: &[u
         s.read_to_end(&mut out).await.ok()?;
         let text = String::from_utf8_lossy(&out).into_owned();
         let status = text.get(9..12)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_owned();
         Some((status, body))
     };
     tokio::time::timeout(timeout, fut).await.ok().flatten()
@@ -202,7 +220,11 @@ async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 /// customer and the total quantity.
 fn events(a: usize, r: u64) -> (Vec<u8>, String, Decimal) {
     let customer = format!("cust-{}", (r + a as u64) % CUSTOMERS);
-    let qs = [Decimal::new(r as i64 * 100 + 1, 2), Decimal::ONE, Decimal::new(5, 1)];
+    let qs = [
+        Decimal::new(r as i64 * 100 + 1, 2),
+        Decimal::ONE,
+        Decimal::new(5, 1),
+    ];
     let evs: Vec<String> = qs
         .iter()
         .enumerate()
@@ -212,7 +234,11 @@ fn events(a: usize, r: u64) -> (Vec<u8>, String, Decimal) {
             )
         })
         .collect();
-    (format!("[{}]", evs.join(",")).into_bytes(), customer, qs.iter().sum())
+    (
+        format!("[{}]", evs.join(",")).into_bytes(),
+        customer,
+        qs.iter().sum(),
+    )
 }
 
 struct Shared {
@@ -232,12 +258,23 @@ async fn client(a: usize, addr: SocketAddr, reject: bool, sh: Arc<Shared>) -> an
         let (body, customer, total) = events(a, r);
         let began = Instant::now();
         loop {
-            match request(addr, "POST", "/api/v1/events", ct, &body, Duration::from_secs(5)).await {
+            match request(
+                addr,
+                "POST",
+                "/api/v1/events",
+                ct,
+                &body,
+                Duration::from_secs(5),
+            )
+            .await
+            {
                 Some((204, _)) => break,
                 Some((429, _)) if reject => {
                     sh.rejected.fetch_add(1, Ordering::Relaxed);
                 }
-                Some((s, b)) if s < 500 && s != 429 => bail!("agent {a} request {r} answered {s}: {b}"),
+                Some((s, b)) if s < 500 && s != 429 => {
+                    bail!("agent {a} request {r} answered {s}: {b}")
+                }
                 _ => {}
             }
             sh.retried.fetch_add(1, Ordering::Relaxed);
@@ -265,7 +302,10 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
         .output()
         .context("tally-collector init")?;
     if !out.status.success() {
-        bail!("tally-collector init: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "tally-collector init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let mut collector = Collector {
         bin: cfg.collector_bin.clone(),
@@ -275,9 +315,18 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
         proc: None,
     };
     collector.start().await?;
-    let admin = std::fs::read_to_string(cdir.join("admin-token"))?.trim().to_owned();
+    let admin = std::fs::read_to_string(cdir.join("admin-token"))?
+        .trim()
+        .to_owned();
     let meter = r#"{"aggregation":"sum","event_type":"api_call","value_property":"$.count"}"#;
-    let (s, b) = http(collector.http, "PUT", "/v1/meters/api_calls", Some(&admin), Some(meter)).await;
+    let (s, b) = http(
+        collector.http,
+        "PUT",
+        "/v1/meters/api_calls",
+        Some(&admin),
+        Some(meter),
+    )
+    .await;
     if s != 200 {
         bail!("put meter: {s} {b}");
     }
@@ -285,7 +334,10 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
 
     // Agent 0 without a budget, agent 1 `block`, agent 2 `reject`.
     let mut agents = Vec::new();
-    for (i, policy) in [None, Some("block"), Some("reject")].into_iter().enumerate() {
+    for (i, policy) in [None, Some("block"), Some("reject")]
+        .into_iter()
+        .enumerate()
+    {
         let http_addr = free_tcp_port()?;
         let mut args: Vec<String> = vec![
             "run".into(),
@@ -303,7 +355,12 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
             cfg.flush_ms.to_string(),
         ];
         if let Some(p) = policy {
-            args.extend(["--disk-budget".into(), cfg.budget_bytes.to_string(), "--overflow".into(), p.into()]);
+            args.extend([
+                "--disk-budget".into(),
+                cfg.budget_bytes.to_string(),
+                "--overflow".into(),
+                p.into(),
+            ]);
         }
         let mut a = Agent {
             bin: cfg.agent_bin.clone(),
@@ -384,9 +441,19 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
     loop {
         let mut ok = true;
         for a in &agents {
-            let _ = request(a.http, "POST", "/v1/flush", "application/json", b"", Duration::from_secs(10)).await;
+            let _ = request(
+                a.http,
+                "POST",
+                "/v1/flush",
+                "application/json",
+                b"",
+                Duration::from_secs(10),
+            )
+            .await;
             match get(a.http, "/v1/status").await {
-                Some((200, b)) if b.contains(r#""backlog_batches":0"#) && b.contains(r#""durable_log_events":0"#) => {}
+                Some((200, b))
+                    if b.contains(r#""backlog_batches":0"#)
+                        && b.contains(r#""durable_log_events":0"#) => {}
                 _ => ok = false,
             }
         }
@@ -403,7 +470,11 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
             .await;
             let q = serde_json::from_str::<serde_json::Value>(&v)
                 .ok()
-                .and_then(|j| j["quantity"].as_str().and_then(|q| q.parse::<Decimal>().ok()))
+                .and_then(|j| {
+                    j["quantity"]
+                        .as_str()
+                        .and_then(|q| q.parse::<Decimal>().ok())
+                })
                 .unwrap_or_default();
             if s == 200 && !q.is_zero() {
                 counted.insert(customer, q);
@@ -413,11 +484,20 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
             break;
         }
         if Instant::now() > deadline {
-            bail!("not exact after draining: posted {totals:?}, counted {counted:?}, backlogs drained: {ok}");
+            bail!(
+                "not exact after draining: posted {totals:?}, counted {counted:?}, backlogs drained: {ok}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (s, v) = http(collector.http, "GET", "/v1/ledger/verify", Some(&admin), None).await;
+    let (s, v) = http(
+        collector.http,
+        "GET",
+        "/v1/ledger/verify",
+        Some(&admin),
+        None,
+    )
+    .await;
     if s != 200 || !v.contains(r#""ok":true"#) {
         bail!("ledger verify: {s} {v}");
     }

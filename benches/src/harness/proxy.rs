@@ -91,7 +91,11 @@ impl Shared {
 
 /// Starts the relay on `127.0.0.1:0` towards `upstream`; returns its address and its counts.
 /// It runs until the runtime stops.
-pub async fn start(upstream: SocketAddr, rates: Rates, seed: u64) -> std::io::Result<(SocketAddr, Arc<Stats>)> {
+pub async fn start(
+    upstream: SocketAddr,
+    rates: Rates,
+    seed: u64,
+) -> std::io::Result<(SocketAddr, Arc<Stats>)> {
     let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
     let addr = front.local_addr()?;
     let stats = Arc::new(Stats::default());

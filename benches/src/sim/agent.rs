@@ -38,7 +38,8 @@ pub const MAX_BLOCKED: usize = 1_024;
 pub type Totals = BTreeMap<(String, String), Decimal>;
 
 fn add(t: &mut Totals, customer: &str, meter: &str, q: Decimal) {
-    *t.entry((customer.to_owned(), meter.to_owned())).or_default() += q;
+    *t.entry((customer.to_owned(), meter.to_owned()))
+        .or_default() += q;
 }
 
 /// `record` usage lost in a crash.
@@ -238,12 +239,21 @@ impl SimAgent {
 
     /// `record_durable` (`id: None`) or `record_event` (`id: Some`): on the disk when it
     /// returns, an id counted once.
-    pub fn record_durable(&mut self, id: Option<String>, usage: Usage, now_ms: i64) -> Result<(), Crashed> {
+    pub fn record_durable(
+        &mut self,
+        id: Option<String>,
+        usage: Usage,
+        now_ms: i64,
+    ) -> Result<(), Crashed> {
         let Some(run) = &mut self.run else {
             self.model.refused += 1;
             return Ok(());
         };
-        let w = Waiting { id, usage, at_ms: now_ms };
+        let w = Waiting {
+            id,
+            usage,
+            at_ms: now_ms,
+        };
         if !run.blocked.is_empty() {
             // Callers are served in order: wait behind the ones already waiting.
             if run.blocked.len() >= MAX_BLOCKED {
@@ -303,8 +313,16 @@ impl SimAgent {
     }
 
     /// Timers: the session's, the seal, waiting callers.
-    pub fn tick(&mut self, now_ms: i64, net: &mut Net, accept: &mut Vec<Accept>, listening: bool) -> Result<(), Crashed> {
-        let Some(run) = &mut self.run else { return Ok(()) };
+    pub fn tick(
+        &mut self,
+        now_ms: i64,
+        net: &mut Net,
+        accept: &mut Vec<Accept>,
+        listening: bool,
+    ) -> Result<(), Crashed> {
+        let Some(run) = &mut self.run else {
+            return Ok(());
+        };
         if run.session.poll_timeout().is_some_and(|t| now_ms >= t) {
             run.session.handle_timeout(now_ms);
         }
@@ -325,7 +343,9 @@ impl SimAgent {
     /// Seals memory and the durable log into batches: one write, one fsync, then the session
     /// hears.
     pub fn seal(&mut self, now_ms: i64) -> Result<(), Crashed> {
-        let Some(run) = &mut self.run else { return Ok(()) };
+        let Some(run) = &mut self.run else {
+            return Ok(());
+        };
         run.next_seal_ms = now_ms + self.flush_ms;
         let log: Vec<(u64, LoggedEvent)> = self
             .disk
@@ -372,13 +392,19 @@ impl SimAgent {
             if let Some(old) = self.model.batches.insert((epoch, b.seq), deltas.clone())
                 && old != deltas
             {
-                self.model
-                    .violations
-                    .push(format!("agent {} seq {} reached the disk twice", self.index, b.seq));
+                self.model.violations.push(format!(
+                    "agent {} seq {} reached the disk twice",
+                    self.index, b.seq
+                ));
             }
         }
         for (d, _) in run.memory.drain(..) {
-            add(&mut self.model.sealed_record, d.customer.as_str(), d.meter.as_str(), d.sum);
+            add(
+                &mut self.model.sealed_record,
+                d.customer.as_str(),
+                d.meter.as_str(),
+                d.sum,
+            );
         }
         run.last_seal_ms = now_ms;
         run.seal_failed = false;
@@ -394,26 +420,40 @@ impl SimAgent {
                 run.session.connected(&binding, now_ms);
             }
             AgentDelivery::ConnectFailed if run.conn.is_none() => {
-                run.session
-                    .connection_lost(SessionError::Connect(String::from("connection refused")), now_ms);
+                run.session.connection_lost(
+                    SessionError::Connect(String::from("connection refused")),
+                    now_ms,
+                );
             }
             AgentDelivery::Frame { conn, frame } if run.conn == Some(conn) => {
                 run.session.frame_received(frame, now_ms);
             }
             AgentDelivery::Lost { conn } if run.conn == Some(conn) => {
                 run.conn = None;
-                run.session
-                    .connection_lost(SessionError::Connection(String::from("connection lost")), now_ms);
+                run.session.connection_lost(
+                    SessionError::Connection(String::from("connection lost")),
+                    now_ms,
+                );
             }
             _ => {}
         }
     }
 
     /// Carries out the session's actions.
-    pub fn pump(&mut self, now_ms: i64, net: &mut Net, accept: &mut Vec<Accept>, listening: bool) -> Result<(), Crashed> {
+    pub fn pump(
+        &mut self,
+        now_ms: i64,
+        net: &mut Net,
+        accept: &mut Vec<Accept>,
+        listening: bool,
+    ) -> Result<(), Crashed> {
         loop {
-            let Some(run) = &mut self.run else { return Ok(()) };
-            let Some(action) = run.session.poll() else { return Ok(()) };
+            let Some(run) = &mut self.run else {
+                return Ok(());
+            };
+            let Some(action) = run.session.poll() else {
+                return Ok(());
+            };
             match action {
                 Action::Connect { .. } => {
                     if let Some(c) = run.conn.take() {

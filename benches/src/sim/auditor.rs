@@ -101,12 +101,18 @@ fn ledger_batches(store: &RedbStore) -> Result<BTreeMap<(AgentId, u64, u64), Led
         let Some((last, _)) = page.last() else { break };
         after = *last;
         for (_, t) in page {
-            if let TransferSource::BatchRow { agent, epoch, seq, row } = t.source {
-                out.entry((agent, epoch, seq)).or_default().entry(row).or_default().push((
-                    t.customer.to_string(),
-                    t.unit.to_string(),
-                    t.amount,
-                ));
+            if let TransferSource::BatchRow {
+                agent,
+                epoch,
+                seq,
+                row,
+            } = t.source
+            {
+                out.entry((agent, epoch, seq))
+                    .or_default()
+                    .entry(row)
+                    .or_default()
+                    .push((t.customer.to_string(), t.unit.to_string(), t.amount));
             }
         }
     }
@@ -152,7 +158,9 @@ fn check_agent(
     for ((agent, epoch, seq), rows) in ledger.range((a.id, 0, 0)..=(a.id, u64::MAX, u64::MAX)) {
         let _ = agent;
         let Some(deltas) = a.model.batches.get(&(*epoch, *seq)) else {
-            f.push(format!("{who}: ledger holds seq {seq} that never reached its disk"));
+            f.push(format!(
+                "{who}: ledger holds seq {seq} that never reached its disk"
+            ));
             continue;
         };
         for (row, postings) in rows {
@@ -167,8 +175,12 @@ fn check_agent(
                 continue;
             };
             for (c, m, amount) in postings {
-                if (c.as_str(), m.as_str(), *amount) != (d.customer.as_str(), d.meter.as_str(), d.sum) {
-                    f.push(format!("{who}: seq {seq} row {row} posted as {c} {m} {amount}"));
+                if (c.as_str(), m.as_str(), *amount)
+                    != (d.customer.as_str(), d.meter.as_str(), d.sum)
+                {
+                    f.push(format!(
+                        "{who}: seq {seq} row {row} posted as {c} {m} {amount}"
+                    ));
                 }
                 *delivered.entry((c.clone(), m.clone())).or_default() += *amount;
             }
@@ -184,14 +196,18 @@ fn check_agent(
     if revoked {
         for (k, v) in &delivered {
             if *v > accepted.get(k).copied().unwrap_or_default() {
-                f.push(format!("{who} (revoked): ledger {v} for {k:?} is more than it recorded"));
+                f.push(format!(
+                    "{who} (revoked): ledger {v} for {k:?} is more than it recorded"
+                ));
             }
         }
         add_totals(expected, &delivered);
     } else {
         for (epoch, seq) in a.model.batches.keys() {
             if !ledger.contains_key(&(a.id, *epoch, *seq)) {
-                f.push(format!("{who}: seq {seq} reached its disk but not the ledger"));
+                f.push(format!(
+                    "{who}: seq {seq} reached its disk but not the ledger"
+                ));
             }
         }
         add_totals(expected, &accepted);
@@ -240,13 +256,16 @@ fn diff(a: &Totals, b: &Totals) -> Totals {
 fn check_totals(i: &Inputs<'_>, expected: &Totals, f: &mut Vec<String>) {
     let mut ledger = Totals::new();
     for customer in super::workload::CUSTOMERS {
-        let Ok(c) = CustomerId::new(customer) else { continue };
+        let Ok(c) = CustomerId::new(customer) else {
+            continue;
+        };
         match i.store.usage_accounts(&c, None, None) {
             Ok(accounts) => {
                 for a in accounts {
                     if let tally_collector::core::ledger::AccountKey::Usage { meter, .. } = &a.key {
-                        *ledger.entry((customer.to_owned(), meter.to_string())).or_default() +=
-                            a.balance();
+                        *ledger
+                            .entry((customer.to_owned(), meter.to_string()))
+                            .or_default() += a.balance();
                     }
                 }
             }

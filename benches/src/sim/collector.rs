@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tally_collector::core::ingest::IngestBatch;
 use tally_collector::core::ledger::Adjustment;
-use tally_collector::core::registry::{AgentRecord, Admission, admit};
+use tally_collector::core::registry::{Admission, AgentRecord, admit};
 use tally_collector::core::session::{Action, Session, SessionConfig};
 use tally_collector::store::redb::RedbStore;
 use tally_collector::store::{AdjustOutcome, Store};
@@ -168,8 +168,16 @@ impl SimCollector {
     }
 
     /// A connection arrived.
-    pub fn accept(&mut self, conn: ConnId, binding: [u8; 32], now_ms: i64, net: &mut Net) -> Res<()> {
-        let Some(run) = &mut self.run else { return Ok(()) };
+    pub fn accept(
+        &mut self,
+        conn: ConnId,
+        binding: [u8; 32],
+        now_ms: i64,
+        net: &mut Net,
+    ) -> Res<()> {
+        let Some(run) = &mut self.run else {
+            return Ok(());
+        };
         let mut nonce = [0u8; 32];
         for c in nonce.chunks_mut(8) {
             c.copy_from_slice(&self.rng.next_u64().to_le_bytes());
@@ -208,7 +216,9 @@ impl SimCollector {
 
     /// Timers of the sessions.
     pub fn tick(&mut self, now_ms: i64, net: &mut Net) -> Res<()> {
-        let Some(run) = &mut self.run else { return Ok(()) };
+        let Some(run) = &mut self.run else {
+            return Ok(());
+        };
         let due: Vec<ConnId> = run
             .sessions
             .iter()
@@ -225,9 +235,13 @@ impl SimCollector {
     }
 
     fn pump(&mut self, conn: ConnId, now_ms: i64, net: &mut Net) -> Res<()> {
-        let Some(run) = &mut self.run else { return Ok(()) };
+        let Some(run) = &mut self.run else {
+            return Ok(());
+        };
         loop {
-            let Some(s) = run.sessions.get_mut(&conn) else { return Ok(()) };
+            let Some(s) = run.sessions.get_mut(&conn) else {
+                return Ok(());
+            };
             let Some(action) = s.poll_action() else { break };
             match action {
                 Action::Send(f) => net.send(conn, false, f, now_ms),
@@ -262,7 +276,9 @@ impl SimCollector {
 
     /// One group commit of everything the committer holds, then the acks.
     pub fn commit(&mut self, now_ms: i64, net: &mut Net) -> Res<()> {
-        let Some(run) = &mut self.run else { return Ok(()) };
+        let Some(run) = &mut self.run else {
+            return Ok(());
+        };
         if run.committer.is_empty() {
             return Ok(());
         }
@@ -306,7 +322,9 @@ impl SimCollector {
 
     /// Revokes an agent: recorded in the store, its live sessions told.
     pub fn revoke(&mut self, agent: AgentId, now_ms: i64, net: &mut Net) -> Res<bool> {
-        let Some(run) = &mut self.run else { return Ok(false) };
+        let Some(run) = &mut self.run else {
+            return Ok(false);
+        };
         let Some(mut rec) = run.store.agent(agent).map_err(e("agent"))? else {
             return Ok(false);
         };
@@ -330,7 +348,9 @@ impl SimCollector {
 
     /// Posts an adjustment; `None` when the collector is down (the client retries).
     pub fn adjust(&mut self, adj: &Adjustment, now_ms: i64) -> Res<Option<AdjustOutcome>> {
-        let Some(run) = &mut self.run else { return Ok(None) };
+        let Some(run) = &mut self.run else {
+            return Ok(None);
+        };
         let out = run.store.adjust(adj, now_ms).map_err(e("adjust"))?;
         let appended = run.store.outbox_appended();
         if appended != run.appended {
@@ -344,7 +364,9 @@ impl SimCollector {
     /// What the forwarder's shell does each turn (when its timer is due, an answer came or
     /// rows were appended, as `tally_stripe::forwarder` wakes): plan, start ready jobs, timers.
     pub fn forward(&mut self, now_ms: i64, stripe: &mut Stripe) -> Res<()> {
-        let Some(run) = &mut self.run else { return Ok(()) };
+        let Some(run) = &mut self.run else {
+            return Ok(());
+        };
         if !run.forward_now && now_ms < run.dispatcher.poll_timeout() {
             return Ok(());
         }
@@ -373,13 +395,17 @@ impl SimCollector {
             actions.extend(create);
         }
         self.perform(actions, now_ms, stripe)?;
-        let Some(run) = &mut self.run else { return Ok(()) };
+        let Some(run) = &mut self.run else {
+            return Ok(());
+        };
         if let Some(limit) = run.dispatcher.ready_limit() {
             let ready = run.store.ready_groups(now_ms, limit).map_err(e("ready"))?;
             let a = run.dispatcher.on_ready(now_ms, ready);
             self.perform(a, now_ms, stripe)?;
         }
-        let Some(run) = &mut self.run else { return Ok(()) };
+        let Some(run) = &mut self.run else {
+            return Ok(());
+        };
         let a = run.dispatcher.on_timeout(now_ms);
         self.perform(a, now_ms, stripe)
     }
@@ -389,17 +415,26 @@ impl SimCollector {
         if reply.incarnation != self.incarnation {
             return Ok(());
         }
-        let Some(run) = &mut self.run else { return Ok(()) };
+        let Some(run) = &mut self.run else {
+            return Ok(());
+        };
         run.forward_now = true;
         let a = run.dispatcher.on_answer(now_ms, reply.job, reply.answer);
         self.perform(a, now_ms, stripe)
     }
 
-    fn perform(&mut self, actions: Vec<dispatch::Action>, now_ms: i64, stripe: &mut Stripe) -> Res<()> {
+    fn perform(
+        &mut self,
+        actions: Vec<dispatch::Action>,
+        now_ms: i64,
+        stripe: &mut Stripe,
+    ) -> Res<()> {
         let mut failed_jobs = BTreeSet::new();
         let mut queue: std::collections::VecDeque<dispatch::Action> = actions.into();
         while let Some(a) = queue.pop_front() {
-            let Some(run) = &mut self.run else { return Ok(()) };
+            let Some(run) = &mut self.run else {
+                return Ok(());
+            };
             match a {
                 dispatch::Action::Store { job, op } => {
                     if job.is_some_and(|j| failed_jobs.contains(&j)) {
@@ -457,7 +492,9 @@ impl SimCollector {
 
     /// Nothing in the committer's queue, no forwarder job, no pending or unsent outbox row.
     pub fn quiet(&self) -> Res<bool> {
-        let Some(run) = &self.run else { return Ok(false) };
+        let Some(run) = &self.run else {
+            return Ok(false);
+        };
         if !run.committer.is_empty() || run.dispatcher.jobs_in_flight() > 0 {
             return Ok(false);
         }

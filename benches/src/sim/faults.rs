@@ -117,12 +117,8 @@ impl Faults {
                 lost_after_ppm: maybe(rng, 2, 200_000),
                 error_after_ppm: maybe(rng, 2, 100_000),
             },
-            revoke: (rng.below(4) == 0).then(|| {
-                (
-                    rng.below(agents as u64) as usize,
-                    rng.range(0, duration_ms),
-                )
-            }),
+            revoke: (rng.below(4) == 0)
+                .then(|| (rng.below(agents as u64) as usize, rng.range(0, duration_ms))),
         }
     }
 }

@@ -30,9 +30,8 @@ pub use run::{Options, Report, run};
 
 /// The one-line command that replays `seed` with `opts`.
 pub fn replay_command(seed: u64, opts: &Options) -> String {
-    let mut cmd = format!(
-        "cargo run --release -p tally-benches --bin simulate -- --seed {seed} --seeds 1"
-    );
+    let mut cmd =
+        format!("cargo run --release -p tally-benches --bin simulate -- --seed {seed} --seeds 1");
     if opts.broken_dedup {
         cmd.push_str(" --broken-dedup");
     }

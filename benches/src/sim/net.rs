@@ -162,7 +162,12 @@ impl Net {
 
     /// The agent connects; `listening` says whether a collector accepts. Returns the new
     /// connection (the collector must create its session for it now) or `None`.
-    pub fn connect(&mut self, agent: usize, listening: bool, now_ms: i64) -> Option<(ConnId, [u8; 32])> {
+    pub fn connect(
+        &mut self,
+        agent: usize,
+        listening: bool,
+        now_ms: i64,
+    ) -> Option<(ConnId, [u8; 32])> {
         let at = now_ms + 2 * self.latency();
         if !listening {
             self.push(at, Delivery::ConnectFailed { agent });
@@ -175,8 +180,21 @@ impl Net {
         for chunk in binding.chunks_mut(8) {
             chunk.copy_from_slice(&self.rng.next_u64().to_le_bytes());
         }
-        self.conns.insert(conn, Conn { agent, last_due: [at, at] });
-        self.push(at, Delivery::Connected { agent, conn, binding });
+        self.conns.insert(
+            conn,
+            Conn {
+                agent,
+                last_due: [at, at],
+            },
+        );
+        self.push(
+            at,
+            Delivery::Connected {
+                agent,
+                conn,
+                binding,
+            },
+        );
         Some((conn, binding))
     }
 
@@ -236,7 +254,13 @@ impl Net {
         if by_agent {
             self.push(at, Delivery::CollectorLost { conn });
         } else {
-            self.push(at, Delivery::AgentLost { agent: c.agent, conn });
+            self.push(
+                at,
+                Delivery::AgentLost {
+                    agent: c.agent,
+                    conn,
+                },
+            );
         }
     }
 
@@ -249,7 +273,13 @@ impl Net {
         self.stats.broken += 1;
         self.drop_frames_of(conn);
         let at = now_ms + self.rates.idle_timeout_ms;
-        self.push(at, Delivery::AgentLost { agent: c.agent, conn });
+        self.push(
+            at,
+            Delivery::AgentLost {
+                agent: c.agent,
+                conn,
+            },
+        );
         self.push(at, Delivery::CollectorLost { conn });
     }
 
@@ -261,7 +291,13 @@ impl Net {
             let c = self.conns.remove(&conn).expect("listed");
             self.drop_frames_of(conn);
             let at = now_ms + self.rates.idle_timeout_ms;
-            self.push(at, Delivery::AgentLost { agent: c.agent, conn });
+            self.push(
+                at,
+                Delivery::AgentLost {
+                    agent: c.agent,
+                    conn,
+                },
+            );
         }
         self.queue
             .retain(|_, d| !matches!(d, Delivery::CollectorLost { .. }));
@@ -279,7 +315,10 @@ impl Net {
         for conn in conns {
             self.conns.remove(&conn);
             self.drop_frames_of(conn);
-            self.push(now_ms + self.rates.idle_timeout_ms, Delivery::CollectorLost { conn });
+            self.push(
+                now_ms + self.rates.idle_timeout_ms,
+                Delivery::CollectorLost { conn },
+            );
         }
         self.queue.retain(|_, d| match d {
             Delivery::Connected { agent: a, .. }

@@ -153,7 +153,13 @@ impl World {
         let collector = SimCollector::new(rng.fork(5), meters, T0_MS)?;
         let agents = (0..opts.agents)
             .map(|i| {
-                let mut a = SimAgent::new(i, rng.fork(100 + i as u64), faults.overflow[i], opts.flush_ms, T0_MS);
+                let mut a = SimAgent::new(
+                    i,
+                    rng.fork(100 + i as u64),
+                    faults.overflow[i],
+                    opts.flush_ms,
+                    T0_MS,
+                );
                 a.crash_at_sync_ppm = faults.crash_at_sync_ppm;
                 a
             })
@@ -294,7 +300,8 @@ impl World {
     fn accept(&mut self, accepts: &mut Vec<Accept>) -> Res<()> {
         let now = self.now();
         for a in accepts.drain(..) {
-            self.collector.accept(a.conn, a.binding, now, &mut self.net)?;
+            self.collector
+                .accept(a.conn, a.binding, now, &mut self.net)?;
         }
         Ok(())
     }
@@ -308,11 +315,15 @@ impl World {
             Delivery::CollectorLost { conn } => {
                 return self.collector.lost(conn, now, &mut self.net);
             }
-            Delivery::Connected { agent, conn, binding } => {
-                (agent, AgentDelivery::Connected { conn, binding })
-            }
+            Delivery::Connected {
+                agent,
+                conn,
+                binding,
+            } => (agent, AgentDelivery::Connected { conn, binding }),
             Delivery::ConnectFailed { agent } => (agent, AgentDelivery::ConnectFailed),
-            Delivery::ToAgent { agent, conn, frame } => (agent, AgentDelivery::Frame { conn, frame }),
+            Delivery::ToAgent { agent, conn, frame } => {
+                (agent, AgentDelivery::Frame { conn, frame })
+            }
             Delivery::AgentLost { agent, conn } => (agent, AgentDelivery::Lost { conn }),
         };
         self.agents[agent].deliver(ad, now);
@@ -330,12 +341,12 @@ impl World {
                 self.agents[agent].record(&usage, now);
                 Ok(())
             }
-            Op::RecordEvent { agent, id, usage } => {
-                self.agents[agent].record_durable(Some(id), usage, now).map_err(|c| (agent, c))
-            }
-            Op::RecordDurable { agent, usage } => {
-                self.agents[agent].record_durable(None, usage, now).map_err(|c| (agent, c))
-            }
+            Op::RecordEvent { agent, id, usage } => self.agents[agent]
+                .record_durable(Some(id), usage, now)
+                .map_err(|c| (agent, c)),
+            Op::RecordDurable { agent, usage } => self.agents[agent]
+                .record_durable(None, usage, now)
+                .map_err(|c| (agent, c)),
             Op::Adjust { key, usage } => {
                 self.adjust_queue.push_back((key, usage));
                 Ok(())
@@ -413,7 +424,10 @@ impl World {
             .agents
             .iter()
             .all(|a| self.revoked == Some(a.index) || a.drained());
-        Ok(agents && self.adjust_queue.is_empty() && self.stripe.idle() && self.collector.quiet()?)
+        Ok(agents
+            && self.adjust_queue.is_empty()
+            && self.stripe.idle()
+            && self.collector.quiet()?)
     }
 
     fn finish(mut self) -> Res<Report> {

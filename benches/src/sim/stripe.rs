@@ -93,13 +93,23 @@ impl Stripe {
         if self.requests.len() >= MAX_REQUESTS {
             self.replies.insert(
                 (now_ms + self.timeout_ms, self.order),
-                Reply { incarnation, job, answer: None },
+                Reply {
+                    incarnation,
+                    job,
+                    answer: None,
+                },
             );
             return;
         }
         let at = now_ms + self.rng.range(5, 150);
-        self.requests
-            .insert((at, self.order), InFlight { incarnation, job, event });
+        self.requests.insert(
+            (at, self.order),
+            InFlight {
+                incarnation,
+                job,
+                event,
+            },
+        );
     }
 
     /// Processes the requests due and returns the answers due, in order.

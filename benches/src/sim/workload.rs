@@ -124,8 +124,8 @@ impl Workload {
         let customer = CustomerId::new(*self.rng.pick(&CUSTOMERS)).expect("valid customer");
         let meter = MeterName::new(self.rng.pick(&METERS).0).expect("valid meter");
         let region = *self.rng.pick(&[None, Some("eu"), Some("us")]);
-        let dimensions = Dimensions::from_strs(region.map(|r| ("region", r)))
-            .expect("valid dimensions");
+        let dimensions =
+            Dimensions::from_strs(region.map(|r| ("region", r))).expect("valid dimensions");
         let scale = self.rng.below(4) as u32;
         let quantity = Decimal::new(self.rng.range(1, 50_000), scale);
         Usage {
