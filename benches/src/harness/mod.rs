@@ -76,6 +76,8 @@ pub struct Report {
     pub rejected: u64,
     /// Whether the `block` agent reported `over_budget`.
     pub block_over_budget: bool,
+    /// Longest a request to the `block` agent waited for its 204, ms (waiting for room).
+    pub block_wait_ms_max: u64,
     /// Per customer: posted = counted.
     pub totals: BTreeMap<String, Decimal>,
 }
@@ -246,12 +248,14 @@ struct Shared {
     retried: AtomicU64,
     rejected: AtomicU64,
     block_over_budget: AtomicBool,
+    block_wait_ms_max: AtomicU64,
     totals: Mutex<BTreeMap<String, Decimal>>,
     requests: AtomicU64,
 }
 
 /// Posts requests to agent `a` until told to stop; each until it is answered 204.
-async fn client(a: usize, addr: SocketAddr, reject: bool, sh: Arc<Shared>) -> anyhow::Result<()> {
+async fn client(a: usize, addr: SocketAddr, sh: Arc<Shared>) -> anyhow::Result<()> {
+    let reject = a == 2;
     let ct = "application/cloudevents-batch+json";
     let mut r = 0;
     while !sh.stop.load(Ordering::Relaxed) {
@@ -377,12 +381,13 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
         retried: AtomicU64::new(0),
         rejected: AtomicU64::new(0),
         block_over_budget: AtomicBool::new(false),
+        block_wait_ms_max: AtomicU64::new(0),
         totals: Mutex::new(BTreeMap::new()),
         requests: AtomicU64::new(0),
     });
     let mut clients = tokio::task::JoinSet::new();
     for (i, a) in agents.iter().enumerate() {
-        clients.spawn(client(i, a.http, i == 2, sh.clone()));
+        clients.spawn(client(i, a.http, sh.clone()));
     }
     // Watches the `block` agent's budget.
     let watch = {
@@ -506,6 +511,7 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
     report.retried = sh.retried.load(Ordering::Relaxed);
     report.rejected = sh.rejected.load(Ordering::Relaxed);
     report.block_over_budget = sh.block_over_budget.load(Ordering::Relaxed);
+    report.block_wait_ms_max = sh.block_wait_ms_max.load(Ordering::Relaxed);
     report.datagrams = (
         stats.datagrams.load(Ordering::Relaxed),
         stats.dropped.load(Ordering::Relaxed),

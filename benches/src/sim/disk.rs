@@ -114,9 +114,9 @@ mod tests {
     #[test]
     fn a_crash_loses_only_unsynced_writes() {
         let mut d = Disk::new(1);
-        d.write(0, |c| c.next_seq = 2).unwrap();
+        d.write(0, |c| c.next_seq = 2).expect("no budget");
         d.sync();
-        d.write(0, |c| c.next_seq = 3).unwrap();
+        d.write(0, |c| c.next_seq = 3).expect("no budget");
         d.crash();
         assert_eq!(d.read().next_seq, 2);
         d.budget_rows = Some(0);
