@@ -21,7 +21,7 @@ async fn kills_loss_and_full_disks_lose_nothing_and_count_nothing_twice() {
         },
         flush_ms: 50,
         outage: Duration::from_millis(2_000),
-        budget_bytes: 16_384,
+        budget_bytes: 6_144,
         collector_bin: find_bin("tally-collector").unwrap(),
         agent_bin: find_bin("tally-agent").unwrap(),
     };

@@ -68,4 +68,13 @@ fn the_auditor_catches_a_dedup_that_forgets_one_seq() {
     }
     // The healed dedup passes the same seed: the finding is the switch's doing.
     assert!(run(seed, &Options::default()).passed());
+    // Where seq 2 is delivered twice, the exact-total checks see the double count too.
+    let doubled = (FIRST..FIRST + seeds()).find(|&seed| {
+        run(seed, &opts)
+            .findings
+            .iter()
+            .any(|f| f.contains("seq 2 row 0 is in the ledger 2 times"))
+    });
+    println!("double count of seq 2 first shown at seed {doubled:?}");
+    assert!(doubled.is_some(), "no CI seed delivered seq 2 twice");
 }

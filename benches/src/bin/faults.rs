@@ -40,7 +40,7 @@ struct Args {
     #[arg(long, default_value_t = 3_000)]
     outage_ms: u64,
     /// Disk budget of the `block` and `reject` agents, bytes.
-    #[arg(long, default_value_t = 16_384)]
+    #[arg(long, default_value_t = 6_144)]
     budget_bytes: u64,
     /// `tally-collector` (default: next to this binary).
     #[arg(long)]

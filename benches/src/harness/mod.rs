@@ -268,11 +268,17 @@ async fn client(a: usize, addr: SocketAddr, sh: Arc<Shared>) -> anyhow::Result<(
                 "/api/v1/events",
                 ct,
                 &body,
-                Duration::from_secs(5),
+                Duration::from_secs(30),
             )
             .await
             {
-                Some((204, _)) => break,
+                Some((204, _)) => {
+                    if a == 1 {
+                        let ms = began.elapsed().as_millis() as u64;
+                        sh.block_wait_ms_max.fetch_max(ms, Ordering::Relaxed);
+                    }
+                    break;
+                }
                 Some((429, _)) if reject => {
                     sh.rejected.fetch_add(1, Ordering::Relaxed);
                 }

@@ -509,6 +509,16 @@ impl SimAgent {
                 .is_none_or(|r| r.memory.is_empty() && r.blocked.is_empty())
     }
 
+    /// Everything accepted is sealed (batches may still wait for their ack): what a revoked
+    /// agent, which can never ship, reaches.
+    pub fn sealed_all(&self) -> bool {
+        self.disk.read().log.is_empty()
+            && self
+                .run
+                .as_ref()
+                .is_none_or(|r| r.memory.is_empty() && r.blocked.is_empty())
+    }
+
     /// Backlog for the report: (batches on disk, log rows, memory entries, waiting callers).
     pub fn backlog(&self) -> (usize, usize, usize, usize) {
         let c = self.disk.read();

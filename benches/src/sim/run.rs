@@ -423,7 +423,7 @@ impl World {
         let agents = self
             .agents
             .iter()
-            .all(|a| self.revoked == Some(a.index) || a.drained());
+            .all(|a| a.drained() || (self.revoked == Some(a.index) && a.sealed_all()));
         Ok(agents
             && self.adjust_queue.is_empty()
             && self.stripe.idle()
