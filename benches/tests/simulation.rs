@@ -6,7 +6,7 @@
 use tally_benches::sim::{Options, replay_command, run};
 
 /// Seeds CI runs in a debug build (see docs/RELIABILITY.md for the time they take).
-const CI_SEEDS: u64 = 200;
+const CI_SEEDS: u64 = 60;
 /// The first CI seed.
 const FIRST: u64 = 1;
 
