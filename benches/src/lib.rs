@@ -1,1 +1,6 @@
-//! Criterion benchmarks for Tally live in `benches/benches/`; this library is empty.
+//! Criterion benchmarks for Tally live in `benches/benches/`. This library holds the
+//! deterministic simulation of the whole system ([`sim`]) and the process-level fault harness
+//! ([`harness`]), which the `simulate` and `faults` binaries and the tests drive.
+
+pub mod harness;
+pub mod sim;

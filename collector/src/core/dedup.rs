@@ -73,6 +73,38 @@ impl DedupState {
     }
 }
 
+/// A deliberately broken dedup for the simulation's self-test (feature `sim-faults`, off by
+/// default): while a seq is set on this thread, every batch with that seq is treated as never
+/// seen and is not recorded, so each delivery of it is posted again. Without the feature
+/// [`fault::forgets`] is always false. Not part of the product.
+#[doc(hidden)]
+pub mod fault {
+    #[cfg(feature = "sim-faults")]
+    thread_local! {
+        static FORGOTTEN: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// Makes dedup on this thread forget `seq` (every agent and epoch); `None` heals it.
+    #[cfg(feature = "sim-faults")]
+    pub fn set_forgotten_seq(seq: Option<u64>) {
+        FORGOTTEN.with(|f| f.set(seq));
+    }
+
+    /// Whether dedup forgets `seq` (always false without the feature).
+    #[inline]
+    pub fn forgets(seq: u64) -> bool {
+        #[cfg(feature = "sim-faults")]
+        {
+            FORGOTTEN.with(|f| f.get() == Some(seq))
+        }
+        #[cfg(not(feature = "sim-faults"))]
+        {
+            let _ = seq;
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

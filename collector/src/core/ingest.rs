@@ -243,8 +243,9 @@ pub fn ingest_group<T: IngestTxn>(
                 e.insert(state)
             }
         };
-        // Dedup.
-        if state.contains(body.seq) {
+        // Dedup (`forget` is the simulation's broken-dedup switch, false in the product).
+        let forget = crate::core::dedup::fault::forgets(body.seq);
+        if !forget && state.contains(body.seq) {
             out.push(IngestOutcome::Ack(AckOutcome::Duplicate));
             continue;
         }
@@ -288,26 +289,28 @@ pub fn ingest_group<T: IngestTxn>(
                 BatchOutcome::Quarantined(code)
             }
         };
-        let inserted = state.insert(body.seq);
-        assert_eq!(
-            inserted,
-            Ok(true),
-            "dedup said seq {} of agent {} epoch {} was new and admissible",
-            body.seq,
-            body.agent_id,
-            body.epoch
-        );
-        let rec = BatchRecord {
-            deltas: u32::try_from(body.deltas.len()).unwrap_or(u32::MAX),
-            first_transfer,
-            outcome,
-            sealed_at_ms: body.sealed_at_ms,
-            committed_at_ms: now_ms,
-        };
-        if let Err(e) = rec.check() {
-            panic!("batch record built wrong: {e}");
+        if !forget {
+            let inserted = state.insert(body.seq);
+            assert_eq!(
+                inserted,
+                Ok(true),
+                "dedup said seq {} of agent {} epoch {} was new and admissible",
+                body.seq,
+                body.agent_id,
+                body.epoch
+            );
+            let rec = BatchRecord {
+                deltas: u32::try_from(body.deltas.len()).unwrap_or(u32::MAX),
+                first_transfer,
+                outcome,
+                sealed_at_ms: body.sealed_at_ms,
+                committed_at_ms: now_ms,
+            };
+            if let Err(e) = rec.check() {
+                panic!("batch record built wrong: {e}");
+            }
+            txn.record_batch(body.agent_id, body.epoch, body.seq, &rec)?;
         }
-        txn.record_batch(body.agent_id, body.epoch, body.seq, &rec)?;
         out.push(IngestOutcome::Ack(match outcome {
             BatchOutcome::Committed => AckOutcome::Committed,
             BatchOutcome::Quarantined(code) => AckOutcome::Quarantined { code },
