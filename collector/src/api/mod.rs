@@ -18,12 +18,15 @@ use tokio::sync::watch;
 
 mod adjustments;
 mod agents;
+mod customers;
 mod errors;
 mod ledger;
 mod meters;
 mod openapi;
 mod ops;
+pub mod overview;
 mod quarantine;
+pub mod series;
 mod state;
 mod stripe;
 mod usage;
@@ -54,6 +57,9 @@ pub async fn serve(
 pub fn router(shared: Arc<ApiState>) -> Router {
     let private = Router::new()
         .route("/v1/usage", get(usage::usage))
+        .route("/v1/usage/series", get(series::series))
+        .route("/v1/customers", get(customers::list_customers))
+        .route("/v1/overview", get(overview::overview))
         .route("/v1/customers/{customer}/usage", get(usage::customer_usage))
         .route("/v1/meters", get(meters::list_meters))
         .route("/v1/meters/{meter}", put(meters::put_meter))
@@ -63,7 +69,10 @@ pub fn router(shared: Arc<ApiState>) -> Router {
         .route("/v1/agents/{id}/revoke", post(agents::revoke))
         .route("/v1/adjustments", post(adjustments::adjust))
         .route("/v1/quarantine", get(quarantine::quarantine))
-        .route("/v1/customers/{customer}", put(stripe::put_customer))
+        .route(
+            "/v1/customers/{customer}",
+            put(stripe::put_customer).get(customers::get_customer),
+        )
         .route("/v1/stripe/outbox", get(stripe::list_outbox))
         .route("/v1/stripe/outbox/{id}/retry", post(stripe::retry_outbox))
         .route("/v1/reconciliation", get(stripe::reconciliation))
@@ -75,6 +84,7 @@ pub fn router(shared: Arc<ApiState>) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/v1/stripe/webhooks", post(stripe::webhook))
         .route("/openapi.json", get(openapi::openapi))
+        .merge(crate::console::routes())
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
         .with_state(shared)

@@ -8,7 +8,8 @@ use utoipa::OpenApi;
     info(title = "Tally collector admin API", description = "Usage, meters, ledger, agents, Stripe forwarding. Errors in Stripe's shape. Bearer admin token."),
     paths(super::usage::usage, super::usage::customer_usage, super::meters::list_meters, super::meters::put_meter, super::ledger::entries, super::ledger::verify,
         super::agents::agents, super::agents::revoke, super::adjustments::adjust, super::quarantine::quarantine, super::ops::metrics, super::ops::healthz,
-        super::stripe::put_customer, super::stripe::list_outbox, super::stripe::retry_outbox, super::stripe::webhook, super::stripe::reconciliation),
+        super::stripe::put_customer, super::stripe::list_outbox, super::stripe::retry_outbox, super::stripe::webhook, super::stripe::reconciliation,
+        super::series::series, super::customers::list_customers, super::customers::get_customer, super::overview::overview),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth),
 )]

@@ -30,6 +30,8 @@ pub struct ApiState {
     pub catalogs: Arc<Catalogs>,
     /// The analytics export, when `--export-dir` is set (`POST /v1/export` runs it now).
     pub export: std::sync::OnceLock<crate::export::ExportRunner>,
+    /// Readings behind the overview's rates.
+    pub(crate) overview: super::overview::SharedSampler,
     admin_token: String,
     clock: SharedClock,
 }
@@ -52,6 +54,7 @@ impl ApiState {
             registry,
             catalogs,
             export: std::sync::OnceLock::new(),
+            overview: Default::default(),
             admin_token,
             clock,
         }
