@@ -149,14 +149,25 @@ impl Browser {
     async fn shot(&self, name: &str) {
         let Some(dir) = &self.shots else { return };
         std::fs::create_dir_all(dir).unwrap();
-        // Let the chart and fonts settle.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The whole page: as tall as its content (at most 2,400 px), then back.
+        let (w, h) = self.c.get_window_size().await.unwrap();
+        let full = self.js("return document.documentElement.scrollHeight").await;
+        let full = full.as_u64().unwrap_or(h).clamp(h, 2_400);
+        self.js("window.scrollTo(0, 0)").await;
+        self.c
+            .set_window_size(w as u32, full as u32)
+            .await
+            .unwrap();
+        // Let the chart redraw at its width and the fonts settle.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let png = self.c.screenshot().await.unwrap();
         std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+        self.c.set_window_size(w as u32, h as u32).await.unwrap();
     }
 
     async fn size(&self, (w, h): (u32, u32)) {
         self.c.set_window_size(w, h).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     async fn sign_in(&self, base: &str, token: &str) {

@@ -123,10 +123,23 @@ fn three_places(mut d: Decimal) -> Decimal {
 }
 
 /// The shared sampler of one API.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SharedSampler(Mutex<Sampler>);
 
 impl SharedSampler {
+    /// A sampler whose first reading is the collector's start (every counter at zero), so the
+    /// first answer already has a rate: the one since the start.
+    pub fn started_at(now_ms: i64) -> Self {
+        let mut s = Sampler::default();
+        s.offer(Reading {
+            at_ms: now_ms,
+            deltas: 0,
+            lag_sum_ms: 0,
+            lag_count: 0,
+        });
+        SharedSampler(Mutex::new(s))
+    }
+
     fn offer(&self, r: Reading) -> Rates {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).offer(r)
     }
@@ -168,8 +181,8 @@ pub struct Overview {
     pub at_ms: i64,
     /// Deltas posted since the collector started.
     pub deltas_total: u64,
-    /// Deltas posted per second between the last two readings (`null` until there are two;
-    /// readings are at least 5 s apart).
+    /// Deltas posted per second between the last two readings (readings are at least 5 s
+    /// apart; the first is the collector's start).
     #[schema(value_type = Option<String>)]
     pub deltas_per_s: Option<Decimal>,
     /// Mean time from a delta's last event to its commit over the same interval, seconds.

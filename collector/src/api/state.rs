@@ -54,7 +54,7 @@ impl ApiState {
             registry,
             catalogs,
             export: std::sync::OnceLock::new(),
-            overview: Default::default(),
+            overview: super::overview::SharedSampler::started_at(clock.now_ms()),
             admin_token,
             clock,
         }

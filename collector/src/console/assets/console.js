@@ -299,7 +299,7 @@
         if (chart) { chart.destroy(); chart = null; }
         box.textContent = "";
         if (!window.uPlot) { box.textContent = "Chart library not loaded."; return; }
-        var width = Math.max(260, box.clientWidth || 600);
+        var width = Math.max(260, (box.clientWidth || 600) - 16);
         chart = new window.uPlot({
           width: width, height: 220,
           scales: { x: { time: true } },
@@ -308,6 +308,12 @@
           series: [{ label: "time (UTC)" }, { label: m, stroke: "#1f4e8c", width: 2, fill: "rgba(31,78,140,0.12)", paths: window.uPlot.paths && window.uPlot.paths.stepped ? window.uPlot.paths.stepped({ align: 1 }) : undefined }],
           tzDate: function (ts) { return window.uPlot.tzDate(new Date(ts * 1000), "Etc/UTC"); }
         }, [xs, ys], box);
+        var c = chart;
+        var onResize = function () {
+          if (chart !== c || !document.body.contains(box)) { window.removeEventListener("resize", onResize); return; }
+          c.setSize({ width: Math.max(260, box.clientWidth - 16), height: 220 });
+        };
+        window.addEventListener("resize", onResize);
       }, fail($("#chart-summary", root)));
     }
     $("#chart-meter", root).addEventListener("change", loadChart);
@@ -463,7 +469,7 @@
     function load() {
       return api("GET", "/v1/stripe/outbox?state=dead&limit=100").then(function (r) {
         setField(root, "mode", r.mode === "send" ? "sending to Stripe" : "log only (no API key)");
-        setField(root, "last_error", r.last_error ? "Last error: " + r.last_error : "");
+        $("[data-field=last_error]", root).textContent = r.last_error ? "Last error: " + r.last_error : "";
         ["pending_rows", "unknown_rows", "sent_rows", "dead_rows"].forEach(function (k) { setField(root, k, r.stats[k]); });
         var um = $("#unmapped-list", root);
         um.textContent = "";
