@@ -545,3 +545,105 @@ async fn a_wrong_token_is_refused_clearly() {
     b.c.close().await.unwrap();
     env.handle.shutdown().await;
 }
+
+/// The routes the console added, without a browser: the customer search pages in key order,
+/// the usage series adds up to `/v1/usage`, the overview counts what the other routes list,
+/// the pages are served with their security headers, and `/openapi.json` documents it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_routes_and_api() {
+    let env = start().await;
+    env.put_meter("api_calls", tally_protocol::catalog::Aggregation::Sum);
+    let k = key(41);
+    let mut a = env.client(&k).await;
+    let now = now_ms();
+    let q = |n: i64| Decimal::from(n);
+    let mut deltas = Vec::new();
+    for (i, c) in ["acme", "acme-eu", "beta", "zeta"].iter().enumerate() {
+        deltas.push(delta(c, "api_calls", &[], now - 3_600_000 * i as i64, q(10 + i as i64), 1));
+    }
+    deltas.push(delta("acme", "api_calls", &[], now - 30 * 86_400_000, q(5), 1));
+    match send(&mut a, &seal(&k, 1, 1, deltas)).await {
+        Frame::Ack(x) => assert_eq!(x.outcome, AckOutcome::Committed),
+        other => panic!("{other:?}"),
+    }
+    map_plain(&env, "cus_only_settings").await;
+
+    // Search by prefix, in key order, paged.
+    let (st, v) = env.admin("GET", "/v1/customers?prefix=acme", None).await;
+    assert_eq!(st, 200, "{v}");
+    let keys: Vec<&str> = v["data"].as_array().unwrap().iter().map(|c| c["customer"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["acme", "acme-eu"]);
+    let (_, p1) = env.admin("GET", "/v1/customers?limit=2", None).await;
+    assert_eq!(p1["has_more"], true);
+    let after = p1["next_after"].as_str().unwrap().to_owned();
+    let (_, p2) = env.admin("GET", &format!("/v1/customers?limit=10&after={after}"), None).await;
+    let all: Vec<&str> = p1["data"].as_array().unwrap().iter().chain(p2["data"].as_array().unwrap())
+        .map(|c| c["customer"].as_str().unwrap()).collect();
+    assert_eq!(all, ["acme", "acme-eu", "beta", "cus_only_settings", "zeta"]);
+    let (_, one) = env.admin("GET", "/v1/customers/cus_only_settings", None).await;
+    assert_eq!(one["stripe_customer_id"], "cus_only_settings", "{one}");
+    assert_eq!(env.admin("GET", "/v1/customers/nobody", None).await.0, 404);
+    assert_eq!(env.admin("GET", "/v1/customers?limit=0", None).await.0, 400);
+
+    // The series adds up to the ledger's usage over its range, empty buckets included.
+    let (st, s) = env
+        .admin("GET", &format!("/v1/usage/series?customer=acme&meter=api_calls&granularity=day&from={}&to={}", now - 40 * 86_400_000, now + 1), None)
+        .await;
+    assert_eq!(st, 200, "{s}");
+    assert_eq!(dec(&s["total"]), q(15));
+    assert_eq!(s["data"].as_array().unwrap().len(), 41);
+    let (_, h) = env.admin("GET", "/v1/usage/series?customer=acme&meter=api_calls", None).await;
+    assert_eq!(dec(&h["total"]), q(10), "the default 48 hours leave the old delta out: {h}");
+    assert_eq!(h["data"].as_array().unwrap().len(), 49);
+    let (st, e) = env.admin("GET", "/v1/usage/series?customer=acme&meter=api_calls&granularity=week", None).await;
+    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("granularity")));
+    let (st, e) = env.admin("GET", "/v1/usage/series?customer=acme&meter=api_calls&from=0", None).await;
+    assert_eq!((st, e["error"]["code"].as_str()), (400, Some("invalid_range")));
+
+    // The overview.
+    let (_, o) = env.admin("GET", "/v1/overview", None).await;
+    assert_eq!(o["deltas_total"], 5, "{o}");
+    assert_eq!(o["agents"]["connected"], 1, "{o}");
+    assert!(o["deltas_per_s"].is_string(), "a rate since the start: {o}");
+
+    // Pages: no token needed for markup, security headers on, fragments for htmx.
+    let (st, html) = env.http("GET", "/console/agents", None, None).await;
+    assert_eq!(st, 200);
+    assert!(html.contains("<!doctype html>") && html.contains(r#"data-page="agents""#));
+    let (st, _) = env.http("GET", "/console/assets/htmx-2.0.11.min.js", None, None).await;
+    assert_eq!(st, 200);
+    assert_eq!(env.http("GET", "/console/nope", None, None).await.0, 404);
+    assert_eq!(env.http("GET", "/console/assets/nope.js", None, None).await.0, 404);
+    let raw = raw_get(env.handle.http_addr(), "/console/customers/a%3Cb%3E", true).await;
+    assert!(raw.contains("content-security-policy: default-src 'self'"), "{raw}");
+    assert!(raw.contains("a&lt;b&gt;") && !raw.contains("<b>"), "escaped: {raw}");
+    assert!(!raw.contains("<!doctype html>"), "a fragment for htmx: {raw}");
+    let (_, redirect) = env.http("GET", "/", None, None).await;
+    assert!(redirect.is_empty());
+
+    let (_, doc) = env.http("GET", "/openapi.json", None, None).await;
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    for p in ["/v1/usage/series", "/v1/customers", "/v1/customers/{customer}", "/v1/overview"] {
+        assert!(doc["paths"][p].is_object(), "{p} documented");
+    }
+    env.handle.shutdown().await;
+}
+
+async fn map_plain(env: &Env, customer: &str) {
+    let (st, v) = env.admin("PUT", &format!("/v1/customers/{customer}"), Some("{}")).await;
+    assert_eq!(st, 200, "{v}");
+}
+
+/// A GET with or without `HX-Request`; the whole answer, head included, lowercased head.
+async fn raw_get(addr: std::net::SocketAddr, path: &str, htmx: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let hx = if htmx { "HX-Request: true\r\n" } else { "" };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{hx}\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    format!("{}\r\n\r\n{body}", head.to_ascii_lowercase())
+}

@@ -2,9 +2,9 @@
 //! for scripts (a status board, an alert).
 //!
 //! Rates need two readings of a counter: [`Sampler`] keeps a bounded ring of readings taken by
-//! the requests themselves (at most one per [`SAMPLE_EVERY_MS`]) and answers the rate between
-//! the last two, so answers between two readings agree with each other (decision 0076). It is
-//! a plain struct driven by the caller's `now_ms`.
+//! the requests themselves (at most one per [`SAMPLE_EVERY_MS`]; the first is the collector's
+//! start) and answers the rate between the last two, so answers between two readings agree
+//! with each other (decision 0076). It is a plain struct driven by the caller's `now_ms`.
 
 use super::errors::*;
 use super::state::{St, blocking};
@@ -84,15 +84,16 @@ impl Sampler {
             }
             self.ring.push_back(now);
         }
-        self.rates()
+        let n = self.ring.len();
+        match n {
+            0 => Rates::default(),
+            // Only the first reading so far: the rate up to now (moves until a second is kept).
+            1 => Self::between(self.ring[0], now),
+            _ => Self::between(self.ring[n - 2], self.ring[n - 1]),
+        }
     }
 
-    fn rates(&self) -> Rates {
-        let n = self.ring.len();
-        if n < 2 {
-            return Rates::default();
-        }
-        let (a, b) = (self.ring[n - 2], self.ring[n - 1]);
+    fn between(a: Reading, b: Reading) -> Rates {
         let window_ms = b.at_ms - a.at_ms;
         if window_ms <= 0 {
             return Rates::default();
@@ -329,7 +330,9 @@ mod tests {
     fn rates_are_between_kept_readings_and_stable_in_between() {
         let mut s = Sampler::default();
         assert_eq!(s.offer(r(0, 0)).deltas_per_s, None);
-        assert_eq!(s.offer(r(1_000, 10)).deltas_per_s, None, "too soon: not kept");
+        let first = s.offer(r(1_000, 10));
+        assert_eq!(first.deltas_per_s.unwrap().to_string(), "10.00", "since the first");
+        assert_eq!(s.ring.len(), 1, "too soon: not kept");
         let a = s.offer(r(5_000, 100));
         assert_eq!(a.deltas_per_s.unwrap().to_string(), "20.00");
         assert_eq!(a.metering_lag_s, None);
@@ -341,6 +344,6 @@ mod tests {
         }
         assert_eq!(s.ring.len(), SAMPLES_MAX);
         // A counter that went back (a new registry) starts over.
-        assert_eq!(s.offer(r(1_000_000, 0)).deltas_per_s, None);
+        assert_eq!(s.offer(r(1_000_000, 0)).window_ms, 0);
     }
 }

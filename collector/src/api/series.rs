@@ -88,6 +88,9 @@ impl Buckets {
     /// Buckets aligned to the granularity; `None` when the range is empty, reversed or wider
     /// than [`MAX_BUCKETS`].
     pub fn new(from_ms: i64, to_ms: i64, g: Granularity) -> Option<Buckets> {
+        if to_ms <= from_ms {
+            return None;
+        }
         let step_ms = g.ms();
         let from_ms = from_ms.div_euclid(step_ms) * step_ms;
         let n = to_ms.checked_sub(from_ms)?.checked_add(step_ms - 1)? / step_ms;
