@@ -48,7 +48,9 @@ async fn browser() -> Option<Browser> {
         on_path(&["chromium", "chromium-browser", "google-chrome"]),
         on_path(&["chromedriver"]),
     ) else {
-        eprintln!("console test skipped: chromium and chromedriver are not installed (.ci/run installs them)");
+        eprintln!(
+            "console test skipped: chromium and chromedriver are not installed (.ci/run installs them)"
+        );
         return None;
     };
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -151,13 +153,12 @@ impl Browser {
         std::fs::create_dir_all(dir).unwrap();
         // The whole page: as tall as its content (at most 2,400 px), then back.
         let (w, h) = self.c.get_window_size().await.unwrap();
-        let full = self.js("return document.documentElement.scrollHeight").await;
+        let full = self
+            .js("return document.documentElement.scrollHeight")
+            .await;
         let full = full.as_u64().unwrap_or(h).clamp(h, 2_400);
         self.js("window.scrollTo(0, 0)").await;
-        self.c
-            .set_window_size(w as u32, full as u32)
-            .await
-            .unwrap();
+        self.c.set_window_size(w as u32, full as u32).await.unwrap();
         // Let the chart redraw at its width and the fonts settle.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let png = self.c.screenshot().await.unwrap();
@@ -259,7 +260,12 @@ async fn scenario(server: &FakeStripe) -> (Env, tally_collector::testkit::TestCl
         }
     }
     // A meter the catalog does not have: the batch is quarantined whole.
-    let bad = seal(&ka, 1, 4, vec![delta("acme", "gpu_minutes", &[], now, q("3"), 1)]);
+    let bad = seal(
+        &ka,
+        1,
+        4,
+        vec![delta("acme", "gpu_minutes", &[], now, q("3"), 1)],
+    );
     match send(&mut a, &bad).await {
         Frame::Ack(x) => assert!(matches!(x.outcome, AckOutcome::Quarantined { .. }), "{x:?}"),
         other => panic!("{other:?}"),
@@ -267,7 +273,19 @@ async fn scenario(server: &FakeStripe) -> (Env, tally_collector::testkit::TestCl
     // A second agent sends once and goes away.
     {
         let mut b = env.client(&kb).await;
-        let batch = seal(&kb, 1, 1, vec![delta("initech", "api_calls", &[], now - 7_200_000, q("5"), 5)]);
+        let batch = seal(
+            &kb,
+            1,
+            1,
+            vec![delta(
+                "initech",
+                "api_calls",
+                &[],
+                now - 7_200_000,
+                q("5"),
+                5,
+            )],
+        );
         match send(&mut b, &batch).await {
             Frame::Ack(x) => assert_eq!(x.outcome, AckOutcome::Committed),
             other => panic!("{other:?}"),
@@ -281,7 +299,9 @@ async fn scenario(server: &FakeStripe) -> (Env, tally_collector::testkit::TestCl
         let (_, d) = env.admin("GET", "/v1/stripe/outbox?state=dead", None).await;
         let unmapped = env.handle.shared().stripe.status().unmapped;
         if !d["data"].as_array().unwrap().is_empty() && unmapped.contains_key("initech") {
-            let (_, p) = env.admin("GET", "/v1/stripe/outbox?state=pending", None).await;
+            let (_, p) = env
+                .admin("GET", "/v1/stripe/outbox?state=pending", None)
+                .await;
             let waiting = p["data"].as_array().unwrap();
             if waiting.iter().all(|r| r["row"]["customer"] == "initech") {
                 return (env, a);
@@ -298,7 +318,11 @@ fn ledger_usage(env: &Env, c: &str, m: &str, period: &str) -> Decimal {
     env.handle
         .shared()
         .store
-        .usage_accounts(&CustomerId::new(c).unwrap(), Some(&MeterName::new(m).unwrap()), Some(p))
+        .usage_accounts(
+            &CustomerId::new(c).unwrap(),
+            Some(&MeterName::new(m).unwrap()),
+            Some(p),
+        )
         .unwrap()
         .iter()
         .map(|a| a.balance())
@@ -318,7 +342,8 @@ async fn console_end_to_end_in_chromium() {
     b.until("document.querySelector('#main [data-page=overview][data-loaded]')")
         .await;
     assert_eq!(
-        b.js("return sessionStorage.getItem('tally.admin_token')").await,
+        b.js("return sessionStorage.getItem('tally.admin_token')")
+            .await,
         Value::String(token.clone())
     );
     let url = b.c.current_url().await.unwrap();
@@ -362,7 +387,11 @@ async fn console_end_to_end_in_chromium() {
     let links = b
         .js("return Array.from(document.querySelectorAll('.figure')).map(a => a.getAttribute('href'))")
         .await;
-    for page in ["/console/agents", "/console/stripe#dead", "/console/quarantine"] {
+    for page in [
+        "/console/agents",
+        "/console/stripe#dead",
+        "/console/quarantine",
+    ] {
         assert!(links.as_array().unwrap().contains(&json!(page)), "{links}");
     }
     b.shot("overview").await;
@@ -383,7 +412,13 @@ async fn console_end_to_end_in_chromium() {
     b.click("#customers-table tbody a").await;
     b.until("document.querySelector('#main [data-page=customer][data-loaded]')")
         .await;
-    assert!(b.c.current_url().await.unwrap().path().ends_with("/console/customers/acme"));
+    assert!(
+        b.c.current_url()
+            .await
+            .unwrap()
+            .path()
+            .ends_with("/console/customers/acme")
+    );
     let period = tally_collector::core::ledger::Period::of_ms(now_ms()).to_string();
     let rows = b
         .js("return Array.from(document.querySelectorAll('#usage-table tbody tr')).map(r => [r.dataset.meter, r.dataset.period, r.cells[2].textContent])")
@@ -394,15 +429,22 @@ async fn console_end_to_end_in_chromium() {
         let (m, p, q) = (r[0].as_str().unwrap(), r[1].as_str().unwrap(), dec(&r[2]));
         assert_eq!(q, ledger_usage(&env, "acme", m, p), "{m} {p}");
         let (_, u) = env
-            .admin("GET", &format!("/v1/usage?customer=acme&meter={m}&period={p}"), None)
+            .admin(
+                "GET",
+                &format!("/v1/usage?customer=acme&meter={m}&period={p}"),
+                None,
+            )
             .await;
         assert_eq!(q, dec(&u["quantity"]), "{u}");
     }
     let before = ledger_usage(&env, "acme", "api_calls", &period);
     assert_eq!(before, Decimal::from(242));
     // The chart's series adds up to the ledger (every unit of acme is inside its 48 hours).
-    b.until("document.querySelector('#chart[data-total]')").await;
-    let total = b.js("return document.querySelector('#chart').dataset.total").await;
+    b.until("document.querySelector('#chart[data-total]')")
+        .await;
+    let total = b
+        .js("return document.querySelector('#chart').dataset.total")
+        .await;
     assert_eq!(dec(&total), before);
     b.until("document.querySelector('#chart canvas')").await;
     assert_eq!(
@@ -459,8 +501,15 @@ async fn console_end_to_end_in_chromium() {
     .await;
     let mut sent = false;
     for _ in 0..200 {
-        let (_, s) = env.admin("GET", "/v1/stripe/outbox?state=sent&limit=1000", None).await;
-        if s["data"].as_array().unwrap().iter().any(|r| r["row"]["id"] == row) {
+        let (_, s) = env
+            .admin("GET", "/v1/stripe/outbox?state=sent&limit=1000", None)
+            .await;
+        if s["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["row"]["id"] == row)
+        {
             sent = true;
             break;
         }
@@ -472,15 +521,20 @@ async fn console_end_to_end_in_chromium() {
     // Agents: revoke with confirmation.
     b.open("agents").await;
     let kb = agent_id(&key(32)).to_string();
-    b.until(&format!("document.querySelector(\"tr[data-agent='{kb}'][data-state=offline]\")"))
-        .await;
+    b.until(&format!(
+        "document.querySelector(\"tr[data-agent='{kb}'][data-state=offline]\")"
+    ))
+    .await;
     b.shot("agents").await;
     b.click(&format!("button[data-agent='{kb}']")).await;
-    b.until("document.querySelector('#revoke-dialog').open").await;
+    b.until("document.querySelector('#revoke-dialog').open")
+        .await;
     b.shot("agents-revoke").await;
     b.click("#revoke-confirm").await;
-    b.until(&format!("document.querySelector(\"tr[data-agent='{kb}'][data-state=revoked]\")"))
-        .await;
+    b.until(&format!(
+        "document.querySelector(\"tr[data-agent='{kb}'][data-state=revoked]\")"
+    ))
+    .await;
     let (_, agents) = env.admin("GET", "/v1/agents", None).await;
     let revoked = agents["data"]
         .as_array()
@@ -529,14 +583,19 @@ async fn a_wrong_token_is_refused_clearly() {
     let env = start().await;
     let base = format!("http://{}", env.handle.http_addr());
     b.sign_in(&base, "not-the-admin-token").await;
-    b.until("!document.querySelector('#signin-error').hidden").await;
+    b.until("!document.querySelector('#signin-error').hidden")
+        .await;
     let msg = b.text("#signin-error").await;
     assert!(msg.contains("Wrong admin token"), "{msg}");
     assert_eq!(
-        b.js("return sessionStorage.getItem('tally.admin_token')").await,
+        b.js("return sessionStorage.getItem('tally.admin_token')")
+            .await,
         Value::Null
     );
-    assert_eq!(b.js("return document.querySelector('#main').hidden").await, Value::Bool(true));
+    assert_eq!(
+        b.js("return document.querySelector('#main').hidden").await,
+        Value::Bool(true)
+    );
     b.shot("signin-refused").await;
     // A page reached directly still asks for the token first.
     b.c.goto(&format!("{base}/console/agents")).await.unwrap();
@@ -559,9 +618,23 @@ async fn console_routes_and_api() {
     let q = |n: i64| Decimal::from(n);
     let mut deltas = Vec::new();
     for (i, c) in ["acme", "acme-eu", "beta", "zeta"].iter().enumerate() {
-        deltas.push(delta(c, "api_calls", &[], now - 3_600_000 * i as i64, q(10 + i as i64), 1));
+        deltas.push(delta(
+            c,
+            "api_calls",
+            &[],
+            now - 3_600_000 * i as i64,
+            q(10 + i as i64),
+            1,
+        ));
     }
-    deltas.push(delta("acme", "api_calls", &[], now - 30 * 86_400_000, q(5), 1));
+    deltas.push(delta(
+        "acme",
+        "api_calls",
+        &[],
+        now - 30 * 86_400_000,
+        q(5),
+        1,
+    ));
     match send(&mut a, &seal(&k, 1, 1, deltas)).await {
         Frame::Ack(x) => assert_eq!(x.outcome, AckOutcome::Committed),
         other => panic!("{other:?}"),
@@ -571,34 +644,91 @@ async fn console_routes_and_api() {
     // Search by prefix, in key order, paged.
     let (st, v) = env.admin("GET", "/v1/customers?prefix=acme", None).await;
     assert_eq!(st, 200, "{v}");
-    let keys: Vec<&str> = v["data"].as_array().unwrap().iter().map(|c| c["customer"].as_str().unwrap()).collect();
+    let keys: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["customer"].as_str().unwrap())
+        .collect();
     assert_eq!(keys, ["acme", "acme-eu"]);
     let (_, p1) = env.admin("GET", "/v1/customers?limit=2", None).await;
     assert_eq!(p1["has_more"], true);
     let after = p1["next_after"].as_str().unwrap().to_owned();
-    let (_, p2) = env.admin("GET", &format!("/v1/customers?limit=10&after={after}"), None).await;
-    let all: Vec<&str> = p1["data"].as_array().unwrap().iter().chain(p2["data"].as_array().unwrap())
-        .map(|c| c["customer"].as_str().unwrap()).collect();
-    assert_eq!(all, ["acme", "acme-eu", "beta", "cus_only_settings", "zeta"]);
-    let (_, one) = env.admin("GET", "/v1/customers/cus_only_settings", None).await;
+    let (_, p2) = env
+        .admin(
+            "GET",
+            &format!("/v1/customers?limit=10&after={after}"),
+            None,
+        )
+        .await;
+    let all: Vec<&str> = p1["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(p2["data"].as_array().unwrap())
+        .map(|c| c["customer"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        all,
+        ["acme", "acme-eu", "beta", "cus_only_settings", "zeta"]
+    );
+    let (_, one) = env
+        .admin("GET", "/v1/customers/cus_only_settings", None)
+        .await;
     assert_eq!(one["stripe_customer_id"], "cus_only_settings", "{one}");
     assert_eq!(env.admin("GET", "/v1/customers/nobody", None).await.0, 404);
     assert_eq!(env.admin("GET", "/v1/customers?limit=0", None).await.0, 400);
 
     // The series adds up to the ledger's usage over its range, empty buckets included.
     let (st, s) = env
-        .admin("GET", &format!("/v1/usage/series?customer=acme&meter=api_calls&granularity=day&from={}&to={}", now - 40 * 86_400_000, now + 1), None)
+        .admin(
+            "GET",
+            &format!(
+                "/v1/usage/series?customer=acme&meter=api_calls&granularity=day&from={}&to={}",
+                now - 40 * 86_400_000,
+                now + 1
+            ),
+            None,
+        )
         .await;
     assert_eq!(st, 200, "{s}");
     assert_eq!(dec(&s["total"]), q(15));
     assert_eq!(s["data"].as_array().unwrap().len(), 41);
-    let (_, h) = env.admin("GET", "/v1/usage/series?customer=acme&meter=api_calls", None).await;
-    assert_eq!(dec(&h["total"]), q(10), "the default 48 hours leave the old delta out: {h}");
+    let (_, h) = env
+        .admin(
+            "GET",
+            "/v1/usage/series?customer=acme&meter=api_calls",
+            None,
+        )
+        .await;
+    assert_eq!(
+        dec(&h["total"]),
+        q(10),
+        "the default 48 hours leave the old delta out: {h}"
+    );
     assert_eq!(h["data"].as_array().unwrap().len(), 49);
-    let (st, e) = env.admin("GET", "/v1/usage/series?customer=acme&meter=api_calls&granularity=week", None).await;
-    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("granularity")));
-    let (st, e) = env.admin("GET", "/v1/usage/series?customer=acme&meter=api_calls&from=0", None).await;
-    assert_eq!((st, e["error"]["code"].as_str()), (400, Some("invalid_range")));
+    let (st, e) = env
+        .admin(
+            "GET",
+            "/v1/usage/series?customer=acme&meter=api_calls&granularity=week",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, e["error"]["param"].as_str()),
+        (400, Some("granularity"))
+    );
+    let (st, e) = env
+        .admin(
+            "GET",
+            "/v1/usage/series?customer=acme&meter=api_calls&from=0",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (400, Some("invalid_range"))
+    );
 
     // The overview.
     let (_, o) = env.admin("GET", "/v1/overview", None).await;
@@ -610,27 +740,50 @@ async fn console_routes_and_api() {
     let (st, html) = env.http("GET", "/console/agents", None, None).await;
     assert_eq!(st, 200);
     assert!(html.contains("<!doctype html>") && html.contains(r#"data-page="agents""#));
-    let (st, _) = env.http("GET", "/console/assets/htmx-2.0.11.min.js", None, None).await;
+    let (st, _) = env
+        .http("GET", "/console/assets/htmx-2.0.11.min.js", None, None)
+        .await;
     assert_eq!(st, 200);
     assert_eq!(env.http("GET", "/console/nope", None, None).await.0, 404);
-    assert_eq!(env.http("GET", "/console/assets/nope.js", None, None).await.0, 404);
+    assert_eq!(
+        env.http("GET", "/console/assets/nope.js", None, None)
+            .await
+            .0,
+        404
+    );
     let raw = raw_get(env.handle.http_addr(), "/console/customers/a%3Cb%3E", true).await;
-    assert!(raw.contains("content-security-policy: default-src 'self'"), "{raw}");
-    assert!(raw.contains("a&lt;b&gt;") && !raw.contains("<b>"), "escaped: {raw}");
-    assert!(!raw.contains("<!doctype html>"), "a fragment for htmx: {raw}");
+    assert!(
+        raw.contains("content-security-policy: default-src 'self'"),
+        "{raw}"
+    );
+    assert!(
+        raw.contains("a&lt;b&gt;") && !raw.contains("<b>"),
+        "escaped: {raw}"
+    );
+    assert!(
+        !raw.contains("<!doctype html>"),
+        "a fragment for htmx: {raw}"
+    );
     let (_, redirect) = env.http("GET", "/", None, None).await;
     assert!(redirect.is_empty());
 
     let (_, doc) = env.http("GET", "/openapi.json", None, None).await;
     let doc: Value = serde_json::from_str(&doc).unwrap();
-    for p in ["/v1/usage/series", "/v1/customers", "/v1/customers/{customer}", "/v1/overview"] {
+    for p in [
+        "/v1/usage/series",
+        "/v1/customers",
+        "/v1/customers/{customer}",
+        "/v1/overview",
+    ] {
         assert!(doc["paths"][p].is_object(), "{p} documented");
     }
     env.handle.shutdown().await;
 }
 
 async fn map_plain(env: &Env, customer: &str) {
-    let (st, v) = env.admin("PUT", &format!("/v1/customers/{customer}"), Some("{}")).await;
+    let (st, v) = env
+        .admin("PUT", &format!("/v1/customers/{customer}"), Some("{}"))
+        .await;
     assert_eq!(st, 200, "{v}");
 }
 

@@ -104,8 +104,11 @@ pub(super) async fn get_customer(
     let key = c.as_str().to_owned();
     let found = blocking(&shared, move |s| {
         let rec = s.store.customer(&key)?;
-        let known =
-            rec.is_some() || s.store.customers(&key, "", 1)?.first().is_some_and(|k| *k == key);
+        let known = rec.is_some()
+            || s.store
+                .customers(&key, "", 1)?
+                .first()
+                .is_some_and(|k| *k == key);
         Ok((rec, known))
     })
     .await?;

@@ -142,7 +142,10 @@ impl SharedSampler {
     }
 
     fn offer(&self, r: Reading) -> Rates {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).offer(r)
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .offer(r)
     }
 }
 
@@ -323,7 +326,10 @@ mod tests {
             histogram_totals("x_seconds_sum 1e-3\nx_seconds_count 1\n", "x_seconds"),
             Some((1, 1))
         );
-        assert_eq!(histogram_totals("x_seconds_sum NaN\nx_seconds_count 1\n", "x_seconds"), None);
+        assert_eq!(
+            histogram_totals("x_seconds_sum NaN\nx_seconds_count 1\n", "x_seconds"),
+            None
+        );
     }
 
     #[test]
@@ -331,7 +337,11 @@ mod tests {
         let mut s = Sampler::default();
         assert_eq!(s.offer(r(0, 0)).deltas_per_s, None);
         let first = s.offer(r(1_000, 10));
-        assert_eq!(first.deltas_per_s.unwrap().to_string(), "10.00", "since the first");
+        assert_eq!(
+            first.deltas_per_s.unwrap().to_string(),
+            "10.00",
+            "since the first"
+        );
         assert_eq!(s.ring.len(), 1, "too soon: not kept");
         let a = s.offer(r(5_000, 100));
         assert_eq!(a.deltas_per_s.unwrap().to_string(), "20.00");

@@ -94,7 +94,7 @@ impl Buckets {
         let step_ms = g.ms();
         let from_ms = from_ms.div_euclid(step_ms) * step_ms;
         let n = to_ms.checked_sub(from_ms)?.checked_add(step_ms - 1)? / step_ms;
-        if n < 1 || n > MAX_BUCKETS {
+        if !(1..=MAX_BUCKETS).contains(&n) {
             return None;
         }
         let points = (0..n)
@@ -218,8 +218,7 @@ pub(super) async fn series(State(shared): St, RawQuery(raw): RawQuery) -> ApiRes
         )
     })?;
     let (c2, m2) = (c.clone(), m.clone());
-    let (buckets, truncated) =
-        blocking(&shared, move |s| Ok(scan(s, &c2, &m2, buckets))).await??;
+    let (buckets, truncated) = blocking(&shared, move |s| Ok(scan(s, &c2, &m2, buckets))).await??;
     let total = buckets.points().iter().map(|p| p.quantity).sum();
     Ok(axum::Json(Series {
         customer: c.to_string(),
@@ -242,7 +241,10 @@ fn scan(
     let mut after = 0;
     let mut scanned = 0;
     loop {
-        let rows = s.store.entries(Some(c), after, PAGE).map_err(ApiError::from)?;
+        let rows = s
+            .store
+            .entries(Some(c), after, PAGE)
+            .map_err(ApiError::from)?;
         for (_, t) in &rows {
             if t.unit == *m {
                 buckets.add(t);

@@ -68,7 +68,10 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/", get(|| async { Redirect::to("/console/") }))
         .route("/console", get(|| async { Redirect::to("/console/") }))
-        .route("/console/", get(|h: HeaderMap| async move { page(&h, "overview") }))
+        .route(
+            "/console/",
+            get(|h: HeaderMap| async move { page(&h, "overview") }),
+        )
         .route(
             "/console/{page}",
             get(|h: HeaderMap, Path(p): Path<String>| async move { page(&h, &p) }),
@@ -106,7 +109,8 @@ fn not_found(headers: &HeaderMap) -> Response {
 
 /// The fragment alone for htmx's swaps, else the whole page around it.
 fn answer(headers: &HeaderMap, current: &str, title: &str, body: String) -> Response {
-    let swap = headers.contains_key("hx-request") && !headers.contains_key("hx-history-restore-request");
+    let swap =
+        headers.contains_key("hx-request") && !headers.contains_key("hx-history-restore-request");
     let html = if swap {
         format!("<title>Tally · {}</title>\n{body}", escape(title))
     } else {
@@ -156,7 +160,10 @@ pub(crate) fn secure(h: &mut HeaderMap) {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
 }
 
 /// Escapes text for HTML content and attribute values.
@@ -186,7 +193,11 @@ mod tests {
     #[test]
     fn every_page_has_its_marker_and_no_inline_script() {
         for p in PAGES {
-            assert!(p.body.contains(&format!(r#"data-page="{}""#, p.slug)), "{}", p.slug);
+            assert!(
+                p.body.contains(&format!(r#"data-page="{}""#, p.slug)),
+                "{}",
+                p.slug
+            );
         }
         let all = PAGES.iter().map(|p| p.body).chain([CUSTOMER, SHELL]);
         for b in all {

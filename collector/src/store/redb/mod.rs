@@ -31,8 +31,8 @@ use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 use std::path::Path;
 use tables::{
-    ACCOUNTS, ADJUSTMENTS, AGENTS, BATCHES, CATALOG_KEY, CATALOGS, DEDUP, META, NAMESPACE_KEY,
-    CUSTOMERS, QUARANTINE, TRANSFERS, USAGE_IDX, UsageKey,
+    ACCOUNTS, ADJUSTMENTS, AGENTS, BATCHES, CATALOG_KEY, CATALOGS, CUSTOMERS, DEDUP, META,
+    NAMESPACE_KEY, QUARANTINE, TRANSFERS, USAGE_IDX, UsageKey,
 };
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
