@@ -55,7 +55,8 @@ fn filled(dir: &std::path::Path) -> RedbStore {
             .collect();
         let body = BatchBody::new(agent, 1, i as u64 + 1, T0, deltas).expect("body");
         let signed = SignedBatch::seal(&body, &key).expect("seal");
-        s.ingest(&[IngestBatch { body, signed }], T0).expect("ingest");
+        s.ingest(&[IngestBatch { body, signed }], T0)
+            .expect("ingest");
     }
     s
 }
