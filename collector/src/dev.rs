@@ -260,6 +260,7 @@ fn print_banner(
     println!("tally dev is running");
     println!("  collector QUIC   {}", c.quic_addr());
     println!("  admin API        http://{http}");
+    println!("  console          http://{http}/console/ (sign in with the admin token)");
     println!("  admin token      {token}");
     println!("  data             {}", opts.data_dir.display());
     if agent {

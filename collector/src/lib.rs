@@ -14,6 +14,7 @@
 //!   [`store::redb::tables`], the Stripe outbox in [`store::redb::outbox`]) and the in-memory
 //!   reference store ([`store::memory`]).
 //! - [`api`]: the admin HTTP API, one file per resource.
+//! - [`console`]: the web console on the admin address (pages and vendored assets).
 //! - [`stripe`]: the forwarder's lifecycle, configuration and reconciliation (SPEC §6.4).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`mod@init`], [`config`], [`start`], [`dev`]: files on disk, configuration, starting it
@@ -38,6 +39,7 @@
 pub mod api;
 pub mod catalog;
 pub mod config;
+pub mod console;
 pub mod core;
 pub mod dev;
 pub mod entitlements;

@@ -24,6 +24,8 @@ pub struct AgentBody {
     pub last_seen_ms: i64,
     /// Milliseconds since it was last seen.
     pub lag_ms: i64,
+    /// True while it has a live connection to this collector.
+    pub connected: bool,
     /// Its latest epoch.
     pub epoch: Option<u64>,
     /// In that epoch, every seq up to this one is durable (the watermark).
@@ -76,6 +78,7 @@ pub(super) async fn agents(State(shared): St) -> ApiResult<Agents> {
                 revoked_at_ms: a.revoked_at_ms,
                 last_seen_ms,
                 lag_ms: now.saturating_sub(last_seen_ms),
+                connected: shared.registry.live_connections(a.id) > 0,
                 epoch: latest.map(|e| e.epoch),
                 acked_seq: latest.map(|e| e.dedup.watermark),
                 highest_seq: latest.map(|e| e.dedup.highest()),

@@ -24,6 +24,10 @@ pub struct Entry {
     /// The amount, a decimal string.
     #[schema(value_type = String)]
     pub amount: Decimal,
+    /// The signed change to the customer's usage (`amount`, negative when the usage account is
+    /// debited), a decimal string.
+    #[schema(value_type = String)]
+    pub quantity: Decimal,
     /// Events carried.
     pub events: u64,
     /// The customer.
@@ -65,6 +69,7 @@ impl Entry {
             credit_account: format!("{:032x}", t.credit),
             unit: t.unit.to_string(),
             amount: t.amount,
+            quantity: super::series::signed_amount(t),
             events: t.events,
             customer: t.customer.to_string(),
             event_at_ms: t.event_at_ms,

@@ -20,6 +20,7 @@ mod adjustments;
 mod agents;
 mod enroll_tokens;
 mod entitlements;
+mod customers;
 mod errors;
 mod grants;
 mod ledger;
@@ -27,7 +28,9 @@ mod meters;
 mod openapi;
 mod ops;
 mod plans;
+pub mod overview;
 mod quarantine;
+pub mod series;
 mod state;
 mod stripe;
 mod usage;
@@ -62,6 +65,9 @@ pub async fn serve(
 pub fn router(shared: Arc<ApiState>) -> Router {
     let private = Router::new()
         .route("/v1/usage", get(usage::usage))
+        .route("/v1/usage/series", get(series::series))
+        .route("/v1/customers", get(customers::list_customers))
+        .route("/v1/overview", get(overview::overview))
         .route("/v1/customers/{customer}/usage", get(usage::customer_usage))
         .route("/v1/meters", get(meters::list_meters))
         .route("/v1/meters/{meter}", put(meters::put_meter))
@@ -76,7 +82,10 @@ pub fn router(shared: Arc<ApiState>) -> Router {
         .route("/v1/enroll-tokens/{id}", delete(enroll_tokens::revoke))
         .route("/v1/adjustments", post(adjustments::adjust))
         .route("/v1/quarantine", get(quarantine::quarantine))
-        .route("/v1/customers/{customer}", put(stripe::put_customer))
+        .route(
+            "/v1/customers/{customer}",
+            put(stripe::put_customer).get(customers::get_customer),
+        )
         .route(
             "/v1/plans/{plan}",
             put(plans::put_plan).get(plans::get_plan),
@@ -101,6 +110,7 @@ pub fn router(shared: Arc<ApiState>) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/v1/stripe/webhooks", post(stripe::webhook))
         .route("/openapi.json", get(openapi::openapi))
+        .merge(crate::console::routes())
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
         .with_state(shared)

@@ -32,6 +32,8 @@ pub struct ApiState {
     pub export: std::sync::OnceLock<crate::export::ExportRunner>,
     /// Plans, grants, leases and their pushes (set once at start).
     pub entitlements: std::sync::OnceLock<Arc<crate::entitlements::Entitlements>>,
+    /// Readings behind the overview's rates.
+    pub(crate) overview: super::overview::SharedSampler,
     admin_token: String,
     clock: SharedClock,
 }
@@ -55,6 +57,7 @@ impl ApiState {
             catalogs,
             export: std::sync::OnceLock::new(),
             entitlements: std::sync::OnceLock::new(),
+            overview: super::overview::SharedSampler::started_at(clock.now_ms()),
             admin_token,
             clock,
         }

@@ -145,10 +145,12 @@ impl Registry {
         v.push(conn);
     }
 
-    /// Live connections remembered for `agent`.
+    /// Live connections of `agent` (remembered and not closed).
     pub fn live_connections(&self, agent: AgentId) -> usize {
         let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-        live.get(&agent).map_or(0, Vec::len)
+        live.get(&agent).map_or(0, |v| {
+            v.iter().filter(|c| c.close_reason().is_none()).count()
+        })
     }
 
     /// Notes that `agent` was seen at `now`.

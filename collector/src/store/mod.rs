@@ -155,6 +155,10 @@ pub trait Store: tally_stripe::OutboxStore + EnrolmentStore {
         meter: Option<&MeterName>,
         period: Option<Period>,
     ) -> Result<Vec<Account>, StoreError>;
+    /// Customer keys that start with `prefix` and sort after `after` (exclusive), in order, at
+    /// most `limit`: those with usage and those with settings (the console's search).
+    fn customers(&self, prefix: &str, after: &str, limit: usize)
+    -> Result<Vec<String>, StoreError>;
     /// Transfers after position `after` (exclusive), optionally of one customer, at most `limit`;
     /// each with its position.
     fn entries(

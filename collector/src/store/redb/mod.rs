@@ -31,8 +31,8 @@ use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 use std::path::Path;
 use tables::{
-    ACCOUNTS, ADJUSTMENTS, AGENTS, BATCHES, CATALOG_KEY, CATALOGS, DEDUP, META, NAMESPACE_KEY,
-    QUARANTINE, TRANSFERS, USAGE_IDX, UsageKey,
+    ACCOUNTS, ADJUSTMENTS, AGENTS, BATCHES, CATALOG_KEY, CATALOGS, CUSTOMERS, DEDUP, META,
+    NAMESPACE_KEY, QUARANTINE, TRANSFERS, USAGE_IDX, UsageKey,
 };
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
@@ -570,6 +570,54 @@ impl Store for RedbStore {
             out.push(dec("accounts", v.value())?);
         }
         Ok(out)
+    }
+
+    fn customers(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let idx = txn.open_table(USAGE_IDX)?;
+        let settings = txn.open_table(CUSTOMERS)?;
+        let start = if after >= prefix { after } else { prefix };
+        let wanted = |c: &str| c.starts_with(prefix) && (c > after || after.is_empty());
+        let mut out = std::collections::BTreeSet::new();
+        // Skip-scan the usage index: one seek per customer, past every key of the one found.
+        let mut lo: (String, &str) = (start.to_owned(), "");
+        while out.len() < limit {
+            let key: UsageKey = (lo.0.as_str(), lo.1, "", 0);
+            let Some(row) = idx.range(key..)?.next() else {
+                break;
+            };
+            let (k, _) = row?;
+            let c = k.value().0.to_owned();
+            if !c.starts_with(prefix) {
+                break;
+            }
+            if wanted(&c) {
+                out.insert(c.clone());
+            }
+            lo = (c, AFTER_ASCII);
+        }
+        let mut taken = 0;
+        for row in settings.range(start..)? {
+            let (k, _) = row?;
+            let c = k.value();
+            if !c.starts_with(prefix) {
+                break;
+            }
+            if wanted(c) {
+                out.insert(c.to_owned());
+                // In order: the first `limit` of this table are all the merge can take.
+                taken += 1;
+                if taken >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out.into_iter().take(limit).collect())
     }
 
     fn entries(
