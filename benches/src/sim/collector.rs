@@ -18,10 +18,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tally_collector::core::ingest::IngestBatch;
 use tally_collector::core::ledger::Adjustment;
-use tally_collector::core::registry::{Admission, AgentRecord, admit};
+use tally_collector::core::registry::{Admission, AgentRecord, EnrollToken, admit, token_hash};
 use tally_collector::core::session::{Action, Session, SessionConfig};
 use tally_collector::store::redb::RedbStore;
-use tally_collector::store::{AdjustOutcome, Store};
+use tally_collector::store::{AdjustOutcome, EnrolmentStore, Store};
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::MeterDef;
 use tally_protocol::error::ErrorCode;
@@ -130,6 +130,20 @@ impl SimCollector {
     /// Starts: opens the store as the last process left it.
     pub fn start(&mut self, now_ms: i64) -> Res<()> {
         let store = RedbStore::open(&self.path).map_err(e("open store"))?;
+        // The agents' enrolment token, as `init` leaves it: no expiry, no use limit.
+        let token = EnrollToken {
+            id: String::from("et_sim"),
+            hash: token_hash(ENROLL_TOKEN.as_bytes()),
+            created_at_ms: 0,
+            expires_at_ms: None,
+            max_uses: None,
+            uses: 0,
+            labels: BTreeMap::new(),
+            revoked_at_ms: None,
+        };
+        store
+            .create_enroll_token(&token, 0)
+            .map_err(e("enroll token"))?;
         self.incarnation += 1;
         let cfg = DispatchConfig {
             api: Api::V1,
@@ -247,17 +261,26 @@ impl SimCollector {
                 Action::Send(f) => net.send(conn, false, f, now_ms),
                 Action::Admit(auth) => {
                     let rec = run.store.agent(auth.agent_id).map_err(e("agent"))?;
-                    let admission = admit(rec.as_ref(), auth.enroll_token.as_deref(), ENROLL_TOKEN);
-                    if admission == Admission::Enrol {
-                        run.store
-                            .put_agent(&AgentRecord {
-                                id: auth.agent_id,
-                                public_key: auth.public_key.to_bytes(),
-                                registered_at_ms: now_ms,
-                                revoked_at_ms: None,
-                                last_seen_ms: now_ms,
-                            })
-                            .map_err(e("put agent"))?;
+                    let presented = auth.enroll_token.as_deref();
+                    let hash = presented.map(token_hash);
+                    let token = match (&rec, &hash) {
+                        (None, Some(h)) => run.store.enroll_token_by_hash(h).map_err(e("token"))?,
+                        _ => None,
+                    };
+                    let mut admission = admit(rec.as_ref(), presented, token.as_ref(), now_ms);
+                    if let (Admission::Enrol(_), Some(hash)) = (&admission, hash) {
+                        let rec = AgentRecord {
+                            id: auth.agent_id,
+                            public_key: auth.public_key.to_bytes(),
+                            registered_at_ms: now_ms,
+                            revoked_at_ms: None,
+                            last_seen_ms: now_ms,
+                        };
+                        if let Err(code) =
+                            run.store.enrol(&rec, &hash, now_ms).map_err(e("enrol"))?
+                        {
+                            admission = Admission::Refuse(code);
+                        }
                     }
                     s.on_admitted(now_ms, admission);
                 }
@@ -266,6 +289,9 @@ impl SimCollector {
                     net.close(conn, false, now_ms);
                 }
                 Action::Acked { .. } | Action::SetFrameLimit(_) | Action::Note(_) => {}
+                // Entitlements are not simulated yet: the simulated agents never ask for
+                // snapshots or leases (their workload has no entitlement operations).
+                Action::Watch(_) | Action::Lease(_) | Action::LeaseRelease(_) => {}
             }
         }
         if run.sessions.get(&conn).is_some_and(Session::is_closed) {
