@@ -556,7 +556,7 @@ impl AgentBuilder {
             ))
         });
         let ctl_tx = shipper.as_ref().map(|_| ctl_tx);
-        if let Some(ctl) = &ctl_tx {
+        let ent_task = ctl_tx.as_ref().map(|ctl| {
             let outbox = sh.ent_outbox.clone();
             sh.ent.set_waker(Box::new(move || outbox.notify_one()));
             tokio::spawn(entitlement_task(
@@ -564,8 +564,8 @@ impl AgentBuilder {
                 seal_tx.downgrade(),
                 ctl.clone(),
                 stop_rx,
-            ));
-        }
+            ))
+        });
         tracing::info!(agent_id = %sh.agent_id, epoch = sh.epoch, "agent started");
         Ok(Agent {
             h: Arc::new(Handle {
@@ -575,6 +575,7 @@ impl AgentBuilder {
                 stop_tx,
                 ctl_tx,
                 shipper: Mutex::new(shipper),
+                ent_task: Mutex::new(ent_task),
                 threads: Mutex::new(vec![sealer, writer]),
             }),
         })
@@ -932,6 +933,8 @@ struct Handle {
     /// Frames for the collector, when there is a shipper.
     ctl_tx: Option<mpsc::Sender<Frame>>,
     shipper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The lease and snapshot-request task; it holds the store, so shutdown waits for it.
+    ent_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -1360,6 +1363,15 @@ impl Agent {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(task) = shipper {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        let ent_task = self
+            .h
+            .ent_task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(task) = ent_task {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
         *sh.conn.lock().unwrap_or_else(PoisonError::into_inner) = ConnectionState::Closed;

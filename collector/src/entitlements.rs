@@ -286,6 +286,21 @@ impl Entitlements {
         Ok(customers.len())
     }
 
+    /// Like [`Entitlements::grant`], for a request whose `effective_at` was omitted (and so
+    /// set to now): a retry takes the first request's time, so it matches instead of being
+    /// refused as different.
+    pub fn grant_from_now(&self, mut req: GrantRequest) -> Result<GrantOutcome, StoreError> {
+        if let Some(first) = self
+            .store
+            .grants(&req.customer)?
+            .into_iter()
+            .find(|g| g.request.idempotency_key == req.idempotency_key)
+        {
+            req.effective_at_ms = first.request.effective_at_ms;
+        }
+        self.grant(&req)
+    }
+
     /// Records a grant (checked by the caller) and tells sessions when it is new.
     pub fn grant(&self, req: &GrantRequest) -> Result<GrantOutcome, StoreError> {
         let out = self.store.grant(req, self.clock.now_ms())?;

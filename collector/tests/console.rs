@@ -203,6 +203,10 @@ async fn put_meters(env: &Env) {
 }
 
 async fn map(env: &Env, customer: &str, stripe: &str) {
+    let plan =
+        r#"{"features":["gpt4"],"limits":{"api_calls":{"included":"1000","enforcement":"hard"}}}"#;
+    let (st, v) = env.admin("PUT", "/v1/plans/pro", Some(plan)).await;
+    assert_eq!(st, 200, "{v}");
     let body = format!(r#"{{"stripe_customer_id":"{stripe}","plan":"pro"}}"#);
     let (st, v) = env
         .admin("PUT", &format!("/v1/customers/{customer}"), Some(&body))
@@ -447,9 +451,43 @@ async fn console_end_to_end_in_chromium() {
         .await;
     assert_eq!(dec(&total), before);
     b.until("document.querySelector('#chart canvas')").await;
+    // Entitlements: the panel reads GET /v1/entitlements/{c}; a grant through the form is
+    // posted once (idempotent) and counted by the API.
+    b.until("document.querySelector('#entitlements').dataset.state === 'loaded'")
+        .await;
+    let panel = b.text("#entitlements").await;
+    assert!(
+        panel.contains("Plan: pro") && panel.contains("gpt4 (allowed, plan)"),
+        "{panel}"
+    );
+    b.c.find(Locator::Css("#grant-meter"))
+        .await
+        .unwrap()
+        .select_by_value("api_calls")
+        .await
+        .unwrap();
+    b.type_in("#grant-quantity", "50").await;
+    b.type_in("#grant-key", "console-test-grant-1").await;
+    b.click("#grant-form button[type=submit]").await;
+    b.until("document.querySelector('#grant-result').dataset.outcome === 'created'")
+        .await;
+    let (s, g) = env
+        .admin(
+            "POST",
+            "/v1/grants",
+            Some(r#"{"customer":"acme","meter":"api_calls","quantity":"50","idempotency_key":"console-test-grant-1"}"#),
+        )
+        .await;
+    assert_eq!(s, 200, "the form's grant exists with the same body: {g}");
+    assert_eq!(g["quantity"], "50");
+    let (_, e) = env.admin("GET", "/v1/entitlements/acme", None).await;
+    assert_eq!(e["meters"]["api_calls"]["granted"], "50", "{e}");
+    b.until("Array.from(document.querySelectorAll('#limits-table tbody tr')).some(r => r.cells[0].textContent === 'api_calls' && r.cells[3].textContent === '50')")
+        .await;
     assert_eq!(
-        b.text("#entitlements").await,
-        "Entitlements: not available on this collector."
+        ledger_usage(&env, "acme", "api_calls", &period),
+        before,
+        "a grant is not usage"
     );
     b.shot("customer").await;
 

@@ -109,7 +109,16 @@ pub(super) async fn create_grant(State(shared): St, body: Bytes) -> ApiResult<Gr
     req.check()
         .map_err(|e| ApiError::invalid("invalid_grant", "quantity", e.to_string()))?;
     let ent = shared.entitlements()?;
-    match blocking(&shared, move |_| ent.grant(&req)).await? {
+    let defaulted = b.effective_at.is_none();
+    let outcome = blocking(&shared, move |_| {
+        if defaulted {
+            ent.grant_from_now(req)
+        } else {
+            ent.grant(&req)
+        }
+    })
+    .await?;
+    match outcome {
         GrantOutcome::Created(g) | GrantOutcome::Exists(g) => Ok(axum::Json(GrantAnswer::of(&g))),
         GrantOutcome::ExistsWithDifferent(field) => Err(ApiError {
             status: StatusCode::CONFLICT,

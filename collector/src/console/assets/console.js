@@ -320,18 +320,62 @@
     $("#chart-granularity", root).addEventListener("change", loadChart);
 
     var ent = $("#entitlements", root);
-    api("GET", "/v1/entitlements/" + enc).then(function (r) {
-      ent.textContent = "";
-      var dl = el("dl", { class: "facts" });
-      Object.keys(r || {}).forEach(function (k) {
-        dl.appendChild(el("dt", null, k));
-        dl.appendChild(el("dd", null, typeof r[k] === "object" ? JSON.stringify(r[k]) : String(r[k])));
+    function loadEntitlements() {
+      return api("GET", "/v1/entitlements/" + enc).then(function (r) {
+        ent.textContent = "";
+        ent.appendChild(el("p", null, "Plan: ", el("strong", null, r.plan || "no plan")));
+        var feats = Object.keys(r.features || {});
+        ent.appendChild(el("p", null, "Features: " + (feats.length
+          ? feats.map(function (f) { return f + " (" + (r.features[f].allowed ? "allowed" : "denied") + ", " + r.features[f].source + ")"; }).join(", ")
+          : "none")));
+        var ms = Object.keys(r.meters || {});
+        if (ms.length) {
+          var t = el("table", { id: "limits-table" },
+            el("thead", null, row(["Meter", "Enforcement", "Included", "Granted", "Used", "Leased", "Remaining", "Period (UTC)", "Allowed"]).cloneNode(true)));
+          var tb = el("tbody");
+          ms.forEach(function (m) {
+            var x = r.meters[m];
+            tb.appendChild(row([m, x.enforcement, num(x.included), num(x.granted), num(x.used), num(x.leased), num(x.remaining),
+              utc(x.period.start * 1000).slice(0, 10) + " to " + utc(x.period.end * 1000).slice(0, 10), x.allowed ? "yes" : "no"]));
+          });
+          t.appendChild(tb);
+          ent.appendChild(t);
+        } else {
+          ent.appendChild(el("p", { class: "muted" }, "No metered limits."));
+        }
+        ent.setAttribute("data-state", "loaded");
+      }, function (e) {
+        ent.textContent = "";
+        ent.appendChild(el("p", { class: "muted", "data-state": "unavailable" },
+          e.status === 404 ? "Entitlements: not available on this collector." : "Entitlements: not available (" + e.message + ")."));
       });
-      ent.appendChild(dl);
-    }, function (e) {
-      ent.textContent = "";
-      ent.appendChild(el("p", { class: "muted", "data-state": "unavailable" },
-        e.status === 404 ? "Entitlements: not available on this collector." : "Entitlements: not available (" + e.message + ")."));
+    }
+    loadEntitlements();
+
+    var gform = $("#grant-form", root);
+    $("#grant-key", root).value = newKey();
+    gform.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      var out = $("#grant-result", root);
+      var body = {
+        customer: c,
+        meter: gform.meter.value,
+        quantity: gform.quantity.value.trim(),
+        priority: parseInt(gform.priority.value || "0", 10),
+        idempotency_key: gform.idempotency_key.value.trim()
+      };
+      var days = gform.expires_days.value.trim();
+      if (days) body.expires_at = Math.floor(Date.now() / 1000) + parseInt(days, 10) * 86400;
+      out.textContent = "Granting…";
+      api("POST", "/v1/grants", body).then(function (g) {
+        out.textContent = "Granted: " + g.quantity + " " + g.meter + (g.expires_at ? ", until " + utc(g.expires_at * 1000) : "") + ".";
+        out.setAttribute("data-outcome", "created");
+        gform.quantity.value = ""; gform.idempotency_key.value = newKey();
+        loadEntitlements(); loadEntries(true);
+      }, function (e) {
+        out.textContent = "Refused: " + e.message;
+        out.setAttribute("data-outcome", "error");
+      });
     });
 
     var form = $("#adjust-form", root);
@@ -363,7 +407,7 @@
 
     api("GET", "/v1/meters").then(function (r) {
       meters = r.data.map(function (m) { return m.name; });
-      [$("#chart-meter", root), $("#adj-meter", root)].forEach(function (sel) {
+      [$("#chart-meter", root), $("#adj-meter", root), $("#grant-meter", root)].forEach(function (sel) {
         sel.textContent = "";
         meters.forEach(function (m) { sel.appendChild(el("option", { value: m }, m)); });
       });
