@@ -37,9 +37,9 @@ pub struct TokenBody {
     /// The secret: only in the answer to its creation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
-    /// When it was created, ms.
+    /// When it was created, Unix seconds.
     pub created_at: i64,
-    /// When it stops enrolling, ms; null never.
+    /// When it stops enrolling, Unix seconds; null never.
     pub expires_at: Option<i64>,
     /// How many agents it may enrol; null no limit.
     pub max_uses: Option<u32>,
@@ -47,7 +47,7 @@ pub struct TokenBody {
     pub uses: u32,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
-    /// When it was revoked, ms.
+    /// When it was revoked, Unix seconds.
     pub revoked_at: Option<i64>,
     /// Whether it can enrol one more agent now.
     pub usable: bool,
@@ -58,12 +58,12 @@ fn body(t: EnrollToken, secret: Option<String>, now_ms: i64) -> TokenBody {
         usable: t.usable(now_ms).is_ok(),
         id: t.id,
         token: secret,
-        created_at: t.created_at_ms,
-        expires_at: t.expires_at_ms,
+        created_at: t.created_at_ms.div_euclid(1000),
+        expires_at: t.expires_at_ms.map(|ms| ms.div_euclid(1000)),
         max_uses: t.max_uses,
         uses: t.uses,
         labels: t.labels,
-        revoked_at: t.revoked_at_ms,
+        revoked_at: t.revoked_at_ms.map(|ms| ms.div_euclid(1000)),
     }
 }
 
