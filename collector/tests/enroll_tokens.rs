@@ -46,7 +46,11 @@ async fn tokens_are_single_use_expire_and_revoke_with_their_agents() {
     let secret = t["token"].as_str().unwrap().to_string();
     let id = t["id"].as_str().unwrap().to_string();
     let created = t["created_at"].as_i64().unwrap();
-    assert_eq!(t["expires_at"].as_i64().unwrap(), created + 86_400, "Unix seconds");
+    assert_eq!(
+        t["expires_at"].as_i64().unwrap(),
+        created + 86_400,
+        "Unix seconds"
+    );
     let dump = std::fs::read(&env.handle.files().store).unwrap();
     assert!(
         !dump.windows(secret.len()).any(|w| w == secret.as_bytes()),
