@@ -8,12 +8,14 @@
 //!   exactly what was allowed.
 #![allow(clippy::unwrap_used)]
 
+mod process;
+use process::{Sidecar, free_port, run_command};
+
 #[path = "../../agent/tests/common/mod.rs"]
 mod common;
 
 use common::{Faults, StandIn};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -66,55 +68,18 @@ fn plan(customer: &str, hard: i64) -> CustomerEntitlements {
     }
 }
 
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-/// Kills the sidecar when dropped, so a failing test leaves no process behind.
-struct Sidecar(Child);
-
-impl Sidecar {
-    fn kill9(&mut self) {
-        self.0.kill().unwrap(); // SIGKILL on Unix
-        self.0.wait().unwrap();
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn spawn_sidecar(
     dir: &std::path::Path,
     collector: &str,
     ca: &std::path::Path,
     http: SocketAddr,
 ) -> Sidecar {
-    let child = Command::new(env!("CARGO_BIN_EXE_tally-agent"))
-        .args(["run", "--data-dir"])
-        .arg(dir)
-        .args(["--collector", collector, "--ca"])
-        .arg(ca)
-        .args(["--http", &http.to_string(), "--flush-interval-ms", "20"])
-        .args([
-            "--reservation-ttl-secs",
-            "1",
-            "--entitlements-wait-ms",
-            "500",
-        ])
-        .env(
-            "RUST_LOG",
-            std::env::var("TEST_SIDECAR_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    Sidecar(child)
+    Sidecar::spawn(run_command(dir, collector, ca, http).args([
+        "--reservation-ttl-secs",
+        "1",
+        "--entitlements-wait-ms",
+        "500",
+    ]))
 }
 
 /// One HTTP/1.1 request: status and body; `None` when the connection failed or closed early.
