@@ -27,6 +27,9 @@ pub struct CollectorConfig {
     pub max_connections: usize,
     /// Time allowed from connection to `Welcome`.
     pub handshake_timeout: Duration,
+    /// New QUIC connections accepted per second (with as many in a burst); more are refused
+    /// before any TLS or signature work, and the agents retry with backoff.
+    pub max_handshakes_per_s: u32,
     /// Group commit limits.
     pub group: GroupLimits,
     /// Stripe forwarding (log-only without an API key).
@@ -48,6 +51,7 @@ impl std::fmt::Debug for CollectorConfig {
             .field("max_in_flight", &self.max_in_flight)
             .field("max_connections", &self.max_connections)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_handshakes_per_s", &self.max_handshakes_per_s)
             .field("group", &self.group)
             .field("stripe", &self.stripe)
             .field("export", &self.export)
@@ -67,6 +71,7 @@ impl CollectorConfig {
             max_in_flight: 32,
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(10),
+            max_handshakes_per_s: 1_000,
             group: GroupLimits::default(),
             stripe: crate::stripe::StripeSettings::default(),
             clock: Arc::new(SystemClock),
@@ -92,6 +97,7 @@ impl CollectorConfig {
 /// http = "127.0.0.1:7080"
 /// san = ["collector.internal"]
 /// max_in_flight = 32
+/// max_handshakes_per_s = 1000
 /// agent_http = "127.0.0.1:7070"   # dev only
 /// stripe_api_key_file = "/run/secrets/stripe"   # or STRIPE_API_KEY
 /// stripe_base_url = "https://api.stripe.com"
@@ -118,6 +124,8 @@ pub struct FileConfig {
     pub san: Option<Vec<String>>,
     /// In-flight batches per agent connection.
     pub max_in_flight: Option<u32>,
+    /// New agent connections per second (and burst).
+    pub max_handshakes_per_s: Option<u32>,
     /// The dev sidecar's HTTP address.
     pub agent_http: Option<SocketAddr>,
     /// A file holding the Stripe API key (when `STRIPE_API_KEY` is unset).

@@ -20,7 +20,7 @@ use tally_stripe::{Api, ApiKey, WebhookSecret};
 #[command(name = "tally-collector", version)]
 struct Cli {
     /// A TOML file with defaults for the flags (keys: data_dir, quic, http, san, max_in_flight,
-    /// agent_http, stripe_api_key_file, stripe_base_url, stripe_meter_events_url, stripe_api,
+    /// max_handshakes_per_s, agent_http, stripe_api_key_file, stripe_base_url, stripe_meter_events_url, stripe_api,
     /// stripe_version, stripe_webhook_secret_file, stripe_request_timeout, stripe_rate,
     /// stripe_reconcile_interval).
     #[arg(long, env = "TALLY_CONFIG", global = true)]
@@ -141,6 +141,10 @@ struct RunArgs {
     /// Unacknowledged batches an agent may have in flight [default: 32].
     #[arg(long, env = "TALLY_MAX_IN_FLIGHT")]
     max_in_flight: Option<u32>,
+    /// New agent connections accepted per second, and in a burst; more are refused before any
+    /// TLS work and the agents retry with backoff [default: 1000].
+    #[arg(long, env = "TALLY_MAX_HANDSHAKES_PER_S")]
+    max_handshakes_per_s: Option<u32>,
     #[command(flatten)]
     stripe: StripeArgs,
     #[command(flatten)]
@@ -345,6 +349,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(n) = a.max_in_flight.or(file.max_in_flight) {
                 config.max_in_flight = n.max(1);
+            }
+            if let Some(n) = a.max_handshakes_per_s.or(file.max_handshakes_per_s) {
+                config.max_handshakes_per_s = n.max(1);
             }
             config.stripe = a.stripe.settings(&file)?;
             config.export = a.export.job()?;

@@ -36,6 +36,9 @@ pub struct Metrics {
     pub connections: Counter,
     /// `tally_collector_connections_active`.
     pub connections_active: Gauge,
+    /// `tally_collector_connections_refused_total{result}`: QUIC connections refused before
+    /// their handshake, by reason (`max_connections`, `handshake_rate`).
+    pub connections_refused: Family<ResultLabel, Counter>,
     /// `tally_collector_commit_latency_seconds`: one store transaction (a group of batches).
     pub commit_latency: Histogram,
     /// `tally_collector_commit_group_batches`: batches per group commit.
@@ -92,6 +95,12 @@ impl Metrics {
             "QUIC connections open",
             connections_active.clone(),
         );
+        let connections_refused = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "QUIC connections refused before their handshake, by reason",
+            connections_refused.clone(),
+        );
         let commit_latency = Histogram::new(exponential_buckets(0.000_1, 2.0, 18));
         registry.register(
             "commit_latency_seconds",
@@ -125,11 +134,21 @@ impl Metrics {
             handshakes,
             connections,
             connections_active,
+            connections_refused,
             commit_latency,
             group_size,
             metering_lag,
             adjustments,
         }
+    }
+
+    /// Counts a QUIC connection refused before its handshake.
+    pub fn connection_refused(&self, reason: &str) {
+        self.connections_refused
+            .get_or_create(&ResultLabel {
+                result: reason.to_string(),
+            })
+            .inc();
     }
 
     /// Counts a batch result.

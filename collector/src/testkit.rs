@@ -141,6 +141,13 @@ impl TestClient {
         read(&mut self.recv).await
     }
 
+    /// Closes the connection the way an agent that stops does, and waits until the collector
+    /// was told.
+    pub async fn close(self) {
+        self.conn.close(quinn::VarInt::from_u32(0), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+
     /// Reads frames until an ack or error arrives, skipping pushes (catalog, entitlements).
     pub async fn next_reply(&mut self) -> Result<Frame, ClientError> {
         loop {

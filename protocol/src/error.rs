@@ -83,6 +83,10 @@ codes! {
     EventTimeOutOfRange = 23, "event_time_out_of_range";
     /// The agent has as many epochs as the collector keeps per agent; a new one is refused.
     TooManyEpochs = 24, "too_many_epochs";
+    /// The batch would open one gap too many above the epoch's watermark
+    /// (`tally_collector::core::dedup::MAX_GAPS`); nothing of it was written. The agent resends
+    /// it after the batches below it are acknowledged.
+    TooManyGaps = 25, "too_many_gaps";
     /// The collector failed internally; the agent should retry later.
     Internal = 30, "internal";
     /// The collector is overloaded; the agent should back off.

@@ -7,6 +7,7 @@
 //! - [`json_path`], [`quantity`]: reading CloudEvents `data` exactly (never through a float).
 //! - [`mapping`]: the catalog compiled for ingest.
 //! - [`cloudevents`], [`stripe_form`]: the two wire formats, as pure functions.
+//! - [`fuzz`]: the fuzz targets' entry points.
 //! - [`http`]: the axum shell over a [`http::SidecarBackend`].
 //! - [`backend`]: that backend over a running [`Agent`](tally_agent::Agent).
 //!
@@ -16,6 +17,7 @@
 
 pub mod backend;
 pub mod cloudevents;
+pub mod fuzz;
 pub mod http;
 pub mod json_path;
 pub mod mapping;

@@ -82,7 +82,7 @@ pub(super) async fn agents(State(shared): St) -> ApiResult<Agents> {
                 epoch: latest.map(|e| e.epoch),
                 acked_seq: latest.map(|e| e.dedup.watermark),
                 highest_seq: latest.map(|e| e.dedup.highest()),
-                pending_above_watermark: latest.map(|e| e.dedup.above.len() as u64),
+                pending_above_watermark: latest.map(|e| e.dedup.done() - e.dedup.watermark),
                 enrolled_by,
                 labels,
             }

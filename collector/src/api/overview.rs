@@ -299,9 +299,7 @@ pub fn histogram_totals(text: &str, name: &str) -> Option<(u64, u64)> {
 
 /// Seqs below the highest durable one that are not durable yet (holes above the watermark).
 pub fn missing_seqs(d: &crate::core::dedup::DedupState) -> u64 {
-    d.highest()
-        .saturating_sub(d.watermark)
-        .saturating_sub(d.above.len() as u64)
+    d.missing()
 }
 
 #[cfg(test)]

@@ -1,21 +1,25 @@
 //! Exactly-once per `(agent_id, epoch)`: which batch sequence numbers are already done.
 //!
 //! Owns [`DedupState`], a plain value with no I/O: a contiguous watermark (every seq `1..=w` is
-//! done) plus the set of done seqs above it. A seq is "done" once its batch was committed to the
-//! ledger or quarantined, in the same transaction that records it here (SPEC §6.1). The state is
-//! kept forever, not for a window: a batch resent a year later is still a duplicate.
+//! done) plus the runs of done seqs above it, as ranges. A seq is "done" once its batch was
+//! committed to the ledger or quarantined, in the same transaction that records it here (SPEC
+//! §6.1). The state is kept forever, not for a window: a batch resent a year later is still a
+//! duplicate.
 //!
 //! Guarantees: [`DedupState::insert`] returns `true` exactly once per seq; after every insert
-//! the watermark is maximal (`watermark + 1` is never in `above`) and `above` holds only seqs
-//! greater than `watermark + 1`.
+//! the watermark is maximal (no run starts at `watermark + 1`) and the runs are disjoint,
+//! non-adjacent and above `watermark + 1`. Size: 8 bytes plus 16 per run, and at most
+//! [`MAX_GAPS`] runs, so the state of an epoch is under 17 KiB however many batches it holds and
+//! however they arrive (docs/SECURITY.md, "Bounds").
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
-/// Most done seqs kept above the watermark for one `(agent, epoch)`. An agent keeps at most
-/// `max_in_flight` batches unacknowledged, so gaps stay small; a peer that opens more holes is
-/// refused rather than allowed to grow the state without bound.
-pub const MAX_ABOVE_WATERMARK: usize = 65_536;
+/// Most runs of done seqs kept above the watermark (each run is preceded by a gap) for one
+/// `(agent, epoch)`. An honest agent keeps at most `max_in_flight` batches unacknowledged and
+/// resends the oldest first, so it opens a handful; a peer that opens more is refused
+/// ([`tally_protocol::error::ErrorCode::TooManyGaps`]) rather than allowed to grow the state.
+pub const MAX_GAPS: usize = 1_024;
 
 /// Why a seq could not be recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -24,7 +28,7 @@ pub enum DedupError {
     #[error("seq 0 is not valid")]
     ZeroSeq,
     /// Too many holes below this seq.
-    #[error("more than {MAX_ABOVE_WATERMARK} batches are done above the watermark")]
+    #[error("more than {MAX_GAPS} gaps above the watermark")]
     TooManyGaps,
 }
 
@@ -33,14 +37,32 @@ pub enum DedupError {
 pub struct DedupState {
     /// Every seq in `1..=watermark` is done.
     pub watermark: u64,
-    /// Done seqs above `watermark + 1`.
-    pub above: BTreeSet<u64>,
+    /// Runs of done seqs above `watermark + 1`: first seq → last seq (inclusive).
+    pub runs: BTreeMap<u64, u64>,
 }
 
 impl DedupState {
     /// True when `seq` is already done.
     pub fn contains(&self, seq: u64) -> bool {
-        seq != 0 && (seq <= self.watermark || self.above.contains(&seq))
+        seq != 0
+            && (seq <= self.watermark
+                || self
+                    .runs
+                    .range(..=seq)
+                    .next_back()
+                    .is_some_and(|(_, &last)| seq <= last))
+    }
+
+    /// Whether inserting `seq` (not yet done) would need a new run past [`MAX_GAPS`].
+    pub fn would_open_too_many_gaps(&self, seq: u64) -> bool {
+        self.runs.len() >= MAX_GAPS
+            && seq != self.watermark + 1
+            && !self.runs.contains_key(&(seq + 1))
+            && self
+                .runs
+                .range(..seq)
+                .next_back()
+                .is_none_or(|(_, &last)| last + 1 != seq)
     }
 
     /// Records `seq` as done. `Ok(true)` if it was new, `Ok(false)` if it was a duplicate.
@@ -51,25 +73,50 @@ impl DedupState {
         if self.contains(seq) {
             return Ok(false);
         }
+        if self.would_open_too_many_gaps(seq) {
+            return Err(DedupError::TooManyGaps);
+        }
         if seq == self.watermark + 1 {
             self.watermark = seq;
-            while self.above.remove(&(self.watermark + 1)) {
-                self.watermark += 1;
+            if let Some(last) = self.runs.remove(&(seq + 1)) {
+                self.watermark = last;
             }
         } else {
-            if self.above.len() >= MAX_ABOVE_WATERMARK {
-                return Err(DedupError::TooManyGaps);
+            let next = self.runs.remove(&(seq + 1));
+            let last = next.unwrap_or(seq);
+            match self.runs.range_mut(..seq).next_back() {
+                Some((_, prev_last)) if *prev_last + 1 == seq => *prev_last = last,
+                _ => {
+                    self.runs.insert(seq, last);
+                }
             }
-            self.above.insert(seq);
         }
-        debug_assert!(!self.above.contains(&(self.watermark + 1)));
-        debug_assert!(self.above.iter().all(|s| *s > self.watermark + 1));
+        debug_assert!(!self.runs.contains_key(&(self.watermark + 1)));
+        debug_assert!(self.runs.keys().all(|s| *s > self.watermark + 1));
+        debug_assert!(self.runs.len() <= MAX_GAPS);
         Ok(true)
     }
 
     /// The highest done seq.
     pub fn highest(&self) -> u64 {
-        self.above.last().copied().unwrap_or(self.watermark)
+        self.runs
+            .last_key_value()
+            .map_or(self.watermark, |(_, &last)| last)
+    }
+
+    /// How many seqs are done.
+    pub fn done(&self) -> u64 {
+        self.watermark + self.runs.iter().map(|(f, l)| l - f + 1).sum::<u64>()
+    }
+
+    /// Seqs below the highest done one that are not done yet.
+    pub fn missing(&self) -> u64 {
+        self.highest() - self.done()
+    }
+
+    /// The runs above the watermark (each one preceded by a gap).
+    pub fn gaps(&self) -> usize {
+        self.runs.len()
     }
 }
 
@@ -109,6 +156,7 @@ pub mod fault {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::BTreeSet;
 
     #[test]
     fn in_order_and_holes() {
@@ -119,7 +167,7 @@ mod tests {
         assert_eq!(d.insert(3), Ok(false));
         assert_eq!(d.insert(2), Ok(true));
         assert_eq!(d.watermark, 3);
-        assert!(d.above.is_empty());
+        assert!(d.runs.is_empty());
         assert_eq!(d.insert(1), Ok(false));
         assert_eq!(d.insert(0), Err(DedupError::ZeroSeq));
         assert_eq!(d.highest(), 3);
@@ -137,10 +185,38 @@ mod tests {
                 for probe in 1..210 {
                     prop_assert_eq!(d.contains(probe), model.contains(&probe));
                 }
-                prop_assert!(!d.above.contains(&(d.watermark + 1)));
+                prop_assert!(!d.runs.contains_key(&(d.watermark + 1)));
+                prop_assert_eq!(d.done(), model.len() as u64);
+                prop_assert_eq!(d.highest(), model.last().copied().unwrap_or(0));
             }
             let contiguous = (1..).take_while(|s| model.contains(s)).count() as u64;
             prop_assert_eq!(d.watermark, contiguous);
+            // Runs are maximal: one per maximal block of done seqs above the watermark.
+            let blocks = model.iter().filter(|&&s| s > contiguous + 1 && !model.contains(&(s - 1))).count();
+            prop_assert_eq!(d.gaps(), blocks);
+        }
+
+        /// However a peer orders its seqs, the state never holds more than MAX_GAPS runs, and a
+        /// refused seq changes nothing.
+        #[test]
+        fn gaps_are_capped(step in 2u64..5, extra in proptest::collection::vec(1u64..20_000, 0..200)) {
+            let mut d = DedupState::default();
+            for i in 0..(MAX_GAPS as u64 + 10) {
+                let seq = 2 + i * step;
+                let before = d.clone();
+                match d.insert(seq) {
+                    Ok(_) => {}
+                    Err(e) => {
+                        prop_assert_eq!(e, DedupError::TooManyGaps);
+                        prop_assert_eq!(&d, &before);
+                    }
+                }
+                prop_assert!(d.gaps() <= MAX_GAPS);
+            }
+            for s in extra {
+                let _ = d.insert(s);
+                prop_assert!(d.gaps() <= MAX_GAPS);
+            }
         }
     }
 }

@@ -9,13 +9,14 @@
 //! and after it is read (a failure is corruption: a typed error).
 //!
 //! Guarantees of [`ingest_group`]: one outcome per batch, in order; a seq already done is
-//! `Duplicate` and writes nothing; a batch whose epoch has [`MAX_ABOVE_WATERMARK`] done seqs
-//! above its watermark is refused (`Overloaded`) and writes nothing; otherwise it is posted
+//! `Duplicate` and writes nothing; a batch that would open more than
+//! [`MAX_GAPS`](crate::core::dedup::MAX_GAPS) gaps in its epoch is refused (`TooManyGaps`) and
+//! writes nothing; otherwise it is posted
 //! (its transfers appended, its outbox rows written) or quarantined whole, recorded, and its seq
 //! marked done. Before the totals are handed to the store the working set is checked to
 //! balance (Σdebits = Σcredits per unit).
 
-use crate::core::dedup::{DedupState, MAX_ABOVE_WATERMARK};
+use crate::core::dedup::DedupState;
 use crate::core::ledger::{
     self, Accounts, Posting, Rejection, Transfer, WorkingSet, source_account_id,
 };
@@ -250,8 +251,8 @@ pub fn ingest_group<T: IngestTxn>(
             continue;
         }
         // Refuse: the epoch has too many holes.
-        if body.seq != state.watermark + 1 && state.above.len() >= MAX_ABOVE_WATERMARK {
-            out.push(IngestOutcome::Refused(ErrorCode::Overloaded));
+        if state.would_open_too_many_gaps(body.seq) {
+            out.push(IngestOutcome::Refused(ErrorCode::TooManyGaps));
             continue;
         }
         // Post, or quarantine.

@@ -3,7 +3,11 @@
 //! registry, queue batches for the committer, note metrics, close). No protocol rule lives here.
 //!
 //! Guarantees (with the machine's):
-//! - Connections beyond the configured limit are refused at the QUIC level.
+//! - Connections beyond the configured limit, and beyond the configured handshakes per second,
+//!   are refused at the QUIC level, before any TLS or signature work.
+//! - An agent key has at most [`MAX_LIVE_PER_AGENT`](crate::net::registry::MAX_LIVE_PER_AGENT)
+//!   live connections (one more closes its oldest), and a closed connection is forgotten, so
+//!   memory per agent goes back to nothing when it is gone.
 //! - Before `Welcome` a frame may be at most [`HANDSHAKE_FRAME_BYTES`], and the connection,
 //!   its stream and the handshake must each be done within the configured timeout.
 //! - On shutdown, every connection stops reading, flushes the acks of batches it received and
@@ -23,6 +27,7 @@ use tally_net::frames::{FrameReader, ReadError, write_frame};
 use tally_protocol::catalog::Catalog;
 use tally_protocol::error::ErrorCode;
 use tally_protocol::frame::AckOutcome;
+use tally_stripe::retry::TokenBucket;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -36,6 +41,8 @@ pub struct SessionLimits {
     pub max_connections: usize,
     /// Time allowed from connection to `Welcome`.
     pub handshake_timeout: Duration,
+    /// New connections per second (and burst).
+    pub handshakes_per_s: u32,
 }
 
 impl From<&CollectorConfig> for SessionLimits {
@@ -44,6 +51,7 @@ impl From<&CollectorConfig> for SessionLimits {
             max_in_flight: c.max_in_flight,
             max_connections: c.max_connections,
             handshake_timeout: c.handshake_timeout,
+            handshakes_per_s: c.max_handshakes_per_s,
         }
     }
 }
@@ -73,6 +81,8 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
+    let rate = server.limits.handshakes_per_s;
+    let mut handshakes = TokenBucket::new(rate, rate, server.clock.now_ms());
     loop {
         while conns.try_join_next().is_some() {}
         let incoming = tokio::select! {
@@ -81,6 +91,13 @@ pub async fn serve(
         };
         let Some(incoming) = incoming else { break };
         if conns.len() >= server.limits.max_connections {
+            server.metrics.connection_refused("max_connections");
+            incoming.refuse();
+            continue;
+        }
+        // Before any TLS or signature work: a flood of handshakes costs little to refuse.
+        if handshakes.try_take(server.clock.now_ms()).is_err() {
+            server.metrics.connection_refused("handshake_rate");
             incoming.refuse();
             continue;
         }
@@ -158,6 +175,7 @@ async fn handle(
         replies: JoinSet::new(),
         shutdown,
         usage: std::collections::HashMap::new(),
+        agent: None,
     }
     .run()
     .instrument(span)
@@ -175,6 +193,8 @@ struct Shell {
     shutdown: watch::Receiver<bool>,
     /// Usage of each batch in flight, by (epoch, seq), for the lease book once it is committed.
     usage: std::collections::HashMap<(u64, u64), Vec<BatchUsage>>,
+    /// The agent, once admitted (its live connection is registered under it).
+    agent: Option<tally_protocol::batch::AgentId>,
 }
 
 /// One row of a batch as the lease book counts it: customer, meter, bucket time, quantity.
@@ -202,7 +222,17 @@ fn batch_usage(catalog: &Catalog, body: &tally_protocol::batch::BatchBody) -> Ve
 }
 
 impl Shell {
+    /// Serves the connection, then forgets it in the registry.
     async fn run(mut self) {
+        self.serve().await;
+        if let Some(agent) = self.agent {
+            self.server
+                .registry
+                .unregister_live(agent, self.conn.stable_id());
+        }
+    }
+
+    async fn serve(&mut self) {
         let mut catalog = self.server.catalog.clone();
         self.session
             .on_catalog(catalog.borrow_and_update().as_ref().clone());
@@ -310,6 +340,7 @@ impl Shell {
                     if !matches!(admission, Admission::Refuse(_)) {
                         tracing::Span::current().record("agent", tracing::field::display(id));
                         self.server.registry.register_live(id, self.conn.clone());
+                        self.agent = Some(id);
                     }
                     let admitted = !matches!(admission, Admission::Refuse(_));
                     self.session

@@ -6,7 +6,8 @@
 //! closes the agent's live connections.
 //!
 //! Limits: at most [`MAX_LIVE_PER_AGENT`] live connections are remembered per agent (registering
-//! one more closes the oldest, so revocation can still reach every connection that is left open)
+//! one more closes the oldest, so revocation can still reach every connection that is left open;
+//! an ended connection is forgotten, and an agent with none is dropped from the map)
 //! and facts of at most [`MAX_INFO_AGENTS`] agents are kept (one more evicts the agent seen
 //! longest ago; its facts read as empty until it is seen again).
 
@@ -143,6 +144,29 @@ impl Registry {
             );
         }
         v.push(conn);
+    }
+
+    /// Forgets a connection of `agent` once it has ended; an agent with none left is dropped
+    /// from the map, and the map gives its memory back once it is mostly empty.
+    pub fn unregister_live(&self, agent: AgentId, stable_id: usize) {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(v) = live.get_mut(&agent) {
+            v.retain(|c| c.stable_id() != stable_id && c.close_reason().is_none());
+            if v.is_empty() {
+                live.remove(&agent);
+            }
+        }
+        if live.capacity() > 64 && live.len() < live.capacity() / 4 {
+            live.shrink_to_fit();
+        }
+    }
+
+    /// Agents with a remembered live connection.
+    pub fn live_agents(&self) -> usize {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Live connections of `agent` (remembered and not closed).

@@ -684,7 +684,7 @@ impl Store for RedbStore {
             let state: DedupState = dec("dedup", val.value())?;
             let seqs = recorded.remove(&key).unwrap_or_default();
             let agent = AgentId(key.0.to_be_bytes());
-            let done = state.watermark + state.above.len() as u64;
+            let done = state.done();
             if seqs.len() as u64 != done || seqs.iter().any(|s| !state.contains(*s)) {
                 v.violation(format!(
                     "agent {agent} epoch {}: dedup state ({done} done) and batch records ({}) differ",

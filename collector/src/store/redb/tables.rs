@@ -1,6 +1,6 @@
 //! Every table of the collector's redb file, `<data_dir>/collector.redb`, and its on-disk format.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
 //! Values are postcard unless said otherwise; ids are big-endian `u128`s of their 16 bytes.
 //!
@@ -11,7 +11,7 @@
 //! |                   | `"stripe_namespace"`                  | 12 hex digits, fixed at creation |
 //! | `catalogs`        | version                               | every `Catalog` version          |
 //! | `agents`          | agent id (u128)                       | `AgentRecord`                    |
-//! | `dedup`           | (agent id, epoch)                     | `DedupState`                     |
+//! | `dedup`           | (agent id, epoch)                     | `DedupState` (watermark, runs)   |
 //! | `batches`         | (agent id, epoch, seq)                | `BatchRecord`                    |
 //! | `accounts`        | account id                            | `Account`                        |
 //! | `transfers`       | position (1, 2, …, append only)       | `Transfer`                       |
@@ -44,7 +44,7 @@ use crate::store::StoreError;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
 /// The on-disk format this build writes.
-pub const FORMAT_VERSION: u64 = 1;
+pub const FORMAT_VERSION: u64 = 2;
 
 /// The `meta` key holding [`FORMAT_VERSION`].
 pub const FORMAT_KEY: &str = "format";
@@ -139,15 +139,59 @@ pub(crate) fn check_format(txn: &WriteTransaction) -> Result<(), StoreError> {
 }
 
 /// Brings a store of format `from` to [`FORMAT_VERSION`], in the opening transaction. The
-/// migration hook: a new format adds its step here (`1 => …`) and bumps [`FORMAT_VERSION`].
-pub(crate) fn migrate(_txn: &WriteTransaction, from: u64) -> Result<(), StoreError> {
+/// migration hook: a new format adds its step here and bumps [`FORMAT_VERSION`].
+///
+/// - 1 → 2: dedup states kept every done seq above the watermark as a set; they are runs now
+///   (`DedupState::runs`), so a row stays small however the seqs arrived.
+pub(crate) fn migrate(txn: &WriteTransaction, from: u64) -> Result<(), StoreError> {
     match from {
+        1 => {
+            dedup_sets_to_runs(txn)?;
+            migrate(txn, 2)
+        }
         FORMAT_VERSION => Ok(()),
         other => Err(StoreError::Format {
             found: other,
             supported: FORMAT_VERSION,
         }),
     }
+}
+
+/// Format 1's dedup state.
+#[derive(serde::Deserialize)]
+struct DedupStateV1 {
+    watermark: u64,
+    above: std::collections::BTreeSet<u64>,
+}
+
+fn dedup_sets_to_runs(txn: &WriteTransaction) -> Result<(), StoreError> {
+    use crate::core::dedup::DedupState;
+    let mut table = txn.open_table(DEDUP)?;
+    let mut rewritten = Vec::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        let old: DedupStateV1 =
+            postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "dedup",
+                detail: format!("format 1 dedup state: {e}"),
+            })?;
+        let mut new = DedupState {
+            watermark: old.watermark,
+            ..DedupState::default()
+        };
+        for seq in old.above {
+            // Format 1 kept at most 65,536 seqs; their runs fit unless they were all apart.
+            new.insert(seq).map_err(|e| StoreError::Corrupt {
+                table: "dedup",
+                detail: format!("format 1 dedup state of {:?}: {e}", k.value()),
+            })?;
+        }
+        rewritten.push((k.value(), postcard::to_allocvec(&new)?));
+    }
+    for (k, v) in rewritten {
+        table.insert(k, v.as_slice())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -179,5 +223,41 @@ mod tests {
             }
             other => panic!("expected a format refusal, got {:?}", other.err()),
         }
+    }
+
+    #[test]
+    fn format_1_dedup_sets_become_runs() {
+        #[derive(serde::Serialize)]
+        struct V1 {
+            watermark: u64,
+            above: std::collections::BTreeSet<u64>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("s.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        create_all(&txn).unwrap();
+        let v1 = V1 {
+            watermark: 4,
+            above: [6, 7, 8, 10, 12, 13].into(),
+        };
+        txn.open_table(META)
+            .unwrap()
+            .insert(FORMAT_KEY, 1u64.to_le_bytes().as_slice())
+            .unwrap();
+        txn.open_table(DEDUP)
+            .unwrap()
+            .insert(
+                (7u128, 3u64),
+                postcard::to_allocvec(&v1).unwrap().as_slice(),
+            )
+            .unwrap();
+        check_format(&txn).unwrap();
+        let dedup = txn.open_table(DEDUP).unwrap();
+        let row = dedup.get((7u128, 3u64)).unwrap().unwrap();
+        let state: crate::core::dedup::DedupState = postcard::from_bytes(row.value()).unwrap();
+        assert_eq!(state.watermark, 4);
+        assert_eq!(state.runs, [(6, 8), (10, 10), (12, 13)].into());
+        assert_eq!(state.done(), 4 + 6);
+        assert!((1..=14).all(|s| state.contains(s) == (s <= 4 || v1.above.contains(&s))));
     }
 }
