@@ -6,7 +6,7 @@
 use tally_benches::sim::{Options, replay_command, run};
 
 /// Seeds CI runs in a debug build (see docs/RELIABILITY.md for the time they take).
-const CI_SEEDS: u64 = 60;
+const CI_SEEDS: u64 = 300;
 /// The first CI seed.
 const FIRST: u64 = 1;
 
@@ -30,17 +30,30 @@ fn run_range(from: u64, to: u64) {
     }
 }
 
-/// The CI seeds are split over two tests so `cargo test` runs them on both cores.
-#[test]
-fn ci_seeds_first_half_pass_the_auditor() {
+/// The CI seeds are split over four tests so `cargo test` spreads them over the cores.
+fn quarter(q: u64) {
     let n = seeds();
-    run_range(FIRST, FIRST + n / 2);
+    run_range(FIRST + n * q / 4, FIRST + n * (q + 1) / 4);
 }
 
 #[test]
-fn ci_seeds_second_half_pass_the_auditor() {
-    let n = seeds();
-    run_range(FIRST + n / 2, FIRST + n);
+fn ci_seeds_first_quarter_pass_the_auditor() {
+    quarter(0);
+}
+
+#[test]
+fn ci_seeds_second_quarter_pass_the_auditor() {
+    quarter(1);
+}
+
+#[test]
+fn ci_seeds_third_quarter_pass_the_auditor() {
+    quarter(2);
+}
+
+#[test]
+fn ci_seeds_fourth_quarter_pass_the_auditor() {
+    quarter(3);
 }
 
 #[test]

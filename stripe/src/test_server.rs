@@ -117,6 +117,7 @@ struct Inner {
     in_flight: HashMap<Key, usize>,
     max_in_flight: BTreeMap<Key, usize>,
     duplicates_rejected: u64,
+    idempotent_replays: u64,
     duplicates_dropped_v2: u64,
     requests: Vec<RecordedRequest>,
     record_requests: bool,
@@ -232,6 +233,12 @@ impl FakeStripe {
     /// Most concurrent v1 requests seen per (customer, event name).
     pub fn max_in_flight(&self) -> BTreeMap<(String, String), usize> {
         lock(&self.inner).max_in_flight.clone()
+    }
+
+    /// v1 requests answered from the `Idempotency-Key` cache (a retry of a request that was
+    /// processed).
+    pub fn idempotent_replays(&self) -> u64 {
+        lock(&self.inner).idempotent_replays
     }
 
     /// v1 requests refused because their identifier existed.
@@ -693,6 +700,7 @@ async fn v1_meter_event(inner: &Arc<Mutex<Inner>>, h: &HeaderMap, body: &Bytes) 
         let mut g = lock(inner);
         if let Some((status, body)) = g.idempotent.get(&idem) {
             let mut r = json_response(*status, serde_json::from_str(body).unwrap_or(Value::Null));
+            g.idempotent_replays += 1;
             r.headers_mut().insert(
                 "idempotent-replayed",
                 axum::http::HeaderValue::from_static("true"),
