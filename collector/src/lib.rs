@@ -20,6 +20,7 @@
 //! - [`mod@init`], [`config`], [`start`], [`dev`]: files on disk, configuration, starting it
 //!   all, and the one-process quickstart.
 //! - [`testkit`]: a bare protocol client for tests and benchmarks.
+//! - [`admin_client`]: the admin API client of the CLI's commands on a running collector.
 //!
 //! Starting a collector in-process (ports 0 pick free ones):
 //!
@@ -36,6 +37,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod admin_client;
 pub mod api;
 pub mod catalog;
 pub mod config;

@@ -49,6 +49,130 @@ enum Command {
     /// Exports a stopped collector's ledger to Parquet (or NDJSON) files, from the last
     /// checkpoint on; run it again to add what is new.
     Export(ExportCmdArgs),
+    /// Enrolment tokens of a running collector, through its admin API (SPEC §6.7).
+    EnrollToken {
+        #[command(flatten)]
+        api: AdminApiArgs,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+/// Where the admin API is and how to authenticate to it.
+#[derive(Args)]
+struct AdminApiArgs {
+    /// The admin API [default: http://127.0.0.1:7080].
+    #[arg(long, env = "TALLY_ADMIN_URL", global = true)]
+    admin_url: Option<String>,
+    /// A file holding the admin token [default: DATA_DIR/admin-token, or ./tally-dev/admin-token].
+    #[arg(long, env = "TALLY_ADMIN_TOKEN_FILE", global = true)]
+    admin_token_file: Option<PathBuf>,
+    /// The data directory whose `admin-token` to use.
+    #[arg(long, env = "TALLY_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Creates a token and prints it as JSON; its secret (`token`) is shown only here.
+    Create {
+        /// Seconds until it stops enrolling [default: 86400; at most a year].
+        #[arg(long)]
+        expires_in: Option<u64>,
+        /// How many agents it may enrol [default: 1].
+        #[arg(long)]
+        max_uses: Option<u32>,
+        /// A label carried onto the agents it enrols, KEY=VALUE (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Lists every token as JSON (never a secret).
+    List,
+    /// Revokes a token; the agents it enrolled keep working until revoked themselves.
+    Revoke {
+        /// The token's id (`et_…`).
+        id: String,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+/// The admin token: `TALLY_ADMIN_TOKEN`, else the file given, else the data directory's.
+fn admin_token(a: &AdminApiArgs, file: &FileConfig) -> anyhow::Result<String> {
+    if let Ok(t) = std::env::var("TALLY_ADMIN_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Ok(t);
+    }
+    let path = match (
+        &a.admin_token_file,
+        a.data_dir.as_ref().or(file.data_dir.as_ref()),
+    ) {
+        (Some(p), _) => p.clone(),
+        (None, Some(d)) => d.join("admin-token"),
+        (None, None) => PathBuf::from("tally-dev/admin-token"),
+    };
+    let t = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading the admin token from {} (give --admin-token-file, --data-dir or TALLY_ADMIN_TOKEN)",
+            path.display()
+        )
+    })?;
+    anyhow::ensure!(!t.trim().is_empty(), "{} is empty", path.display());
+    Ok(t)
+}
+
+async fn enroll_token(
+    a: AdminApiArgs,
+    command: TokenCommand,
+    file: &FileConfig,
+) -> anyhow::Result<ExitCode> {
+    use tally_collector::admin_client::AdminClient;
+    let url = a
+        .admin_url
+        .clone()
+        .unwrap_or_else(|| String::from("http://127.0.0.1:7080"));
+    let client = AdminClient::new(&url, &admin_token(&a, file)?)?;
+    let answer = match command {
+        TokenCommand::Create {
+            expires_in,
+            max_uses,
+            labels,
+        } => {
+            let mut body = serde_json::json!({
+                "labels": labels.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            });
+            if let Some(s) = expires_in {
+                body["expires_in_s"] = s.into();
+            }
+            if let Some(n) = max_uses {
+                body["max_uses"] = n.into();
+            }
+            client
+                .call(reqwest::Method::POST, "/v1/enroll-tokens", Some(&body))
+                .await?
+        }
+        TokenCommand::List => {
+            client
+                .call(reqwest::Method::GET, "/v1/enroll-tokens", None)
+                .await?
+        }
+        TokenCommand::Revoke { id } => {
+            client
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/enroll-tokens/{id}"),
+                    None,
+                )
+                .await?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args)]
@@ -378,6 +502,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::EnrollToken { api, command } => enroll_token(api, command, &file).await,
         Command::Export(a) => {
             let store = open_stopped(
                 data_dir(a.dir.data_dir, &file)?,

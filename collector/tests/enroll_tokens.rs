@@ -147,3 +147,77 @@ async fn a_token_past_its_expiry_is_refused() {
     );
     env.handle.shutdown().await;
 }
+
+/// Runs `tally-collector enroll-token ARGS` against `env`'s admin API; (exit code, stdout,
+/// stderr).
+fn cli(env: &Env, args: &[&str]) -> (i32, serde_json::Value, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally-collector"))
+        .arg("enroll-token")
+        .args(args)
+        .arg("--admin-url")
+        .arg(format!("http://{}", env.handle.http_addr()))
+        .arg("--admin-token-file")
+        .arg(&env.handle.files().admin_token)
+        .env_remove("TALLY_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::String(stdout));
+    (
+        out.status.code().unwrap_or(-1),
+        v,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_creates_lists_and_revokes_tokens() {
+    let env = start().await;
+    let (code, t, err) = cli(
+        &env,
+        &[
+            "create",
+            "--max-uses",
+            "2",
+            "--expires-in",
+            "600",
+            "--label",
+            "team=billing",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (id, secret) = (t["id"].as_str().unwrap(), t["token"].as_str().unwrap());
+    assert_eq!(t["max_uses"], 2);
+    assert_eq!(t["labels"]["team"], "billing");
+    // It enrols.
+    connect(&env, 40, secret).await.unwrap();
+
+    let (code, list, err) = cli(&env, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    let listed = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == id)
+        .unwrap()
+        .clone();
+    assert_eq!(listed["uses"], 1);
+    assert!(listed.get("token").is_none(), "a secret was listed");
+
+    let (code, r, err) = cli(&env, &["revoke", id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(r["revoked_at"].is_i64(), "{r}");
+    assert_eq!(
+        refused(connect(&env, 41, secret).await),
+        ErrorCode::EnrollTokenRevoked
+    );
+
+    // Errors are the API's, said plainly, with a non-zero exit.
+    let (code, _, err) = cli(&env, &["revoke", "et_000000000000"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("404"), "{err}");
+    let (code, _, err) = cli(&env, &["create", "--label", "nolabel"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("KEY=VALUE"), "{err}");
+    env.handle.shutdown().await;
+}
