@@ -2,8 +2,9 @@
 //!
 //! Values are the redb store's: JSON for plans, settings, grants and leases; postcard for
 //! tokens and enrolments. A grant posts its transfer under the ledger lock, like an ingest.
-//! Writers of plans, settings and grants send `NOTIFY tally_entitlements`, so other collectors
-//! can refresh what they pushed to agents.
+//! Writers of plans, settings and grants notify `tally_entitlements` (payload: the customer, or
+//! empty for every customer), so other collectors push the change to their agents
+//! ([`super::listen`]).
 
 use super::{PgStore, PgTxn, dec, enc, i, read_catalog};
 use crate::core::entitlements::lease::{Lease, LeaseChange};
@@ -87,7 +88,7 @@ impl EntitlementStore for PgStore {
                  ON CONFLICT (customer) DO UPDATE SET settings = EXCLUDED.settings",
                 &[&c, &blob],
             )?;
-            tx.batch("NOTIFY tally_entitlements")?;
+            tx.execute("SELECT pg_notify('tally_entitlements', $1)", &[&c])?;
             tx.commit()?;
             Ok(())
         })
@@ -163,7 +164,12 @@ impl EntitlementStore for PgStore {
                 t.flush()?;
                 GrantOutcome::Created(g)
             };
-            tx.batch("NOTIFY tally_entitlements")?;
+            if let GrantOutcome::Created(_) = &outcome {
+                tx.execute(
+                    "SELECT pg_notify('tally_entitlements', $1)",
+                    &[&req.customer.as_str()],
+                )?;
+            }
             tx.commit()?;
             Ok(outcome)
         })
@@ -375,7 +381,6 @@ impl EnrolmentStore for PgStore {
                     "UPDATE enroll_tokens SET tok = $2 WHERE id = $1",
                     &[&id, &enc(&tok)?],
                 )?;
-                tx.batch("NOTIFY tally_registry")?;
             }
             tx.commit()?;
             Ok(Some(tok))
@@ -424,7 +429,6 @@ impl EnrolmentStore for PgStore {
                  ON CONFLICT (agent) DO UPDATE SET rec = EXCLUDED.rec",
                 &[&agent, &enc(&enrolment)?],
             )?;
-            tx.batch("NOTIFY tally_registry")?;
             tx.commit()?;
             Ok(Ok(tok))
         })

@@ -34,6 +34,7 @@ use tally_protocol::catalog::{Catalog, MeterDef};
 use tally_protocol::names::{CustomerId, MeterName};
 
 pub mod entitlements;
+pub mod listen;
 pub mod outbox;
 pub mod pool;
 pub mod schema;
@@ -82,6 +83,15 @@ pub struct PgStore {
     pool: Pool,
     namespace: String,
     outbox_appended: std::sync::atomic::AtomicU64,
+    changes: tokio::sync::broadcast::Sender<listen::PgChange>,
+    stop_listening: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.stop_listening
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -103,7 +113,7 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("tally-collector");
         }
-        let pool = Pool::new(config, POOL_SIZE)?;
+        let pool = Pool::new(config.clone(), POOL_SIZE)?;
         let namespace = pool.run(|s| {
             let mut tx = s.begin()?;
             schema::migrate(&mut tx)?;
@@ -126,10 +136,16 @@ impl PgStore {
             tx.commit()?;
             Ok(String::from_utf8_lossy(&ns).into_owned())
         })?;
+        let (changes, _) = tokio::sync::broadcast::channel(listen::CHANGES_MAX);
+        let stop_listening = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        listen::spawn(config, changes.clone(), stop_listening.clone())
+            .map_err(|e| StoreError::Invariant(format!("postgres listener thread: {e}")))?;
         Ok(PgStore {
             pool,
             namespace,
             outbox_appended: std::sync::atomic::AtomicU64::new(0),
+            changes,
+            stop_listening,
         })
     }
 
@@ -140,6 +156,12 @@ impl PgStore {
         F: FnMut(&mut pool::Session) -> Result<T, StoreError> + Send + 'static,
     {
         self.pool.run(f)
+    }
+
+    /// Changes made through any collector on this database, this one included (see
+    /// [`listen`]).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<listen::PgChange> {
+        self.changes.subscribe()
     }
 
     /// Transactions run again after a transient failure since this store opened.
@@ -680,6 +702,7 @@ impl Store for PgStore {
 
     fn put_agent(&self, rec: &AgentRecord) -> Result<(), StoreError> {
         let (id, blob) = (rec.id.0.to_vec(), enc(rec)?);
+        let revoked = rec.revoked_at_ms.is_some();
         self.run(move |s| {
             let mut tx = s.begin()?;
             tx.execute(
@@ -687,7 +710,12 @@ impl Store for PgStore {
                  ON CONFLICT (id) DO UPDATE SET rec = EXCLUDED.rec",
                 &[&id, &blob],
             )?;
-            tx.batch("NOTIFY tally_registry")?;
+            if revoked {
+                tx.execute(
+                    "SELECT pg_notify('tally_registry', $1)",
+                    &[&hex::encode(&id)],
+                )?;
+            }
             tx.commit()?;
             Ok(())
         })
@@ -893,7 +921,7 @@ impl Store for PgStore {
                  rec = EXCLUDED.rec",
                 &[&c, &sc, &blob],
             )?;
-            tx.batch("NOTIFY tally_customers")?;
+            tx.execute("SELECT pg_notify('tally_entitlements', $1)", &[&c])?;
             tx.commit()?;
             Ok(())
         })
