@@ -455,3 +455,88 @@ async fn two_collector_processes_one_killed_mid_stream_count_and_forward_everyth
     drop(proc_a2);
     drop(proc_b);
 }
+
+/// A real agent configured with two collectors on one database: the first serves; when it
+/// stops, the second takes over; when it is back, the agent moves back to it; every unit is
+/// counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_fails_over_in_order_and_fails_back() {
+    let Some(db) = TestDb::create("an_agent_fails_over_in_order_and_fails_back") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    tally_collector::init(dir.path(), &[]).unwrap();
+    let qa: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let start = |quic: Option<SocketAddr>| {
+        let mut c = CollectorConfig::ephemeral(dir.path());
+        c.ledger_url = Some(db.url().to_owned());
+        if let Some(q) = quic {
+            c.quic_addr = q;
+        }
+        Collector::start(c)
+    };
+    let a = start(Some(qa)).await.unwrap();
+    let b = start(None).await.unwrap();
+    a.shared()
+        .put_meter(&meter("calls", Aggregation::Sum))
+        .unwrap();
+    let adir = tempfile::tempdir().unwrap();
+    let agent = tally_agent::Agent::builder()
+        .data_dir(adir.path())
+        .collector(qa.to_string())
+        .collector(b.quic_addr().to_string())
+        .ca_pem(std::fs::read(&a.files().ca_pem).unwrap())
+        .enroll_token(a.enroll_token())
+        .flush_interval(Duration::from_millis(50))
+        .failback_interval(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let id = agent.agent_id();
+    let live = |h: &tally_collector::CollectorHandle| h.shared().registry.live_connections(id);
+    let mut total = Decimal::ZERO;
+    let mut record = |n: i64| {
+        for _ in 0..n {
+            agent.record("acme", "calls", Decimal::new(125, 2)).unwrap();
+            total += Decimal::new(125, 2);
+        }
+    };
+    record(50);
+    agent.flush(Duration::from_secs(20)).await.unwrap();
+    assert_eq!((live(&a), live(&b)), (1, 0), "the first collector serves");
+
+    a.shutdown().await;
+    record(50);
+    agent.flush(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(live(&b), 1, "failed over to the second");
+
+    let a = start(Some(qa)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while live(&a) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(live(&a), 1, "failed back to the first");
+    record(50);
+    agent.flush(Duration::from_secs(20)).await.unwrap();
+
+    let store = b.shared().store.clone();
+    let got: Decimal = tokio::task::spawn_blocking(move || {
+        store
+            .usage_accounts(
+                &CustomerId::new("acme").unwrap(),
+                Some(&MeterName::new("calls").unwrap()),
+                None,
+            )
+            .unwrap()
+            .iter()
+            .map(|a| a.balance())
+            .sum()
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, total);
+    assert!(a.shared().verify().unwrap().ok);
+    agent.shutdown(Duration::from_secs(5)).await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}
