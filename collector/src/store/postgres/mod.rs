@@ -239,6 +239,10 @@ pub(crate) struct PgTxn<'t, 'a> {
     batches: Vec<(Vec<u8>, i64, i64, Vec<u8>)>,
     quarantine: Vec<(i64, Vec<u8>)>,
     outbox: OutboxWriter,
+    /// Accounts and dedup states read ahead in one query each ([`PgTxn::prefetch`]); `None`:
+    /// known absent. Read under the ledger lock, so they stay current for the transaction.
+    accounts_read: HashMap<AccountId, Option<Account>>,
+    dedup_read: HashMap<(AgentId, u64), Option<DedupState>>,
 }
 
 impl<'t, 'a> PgTxn<'t, 'a> {
@@ -256,11 +260,92 @@ impl<'t, 'a> PgTxn<'t, 'a> {
             dedup: HashMap::new(),
             batches: Vec::new(),
             quarantine: Vec::new(),
+            accounts_read: HashMap::new(),
+            dedup_read: HashMap::new(),
             outbox: OutboxWriter {
                 touched: HashMap::new(),
                 next_row,
+                carries_read: HashMap::new(),
             },
         })
+    }
+
+    /// Reads ahead, in one query each, the accounts and dedup states a group of batches will
+    /// most likely touch, instead of one round trip per account. Only a cache: the ids are a
+    /// guess from the deltas (usage and source accounts), and whatever the rules load that is
+    /// not here is read on demand.
+    fn prefetch(&mut self, batches: &[IngestBatch]) -> Result<(), StoreError> {
+        let mut ids: Vec<AccountId> = Vec::new();
+        let mut pairs: Vec<(AgentId, u64)> = Vec::new();
+        for b in batches {
+            pairs.push((b.body.agent_id, b.body.epoch));
+            for d in b.body.deltas.iter() {
+                ids.push(ledger::source_account_id(&d.meter));
+                ids.push(ledger::usage_account_id(
+                    &d.customer,
+                    &d.meter,
+                    &d.dimensions,
+                    Period::of_ms(d.bucket_start_ms),
+                ));
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        pairs.sort_unstable();
+        pairs.dedup();
+        let keys: Vec<Vec<u8>> = ids.iter().map(|id| id_bytes(*id)).collect();
+        for id in &ids {
+            self.accounts_read.insert(*id, None);
+        }
+        for r in self
+            .tx
+            .query("SELECT id, acct FROM accounts WHERE id = ANY($1)", &[&keys])?
+        {
+            let idb: &[u8] = r.get(0);
+            let id: [u8; 16] = idb.try_into().map_err(|_| StoreError::Corrupt {
+                table: "accounts",
+                detail: String::from("account id is not 16 bytes"),
+            })?;
+            let a: Account = dec("accounts", r.get::<_, &[u8]>(1))?;
+            self.accounts_read.insert(u128::from_be_bytes(id), Some(a));
+        }
+        let mut cm: Vec<(String, String)> = batches
+            .iter()
+            .flat_map(|b| b.body.deltas.iter())
+            .map(|d| (d.customer.as_str().to_owned(), d.meter.as_str().to_owned()))
+            .collect();
+        cm.sort_unstable();
+        cm.dedup();
+        let (cs, ms): (Vec<String>, Vec<String>) = cm.iter().cloned().unzip();
+        for k in cm {
+            self.outbox.carries_read.insert(k, None);
+        }
+        for r in self.tx.query(
+            "SELECT o.customer, o.meter, o.carry FROM outbox_carry o \
+             JOIN unnest($1::text[], $2::text[]) AS k(customer, meter) \
+             ON o.customer = k.customer COLLATE \"C\" AND o.meter = k.meter COLLATE \"C\"",
+            &[&cs, &ms],
+        )? {
+            let key: (String, String) = (r.get(0), r.get(1));
+            let c: Carry = dec("outbox_carry", r.get::<_, &[u8]>(2))?;
+            self.outbox.carries_read.insert(key, Some(c));
+        }
+        let agents: Vec<Vec<u8>> = pairs.iter().map(|p| p.0.0.to_vec()).collect();
+        let epochs: Vec<i64> = pairs.iter().map(|p| i(p.1)).collect();
+        for p in &pairs {
+            self.dedup_read.insert(*p, None);
+        }
+        for r in self.tx.query(
+            "SELECT d.agent, d.epoch, d.state FROM dedup d \
+             JOIN unnest($1::bytea[], $2::bigint[]) AS k(agent, epoch) \
+             ON d.agent = k.agent AND d.epoch = k.epoch",
+            &[&agents, &epochs],
+        )? {
+            let key = (agent_from(r.get::<_, &[u8]>(0))?, u(r.get(1)));
+            self.dedup_read
+                .insert(key, Some(dec("dedup", r.get::<_, &[u8]>(2))?));
+        }
+        Ok(())
     }
 
     /// Writes everything buffered; returns the outbox rows appended.
@@ -333,6 +418,9 @@ fn split3<A, B, C>(v: Vec<(A, B, C)>) -> (Vec<A>, Vec<B>, Vec<C>) {
 impl Accounts for PgTxn<'_, '_> {
     type Error = StoreError;
     fn load(&mut self, id: AccountId) -> Result<Option<Account>, StoreError> {
+        if let Some(a) = self.accounts_read.get(&id) {
+            return Ok(a.clone());
+        }
         match self
             .tx
             .query_opt("SELECT acct FROM accounts WHERE id = $1", &[&id_bytes(id)])?
@@ -398,6 +486,9 @@ impl IngestTxn for PgTxn<'_, '_> {
     fn dedup_state(&mut self, agent: AgentId, epoch: u64) -> Result<DedupState, StoreError> {
         if let Some(s) = self.dedup.get(&(agent, epoch)) {
             return Ok(s.clone());
+        }
+        if let Some(s) = self.dedup_read.get(&(agent, epoch)) {
+            return Ok(s.clone().unwrap_or_default());
         }
         match self.tx.query_opt(
             "SELECT state FROM dedup WHERE agent = $1 AND epoch = $2",
@@ -476,6 +567,8 @@ impl IngestTxn for PgTxn<'_, '_> {
 struct OutboxWriter {
     touched: HashMap<(String, String), Touched>,
     next_row: u64,
+    /// Carries read ahead ([`PgTxn::prefetch`]); `None`: known absent.
+    carries_read: HashMap<(String, String), Option<Carry>>,
 }
 
 struct Touched {
@@ -506,12 +599,15 @@ impl OutboxWriter {
         let e = match self.touched.entry(key) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
-                let carry = match tx.query_opt(
-                    "SELECT carry FROM outbox_carry WHERE customer = $1 AND meter = $2",
-                    &[&v.key().0, &v.key().1],
-                )? {
-                    Some(r) => dec("outbox_carry", r.get::<_, &[u8]>(0))?,
-                    None => Carry::default(),
+                let carry = match self.carries_read.get(v.key()) {
+                    Some(c) => c.clone().unwrap_or_default(),
+                    None => match tx.query_opt(
+                        "SELECT carry FROM outbox_carry WHERE customer = $1 AND meter = $2",
+                        &[&v.key().0, &v.key().1],
+                    )? {
+                        Some(r) => dec("outbox_carry", r.get::<_, &[u8]>(0))?,
+                        None => Carry::default(),
+                    },
                 };
                 v.insert(Touched {
                     carry,
@@ -602,6 +698,7 @@ impl Store for PgStore {
             let (out, appended) = {
                 let mut t = PgTxn::open(&mut tx)?;
                 let catalog = read_catalog(t.tx)?;
+                t.prefetch(&batches)?;
                 let out = ingest_group(&mut t, &catalog, &batches, now_ms)?;
                 (out, t.flush()?)
             };

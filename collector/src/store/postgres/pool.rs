@@ -155,16 +155,21 @@ pub fn transient(e: &postgres::Error) -> bool {
 
 type Job = Box<dyn FnOnce(&mut Session) + Send>;
 
+/// Transactions waiting for a connection at most.
+pub const QUEUE_MAX: usize = 256;
+
 /// The pool: `size` threads, each with one [`Session`], fed from one queue.
 pub struct Pool {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::SyncSender<Job>,
     retries: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Pool {
     /// Starts `size` connection threads (connections open lazily, on first use).
     pub fn new(config: postgres::Config, size: usize) -> Result<Self, StoreError> {
-        let (tx, rx) = mpsc::channel::<Job>();
+        // Bounded: past `QUEUE_MAX` waiting transactions a caller waits to enqueue (callers
+        // block for their answer anyway, so the queue only smooths bursts).
+        let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE_MAX);
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..size.max(1) {
             let rx = rx.clone();
