@@ -191,6 +191,9 @@ impl Shared {
                 backoff_max: self.cfg.backoff_max,
                 connect_timeout: self.cfg.connect_timeout,
             },
+            failback: (self.cfg.collectors.len() > 1)
+                .then_some(self.cfg.failback_interval)
+                .filter(|d| !d.is_zero()),
             key: self.key.clone(),
             store: self.store.clone(),
             client,
@@ -390,6 +393,13 @@ impl AgentBuilder {
     /// Adds a collector address (`host:port`); repeat for failover, tried in order.
     pub fn collector(mut self, addr: impl Into<String>) -> Self {
         self.cfg.collectors.push(addr.into());
+        self
+    }
+
+    /// With several collectors: how often the first is tried again while another serves, to
+    /// move back to it (default 30 s; zero stays on the one that works).
+    pub fn failback_interval(mut self, every: Duration) -> Self {
+        self.cfg.failback_interval = every;
         self
     }
 

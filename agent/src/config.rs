@@ -10,6 +10,9 @@ pub const DEFAULT_DISK_BUDGET: u64 = 1 << 30;
 /// Default dedup window: 35 days.
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(35 * 24 * 3600);
 
+/// Default for [`Config::failback_interval`].
+pub const DEFAULT_FAILBACK_INTERVAL: Duration = Duration::from_secs(30);
+
 /// What the agent does once its disk backlog reaches `disk_budget` (SPEC A3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Overflow {
@@ -52,6 +55,9 @@ pub struct Config {
     pub backoff_max: Duration,
     /// Time allowed for a QUIC connection and handshake.
     pub connect_timeout: Duration,
+    /// While connected to another than the first collector, how often the first is tried
+    /// again; when it answers the agent moves back to it (fail back). Zero: stay (sticky).
+    pub failback_interval: Duration,
     /// How far in the past an event's own time may be (default 35 days, as Stripe allows).
     pub max_event_age: Duration,
     /// How far in the future an event's own time may be (default 5 minutes, as Stripe allows).
@@ -74,6 +80,7 @@ impl Default for Config {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            failback_interval: DEFAULT_FAILBACK_INTERVAL,
             max_event_age: DEFAULT_MAX_EVENT_AGE,
             max_event_lead: DEFAULT_MAX_EVENT_LEAD,
             entitlements: crate::entitlements::EntitlementsConfig::default(),

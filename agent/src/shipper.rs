@@ -36,6 +36,8 @@ pub trait SessionEvents: Send + Sync + 'static {
 pub struct Shipper {
     /// The session's settings.
     pub cfg: SessionConfig,
+    /// How often the first collector is tried while another serves (fail back); `None`: never.
+    pub failback: Option<Duration>,
     /// The agent's key (handshake proofs).
     pub key: ed25519_dalek::SigningKey,
     /// The agent's store: batches to send, acks to delete, caches to keep.
@@ -77,6 +79,7 @@ pub async fn run(s: Shipper, mut stop: watch::Receiver<bool>) {
     let _ = getrandom::getrandom(&mut seed);
     let Shipper {
         cfg,
+        failback,
         key,
         store,
         client,
@@ -88,6 +91,14 @@ pub async fn run(s: Shipper, mut stop: watch::Receiver<bool>) {
         mut control,
     } = s;
     let connect_timeout = cfg.connect_timeout;
+    // Fail back (the shell's part of failover; the session's order and stickiness are its
+    // own): while linked to another collector, the first is tried every `failback`; when it
+    // answers, the link is ended and the session's next connect goes to the first collector.
+    let preferred = cfg.collectors.first().cloned().unwrap_or_default();
+    let mut linked_to: Option<String> = None;
+    let mut fail_back = false;
+    let mut next_probe =
+        tokio::time::Instant::now() + failback.unwrap_or(Duration::from_secs(86_400));
     let verifying_key = key.verifying_key();
     let sealed_upto = *sealed.borrow_and_update();
     let mut session = Session::new(
@@ -105,6 +116,11 @@ pub async fn run(s: Shipper, mut stop: watch::Receiver<bool>) {
         while let Some(action) = session.poll() {
             match action {
                 Action::Connect { collector } => {
+                    let collector = if std::mem::take(&mut fail_back) {
+                        preferred.clone()
+                    } else {
+                        collector
+                    };
                     let span = tracing::info_span!("collector_session", collector = %collector);
                     let r = tokio::select! {
                         r = connect(&client, &collector, connect_timeout).instrument(span) => r,
@@ -113,6 +129,10 @@ pub async fn run(s: Shipper, mut stop: watch::Receiver<bool>) {
                     match r {
                         Ok((l, binding)) => {
                             link = Some(l);
+                            linked_to = Some(collector);
+                            if let Some(every) = failback {
+                                next_probe = tokio::time::Instant::now() + every;
+                            }
                             session.connected(&binding, clock.now_ms());
                         }
                         Err(e) => session.connection_lost(e, clock.now_ms()),
@@ -151,6 +171,7 @@ pub async fn run(s: Shipper, mut stop: watch::Receiver<bool>) {
                     }
                 }
                 Action::Close => {
+                    linked_to = None;
                     if let Some(l) = link.take() {
                         l.close();
                     }
@@ -169,8 +190,23 @@ pub async fn run(s: Shipper, mut stop: watch::Receiver<bool>) {
             let ms = at.saturating_sub(clock.now_ms()).max(0);
             tokio::time::Instant::now() + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
         });
+        let away = failback.is_some() && linked_to.as_ref().is_some_and(|c| *c != preferred);
         tokio::select! {
             _ = stop.changed() => break,
+            _ = tokio::time::sleep_until(next_probe), if away => {
+                if let Some(every) = failback {
+                    next_probe = tokio::time::Instant::now() + every;
+                }
+                if let Ok((probe, _)) = connect(&client, &preferred, connect_timeout).await {
+                    probe.close();
+                    tracing::info!(collector = %preferred, "first collector answers again: failing back");
+                    fail_back = true;
+                    session.connection_lost(
+                        SessionError::Connection(String::from("failing back to the first collector")),
+                        clock.now_ms(),
+                    );
+                }
+            }
             _ = async { match timer { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 session.handle_timeout(clock.now_ms());
             }

@@ -24,6 +24,16 @@ pub struct Catalogs {
 }
 
 impl Catalogs {
+    /// Reads the stored catalog and publishes it when it is newer (a meter put through another
+    /// collector on the same PostgreSQL). Blocking.
+    pub fn refresh(&self) -> Result<(), StoreError> {
+        let catalog = self.store.catalog()?;
+        if catalog.version > self.tx.borrow().version {
+            self.tx.send_replace(Arc::new(catalog));
+        }
+        Ok(())
+    }
+
     /// A handle starting from the store's current catalog.
     pub fn open(store: Arc<dyn Store>) -> Result<Self, StoreError> {
         let (tx, _) = watch::channel(Arc::new(store.catalog()?));

@@ -40,6 +40,9 @@ pub struct CollectorConfig {
     pub export: Option<crate::export::ExportJob>,
     /// The lease book's limits and timings (lease lifetime, reclaim grace).
     pub leases: crate::core::entitlements::LeaseBookLimits,
+    /// `--ledger-url`: keep the ledger in this PostgreSQL database instead of the data
+    /// directory's redb file (a secret when it holds a password: never logged).
+    pub ledger_url: Option<String>,
 }
 
 impl std::fmt::Debug for CollectorConfig {
@@ -56,6 +59,14 @@ impl std::fmt::Debug for CollectorConfig {
             .field("stripe", &self.stripe)
             .field("export", &self.export)
             .field("leases", &self.leases)
+            .field(
+                "ledger",
+                &if self.ledger_url.is_some() {
+                    "postgres"
+                } else {
+                    "redb"
+                },
+            )
             .field("now_ms", &self.clock.now_ms())
             .finish()
     }
@@ -77,6 +88,7 @@ impl CollectorConfig {
             clock: Arc::new(SystemClock),
             export: None,
             leases: crate::core::entitlements::LeaseBookLimits::default(),
+            ledger_url: None,
         }
     }
 
@@ -99,6 +111,7 @@ impl CollectorConfig {
 /// max_in_flight = 32
 /// max_handshakes_per_s = 1000
 /// agent_http = "127.0.0.1:7070"   # dev only
+/// ledger_url = "postgres://tally@db:5432/tally"   # or TALLY_LEDGER_URL; default: redb
 /// stripe_api_key_file = "/run/secrets/stripe"   # or STRIPE_API_KEY
 /// stripe_base_url = "https://api.stripe.com"
 /// stripe_meter_events_url = "https://meter-events.stripe.com"
@@ -128,6 +141,8 @@ pub struct FileConfig {
     pub max_handshakes_per_s: Option<u32>,
     /// The dev sidecar's HTTP address.
     pub agent_http: Option<SocketAddr>,
+    /// The PostgreSQL ledger (`--ledger-url`).
+    pub ledger_url: Option<String>,
     /// A file holding the Stripe API key (when `STRIPE_API_KEY` is unset).
     pub stripe_api_key_file: Option<PathBuf>,
     /// Stripe base URL.

@@ -167,6 +167,12 @@ impl Entitlements {
         &self.metrics
     }
 
+    /// Tells every session of a change made elsewhere (another collector on the same
+    /// PostgreSQL).
+    pub fn announce(&self, c: Change) {
+        self.notify(c);
+    }
+
     fn notify(&self, c: Change) {
         // No subscriber is not an error: nothing to tell.
         let _ = self.tx.send(c);

@@ -10,6 +10,7 @@ use tally_collector::config::FileConfig;
 use tally_collector::dev::DevOptions;
 use tally_collector::export::{ExportJob, ExportOptions};
 use tally_collector::store::Store;
+use tally_collector::store::postgres::PgStore;
 use tally_collector::store::redb::RedbStore;
 use tally_collector::stripe::StripeSettings;
 use tally_collector::{Collector, CollectorConfig, InitFiles};
@@ -20,7 +21,8 @@ use tally_stripe::{Api, ApiKey, WebhookSecret};
 #[command(name = "tally-collector", version)]
 struct Cli {
     /// A TOML file with defaults for the flags (keys: data_dir, quic, http, san, max_in_flight,
-    /// max_handshakes_per_s, agent_http, stripe_api_key_file, stripe_base_url, stripe_meter_events_url, stripe_api,
+    /// max_handshakes_per_s, agent_http, ledger_url, stripe_api_key_file, stripe_base_url,
+    /// stripe_meter_events_url, stripe_api,
     /// stripe_version, stripe_webhook_secret_file, stripe_request_timeout, stripe_rate,
     /// stripe_reconcile_interval).
     #[arg(long, env = "TALLY_CONFIG", global = true)]
@@ -232,8 +234,32 @@ struct ExportCmdArgs {
 
 #[derive(Subcommand)]
 enum LedgerCommand {
-    /// Check every ledger invariant; exit 1 on any violation (the collector must be stopped).
-    Verify(DataDirArg),
+    /// Check every ledger invariant; exit 1 on any violation (redb: the collector must be
+    /// stopped; PostgreSQL: reads one snapshot while collectors run).
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    dir: DataDirArg,
+    #[command(flatten)]
+    ledger: LedgerUrlArg,
+}
+
+/// Where the ledger lives: the data directory's redb file, or PostgreSQL.
+#[derive(Args)]
+struct LedgerUrlArg {
+    /// Keep the ledger in PostgreSQL (`postgres://user@host:port/db`) instead of the data
+    /// directory's redb file; any number of collectors may share one database.
+    #[arg(long, env = "TALLY_LEDGER_URL", hide_env_values = true)]
+    ledger_url: Option<String>,
+}
+
+impl LedgerUrlArg {
+    fn url(self, file: &FileConfig) -> Option<String> {
+        self.ledger_url.or_else(|| file.ledger_url.clone())
+    }
 }
 
 #[derive(Args)]
@@ -256,6 +282,8 @@ struct InitArgs {
 struct RunArgs {
     #[command(flatten)]
     dir: DataDirArg,
+    #[command(flatten)]
+    ledger: LedgerUrlArg,
     /// QUIC listen address [default: 127.0.0.1:7443].
     #[arg(long, env = "TALLY_QUIC")]
     quic: Option<SocketAddr>,
@@ -465,6 +493,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(a) => {
             let dir = data_dir(a.dir.data_dir, &file)?;
             let mut config = CollectorConfig::new(&dir);
+            config.ledger_url = a.ledger.url(&file);
             if let Some(q) = a.quic.or(file.quic) {
                 config.quic_addr = q;
             }
@@ -493,7 +522,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ledger {
             command: LedgerCommand::Verify(a),
         } => {
-            let store = open_stopped(data_dir(a.data_dir, &file)?, "GET /v1/ledger/verify")?;
+            let store: Box<dyn Store> = match a.ledger.url(&file) {
+                Some(url) => {
+                    Box::new(PgStore::open(&url).context("cannot open the PostgreSQL ledger")?)
+                }
+                None => Box::new(open_stopped(
+                    data_dir(a.dir.data_dir, &file)?,
+                    "GET /v1/ledger/verify",
+                )?),
+            };
             let report = store.verify()?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(if report.ok {

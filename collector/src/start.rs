@@ -15,6 +15,9 @@ use crate::init::{InitError, InitFiles};
 use crate::metrics::Metrics;
 use crate::net::quic::{QuicServer, SessionLimits};
 use crate::net::registry::Registry;
+use crate::store::entitlements::EntitlementStore;
+use crate::store::postgres::PgStore;
+use crate::store::postgres::listen::PgChange;
 use crate::store::redb::RedbStore;
 use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
@@ -83,11 +86,22 @@ impl Collector {
             &read(&files.collector_pem)?,
             &read(&files.collector_key)?,
         )?;
-        let redb = Arc::new(RedbStore::open(&files.store)?);
-        let store: Arc<dyn Store> = redb.clone();
+        let mut pg_changes = None;
+        let (store, ent_store): (Arc<dyn Store>, Arc<dyn EntitlementStore>) =
+            match &config.ledger_url {
+                Some(url) => {
+                    let pg = Arc::new(PgStore::open(url)?);
+                    pg_changes = Some(pg.changes());
+                    (pg.clone(), pg)
+                }
+                None => {
+                    let redb = Arc::new(RedbStore::open(&files.store)?);
+                    (redb.clone(), redb)
+                }
+            };
         let metrics = Arc::new(Metrics::new());
         let entitlements = Arc::new(crate::entitlements::Entitlements::open(
-            redb,
+            ent_store,
             store.clone(),
             config.clock.clone(),
             config.leases,
@@ -138,11 +152,13 @@ impl Collector {
             }));
         }
         let catalogs = Arc::new(Catalogs::open(store.clone())?);
+        let catalogs_for_pg = catalogs.clone();
         let registry = Arc::new(Registry::new(
             store.clone(),
             enroll_token,
             config.clock.clone(),
         )?);
+        let registry_for_pg = registry.clone();
         let endpoint =
             quinn::Endpoint::server(server_config, config.quic_addr).map_err(|source| {
                 StartError::Bind {
@@ -183,6 +199,14 @@ impl Collector {
             config.clock.clone(),
         ));
         let _ = shared.entitlements.set(entitlements.clone());
+        if let Some(changes) = pg_changes {
+            shared.stripe.keep_task(tokio::spawn(follow_pg_changes(
+                changes,
+                catalogs_for_pg,
+                registry_for_pg,
+                entitlements.clone(),
+            )));
+        }
         let ticker = tokio::spawn(async move {
             // Lease reclaims and time-driven changes (grant expiry, period roll-over).
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
@@ -225,6 +249,57 @@ impl Collector {
             committer,
             export_task,
         })
+    }
+}
+
+/// Applies changes made through other collectors on the same PostgreSQL to this one's agents:
+/// a newer catalog is published, entitlement changes are pushed, revoked agents are closed.
+async fn follow_pg_changes(
+    mut changes: tokio::sync::broadcast::Receiver<PgChange>,
+    catalogs: Arc<Catalogs>,
+    registry: Arc<Registry>,
+    entitlements: Arc<crate::entitlements::Entitlements>,
+) {
+    use crate::entitlements::Change;
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let change = match changes.recv().await {
+            Ok(c) => c,
+            Err(RecvError::Lagged(_)) => PgChange::Resync,
+            Err(RecvError::Closed) => return,
+        };
+        let (c, r) = (catalogs.clone(), registry.clone());
+        let e = entitlements.clone();
+        let done = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            match change {
+                PgChange::Catalog => c.refresh(),
+                PgChange::Entitlements(None) => {
+                    e.announce(Change::All);
+                    Ok(())
+                }
+                PgChange::Entitlements(Some(customer)) => {
+                    if let Ok(id) = tally_protocol::names::CustomerId::new(&customer) {
+                        e.announce(Change::Customer(id));
+                    }
+                    Ok(())
+                }
+                PgChange::Revoked(hex_id) => {
+                    let mut id = [0u8; 16];
+                    if hex::decode_to_slice(&hex_id, &mut id).is_ok() {
+                        r.close_if_revoked(tally_protocol::batch::AgentId(id))?;
+                    }
+                    Ok(())
+                }
+                PgChange::Resync => {
+                    e.announce(Change::All);
+                    c.refresh()
+                }
+            }
+        })
+        .await;
+        if let Ok(Err(err)) = done {
+            tracing::warn!(error = %err, "applying a change from another collector failed");
+        }
     }
 }
 

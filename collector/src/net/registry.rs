@@ -214,6 +214,19 @@ impl Registry {
         info.get(&agent).cloned().unwrap_or_default()
     }
 
+    /// Closes the live connections of `agent` when its stored record is revoked (a revocation
+    /// through another collector on the same PostgreSQL). Blocking.
+    pub fn close_if_revoked(&self, agent: AgentId) -> Result<(), StoreError> {
+        if self
+            .store
+            .agent(agent)?
+            .is_some_and(|r| r.revoked_at_ms.is_some())
+        {
+            self.revoke(agent, false)?;
+        }
+        Ok(())
+    }
+
     /// Revokes an agent and closes its live connections. `Ok(false)` if it is unknown.
     pub fn revoke(&self, agent: AgentId, revoke_token: bool) -> Result<bool, StoreError> {
         let Some(mut rec) = self.store.agent(agent)? else {

@@ -70,6 +70,9 @@ pub enum StoreError {
     /// A ledger invariant would break; the transaction was aborted.
     #[error("ledger invariant: {0}")]
     Invariant(String),
+    /// PostgreSQL failed (after the retries of transient failures).
+    #[error("postgres: {0}")]
+    Postgres(#[from] ::postgres::Error),
 }
 
 macro_rules! redb_error {
@@ -212,4 +215,5 @@ pub trait EnrolmentStore {
 
 pub mod entitlements;
 pub mod memory;
+pub mod postgres;
 pub mod redb;
