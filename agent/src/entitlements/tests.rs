@@ -779,6 +779,68 @@ fn concurrent_consumers_never_exceed_the_lease() {
     assert_eq!(l.leased_available, Some(Decimal::ZERO));
 }
 
+/// A lease that expires while two threads consume from its lock-free pool: once `scan` hands it
+/// out for release, nothing more is recorded under it (no take is between its take and its
+/// record), and the released lease's `consumed` is exactly what was recorded.
+#[test]
+fn a_lease_is_released_only_with_every_lock_free_take_recorded() {
+    use std::sync::atomic::AtomicBool;
+    for round in 0..20 {
+        let t = Arc::new(Table::new(EntitlementsConfig::default()));
+        t.set_connected(true, 0);
+        t.apply(
+            &snapshot(vec![customer("acme", 10_000_000)]).customers,
+            false,
+            0,
+        );
+        t.on_grant(
+            &LeaseGrant {
+                request_id: 1,
+                customer: CustomerId::new("acme").unwrap(),
+                meter: MeterName::new("api_calls").unwrap(),
+                lease_id: 1,
+                period_start_ms: 0,
+                granted_total: Decimal::from(5_000_000),
+                added: Decimal::from(5_000_000),
+                expires_at_ms: 100,
+            },
+            0,
+        );
+        let recorded = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let consumers: Vec<_> = (0..2)
+            .map(|_| {
+                let (t, recorded, stop) = (t.clone(), recorded.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = t.try_consume("acme", "api_calls", Decimal::ONE, 50, |_| {
+                            // A record that takes a moment, as a real one may.
+                            std::hint::spin_loop();
+                            recorded.fetch_add(1, Ordering::SeqCst);
+                            Ok(())
+                        });
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(2 + round % 5));
+        let out = t.scan(100, false);
+        let at_release = recorded.load(Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        stop.store(true, Ordering::Relaxed);
+        for c in consumers {
+            c.join().unwrap();
+        }
+        assert_eq!(out.len(), 1, "round {round}");
+        assert_eq!(recorded.load(Ordering::SeqCst), at_release, "round {round}");
+        assert_eq!(
+            out[0].lease.consumed,
+            Decimal::from(at_release),
+            "round {round}"
+        );
+    }
+}
+
 /// A grant that crossed a release (the collector added to the lease before the release reached
 /// it) is never consumed under: the collector frees that lease whole when the release settles.
 /// A "nothing granted" answer (lease 0) leaves an open lease alone.
