@@ -183,7 +183,7 @@ impl Metrics {
         self.lease_grants.inc_by(now[8].saturating_sub(last[8]));
         self.outbox_dropped.inc_by(now[9].saturating_sub(last[9]));
         *last = now;
-        let over = *stats.overshoot.lock();
+        let over = stats.overshoot();
         self.overshoot
             .set(rust_decimal::prelude::ToPrimitive::to_f64(&over).unwrap_or(f64::MAX));
     }

@@ -1,8 +1,8 @@
 //! Entitlement benchmarks (issue 10, SPEC §9):
 //! - `check()` and `try_consume()` on one thread over 10,000 customers (targets: median ≤ 50 ns
 //!   and ≤ 100 ns), and how two threads scale (target ≥ 1.6×);
-//! - `try_consume()` on a hard limit under a lease (the lease accounting of the agent's table,
-//!   recording through a real agent's `record`, as `Agent::try_consume` does);
+//! - `try_consume()` on a hard limit under a lease (the lease accounting of an agent's table,
+//!   recording through a real agent's kept key, as `Agent::try_consume` does);
 //! - the sidecar's `GET /v1/entitlements/{c}/{feature}` and `POST …/consume` over loopback:
 //!   p50 / p99 (hdrhistogram), keep-alive clients; consume records durably (group commit).
 //!
@@ -18,10 +18,10 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tally_agent::Agent;
 use tally_agent::entitlements::table::Table;
 use tally_agent::entitlements::{EntitlementsCache, EntitlementsConfig};
 use tally_agent::store::Store;
+use tally_agent::{Agent, Counter};
 use tally_protocol::bounded::BoundedVec;
 use tally_protocol::catalog::Catalog;
 use tally_protocol::entitlements::{
@@ -35,6 +35,19 @@ use tokio::net::TcpStream;
 
 const CUSTOMERS: usize = 10_000;
 const BATCH: u64 = 64;
+
+/// `TALLY_BENCH_ONLY=calls` runs only the per-call figures (no criterion, no sidecar), and
+/// `TALLY_BENCH_CALLS=N` sets their number of calls per thread (for profiling under callgrind).
+fn run(part: &str) -> bool {
+    std::env::var("TALLY_BENCH_ONLY").map_or(true, |v| v == part)
+}
+
+fn calls() -> u64 {
+    std::env::var("TALLY_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000_000)
+}
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -215,6 +228,47 @@ fn bench_calls(c: &mut Criterion) {
         );
     }
 
+    // What `Agent::try_consume` records through: the key resolved once per customer and meter
+    // (a kept `Counter` is the same path).
+    let counters: Arc<Vec<Counter>> = Arc::new(
+        names
+            .iter()
+            .map(|n| agent.counter(n, "api_calls", &[]).expect("counter"))
+            .collect(),
+    );
+    if !run("calls") {
+        return;
+    }
+    if run("criterion") {
+        criterion_calls(c, &agent, &table, &names, &counters);
+    }
+    let calls = calls();
+    let (a, n) = (agent.clone(), names.clone());
+    report("check", calls, move |k| {
+        black_box(a.check(&n[k], "gpt4"));
+    });
+    let (a, n) = (agent.clone(), names.clone());
+    report("try_consume soft", calls, move |k| {
+        let _ = black_box(a.try_consume(&n[k], "api_calls", Decimal::ONE));
+    });
+    let (n, t, cs) = (names.clone(), table.clone(), counters.clone());
+    report("try_consume hard lease", calls, move |k| {
+        let c = &cs[k];
+        let _ =
+            black_box(t.try_consume(&n[k], "api_calls", Decimal::ONE, 0, |_| c.add(Decimal::ONE)));
+    });
+    rt.block_on(async {
+        let _ = agent.shutdown(Duration::from_millis(200)).await;
+    });
+}
+
+fn criterion_calls(
+    c: &mut Criterion,
+    agent: &Agent,
+    table: &Arc<Table>,
+    names: &[String],
+    counters: &[Counter],
+) {
     let mut g = c.benchmark_group("entitlements");
     g.measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_secs(1))
@@ -239,34 +293,13 @@ fn bench_calls(c: &mut Criterion) {
         let mut k = 0;
         b.iter(|| {
             let n = &names[k];
-            let r = table.try_consume(n, "api_calls", Decimal::ONE, 0, || {
-                agent.record(n, "api_calls", Decimal::ONE)
-            });
+            let c = &counters[k];
+            let r = table.try_consume(n, "api_calls", Decimal::ONE, 0, |_| c.add(Decimal::ONE));
             k = (k + 1) % CUSTOMERS;
             black_box(r)
         })
     });
     g.finish();
-
-    let calls = 2_000_000;
-    let (a, n) = (agent.clone(), names.clone());
-    report("check", calls, move |k| {
-        black_box(a.check(&n[k], "gpt4"));
-    });
-    let (a, n) = (agent.clone(), names.clone());
-    report("try_consume soft", calls, move |k| {
-        let _ = black_box(a.try_consume(&n[k], "api_calls", Decimal::ONE));
-    });
-    let (a, n, t) = (agent.clone(), names.clone(), table.clone());
-    report("try_consume hard lease", calls, move |k| {
-        let c = &n[k];
-        let _ = black_box(t.try_consume(c, "api_calls", Decimal::ONE, 0, || {
-            a.record(c, "api_calls", Decimal::ONE)
-        }));
-    });
-    rt.block_on(async {
-        let _ = agent.shutdown(Duration::from_millis(200)).await;
-    });
 }
 
 /// A keep-alive HTTP/1.1 connection.
@@ -354,6 +387,9 @@ async fn http_run(
 }
 
 fn bench_sidecar(_: &mut Criterion) {
+    if !run("sidecar") {
+        return;
+    }
     let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let names = names();

@@ -5,7 +5,7 @@
 //! Every write tells subscribers which customer changed (or that every customer may have, for a
 //! plan edit); time-driven changes (a grant starting or expiring, a period rolling over) are
 //! queued per customer when its view is built and announced by [`Entitlements::tick`], which
-//! the collector runs every 250 ms. Sessions rebuild and push the customers they track.
+//! the collector runs every 250 ms on a task of its own ([`Entitlements::spawn_ticker`]). Sessions rebuild and push the customers they track.
 //!
 //! The lease book is held under one lock; `used` is read from the store while it is held and
 //! committed batches are reported to it after their commit (see `core::entitlements::lease`).
@@ -460,6 +460,31 @@ impl Entitlements {
         let mut book = relock(&self.book);
         book.on_batch(agent, epoch, seq, committed, usage);
         self.persist(&mut book)
+    }
+
+    /// Runs [`Entitlements::tick`] every 250 ms on a task of its own on the current (the
+    /// collector's) runtime, each tick on the blocking pool (it may write the store), until
+    /// `shutdown` turns true.
+    pub fn spawn_ticker(
+        self: Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(250));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+                let me = self.clone();
+                match tokio::task::spawn_blocking(move || me.tick()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "entitlements tick failed"),
+                    Err(e) => tracing::warn!(error = %e, "entitlements tick panicked"),
+                }
+            }
+        })
     }
 
     /// Reclaims expired leases and announces time-driven changes that are due.

@@ -64,6 +64,7 @@ pub struct CollectorHandle {
     http_task: tokio::task::JoinHandle<()>,
     committer: std::thread::JoinHandle<()>,
     export_task: Option<tokio::task::JoinHandle<()>>,
+    ticker: tokio::task::JoinHandle<()>,
 }
 
 /// Starts collectors.
@@ -207,18 +208,9 @@ impl Collector {
                 entitlements.clone(),
             )));
         }
-        let ticker = tokio::spawn(async move {
-            // Lease reclaims and time-driven changes (grant expiry, period roll-over).
-            let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
-            loop {
-                tick.tick().await;
-                if let Err(e) = entitlements.tick() {
-                    tracing::warn!(error = %e, "entitlements tick failed");
-                }
-            }
-        });
-        shared.stripe.keep_task(ticker);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        // Lease reclaims and time-driven changes (grant expiry, period roll-over).
+        let ticker = entitlements.spawn_ticker(shutdown_rx.clone());
         let quic_task = tokio::spawn(crate::net::quic::serve(
             endpoint,
             Arc::new(quic),
@@ -248,6 +240,7 @@ impl Collector {
             http_task,
             committer,
             export_task,
+            ticker,
         })
     }
 }
@@ -340,6 +333,7 @@ impl CollectorHandle {
         let _ = self.shutdown_tx.send(true);
         let _ = self.quic_task.await;
         let _ = self.http_task.await;
+        let _ = self.ticker.await;
         // An export run in progress finishes (its files and manifest are whole either way).
         if let Some(t) = self.export_task {
             let _ = t.await;

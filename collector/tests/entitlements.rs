@@ -9,12 +9,13 @@ use common::{Env, delta, key, seal, send, start_with};
 use rust_decimal::Decimal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tally_agent::Agent;
 use tally_collector::tally_clock::ManualClock;
 use tally_collector::testkit::TestClient;
 use tally_protocol::bounded::BoundedVec;
 use tally_protocol::catalog::Aggregation;
 use tally_protocol::entitlements::{
-    CustomerEntitlements, EntitlementsRequest, LeaseRelease, LeaseRequest,
+    CustomerEntitlements, Enforcement, EntitlementsRequest, LeaseRelease, LeaseRequest,
 };
 use tally_protocol::frame::{AckOutcome, Frame};
 use tally_protocol::names::{CustomerId, MeterName};
@@ -503,4 +504,91 @@ async fn a_stripe_entitlement_webhook_grants_its_feature_and_a_refresh_fetches_t
     })
     .await;
     env.handle.shutdown().await;
+}
+
+/// A real agent (`tally-agent`) and the collector on one `ManualClock`, over QUIC on loopback:
+/// the agent's answers follow a grant's expiry and the period's roll-over, pushed by the
+/// collector with no write, and in the new period the agent consumes exactly the plan's
+/// included quantity again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_follows_grant_expiry_and_period_roll_over_on_a_manual_clock() {
+    let (env, clock) = env_at(JAN1 - 3_600_000).await;
+    pro_customer(&env).await;
+    let expires = (JAN1 - 1_800_000) / 1000;
+    let body = format!(
+        r#"{{"customer":"acme","meter":"api_calls","quantity":"50","expires_at":{expires},"idempotency_key":"exp-agent"}}"#
+    );
+    ok(&env, "POST", "/v1/grants", &body).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::builder()
+        .data_dir(dir.path())
+        .collector(env.handle.quic_addr().to_string())
+        .ca_pem(env.ca_pem.clone())
+        .enroll_token(env.handle.enroll_token())
+        .clock(clock.clone())
+        .flush_interval(Duration::from_millis(50))
+        .entitlements_wait(Duration::from_secs(5))
+        .start()
+        .await
+        .unwrap();
+
+    // The plan's 100 and the grant's 50.
+    let l = agent.limit_wait("acme", "api_calls").await;
+    assert_eq!(l.limit, Some(d("150")), "{l:?}");
+    let c = agent
+        .try_consume_wait("acme", "api_calls", d("70"))
+        .await
+        .unwrap();
+    assert!(c.allowed, "{c:?}");
+
+    // The grant expires: the agent's limit drops to the plan's within a bound.
+    clock.advance_ms(1_800_000);
+    let l = eventually(|| {
+        let l = agent.limit("acme", "api_calls");
+        (l.limit == Some(d("100"))).then_some(l)
+    })
+    .await;
+    assert_eq!(l.enforcement, Some(Enforcement::Hard));
+
+    // The period rolls over: usage restarts from zero at the agent.
+    clock.set_ms(JAN1 + 1_000);
+    let l = eventually(|| {
+        let l = agent.limit("acme", "api_calls");
+        (l.used.is_zero() && l.remaining == Some(d("100"))).then_some(l)
+    })
+    .await;
+    assert_eq!(l.limit, Some(d("100")));
+    // Demand past the limit: exactly the plan's 100 are allowed in the new period.
+    let mut allowed = 0;
+    for _ in 0..130 {
+        let c = agent
+            .try_consume_wait("acme", "api_calls", Decimal::ONE)
+            .await
+            .unwrap();
+        if c.allowed {
+            allowed += 1;
+        } else {
+            assert_eq!(c.decided_by, tally_agent::DecidedBy::Lease);
+            // A grant that added nothing (e.g. a batch committed to the ledger but not yet
+            // reported to the lease book) backs the agent off for 200 ms of its clock, which
+            // only moves when the test moves it.
+            clock.advance_ms(250);
+        }
+    }
+    assert_eq!(allowed, 100);
+    let _ = agent.shutdown(Duration::from_secs(2)).await;
+    env.handle.shutdown().await;
+}
+
+/// Polls `f` every 20 ms for up to 10 s (the collector pushes within 1 s; the bound is for a
+/// loaded machine).
+async fn eventually<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "condition not met within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -17,6 +17,26 @@ fn check_qty(qty: Decimal) -> Result<(), RecordError> {
     Ok(())
 }
 
+/// Records `qty` under the slot's usage key, resolved once per (customer, meter): the same as
+/// [`Agent::record`] without looking the key up on every call.
+fn record_slot(
+    sh: &Shared,
+    slot: &MeterSlot,
+    qty: Decimal,
+    now_ms: i64,
+) -> Result<(), RecordError> {
+    let key = match slot.key.get() {
+        Some(k) => k,
+        None => {
+            let k = sh
+                .agg
+                .intern(slot.customer.as_str(), slot.meter.as_str(), &[])?;
+            slot.key.get_or_init(|| k)
+        }
+    };
+    sh.agg.record_key(key, qty, now_ms)
+}
+
 fn consumed(t: &super::meter::Take, recorded: Decimal) -> Consumed {
     Consumed {
         allowed: t.allowed,
@@ -38,9 +58,13 @@ struct Inflight<'a> {
 
 impl Drop for Inflight<'_> {
     fn drop(&mut self) {
-        self.sh
-            .ent
-            .end_inflight(self.slot, self.booked, self.qty, self.ok.unwrap_or(true));
+        self.sh.ent.end_inflight(
+            self.slot,
+            self.booked,
+            self.qty,
+            self.ok.unwrap_or(true),
+            self.sh.hot_now_ms(),
+        );
     }
 }
 
@@ -94,8 +118,8 @@ impl Agent {
         check_qty(qty)?;
         let sh = self.shared();
         let now = sh.hot_now_ms();
-        let (t, pending) = sh.ent.try_consume(customer, meter, qty, now, || {
-            sh.agg.record(customer, meter, &[], qty, now)
+        let (t, pending) = sh.ent.try_consume(customer, meter, qty, now, |slot| {
+            record_slot(sh, slot, qty, now)
         })?;
         Ok((
             consumed(&t, if t.allowed { qty } else { Decimal::ZERO }),
@@ -353,16 +377,10 @@ impl Reservation {
         let sh = self.agent.shared();
         let now = sh.hot_now_ms();
         let fresh = self.freshness(now);
-        let mut st = self.slot.state.lock();
+        let mut st = self.slot.lock(now);
         let (rec, t) = st.commit(self.booked, self.held, actual, fresh, now);
         if rec > Decimal::ZERO
-            && let Err(e) = sh.agg.record(
-                self.slot.customer.as_str(),
-                self.slot.meter.as_str(),
-                &[],
-                rec,
-                now,
-            )
+            && let Err(e) = record_slot(sh, &self.slot, rec, now)
         {
             st.untake(t.booked, rec);
             return Err(e.into());
@@ -381,7 +399,7 @@ impl Reservation {
         let now = sh.hot_now_ms();
         let fresh = self.freshness(now);
         let (rec, t) = {
-            let mut st = self.slot.state.lock();
+            let mut st = self.slot.lock(now);
             let (rec, t) = st.commit(self.booked, self.held, actual, fresh, now);
             if rec > Decimal::ZERO {
                 st.begin_inflight(t.booked);
@@ -417,7 +435,8 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.done {
-            self.slot.state.lock().unhold(self.booked, self.held);
+            let now = self.agent.shared().hot_now_ms();
+            self.slot.lock(now).unhold(self.booked, self.held);
         }
     }
 }

@@ -104,7 +104,7 @@ pub enum Booked {
     Local,
     /// Under the offline policy.
     Offline,
-    /// Nothing (denied).
+    /// Nothing to undo (denied, or taken without the lock and recorded already).
     None,
 }
 
@@ -156,6 +156,39 @@ pub struct MeterState {
     low_water: Decimal,
     offline_used: Decimal,
     overshoot: Decimal,
+    /// Lent to the lock-free pool (`super::fast`): counted in the lease's `consumed`, not yet
+    /// in `local_used`.
+    lent: Decimal,
+}
+
+/// What calls may do without the meter's lock, as of a locked operation's end (see
+/// `super::fast`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastPlan {
+    /// Take from the open lease's available quantity.
+    Lease {
+        /// What the lease still allows.
+        available: Decimal,
+        /// `limit − used − local` (remaining as this agent knows it).
+        base: Decimal,
+        /// No take at or after this (the lease's expiry or the period's end).
+        until_ms: i64,
+        /// A take at or after this takes the lock (renewal, a request's timeout, a backoff).
+        slow_at_ms: i64,
+        /// A take that leaves this or less takes the lock after (refill); `None`: never.
+        low_water: Option<Decimal>,
+    },
+    /// Count locally (soft limit, or none), with a current snapshot.
+    Local {
+        /// `limit − used − local`; `None` without a limit.
+        room: Option<Decimal>,
+        /// `included − used − local` when a plan's limit has grants on top.
+        grant_at: Option<Decimal>,
+        /// What decides below `grant_at`.
+        decided_by: DecidedBy,
+    },
+    /// Everything takes the lock.
+    Slow,
 }
 
 impl MeterState {
@@ -177,7 +210,78 @@ impl MeterState {
             low_water: Decimal::ZERO,
             offline_used: Decimal::ZERO,
             overshoot: Decimal::ZERO,
+            lent: Decimal::ZERO,
         }
+    }
+
+    /// What calls may do without the lock now (see `super::fast`).
+    pub fn fast_plan(&self, now_ms: i64) -> FastPlan {
+        let Some(lim) = self.limit else {
+            return FastPlan::Local {
+                room: None,
+                grant_at: None,
+                decided_by: DecidedBy::Plan,
+            };
+        };
+        if lim.enforcement == Enforcement::Soft {
+            let room = lim.limit - lim.used - self.local_used;
+            let grant_at = (lim.source == Source::Plan && lim.granted > Decimal::ZERO)
+                .then(|| lim.included - lim.used - self.local_used);
+            return FastPlan::Local {
+                room: Some(room),
+                grant_at,
+                decided_by: DecidedBy::from_source(lim.source),
+            };
+        }
+        let Some(l) = self.lease.filter(|_| self.lease_open(now_ms)) else {
+            return FastPlan::Slow;
+        };
+        let until_ms = l.expires_at_ms.min(lim.period_end_ms);
+        let pending = self.request_pending(now_ms);
+        let backoff = now_ms < self.exhausted_until;
+        let next = if let Some(t) = self.request_since.filter(|_| pending) {
+            t.saturating_add(REQUEST_TIMEOUT_MS)
+        } else if backoff {
+            self.exhausted_until
+        } else {
+            // Possibly past already: then the next take takes the lock and asks for renewal.
+            l.expires_at_ms.saturating_sub(RENEW_BEFORE_MS)
+        };
+        FastPlan::Lease {
+            available: self.available(now_ms),
+            base: lim.limit - lim.used - self.local_used,
+            until_ms,
+            slow_at_ms: until_ms.min(next),
+            low_water: (!pending && !backoff).then_some(self.low_water),
+        }
+    }
+
+    /// Lends `q` of the open lease to the lock-free pool (counted as consumed until
+    /// [`MeterState::unlend`]).
+    pub fn lend(&mut self, q: Decimal) {
+        if let Some(l) = &mut self.lease {
+            l.consumed += q;
+            self.lent = q;
+        }
+    }
+
+    /// The pool comes back with `unused` left: what was taken from it is consumption now.
+    pub fn unlend(&mut self, unused: Decimal, now_ms: i64) {
+        let taken = self.lent - unused;
+        self.lent = Decimal::ZERO;
+        let Some(l) = &mut self.lease else {
+            return;
+        };
+        l.consumed -= unused;
+        if taken > Decimal::ZERO {
+            l.consumed -= taken;
+            self.consume_under_lease(taken, now_ms);
+        }
+    }
+
+    /// Folds `q` counted locally without the lock (its overshoot was counted then).
+    pub fn absorb_local(&mut self, q: Decimal) {
+        self.local_used += q;
     }
 
     /// The limit, if any.

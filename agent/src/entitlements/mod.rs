@@ -3,6 +3,8 @@
 //!
 //! - [`cache`]: the merged snapshots as the store keeps them.
 //! - [`policy`]: what decides without a current snapshot (deny, allow, allow up to a quantity).
+//! - [`fast`]: the lock-free view of a meter that `try_consume` takes from with one
+//!   compare-and-swap (a lease's pool, a soft limit's local count).
 //! - [`meter`]: the sans-IO accounting of one (customer, meter): leases, reservations, soft
 //!   overshoot, the offline allowance, refill requests sized by the recent rate.
 //! - [`table`]: the concurrent index the calls answer from (striped, no lock shared with the
@@ -18,6 +20,7 @@
 mod api;
 pub mod cache;
 pub mod decision;
+pub mod fast;
 pub mod meter;
 pub mod policy;
 pub mod table;

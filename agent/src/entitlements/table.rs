@@ -2,13 +2,15 @@
 //! [`MeterState`] per (customer, meter) behind its own lock.
 //!
 //! Layout: customers are spread over [`STRIPES`] cache-line-aligned `RwLock`s by the hash of
-//! their key; a stripe holds a hash table of immutable customer slots (features, meters) that a
-//! snapshot replaces whole (copy-on-write), while each meter's accounting lives in a
-//! `Mutex<MeterState>` shared by the old and the new slot. A call takes one stripe's read lock
-//! (readers never block each other) and, to consume, one meter's lock: two callers contend only
-//! on the same customer and meter, and never with the collector session, which only writes the
-//! stripe of a customer whose snapshot changed. Once a customer and meter are known a call
-//! allocates nothing.
+//! their key; a stripe holds a hash table of customer slots stored inline (no pointer to
+//! follow), each with its name and its features' names inline, so `check` reads the table's
+//! control bytes, the slot and one line of feature names (decision 0110). Each meter's
+//! accounting lives in a [`MeterSlot`]: a `Mutex<MeterState>`, the truth, and a lock-free view
+//! of it ([`super::fast`]) from which `try_consume` takes with one compare-and-swap while a
+//! lease is open or a soft limit counts locally. A call takes one stripe's read lock (readers
+//! never block each other); two callers contend only on the same customer and meter, and never
+//! with the collector session, which only writes the stripe of a customer whose snapshot
+//! changed. Once a customer and meter are known a call allocates nothing.
 //!
 //! The table does no I/O and reads no clock: callers pass `now_ms`. What must go to the
 //! collector (snapshot requests for new customers, lease requests) is queued in a bounded
@@ -19,17 +21,21 @@
 
 use super::EntitlementsCache;
 use super::decision::{DecidedBy, Decision, Limit};
+use super::fast::{Fast, FastTake, MAX_SCALE};
 use super::meter::{Booked, Freshness, Hold, Lease, LimitView, MeterState, Take};
 use super::policy::{EntitlementsConfig, OfflinePolicy};
 use crate::error::RecordError;
 use hashbrown::{DefaultHashBuilder, HashTable};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use rust_decimal::Decimal;
+use smallvec::SmallVec;
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use tally_protocol::entitlements::{CustomerEntitlements, Enforcement, Feature, LeaseGrant};
+use tally_protocol::entitlements::{
+    CustomerEntitlements, Enforcement, Feature, LeaseGrant, Source,
+};
 use tally_protocol::names::{CustomerId, MeterName, PlanName};
 
 /// Stripes of the customer index (a power of two).
@@ -48,29 +54,149 @@ pub const MAX_RELEASED_IDS: usize = 65_536;
 /// One (customer, meter) and its accounting.
 #[derive(Debug)]
 pub struct MeterSlot {
+    /// What calls may take without the lock (first: the line every take reads).
+    fast: Fast,
     /// The customer.
     pub customer: CustomerId,
     /// The meter.
     pub meter: MeterName,
-    /// The accounting.
-    pub state: Mutex<MeterState>,
+    /// The accounting, the truth: lock it with [`MeterSlot::lock`].
+    state: Mutex<MeterState>,
     /// Listed among the slots with a lease (for [`Table::scan`]).
     tracked: AtomicBool,
+    /// The usage key this meter records under, resolved on first use (the agent's).
+    pub(crate) key: OnceLock<Arc<crate::aggregate::KeyInfo>>,
 }
 
+/// The meter's state, locked: lock-free takes are folded in first and published again when
+/// it is dropped (see [`super::fast`]).
+pub struct StateGuard<'a> {
+    slot: &'a MeterSlot,
+    st: MutexGuard<'a, MeterState>,
+    now_ms: i64,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = MeterState;
+    fn deref(&self) -> &MeterState {
+        &self.st
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut MeterState {
+        &mut self.st
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        self.slot.fast.publish(&mut self.st, self.now_ms);
+    }
+}
+
+/// A name kept inline (up to 30 bytes) so that comparing it reads no other memory.
+#[derive(Debug, Clone, Copy)]
+struct Inline {
+    /// Length, or [`LONG`] when the name did not fit (then compare the owned one).
+    len: u8,
+    source: u8,
+    bytes: [u8; 30],
+}
+
+const LONG: u8 = u8::MAX;
+
+impl Inline {
+    fn new(s: &str, source: u8) -> Self {
+        let mut bytes = [0; 30];
+        let len = match bytes.get_mut(..s.len()) {
+            Some(b) => {
+                b.copy_from_slice(s.as_bytes());
+                s.len() as u8
+            }
+            None => LONG,
+        };
+        Inline { len, source, bytes }
+    }
+
+    /// Whether `s` is this name (`owned`: the full name, read only for long ones).
+    #[inline]
+    fn is(&self, s: &str, owned: impl FnOnce() -> bool) -> bool {
+        if self.len == LONG {
+            return s.len() > self.bytes.len() && owned();
+        }
+        usize::from(self.len) == s.len() && self.bytes.get(..s.len()) == Some(s.as_bytes())
+    }
+}
+
+fn source_index(s: Source) -> u8 {
+    match s {
+        Source::Plan => 0,
+        Source::Override => 1,
+        Source::Stripe => 2,
+    }
+}
+
+const SOURCES: [Source; 3] = [Source::Plan, Source::Override, Source::Stripe];
+
+/// What a call reads comes first (`repr(C)` keeps the order): the name, then the first two
+/// features' names and the first meter inline (no buffer to follow for most customers).
 #[derive(Debug)]
+#[repr(C)]
 struct CustomerSlot {
-    customer: CustomerId,
+    name: Inline,
     /// Whether a snapshot listed this customer.
     known: bool,
+    /// Features' names inline with their source (index into [`SOURCES`]), in `features` order.
+    feature_names: SmallVec<[Inline; 2]>,
+    meters: SmallVec<[(Inline, Arc<MeterSlot>); 1]>,
+    requested_at_ms: AtomicI64,
+    hash: u64,
+    customer: CustomerId,
     plan: Option<PlanName>,
     features: Vec<Feature>,
-    meters: Vec<Arc<MeterSlot>>,
-    requested_at_ms: AtomicI64,
+}
+
+impl CustomerSlot {
+    fn new(customer: CustomerId, hash: u64, now_ms: i64) -> Self {
+        CustomerSlot {
+            name: Inline::new(customer.as_str(), 0),
+            known: false,
+            feature_names: SmallVec::new(),
+            meters: SmallVec::new(),
+            requested_at_ms: AtomicI64::new(now_ms),
+            hash,
+            customer,
+            plan: None,
+            features: Vec::new(),
+        }
+    }
+
+    #[inline]
+    fn is(&self, customer: &str) -> bool {
+        self.name
+            .is(customer, || self.customer.as_str() == customer)
+    }
+
+    #[inline]
+    fn meter(&self, meter: &str) -> Option<&Arc<MeterSlot>> {
+        self.meters
+            .iter()
+            .find(|(n, m)| n.is(meter, || m.meter.as_str() == meter))
+            .map(|(_, m)| m)
+    }
+
+    fn set_features(&mut self, features: Vec<Feature>) {
+        self.feature_names = features
+            .iter()
+            .map(|f| Inline::new(f.name.as_str(), source_index(f.source)))
+            .collect();
+        self.features = features;
+    }
 }
 
 #[repr(align(128))]
-struct Stripe(RwLock<HashTable<Arc<CustomerSlot>>>);
+struct Stripe(RwLock<HashTable<CustomerSlot>>);
 
 /// A message for the collector.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,8 +255,24 @@ pub struct Stats {
     pub lease_grants: AtomicU64,
     /// Messages dropped because the outbox was full.
     pub outbox_dropped: AtomicU64,
-    /// Soft-limit overshoot, total quantity.
-    pub overshoot: Mutex<Decimal>,
+    /// Soft-limit overshoot counted under the meters' locks, total quantity.
+    overshoot: Mutex<Decimal>,
+    /// Soft-limit overshoot counted without a lock, in units of 10^-index.
+    overshoot_units: [AtomicU64; MAX_SCALE as usize + 1],
+}
+
+impl Stats {
+    /// Soft-limit overshoot counted by this agent, total quantity.
+    pub fn overshoot(&self) -> Decimal {
+        let mut total = *self.overshoot.lock();
+        for (scale, u) in self.overshoot_units.iter().enumerate() {
+            let u = u.load(Ordering::Relaxed);
+            if u > 0 {
+                total += Decimal::from(u) / Decimal::from(10u64.pow(scale as u32));
+            }
+        }
+        total
+    }
 }
 
 /// The decision table. See the module doc.
@@ -166,13 +308,41 @@ impl MeterSlot {
         meter: MeterName,
         limit: Option<LimitView>,
         policy: OfflinePolicy,
+        now_ms: i64,
     ) -> Arc<Self> {
-        Arc::new(MeterSlot {
+        let slot = Arc::new(MeterSlot {
+            fast: Fast::default(),
             customer,
             meter,
             state: Mutex::new(MeterState::new(limit, policy)),
             tracked: AtomicBool::new(false),
-        })
+            key: OnceLock::new(),
+        });
+        drop(slot.lock(now_ms));
+        slot
+    }
+
+    /// Locks the state (lock-free takes folded in; published again when the guard drops).
+    /// Waits for lock-free takes between their take and their record (a few ns: they hold no
+    /// lock meanwhile), so no operation under the lock, such as releasing the lease, runs while
+    /// one is unrecorded.
+    pub fn lock(&self, now_ms: i64) -> StateGuard<'_> {
+        let mut st = self.state.lock();
+        self.fast.reclaim(&mut st, now_ms);
+        let mut spins = 0u32;
+        while self.fast.busy() > 0 {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        StateGuard {
+            slot: self,
+            st,
+            now_ms,
+        }
     }
 }
 
@@ -211,7 +381,7 @@ impl Table {
         self.hasher.hash_one(customer)
     }
 
-    fn stripe(&self, hash: u64) -> &RwLock<HashTable<Arc<CustomerSlot>>> {
+    fn stripe(&self, hash: u64) -> &RwLock<HashTable<CustomerSlot>> {
         // High bits: the hash table uses the low ones.
         &self.stripes[(hash >> 58) as usize % STRIPES].0
     }
@@ -287,7 +457,7 @@ impl Table {
         let hash = self.hash(customer);
         {
             let t = self.stripe(hash).read();
-            if let Some(c) = t.find(hash, |s| s.customer.as_str() == customer) {
+            if let Some(c) = t.find(hash, |s| s.is(customer)) {
                 let fresh = self.freshness(c, now_ms);
                 if fresh != Freshness::Current {
                     if !c.known {
@@ -295,10 +465,19 @@ impl Table {
                     }
                     return self.policy_decision(fresh);
                 }
-                return match c.features.iter().find(|f| f.name.as_str() == feature) {
-                    Some(f) => Decision {
+                let found = c.feature_names.iter().enumerate().find(|(i, f)| {
+                    f.is(feature, || {
+                        c.features
+                            .get(*i)
+                            .is_some_and(|f| f.name.as_str() == feature)
+                    })
+                });
+                return match found {
+                    Some((_, f)) => Decision {
                         allowed: true,
-                        decided_by: DecidedBy::from_source(f.source),
+                        decided_by: DecidedBy::from_source(
+                            SOURCES[usize::from(f.source) % SOURCES.len()],
+                        ),
                         stale: false,
                     },
                     None => Decision {
@@ -319,8 +498,7 @@ impl Table {
     pub fn known(&self, customer: &str) -> bool {
         let hash = self.hash(customer);
         let t = self.stripe(hash).read();
-        t.find(hash, |s| s.customer.as_str() == customer)
-            .is_some_and(|c| c.known)
+        t.find(hash, |s| s.is(customer)).is_some_and(|c| c.known)
     }
 
     /// The limit of `customer` on `meter`.
@@ -328,15 +506,15 @@ impl Table {
         let hash = self.hash(customer);
         {
             let t = self.stripe(hash).read();
-            if let Some(c) = t.find(hash, |s| s.customer.as_str() == customer) {
+            if let Some(c) = t.find(hash, |s| s.is(customer)) {
                 let fresh = self.freshness(c, now_ms);
                 if !c.known {
                     self.maybe_request(c, now_ms);
                 }
                 let stale = fresh != Freshness::Current;
-                return match c.meters.iter().find(|m| m.meter.as_str() == meter) {
+                return match c.meter(meter) {
                     Some(m) => {
-                        let st = m.state.lock();
+                        let st = m.lock(now_ms);
                         let lim = st.limit();
                         Limit {
                             limit: lim.map(|l| l.limit),
@@ -387,15 +565,9 @@ impl Table {
         if self.customers.load(Ordering::Relaxed) >= MAX_CUSTOMERS {
             return;
         }
-        let slot = Arc::new(CustomerSlot {
-            customer: id.clone(),
-            known: false,
-            plan: None,
-            features: Vec::new(),
-            meters: Vec::new(),
-            requested_at_ms: AtomicI64::new(now_ms),
+        t.insert_unique(hash, CustomerSlot::new(id.clone(), hash, now_ms), |s| {
+            s.hash
         });
-        t.insert_unique(hash, slot, |s| self.hasher.hash_one(s.customer.as_str()));
         self.customers.fetch_add(1, Ordering::Relaxed);
         drop(t);
         self.push(Outgoing::Snapshot(id));
@@ -413,27 +585,20 @@ impl Table {
         let meter = MeterName::new(meter).map_err(RecordError::InvalidMeter)?;
         self.placeholder(id, hash, now_ms);
         let mut t = self.stripe(hash).write();
-        let Some(c) = t.find_mut(hash, |s| s.customer.as_str() == customer) else {
+        let Some(c) = t.find_mut(hash, |s| s.is(customer)) else {
             return Ok(());
         };
-        if c.meters.iter().any(|m| m.meter == meter) || c.meters.len() >= MAX_METERS_PER_CUSTOMER {
+        if c.meter(meter.as_str()).is_some() || c.meters.len() >= MAX_METERS_PER_CUSTOMER {
             return Ok(());
         }
-        let mut meters = c.meters.clone();
-        meters.push(MeterSlot::new(
+        let slot = MeterSlot::new(
             c.customer.clone(),
             meter.clone(),
             None,
             self.cfg.policy(meter.as_str()),
-        ));
-        *c = Arc::new(CustomerSlot {
-            customer: c.customer.clone(),
-            known: c.known,
-            plan: c.plan.clone(),
-            features: c.features.clone(),
-            meters,
-            requested_at_ms: AtomicI64::new(c.requested_at_ms.load(Ordering::Relaxed)),
-        });
+            now_ms,
+        );
+        c.meters.push((Inline::new(meter.as_str(), 0), slot));
         Ok(())
     }
 
@@ -450,8 +615,8 @@ impl Table {
         for _ in 0..2 {
             {
                 let t = self.stripe(hash).read();
-                if let Some(c) = t.find(hash, |s| s.customer.as_str() == customer) {
-                    if let Some(m) = c.meters.iter().find(|m| m.meter.as_str() == meter) {
+                if let Some(c) = t.find(hash, |s| s.is(customer)) {
+                    if let Some(m) = c.meter(meter) {
                         let fresh = self.freshness(c, now_ms);
                         if !c.known {
                             self.maybe_request(c, now_ms);
@@ -474,6 +639,7 @@ impl Table {
             MeterName::new(meter).map_err(RecordError::InvalidMeter)?,
             None,
             policy,
+            now_ms,
         );
         let f = f.ok_or(RecordError::Closed)?;
         Ok(f(&slot, Freshness::NoSnapshot))
@@ -488,13 +654,7 @@ impl Table {
             *self.stats.overshoot.lock() += t.overshoot;
         }
         if let Some((period_start_ms, quantity)) = refill {
-            self.stats.lease_requests.fetch_add(1, Ordering::Relaxed);
-            self.push(Outgoing::Lease {
-                customer: slot.customer.clone(),
-                meter: slot.meter.clone(),
-                period_start_ms,
-                quantity,
-            });
+            self.request_lease(slot, period_start_ms, quantity);
         }
     }
 
@@ -507,13 +667,17 @@ impl Table {
         meter: &str,
         qty: Decimal,
         now_ms: i64,
-        record: impl FnOnce() -> Result<(), RecordError>,
+        record: impl FnOnce(&MeterSlot) -> Result<(), RecordError>,
     ) -> Result<(Take, bool), RecordError> {
         self.with_slot(customer, meter, now_ms, |slot, fresh| {
-            let mut st = slot.state.lock();
+            if let Some(f) = slot.fast.take(qty, fresh == Freshness::Current, now_ms) {
+                return self.fast_taken(slot, f, qty, fresh, now_ms, record);
+            }
+            slot.fast.note_scale(qty);
+            let mut st = slot.lock(now_ms);
             let t = st.take(qty, Hold::Consume, fresh, now_ms);
             if t.allowed
-                && let Err(e) = record()
+                && let Err(e) = record(slot)
             {
                 st.untake(t.booked, qty);
                 return Err(e);
@@ -525,6 +689,90 @@ impl Table {
             self.after_take(slot, &t, refill);
             Ok((t, pending))
         })?
+    }
+
+    /// Records a lock-free take and answers it; a lease running low takes the lock to refill.
+    fn fast_taken(
+        &self,
+        slot: &MeterSlot,
+        f: FastTake,
+        qty: Decimal,
+        fresh: Freshness,
+        now_ms: i64,
+        record: impl FnOnce(&MeterSlot) -> Result<(), RecordError>,
+    ) -> Result<(Take, bool), RecordError> {
+        match f {
+            FastTake::Lease {
+                tag,
+                units,
+                remaining,
+                refill,
+                scale,
+            } => {
+                let r = record(slot);
+                slot.fast.end_lease(tag, units, r.is_ok());
+                r?;
+                if refill {
+                    let mut st = slot.lock(now_ms);
+                    let want = st.want_refill(qty, fresh, now_ms);
+                    drop(st);
+                    if let Some((period_start_ms, quantity)) = want {
+                        self.request_lease(slot, period_start_ms, quantity);
+                    }
+                }
+                Ok((
+                    Take {
+                        allowed: true,
+                        decided_by: DecidedBy::Lease,
+                        remaining: Some(Decimal::new(remaining, scale)),
+                        // Recorded already: nothing to undo or release under it.
+                        booked: Booked::None,
+                        overshoot: Decimal::ZERO,
+                    },
+                    false,
+                ))
+            }
+            FastTake::Local {
+                tag,
+                units,
+                remaining,
+                overshoot,
+                decided_by,
+                scale,
+            } => {
+                if let Err(e) = record(slot) {
+                    if !slot.fast.undo_local(tag, units) {
+                        slot.lock(now_ms).untake(Booked::Local, qty);
+                    }
+                    return Err(e);
+                }
+                if overshoot > 0
+                    && let Some(c) = self.stats.overshoot_units.get(scale as usize)
+                {
+                    c.fetch_add(overshoot, Ordering::Relaxed);
+                }
+                Ok((
+                    Take {
+                        allowed: true,
+                        decided_by,
+                        remaining: remaining.map(|r| Decimal::new(r, scale)),
+                        booked: Booked::Local,
+                        overshoot: Decimal::new(overshoot as i64, scale),
+                    },
+                    false,
+                ))
+            }
+        }
+    }
+
+    fn request_lease(&self, slot: &MeterSlot, period_start_ms: i64, quantity: Decimal) {
+        self.stats.lease_requests.fetch_add(1, Ordering::Relaxed);
+        self.push(Outgoing::Lease {
+            customer: slot.customer.clone(),
+            meter: slot.meter.clone(),
+            period_start_ms,
+            quantity,
+        });
     }
 
     /// Takes `qty` for a durable record (consumption, or a hold for a reservation); a taken
@@ -539,7 +787,7 @@ impl Table {
         now_ms: i64,
     ) -> Result<(Arc<MeterSlot>, Take, bool), RecordError> {
         self.with_slot(customer, meter, now_ms, |slot, fresh| {
-            let mut st = slot.state.lock();
+            let mut st = slot.lock(now_ms);
             let t = st.take(qty, hold, fresh, now_ms);
             if t.allowed && hold == Hold::Consume {
                 st.begin_inflight(t.booked);
@@ -557,13 +805,20 @@ impl Table {
     pub fn freshness_of(&self, customer: &str, now_ms: i64) -> Freshness {
         let hash = self.hash(customer);
         let t = self.stripe(hash).read();
-        t.find(hash, |s| s.customer.as_str() == customer)
+        t.find(hash, |s| s.is(customer))
             .map_or(Freshness::NoSnapshot, |c| self.freshness(c, now_ms))
     }
 
     /// A durable record under `booked` ended; `ok == false` undoes it.
-    pub fn end_inflight(&self, slot: &MeterSlot, booked: Booked, qty: Decimal, ok: bool) {
-        slot.state.lock().end_inflight(booked, qty, ok);
+    pub fn end_inflight(
+        &self,
+        slot: &MeterSlot,
+        booked: Booked,
+        qty: Decimal,
+        ok: bool,
+        now_ms: i64,
+    ) {
+        slot.lock(now_ms).end_inflight(booked, qty, ok);
     }
 
     /// Applies a snapshot update: the customers it lists (all others become unknown when
@@ -602,49 +857,40 @@ impl Table {
     fn upsert(&self, id: &CustomerId, ce: Option<&CustomerEntitlements>, now_ms: i64) {
         let hash = self.hash(id.as_str());
         let mut t = self.stripe(hash).write();
-        let old = t.find(hash, |s| s.customer == *id).cloned();
-        if old.is_none() && self.customers.load(Ordering::Relaxed) >= MAX_CUSTOMERS {
-            tracing::warn!(customer = %id, "entitlement table full; customer decided by policy");
-            return;
+        if t.find(hash, |s| s.customer == *id).is_none() {
+            if self.customers.load(Ordering::Relaxed) >= MAX_CUSTOMERS {
+                tracing::warn!(customer = %id, "entitlement table full; customer decided by policy");
+                return;
+            }
+            self.customers.fetch_add(1, Ordering::Relaxed);
+            t.insert_unique(hash, CustomerSlot::new(id.clone(), hash, now_ms), |s| {
+                s.hash
+            });
         }
-        let mut meters: Vec<Arc<MeterSlot>> =
-            old.as_ref().map(|o| o.meters.clone()).unwrap_or_default();
-        for m in &meters {
+        let Some(c) = t.find_mut(hash, |s| s.customer == *id) else {
+            return;
+        };
+        for (_, m) in &c.meters {
             let lim = ce.and_then(|c| c.limits.iter().find(|l| l.meter == m.meter));
-            m.state.lock().on_snapshot(lim.map(LimitView::from));
+            m.lock(now_ms).on_snapshot(lim.map(LimitView::from));
         }
         if let Some(ce) = ce {
             for l in ce.limits.iter() {
-                if meters.len() < MAX_METERS_PER_CUSTOMER
-                    && !meters.iter().any(|m| m.meter == l.meter)
-                {
-                    meters.push(MeterSlot::new(
+                if c.meters.len() < MAX_METERS_PER_CUSTOMER && c.meter(l.meter.as_str()).is_none() {
+                    let slot = MeterSlot::new(
                         id.clone(),
                         l.meter.clone(),
                         Some(LimitView::from(l)),
                         self.cfg.policy(l.meter.as_str()),
-                    ));
+                        now_ms,
+                    );
+                    c.meters.push((Inline::new(l.meter.as_str(), 0), slot));
                 }
             }
         }
-        let slot = Arc::new(CustomerSlot {
-            customer: id.clone(),
-            known: ce.is_some(),
-            plan: ce.and_then(|c| c.plan.clone()),
-            features: ce.map(|c| c.features.to_vec()).unwrap_or_default(),
-            meters,
-            requested_at_ms: AtomicI64::new(
-                old.as_ref()
-                    .map_or(now_ms, |o| o.requested_at_ms.load(Ordering::Relaxed)),
-            ),
-        });
-        match t.find_mut(hash, |s| s.customer == *id) {
-            Some(e) => *e = slot,
-            None => {
-                t.insert_unique(hash, slot, |s| self.hasher.hash_one(s.customer.as_str()));
-                self.customers.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        c.known = ce.is_some();
+        c.plan = ce.and_then(|c| c.plan.clone());
+        c.set_features(ce.map(|c| c.features.to_vec()).unwrap_or_default());
     }
 
     /// Remembers leases as released: a grant for one of them (a request that crossed the
@@ -669,10 +915,10 @@ impl Table {
         let stale = self.released.lock().0.contains(&g.lease_id);
         let r = self.with_slot(g.customer.as_str(), g.meter.as_str(), now_ms, |slot, _| {
             if stale {
-                slot.state.lock().on_stale_grant();
+                slot.lock(now_ms).on_stale_grant();
                 return;
             }
-            let displaced = slot.state.lock().on_grant(g, now_ms);
+            let displaced = slot.lock(now_ms).on_grant(g, now_ms);
             if let Some(lease) = displaced {
                 self.displaced.lock().push(ToRelease {
                     customer: slot.customer.clone(),
@@ -701,7 +947,7 @@ impl Table {
         let mut out = std::mem::take(&mut *self.displaced.lock());
         let mut leased = self.leased.lock();
         leased.retain(|slot| {
-            let mut st = slot.state.lock();
+            let mut st = slot.lock(now_ms);
             if let Some(lease) = st.due_release(now_ms, force) {
                 out.push(ToRelease {
                     customer: slot.customer.clone(),
@@ -723,7 +969,7 @@ impl Table {
         let hash = self.hash(customer);
         let found = {
             let t = self.stripe(hash).read();
-            t.find(hash, |s| s.customer.as_str() == customer).map(|c| {
+            t.find(hash, |s| s.is(customer)).map(|c| {
                 if !c.known {
                     self.maybe_request(c, now_ms);
                 }
@@ -738,7 +984,7 @@ impl Table {
                     },
                     plan: c.plan.clone(),
                     features: c.features.clone(),
-                    meters: c.meters.iter().map(|m| m.meter.clone()).collect(),
+                    meters: c.meters.iter().map(|(_, m)| m.meter.clone()).collect(),
                 }
             })
         };

@@ -281,6 +281,255 @@ proptest! {
     }
 }
 
+/// The same model with each agent's side being a whole [`Table`]: consumption goes through
+/// `try_consume`'s lock-free path (a lent pool, reclaimed around every locked operation), leases
+/// through `on_grant` and `scan`, reservations through `take_slot` and the slot's lock.
+struct TableModel {
+    limit: i64,
+    used: Decimal,
+    leases: [Option<CLease>; 2],
+    next_id: u64,
+    agents: [Table; 2],
+    unshipped: [Decimal; 2],
+    requests: [Option<Decimal>; 2],
+    reservations: [Vec<(Arc<super::table::MeterSlot>, Booked, Decimal)>; 2],
+    allowed: Decimal,
+    now: i64,
+}
+
+impl TableModel {
+    fn table(l: i64, used: Decimal) -> Table {
+        let t = Table::new(EntitlementsConfig::default());
+        t.set_connected(true, 0);
+        t.apply(&[customer_with("c", l, used, Enforcement::Hard)], false, 0);
+        t
+    }
+
+    fn new(l: i64) -> Self {
+        TableModel {
+            limit: l,
+            used: Decimal::ZERO,
+            leases: [None, None],
+            next_id: 1,
+            agents: [Self::table(l, Decimal::ZERO), Self::table(l, Decimal::ZERO)],
+            unshipped: [Decimal::ZERO; 2],
+            requests: [None, None],
+            reservations: [Vec::new(), Vec::new()],
+            allowed: Decimal::ZERO,
+            now: 1_000,
+        }
+    }
+
+    fn outstanding(&self) -> Decimal {
+        self.leases
+            .iter()
+            .flatten()
+            .map(|l| (l.granted - l.shipped).max(Decimal::ZERO))
+            .sum()
+    }
+
+    fn requested(&mut self, a: usize) {
+        for m in self.agents[a].drain_outbox(1_000) {
+            if let super::table::Outgoing::Lease { quantity, .. } = m {
+                self.requests[a] = Some(quantity);
+            }
+        }
+    }
+
+    fn ship(&mut self, a: usize) {
+        let q = std::mem::take(&mut self.unshipped[a]);
+        self.used += q;
+        if let Some(l) = &mut self.leases[a] {
+            l.shipped += q;
+        }
+    }
+
+    fn release(&mut self, a: usize) {
+        self.ship(a);
+        self.leases[a] = None;
+    }
+
+    fn step(&mut self, op: Op) {
+        let now = self.now;
+        match op {
+            Op::Consume(a, q) => {
+                let q = Decimal::from(q);
+                let (t, _) = self.agents[a]
+                    .try_consume("c", "api_calls", q, now, |_| Ok(()))
+                    .unwrap();
+                if t.allowed {
+                    assert_eq!(t.decided_by, DecidedBy::Lease);
+                    self.allowed += q;
+                    self.unshipped[a] += q;
+                }
+                self.requested(a);
+            }
+            Op::Reserve(a, q) => {
+                let q = Decimal::from(q);
+                let (slot, t, _) = self.agents[a]
+                    .take_slot("c", "api_calls", q, Hold::Reserve, now)
+                    .unwrap();
+                if t.allowed {
+                    self.reservations[a].push((slot, t.booked, q));
+                }
+                self.requested(a);
+            }
+            Op::Commit(a, actual) => {
+                if let Some((slot, booked, held)) = self.reservations[a].pop() {
+                    let (rec, _) = slot.lock(now).commit(
+                        booked,
+                        held,
+                        Decimal::from(actual),
+                        Freshness::Current,
+                        now,
+                    );
+                    assert!(rec <= Decimal::from(actual));
+                    self.allowed += rec;
+                    self.unshipped[a] += rec;
+                }
+            }
+            Op::DropReservation(a) => {
+                if let Some((slot, booked, held)) = self.reservations[a].pop() {
+                    slot.lock(now).unhold(booked, held);
+                }
+            }
+            Op::Grant(a) => {
+                let Some(want) = self.requests[a].take() else {
+                    return;
+                };
+                let room =
+                    (Decimal::from(self.limit) - self.used - self.outstanding()).max(Decimal::ZERO);
+                let added = want.min(room);
+                let lease = match &mut self.leases[a] {
+                    Some(l) => l,
+                    slot => {
+                        self.next_id += 1;
+                        slot.insert(CLease {
+                            id: self.next_id,
+                            granted: Decimal::ZERO,
+                            shipped: Decimal::ZERO,
+                        })
+                    }
+                };
+                lease.granted += added;
+                let g = LeaseGrant {
+                    request_id: 0,
+                    customer: CustomerId::new("c").unwrap(),
+                    meter: MeterName::new("api_calls").unwrap(),
+                    lease_id: lease.id,
+                    period_start_ms: 0,
+                    granted_total: lease.granted,
+                    added,
+                    expires_at_ms: now + LEASE_MS,
+                };
+                self.agents[a].on_grant(&g, now);
+            }
+            Op::Ship(a) => self.ship(a),
+            Op::Advance(ms) => self.now += i64::from(ms),
+            Op::Scan(a, force) => {
+                for r in self.agents[a].scan(now, force) {
+                    assert_eq!(Some(r.lease.id), self.leases[a].map(|c| c.id));
+                    self.release(a);
+                }
+            }
+            Op::Restart(a) => {
+                self.release(a);
+                self.reservations[a].clear();
+                self.requests[a] = None;
+                self.agents[a] = Self::table(self.limit, self.used);
+            }
+            Op::RaiseLimit(g) => {
+                self.limit += i64::from(g);
+                for a in 0..2 {
+                    let c = customer_with("c", self.limit, self.used, Enforcement::Hard);
+                    self.agents[a].apply(&[c], false, now);
+                }
+            }
+        }
+    }
+
+    fn check(&self) {
+        let limit = Decimal::from(self.limit);
+        assert!(self.used + self.outstanding() <= limit);
+        assert!(self.allowed <= limit, "allowed {} > {limit}", self.allowed);
+        assert_eq!(
+            self.allowed,
+            self.used + self.unshipped[0] + self.unshipped[1]
+        );
+        for t in &self.agents {
+            let slot = t
+                .with_slot("c", "api_calls", self.now, |s, _| s.clone())
+                .unwrap();
+            let st = slot.lock(self.now);
+            if let Some(l) = st.lease() {
+                assert!(l.consumed + st.reserved() <= l.granted_total, "{l:?}");
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn lease_accounting_through_the_lock_free_path_never_exceeds_the_limit(
+        l in 0..120i64,
+        ops in prop::collection::vec(op(), 1..250),
+    ) {
+        let mut m = TableModel::new(l);
+        for op in ops {
+            m.step(op);
+            m.check();
+        }
+    }
+}
+
+#[test]
+fn demand_above_the_limit_gets_all_of_it_through_the_table() {
+    let mut m = TableModel::new(100);
+    for round in 0..2_000 {
+        let a = round % 2;
+        m.step(Op::Consume(a, 1));
+        m.step(Op::Grant(a));
+        m.step(Op::Ship(a));
+        m.step(Op::Advance(1));
+        m.check();
+    }
+    assert_eq!(m.allowed, Decimal::from(100));
+}
+
+/// A soft limit counted without the lock: overshoot, remaining and the deciding rule match the
+/// locked accounting, and the table's overshoot total is exact.
+#[test]
+fn soft_limits_counted_without_the_lock_are_exact() {
+    let t = Table::new(EntitlementsConfig::default());
+    t.set_connected(true, 0);
+    let c = customer_with("acme", 10, Decimal::from(8), Enforcement::Soft);
+    t.apply(&[c], false, 0);
+    let take = |q: Decimal| {
+        t.try_consume("acme", "api_calls", q, 1, |_| Ok(()))
+            .unwrap()
+            .0
+    };
+    let a = take(Decimal::from(1));
+    assert_eq!((a.allowed, a.remaining), (true, Some(Decimal::ONE)));
+    let b = take(Decimal::from(5));
+    assert_eq!(b.overshoot, Decimal::from(4));
+    assert_eq!(b.remaining, Some(Decimal::ZERO));
+    // A finer quantity takes the lock once, then the published scale covers it.
+    let c = take(Decimal::new(25, 1));
+    assert_eq!(c.overshoot, Decimal::new(25, 1));
+    let d = take(Decimal::new(5, 1));
+    assert_eq!(
+        (d.overshoot, d.decided_by),
+        (Decimal::new(5, 1), DecidedBy::Plan)
+    );
+    assert_eq!(t.stats.overshoot(), Decimal::from(7));
+    let l = t.limit("acme", "api_calls", 2);
+    assert_eq!(l.used, Decimal::from(17));
+    assert_eq!(l.remaining, Some(Decimal::ZERO));
+}
+
 #[test]
 fn demand_above_the_limit_gets_all_of_it() {
     // Two agents consuming until denied, with grants answered at once, get exactly the limit.
@@ -423,6 +672,17 @@ fn customer(name: &str, hard: i64) -> CustomerEntitlements {
     }
 }
 
+fn customer_with(name: &str, l: i64, used: Decimal, e: Enforcement) -> CustomerEntitlements {
+    let mut c = customer(name, l);
+    let mut limits = c.limits.into_inner();
+    for m in &mut limits {
+        m.used = used;
+        m.enforcement = e;
+    }
+    c.limits = BoundedVec::new(limits).unwrap();
+    c
+}
+
 #[test]
 fn the_table_decides_features_and_asks_for_new_customers_once() {
     let t = Table::new(EntitlementsConfig::default());
@@ -486,7 +746,7 @@ fn concurrent_consumers_never_exceed_the_lease() {
                             .take_slot("acme", "api_calls", Decimal::TWO, Hold::Reserve, 1)
                             .unwrap();
                         if take.allowed {
-                            let (rec, _) = slot.state.lock().commit(
+                            let (rec, _) = slot.lock(1).commit(
                                 take.booked,
                                 Decimal::TWO,
                                 Decimal::ONE,
@@ -500,7 +760,7 @@ fn concurrent_consumers_never_exceed_the_lease() {
                         }
                     } else {
                         let r = t
-                            .try_consume("acme", "api_calls", Decimal::ONE, 1, || {
+                            .try_consume("acme", "api_calls", Decimal::ONE, 1, |_| {
                                 recorded.fetch_add(1, Ordering::Relaxed);
                                 Ok(())
                             })
@@ -517,6 +777,68 @@ fn concurrent_consumers_never_exceed_the_lease() {
     assert_eq!(recorded.load(Ordering::Relaxed), 1_000);
     let l = t.limit("acme", "api_calls", 1);
     assert_eq!(l.leased_available, Some(Decimal::ZERO));
+}
+
+/// A lease that expires while two threads consume from its lock-free pool: once `scan` hands it
+/// out for release, nothing more is recorded under it (no take is between its take and its
+/// record), and the released lease's `consumed` is exactly what was recorded.
+#[test]
+fn a_lease_is_released_only_with_every_lock_free_take_recorded() {
+    use std::sync::atomic::AtomicBool;
+    for round in 0..20 {
+        let t = Arc::new(Table::new(EntitlementsConfig::default()));
+        t.set_connected(true, 0);
+        t.apply(
+            &snapshot(vec![customer("acme", 10_000_000)]).customers,
+            false,
+            0,
+        );
+        t.on_grant(
+            &LeaseGrant {
+                request_id: 1,
+                customer: CustomerId::new("acme").unwrap(),
+                meter: MeterName::new("api_calls").unwrap(),
+                lease_id: 1,
+                period_start_ms: 0,
+                granted_total: Decimal::from(5_000_000),
+                added: Decimal::from(5_000_000),
+                expires_at_ms: 100,
+            },
+            0,
+        );
+        let recorded = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let consumers: Vec<_> = (0..2)
+            .map(|_| {
+                let (t, recorded, stop) = (t.clone(), recorded.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = t.try_consume("acme", "api_calls", Decimal::ONE, 50, |_| {
+                            // A record that takes a moment, as a real one may.
+                            std::hint::spin_loop();
+                            recorded.fetch_add(1, Ordering::SeqCst);
+                            Ok(())
+                        });
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(2 + round % 5));
+        let out = t.scan(100, false);
+        let at_release = recorded.load(Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        stop.store(true, Ordering::Relaxed);
+        for c in consumers {
+            c.join().unwrap();
+        }
+        assert_eq!(out.len(), 1, "round {round}");
+        assert_eq!(recorded.load(Ordering::SeqCst), at_release, "round {round}");
+        assert_eq!(
+            out[0].lease.consumed,
+            Decimal::from(at_release),
+            "round {round}"
+        );
+    }
 }
 
 /// A grant that crossed a release (the collector added to the lease before the release reached
@@ -538,7 +860,7 @@ fn grants_for_released_leases_and_empty_answers_are_not_consumed() {
         expires_at_ms: if id == 3 { 60_000 } else { 120_000 },
     };
     let consume = |t: &Table| {
-        t.try_consume("acme", "api_calls", Decimal::ONE, 1, || Ok(()))
+        t.try_consume("acme", "api_calls", Decimal::ONE, 1, |_| Ok(()))
             .unwrap()
             .0
             .allowed
@@ -554,7 +876,7 @@ fn grants_for_released_leases_and_empty_answers_are_not_consumed() {
     t.on_grant(&grant(4, 2, 2), 60_002);
     t.on_grant(&grant(0, 0, 0), 60_003);
     assert!(
-        t.try_consume("acme", "api_calls", Decimal::ONE, 60_004, || Ok(()))
+        t.try_consume("acme", "api_calls", Decimal::ONE, 60_004, |_| Ok(()))
             .unwrap()
             .0
             .allowed

@@ -1,0 +1,435 @@
+//! The lock-free part of a meter's accounting: what `try_consume` takes without the meter's
+//! lock (decision 0110).
+//!
+//! The [`MeterState`] behind the slot's mutex stays the one truth. Whenever a locked operation
+//! ends, the slot *publishes* what a call may do without the lock, as integers in a scale
+//! chosen for the meter (units of 10^-scale):
+//! - a hard limit under an open lease: the lease's whole available quantity is *lent* to a
+//!   pool (counted as consumed by the state); a call takes from it with one compare-and-swap;
+//! - a soft limit, or no limit, with a current snapshot: a call adds to a local count with one
+//!   compare-and-swap and computes its overshoot and remaining from the published room.
+//!
+//! Every locked operation first *reclaims* (empties the pool or the local count into the
+//! state), then works on the state as before, then publishes again. So the state machine and
+//! its model test are unchanged, and what calls take from a pool never exceeds what was lent,
+//! which never exceeds what the lease allowed.
+//!
+//! The pool word packs the value (40 bits), the calls between their take and their record
+//! (8 bits: a lease is not released while one is unrecorded) and a publication tag (16 bits: a
+//! reclaim changes it, so a compare-and-swap prepared before a reclaim fails, and a failed
+//! record returns its units only to the publication it took them from; after a reclaim they
+//! stay counted as consumed: never more than allowed, at worst a little less).
+
+use super::decision::DecidedBy;
+use super::meter::{FastPlan, MeterState};
+use rust_decimal::Decimal;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+const VALUE_BITS: u32 = 40;
+/// The largest value a pool or a local count holds.
+pub const VALUE_MAX: u64 = (1 << VALUE_BITS) - 1;
+const BUSY_ONE: u64 = 1 << VALUE_BITS;
+const BUSY_MAX: u64 = 0xff;
+const TAG_SHIFT: u32 = 48;
+/// The finest scale published (10^-9).
+pub const MAX_SCALE: u32 = 9;
+
+const POW10: [u64; 10] = [
+    1,
+    10,
+    100,
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    100_000_000,
+    1_000_000_000,
+];
+
+const MODE_SLOW: u64 = 0;
+const MODE_LEASE: u64 = 1;
+const MODE_LIMITED: u64 = 2;
+const MODE_UNLIMITED: u64 = 3;
+
+/// `info`: tag (16 bits) | mode (8) | scale (8) | decider (8) | grant flag (1).
+fn info(tag: u64, mode: u64, scale: u32, decider: DecidedBy, grant: bool) -> u64 {
+    tag | (mode << 16)
+        | (u64::from(scale) << 24)
+        | ((decider.index() as u64) << 32)
+        | (u64::from(grant) << 40)
+}
+
+fn tag_of(word: u64) -> u64 {
+    word >> TAG_SHIFT
+}
+
+fn busy_of(word: u64) -> u64 {
+    (word >> VALUE_BITS) & BUSY_MAX
+}
+
+/// `q` in units of 10^-scale, if exact, not negative and at most [`VALUE_MAX`].
+pub fn to_units(q: Decimal, scale: u32) -> Option<u64> {
+    let s = q.scale();
+    if s > scale || scale > MAX_SCALE || (q.is_sign_negative() && !q.is_zero()) {
+        return None;
+    }
+    let m = u64::try_from(q.mantissa().unsigned_abs()).ok()?;
+    let u = m.checked_mul(POW10[(scale - s) as usize])?;
+    (u <= VALUE_MAX).then_some(u)
+}
+
+fn to_i64_units(q: Decimal, scale: u32) -> Option<i64> {
+    let s = q.scale();
+    if s > scale || scale > MAX_SCALE {
+        return None;
+    }
+    let m = i64::try_from(q.mantissa()).ok()?;
+    m.checked_mul(POW10[(scale - s) as usize] as i64)
+}
+
+/// The scale a quantity needs (its trailing zeros removed).
+fn needed_scale(q: Decimal) -> u32 {
+    if q.scale() == 0 {
+        0
+    } else {
+        q.normalize().scale()
+    }
+}
+
+/// A take without the lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastTake {
+    /// Taken from the lease's pool; end it with [`Fast::end_lease`] once recorded.
+    Lease {
+        /// The word's tag when taken.
+        tag: u64,
+        /// Units taken.
+        units: u64,
+        /// Remaining after it (limit − used as this agent knows), in the scale.
+        remaining: i64,
+        /// Whether the pool fell to its low-water mark (a refill is due: take the lock).
+        refill: bool,
+        /// The scale.
+        scale: u32,
+    },
+    /// Counted locally (soft limit or none).
+    Local {
+        /// The word's tag when taken.
+        tag: u64,
+        /// Units taken.
+        units: u64,
+        /// Remaining after it, if there is a limit.
+        remaining: Option<i64>,
+        /// Units past a soft limit this take added.
+        overshoot: u64,
+        /// What decided.
+        decided_by: DecidedBy,
+        /// The scale.
+        scale: u32,
+    },
+}
+
+/// The published, lock-free view of one meter. See the module doc.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct Fast {
+    word: AtomicU64,
+    info: AtomicU64,
+    /// Lease takes only while now < this.
+    until_ms: AtomicI64,
+    /// A take at or after this takes the lock (renewal, a request's timeout, a backoff's end).
+    slow_at_ms: AtomicI64,
+    /// A lease take that leaves the pool at or below this takes the lock after (refill); −1:
+    /// never.
+    low_water: AtomicI64,
+    /// Lease: remaining = base + pool. Local: the room under the limit before the local count.
+    base: AtomicI64,
+    /// Local: the count at or past which a plan's limit is drawn from grants.
+    grant_at: AtomicI64,
+    /// The finest scale a call asked for (published scales are at least this).
+    min_scale: AtomicU64,
+}
+
+impl Fast {
+    /// Calls between their take and their record (the lease cannot be released meanwhile).
+    pub fn busy(&self) -> u64 {
+        busy_of(self.word.load(Ordering::Acquire))
+    }
+
+    /// Asks that the next publication use at least the scale `q` needs.
+    pub fn note_scale(&self, q: Decimal) {
+        let s = u64::from(q.scale().min(MAX_SCALE));
+        self.min_scale.fetch_max(s, Ordering::Relaxed);
+    }
+
+    /// Takes `qty` without the lock if what was published allows it; `None`: take the lock.
+    /// `current`: the customer's snapshot is current (a local count needs it).
+    pub fn take(&self, qty: Decimal, current: bool, now_ms: i64) -> Option<FastTake> {
+        let mut w = self.word.load(Ordering::Acquire);
+        loop {
+            let i = self.info.load(Ordering::Acquire);
+            let tag = tag_of(w);
+            if i & 0xffff != tag || tag & 1 == 1 {
+                return None;
+            }
+            let mode = (i >> 16) & 0xff;
+            let scale = ((i >> 24) & 0xff) as u32;
+            if mode == MODE_SLOW || now_ms >= self.slow_at_ms.load(Ordering::Relaxed) {
+                return None;
+            }
+            let units = to_units(qty, scale)?;
+            let value = w & VALUE_MAX;
+            let new = match mode {
+                MODE_LEASE => {
+                    if value < units
+                        || busy_of(w) == BUSY_MAX
+                        || now_ms >= self.until_ms.load(Ordering::Relaxed)
+                    {
+                        return None;
+                    }
+                    w - units + BUSY_ONE
+                }
+                _ if !current => return None,
+                _ => {
+                    if value + units > VALUE_MAX {
+                        return None;
+                    }
+                    w + units
+                }
+            };
+            match self
+                .word
+                .compare_exchange_weak(w, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(self.taken(i, tag, units, value, mode, scale)),
+                Err(x) => w = x,
+            }
+        }
+    }
+
+    fn taken(&self, i: u64, tag: u64, units: u64, value: u64, mode: u64, scale: u32) -> FastTake {
+        let base = self.base.load(Ordering::Relaxed);
+        if mode == MODE_LEASE {
+            let left = value - units;
+            let lw = self.low_water.load(Ordering::Relaxed);
+            return FastTake::Lease {
+                tag,
+                units,
+                remaining: base.saturating_add(left as i64).max(0),
+                refill: lw >= 0 && left as i64 <= lw,
+                scale,
+            };
+        }
+        let before = value as i64;
+        let decided_by = if (i >> 40) & 1 == 1 && before >= self.grant_at.load(Ordering::Relaxed) {
+            DecidedBy::Grant
+        } else {
+            DecidedBy::ALL[((i >> 32) & 0xff) as usize]
+        };
+        let (remaining, overshoot) = if mode == MODE_LIMITED {
+            let room = base.saturating_sub(before);
+            let within = room.clamp(0, units as i64) as u64;
+            (Some((room - units as i64).max(0)), units - within)
+        } else {
+            (None, 0)
+        };
+        FastTake::Local {
+            tag,
+            units,
+            remaining,
+            overshoot,
+            decided_by,
+            scale,
+        }
+    }
+
+    /// Ends a lease take: recorded (`ok`) or not (its units go back to the pool they came
+    /// from, if it was not reclaimed since).
+    pub fn end_lease(&self, tag: u64, units: u64, ok: bool) {
+        if ok {
+            self.word.fetch_sub(BUSY_ONE, Ordering::AcqRel);
+            return;
+        }
+        let mut w = self.word.load(Ordering::Acquire);
+        loop {
+            let back = if tag_of(w) == tag { units } else { 0 };
+            match self.word.compare_exchange_weak(
+                w,
+                w - BUSY_ONE + back,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(x) => w = x,
+            }
+        }
+    }
+
+    /// Undoes a local take whose record failed; false when it was reclaimed since (then the
+    /// caller undoes it in the state, under the lock).
+    pub fn undo_local(&self, tag: u64, units: u64) -> bool {
+        let mut w = self.word.load(Ordering::Acquire);
+        loop {
+            if tag_of(w) != tag || (w & VALUE_MAX) < units {
+                return false;
+            }
+            match self
+                .word
+                .compare_exchange_weak(w, w - units, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(x) => w = x,
+            }
+        }
+    }
+
+    /// Under the state's lock: stops lock-free takes and folds what they did into `st`.
+    pub fn reclaim(&self, st: &mut MeterState, now_ms: i64) {
+        let i = self.info.load(Ordering::Acquire);
+        let mut w = self.word.load(Ordering::Acquire);
+        let old = loop {
+            // An odd tag: closed until the next publication.
+            let tag = (tag_of(w) | 1) & 0xffff;
+            let new = (tag << TAG_SHIFT) | (w & (BUSY_MAX << VALUE_BITS));
+            match self
+                .word
+                .compare_exchange_weak(w, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break w,
+                Err(x) => w = x,
+            }
+        };
+        if tag_of(old) & 1 == 1 || i & 0xffff != tag_of(old) {
+            return;
+        }
+        let scale = ((i >> 24) & 0xff) as u32;
+        let value = Decimal::new((old & VALUE_MAX) as i64, scale);
+        match (i >> 16) & 0xff {
+            MODE_LEASE => st.unlend(value, now_ms),
+            MODE_LIMITED | MODE_UNLIMITED => st.absorb_local(value),
+            _ => {}
+        }
+    }
+
+    /// Under the state's lock, after [`Fast::reclaim`] and the operation: publishes what calls
+    /// may do without the lock now.
+    pub fn publish(&self, st: &mut MeterState, now_ms: i64) {
+        let w = self.word.load(Ordering::Acquire);
+        // Even: open. Reclaim made it odd, so this is the next even tag.
+        let tag = ((tag_of(w) | 1) + 1) & 0xffff;
+        let min_scale = self.min_scale.load(Ordering::Relaxed) as u32;
+        let (mode, value, scale, decider, grant) = match st.fast_plan(now_ms) {
+            FastPlan::Lease {
+                available,
+                base,
+                until_ms,
+                slow_at_ms,
+                low_water,
+            } => {
+                let scale = min_scale
+                    .max(needed_scale(available))
+                    .max(needed_scale(base));
+                let Some(base_u) = to_i64_units(base.normalize(), scale) else {
+                    return self.publish_slow(tag);
+                };
+                let cap = Decimal::new(VALUE_MAX as i64, scale);
+                let lend = available.min(cap);
+                let Some(lend_u) = to_units(lend.normalize(), scale) else {
+                    return self.publish_slow(tag);
+                };
+                // Low water in units, rounded down (a refill is asked a little late at worst
+                // by less than one unit).
+                let lw = match low_water {
+                    None => -1,
+                    Some(l) => {
+                        let l = l.max(Decimal::ZERO) * Decimal::from(POW10[scale as usize]);
+                        i64::try_from(l.trunc().mantissa()).unwrap_or(i64::MAX)
+                    }
+                };
+                st.lend(lend);
+                self.until_ms.store(until_ms, Ordering::Relaxed);
+                self.slow_at_ms.store(slow_at_ms, Ordering::Relaxed);
+                self.low_water.store(lw, Ordering::Relaxed);
+                // What the pool holds is counted as consumed by the state: add it back.
+                self.base.store(base_u - lend_u as i64, Ordering::Relaxed);
+                (MODE_LEASE, lend_u, scale, DecidedBy::Lease, false)
+            }
+            FastPlan::Local {
+                room,
+                grant_at,
+                decided_by,
+            } => {
+                let scale = min_scale
+                    .max(room.map_or(0, needed_scale))
+                    .max(grant_at.map_or(0, needed_scale));
+                let room_u = match room {
+                    None => Some(i64::MAX),
+                    Some(r) => to_i64_units(r.normalize(), scale),
+                };
+                let grant_u = match grant_at {
+                    None => Some(i64::MAX),
+                    Some(g) => to_i64_units(g.normalize(), scale),
+                };
+                let (Some(room_u), Some(grant_u)) = (room_u, grant_u) else {
+                    return self.publish_slow(tag);
+                };
+                self.slow_at_ms.store(i64::MAX, Ordering::Relaxed);
+                self.base.store(room_u, Ordering::Relaxed);
+                self.grant_at.store(grant_u, Ordering::Relaxed);
+                let mode = if room.is_some() {
+                    MODE_LIMITED
+                } else {
+                    MODE_UNLIMITED
+                };
+                (mode, 0, scale, decided_by, grant_at.is_some())
+            }
+            FastPlan::Slow => return self.publish_slow(tag),
+        };
+        if scale > MAX_SCALE {
+            return self.publish_slow(tag);
+        }
+        self.info
+            .store(info(tag, mode, scale, decider, grant), Ordering::Release);
+        self.open(tag, value);
+    }
+
+    fn publish_slow(&self, tag: u64) {
+        self.info.store(
+            info(tag, MODE_SLOW, 0, DecidedBy::Plan, false),
+            Ordering::Release,
+        );
+        self.open(tag, 0);
+    }
+
+    fn open(&self, tag: u64, value: u64) {
+        let mut w = self.word.load(Ordering::Acquire);
+        loop {
+            let new = (tag << TAG_SHIFT) | (w & (BUSY_MAX << VALUE_BITS)) | value;
+            match self
+                .word
+                .compare_exchange_weak(w, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(x) => w = x,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn units_are_exact_or_refused() {
+        assert_eq!(to_units(Decimal::ONE, 0), Some(1));
+        assert_eq!(to_units(Decimal::new(15, 1), 3), Some(1_500));
+        assert_eq!(to_units(Decimal::new(15, 1), 0), None);
+        assert_eq!(to_units(Decimal::new(-1, 0), 0), None);
+        assert_eq!(to_units(Decimal::ZERO, 0), Some(0));
+        assert_eq!(to_units(Decimal::from(VALUE_MAX) + Decimal::ONE, 0), None);
+        assert_eq!(to_i64_units(Decimal::new(-25, 1), 2), Some(-250));
+    }
+}
