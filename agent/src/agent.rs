@@ -10,8 +10,10 @@
 //! Disk budget (SPEC A3): the backlog is the bytes of unacknowledged sealed batches plus the
 //! bytes of durable-log rows not yet sealed. At or above `disk_budget`, with
 //! [`Overflow::Reject`] every recording call fails with [`RecordError::OverBudget`]; with
-//! [`Overflow::Block`] `record()` keeps aggregating in memory, sealing pauses, and
-//! `record_durable` waits until the backlog is below the budget again.
+//! [`Overflow::Block`] `record()` keeps aggregating in memory, sealing of that memory pauses,
+//! and `record_durable` waits until the backlog is below the budget again. The durable log is
+//! still folded into batches over the budget (it is on disk already): otherwise a log that alone
+//! exceeds the budget would never drain (decision 0100).
 
 use crate::aggregate::{Aggregator, GATE_CLOSED, GATE_OPEN, GATE_OVER_BUDGET};
 use crate::config::{Config, Overflow};
@@ -226,15 +228,14 @@ impl Shared {
         carry: &mut Carry,
         force: bool,
     ) -> Result<u64, SealError> {
-        if !force && self.cfg.overflow == Overflow::Block && self.over_budget() {
-            return Ok(self
-                .backlog
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .last_sealed);
-        }
-        let pending =
-            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        // Over the budget under `Block`, usage in memory stays in memory; the durable log is
+        // folded all the same (it is on disk already; see `seal_once`).
+        let memory = force || self.cfg.overflow != Overflow::Block || !self.over_budget();
+        let pending = if memory {
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
+        } else {
+            Vec::new()
+        };
         let sealed = seal_once(
             &self.agg,
             &self.store,
@@ -242,6 +243,7 @@ impl Shared {
             core,
             carry,
             pending,
+            memory,
             self.clock.now_ms(),
         )?;
         if !sealed.ids.is_empty() {

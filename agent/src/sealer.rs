@@ -194,7 +194,23 @@ pub(crate) struct Sealed {
     pub(crate) ids: Vec<String>,
 }
 
-/// One seal against the store: drain memory, fold the log, number, sign, commit.
+impl Carry {
+    /// Keeps usage whose write failed for the next attempt (after what is already kept).
+    fn keep(&mut self, back: Carry) {
+        self.deltas.extend(back.deltas);
+        self.ids.extend(back.ids);
+    }
+}
+
+/// One seal against the store: drain memory (unless `memory` is false), fold the log, number,
+/// sign, commit.
+///
+/// `memory: false` is the seal of `Overflow::Block` over the disk budget: usage in memory (and
+/// the carry) stays where it is, but the durable log is still folded into batches. The log is on
+/// disk already and counts against the budget, so folding it never grows the backlog by more
+/// than a batch's framing; not folding it would leave an agent whose log alone exceeds the
+/// budget blocked for good (issue 13).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn seal_once(
     agg: &Aggregator,
     store: &crate::store::Store,
@@ -202,11 +218,15 @@ pub(crate) fn seal_once(
     core: &mut SealerCore,
     carry: &mut Carry,
     pending: Vec<(Delta, Option<(String, i64)>)>,
+    memory: bool,
     now_ms: i64,
 ) -> Result<Sealed, SealError> {
-    let mut deltas = std::mem::take(&mut carry.deltas);
-    let mut ids = std::mem::take(&mut carry.ids);
-    deltas.extend(agg.drain());
+    let (mut deltas, mut ids) = (Vec::new(), Vec::new());
+    if memory {
+        deltas = std::mem::take(&mut carry.deltas);
+        ids = std::mem::take(&mut carry.ids);
+        deltas.extend(agg.drain());
+    }
     for (d, id) in pending {
         deltas.push(d);
         ids.extend(id);
@@ -214,7 +234,7 @@ pub(crate) fn seal_once(
     let log = match store.read_log(MAX_LOG_ROWS_PER_SEAL) {
         Ok(l) => l,
         Err(e) => {
-            *carry = Carry { deltas, ids };
+            carry.keep(Carry { deltas, ids });
             return Err(e.into());
         }
     };
@@ -256,14 +276,14 @@ pub(crate) fn seal_once(
     match core.seal(log_deltas, now_ms) {
         Ok(b) => bodies.extend(b),
         Err(e) => {
-            *carry = restore(core, bodies, memory_bodies, ids);
+            carry.keep(restore(core, bodies, memory_bodies, ids));
             return Err(e.into());
         }
     }
     let rows = match sign_all(&bodies, key) {
         Ok(r) => r,
         Err(e) => {
-            *carry = restore(core, bodies, memory_bodies, ids);
+            carry.keep(restore(core, bodies, memory_bodies, ids));
             return Err(e.into());
         }
     };
@@ -284,7 +304,7 @@ pub(crate) fn seal_once(
     let sizes = match store.commit_seal(&commit) {
         Ok(s) => s,
         Err(e) => {
-            *carry = restore(core, bodies, memory_bodies, commit.ids);
+            carry.keep(restore(core, bodies, memory_bodies, commit.ids));
             return Err(e.into());
         }
     };
