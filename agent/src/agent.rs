@@ -24,6 +24,7 @@ use crate::error::{FlushError, RecordError, SealError, ShutdownError, StartError
 use crate::event::{Event, MAX_EVENT_ID_BYTES, Recorded};
 use crate::metrics::Metrics;
 use crate::sealer::{Carry, SealerCore, seal_once};
+use crate::seglog::{FsDir, LogConfig, SegmentLog};
 use crate::session::{SessionConfig, SessionEvent};
 use crate::shipper::{self, SessionEvents, Shipper};
 use crate::status::{ConnectionState, Status};
@@ -84,6 +85,8 @@ pub(crate) struct Shared {
     pub(crate) cfg: Config,
     pub(crate) agg: Aggregator,
     pub(crate) store: Arc<Store>,
+    /// The durable log of `record_durable` (`data_dir/log/`).
+    pub(crate) log: Arc<SegmentLog>,
     pub(crate) key: ed25519_dalek::SigningKey,
     pub(crate) agent_id: AgentId,
     pub(crate) epoch: u64,
@@ -239,6 +242,7 @@ impl Shared {
         let sealed = seal_once(
             &self.agg,
             &self.store,
+            &self.log,
             &self.key,
             core,
             carry,
@@ -614,8 +618,8 @@ fn open(cfg: Config, clock: SharedClock, custom_clock: bool) -> Result<Shared, S
     let (rows, bytes) = store.log_size()?;
     backlog.log_rows = rows;
     backlog.log_bytes = bytes;
-    // Ids of logged events are not in the dedup set until they are sealed. The log is read in
-    // pages; the set is bounded by the log, which the disk budget bounds.
+    // Ids of logged events are not in the dedup set until they are sealed. The legacy log is
+    // read in pages; the set is bounded by the log, which the disk budget bounds.
     let mut ids = HashSet::new();
     let mut from = 0;
     loop {
@@ -630,6 +634,38 @@ fn open(cfg: Config, clock: SharedClock, custom_clock: bool) -> Result<Shared, S
         }
         from = last + 1;
     }
+    let dir = FsDir::open(&cfg.data_dir.join("log")).map_err(crate::error::StoreError::from)?;
+    let mut bad = None;
+    let mut events = 0u64;
+    let (log, found) = SegmentLog::open(
+        Arc::new(dir),
+        LogConfig::default(),
+        store.log_folded()?,
+        |r| match postcard::from_bytes::<Vec<LoggedEvent>>(&r.payload) {
+            Ok(evs) => {
+                events += evs.len() as u64;
+                ids.extend(evs.into_iter().filter_map(|e| e.id));
+            }
+            Err(e) => bad = Some(format!("record {}: {e}", r.lsn)),
+        },
+    )
+    .map_err(crate::error::StoreError::from)?;
+    if let Some(detail) = bad {
+        return Err(crate::error::StoreError::Corrupt {
+            table: "seglog",
+            detail,
+        }
+        .into());
+    }
+    if found.cut_bytes > 0 {
+        tracing::warn!(
+            bytes = found.cut_bytes,
+            "durable log: a torn or unacknowledged tail was cut"
+        );
+    }
+    let rows = rows + events;
+    backlog.log_rows = rows;
+    backlog.log_bytes += found.bytes;
     if !backlog.batches.is_empty() || rows > 0 {
         tracing::info!(
             batches = backlog.batches.len(),
@@ -642,6 +678,7 @@ fn open(cfg: Config, clock: SharedClock, custom_clock: bool) -> Result<Shared, S
         cfg,
         agg,
         store: Arc::new(store),
+        log: Arc::new(log),
         key,
         agent_id,
         pending: Mutex::new(Vec::new()),
@@ -718,16 +755,18 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::Receiver<DurableReq>) {
             }
         }
         // Ids: refuse repeats within the group, the accepted set and the store's dedup set. A
-        // request's events are all appended or all refused.
+        // request's events are all appended or all refused: one record per request.
         let now = sh.clock.now_ms();
-        let mut events = Vec::new();
+        let mut payloads = Vec::with_capacity(reqs.len());
+        let mut appended: Vec<String> = Vec::new();
+        let mut events = 0u64;
         let mut replies = Vec::with_capacity(reqs.len());
         {
             let mut ids = sh.ids.lock().unwrap_or_else(PoisonError::into_inner);
             'req: for r in reqs {
                 let mut outcomes = Vec::with_capacity(r.events.len());
                 let mut added: Vec<String> = Vec::new();
-                let start = events.len();
+                let mut fresh = Vec::with_capacity(r.events.len());
                 for ev in r.events {
                     if let Some(id) = &ev.id {
                         let seen = if ids.contains(id) {
@@ -745,7 +784,6 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::Receiver<DurableReq>) {
                                 for id in &added {
                                     ids.remove(id);
                                 }
-                                events.truncate(start);
                                 let _ = r.reply.send(Err(RecordError::from(e)));
                                 continue 'req;
                             }
@@ -754,28 +792,49 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::Receiver<DurableReq>) {
                         added.push(id.clone());
                     }
                     outcomes.push(Recorded::New);
-                    events.push(ev);
+                    fresh.push(ev);
                 }
+                if !fresh.is_empty() {
+                    match postcard::to_stdvec(&fresh) {
+                        Ok(p) => payloads.push(p),
+                        Err(e) => {
+                            for id in &added {
+                                ids.remove(id);
+                            }
+                            let err = crate::error::StoreError::Corrupt {
+                                table: "seglog",
+                                detail: e.to_string(),
+                            };
+                            let _ = r.reply.send(Err(RecordError::from(err)));
+                            continue 'req;
+                        }
+                    }
+                    events += fresh.len() as u64;
+                }
+                appended.extend(added);
                 replies.push((r.reply, outcomes));
             }
         }
-        if events.is_empty() {
+        if payloads.is_empty() {
             for (reply, outcomes) in replies {
                 let _ = reply.send(Ok(outcomes));
             }
             continue;
         }
-        match sh.store.append_log(&events) {
-            Ok(bytes) => {
-                let n = events.len() as u64;
+        let bytes: u64 = payloads
+            .iter()
+            .map(|p| p.len() as u64 + crate::seglog::RECORD_HEADER)
+            .sum();
+        match sh.log.append(&payloads) {
+            Ok(_) => {
                 sh.update_backlog(|b| {
-                    b.log_rows += n;
+                    b.log_rows += events;
                     b.log_bytes += bytes;
                 });
                 for (reply, outcomes) in replies {
                     let _ = reply.send(Ok(outcomes));
                 }
-                since_seal += events.len();
+                since_seal += events as usize;
                 if since_seal >= PENDING_SEAL_HINT {
                     since_seal = 0;
                     sh.agg.hint();
@@ -784,13 +843,11 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::Receiver<DurableReq>) {
             Err(e) => {
                 tracing::error!(error = %e, "durable log write failed");
                 let mut ids = sh.ids.lock().unwrap_or_else(PoisonError::into_inner);
-                for ev in &events {
-                    if let Some(id) = &ev.id {
-                        ids.remove(id);
-                    }
+                for id in &appended {
+                    ids.remove(id);
                 }
                 drop(ids);
-                let err = RecordError::from(e);
+                let err = RecordError::from(crate::error::StoreError::from(e));
                 for (reply, _) in replies {
                     let _ = reply.send(Err(err.clone()));
                 }

@@ -10,11 +10,13 @@
 //!   core back, and the store refuses a seq that does not follow.
 //! - A batch is signed and committed to the store (fsynced) before the shipper can see it (A1).
 //! - Usage drained from memory whose write fails is carried to the next attempt, not dropped;
-//!   durable-log rows are deleted only in the transaction that inserts the batch folding them in.
+//!   durable-log records are folded (the store's `log_folded` watermark) only in the transaction
+//!   that inserts the batch folding them in, and their segments are recycled only after it.
 //! - Batches are deterministic for given input: deltas are sorted by key and bucket.
 
 use crate::aggregate::Aggregator;
 use crate::error::SealError;
+use crate::seglog::SegmentLog;
 use crate::store::{LoggedEvent, SealCommit, StoredBatch};
 use tally_protocol::batch::{AgentId, BatchBody, BatchError, Delta, SignedBatch};
 
@@ -23,6 +25,10 @@ use tally_protocol::batch::{AgentId, BatchBody, BatchError, Delta, SignedBatch};
 pub const MAX_DELTAS_PER_SEALED_BATCH: usize = 4_000;
 /// Durable-log rows folded into one seal; the rest wait for the next.
 pub const MAX_LOG_ROWS_PER_SEAL: usize = 200_000;
+/// Segment-log records (requests) folded into one seal at most.
+pub const MAX_LOG_RECORDS_PER_SEAL: usize = 100_000;
+/// Segment-log bytes folded into one seal, about (at least one record).
+pub const MAX_LOG_BYTES_PER_SEAL: u64 = 32 << 20;
 
 fn key_cmp(a: &Delta, b: &Delta) -> std::cmp::Ordering {
     (&a.customer, &a.meter, &a.dimensions, a.bucket_start_ms).cmp(&(
@@ -214,6 +220,7 @@ impl Carry {
 pub(crate) fn seal_once(
     agg: &Aggregator,
     store: &crate::store::Store,
+    seglog: &SegmentLog,
     key: &ed25519_dalek::SigningKey,
     core: &mut SealerCore,
     carry: &mut Carry,
@@ -238,7 +245,29 @@ pub(crate) fn seal_once(
             return Err(e.into());
         }
     };
-    if deltas.is_empty() && log.is_empty() && ids.is_empty() {
+    let unfolded = match seglog.read_unfolded(MAX_LOG_RECORDS_PER_SEAL, MAX_LOG_BYTES_PER_SEAL) {
+        Ok(u) => u,
+        Err(e) => {
+            carry.keep(Carry { deltas, ids });
+            return Err(crate::error::StoreError::from(e).into());
+        }
+    };
+    let mut seg_events = Vec::new();
+    for r in &unfolded.records {
+        match postcard::from_bytes::<Vec<LoggedEvent>>(&r.payload) {
+            Ok(evs) => seg_events.extend(evs),
+            Err(e) => {
+                // The CRC matched, so this is a bug or a foreign writer, not a torn write.
+                carry.keep(Carry { deltas, ids });
+                return Err(crate::error::StoreError::Corrupt {
+                    table: "seglog",
+                    detail: format!("record {}: {e}", r.lsn),
+                }
+                .into());
+            }
+        }
+    }
+    if deltas.is_empty() && log.is_empty() && ids.is_empty() && seg_events.is_empty() {
         return Ok(Sealed::default());
     }
     // Usage from memory and from the durable log go into separate batches, so that a failed
@@ -253,6 +282,13 @@ pub(crate) fn seal_once(
         }
         log_bytes += postcard::experimental::serialized_size(e).unwrap_or(0) as u64;
     }
+    for e in &seg_events {
+        log_deltas.push(delta_of(e));
+        if let Some(id) = &e.id {
+            ids.push((id.clone(), e.accepted_at_ms));
+        }
+    }
+    log_bytes += unfolded.bytes;
     let first_seq = core.next_seq();
     let restore = |core: &mut SealerCore, bodies: Vec<BatchBody>, n: usize, mut ids: Vec<_>| {
         core.rollback_to(first_seq);
@@ -298,6 +334,7 @@ pub(crate) fn seal_once(
         batches: rows,
         next_seq: core.next_seq(),
         log_upto: log.last().map(|(k, _)| *k),
+        seglog_upto: unfolded.records.last().map(|r| r.lsn),
         ids,
         now_ms,
     };
@@ -308,6 +345,11 @@ pub(crate) fn seal_once(
             return Err(e.into());
         }
     };
+    // Committed: the records are folded. If recycling their segments fails, the next open
+    // recycles them (they are at or below the store's watermark).
+    if let Err(e) = seglog.folded(&unfolded) {
+        tracing::warn!(error = %e, "durable log: could not recycle folded segments");
+    }
     let batches = commit
         .batches
         .iter()
@@ -320,7 +362,7 @@ pub(crate) fn seal_once(
         .collect();
     Ok(Sealed {
         batches,
-        log_rows: log.len() as u64,
+        log_rows: (log.len() + seg_events.len()) as u64,
         log_bytes,
         ids: commit.ids.into_iter().map(|(id, _)| id).collect(),
     })

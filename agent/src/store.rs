@@ -8,9 +8,9 @@
 //!
 //! | table          | key               | value                                             |
 //! |----------------|-------------------|---------------------------------------------------|
-//! | `meta`         | `&str`            | `u64`: `format`, `epoch`, `next_seq`, `next_log_key` |
+//! | `meta`         | `&str`            | `u64`: `format`, `epoch`, `next_seq`, `next_log_key`, `log_folded` |
 //! | `batches`      | `u64` seq         | postcard [`StoredBatch`] (sealed time + signed batch) |
-//! | `log`          | `u64` log key     | postcard [`LoggedEvent`]                          |
+//! | `log`          | `u64` log key     | postcard [`LoggedEvent`] (legacy: drained, no longer written by the agent) |
 //! | `snapshots`    | `&str`            | postcard `Catalog` (`catalog`) or [`EntitlementsCache`] (`entitlements`) |
 //! | `dedup.<b>`    | `&str` event id   | `()`; one table per time bucket `b` of the dedup window |
 //! | `leases`       | `u64` lease id    | postcard `LeaseGrant`: the last grant of a lease not yet released |
@@ -22,9 +22,11 @@
 //!   checksums).
 //! - `epoch` is drawn at random when the file is created and never changes; `seq` counts up from
 //!   1 within it and is never reused: [`Store::commit_seal`] refuses a seq below `next_seq`.
-//! - [`Store::commit_seal`] inserts the new batches, advances `next_seq`, deletes the durable-log
-//!   rows they fold in and records their event ids, all in one transaction: a logged event is in
-//!   exactly one sealed batch, or still in the log, never both and never neither.
+//! - [`Store::commit_seal`] inserts the new batches, advances `next_seq`, moves the segment
+//!   log's `log_folded` watermark past the records they fold in (`crate::seglog`; refused if it
+//!   would not move forward), deletes the legacy log rows they fold in and records their event
+//!   ids, all in one transaction: a logged event is in exactly one sealed batch, or still in the
+//!   log, never both and never neither.
 //! - A batch leaves `batches` only through [`Store::ack`].
 //! - A batch is checked against the agent's key before it is written (the sealer asserts
 //!   [`check_batch`]) and after it is read for shipping ([`Store::batch_verified`]): its body
@@ -130,6 +132,9 @@ pub struct SealCommit {
     pub next_seq: u64,
     /// Durable-log rows with keys up to this one are folded in and deleted.
     pub log_upto: Option<u64>,
+    /// Segment-log records with lsns up to this one are folded in: the store's `log_folded`
+    /// watermark moves here in the same transaction as the batches (`seglog`).
+    pub seglog_upto: Option<u64>,
     /// Event ids to remember, with the time each was accepted.
     pub ids: Vec<(String, i64)>,
     /// Now, for dropping expired dedup buckets.
@@ -297,7 +302,16 @@ impl Store {
         self.meta("next_seq")
     }
 
-    /// Appends events to the durable log in one commit; returns the bytes written.
+    /// The highest segment-log lsn folded into a sealed batch (0 before the first).
+    pub fn log_folded(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta.get("log_folded")?.map_or(0, |v| v.value()))
+    }
+
+    /// Appends events to the legacy redb log in one commit; returns the bytes written. The agent
+    /// writes `record_durable` to the segment log (`seglog`) and only drains this table (rows a
+    /// store written before it may still hold).
     pub fn append_log(&self, events: &[LoggedEvent]) -> Result<u64, StoreError> {
         let txn = self.db.begin_write()?;
         let mut bytes = 0;
@@ -386,6 +400,16 @@ impl Store {
                 ));
             }
             meta.insert("next_seq", expect)?;
+            if let Some(upto) = c.seglog_upto {
+                let was = meta.get("log_folded")?.map_or(0, |v| v.value());
+                if upto <= was {
+                    return Err(corrupt(
+                        "meta",
+                        format!("log records up to {upto} folded again (watermark {was})"),
+                    ));
+                }
+                meta.insert("log_folded", upto)?;
+            }
             if let Some(upto) = c.log_upto {
                 let mut log = txn.open_table(LOG)?;
                 log.retain_in(..=upto, |_, _| false)?;
