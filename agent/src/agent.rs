@@ -28,7 +28,7 @@ use crate::seglog::{FsDir, LogConfig, SegmentLog};
 use crate::session::{SessionConfig, SessionEvent};
 use crate::shipper::{self, SessionEvents, Shipper};
 use crate::status::{ConnectionState, Status};
-use crate::store::{BatchMeta, LoggedEvent, Store};
+use crate::store::{BatchMeta, DiskFaults, LoggedEvent, Store};
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -117,9 +117,36 @@ pub(crate) struct Shared {
     /// Wall time, except on the hot path (see [`tally_clock::coarse_now_ms`]).
     pub(crate) clock: SharedClock,
     over_budget: AtomicBool,
+    /// The last durable-log or seal failure, until a later write succeeds (readiness).
+    disk_error: Mutex<Option<String>>,
 }
 
 impl Shared {
+    /// Notes a failed (`Some`) or successful (`None`) disk write for readiness.
+    fn disk_result(&self, e: Option<String>) {
+        let mut d = self
+            .disk_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match (&*d, e) {
+            (None, None) => {}
+            (Some(_), None) => {
+                tracing::info!("disk writes succeed again");
+                *d = None;
+            }
+            (_, Some(e)) => *d = Some(e),
+        }
+    }
+
+    /// Why the agent's disk is failing now, if it is.
+    fn disk_failure(&self) -> Option<String> {
+        self.disk_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .or_else(|| self.store.failure())
+    }
+
     /// Now for the entitlement hot paths: the coarse clock, or the injected one in tests.
     pub(crate) fn hot_now_ms(&self) -> i64 {
         if self.custom_clock {
@@ -249,7 +276,9 @@ impl Shared {
             pending,
             memory,
             self.clock.now_ms(),
-        )?;
+        );
+        self.disk_result(sealed.as_ref().err().map(ToString::to_string));
+        let sealed = sealed?;
         if !sealed.ids.is_empty() {
             let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
             for id in &sealed.ids {
@@ -375,6 +404,7 @@ struct DurableReq {
 pub struct AgentBuilder {
     cfg: Config,
     clock: Option<SharedClock>,
+    faults: Option<DiskFaults>,
 }
 
 impl std::fmt::Debug for AgentBuilder {
@@ -473,6 +503,14 @@ impl AgentBuilder {
         self
     }
 
+    /// Routes every write and sync of the agent's files through `faults` (tests: a disk that
+    /// fills up and frees again, without root or a real small file system).
+    #[doc(hidden)]
+    pub fn disk_faults(mut self, faults: DiskFaults) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
     /// All entitlement settings at once (stale age, offline policies, wait bound).
     pub fn entitlements(mut self, cfg: EntitlementsConfig) -> Self {
         self.cfg.entitlements = cfg;
@@ -529,7 +567,8 @@ impl AgentBuilder {
             ),
         };
         let c2 = cfg.clone();
-        let opened = tokio::task::spawn_blocking(move || open(c2, clock, custom_clock))
+        let faults = self.faults;
+        let opened = tokio::task::spawn_blocking(move || open(c2, clock, custom_clock, faults))
             .await
             .map_err(|e| StartError::Config(e.to_string()))??;
         let sh = Arc::new(opened);
@@ -588,10 +627,19 @@ impl AgentBuilder {
     }
 }
 
-fn open(cfg: Config, clock: SharedClock, custom_clock: bool) -> Result<Shared, StartError> {
+fn open(
+    cfg: Config,
+    clock: SharedClock,
+    custom_clock: bool,
+    faults: Option<DiskFaults>,
+) -> Result<Shared, StartError> {
     tally_storefile::private_dir(&cfg.data_dir).map_err(crate::error::StoreError::from)?;
     let key = crate::keys::load_or_create(&cfg.data_dir)?;
-    let store = Store::open(&cfg.data_dir.join("agent.redb"), cfg.dedup_window)?;
+    let store = Store::open_with(
+        &cfg.data_dir.join("agent.redb"),
+        cfg.dedup_window,
+        faults.clone(),
+    )?;
     let agent_id = AgentId::from_public_key(&key.verifying_key());
     let agg = Aggregator::new();
     if let Some(c) = store.catalog()? {
@@ -634,7 +682,9 @@ fn open(cfg: Config, clock: SharedClock, custom_clock: bool) -> Result<Shared, S
         }
         from = last + 1;
     }
-    let dir = FsDir::open(&cfg.data_dir.join("log")).map_err(crate::error::StoreError::from)?;
+    let dir = FsDir::open(&cfg.data_dir.join("log"))
+        .map_err(crate::error::StoreError::from)?
+        .with_faults(faults);
     let mut bad = None;
     let mut events = 0u64;
     let (log, found) = SegmentLog::open(
@@ -697,6 +747,7 @@ fn open(cfg: Config, clock: SharedClock, custom_clock: bool) -> Result<Shared, S
         metrics: Metrics::new(),
         clock,
         over_budget: AtomicBool::new(false),
+        disk_error: Mutex::new(None),
     };
     sh.update_backlog(|b| *b = backlog);
     Ok(sh)
@@ -825,7 +876,9 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::Receiver<DurableReq>) {
             .iter()
             .map(|p| p.len() as u64 + crate::seglog::RECORD_HEADER)
             .sum();
-        match sh.log.append(&payloads) {
+        let appended_r = sh.log.append(&payloads);
+        sh.disk_result(appended_r.as_ref().err().map(ToString::to_string));
+        match appended_r {
             Ok(_) => {
                 sh.update_backlog(|b| {
                     b.log_rows += events;
@@ -1489,6 +1542,7 @@ impl Agent {
                 .map(|e| age(e.built_at_ms)),
             catalog_version: sh.agg.catalog().map(|c| c.version),
             over_budget: sh.over_budget(),
+            disk_error: sh.disk_failure(),
         }
     }
 

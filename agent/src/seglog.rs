@@ -50,6 +50,7 @@
 //! - Files are 0600, the directory 0700; `log.created` beside it marks that a log was created,
 //!   and a missing directory, an empty or foreign segment file is refused.
 
+use crate::store::DiskFaults;
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -128,6 +129,7 @@ pub trait LogDir: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct FsDir {
     path: PathBuf,
+    faults: Option<DiskFaults>,
 }
 
 impl FsDir {
@@ -155,11 +157,28 @@ impl FsDir {
         }
         Ok(FsDir {
             path: path.to_path_buf(),
+            faults: None,
         })
+    }
+
+    /// Routes writes, syncs and creations through `faults` (tests).
+    pub fn with_faults(mut self, faults: Option<DiskFaults>) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    fn check(&self) -> io::Result<()> {
+        self.faults.as_ref().map_or(Ok(()), DiskFaults::check)
     }
 }
 
-struct FsFile(std::fs::File);
+struct FsFile(std::fs::File, Option<DiskFaults>);
+
+impl FsFile {
+    fn check(&self) -> io::Result<()> {
+        self.1.as_ref().map_or(Ok(()), DiskFaults::check)
+    }
+}
 
 impl SegFile for FsFile {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
@@ -175,9 +194,11 @@ impl SegFile for FsFile {
     }
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
+        self.check()?;
         self.0.write_all_at(buf, off)
     }
     fn sync_data(&self) -> io::Result<()> {
+        self.check()?;
         self.0.sync_data()
     }
     fn size(&self) -> io::Result<u64> {
@@ -200,25 +221,28 @@ impl LogDir for FsDir {
             .read(true)
             .write(true)
             .open(self.path.join(name))?;
-        Ok(Arc::new(FsFile(f)))
+        Ok(Arc::new(FsFile(f, self.faults.clone())))
     }
     fn create(&self, name: &str) -> io::Result<Arc<dyn SegFile>> {
         use std::os::unix::fs::OpenOptionsExt;
+        self.check()?;
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(self.path.join(name))?;
-        Ok(Arc::new(FsFile(f)))
+        Ok(Arc::new(FsFile(f, self.faults.clone())))
     }
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.check()?;
         std::fs::rename(self.path.join(from), self.path.join(to))
     }
     fn remove(&self, name: &str) -> io::Result<()> {
         std::fs::remove_file(self.path.join(name))
     }
     fn sync(&self) -> io::Result<()> {
+        self.check()?;
         std::fs::File::open(&self.path)?.sync_all()
     }
 }
@@ -400,6 +424,9 @@ impl SegmentLog {
         let mut next_spare = 0;
         for n in names {
             if let Some(first) = parse_seg_name(&n) {
+                if first == 0 {
+                    return Err(LogError::Corrupt(format!("{n}: lsns start at 1")));
+                }
                 segs.push((first, n));
             } else if let Some(i) = parse_spare_name(&n) {
                 next_spare = next_spare.max(i + 1);
