@@ -10,8 +10,10 @@
 //! Disk budget (SPEC A3): the backlog is the bytes of unacknowledged sealed batches plus the
 //! bytes of durable-log rows not yet sealed. At or above `disk_budget`, with
 //! [`Overflow::Reject`] every recording call fails with [`RecordError::OverBudget`]; with
-//! [`Overflow::Block`] `record()` keeps aggregating in memory, sealing pauses, and
-//! `record_durable` waits until the backlog is below the budget again.
+//! [`Overflow::Block`] `record()` keeps aggregating in memory, sealing of that memory pauses,
+//! and `record_durable` waits until the backlog is below the budget again. The durable log is
+//! still folded into batches over the budget (it is on disk already): otherwise a log that alone
+//! exceeds the budget would never drain (decision 0100).
 
 use crate::aggregate::{Aggregator, GATE_CLOSED, GATE_OPEN, GATE_OVER_BUDGET};
 use crate::config::{Config, Overflow};
@@ -22,10 +24,11 @@ use crate::error::{FlushError, RecordError, SealError, ShutdownError, StartError
 use crate::event::{Event, MAX_EVENT_ID_BYTES, Recorded};
 use crate::metrics::Metrics;
 use crate::sealer::{Carry, SealerCore, seal_once};
+use crate::seglog::{FsDir, LogConfig, SegmentLog};
 use crate::session::{SessionConfig, SessionEvent};
 use crate::shipper::{self, SessionEvents, Shipper};
 use crate::status::{ConnectionState, Status};
-use crate::store::{BatchMeta, LoggedEvent, Store};
+use crate::store::{BatchMeta, DiskFaults, LoggedEvent, Store};
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -82,6 +85,8 @@ pub(crate) struct Shared {
     pub(crate) cfg: Config,
     pub(crate) agg: Aggregator,
     pub(crate) store: Arc<Store>,
+    /// The durable log of `record_durable` (`data_dir/log/`).
+    pub(crate) log: Arc<SegmentLog>,
     pub(crate) key: ed25519_dalek::SigningKey,
     pub(crate) agent_id: AgentId,
     pub(crate) epoch: u64,
@@ -112,9 +117,36 @@ pub(crate) struct Shared {
     /// Wall time, except on the hot path (see [`tally_clock::coarse_now_ms`]).
     pub(crate) clock: SharedClock,
     over_budget: AtomicBool,
+    /// The last durable-log or seal failure, until a later write succeeds (readiness).
+    disk_error: Mutex<Option<String>>,
 }
 
 impl Shared {
+    /// Notes a failed (`Some`) or successful (`None`) disk write for readiness.
+    fn disk_result(&self, e: Option<String>) {
+        let mut d = self
+            .disk_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match (&*d, e) {
+            (None, None) => {}
+            (Some(_), None) => {
+                tracing::info!("disk writes succeed again");
+                *d = None;
+            }
+            (_, Some(e)) => *d = Some(e),
+        }
+    }
+
+    /// Why the agent's disk is failing now, if it is.
+    fn disk_failure(&self) -> Option<String> {
+        self.disk_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .or_else(|| self.store.failure())
+    }
+
     /// Now for the entitlement hot paths: the coarse clock, or the injected one in tests.
     pub(crate) fn hot_now_ms(&self) -> i64 {
         if self.custom_clock {
@@ -229,24 +261,27 @@ impl Shared {
         carry: &mut Carry,
         force: bool,
     ) -> Result<u64, SealError> {
-        if !force && self.cfg.overflow == Overflow::Block && self.over_budget() {
-            return Ok(self
-                .backlog
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .last_sealed);
-        }
-        let pending =
-            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        // Over the budget under `Block`, usage in memory stays in memory; the durable log is
+        // folded all the same (it is on disk already; see `seal_once`).
+        let memory = force || self.cfg.overflow != Overflow::Block || !self.over_budget();
+        let pending = if memory {
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
+        } else {
+            Vec::new()
+        };
         let sealed = seal_once(
             &self.agg,
             &self.store,
+            &self.log,
             &self.key,
             core,
             carry,
             pending,
+            memory,
             self.clock.now_ms(),
-        )?;
+        );
+        self.disk_result(sealed.as_ref().err().map(ToString::to_string));
+        let sealed = sealed?;
         if !sealed.ids.is_empty() {
             let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
             for id in &sealed.ids {
@@ -372,6 +407,7 @@ struct DurableReq {
 pub struct AgentBuilder {
     cfg: Config,
     clock: Option<SharedClock>,
+    faults: Option<DiskFaults>,
 }
 
 impl std::fmt::Debug for AgentBuilder {
@@ -477,6 +513,14 @@ impl AgentBuilder {
         self
     }
 
+    /// Routes every write and sync of the agent's files through `faults` (tests: a disk that
+    /// fills up and frees again, without root or a real small file system).
+    #[doc(hidden)]
+    pub fn disk_faults(mut self, faults: DiskFaults) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
     /// All entitlement settings at once (stale age, offline policies, wait bound).
     pub fn entitlements(mut self, cfg: EntitlementsConfig) -> Self {
         self.cfg.entitlements = cfg;
@@ -533,7 +577,8 @@ impl AgentBuilder {
             ),
         };
         let c2 = cfg.clone();
-        let opened = tokio::task::spawn_blocking(move || open(c2, clock, custom_clock))
+        let faults = self.faults;
+        let opened = tokio::task::spawn_blocking(move || open(c2, clock, custom_clock, faults))
             .await
             .map_err(|e| StartError::Config(e.to_string()))??;
         let sh = Arc::new(opened);
@@ -592,10 +637,19 @@ impl AgentBuilder {
     }
 }
 
-fn open(cfg: Config, clock: SharedClock, custom_clock: bool) -> Result<Shared, StartError> {
+fn open(
+    cfg: Config,
+    clock: SharedClock,
+    custom_clock: bool,
+    faults: Option<DiskFaults>,
+) -> Result<Shared, StartError> {
     tally_storefile::private_dir(&cfg.data_dir).map_err(crate::error::StoreError::from)?;
     let key = crate::keys::load_or_create(&cfg.data_dir)?;
-    let store = Store::open(&cfg.data_dir.join("agent.redb"), cfg.dedup_window)?;
+    let store = Store::open_with(
+        &cfg.data_dir.join("agent.redb"),
+        cfg.dedup_window,
+        faults.clone(),
+    )?;
     let agent_id = AgentId::from_public_key(&key.verifying_key());
     let agg = Aggregator::new();
     if let Some(c) = store.catalog()? {
@@ -622,8 +676,8 @@ fn open(cfg: Config, clock: SharedClock, custom_clock: bool) -> Result<Shared, S
     let (rows, bytes) = store.log_size()?;
     backlog.log_rows = rows;
     backlog.log_bytes = bytes;
-    // Ids of logged events are not in the dedup set until they are sealed. The log is read in
-    // pages; the set is bounded by the log, which the disk budget bounds.
+    // Ids of logged events are not in the dedup set until they are sealed. The legacy log is
+    // read in pages; the set is bounded by the log, which the disk budget bounds.
     let mut ids = HashSet::new();
     let mut from = 0;
     loop {
@@ -638,6 +692,40 @@ fn open(cfg: Config, clock: SharedClock, custom_clock: bool) -> Result<Shared, S
         }
         from = last + 1;
     }
+    let dir = FsDir::open(&cfg.data_dir.join("log"))
+        .map_err(crate::error::StoreError::from)?
+        .with_faults(faults);
+    let mut bad = None;
+    let mut events = 0u64;
+    let (log, found) = SegmentLog::open(
+        Arc::new(dir),
+        LogConfig::default(),
+        store.log_folded()?,
+        |r| match postcard::from_bytes::<Vec<LoggedEvent>>(&r.payload) {
+            Ok(evs) => {
+                events += evs.len() as u64;
+                ids.extend(evs.into_iter().filter_map(|e| e.id));
+            }
+            Err(e) => bad = Some(format!("record {}: {e}", r.lsn)),
+        },
+    )
+    .map_err(crate::error::StoreError::from)?;
+    if let Some(detail) = bad {
+        return Err(crate::error::StoreError::Corrupt {
+            table: "seglog",
+            detail,
+        }
+        .into());
+    }
+    if found.cut_bytes > 0 {
+        tracing::warn!(
+            bytes = found.cut_bytes,
+            "durable log: a torn or unacknowledged tail was cut"
+        );
+    }
+    let rows = rows + events;
+    backlog.log_rows = rows;
+    backlog.log_bytes += found.bytes;
     if !backlog.batches.is_empty() || rows > 0 {
         tracing::info!(
             batches = backlog.batches.len(),
@@ -650,6 +738,7 @@ fn open(cfg: Config, clock: SharedClock, custom_clock: bool) -> Result<Shared, S
         cfg,
         agg,
         store: Arc::new(store),
+        log: Arc::new(log),
         key,
         agent_id,
         pending: Mutex::new(Vec::new()),
@@ -668,6 +757,7 @@ fn open(cfg: Config, clock: SharedClock, custom_clock: bool) -> Result<Shared, S
         metrics: Metrics::new(),
         clock,
         over_budget: AtomicBool::new(false),
+        disk_error: Mutex::new(None),
     };
     sh.update_backlog(|b| *b = backlog);
     Ok(sh)
@@ -726,16 +816,18 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::Receiver<DurableReq>) {
             }
         }
         // Ids: refuse repeats within the group, the accepted set and the store's dedup set. A
-        // request's events are all appended or all refused.
+        // request's events are all appended or all refused: one record per request.
         let now = sh.clock.now_ms();
-        let mut events = Vec::new();
+        let mut payloads = Vec::with_capacity(reqs.len());
+        let mut appended: Vec<String> = Vec::new();
+        let mut events = 0u64;
         let mut replies = Vec::with_capacity(reqs.len());
         {
             let mut ids = sh.ids.lock().unwrap_or_else(PoisonError::into_inner);
             'req: for r in reqs {
                 let mut outcomes = Vec::with_capacity(r.events.len());
                 let mut added: Vec<String> = Vec::new();
-                let start = events.len();
+                let mut fresh = Vec::with_capacity(r.events.len());
                 for ev in r.events {
                     if let Some(id) = &ev.id {
                         let seen = if ids.contains(id) {
@@ -753,7 +845,6 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::Receiver<DurableReq>) {
                                 for id in &added {
                                     ids.remove(id);
                                 }
-                                events.truncate(start);
                                 let _ = r.reply.send(Err(RecordError::from(e)));
                                 continue 'req;
                             }
@@ -762,28 +853,51 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::Receiver<DurableReq>) {
                         added.push(id.clone());
                     }
                     outcomes.push(Recorded::New);
-                    events.push(ev);
+                    fresh.push(ev);
                 }
+                if !fresh.is_empty() {
+                    match postcard::to_stdvec(&fresh) {
+                        Ok(p) => payloads.push(p),
+                        Err(e) => {
+                            for id in &added {
+                                ids.remove(id);
+                            }
+                            let err = crate::error::StoreError::Corrupt {
+                                table: "seglog",
+                                detail: e.to_string(),
+                            };
+                            let _ = r.reply.send(Err(RecordError::from(err)));
+                            continue 'req;
+                        }
+                    }
+                    events += fresh.len() as u64;
+                }
+                appended.extend(added);
                 replies.push((r.reply, outcomes));
             }
         }
-        if events.is_empty() {
+        if payloads.is_empty() {
             for (reply, outcomes) in replies {
                 let _ = reply.send(Ok(outcomes));
             }
             continue;
         }
-        match sh.store.append_log(&events) {
-            Ok(bytes) => {
-                let n = events.len() as u64;
+        let bytes: u64 = payloads
+            .iter()
+            .map(|p| p.len() as u64 + crate::seglog::RECORD_HEADER)
+            .sum();
+        let appended_r = sh.log.append(&payloads);
+        sh.disk_result(appended_r.as_ref().err().map(ToString::to_string));
+        match appended_r {
+            Ok(_) => {
                 sh.update_backlog(|b| {
-                    b.log_rows += n;
+                    b.log_rows += events;
                     b.log_bytes += bytes;
                 });
                 for (reply, outcomes) in replies {
                     let _ = reply.send(Ok(outcomes));
                 }
-                since_seal += events.len();
+                since_seal += events as usize;
                 if since_seal >= PENDING_SEAL_HINT {
                     since_seal = 0;
                     sh.agg.hint();
@@ -792,13 +906,11 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::Receiver<DurableReq>) {
             Err(e) => {
                 tracing::error!(error = %e, "durable log write failed");
                 let mut ids = sh.ids.lock().unwrap_or_else(PoisonError::into_inner);
-                for ev in &events {
-                    if let Some(id) = &ev.id {
-                        ids.remove(id);
-                    }
+                for id in &appended {
+                    ids.remove(id);
                 }
                 drop(ids);
-                let err = RecordError::from(e);
+                let err = RecordError::from(crate::error::StoreError::from(e));
                 for (reply, _) in replies {
                     let _ = reply.send(Err(err.clone()));
                 }
@@ -1440,6 +1552,7 @@ impl Agent {
                 .map(|e| age(e.built_at_ms)),
             catalog_version: sh.agg.catalog().map(|c| c.version),
             over_budget: sh.over_budget(),
+            disk_error: sh.disk_failure(),
         }
     }
 

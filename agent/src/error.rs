@@ -114,6 +114,9 @@ pub enum StoreError {
     /// The store file is missing, empty or foreign: refused, and left as it is.
     #[error(transparent)]
     File(#[from] tally_storefile::StoreFileError),
+    /// The durable log (`data_dir/log/`) failed or is damaged.
+    #[error(transparent)]
+    Log(#[from] crate::seglog::LogError),
     /// A file next to the database (the agent key) could not be read or written.
     #[error("i/o error on {path}: {source}")]
     Io {

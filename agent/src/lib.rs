@@ -40,6 +40,7 @@ pub mod event;
 pub mod keys;
 pub mod metrics;
 pub mod sealer;
+pub mod seglog;
 pub mod session;
 pub mod shipper;
 pub mod status;

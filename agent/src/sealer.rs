@@ -10,11 +10,13 @@
 //!   core back, and the store refuses a seq that does not follow.
 //! - A batch is signed and committed to the store (fsynced) before the shipper can see it (A1).
 //! - Usage drained from memory whose write fails is carried to the next attempt, not dropped;
-//!   durable-log rows are deleted only in the transaction that inserts the batch folding them in.
+//!   durable-log records are folded (the store's `log_folded` watermark) only in the transaction
+//!   that inserts the batch folding them in, and their segments are recycled only after it.
 //! - Batches are deterministic for given input: deltas are sorted by key and bucket.
 
 use crate::aggregate::Aggregator;
 use crate::error::SealError;
+use crate::seglog::SegmentLog;
 use crate::store::{LoggedEvent, SealCommit, StoredBatch};
 use tally_protocol::batch::{AgentId, BatchBody, BatchError, Delta, SignedBatch};
 
@@ -23,6 +25,10 @@ use tally_protocol::batch::{AgentId, BatchBody, BatchError, Delta, SignedBatch};
 pub const MAX_DELTAS_PER_SEALED_BATCH: usize = 4_000;
 /// Durable-log rows folded into one seal; the rest wait for the next.
 pub const MAX_LOG_ROWS_PER_SEAL: usize = 200_000;
+/// Segment-log records (requests) folded into one seal at most.
+pub const MAX_LOG_RECORDS_PER_SEAL: usize = 100_000;
+/// Segment-log bytes folded into one seal, about (at least one record).
+pub const MAX_LOG_BYTES_PER_SEAL: u64 = 32 << 20;
 
 fn key_cmp(a: &Delta, b: &Delta) -> std::cmp::Ordering {
     (&a.customer, &a.meter, &a.dimensions, a.bucket_start_ms).cmp(&(
@@ -194,19 +200,40 @@ pub(crate) struct Sealed {
     pub(crate) ids: Vec<String>,
 }
 
-/// One seal against the store: drain memory, fold the log, number, sign, commit.
+impl Carry {
+    /// Keeps usage whose write failed for the next attempt (after what is already kept).
+    fn keep(&mut self, back: Carry) {
+        self.deltas.extend(back.deltas);
+        self.ids.extend(back.ids);
+    }
+}
+
+/// One seal against the store: drain memory (unless `memory` is false), fold the log, number,
+/// sign, commit.
+///
+/// `memory: false` is the seal of `Overflow::Block` over the disk budget: usage in memory (and
+/// the carry) stays where it is, but the durable log is still folded into batches. The log is on
+/// disk already and counts against the budget, so folding it never grows the backlog by more
+/// than a batch's framing; not folding it would leave an agent whose log alone exceeds the
+/// budget blocked for good (issue 13).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn seal_once(
     agg: &Aggregator,
     store: &crate::store::Store,
+    seglog: &SegmentLog,
     key: &ed25519_dalek::SigningKey,
     core: &mut SealerCore,
     carry: &mut Carry,
     pending: Vec<(Delta, Option<(String, i64)>)>,
+    memory: bool,
     now_ms: i64,
 ) -> Result<Sealed, SealError> {
-    let mut deltas = std::mem::take(&mut carry.deltas);
-    let mut ids = std::mem::take(&mut carry.ids);
-    deltas.extend(agg.drain());
+    let (mut deltas, mut ids) = (Vec::new(), Vec::new());
+    if memory {
+        deltas = std::mem::take(&mut carry.deltas);
+        ids = std::mem::take(&mut carry.ids);
+        deltas.extend(agg.drain());
+    }
     for (d, id) in pending {
         deltas.push(d);
         ids.extend(id);
@@ -214,11 +241,33 @@ pub(crate) fn seal_once(
     let log = match store.read_log(MAX_LOG_ROWS_PER_SEAL) {
         Ok(l) => l,
         Err(e) => {
-            *carry = Carry { deltas, ids };
+            carry.keep(Carry { deltas, ids });
             return Err(e.into());
         }
     };
-    if deltas.is_empty() && log.is_empty() && ids.is_empty() {
+    let unfolded = match seglog.read_unfolded(MAX_LOG_RECORDS_PER_SEAL, MAX_LOG_BYTES_PER_SEAL) {
+        Ok(u) => u,
+        Err(e) => {
+            carry.keep(Carry { deltas, ids });
+            return Err(crate::error::StoreError::from(e).into());
+        }
+    };
+    let mut seg_events = Vec::new();
+    for r in &unfolded.records {
+        match postcard::from_bytes::<Vec<LoggedEvent>>(&r.payload) {
+            Ok(evs) => seg_events.extend(evs),
+            Err(e) => {
+                // The CRC matched, so this is a bug or a foreign writer, not a torn write.
+                carry.keep(Carry { deltas, ids });
+                return Err(crate::error::StoreError::Corrupt {
+                    table: "seglog",
+                    detail: format!("record {}: {e}", r.lsn),
+                }
+                .into());
+            }
+        }
+    }
+    if deltas.is_empty() && log.is_empty() && ids.is_empty() && seg_events.is_empty() {
         return Ok(Sealed::default());
     }
     // Usage from memory and from the durable log go into separate batches, so that a failed
@@ -233,6 +282,13 @@ pub(crate) fn seal_once(
         }
         log_bytes += postcard::experimental::serialized_size(e).unwrap_or(0) as u64;
     }
+    for e in &seg_events {
+        log_deltas.push(delta_of(e));
+        if let Some(id) = &e.id {
+            ids.push((id.clone(), e.accepted_at_ms));
+        }
+    }
+    log_bytes += unfolded.bytes;
     let first_seq = core.next_seq();
     let restore = |core: &mut SealerCore, bodies: Vec<BatchBody>, n: usize, mut ids: Vec<_>| {
         core.rollback_to(first_seq);
@@ -256,14 +312,14 @@ pub(crate) fn seal_once(
     match core.seal(log_deltas, now_ms) {
         Ok(b) => bodies.extend(b),
         Err(e) => {
-            *carry = restore(core, bodies, memory_bodies, ids);
+            carry.keep(restore(core, bodies, memory_bodies, ids));
             return Err(e.into());
         }
     }
     let rows = match sign_all(&bodies, key) {
         Ok(r) => r,
         Err(e) => {
-            *carry = restore(core, bodies, memory_bodies, ids);
+            carry.keep(restore(core, bodies, memory_bodies, ids));
             return Err(e.into());
         }
     };
@@ -278,16 +334,22 @@ pub(crate) fn seal_once(
         batches: rows,
         next_seq: core.next_seq(),
         log_upto: log.last().map(|(k, _)| *k),
+        seglog_upto: unfolded.records.last().map(|r| r.lsn),
         ids,
         now_ms,
     };
     let sizes = match store.commit_seal(&commit) {
         Ok(s) => s,
         Err(e) => {
-            *carry = restore(core, bodies, memory_bodies, commit.ids);
+            carry.keep(restore(core, bodies, memory_bodies, commit.ids));
             return Err(e.into());
         }
     };
+    // Committed: the records are folded. If recycling their segments fails, the next open
+    // recycles them (they are at or below the store's watermark).
+    if let Err(e) = seglog.folded(&unfolded) {
+        tracing::warn!(error = %e, "durable log: could not recycle folded segments");
+    }
     let batches = commit
         .batches
         .iter()
@@ -300,7 +362,7 @@ pub(crate) fn seal_once(
         .collect();
     Ok(Sealed {
         batches,
-        log_rows: log.len() as u64,
+        log_rows: (log.len() + seg_events.len()) as u64,
         log_bytes,
         ids: commit.ids.into_iter().map(|(id, _)| id).collect(),
     })

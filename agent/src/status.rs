@@ -58,4 +58,7 @@ pub struct Status {
     pub catalog_version: Option<u64>,
     /// True while the backlog is at or over the disk budget.
     pub over_budget: bool,
+    /// Why the last write to the agent's disk (durable log or store) failed, until one succeeds
+    /// again: the agent is not ready while this is set (a full disk, a failing device).
+    pub disk_error: Option<String>,
 }

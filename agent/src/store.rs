@@ -8,9 +8,9 @@
 //!
 //! | table          | key               | value                                             |
 //! |----------------|-------------------|---------------------------------------------------|
-//! | `meta`         | `&str`            | `u64`: `format`, `epoch`, `next_seq`, `next_log_key` |
+//! | `meta`         | `&str`            | `u64`: `format`, `epoch`, `next_seq`, `next_log_key`, `log_folded` |
 //! | `batches`      | `u64` seq         | postcard [`StoredBatch`] (sealed time + signed batch) |
-//! | `log`          | `u64` log key     | postcard [`LoggedEvent`]                          |
+//! | `log`          | `u64` log key     | postcard [`LoggedEvent`] (legacy: drained, no longer written by the agent) |
 //! | `snapshots`    | `&str`            | postcard `Catalog` (`catalog`) or [`EntitlementsCache`] (`entitlements`) |
 //! | `dedup.<b>`    | `&str` event id   | `()`; one table per time bucket `b` of the dedup window |
 //! | `leases`       | `u64` lease id    | postcard `LeaseGrant`: the last grant of a lease not yet released |
@@ -22,14 +22,19 @@
 //!   checksums).
 //! - `epoch` is drawn at random when the file is created and never changes; `seq` counts up from
 //!   1 within it and is never reused: [`Store::commit_seal`] refuses a seq below `next_seq`.
-//! - [`Store::commit_seal`] inserts the new batches, advances `next_seq`, deletes the durable-log
-//!   rows they fold in and records their event ids, all in one transaction: a logged event is in
-//!   exactly one sealed batch, or still in the log, never both and never neither.
+//! - [`Store::commit_seal`] inserts the new batches, advances `next_seq`, moves the segment
+//!   log's `log_folded` watermark past the records they fold in (`crate::seglog`; refused if it
+//!   would not move forward), deletes the legacy log rows they fold in and records their event
+//!   ids, all in one transaction: a logged event is in exactly one sealed batch, or still in the
+//!   log, never both and never neither.
 //! - A batch leaves `batches` only through [`Store::ack`].
 //! - A batch is checked against the agent's key before it is written (the sealer asserts
 //!   [`check_batch`]) and after it is read for shipping ([`Store::batch_verified`]): its body
 //!   decodes, its seq and epoch are the row's, its signature verifies. A mismatch on read is
 //!   [`StoreError::Corrupt`], never a panic.
+//! - [`Store::seen_id`] asks an in-memory Bloom filter per dedup bucket first (built from the
+//!   tables at open, fed by every seal before its commit, dropped with its bucket): an id never
+//!   seen costs no disk read, and memory stays bounded at 512 KiB per bucket in the window.
 //! - The dedup set remembers an id for at least the dedup window and at most the window plus
 //!   one bucket (a seventh of the window): ids live in per-bucket tables and the oldest table is
 //!   dropped whole once it is entirely outside the window, so memory and disk stay bounded.
@@ -38,11 +43,15 @@
 //!   session: a restarted agent releases every lease it finds here.
 
 use crate::error::StoreError;
+use parking_lot::{Mutex, RwLock};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tally_protocol::Decimal;
 use tally_protocol::batch::{BatchBody, SignedBatch};
@@ -130,6 +139,9 @@ pub struct SealCommit {
     pub next_seq: u64,
     /// Durable-log rows with keys up to this one are folded in and deleted.
     pub log_upto: Option<u64>,
+    /// Segment-log records with lsns up to this one are folded in: the store's `log_folded`
+    /// watermark moves here in the same transaction as the batches (`seglog`).
+    pub seglog_upto: Option<u64>,
     /// Event ids to remember, with the time each was accepted.
     pub ids: Vec<(String, i64)>,
     /// Now, for dropping expired dedup buckets.
@@ -211,6 +223,15 @@ pub fn check_batch(
     Ok(body)
 }
 
+/// Whether `e` is an I/O failure (after which redb refuses the handle) rather than bad data.
+fn is_io(e: &StoreError) -> bool {
+    match e {
+        StoreError::Db(e) => matches!(**e, redb::Error::Io(_) | redb::Error::PreviousIo),
+        StoreError::Io { .. } => true,
+        _ => false,
+    }
+}
+
 fn random_u64() -> u64 {
     let mut b = [0; 8];
     if getrandom::getrandom(&mut b).is_err() {
@@ -221,10 +242,150 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// Failure injection for tests: while [`DiskFaults::set_full`] is on, every write, resize and
+/// sync of the agent's files (the redb store and the segment log) fails with `ENOSPC`, as on a
+/// full disk; reads work. Lets a test show recovery without root or a real small file system.
+#[derive(Debug, Clone, Default)]
+pub struct DiskFaults(Arc<AtomicBool>);
+
+impl DiskFaults {
+    /// A disk with room.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Fills or frees the disk.
+    pub fn set_full(&self, full: bool) {
+        self.0.store(full, Ordering::SeqCst);
+    }
+
+    /// `ENOSPC` if the disk is full.
+    pub fn check(&self) -> std::io::Result<()> {
+        if self.0.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
+        Ok(())
+    }
+}
+
+/// redb's file backend behind [`DiskFaults`].
+#[derive(Debug)]
+struct FaultyBackend {
+    inner: redb::backends::FileBackend,
+    faults: DiskFaults,
+}
+
+impl redb::StorageBackend for FaultyBackend {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.faults.check()?;
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        self.faults.check()?;
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.faults.check()?;
+        self.inner.write(offset, data)
+    }
+    fn close(&self) -> Result<(), std::io::Error> {
+        self.inner.close()
+    }
+    fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.inner.try_lock_range(s, e)
+    }
+    fn try_lock_shared_range(
+        &self,
+        s: Bound<u64>,
+        e: Bound<u64>,
+    ) -> Result<bool, redb::BackendError> {
+        self.inner.try_lock_shared_range(s, e)
+    }
+    fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.inner.lock_range(s, e)
+    }
+    fn lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.inner.lock_shared_range(s, e)
+    }
+    fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.inner.unlock_range(s, e)
+    }
+    fn query_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.inner.query_lock_range(s, e)
+    }
+}
+
+/// Bits of one dedup bucket's id filter (512 KiB): about 1 % false positives at 440k ids in a
+/// bucket; more ids only raise that rate (more disk lookups), never the memory.
+const FILTER_BITS: u64 = 1 << 22;
+/// Bits set per id.
+const FILTER_HASHES: u64 = 4;
+
+/// An in-memory Bloom filter per dedup bucket in front of the on-disk id tables: an id it has
+/// never seen costs no disk read. Buckets leave with their tables, so memory is bounded by
+/// (buckets in the window + 1) × [`FILTER_BITS`].
+#[derive(Debug, Default)]
+struct IdFilter {
+    buckets: Mutex<std::collections::BTreeMap<u64, Box<[u64]>>>,
+}
+
+fn id_bits(id: &str) -> impl Iterator<Item = u64> {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let h1 =
+        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id);
+    let h2 = h1.rotate_left(32) | 1;
+    (0..FILTER_HASHES).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % FILTER_BITS)
+}
+
+impl IdFilter {
+    fn add(&self, bucket: u64, id: &str) {
+        let mut b = self.buckets.lock();
+        let bits = b
+            .entry(bucket)
+            .or_insert_with(|| vec![0u64; (FILTER_BITS / 64) as usize].into_boxed_slice());
+        for i in id_bits(id) {
+            bits[(i / 64) as usize] |= 1 << (i % 64);
+        }
+    }
+
+    /// False only if no bucket from `oldest` on has ever had `id` added.
+    fn may_contain(&self, id: &str, oldest: u64) -> bool {
+        let b = self.buckets.lock();
+        b.range(oldest..)
+            .any(|(_, bits)| id_bits(id).all(|i| bits[(i / 64) as usize] & (1 << (i % 64)) != 0))
+    }
+
+    fn drop_below(&self, oldest: u64) {
+        let mut b = self.buckets.lock();
+        *b = b.split_off(&oldest);
+    }
+}
+
+/// How long after a failed reopen the next call tries again (a full disk must not turn every
+/// call into a recovery attempt).
+const REOPEN_EVERY: Duration = Duration::from_millis(200);
+
 /// The local store. Methods block on disk I/O; call them off the async runtime.
+///
+/// After an I/O error (a full disk, a failing device) redb refuses every later call on the same
+/// handle (`PreviousIo`); the store then drops the handle and opens the file again (redb repairs
+/// it from its last commit) on the next call, at most every [`REOPEN_EVERY`], so it recovers by
+/// itself once the cause is gone. Until then calls fail with the error.
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    db: RwLock<Option<Database>>,
+    path: PathBuf,
+    faults: Option<DiskFaults>,
+    /// The last I/O failure and when the next reopen may be tried, while the handle is broken.
+    broken: Mutex<Option<(String, std::time::Instant)>>,
+    /// The id filter in front of the dedup tables.
+    filter: IdFilter,
     epoch: u64,
     dedup: DedupWindow,
 }
@@ -234,8 +395,40 @@ impl Store {
     /// created, empty or not a redb file is refused and left alone (`tally_storefile`): starting
     /// afresh there would drop every unacknowledged batch without a word.
     pub fn open(path: &Path, dedup_window: Duration) -> Result<Store, StoreError> {
+        Self::open_with(path, dedup_window, None)
+    }
+
+    fn create_db(path: &Path, faults: Option<&DiskFaults>) -> Result<Database, StoreError> {
+        Ok(match faults {
+            None => Database::create(path)?,
+            Some(f) => {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)
+                    .map_err(|source| StoreError::Io {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                let inner = redb::backends::FileBackend::new(file)?;
+                Database::builder().create_with_backend(FaultyBackend {
+                    inner,
+                    faults: f.clone(),
+                })?
+            }
+        })
+    }
+
+    /// [`Store::open`] with its writes going through `faults` (tests).
+    pub fn open_with(
+        path: &Path,
+        dedup_window: Duration,
+        faults: Option<DiskFaults>,
+    ) -> Result<Store, StoreError> {
         let found = tally_storefile::check(path)?;
-        let db = Database::create(path)?;
+        let db = Self::create_db(path, faults.as_ref())?;
         tally_storefile::private_file(path)?;
         let txn = db.begin_write()?;
         let epoch;
@@ -267,11 +460,113 @@ impl Store {
         if found == tally_storefile::Found::Nothing {
             tally_storefile::mark(path)?;
         }
+        // The filter learns every id on disk (bounded: at most the window's buckets).
+        let filter = IdFilter::default();
+        {
+            let txn = db.begin_read()?;
+            let names: Vec<(u64, String)> = txn
+                .list_tables()?
+                .filter_map(|h| Some((dedup_bucket_of(h.name())?, h.name().to_owned())))
+                .collect();
+            for (bucket, name) in names {
+                let t = txn.open_table(TableDefinition::<&str, ()>::new(&name))?;
+                for row in t.iter()? {
+                    filter.add(bucket, row?.0.value());
+                }
+            }
+        }
         Ok(Store {
-            db,
+            db: RwLock::new(Some(db)),
+            path: path.to_path_buf(),
+            faults,
+            broken: Mutex::new(None),
+            filter,
             epoch,
             dedup: DedupWindow::new(dedup_window),
         })
+    }
+
+    /// Runs `f` on the database; an I/O failure marks the handle broken (see [`Store`]).
+    fn run<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.recover()?;
+        let r = {
+            let g = self.db.read();
+            g.as_ref().map(f)
+        };
+        let Some(r) = r else {
+            return Err(self.unavailable());
+        };
+        if let Err(e) = &r
+            && is_io(e)
+        {
+            let mut b = self.broken.lock();
+            if b.is_none() {
+                tracing::error!(error = %e, "store i/o failed; reopening it once the cause is gone");
+                *b = Some((e.to_string(), std::time::Instant::now()));
+            }
+        }
+        r
+    }
+
+    fn unavailable(&self) -> StoreError {
+        let why = self
+            .broken
+            .lock()
+            .as_ref()
+            .map_or_else(|| "closed".to_owned(), |(e, _)| e.clone());
+        StoreError::Io {
+            path: self.path.display().to_string(),
+            source: std::io::Error::other(format!("store unavailable after an i/o error: {why}")),
+        }
+    }
+
+    /// The last I/O failure while the store is broken (not yet reopened), for readiness.
+    pub fn failure(&self) -> Option<String> {
+        self.broken.lock().as_ref().map(|(e, _)| e.clone())
+    }
+
+    /// Reopens a broken handle, at most every [`REOPEN_EVERY`].
+    fn recover(&self) -> Result<(), StoreError> {
+        let mut b = self.broken.lock();
+        let Some((why, at)) = b.as_ref() else {
+            return Ok(());
+        };
+        if at.elapsed() < REOPEN_EVERY {
+            let why = why.clone();
+            drop(b);
+            return Err(StoreError::Io {
+                path: self.path.display().to_string(),
+                source: std::io::Error::other(format!(
+                    "store unavailable after an i/o error: {why}"
+                )),
+            });
+        }
+        let mut g = self.db.write();
+        // The old handle must be gone (it holds the file lock) before the file is opened again.
+        *g = None;
+        let reopened = Self::create_db(&self.path, self.faults.as_ref()).and_then(|db| {
+            let epoch = {
+                let txn = db.begin_read()?;
+                let meta = txn.open_table(META)?;
+                meta.get("epoch")?.map(|v| v.value())
+            };
+            if epoch != Some(self.epoch) {
+                return Err(corrupt("meta", "the reopened store has another epoch"));
+            }
+            Ok(db)
+        });
+        match reopened {
+            Ok(db) => {
+                *g = Some(db);
+                *b = None;
+                tracing::info!("store reopened after an i/o error");
+                Ok(())
+            }
+            Err(e) => {
+                *b = Some((e.to_string(), std::time::Instant::now()));
+                Err(e)
+            }
+        }
     }
 
     /// The epoch of this store, fixed at creation.
@@ -285,11 +580,13 @@ impl Store {
     }
 
     fn meta(&self, key: &str) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
-        let meta = txn.open_table(META)?;
-        meta.get(key)?
-            .map(|v| v.value())
-            .ok_or_else(|| corrupt("meta", format!("no {key}")))
+        self.run(|db| {
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            meta.get(key)?
+                .map(|v| v.value())
+                .ok_or_else(|| corrupt("meta", format!("no {key}")))
+        })
     }
 
     /// The seq the next sealed batch gets.
@@ -297,27 +594,40 @@ impl Store {
         self.meta("next_seq")
     }
 
-    /// Appends events to the durable log in one commit; returns the bytes written.
+    /// The highest segment-log lsn folded into a sealed batch (0 before the first).
+    pub fn log_folded(&self) -> Result<u64, StoreError> {
+        self.run(|db| {
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            Ok(meta.get("log_folded")?.map_or(0, |v| v.value()))
+        })
+    }
+
+    /// Appends events to the legacy redb log in one commit; returns the bytes written. The agent
+    /// writes `record_durable` to the segment log (`seglog`) and only drains this table (rows a
+    /// store written before it may still hold).
     pub fn append_log(&self, events: &[LoggedEvent]) -> Result<u64, StoreError> {
-        let txn = self.db.begin_write()?;
-        let mut bytes = 0;
-        {
-            let mut meta = txn.open_table(META)?;
-            let mut key = meta
-                .get("next_log_key")?
-                .map(|v| v.value())
-                .ok_or_else(|| corrupt("meta", "no next_log_key"))?;
-            let mut log = txn.open_table(LOG)?;
-            for e in events {
-                let row = encode("log", e)?;
-                bytes += row.len() as u64;
-                log.insert(key, row.as_slice())?;
-                key += 1;
+        self.run(|db| {
+            let txn = db.begin_write()?;
+            let mut bytes = 0;
+            {
+                let mut meta = txn.open_table(META)?;
+                let mut key = meta
+                    .get("next_log_key")?
+                    .map(|v| v.value())
+                    .ok_or_else(|| corrupt("meta", "no next_log_key"))?;
+                let mut log = txn.open_table(LOG)?;
+                for e in events {
+                    let row = encode("log", e)?;
+                    bytes += row.len() as u64;
+                    log.insert(key, row.as_slice())?;
+                    key += 1;
+                }
+                meta.insert("next_log_key", key)?;
             }
-            meta.insert("next_log_key", key)?;
-        }
-        txn.commit()?;
-        Ok(bytes)
+            txn.commit()?;
+            Ok(bytes)
+        })
     }
 
     /// Up to `limit` durable-log rows, oldest first.
@@ -332,128 +642,154 @@ impl Store {
         from: u64,
         limit: usize,
     ) -> Result<Vec<(u64, LoggedEvent)>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let log = txn.open_table(LOG)?;
-        let mut out = Vec::with_capacity(limit.min(4096));
-        for row in log.range(from..)?.take(limit) {
-            let (k, v) = row?;
-            out.push((k.value(), decode("log", v.value())?));
-        }
-        Ok(out)
+        self.run(|db| {
+            let txn = db.begin_read()?;
+            let log = txn.open_table(LOG)?;
+            let mut out = Vec::with_capacity(limit.min(4096));
+            for row in log.range(from..)?.take(limit) {
+                let (k, v) = row?;
+                out.push((k.value(), decode("log", v.value())?));
+            }
+            Ok(out)
+        })
     }
 
     /// Rows and bytes in the durable log.
     pub fn log_size(&self) -> Result<(u64, u64), StoreError> {
-        let txn = self.db.begin_read()?;
-        let log = txn.open_table(LOG)?;
-        let mut bytes = 0;
-        for row in log.iter()? {
-            bytes += row?.1.value().len() as u64;
-        }
-        Ok((log.len()?, bytes))
+        self.run(|db| {
+            let txn = db.begin_read()?;
+            let log = txn.open_table(LOG)?;
+            let mut bytes = 0;
+            for row in log.iter()? {
+                bytes += row?.1.value().len() as u64;
+            }
+            Ok((log.len()?, bytes))
+        })
     }
 
     /// Writes one seal: new batches, `next_seq`, folded log rows, event ids; one transaction.
     /// Returns the stored size of each batch row, in order.
     pub fn commit_seal(&self, c: &SealCommit) -> Result<Vec<u64>, StoreError> {
-        let mut sizes = Vec::with_capacity(c.batches.len());
-        let txn = self.db.begin_write()?;
-        {
-            let mut meta = txn.open_table(META)?;
-            let next = meta
-                .get("next_seq")?
-                .map(|v| v.value())
-                .ok_or_else(|| corrupt("meta", "no next_seq"))?;
-            let mut batches = txn.open_table(BATCHES)?;
-            let mut expect = next;
-            for (seq, b) in &c.batches {
-                // Seqs are never reused and never skipped.
-                if *seq != expect {
+        self.run(|db| {
+            let mut sizes = Vec::with_capacity(c.batches.len());
+            let txn = db.begin_write()?;
+            {
+                let mut meta = txn.open_table(META)?;
+                let next = meta
+                    .get("next_seq")?
+                    .map(|v| v.value())
+                    .ok_or_else(|| corrupt("meta", "no next_seq"))?;
+                let mut batches = txn.open_table(BATCHES)?;
+                let mut expect = next;
+                for (seq, b) in &c.batches {
+                    // Seqs are never reused and never skipped.
+                    if *seq != expect {
+                        return Err(corrupt(
+                            "batches",
+                            format!("seq {seq} sealed but next_seq is {expect}"),
+                        ));
+                    }
+                    expect += 1;
+                    let row = encode("batches", b)?;
+                    sizes.push(row.len() as u64);
+                    batches.insert(*seq, row.as_slice())?;
+                }
+                if c.next_seq != expect {
                     return Err(corrupt(
-                        "batches",
-                        format!("seq {seq} sealed but next_seq is {expect}"),
+                        "meta",
+                        format!("next_seq {} does not follow the batches", c.next_seq),
                     ));
                 }
-                expect += 1;
-                let row = encode("batches", b)?;
-                sizes.push(row.len() as u64);
-                batches.insert(*seq, row.as_slice())?;
+                meta.insert("next_seq", expect)?;
+                if let Some(upto) = c.seglog_upto {
+                    let was = meta.get("log_folded")?.map_or(0, |v| v.value());
+                    if upto <= was {
+                        return Err(corrupt(
+                            "meta",
+                            format!("log records up to {upto} folded again (watermark {was})"),
+                        ));
+                    }
+                    meta.insert("log_folded", upto)?;
+                }
+                if let Some(upto) = c.log_upto {
+                    let mut log = txn.open_table(LOG)?;
+                    log.retain_in(..=upto, |_, _| false)?;
+                }
+                for (id, at) in &c.ids {
+                    let bucket = self.dedup.bucket(*at);
+                    let name = dedup_table_name(bucket);
+                    let mut t = txn.open_table(TableDefinition::<&str, ()>::new(&name))?;
+                    t.insert(id.as_str(), ())?;
+                    // Before the commit: if it fails, the filter only has a false positive.
+                    self.filter.add(bucket, id);
+                }
+                let oldest = self.dedup.oldest_live(c.now_ms);
+                let expired: Vec<_> = txn
+                    .list_tables()?
+                    .filter(|h| dedup_bucket_of(h.name()).is_some_and(|b| b < oldest))
+                    .collect();
+                for h in expired {
+                    txn.delete_table(h)?;
+                }
             }
-            if c.next_seq != expect {
-                return Err(corrupt(
-                    "meta",
-                    format!("next_seq {} does not follow the batches", c.next_seq),
-                ));
-            }
-            meta.insert("next_seq", expect)?;
-            if let Some(upto) = c.log_upto {
-                let mut log = txn.open_table(LOG)?;
-                log.retain_in(..=upto, |_, _| false)?;
-            }
-            for (id, at) in &c.ids {
-                let name = dedup_table_name(self.dedup.bucket(*at));
-                let mut t = txn.open_table(TableDefinition::<&str, ()>::new(&name))?;
-                t.insert(id.as_str(), ())?;
-            }
-            let oldest = self.dedup.oldest_live(c.now_ms);
-            let expired: Vec<_> = txn
-                .list_tables()?
-                .filter(|h| dedup_bucket_of(h.name()).is_some_and(|b| b < oldest))
-                .collect();
-            for h in expired {
-                txn.delete_table(h)?;
-            }
-        }
-        txn.commit()?;
-        Ok(sizes)
+            txn.commit()?;
+            self.filter.drop_below(self.dedup.oldest_live(c.now_ms));
+            Ok(sizes)
+        })
     }
 
     /// Deletes acknowledged batches in one commit; returns those that were there.
     pub fn ack(&self, seqs: &[u64]) -> Result<Vec<BatchMeta>, StoreError> {
-        let txn = self.db.begin_write()?;
-        let mut removed = Vec::new();
-        {
-            let mut batches = txn.open_table(BATCHES)?;
-            for seq in seqs {
-                if let Some(row) = batches.remove(*seq)? {
-                    let b: StoredBatch = decode("batches", row.value())?;
-                    removed.push(BatchMeta {
-                        seq: *seq,
-                        bytes: row.value().len() as u64,
-                        sealed_at_ms: b.sealed_at_ms,
-                    });
+        self.run(|db| {
+            let txn = db.begin_write()?;
+            let mut removed = Vec::new();
+            {
+                let mut batches = txn.open_table(BATCHES)?;
+                for seq in seqs {
+                    if let Some(row) = batches.remove(*seq)? {
+                        let b: StoredBatch = decode("batches", row.value())?;
+                        removed.push(BatchMeta {
+                            seq: *seq,
+                            bytes: row.value().len() as u64,
+                            sealed_at_ms: b.sealed_at_ms,
+                        });
+                    }
                 }
             }
-        }
-        txn.commit()?;
-        Ok(removed)
+            txn.commit()?;
+            Ok(removed)
+        })
     }
 
     /// Every unacknowledged batch, in seq order.
     pub fn unacked(&self) -> Result<Vec<BatchMeta>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let batches = txn.open_table(BATCHES)?;
-        let mut out = Vec::new();
-        for row in batches.iter()? {
-            let (k, v) = row?;
-            let b: StoredBatch = decode("batches", v.value())?;
-            out.push(BatchMeta {
-                seq: k.value(),
-                bytes: v.value().len() as u64,
-                sealed_at_ms: b.sealed_at_ms,
-            });
-        }
-        Ok(out)
+        self.run(|db| {
+            let txn = db.begin_read()?;
+            let batches = txn.open_table(BATCHES)?;
+            let mut out = Vec::new();
+            for row in batches.iter()? {
+                let (k, v) = row?;
+                let b: StoredBatch = decode("batches", v.value())?;
+                out.push(BatchMeta {
+                    seq: k.value(),
+                    bytes: v.value().len() as u64,
+                    sealed_at_ms: b.sealed_at_ms,
+                });
+            }
+            Ok(out)
+        })
     }
 
     /// One unacknowledged batch.
     pub fn batch(&self, seq: u64) -> Result<Option<StoredBatch>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let batches = txn.open_table(BATCHES)?;
-        batches
-            .get(seq)?
-            .map(|v| decode("batches", v.value()))
-            .transpose()
+        self.run(|db| {
+            let txn = db.begin_read()?;
+            let batches = txn.open_table(BATCHES)?;
+            batches
+                .get(seq)?
+                .map(|v| decode("batches", v.value()))
+                .transpose()
+        })
     }
 
     /// The batch `seq`, checked with [`check_batch`] against this store's epoch and the agent's
@@ -472,46 +808,57 @@ impl Store {
 
     /// Whether `id` was sealed within the dedup window as of `now_ms`.
     pub fn seen_id(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read()?;
-        let oldest = self.dedup.oldest_live(now_ms);
-        let names: Vec<String> = txn
-            .list_tables()?
-            .map(|h| h.name().to_owned())
-            .filter(|n| dedup_bucket_of(n).is_some_and(|b| b >= oldest))
-            .collect();
-        for name in names {
-            let t = txn.open_table(TableDefinition::<&str, ()>::new(&name))?;
-            if t.get(id)?.is_some() {
-                return Ok(true);
-            }
+        if !self.filter.may_contain(id, self.dedup.oldest_live(now_ms)) {
+            return Ok(false);
         }
-        Ok(false)
+        self.run(|db| {
+            let txn = db.begin_read()?;
+            let oldest = self.dedup.oldest_live(now_ms);
+            let names: Vec<String> = txn
+                .list_tables()?
+                .map(|h| h.name().to_owned())
+                .filter(|n| dedup_bucket_of(n).is_some_and(|b| b >= oldest))
+                .collect();
+            for name in names {
+                let t = txn.open_table(TableDefinition::<&str, ()>::new(&name))?;
+                if t.get(id)?.is_some() {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
     }
 
     /// The dedup buckets on disk, oldest first.
     pub fn dedup_buckets(&self) -> Result<Vec<u64>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let mut b: Vec<u64> = txn
-            .list_tables()?
-            .filter_map(|h| dedup_bucket_of(h.name()))
-            .collect();
-        b.sort_unstable();
-        Ok(b)
+        self.run(|db| {
+            let txn = db.begin_read()?;
+            let mut b: Vec<u64> = txn
+                .list_tables()?
+                .filter_map(|h| dedup_bucket_of(h.name()))
+                .collect();
+            b.sort_unstable();
+            Ok(b)
+        })
     }
 
     fn put_snapshot(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(SNAPSHOTS)?.insert(name, bytes)?;
-        txn.commit()?;
-        Ok(())
+        self.run(|db| {
+            let txn = db.begin_write()?;
+            txn.open_table(SNAPSHOTS)?.insert(name, bytes)?;
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     fn snapshot<T: for<'a> Deserialize<'a>>(&self, name: &str) -> Result<Option<T>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(SNAPSHOTS)?;
-        t.get(name)?
-            .map(|v| decode("snapshots", v.value()))
-            .transpose()
+        self.run(|db| {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(SNAPSHOTS)?;
+            t.get(name)?
+                .map(|v| decode("snapshots", v.value()))
+                .transpose()
+        })
     }
 
     /// Keeps the collector's catalog.
@@ -531,35 +878,41 @@ impl Store {
 
     /// Keeps a lease's last grant.
     pub fn put_lease(&self, g: &LeaseGrant) -> Result<(), StoreError> {
-        let row = encode("leases", g)?;
-        let txn = self.db.begin_write()?;
-        txn.open_table(LEASES)?.insert(g.lease_id, row.as_slice())?;
-        txn.commit()?;
-        Ok(())
+        self.run(|db| {
+            let row = encode("leases", g)?;
+            let txn = db.begin_write()?;
+            txn.open_table(LEASES)?.insert(g.lease_id, row.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     /// Forgets released leases.
     pub fn delete_leases(&self, ids: &[u64]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut t = txn.open_table(LEASES)?;
-            for id in ids {
-                t.remove(*id)?;
+        self.run(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut t = txn.open_table(LEASES)?;
+                for id in ids {
+                    t.remove(*id)?;
+                }
             }
-        }
-        txn.commit()?;
-        Ok(())
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     /// The leases kept (not yet released), by id.
     pub fn leases(&self) -> Result<Vec<LeaseGrant>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(LEASES)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            out.push(decode("leases", row?.1.value())?);
-        }
-        Ok(out)
+        self.run(|db| {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(LEASES)?;
+            let mut out = Vec::new();
+            for row in t.iter()? {
+                out.push(decode("leases", row?.1.value())?);
+            }
+            Ok(out)
+        })
     }
 
     /// The merged entitlement snapshots kept.

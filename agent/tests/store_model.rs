@@ -151,6 +151,7 @@ proptest! {
                     let commit = SealCommit {
                         next_seq: m.next_seq + u64::from(n),
                         log_upto: rows.last().map(|(k, _)| *k),
+                        seglog_upto: None,
                         ids: rows.iter().filter_map(|(_, e)| Some((e.id.clone()?, e.accepted_at_ms))).collect(),
                         batches: batches.clone(),
                         now_ms: 1_000,

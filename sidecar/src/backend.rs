@@ -402,5 +402,6 @@ pub fn status_json(s: &tally_agent::Status) -> serde_json::Value {
         "entitlements_age_ms": ms(s.entitlements_age),
         "catalog_version": s.catalog_version,
         "over_budget": s.over_budget,
+        "disk_error": s.disk_error,
     })
 }

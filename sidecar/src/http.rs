@@ -453,16 +453,22 @@ async fn status<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>) -> Response {
     axum::Json(ctx.backend.status_json()).into_response()
 }
 
+/// Ready when the catalog is known, the agent's disk takes writes and the backlog is under the
+/// disk budget: a balancer should send events elsewhere while any of these fails (each is
+/// reported, and clears by itself once the cause is gone).
 async fn readyz<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>) -> Response {
-    if ctx.backend.ready() {
-        "ready".into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: catalog unknown or store closed",
-        )
-            .into_response()
+    let not_ready = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    if !ctx.backend.ready() {
+        return not_ready("not ready: catalog unknown or store closed".into());
     }
+    let status = ctx.backend.status_json();
+    if let Some(e) = status.get("disk_error").and_then(|e| e.as_str()) {
+        return not_ready(format!("not ready: the agent's disk is failing: {e}"));
+    }
+    if status.get("over_budget").and_then(|b| b.as_bool()) == Some(true) {
+        return not_ready("not ready: the backlog is over the disk budget".into());
+    }
+    "ready".into_response()
 }
 
 fn dec(d: Option<Decimal>) -> serde_json::Value {

@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 struct Fake {
     recorded: Arc<Mutex<Vec<MappedEvent>>>,
     catalog: Option<Arc<IngestCatalog>>,
+    status: Arc<Mutex<serde_json::Value>>,
 }
 
 impl SidecarBackend for Fake {
@@ -42,7 +43,7 @@ impl SidecarBackend for Fake {
         1_763_700_000_000
     }
     fn status_json(&self) -> serde_json::Value {
-        serde_json::json!({})
+        self.status.lock().unwrap().clone()
     }
     async fn entitlements(&self, _: CustomerId) -> EntitlementsView {
         EntitlementsView::default()
@@ -278,5 +279,24 @@ async fn openmeter_and_stripe_ingest_and_refusals() {
     );
     assert_eq!(f.recorded.lock().unwrap().len(), 4);
     assert_eq!(raw(addr, "GET", "/healthz", &[], b"").await.0, 200);
+    assert_eq!(raw(addr, "GET", "/readyz", &[], b"").await.0, 200);
+}
+
+#[tokio::test]
+async fn readyz_says_not_ready_while_the_disk_fails_or_the_budget_blocks() {
+    let f = fake();
+    let addr = serve(f.clone(), None).await;
+    assert_eq!(raw(addr, "GET", "/readyz", &[], b"").await.0, 200);
+    *f.status.lock().unwrap() =
+        serde_json::json!({"disk_error": "no space left on device", "over_budget": false});
+    let (s, body) = raw(addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(s, 503);
+    assert!(body.contains("no space left on device"), "{body}");
+    *f.status.lock().unwrap() = serde_json::json!({"disk_error": null, "over_budget": true});
+    let (s, body) = raw(addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(s, 503);
+    assert!(body.contains("disk budget"), "{body}");
+    // Both clear by themselves once the cause is gone.
+    *f.status.lock().unwrap() = serde_json::json!({"disk_error": null, "over_budget": false});
     assert_eq!(raw(addr, "GET", "/readyz", &[], b"").await.0, 200);
 }

@@ -121,6 +121,9 @@ pub struct StandIn {
     pub ca_pem: String,
     pub seen: Arc<Mutex<Seen>>,
     endpoint: Endpoint,
+    /// What a restart at the same address needs: the same certificate and the same state.
+    certs: Arc<Certs>,
+    ctx: Ctx,
 }
 
 pub struct Certs {
@@ -186,9 +189,6 @@ impl StandIn {
         entitlements: Option<EntitlementsSnapshot>,
         max_in_flight: u32,
     ) -> StandIn {
-        let c = certs();
-        let endpoint = Endpoint::server(server_config(&c), "127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = endpoint.local_addr().unwrap();
         let ctx = Ctx {
             seen: Arc::new(Mutex::new(Seen::default())),
             faults,
@@ -196,11 +196,42 @@ impl StandIn {
             entitlements,
             max_in_flight,
         };
+        Self::serve(Arc::new(certs()), ctx, "127.0.0.1:0".parse().unwrap())
+    }
+
+    /// A stand-in at the same address with the same certificate and the same state (what it
+    /// committed stays committed), after this one closed: a collector back from an outage.
+    pub async fn restart(self) -> StandIn {
+        let StandIn {
+            addr,
+            endpoint,
+            certs,
+            ctx,
+            ..
+        } = self;
+        endpoint.close(0u32.into(), b"bye");
+        drop(endpoint);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            // The closed endpoint frees its socket once its connections and driver wound down.
+            if let Ok(sock) = std::net::UdpSocket::bind(addr) {
+                drop(sock);
+                return Self::serve(certs, ctx, addr);
+            }
+            assert!(std::time::Instant::now() < deadline, "{addr} stays bound");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    fn serve(c: Arc<Certs>, ctx: Ctx, addr: SocketAddr) -> StandIn {
+        let endpoint = Endpoint::server(server_config(&c), addr).unwrap();
+        let addr = endpoint.local_addr().unwrap();
         let seen = ctx.seen.clone();
         let ep = endpoint.clone();
+        let served = ctx.clone();
         tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
-                let ctx = ctx.clone();
+                let ctx = served.clone();
                 tokio::spawn(async move {
                     if let Ok(conn) = incoming.await {
                         ctx.seen.lock().unwrap().connections += 1;
@@ -213,9 +244,11 @@ impl StandIn {
         });
         StandIn {
             addr,
-            ca_pem: c.ca_pem,
+            ca_pem: c.ca_pem.clone(),
             seen,
             endpoint,
+            certs: c,
+            ctx,
         }
     }
 
