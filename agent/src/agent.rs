@@ -117,6 +117,8 @@ pub(crate) struct Shared {
     /// Wall time, except on the hot path (see [`tally_clock::coarse_now_ms`]).
     pub(crate) clock: SharedClock,
     over_budget: AtomicBool,
+    /// The collector refused this agent as revoked (cleared by a later welcome).
+    revoked: AtomicBool,
     /// The last durable-log or seal failure, until a later write succeeds (readiness).
     disk_error: Mutex<Option<String>>,
 }
@@ -374,7 +376,18 @@ impl SessionEvents for Shared {
                 self.ent.on_grant(&g, self.clock.now_ms());
                 self.ent_changed.notify_waiters();
             }
+            SessionEvent::Revoked => {
+                if !self.revoked.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        agent = %self.agent_id,
+                        "the collector revoked this agent: new durable events are refused; enrol a new key"
+                    );
+                }
+            }
             SessionEvent::State(s) => {
+                if matches!(s, ConnectionState::Connected { .. }) {
+                    self.revoked.store(false, Ordering::Relaxed);
+                }
                 self.ent.set_connected(
                     matches!(s, ConnectionState::Connected { .. }),
                     self.clock.now_ms(),
@@ -757,6 +770,7 @@ fn open(
         metrics: Metrics::new(),
         clock,
         over_budget: AtomicBool::new(false),
+        revoked: AtomicBool::new(false),
         disk_error: Mutex::new(None),
     };
     sh.update_backlog(|b| *b = backlog);
@@ -1349,6 +1363,10 @@ impl Agent {
 
     async fn record_durable_inner(&self, events: Vec<Event>) -> Result<Vec<Recorded>, RecordError> {
         let sh = &self.h.sh;
+        // A durable answer promises delivery, which a revoked agent cannot keep.
+        if sh.revoked.load(Ordering::Relaxed) {
+            return Err(RecordError::Revoked);
+        }
         let now = sh.clock.now_ms();
         let mut logged = Vec::with_capacity(events.len());
         for event in events {
@@ -1552,6 +1570,7 @@ impl Agent {
                 .map(|e| age(e.built_at_ms)),
             catalog_version: sh.agg.catalog().map(|c| c.version),
             over_budget: sh.over_budget(),
+            revoked: sh.revoked.load(Ordering::Relaxed),
             disk_error: sh.disk_failure(),
         }
     }

@@ -32,6 +32,10 @@ pub enum RecordError {
     /// The agent was shut down.
     #[error("agent is shut down")]
     Closed,
+    /// The collector revoked this agent: what it records durably could never be delivered, so
+    /// `record_durable` refuses (enrol a new key with a new token).
+    #[error("the collector revoked this agent")]
+    Revoked,
     /// The local store failed (only for operations that read the disk, such as an event id check).
     #[error("local store failed: {0}")]
     Store(String),
@@ -61,6 +65,7 @@ impl RecordError {
             RecordError::Store(_) => "store",
             RecordError::InvalidEventId => "invalid_event_id",
             RecordError::EventTimeOutOfRange => "event_time_out_of_range",
+            RecordError::Revoked => "revoked",
         }
     }
 
@@ -77,12 +82,13 @@ impl RecordError {
             RecordError::Store(_) => 7,
             RecordError::InvalidEventId => 8,
             RecordError::EventTimeOutOfRange => 9,
+            RecordError::Revoked => 10,
         }
     }
 }
 
 /// Number of [`RecordError`] kinds, for per-shard counters.
-pub(crate) const RECORD_ERROR_KINDS: usize = 10;
+pub(crate) const RECORD_ERROR_KINDS: usize = 11;
 /// The labels of [`RecordError::index`], in order.
 pub(crate) const RECORD_ERROR_REASONS: [&str; RECORD_ERROR_KINDS] = [
     "invalid_customer",
@@ -95,6 +101,7 @@ pub(crate) const RECORD_ERROR_REASONS: [&str; RECORD_ERROR_KINDS] = [
     "store",
     "invalid_event_id",
     "event_time_out_of_range",
+    "revoked",
 ];
 
 /// The local store failed.

@@ -254,6 +254,8 @@ pub struct AckedBatch {
 /// What the agent, which owns the backlog, the catalog and the entitlement cache, hears.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionEvent {
+    /// The collector refused this agent as revoked.
+    Revoked,
     /// These batches are acknowledged and deleted from the store, in seq order.
     Acked(Vec<AckedBatch>),
     /// A catalog was received and stored.
@@ -724,6 +726,15 @@ impl Session {
             && (self.acked_any || now_ms.saturating_sub(self.attempt_began_ms) >= HEALTHY_MS)
         {
             self.backoff.reset();
+        }
+        if matches!(
+            &error,
+            SessionError::Collector {
+                code: ErrorCode::RevokedAgent,
+                ..
+            }
+        ) {
+            self.queue.push_back(Action::Event(SessionEvent::Revoked));
         }
         let collector = self.collector().to_owned();
         let last_error = error.to_string();

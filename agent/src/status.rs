@@ -58,6 +58,8 @@ pub struct Status {
     pub catalog_version: Option<u64>,
     /// True while the backlog is at or over the disk budget.
     pub over_budget: bool,
+    /// True once the collector refused this agent as revoked (until a collector welcomes it).
+    pub revoked: bool,
     /// Why the last write to the agent's disk (durable log or store) failed, until one succeeds
     /// again: the agent is not ready while this is set (a full disk, a failing device).
     pub disk_error: Option<String>,

@@ -218,3 +218,99 @@ async fn dev_serves_the_sidecar() {
     assert_eq!(v["quantity"], "3");
     d.shutdown().await;
 }
+
+/// A revoked agent stops promising delivery: once the collector refuses it as revoked, its
+/// sidecar answers `/readyz` 503 with the reason and refuses new events with a clear 503 (both
+/// wire formats), and nothing of them reaches the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_agent_is_not_ready_and_refuses_new_events() {
+    let env = start().await;
+    for m in tally_collector::catalog::sample_meters().unwrap() {
+        env.handle.shared().put_meter(&m).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::builder()
+        .data_dir(dir.path())
+        .collector(env.handle.quic_addr().to_string())
+        .ca_pem(env.ca_pem.clone())
+        .enroll_token(env.handle.enroll_token())
+        .flush_interval(Duration::from_millis(50))
+        .start()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.catalog().is_none_or(|c| c.meters.len() < 2) {
+        assert!(Instant::now() < deadline, "catalog never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = router(AgentBackend::new(agent.clone()), HttpConfig::default());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let readyz = || raw(addr, "GET /readyz HTTP/1.1\r\n", b"");
+    let event = |id: &str| {
+        format!(
+            r#"[{{"specversion":"1.0","type":"api_call","id":"{id}","source":"t","subject":"acme","data":{{"count":1}}}}]"#
+        )
+    };
+    assert_eq!(readyz().await.0, 200);
+    let (s, text) = cloudevents_post(addr, &event("before")).await;
+    assert_eq!(s, 204, "{text}");
+
+    let period = Period::of_ms(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+    );
+    let usage_path = format!("/v1/usage?customer=acme&meter=api_calls&period={period}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.admin("GET", &usage_path, None).await.1["quantity"] != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "the first event never reached the ledger"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let id = agent.status().agent_id.to_string();
+    let (s, v) = env
+        .admin("POST", &format!("/v1/agents/{id}/revoke"), Some("{}"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    // The collector closes its connection; the next handshake is refused as revoked.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !agent.status().revoked {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never learnt it was revoked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, why) = readyz().await;
+    assert_eq!(s, 503);
+    assert!(why.contains("revoked"), "{why}");
+    let (s, text) = cloudevents_post(addr, &event("after")).await;
+    assert_eq!(s, 503, "{text}");
+    assert!(text.contains("revoked"), "{text}");
+    let (s, text) = stripe_sdk_post(
+        addr,
+        "idem-after",
+        "event_name=api_calls&payload[stripe_customer_id]=acme&payload[value]=1",
+    )
+    .await;
+    assert_eq!(s, 503, "{text}");
+    let err: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{text}"
+    );
+    // What was accepted before the revocation is in the ledger; nothing after it.
+    let (_, u) = env.admin("GET", &usage_path, None).await;
+    assert_eq!(u["quantity"], "1", "{u}");
+    agent.shutdown(Duration::from_secs(5)).await.unwrap();
+    env.handle.shutdown().await;
+}

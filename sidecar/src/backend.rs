@@ -151,6 +151,7 @@ fn to_event(e: MappedEvent) -> Event {
 fn backend_error(e: RecordError) -> BackendError {
     match e {
         RecordError::OverBudget => BackendError::OverBudget,
+        RecordError::Revoked => BackendError::Revoked,
         RecordError::UnknownMeter => BackendError::NotReady,
         e @ RecordError::EventTimeOutOfRange => BackendError::Invalid(e.to_string()),
         other => BackendError::Unavailable(other.to_string()),
@@ -402,6 +403,7 @@ pub fn status_json(s: &tally_agent::Status) -> serde_json::Value {
         "entitlements_age_ms": ms(s.entitlements_age),
         "catalog_version": s.catalog_version,
         "over_budget": s.over_budget,
+        "revoked": s.revoked,
         "disk_error": s.disk_error,
     })
 }

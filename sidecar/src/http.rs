@@ -33,6 +33,12 @@ pub enum BackendError {
     /// none of the request's events were recorded.
     #[error("{0}")]
     Invalid(String),
+    /// The collector revoked this agent: no new events are taken (they could never be
+    /// delivered).
+    #[error(
+        "the collector revoked this agent: new events are refused; enrol a new agent key with a new enrolment token"
+    )]
+    Revoked,
     /// Anything else: the events were not recorded.
     #[error("{0}")]
     Unavailable(String),
@@ -326,7 +332,9 @@ fn backend_status(e: &BackendError) -> StatusCode {
     match e {
         BackendError::OverBudget => StatusCode::TOO_MANY_REQUESTS,
         BackendError::Invalid(_) => StatusCode::BAD_REQUEST,
-        BackendError::NotReady | BackendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        BackendError::NotReady | BackendError::Revoked | BackendError::Unavailable(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
     }
 }
 
@@ -453,8 +461,8 @@ async fn status<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>) -> Response {
     axum::Json(ctx.backend.status_json()).into_response()
 }
 
-/// Ready when the catalog is known, the agent's disk takes writes and the backlog is under the
-/// disk budget: a balancer should send events elsewhere while any of these fails (each is
+/// Ready when the catalog is known, the agent is not revoked, its disk takes writes and the
+/// backlog is under the disk budget: a balancer should send events elsewhere while any of these fails (each is
 /// reported, and clears by itself once the cause is gone).
 async fn readyz<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>) -> Response {
     let not_ready = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
@@ -462,6 +470,9 @@ async fn readyz<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>) -> Response {
         return not_ready("not ready: catalog unknown or store closed".into());
     }
     let status = ctx.backend.status_json();
+    if status.get("revoked").and_then(|b| b.as_bool()) == Some(true) {
+        return not_ready("not ready: the collector revoked this agent".into());
+    }
     if let Some(e) = status.get("disk_error").and_then(|e| e.as_str()) {
         return not_ready(format!("not ready: the agent's disk is failing: {e}"));
     }
