@@ -54,9 +54,9 @@ async fn cloudevents_post(addr: SocketAddr, body: &str) -> (u16, String) {
     raw(addr, head, body.as_bytes()).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stripe_sdk_and_openmeter_batches_reach_the_ledger_exactly() {
-    let env = start().await;
+/// The quickstart's meters on `env`, a real agent enrolled over QUIC, and a sidecar serving it
+/// on a loopback port.
+async fn agent_with_sidecar(env: &Env) -> (Agent, SocketAddr, tempfile::TempDir) {
     for m in tally_collector::catalog::sample_meters().unwrap() {
         env.handle.shared().put_meter(&m).unwrap();
     }
@@ -79,6 +79,13 @@ async fn stripe_sdk_and_openmeter_batches_reach_the_ledger_exactly() {
     let addr = listener.local_addr().unwrap();
     let app = router(AgentBackend::new(agent.clone()), HttpConfig::default());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (agent, addr, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_sdk_and_openmeter_batches_reach_the_ledger_exactly() {
+    let env = start().await;
+    let (agent, addr, _dir) = agent_with_sidecar(&env).await;
 
     let now_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -225,28 +232,7 @@ async fn dev_serves_the_sidecar() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_agent_is_not_ready_and_refuses_new_events() {
     let env = start().await;
-    for m in tally_collector::catalog::sample_meters().unwrap() {
-        env.handle.shared().put_meter(&m).unwrap();
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::builder()
-        .data_dir(dir.path())
-        .collector(env.handle.quic_addr().to_string())
-        .ca_pem(env.ca_pem.clone())
-        .enroll_token(env.handle.enroll_token())
-        .flush_interval(Duration::from_millis(50))
-        .start()
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while agent.catalog().is_none_or(|c| c.meters.len() < 2) {
-        assert!(Instant::now() < deadline, "catalog never arrived");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = router(AgentBackend::new(agent.clone()), HttpConfig::default());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (agent, addr, _dir) = agent_with_sidecar(&env).await;
     let readyz = || raw(addr, "GET /readyz HTTP/1.1\r\n", b"");
     let event = |id: &str| {
         format!(

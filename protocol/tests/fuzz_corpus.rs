@@ -2,22 +2,10 @@
 //! so the corpora run on every `cargo test` and cannot rot.
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../fuzz/corpus.rs"]
+mod corpus;
+use corpus::corpus;
 use std::path::PathBuf;
-
-fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
-        .join(target);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("corpus {} is missing: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
-        .collect()
-}
 
 #[test]
 fn decode_frame_corpus() {

@@ -62,3 +62,53 @@ pub trait EntitlementStore: Send + Sync {
     /// Applies lease changes in order, in one transaction.
     fn apply_lease_changes(&self, changes: &[LeaseChange]) -> Result<(), StoreError>;
 }
+
+/// A customer's usage of `meter` in `period`, for every store the same way: the usage accounts of
+/// a calendar month, or else (an anchor-day period) the customer's transfers by event time, a scan
+/// of its ledger entries (decision 0063). Grants are not usage.
+pub(crate) fn used_in_period(
+    store: &(impl super::Store + ?Sized),
+    customer: &CustomerId,
+    meter: &MeterName,
+    period: PeriodRange,
+) -> Result<Decimal, StoreError> {
+    use crate::core::ledger::{self, AccountKey, TransferSource, source_account_id};
+    if crate::core::entitlements::period::calendar_month(period.start_ms) == period {
+        let accounts = store.usage_accounts(
+            customer,
+            Some(meter),
+            Some(ledger::Period::of_ms(period.start_ms)),
+        )?;
+        return Ok(accounts.iter().map(ledger::Account::balance).sum());
+    }
+    let up = [
+        source_account_id(meter),
+        AccountKey::Adjustments {
+            meter: meter.clone(),
+        }
+        .id(),
+    ];
+    let mut total = Decimal::ZERO;
+    let mut after = 0;
+    loop {
+        let page = store.entries(Some(customer), after, 10_000)?;
+        let Some((last, _)) = page.last() else {
+            break;
+        };
+        after = *last;
+        for (_, t) in page {
+            if t.unit != *meter
+                || matches!(t.source, TransferSource::Grant { .. })
+                || !period.contains(t.event_at_ms)
+            {
+                continue;
+            }
+            if up.contains(&t.debit) {
+                total += t.amount;
+            } else {
+                total -= t.amount;
+            }
+        }
+    }
+    Ok(total)
+}

@@ -33,6 +33,30 @@ pub struct CustomerRecord {
     pub plan: Option<String>,
 }
 
+/// The catalog once `def` is put into `current` (replacing a meter of that name, version + 1), or
+/// `None` when `current` holds it as it is: the one rule of every store's `put_meter`.
+pub(crate) fn catalog_with(
+    current: &Catalog,
+    def: &MeterDef,
+) -> Result<Option<Catalog>, StoreError> {
+    if current.meter(def.name.as_str()) == Some(def) {
+        return Ok(None);
+    }
+    let mut meters: Vec<MeterDef> = current
+        .meters
+        .iter()
+        .filter(|m| m.name != def.name)
+        .cloned()
+        .collect();
+    meters.push(def.clone());
+    meters.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Some(Catalog {
+        version: current.version + 1,
+        meters: tally_protocol::bounded::BoundedVec::new(meters)
+            .map_err(|e| StoreError::Invariant(e.to_string()))?,
+    }))
+}
+
 /// A storage failure. The operation changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

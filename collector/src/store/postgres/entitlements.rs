@@ -8,12 +8,12 @@
 
 use super::{PgStore, PgTxn, dec, enc, i, read_catalog};
 use crate::core::entitlements::lease::{Lease, LeaseChange};
-use crate::core::entitlements::period::{PeriodRange, calendar_month};
+use crate::core::entitlements::period::PeriodRange;
 use crate::core::entitlements::{CustomerSettings, Grant, GrantRequest, Plan};
-use crate::core::ledger::{self, AccountKey, Period, Rejection, TransferSource, WorkingSet};
+use crate::core::ledger::{self, Rejection, WorkingSet};
 use crate::core::registry::{AgentRecord, EnrollToken, Enrolment, MAX_ENROLL_TOKENS};
 use crate::store::entitlements::{EntitlementStore, GrantOutcome, MAX_GRANTS_PER_CUSTOMER};
-use crate::store::{EnrolmentStore, Store, StoreError};
+use crate::store::{EnrolmentStore, StoreError};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -195,42 +195,7 @@ impl EntitlementStore for PgStore {
         meter: &MeterName,
         period: PeriodRange,
     ) -> Result<Decimal, StoreError> {
-        if calendar_month(period.start_ms) == period {
-            let accounts =
-                self.usage_accounts(customer, Some(meter), Some(Period::of_ms(period.start_ms)))?;
-            return Ok(accounts.iter().map(ledger::Account::balance).sum());
-        }
-        // Another period (an anchor day): the customer's transfers by event time (decision 0063).
-        let up = [
-            ledger::source_account_id(meter),
-            AccountKey::Adjustments {
-                meter: meter.clone(),
-            }
-            .id(),
-        ];
-        let mut total = Decimal::ZERO;
-        let mut after = 0;
-        loop {
-            let page = self.entries(Some(customer), after, 10_000)?;
-            let Some((last, _)) = page.last() else {
-                break;
-            };
-            after = *last;
-            for (_, t) in page {
-                if t.unit != *meter
-                    || matches!(t.source, TransferSource::Grant { .. })
-                    || !period.contains(t.event_at_ms)
-                {
-                    continue;
-                }
-                if up.contains(&t.debit) {
-                    total += t.amount;
-                } else {
-                    total -= t.amount;
-                }
-            }
-        }
-        Ok(total)
+        crate::store::entitlements::used_in_period(self, customer, meter, period)
     }
 
     fn customers_for_stripe(&self, stripe_customer: &str) -> Result<Vec<CustomerId>, StoreError> {

@@ -862,21 +862,8 @@ impl Store for PgStore {
                 )?
                 .get::<_, &[u8]>(0),
             )?;
-            if current.meter(def.name.as_str()) == Some(&def) {
+            let Some(catalog) = crate::store::catalog_with(&current, &def)? else {
                 return Ok(current);
-            }
-            let mut meters: Vec<MeterDef> = current
-                .meters
-                .iter()
-                .filter(|m| m.name != def.name)
-                .cloned()
-                .collect();
-            meters.push(def.clone());
-            meters.sort_by(|a, b| a.name.cmp(&b.name));
-            let catalog = Catalog {
-                version: current.version + 1,
-                meters: tally_protocol::bounded::BoundedVec::new(meters)
-                    .map_err(|e| StoreError::Invariant(e.to_string()))?,
             };
             let bytes = enc(&catalog)?;
             tx.execute(

@@ -15,13 +15,11 @@
 
 use super::{Ledger, RedbStore, read_catalog};
 use crate::core::entitlements::lease::{Lease, LeaseChange};
-use crate::core::entitlements::period::{PeriodRange, calendar_month};
+use crate::core::entitlements::period::PeriodRange;
 use crate::core::entitlements::{CustomerSettings, Grant, GrantRequest, Plan};
-use crate::core::ledger::{
-    self, AccountKey, Period, Rejection, TransferSource, WorkingSet, source_account_id,
-};
+use crate::core::ledger::{self, Rejection, WorkingSet};
+use crate::store::StoreError;
 use crate::store::entitlements::{EntitlementStore, GrantOutcome, MAX_GRANTS_PER_CUSTOMER};
-use crate::store::{Store, StoreError};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -59,11 +57,6 @@ pub(crate) fn unjson<T: DeserializeOwned>(
         table,
         detail: e.to_string(),
     })
-}
-
-/// True when `p` is exactly one calendar month (the ledger's usage accounts answer it).
-fn is_calendar_month(p: PeriodRange) -> bool {
-    calendar_month(p.start_ms) == p
 }
 
 impl EntitlementStore for RedbStore {
@@ -195,43 +188,7 @@ impl EntitlementStore for RedbStore {
         meter: &MeterName,
         period: PeriodRange,
     ) -> Result<Decimal, StoreError> {
-        if is_calendar_month(period) {
-            let accounts =
-                self.usage_accounts(customer, Some(meter), Some(Period::of_ms(period.start_ms)))?;
-            return Ok(accounts.iter().map(ledger::Account::balance).sum());
-        }
-        // Another period (an anchor day): the customer's transfers by event time. A scan of
-        // the ledger; see decision 0063.
-        let up = [
-            source_account_id(meter),
-            AccountKey::Adjustments {
-                meter: meter.clone(),
-            }
-            .id(),
-        ];
-        let mut total = Decimal::ZERO;
-        let mut after = 0;
-        loop {
-            let page = self.entries(Some(customer), after, 10_000)?;
-            let Some((last, _)) = page.last() else {
-                break;
-            };
-            after = *last;
-            for (_, t) in page {
-                if t.unit != *meter
-                    || matches!(t.source, TransferSource::Grant { .. })
-                    || !period.contains(t.event_at_ms)
-                {
-                    continue;
-                }
-                if up.contains(&t.debit) {
-                    total += t.amount;
-                } else {
-                    total -= t.amount;
-                }
-            }
-        }
-        Ok(total)
+        crate::store::entitlements::used_in_period(self, customer, meter, period)
     }
 
     fn customers_for_stripe(&self, stripe_customer: &str) -> Result<Vec<CustomerId>, StoreError> {

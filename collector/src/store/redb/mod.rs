@@ -513,21 +513,8 @@ impl Store for RedbStore {
         let catalog = {
             let mut meta = txn.open_table(META)?;
             let current = read_catalog(&meta)?;
-            if current.meter(def.name.as_str()) == Some(def) {
+            let Some(catalog) = crate::store::catalog_with(&current, def)? else {
                 return Ok(current);
-            }
-            let mut meters: Vec<MeterDef> = current
-                .meters
-                .iter()
-                .filter(|m| m.name != def.name)
-                .cloned()
-                .collect();
-            meters.push(def.clone());
-            meters.sort_by(|a, b| a.name.cmp(&b.name));
-            let catalog = Catalog {
-                version: current.version + 1,
-                meters: tally_protocol::bounded::BoundedVec::new(meters)
-                    .map_err(|e| StoreError::Invariant(e.to_string()))?,
             };
             let bytes = enc(&catalog)?;
             meta.insert(CATALOG_KEY, bytes.as_slice())?;
