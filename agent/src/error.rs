@@ -226,6 +226,7 @@ mod tests {
             }),
             RecordError::InvalidEventId,
             RecordError::EventTimeOutOfRange,
+            RecordError::Revoked,
         ];
         for e in &errors {
             assert_eq!(RECORD_ERROR_REASONS[e.index()], e.reason());
