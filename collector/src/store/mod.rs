@@ -57,6 +57,17 @@ pub(crate) fn catalog_with(
     }))
 }
 
+/// The error of a stored record of `table` that fails its check after a read: corruption, for
+/// every store the same way.
+pub(crate) fn corrupt_record(
+    table: &'static str,
+) -> impl Fn(crate::core::ingest::RecordError) -> StoreError {
+    move |e| StoreError::Corrupt {
+        table,
+        detail: e.to_string(),
+    }
+}
+
 /// A storage failure. The operation changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -956,10 +956,8 @@ impl Store for PgStore {
             let mut out = Vec::new();
             for r in rows {
                 let rec: QuarantineRecord = dec("quarantine", r.get::<_, &[u8]>(0))?;
-                rec.check().map_err(|e| StoreError::Corrupt {
-                    table: "quarantine",
-                    detail: e.to_string(),
-                })?;
+                rec.check()
+                    .map_err(crate::store::corrupt_record("quarantine"))?;
                 out.push(rec);
             }
             Ok(out)
@@ -1036,10 +1034,8 @@ fn verify_in(tx: &mut Tx<'_>) -> Result<VerifyReport, StoreError> {
         let key = (agent_from(r.get::<_, &[u8]>(0))?, u(r.get(1)));
         let seq = u(r.get(2));
         let rec: BatchRecord = dec("batches", r.get::<_, &[u8]>(3))?;
-        rec.check().map_err(|e| StoreError::Corrupt {
-            table: "batches",
-            detail: e.to_string(),
-        })?;
+        rec.check()
+            .map_err(crate::store::corrupt_record("batches"))?;
         recorded.entry(key).or_default().push(seq);
         batch_info.insert(
             (key.0, key.1, seq),

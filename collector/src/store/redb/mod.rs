@@ -636,10 +636,8 @@ impl Store for RedbStore {
         for row in t.range(after.saturating_add(1)..)?.take(limit) {
             let (_, v) = row?;
             let rec: QuarantineRecord = dec("quarantine", v.value())?;
-            rec.check().map_err(|e| StoreError::Corrupt {
-                table: "quarantine",
-                detail: e.to_string(),
-            })?;
+            rec.check()
+                .map_err(crate::store::corrupt_record("quarantine"))?;
             out.push(rec);
         }
         Ok(out)
@@ -702,10 +700,7 @@ impl Store for RedbStore {
                         let rec = match batches.get(bkey)? {
                             Some(b) => {
                                 let r: BatchRecord = dec("batches", b.value())?;
-                                r.check().map_err(|e| StoreError::Corrupt {
-                                    table: "batches",
-                                    detail: e.to_string(),
-                                })?;
+                                r.check().map_err(crate::store::corrupt_record("batches"))?;
                                 (r.outcome == BatchOutcome::Committed)
                                     .then_some((r.deltas, r.first_transfer))
                             }
