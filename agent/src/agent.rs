@@ -20,7 +20,7 @@ use crate::config::{Config, Overflow};
 use crate::entitlements::EntitlementsCache;
 use crate::entitlements::policy::{EntitlementsConfig, OfflinePolicy};
 use crate::entitlements::table::{Outgoing, Table};
-use crate::error::{FlushError, RecordError, SealError, ShutdownError, StartError};
+use crate::error::{FlushError, RecordError, SealError, ShutdownError, StartError, StoreError};
 use crate::event::{Event, MAX_EVENT_ID_BYTES, Recorded};
 use crate::metrics::Metrics;
 use crate::sealer::{Carry, SealerCore, seal_once};
@@ -28,11 +28,11 @@ use crate::seglog::{FsDir, LogConfig, SegmentLog};
 use crate::session::{SessionConfig, SessionEvent};
 use crate::shipper::{self, SessionEvents, Shipper};
 use crate::status::{ConnectionState, Status};
-use crate::store::{BatchMeta, DiskFaults, LoggedEvent, Store};
+use crate::store::{BatchMeta, DiskFaults, LoggedEvent, QuarantinedBatch, Store};
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use tally_clock::{SharedClock, SystemClock, coarse_now_ms};
@@ -119,6 +119,8 @@ pub(crate) struct Shared {
     over_budget: AtomicBool,
     /// The collector refused this agent as revoked (cleared by a later welcome).
     revoked: AtomicBool,
+    /// Batches in the store's quarantine (signed by a replaced key, or refused): kept, not sent.
+    quarantined: AtomicU64,
     /// The last durable-log or seal failure, until a later write succeeds (readiness).
     disk_error: Mutex<Option<String>>,
 }
@@ -375,6 +377,24 @@ impl SessionEvents for Shared {
                 tracing::debug!(customer = %g.customer, meter = %g.meter, lease = g.lease_id, granted_total = %g.granted_total, added = %g.added, "lease granted");
                 self.ent.on_grant(&g, self.clock.now_ms());
                 self.ent_changed.notify_waiters();
+            }
+            SessionEvent::Quarantined { seq, reason } => {
+                let n = self.quarantined.fetch_add(1, Ordering::Relaxed) + 1;
+                self.metrics
+                    .quarantined_batches
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+                tracing::error!(
+                    agent = %self.agent_id,
+                    seq,
+                    %reason,
+                    quarantined = n,
+                    "batch quarantined: kept on disk and not sent; export it with `tally-agent quarantine`"
+                );
+                self.update_backlog(|b| {
+                    if let Some(m) = b.batches.remove(&seq) {
+                        b.batch_bytes = b.batch_bytes.saturating_sub(m.bytes);
+                    }
+                });
             }
             SessionEvent::Revoked => {
                 if !self.revoked.swap(true, Ordering::Relaxed) {
@@ -746,6 +766,13 @@ fn open(
             "resuming with a backlog"
         );
     }
+    let quarantined = store.quarantined()?.len() as u64;
+    if quarantined > 0 {
+        tracing::warn!(
+            quarantined,
+            "the store holds quarantined batches that will not be sent; export them with `tally-agent quarantine`"
+        );
+    }
     let sh = Shared {
         epoch: store.epoch(),
         cfg,
@@ -771,8 +798,12 @@ fn open(
         clock,
         over_budget: AtomicBool::new(false),
         revoked: AtomicBool::new(false),
+        quarantined: AtomicU64::new(quarantined),
         disk_error: Mutex::new(None),
     };
+    sh.metrics
+        .quarantined_batches
+        .set(i64::try_from(quarantined).unwrap_or(i64::MAX));
     sh.update_backlog(|b| *b = backlog);
     Ok(sh)
 }
@@ -1537,6 +1568,13 @@ impl Agent {
         }
     }
 
+    /// The batches in the store's quarantine, in seq order: each whole (signed bytes as they
+    /// were sealed), with why and when it was taken out of shipping. For export; nothing here
+    /// is ever sent (decision 0086).
+    pub fn quarantined(&self) -> Result<Vec<(u64, QuarantinedBatch)>, StoreError> {
+        self.h.sh.store.quarantined()
+    }
+
     /// Backlog, connection and snapshot ages, as of now.
     pub fn status(&self) -> Status {
         let sh = &self.h.sh;
@@ -1571,6 +1609,7 @@ impl Agent {
             catalog_version: sh.agg.catalog().map(|c| c.version),
             over_budget: sh.over_budget(),
             revoked: sh.revoked.load(Ordering::Relaxed),
+            quarantined_batches: sh.quarantined.load(Ordering::Relaxed),
             disk_error: sh.disk_failure(),
         }
     }

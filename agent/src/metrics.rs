@@ -12,6 +12,7 @@
 //! | `tally_agent_batches_sealed_total` | counter | batches sealed to disk |
 //! | `tally_agent_batches_acked_total{outcome}` | counter | acknowledgements by outcome |
 //! | `tally_agent_backlog_batches` | gauge | sealed batches not yet acknowledged |
+//! | `tally_agent_quarantined_batches` | gauge | batches in the local quarantine (never sent) |
 //! | `tally_agent_backlog_bytes` | gauge | their bytes on disk, plus the durable log's |
 //! | `tally_agent_oldest_unacked_age_seconds` | gauge | age of the oldest unacknowledged batch |
 //! | `tally_agent_ship_rtt_seconds` | histogram | batch sent → acknowledged |
@@ -45,6 +46,7 @@ pub(crate) struct Metrics {
     pub(crate) batches_sealed: Counter,
     pub(crate) batches_acked: Family<Label, Counter>,
     pub(crate) backlog_batches: Gauge,
+    pub(crate) quarantined_batches: Gauge,
     pub(crate) backlog_bytes: Gauge,
     pub(crate) oldest_unacked_age: Gauge<f64, AtomicU64>,
     pub(crate) ship_rtt: Histogram,
@@ -68,6 +70,7 @@ impl Metrics {
             batches_sealed: Counter::default(),
             batches_acked: Family::default(),
             backlog_batches: Gauge::default(),
+            quarantined_batches: Gauge::default(),
             backlog_bytes: Gauge::default(),
             oldest_unacked_age: Gauge::default(),
             ship_rtt: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
@@ -131,6 +134,11 @@ impl Metrics {
             "tally_agent_backlog_batches",
             "Sealed batches not yet acknowledged",
             m.backlog_batches.clone(),
+        );
+        registry.register(
+            "tally_agent_quarantined_batches",
+            "Batches in the local quarantine: kept on disk, never sent",
+            m.quarantined_batches.clone(),
         );
         registry.register(
             "tally_agent_backlog_bytes",

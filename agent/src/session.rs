@@ -20,6 +20,11 @@
 //!   the deletion committed ([`StoreAction`] carries its event) (A1).
 //! - After any reconnect every unacknowledged batch is sent again, oldest first; resends are
 //!   harmless because the collector dedups by `(agent, epoch, seq)` (A4).
+//! - A batch that cannot be shipped under the agent's key — it fails the check before sending
+//!   ([`Session::batch_unshippable`]), or the collector refuses it `bad_signature` or
+//!   `agent_mismatch` — is quarantined in the store ([`StoreAction::Quarantine`]): kept, never
+//!   sent again, and the batches after it flow (decision 0086). Only the batch the refusal is
+//!   about is moved: the oldest in flight, since acks and the refusal come in batch order.
 //! - Collectors are tried in the configured order; on failure the next one is tried after an
 //!   exponential backoff with jitter (between half and all of `min × 2^attempt`, capped at
 //!   `max`). A connection that was welcomed and then got batches acknowledged, or stayed up
@@ -192,6 +197,11 @@ impl<T> SendWindow<T> {
         })
     }
 
+    /// The oldest seq in flight: the one the collector's next ack or refusal is about.
+    pub fn oldest_in_flight(&self) -> Option<u64> {
+        self.inflight.front().map(|(s, _)| *s)
+    }
+
     /// Batches in flight.
     pub fn in_flight(&self) -> usize {
         self.inflight.len()
@@ -256,6 +266,13 @@ pub struct AckedBatch {
 pub enum SessionEvent {
     /// The collector refused this agent as revoked.
     Revoked,
+    /// This batch was moved to the store's quarantine and will not be sent.
+    Quarantined {
+        /// Its seq.
+        seq: u64,
+        /// Why.
+        reason: String,
+    },
     /// These batches are acknowledged and deleted from the store, in seq order.
     Acked(Vec<AckedBatch>),
     /// A catalog was received and stored.
@@ -284,6 +301,14 @@ pub enum StoreAction {
     PutEntitlements(EntitlementsCache, EntitlementsSnapshot),
     /// Keep this lease grant before anything is consumed under it.
     PutLease(LeaseGrant),
+    /// Move this batch from the batches to the quarantine; on failure call
+    /// [`Session::quarantine_failed`] instead of [`Session::store_failed`].
+    Quarantine {
+        /// Its seq.
+        seq: u64,
+        /// Why it cannot be shipped.
+        reason: String,
+    },
 }
 
 impl StoreAction {
@@ -296,6 +321,7 @@ impl StoreAction {
                 SessionEvent::Entitlements { cache, update }
             }
             StoreAction::PutLease(g) => SessionEvent::LeaseGrant(g),
+            StoreAction::Quarantine { seq, reason } => SessionEvent::Quarantined { seq, reason },
         }
     }
 }
@@ -526,6 +552,29 @@ impl Session {
         self.fill_window(now_ms);
     }
 
+    /// The batch of a [`Action::SendBatch`] is in the store but fails the check under the
+    /// agent's key (`reason` says how): it is quarantined instead of sent, and the next one may
+    /// take its place in the window.
+    pub fn batch_unshippable(&mut self, seq: u64, reason: String, now_ms: i64) {
+        tracing::debug!(seq, %reason, "batch cannot be shipped: quarantining it");
+        self.unacked.remove(&seq);
+        if let State::Connected { window } = &mut self.state {
+            window.unsent(seq);
+        }
+        self.queue
+            .push_back(Action::Store(StoreAction::Quarantine { seq, reason }));
+        self.fill_window(now_ms);
+    }
+
+    /// A [`StoreAction::Quarantine`] failed: the batch is still stored and unacknowledged, so
+    /// it goes back to the batches to send, and the connection ends as after any store failure.
+    pub fn quarantine_failed(&mut self, seq: u64, detail: String, now_ms: i64) {
+        if seq <= self.sealed_upto {
+            self.unacked.insert(seq);
+        }
+        self.store_failed(detail, now_ms);
+    }
+
     /// Batches up to `upto` are sealed and stored (seqs are contiguous, SPEC A1).
     pub fn batches_sealed(&mut self, upto: u64, now_ms: i64) {
         if upto <= self.sealed_upto {
@@ -598,7 +647,19 @@ impl Session {
                     self.queue
                         .push_back(Action::Store(StoreAction::PutLease(g)));
                 }
-                Frame::Error(e) => self.end(collector_error(&e), now_ms),
+                Frame::Error(e) => {
+                    if matches!(e.code, ErrorCode::BadSignature | ErrorCode::AgentMismatch)
+                        && let Some(seq) = window.oldest_in_flight()
+                    {
+                        let reason =
+                            format!("the collector refused it: {}: {}", e.code, e.message());
+                        tracing::debug!(seq, %reason, "batch refused: quarantining it");
+                        self.unacked.remove(&seq);
+                        self.queue
+                            .push_back(Action::Store(StoreAction::Quarantine { seq, reason }));
+                    }
+                    self.end(collector_error(&e), now_ms)
+                }
                 other => {
                     let got = frame_name(&other);
                     self.end(
@@ -1221,5 +1282,74 @@ mod tests {
             ]
         );
         assert_eq!(h.s.poll_timeout(), None);
+    }
+
+    fn quarantines(actions: &[Action]) -> Vec<(u64, String)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Store(StoreAction::Quarantine { seq, reason }) => {
+                    Some((*seq, reason.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_that_fails_the_check_before_sending_is_quarantined_and_the_next_ones_flow() {
+        let mut h = Harness::new(&["a:1"], 3);
+        h.drain();
+        assert_eq!(sends(&h.handshake(8)), vec![1]);
+        h.s.batch_unshippable(1, "signed by agent x".into(), h.now);
+        let a = h.drain();
+        assert_eq!(quarantines(&a), vec![(1, "signed by agent x".to_string())]);
+        assert_eq!(sends(&a), vec![2], "the window moves on to the next batch");
+        assert!(disconnected(&a).is_none(), "the connection stays up");
+        h.frame(Frame::Ack(ack(EPOCH, 2)));
+        assert_eq!(sends(&h.drain()), vec![3]);
+        assert_eq!(h.s.unacked(), 1);
+        // The quarantine's store write failed: the batch is sent again on the next connection.
+        h.s.quarantine_failed(1, "disk full".into(), h.now);
+        let a = h.drain();
+        assert!(disconnected(&a).unwrap().contains("disk full"));
+        assert_eq!(h.s.unacked(), 2);
+        h.advance(h.s.poll_timeout().unwrap() - h.now);
+        h.drain();
+        assert_eq!(sends(&h.handshake(8)), vec![1]);
+    }
+
+    #[test]
+    fn a_batch_the_collector_refuses_as_bad_signature_is_quarantined_not_resent_forever() {
+        let mut h = Harness::new(&["a:1"], 4);
+        h.drain();
+        assert_eq!(sends(&h.handshake(8)), vec![1]);
+        h.frame(Frame::Ack(ack(EPOCH, 1)));
+        assert_eq!(sends(&h.drain()), vec![2, 3]);
+        // The ack of 2 comes before the refusal of 3: the refusal is about the oldest in flight.
+        h.frame(Frame::Ack(ack(EPOCH, 2)));
+        h.frame(Frame::Error(ErrorFrame::new(
+            ErrorCode::BadSignature,
+            "batch signature does not verify",
+        )));
+        let a = h.drain();
+        let q = quarantines(&a);
+        assert_eq!(q.len(), 1, "{a:?}");
+        assert_eq!(q[0].0, 3);
+        assert!(q[0].1.contains("bad_signature"), "{}", q[0].1);
+        assert!(disconnected(&a).is_some());
+        // The next connection sends 4, never 3 again.
+        h.advance(h.s.poll_timeout().unwrap() - h.now);
+        h.drain();
+        assert_eq!(sends(&h.handshake(8)), vec![4]);
+        h.frame(Frame::Ack(ack(EPOCH, 4)));
+        assert!(sends(&h.drain()).is_empty());
+        assert_eq!(h.s.unacked(), 0);
+        // Any other collector error quarantines nothing.
+        h.s.batches_sealed(5, h.now);
+        assert_eq!(sends(&h.drain()), vec![5]);
+        h.frame(Frame::Error(ErrorFrame::new(ErrorCode::Overloaded, "busy")));
+        assert!(quarantines(&h.drain()).is_empty());
+        assert_eq!(h.s.unacked(), 1);
     }
 }

@@ -10,7 +10,7 @@
 
 use crate::entitlements::EntitlementsCache;
 use crate::session::{Action, Session, SessionConfig, SessionError, SessionEvent, StoreAction};
-use crate::store::Store;
+use crate::store::{ForShipping, Store};
 use quinn::{ClientConfig, Connection, Endpoint, SendStream};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -151,11 +151,12 @@ pub async fn run(s: Shipper, mut stop: watch::Receiver<bool>) {
                 Action::SendBatch(seq) => {
                     let Some(l) = &mut link else { continue };
                     let st = store.clone();
-                    let stored =
-                        tokio::task::spawn_blocking(move || st.batch_verified(seq, &verifying_key))
-                            .await;
+                    let stored = tokio::task::spawn_blocking(move || {
+                        st.batch_for_shipping(seq, &verifying_key)
+                    })
+                    .await;
                     match stored {
-                        Ok(Ok(Some(b))) => {
+                        Ok(Ok(ForShipping::Ready(b))) => {
                             if let Err(e) = write_frame(&mut l.send, &Frame::Batch(b.batch)).await {
                                 session.connection_lost(
                                     SessionError::Connection(e.to_string()),
@@ -165,7 +166,10 @@ pub async fn run(s: Shipper, mut stop: watch::Receiver<bool>) {
                                 tracing::trace!(seq, "batch sent");
                             }
                         }
-                        Ok(Ok(None)) => session.batch_missing(seq, clock.now_ms()),
+                        Ok(Ok(ForShipping::Missing)) => session.batch_missing(seq, clock.now_ms()),
+                        Ok(Ok(ForShipping::Unshippable(reason))) => {
+                            session.batch_unshippable(seq, reason, clock.now_ms())
+                        }
                         Ok(Err(e)) => session.store_failed(e.to_string(), clock.now_ms()),
                         Err(e) => session.store_failed(e.to_string(), clock.now_ms()),
                     }
@@ -176,10 +180,19 @@ pub async fn run(s: Shipper, mut stop: watch::Receiver<bool>) {
                         l.close();
                     }
                 }
-                Action::Store(a) => match perform(&store, a).await {
-                    Ok(a) => events.on_event(a.into_event()),
-                    Err(e) => session.connection_lost(e, clock.now_ms()),
-                },
+                Action::Store(a) => {
+                    let quarantine = match &a {
+                        StoreAction::Quarantine { seq, .. } => Some(*seq),
+                        _ => None,
+                    };
+                    match (perform(&store, a, clock.now_ms()).await, quarantine) {
+                        (Ok(a), _) => events.on_event(a.into_event()),
+                        (Err(e), Some(seq)) => {
+                            session.quarantine_failed(seq, e.to_string(), clock.now_ms())
+                        }
+                        (Err(e), None) => session.connection_lost(e, clock.now_ms()),
+                    }
+                }
                 Action::Event(e) => events.on_event(e),
             }
         }
@@ -270,7 +283,11 @@ fn read_error(e: &tally_net::frames::ReadError) -> String {
 }
 
 /// Performs a store action off the async threads; returns it back for its event.
-async fn perform(store: &Arc<Store>, a: StoreAction) -> Result<StoreAction, SessionError> {
+async fn perform(
+    store: &Arc<Store>,
+    a: StoreAction,
+    now_ms: i64,
+) -> Result<StoreAction, SessionError> {
     let st = store.clone();
     tokio::task::spawn_blocking(move || {
         match &a {
@@ -281,6 +298,9 @@ async fn perform(store: &Arc<Store>, a: StoreAction) -> Result<StoreAction, Sess
             StoreAction::PutCatalog(c) => st.put_catalog(c),
             StoreAction::PutEntitlements(e, _) => st.put_entitlements(e),
             StoreAction::PutLease(g) => st.put_lease(g),
+            StoreAction::Quarantine { seq, reason } => {
+                st.quarantine(*seq, reason, now_ms).map(|_| ())
+            }
         }
         .map(|()| a)
         .map_err(|e| SessionError::Store(e.to_string()))

@@ -60,6 +60,10 @@ pub struct Status {
     pub over_budget: bool,
     /// True once the collector refused this agent as revoked (until a collector welcomes it).
     pub revoked: bool,
+    /// Batches kept in the store's quarantine, never to be sent: signed by a key this agent no
+    /// longer holds, or refused by the collector as `bad_signature`. `Agent::quarantined` lists
+    /// them; they are not part of the backlog.
+    pub quarantined_batches: u64,
     /// Why the last write to the agent's disk (durable log or store) failed, until one succeeds
     /// again: the agent is not ready while this is set (a full disk, a failing device).
     pub disk_error: Option<String>,

@@ -14,6 +14,7 @@
 //! | `snapshots`    | `&str`            | postcard `Catalog` (`catalog`) or [`EntitlementsCache`] (`entitlements`) |
 //! | `dedup.<b>`    | `&str` event id   | `()`; one table per time bucket `b` of the dedup window |
 //! | `leases`       | `u64` lease id    | postcard `LeaseGrant`: the last grant of a lease not yet released |
+//! | `quarantine`   | `u64` seq         | postcard [`QuarantinedBatch`]: a batch this agent can no longer ship, and why |
 //!
 //! # Guarantees
 //! - Every mutating method is one redb write transaction committed with
@@ -27,11 +28,14 @@
 //!   would not move forward), deletes the legacy log rows they fold in and records their event
 //!   ids, all in one transaction: a logged event is in exactly one sealed batch, or still in the
 //!   log, never both and never neither.
-//! - A batch leaves `batches` only through [`Store::ack`].
+//! - A batch leaves `batches` only through [`Store::ack`] or [`Store::quarantine`], which moves
+//!   it whole into `quarantine` in one transaction: a batch signed with a key the agent no longer
+//!   holds (its key was replaced) is kept there, never sent, listed by [`Store::quarantined`] for
+//!   export, and does not hold up the batches after it (decision 0086).
 //! - A batch is checked against the agent's key before it is written (the sealer asserts
-//!   [`check_batch`]) and after it is read for shipping ([`Store::batch_verified`]): its body
+//!   [`check_batch`]) and after it is read for shipping ([`Store::batch_for_shipping`]): its body
 //!   decodes, its seq and epoch are the row's, its signature verifies. A mismatch on read is
-//!   [`StoreError::Corrupt`], never a panic.
+//!   [`ForShipping::Unshippable`] with the reason (for the quarantine), never a panic.
 //! - [`Store::seen_id`] asks an in-memory Bloom filter per dedup bucket first (built from the
 //!   tables at open, fed by every seal before its commit, dropped with its bucket): an id never
 //!   seen costs no disk read, and memory stays bounded at 512 KiB per bucket in the window.
@@ -64,6 +68,7 @@ const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
+const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 const DEDUP_PREFIX: &str = "dedup.";
 
 /// The store format this code writes and reads.
@@ -115,6 +120,29 @@ pub struct LoggedEvent {
     pub id: Option<String>,
     /// When the agent accepted it (the dedup bucket of `id`).
     pub accepted_at_ms: i64,
+}
+
+/// A batch taken out of shipping: kept whole, with why and when, until an operator exports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantinedBatch {
+    /// The batch exactly as it was stored.
+    pub stored: StoredBatch,
+    /// Why it cannot be shipped (lowercase, no secrets).
+    pub reason: String,
+    /// When it was quarantined, ms since the Unix epoch.
+    pub at_ms: i64,
+}
+
+/// What the shipper finds when it reads a batch to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForShipping {
+    /// The batch, checked against the agent's key: send it.
+    Ready(StoredBatch),
+    /// Not in the store (acknowledged or quarantined meanwhile).
+    Missing,
+    /// In the store but not shippable under the agent's key (signed by an earlier key, or
+    /// damaged): the reason, for [`Store::quarantine`].
+    Unshippable(String),
 }
 
 pub use crate::entitlements::EntitlementsCache;
@@ -221,6 +249,23 @@ pub fn check_batch(
         return Err(format!("batch {seq}: sealed times differ"));
     }
     Ok(body)
+}
+
+/// Why a stored batch failed [`check_batch`]: a body naming another agent means the key was
+/// replaced after it was sealed; anything else is damage.
+fn unshippable_reason(
+    b: &StoredBatch,
+    key: &ed25519_dalek::VerifyingKey,
+    detail: String,
+) -> String {
+    let ours = tally_protocol::batch::AgentId::from_public_key(key);
+    match b.batch.decode_unverified() {
+        Ok(body) if body.agent_id != ours => format!(
+            "signed by agent {}, not by this agent's key ({ours}): the key was replaced after it was sealed",
+            body.agent_id
+        ),
+        _ => format!("damaged: {detail}"),
+    }
 }
 
 /// Whether `e` is an I/O failure (after which redb refuses the handle) rather than bad data.
@@ -455,6 +500,7 @@ impl Store {
             txn.open_table(LOG)?;
             txn.open_table(SNAPSHOTS)?;
             txn.open_table(LEASES)?;
+            txn.open_table(QUARANTINE)?;
         }
         txn.commit()?;
         if found == tally_storefile::Found::Nothing {
@@ -792,18 +838,71 @@ impl Store {
         })
     }
 
-    /// The batch `seq`, checked with [`check_batch`] against this store's epoch and the agent's
-    /// key: what the shipper sends. A row that fails the check is [`StoreError::Corrupt`].
-    pub fn batch_verified(
+    /// The batch `seq` for shipping: [`ForShipping::Unshippable`] when it fails [`check_batch`]
+    /// under `key`, with the reason — `signed by agent X, not this agent's key` when its body
+    /// names another agent (the key was replaced since it was sealed), else what the check found.
+    pub fn batch_for_shipping(
         &self,
         seq: u64,
         key: &ed25519_dalek::VerifyingKey,
-    ) -> Result<Option<StoredBatch>, StoreError> {
+    ) -> Result<ForShipping, StoreError> {
         let Some(b) = self.batch(seq)? else {
-            return Ok(None);
+            return Ok(ForShipping::Missing);
         };
-        check_batch(seq, self.epoch, &b, key).map_err(|detail| corrupt("batches", detail))?;
-        Ok(Some(b))
+        Ok(match check_batch(seq, self.epoch, &b, key) {
+            Ok(_) => ForShipping::Ready(b),
+            Err(detail) => ForShipping::Unshippable(unshippable_reason(&b, key, detail)),
+        })
+    }
+
+    /// Moves batch `seq` from the batches to the quarantine in one commit; returns its size and
+    /// age, or `None` if it was not among the batches.
+    pub fn quarantine(
+        &self,
+        seq: u64,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Option<BatchMeta>, StoreError> {
+        self.run(|db| {
+            let txn = db.begin_write()?;
+            let meta = {
+                let mut batches = txn.open_table(BATCHES)?;
+                let Some(row) = batches.remove(seq)? else {
+                    return Ok(None);
+                };
+                let stored: StoredBatch = decode("batches", row.value())?;
+                let meta = BatchMeta {
+                    seq,
+                    bytes: row.value().len() as u64,
+                    sealed_at_ms: stored.sealed_at_ms,
+                };
+                drop(row);
+                let q = QuarantinedBatch {
+                    stored,
+                    reason: reason.to_owned(),
+                    at_ms: now_ms,
+                };
+                txn.open_table(QUARANTINE)?
+                    .insert(seq, encode("quarantine", &q)?.as_slice())?;
+                meta
+            };
+            txn.commit()?;
+            Ok(Some(meta))
+        })
+    }
+
+    /// Every quarantined batch, in seq order.
+    pub fn quarantined(&self) -> Result<Vec<(u64, QuarantinedBatch)>, StoreError> {
+        self.run(|db| {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(QUARANTINE)?;
+            let mut out = Vec::new();
+            for row in t.iter()? {
+                let (k, v) = row?;
+                out.push((k.value(), decode("quarantine", v.value())?));
+            }
+            Ok(out)
+        })
     }
 
     /// Whether `id` was sealed within the dedup window as of `now_ms`.
@@ -1067,7 +1166,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stored_batch_is_checked_when_read_and_a_mismatch_is_corruption() {
+    fn a_stored_batch_is_checked_when_read_and_a_mismatch_goes_to_the_quarantine() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("c.redb"), Duration::from_secs(60)).unwrap();
         let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
@@ -1093,25 +1192,48 @@ mod tests {
         })
         .unwrap();
         let vk = key.verifying_key();
-        assert_eq!(s.batch_verified(1, &vk).unwrap(), Some(good));
+        assert_eq!(
+            s.batch_for_shipping(1, &vk).unwrap(),
+            ForShipping::Ready(good.clone())
+        );
         for seq in [2, 3] {
-            assert!(
-                matches!(
-                    s.batch_verified(seq, &vk),
-                    Err(StoreError::Corrupt {
-                        table: "batches",
-                        ..
-                    })
-                ),
-                "{seq}"
-            );
+            let ForShipping::Unshippable(why) = s.batch_for_shipping(seq, &vk).unwrap() else {
+                panic!("row {seq} passed the check");
+            };
+            assert!(why.starts_with("damaged: "), "{why}");
         }
-        // A signature by another key.
-        let other = ed25519_dalek::SigningKey::from_bytes(&[5; 32]).verifying_key();
-        assert!(matches!(
-            s.batch_verified(1, &other),
-            Err(StoreError::Corrupt { .. })
-        ));
-        assert_eq!(s.batch_verified(9, &vk).unwrap(), None);
+        assert_eq!(s.batch_for_shipping(9, &vk).unwrap(), ForShipping::Missing);
+        // After a key change every batch of the old key is unshippable, and says why.
+        let new_key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]).verifying_key();
+        let ForShipping::Unshippable(why) = s.batch_for_shipping(1, &new_key).unwrap() else {
+            panic!("an old key's batch passed the check");
+        };
+        assert!(
+            why.contains(&id.to_string()) && why.contains("replaced"),
+            "{why}"
+        );
+
+        // The quarantine moves the whole row in one commit: gone from the batches, kept there.
+        let meta = s.quarantine(1, &why, 77).unwrap().unwrap();
+        assert_eq!(meta.seq, 1);
+        assert_eq!(s.quarantine(1, &why, 78).unwrap(), None);
+        assert_eq!(
+            s.unacked()
+                .unwrap()
+                .iter()
+                .map(|b| b.seq)
+                .collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert_eq!(s.batch_for_shipping(1, &vk).unwrap(), ForShipping::Missing);
+        let q = s.quarantined().unwrap();
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].0, 1);
+        assert_eq!(q[0].1.stored, good);
+        assert_eq!((q[0].1.reason.as_str(), q[0].1.at_ms), (why.as_str(), 77));
+        // It survives a reopen.
+        drop(s);
+        let s = Store::open(&dir.path().join("c.redb"), Duration::from_secs(60)).unwrap();
+        assert_eq!(s.quarantined().unwrap().len(), 1);
     }
 }

@@ -268,6 +268,13 @@ impl SignedBatch {
         })
     }
 
+    /// Decodes the body without checking the signature: only for showing a batch that cannot
+    /// be verified (an agent's quarantine), never for ingesting one.
+    pub fn decode_unverified(&self) -> Result<BatchBody, BatchError> {
+        postcard::from_bytes::<BatchBody>(&self.body)
+            .map_err(|e| BatchError::Malformed(e.to_string()))
+    }
+
     /// Verifies the signature with `key`, then decodes the body and checks it names the signer.
     pub fn verify(&self, key: &VerifyingKey) -> Result<BatchBody, BatchError> {
         let sig = ed25519_dalek::Signature::from_bytes(&self.signature.0);

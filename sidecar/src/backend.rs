@@ -210,6 +210,13 @@ impl SidecarBackend for AgentBackend {
         status_json(&self.agent.status())
     }
 
+    fn quarantine_json(&self) -> Result<serde_json::Value, BackendError> {
+        self.agent
+            .quarantined()
+            .map(|q| quarantine_json(&q))
+            .map_err(|e| BackendError::Unavailable(e.to_string()))
+    }
+
     async fn entitlements(&self, customer: CustomerId) -> EntitlementsView {
         let v = self.agent.describe_wait(customer.as_str()).await;
         let cache = self.agent.status();
@@ -404,6 +411,60 @@ pub fn status_json(s: &tally_agent::Status) -> serde_json::Value {
         "catalog_version": s.catalog_version,
         "over_budget": s.over_budget,
         "revoked": s.revoked,
+        "quarantined_batches": s.quarantined_batches,
         "disk_error": s.disk_error,
     })
+}
+
+/// The quarantine as `GET /v1/quarantine` and `tally-agent quarantine` export it: per batch its
+/// place, why it was taken out of shipping, its deltas decoded (not verified: the key that
+/// signed it is gone) with exact decimal strings, and the signed body and signature in hex, so
+/// whoever holds the old public key can check them.
+pub fn quarantine_json(q: &[(u64, tally_agent::store::QuarantinedBatch)]) -> serde_json::Value {
+    let batches: Vec<serde_json::Value> = q
+        .iter()
+        .map(|(seq, b)| {
+            let body = b.stored.batch.decode_unverified();
+            let deltas: Vec<serde_json::Value> = body.as_ref().map_or_else(
+                |_| Vec::new(),
+                |body| {
+                    body.deltas
+                        .iter()
+                        .map(|d| {
+                            let dims: serde_json::Map<String, serde_json::Value> = d
+                                .dimensions
+                                .pairs()
+                                .iter()
+                                .map(|(k, v)| (k.to_string(), v.to_string().into()))
+                                .collect();
+                            serde_json::json!({
+                                "customer": d.customer.to_string(),
+                                "meter": d.meter.to_string(),
+                                "dimensions": dims,
+                                "bucket_start_ms": d.bucket_start_ms,
+                                "sum": d.sum.to_string(),
+                                "count": d.count,
+                                "last": d.last.to_string(),
+                                "first_at_ms": d.first_at_ms,
+                                "last_at_ms": d.last_at_ms,
+                            })
+                        })
+                        .collect()
+                },
+            );
+            serde_json::json!({
+                "seq": seq,
+                "reason": b.reason,
+                "quarantined_at_ms": b.at_ms,
+                "sealed_at_ms": b.stored.sealed_at_ms,
+                "agent_id": body.as_ref().ok().map(|b| b.agent_id.to_string()),
+                "epoch": body.as_ref().ok().map(|b| b.epoch),
+                "body_decodes": body.is_ok(),
+                "deltas": deltas,
+                "body_hex": hex::encode(&*b.stored.batch.body),
+                "signature_hex": hex::encode(b.stored.batch.signature.0),
+            })
+        })
+        .collect();
+    serde_json::json!({ "object": "list", "data": batches })
 }

@@ -63,6 +63,8 @@ pub trait SidecarBackend: Send + Sync + 'static {
     fn now_ms(&self) -> i64;
     /// The agent's `status()` as JSON.
     fn status_json(&self) -> serde_json::Value;
+    /// The agent's quarantined batches as JSON (`crate::backend::quarantine_json`).
+    fn quarantine_json(&self) -> Result<serde_json::Value, BackendError>;
     /// What the agent knows of `customer` (waiting a bounded time for a new customer).
     fn entitlements(&self, customer: CustomerId) -> impl Future<Output = EntitlementsView> + Send;
     /// Whether `customer` has `feature` (waiting a bounded time for a new customer).
@@ -236,6 +238,7 @@ pub fn router<B: SidecarBackend>(backend: B, config: HttpConfig) -> Router {
         .route("/v1/reservations/{id}", axum::routing::delete(release::<B>))
         .route("/metrics", get(metrics::<B>))
         .route("/v1/status", get(status::<B>))
+        .route("/v1/quarantine", get(quarantine::<B>))
         .route_layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
             require_token::<B>,
@@ -459,6 +462,13 @@ async fn metrics<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>) -> Response 
 
 async fn status<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>) -> Response {
     axum::Json(ctx.backend.status_json()).into_response()
+}
+
+async fn quarantine<B: SidecarBackend>(State(ctx): State<Arc<Ctx<B>>>) -> Response {
+    match ctx.backend.quarantine_json() {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
 }
 
 /// Ready when the catalog is known, the agent is not revoked, its disk takes writes and the

@@ -72,6 +72,20 @@ enum Command {
         #[arg(long, env = "TALLY_HTTP_TOKEN")]
         token: Option<String>,
     },
+    /// Export the batches this agent quarantined (signed by a key it no longer holds, or
+    /// refused by the collector) as JSON: from the running sidecar if it is up, else from the
+    /// store. Nothing is removed.
+    Quarantine {
+        /// The agent's data directory.
+        #[arg(long, env = "TALLY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The running sidecar's HTTP address.
+        #[arg(long, env = "TALLY_HTTP", default_value = "127.0.0.1:7070")]
+        http: SocketAddr,
+        /// Bearer token of the running sidecar.
+        #[arg(long, env = "TALLY_HTTP_TOKEN")]
+        token: Option<String>,
+    },
 }
 
 /// Every flag is also a `TALLY_*` variable and a key of `--config agent.toml`; flags win over
@@ -206,6 +220,11 @@ fn main() -> Result<()> {
             http,
             token,
         } => rt.block_on(status(&data_dir, http, token)),
+        Command::Quarantine {
+            data_dir,
+            http,
+            token,
+        } => rt.block_on(quarantine(&data_dir, http, token)),
     }
 }
 
@@ -366,20 +385,11 @@ async fn shutdown_signal() {
 
 async fn status(dir: &Path, http: SocketAddr, token: Option<String>) -> Result<()> {
     // A running agent holds its store open; ask it over HTTP first.
-    if let Ok(json) = http_status(http, token.as_deref()).await {
+    if let Ok(json) = http_get(http, "/v1/status", token.as_deref()).await {
         println!("{json}");
         return Ok(());
     }
-    let store = tally_agent::store::Store::open(
-        &dir.join("agent.redb"),
-        tally_agent::config::DEFAULT_DEDUP_WINDOW,
-    )
-    .with_context(|| {
-        format!(
-            "opening the store in {} (is the agent running elsewhere?)",
-            dir.display()
-        )
-    })?;
+    let store = open_store(dir)?;
     let unacked = store.unacked()?;
     let (log_rows, log_bytes) = store.log_size()?;
     let json = serde_json::json!({
@@ -391,19 +401,45 @@ async fn status(dir: &Path, http: SocketAddr, token: Option<String>) -> Result<(
         "oldest_unacked_seq": unacked.first().map(|b| b.seq),
         "catalog_version": store.catalog()?.map(|c| c.version),
         "entitlements_version": store.entitlements()?.map(|e| e.version),
+        "quarantined_batches": store.quarantined()?.len(),
     });
     println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(())
 }
 
-async fn http_status(addr: SocketAddr, token: Option<&str>) -> Result<String> {
+async fn quarantine(dir: &Path, http: SocketAddr, token: Option<String>) -> Result<()> {
+    if let Ok(json) = http_get(http, "/v1/quarantine", token.as_deref()).await {
+        println!("{json}");
+        return Ok(());
+    }
+    let q = open_store(dir)?.quarantined()?;
+    let json = tally_sidecar::backend::quarantine_json(&q);
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+/// The agent's store, for the commands that read it while the agent is not running.
+fn open_store(dir: &Path) -> Result<tally_agent::store::Store> {
+    tally_agent::store::Store::open(
+        &dir.join("agent.redb"),
+        tally_agent::config::DEFAULT_DEDUP_WINDOW,
+    )
+    .with_context(|| {
+        format!(
+            "opening the store in {} (is the agent running elsewhere?)",
+            dir.display()
+        )
+    })
+}
+
+async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
         .await??;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let req = format!("GET /v1/status HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await?;
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await??;

@@ -7,14 +7,13 @@
 #![allow(clippy::unwrap_used)]
 
 mod process;
-use process::{Sidecar, free_port, run_command};
+use process::{Sidecar, call, free_port, json, run_command, wait_ready};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tally_collector::{Collector, CollectorConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn spawn_sidecar(
     dir: &std::path::Path,
@@ -26,63 +25,6 @@ fn spawn_sidecar(
     Sidecar::spawn(
         run_command(dir, &collector.to_string(), ca, http).args(["--enroll-token", token]),
     )
-}
-
-/// One HTTP/1.1 request: status and body; `None` when the connection failed or closed early.
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> Option<(u16, String)> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes()).await.ok()?;
-        s.write_all(body.as_bytes()).await.ok()?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.ok()?;
-        let text = String::from_utf8(out).ok()?;
-        let status = text.get(9..12)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n")?.1.to_string();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(10), fut)
-        .await
-        .ok()
-        .flatten()
-}
-
-async fn json(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (u16, serde_json::Value) {
-    let (status, text) = call(addr, method, path, token, body).await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
-    )
-}
-
-async fn wait_ready(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some((200, _)) = call(addr, "GET", "/readyz", None, "").await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "sidecar never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Consumes one unit at a time through `https` with `per` clients each, until every client was

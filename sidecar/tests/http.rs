@@ -45,6 +45,9 @@ impl SidecarBackend for Fake {
     fn status_json(&self) -> serde_json::Value {
         self.status.lock().unwrap().clone()
     }
+    fn quarantine_json(&self) -> Result<serde_json::Value, BackendError> {
+        Ok(serde_json::json!({"object": "list", "data": []}))
+    }
     async fn entitlements(&self, _: CustomerId) -> EntitlementsView {
         EntitlementsView::default()
     }
