@@ -221,6 +221,8 @@ impl ExportArgs {
 struct ExportCmdArgs {
     #[command(flatten)]
     dir: DataDirArg,
+    #[command(flatten)]
+    ledger: LedgerUrlArg,
     /// The export directory.
     #[arg(long)]
     to: PathBuf,
@@ -541,14 +543,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::EnrollToken { api, command } => enroll_token(api, command, &file).await,
         Command::Export(a) => {
-            let store = open_stopped(
-                data_dir(a.dir.data_dir, &file)?,
-                "--export-dir or POST /v1/export",
-            )?;
+            // On PostgreSQL the collectors may be running: the export takes the same claim as
+            // their export jobs (decision 0098), so one exporter writes a directory at a time.
+            let store: Box<dyn Store> = match a.ledger.url(&file) {
+                Some(url) => {
+                    Box::new(PgStore::open(&url).context("cannot open the PostgreSQL ledger")?)
+                }
+                None => Box::new(open_stopped(
+                    data_dir(a.dir.data_dir, &file)?,
+                    "--export-dir or POST /v1/export",
+                )?),
+            };
             let mut options = ExportOptions::new(a.to);
             options.format = a.format.parse().map_err(anyhow::Error::msg)?;
             options.max_rows_per_file = a.max_rows_per_file;
-            let r = tally_collector::export::export_once(&store, &options)?;
+            let holder = tally_collector::export::claim_holder("export-command");
+            let r = tally_collector::export::export_claimed(store.as_ref(), &options, &holder)?;
+            if r.held_by_other {
+                anyhow::bail!(
+                    "another exporter holds {} now; try again once it is done",
+                    options.dir.display()
+                );
+            }
             println!(
                 "exported {} ledger positions in {} files ({} bytes); checkpoint {}",
                 r.rows, r.files, r.bytes, r.last_position

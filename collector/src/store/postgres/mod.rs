@@ -85,6 +85,8 @@ pub struct PgStore {
     outbox_appended: std::sync::atomic::AtomicU64,
     changes: tokio::sync::broadcast::Sender<listen::PgChange>,
     stop_listening: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Usage booked for reclaimed leases by this process's ingest transactions.
+    lease_overshoot: std::sync::Mutex<rust_decimal::Decimal>,
 }
 
 impl Drop for PgStore {
@@ -117,6 +119,7 @@ impl PgStore {
         let namespace = pool.run(|s| {
             let mut tx = s.begin()?;
             schema::migrate(&mut tx)?;
+            entitlements::fill_lease_columns(&mut tx)?;
             // Part of every Stripe identifier: a fresh database never reuses an old one's.
             let mut b = [0u8; 6];
             getrandom::getrandom(&mut b)?;
@@ -146,6 +149,7 @@ impl PgStore {
             outbox_appended: std::sync::atomic::AtomicU64::new(0),
             changes,
             stop_listening,
+            lease_overshoot: std::sync::Mutex::new(rust_decimal::Decimal::ZERO),
         })
     }
 
@@ -162,6 +166,14 @@ impl PgStore {
     /// [`listen`]).
     pub fn changes(&self) -> tokio::sync::broadcast::Receiver<listen::PgChange> {
         self.changes.subscribe()
+    }
+
+    /// Usage booked for reclaimed leases by this process's ingest transactions.
+    pub fn lease_overshoot(&self) -> rust_decimal::Decimal {
+        *self
+            .lease_overshoot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Transactions run again after a transient failure since this store opened.
@@ -700,12 +712,30 @@ impl Store for PgStore {
                 let catalog = read_catalog(t.tx)?;
                 t.prefetch(&batches)?;
                 let out = ingest_group(&mut t, &catalog, &batches, now_ms)?;
-                (out, t.flush()?)
+                // The leases learn this usage in the transaction that posts it (decision 0095).
+                let over = crate::store::entitlements::ship_in(
+                    &mut entitlements::PgLeases {
+                        tx: &mut *t.tx,
+                        pending: Some(&t.dedup),
+                    },
+                    &catalog,
+                    &batches,
+                    &out,
+                )?;
+                (out, (t.flush()?, over))
             };
             tx.commit()?;
             Ok((out, appended))
         })?;
+        let (appended, over) = appended;
         self.note_appended(appended);
+        if over > rust_decimal::Decimal::ZERO {
+            let mut o = self
+                .lease_overshoot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *o += over;
+        }
         Ok(out)
     }
 
@@ -1006,6 +1036,29 @@ impl Store for PgStore {
             tx.execute("SELECT pg_notify('tally_entitlements', $1)", &[&c])?;
             tx.commit()?;
             Ok(())
+        })
+    }
+
+    fn claim(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.run(move |s| {
+            let mut tx = s.begin()?;
+            let got = tx.query_opt(
+                "INSERT INTO claims (name, holder, until_ms) VALUES ($1, $2, $4) \
+                 ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, \
+                 until_ms = EXCLUDED.until_ms \
+                 WHERE claims.holder = EXCLUDED.holder OR claims.until_ms <= $3 \
+                 RETURNING holder",
+                &[&name, &holder, &now_ms, &until_ms],
+            )?;
+            tx.commit()?;
+            Ok(got.is_some())
         })
     }
 
