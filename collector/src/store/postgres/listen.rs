@@ -35,6 +35,7 @@ pub enum PgChange {
 /// Runs the listener on its own thread until `stop` is set.
 pub fn spawn(
     config: postgres::Config,
+    tls: super::tls::PgTls,
     tx: broadcast::Sender<PgChange>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -42,7 +43,7 @@ pub fn spawn(
         .name(String::from("tally-pg-listen"))
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                if let Err(e) = listen_once(&config, &tx, &stop) {
+                if let Err(e) = listen_once(&config, &tls, &tx, &stop) {
                     tracing::warn!(error = %e, "postgres listener reconnecting");
                     std::thread::sleep(Duration::from_millis(250));
                 }
@@ -52,10 +53,11 @@ pub fn spawn(
 
 fn listen_once(
     config: &postgres::Config,
+    tls: &super::tls::PgTls,
     tx: &broadcast::Sender<PgChange>,
     stop: &AtomicBool,
 ) -> Result<(), postgres::Error> {
-    let mut client = config.connect(postgres::NoTls)?;
+    let mut client = tls.connect(config)?;
     client
         .batch_execute("LISTEN tally_catalog; LISTEN tally_entitlements; LISTEN tally_registry")?;
     let _ = tx.send(PgChange::Resync);

@@ -28,7 +28,6 @@ use pool::{Pool, Tx};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashMap};
-use std::str::FromStr;
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
 use tally_protocol::names::{CustomerId, MeterName};
@@ -39,6 +38,7 @@ pub mod outbox;
 pub mod pool;
 pub mod schema;
 pub mod testdb;
+pub mod tls;
 
 /// Connections per collector: the committer, the forwarder and the admin API each get one, and
 /// one spare.
@@ -105,17 +105,18 @@ impl std::fmt::Debug for PgStore {
 impl PgStore {
     /// Connects to `url` (`postgres://user@host:port/db`), migrates the schema (once, under an
     /// advisory lock) and records a Stripe namespace if the database has none.
+    /// `sslmode` and `sslrootcert` are honoured as libpq does ([`tls`]).
     pub fn open(url: &str) -> Result<Self, StoreError> {
-        let config = postgres::Config::from_str(url)?;
-        Self::open_config(config)
+        let (config, tls, _) = tls::parse(url)?;
+        Self::open_config(config, tls)
     }
 
     /// [`PgStore::open`] with a parsed configuration.
-    pub fn open_config(mut config: postgres::Config) -> Result<Self, StoreError> {
+    pub fn open_config(mut config: postgres::Config, tls: tls::PgTls) -> Result<Self, StoreError> {
         if config.get_application_name().is_none() {
             config.application_name("tally-collector");
         }
-        let pool = Pool::new(config.clone(), POOL_SIZE)?;
+        let pool = Pool::new(config.clone(), tls.clone(), POOL_SIZE)?;
         let namespace = pool.run(|s| {
             let mut tx = s.begin()?;
             schema::migrate(&mut tx)?;
@@ -141,7 +142,7 @@ impl PgStore {
         })?;
         let (changes, _) = tokio::sync::broadcast::channel(listen::CHANGES_MAX);
         let stop_listening = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        listen::spawn(config, changes.clone(), stop_listening.clone())
+        listen::spawn(config, tls, changes.clone(), stop_listening.clone())
             .map_err(|e| StoreError::Invariant(format!("postgres listener thread: {e}")))?;
         Ok(PgStore {
             pool,
