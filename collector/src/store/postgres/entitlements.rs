@@ -236,7 +236,7 @@ impl EntitlementStore for PgStore {
                  ON CONFLICT (name) DO UPDATE SET plan = EXCLUDED.plan",
                 &[&n, &blob],
             )?;
-            tx.batch("NOTIFY tally_entitlements")?;
+            super::listen::notify(&mut tx, "tally_entitlements", "")?;
             tx.commit()?;
             Ok(())
         })
@@ -265,7 +265,7 @@ impl EntitlementStore for PgStore {
                  ON CONFLICT (customer) DO UPDATE SET settings = EXCLUDED.settings",
                 &[&c, &blob],
             )?;
-            tx.execute("SELECT pg_notify('tally_entitlements', $1)", &[&c])?;
+            super::listen::notify(&mut tx, "tally_entitlements", &c)?;
             tx.commit()?;
             Ok(())
         })
@@ -342,10 +342,7 @@ impl EntitlementStore for PgStore {
                 GrantOutcome::Created(g)
             };
             if let GrantOutcome::Created(_) = &outcome {
-                tx.execute(
-                    "SELECT pg_notify('tally_entitlements', $1)",
-                    &[&req.customer.as_str()],
-                )?;
+                super::listen::notify(&mut tx, "tally_entitlements", req.customer.as_str())?;
             }
             tx.commit()?;
             Ok(outcome)

@@ -105,14 +105,35 @@ impl std::fmt::Debug for PgStore {
 impl PgStore {
     /// Connects to `url` (`postgres://user@host:port/db`), migrates the schema (once, under an
     /// advisory lock) and records a Stripe namespace if the database has none.
-    /// `sslmode` and `sslrootcert` are honoured as libpq does ([`tls`]).
+    /// `sslmode` and `sslrootcert` are honoured as libpq does ([`tls`]). Changes from other
+    /// collectors are heard with `LISTEN` on the same URL.
     pub fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_with_listen(url, None)
+    }
+
+    /// [`PgStore::open`], hearing other collectors' changes as `listen` says (decision 0097):
+    /// `None`: `LISTEN` on `url`; `Some("poll")`: poll the change log through `url` every
+    /// 250 ms (behind a transaction-mode pooler, where `LISTEN` does not work); `Some(url2)`:
+    /// `LISTEN` on a direct session connection to the same database.
+    pub fn open_with_listen(url: &str, listen: Option<&str>) -> Result<Self, StoreError> {
         let (config, tls, _) = tls::parse(url)?;
-        Self::open_config(config, tls)
+        let source = match listen {
+            None => listen::Source::Listen(config.clone(), tls.clone()),
+            Some("poll") => listen::Source::Poll(config.clone(), tls.clone()),
+            Some(other) => {
+                let (c, t, _) = tls::parse(other)?;
+                listen::Source::Listen(c, t)
+            }
+        };
+        Self::open_config(config, tls, source)
     }
 
     /// [`PgStore::open`] with a parsed configuration.
-    pub fn open_config(mut config: postgres::Config, tls: tls::PgTls) -> Result<Self, StoreError> {
+    pub fn open_config(
+        mut config: postgres::Config,
+        tls: tls::PgTls,
+        source: listen::Source,
+    ) -> Result<Self, StoreError> {
         if config.get_application_name().is_none() {
             config.application_name("tally-collector");
         }
@@ -142,7 +163,7 @@ impl PgStore {
         })?;
         let (changes, _) = tokio::sync::broadcast::channel(listen::CHANGES_MAX);
         let stop_listening = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        listen::spawn(config, tls, changes.clone(), stop_listening.clone())
+        listen::spawn(source, changes.clone(), stop_listening.clone())
             .map_err(|e| StoreError::Invariant(format!("postgres listener thread: {e}")))?;
         Ok(PgStore {
             pool,
@@ -839,10 +860,7 @@ impl Store for PgStore {
                 &[&id, &blob],
             )?;
             if revoked {
-                tx.execute(
-                    "SELECT pg_notify('tally_registry', $1)",
-                    &[&hex::encode(&id)],
-                )?;
+                listen::notify(&mut tx, "tally_registry", &hex::encode(&id))?;
             }
             tx.commit()?;
             Ok(())
@@ -905,7 +923,7 @@ impl Store for PgStore {
                 "INSERT INTO catalogs (version, catalog) VALUES ($1, $2)",
                 &[&i(catalog.version), &bytes],
             )?;
-            tx.batch("NOTIFY tally_catalog")?;
+            listen::notify(&mut tx, "tally_catalog", "")?;
             tx.commit()?;
             Ok(catalog)
         })
@@ -1034,7 +1052,7 @@ impl Store for PgStore {
                  rec = EXCLUDED.rec",
                 &[&c, &sc, &blob],
             )?;
-            tx.execute("SELECT pg_notify('tally_entitlements', $1)", &[&c])?;
+            listen::notify(&mut tx, "tally_entitlements", &c)?;
             tx.commit()?;
             Ok(())
         })

@@ -113,6 +113,13 @@ CREATE SEQUENCE lease_ids;
 SELECT setval('lease_ids', coalesce((SELECT max(id) FROM leases), 0) + 1, false);
 -- Jobs one collector does at a time (the analytics export of a directory), decision 0098.
 CREATE TABLE claims (name text PRIMARY KEY, holder text NOT NULL, until_ms bigint NOT NULL);
+-- Every NOTIFY also as a row, for collectors that poll instead of LISTEN (behind a
+-- transaction-mode pooler, decision 0097); rows older than an hour are pruned.
+CREATE TABLE tally_changes (
+  id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(),
+  channel text NOT NULL, payload text NOT NULL
+);
+CREATE INDEX tally_changes_at ON tally_changes (at);
 "#,
 ];
 
