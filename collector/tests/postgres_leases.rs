@@ -279,3 +279,44 @@ async fn committed_usage_is_not_counted_twice_on_postgres() {
     committed_usage_is_not_counted_twice(&env).await;
     env.handle.shutdown().await;
 }
+
+/// Usage past a soft limit is allowed and reported: the collector's soft-overshoot gauge
+/// shows how far the customer went past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_past_a_soft_limit_shows_in_the_overshoot_metric() {
+    let env = start().await;
+    env.put_meter("api_calls", tally_protocol::catalog::Aggregation::Sum);
+    let (st, v) = env
+        .admin(
+            "PUT",
+            "/v1/plans/soft",
+            Some(r#"{"limits":{"api_calls":{"included":"10","enforcement":"soft","reset":"calendar"}}}"#),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = env
+        .admin("PUT", "/v1/customers/acme", Some(r#"{"plan":"soft"}"#))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let k = key(43);
+    let mut a = env.client(&k).await;
+    let b = seal(
+        &k,
+        1,
+        1,
+        vec![delta("acme", "api_calls", &[], now_ms(), d("15.5"), 3)],
+    );
+    let Frame::Ack(ack) = send(&mut a, &b).await else {
+        panic!("no ack")
+    };
+    assert_eq!(ack.outcome, AckOutcome::Committed);
+    let (st, v) = env.admin("GET", "/v1/entitlements/acme", None).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["meters"]["api_calls"]["used"], "15.5");
+    let text = env.handle.shared().metrics.encode();
+    assert!(
+        text.contains("tally_collector_entitlements_soft_overshoot 5.5"),
+        "{text}"
+    );
+    env.handle.shutdown().await;
+}
