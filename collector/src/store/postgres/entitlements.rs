@@ -185,8 +185,9 @@ fn put_lease(tx: &mut Tx<'_>, l: &Lease) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO leases (id, lease, agent, customer, meter, expires_at, reclaimed_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7) \
-         ON CONFLICT (id) DO UPDATE SET lease = EXCLUDED.lease, expires_at = EXCLUDED.expires_at, \
-         reclaimed_at = EXCLUDED.reclaimed_at",
+         ON CONFLICT (id) DO UPDATE SET lease = EXCLUDED.lease, agent = EXCLUDED.agent, \
+         customer = EXCLUDED.customer, meter = EXCLUDED.meter, \
+         expires_at = EXCLUDED.expires_at, reclaimed_at = EXCLUDED.reclaimed_at",
         &[
             &i(l.id),
             &json(l)?,
