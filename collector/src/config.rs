@@ -43,6 +43,10 @@ pub struct CollectorConfig {
     /// `--ledger-url`: keep the ledger in this PostgreSQL database instead of the data
     /// directory's redb file (a secret when it holds a password: never logged).
     pub ledger_url: Option<String>,
+    /// `--ledger-listen-url`: how other collectors' changes are heard on PostgreSQL — `None`:
+    /// `LISTEN` on `ledger_url`; `"poll"`: poll the change log (behind a transaction-mode
+    /// pooler); a URL: `LISTEN` on that direct connection (decision 0097).
+    pub ledger_listen_url: Option<String>,
 }
 
 impl std::fmt::Debug for CollectorConfig {
@@ -89,6 +93,7 @@ impl CollectorConfig {
             export: None,
             leases: crate::core::entitlements::LeaseBookLimits::default(),
             ledger_url: None,
+            ledger_listen_url: None,
         }
     }
 
@@ -112,6 +117,7 @@ impl CollectorConfig {
 /// max_handshakes_per_s = 1000
 /// agent_http = "127.0.0.1:7070"   # dev only
 /// ledger_url = "postgres://tally@db:5432/tally"   # or TALLY_LEDGER_URL; default: redb
+/// ledger_listen_url = "poll"   # or a direct postgres:// URL; or TALLY_LEDGER_LISTEN_URL
 /// stripe_api_key_file = "/run/secrets/stripe"   # or STRIPE_API_KEY
 /// stripe_base_url = "https://api.stripe.com"
 /// stripe_meter_events_url = "https://meter-events.stripe.com"
@@ -143,6 +149,8 @@ pub struct FileConfig {
     pub agent_http: Option<SocketAddr>,
     /// The PostgreSQL ledger (`--ledger-url`).
     pub ledger_url: Option<String>,
+    /// How changes are heard on PostgreSQL (`--ledger-listen-url`).
+    pub ledger_listen_url: Option<String>,
     /// A file holding the Stripe API key (when `STRIPE_API_KEY` is unset).
     pub stripe_api_key_file: Option<PathBuf>,
     /// Stripe base URL.

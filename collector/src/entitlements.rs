@@ -7,10 +7,12 @@
 //! queued per customer when its view is built and announced by [`Entitlements::tick`], which
 //! the collector runs every 250 ms on a task of its own ([`Entitlements::spawn_ticker`]). Sessions rebuild and push the customers they track.
 //!
-//! The lease book is held under one lock; `used` is read from the store while it is held and
-//! committed batches are reported to it after their commit (see `core::entitlements::lease`).
+//! The lease book's truth is the store's, shared by every collector on it (decision 0095): a
+//! lease request, release or reclaim is one store transaction
+//! ([`EntitlementStore::lease_request`]), and committed usage reaches its lease in the ingest
+//! transaction that posts it.
 
-use crate::core::entitlements::lease::{LeaseBook, LeaseBookLimits, LimitInput};
+use crate::core::entitlements::lease::{LeaseBookLimits, LeaseCounters};
 use crate::core::entitlements::{CustomerView, GrantRequest, Plan, build_customer};
 use crate::store::entitlements::{EntitlementStore, GrantOutcome};
 use crate::store::{CustomerRecord, Store, StoreError};
@@ -19,7 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tally_clock::SharedClock;
@@ -63,6 +65,9 @@ pub struct EntitlementMetrics {
     pub reclaimed: Counter,
     /// `overshoot`: usage booked for reclaimed leases (quantity, every meter).
     pub overshoot: Gauge<f64, AtomicU64>,
+    /// `soft_overshoot`: usage past soft limits, Σ over the customers' views built last (each
+    /// customer's latest), quantity.
+    pub soft_overshoot: Gauge<f64, AtomicU64>,
     /// `pushes_total`: snapshot frames sent to agents.
     pub pushes: Counter,
 }
@@ -98,6 +103,11 @@ impl EntitlementMetrics {
             m.overshoot.clone(),
         );
         r.register(
+            "soft_overshoot",
+            "Usage past soft limits in the current periods of the customers viewed",
+            m.soft_overshoot.clone(),
+        );
+        r.register(
             "pushes",
             "Entitlement snapshot frames sent",
             m.pushes.clone(),
@@ -111,7 +121,12 @@ pub struct Entitlements {
     store: Arc<dyn EntitlementStore>,
     ledger: Arc<dyn Store>,
     clock: SharedClock,
-    book: Mutex<LeaseBook>,
+    limits: LeaseBookLimits,
+    /// Lease counters of this process's operations (reclaims, overshoot), for metrics.
+    counters: Mutex<LeaseCounters>,
+    /// Each customer's usage past its soft limits, as its view last showed (bounded).
+    soft_over: Mutex<HashMap<CustomerId, Decimal>>,
+    ticks: AtomicU64,
     tx: broadcast::Sender<Change>,
     version: AtomicU64,
     timers: Mutex<BTreeSet<(i64, CustomerId)>>,
@@ -131,8 +146,7 @@ fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Entitlements {
-    /// A handle over `store` (entitlements) and `ledger` (customers' plans), restoring the
-    /// leases kept from an earlier run.
+    /// A handle over `store` (entitlements and leases) and `ledger` (customers' plans).
     pub fn open(
         store: Arc<dyn EntitlementStore>,
         ledger: Arc<dyn Store>,
@@ -140,20 +154,22 @@ impl Entitlements {
         limits: LeaseBookLimits,
         metrics: EntitlementMetrics,
     ) -> Result<Self, StoreError> {
-        let book = LeaseBook::restore(limits, store.leases()?);
         let (tx, _) = broadcast::channel(CHANGE_BUFFER);
         let e = Entitlements {
             store,
             ledger,
             clock,
-            book: Mutex::new(book),
+            limits,
+            counters: Mutex::new(LeaseCounters::default()),
+            soft_over: Mutex::new(HashMap::new()),
+            ticks: AtomicU64::new(0),
             tx,
             version: AtomicU64::new(0),
             timers: Mutex::new(BTreeSet::new()),
             remembered: Mutex::new(Remembered::default()),
             metrics,
         };
-        e.refresh_gauges(&relock(&e.book));
+        e.refresh_outstanding()?;
         Ok(e)
     }
 
@@ -318,15 +334,6 @@ impl Entitlements {
 
     /// A customer's entitlements now, with what leases hold.
     pub fn view(&self, customer: &CustomerId) -> Result<CustomerView, StoreError> {
-        let book = relock(&self.book);
-        self.view_locked(&book, customer)
-    }
-
-    fn view_locked(
-        &self,
-        book: &LeaseBook,
-        customer: &CustomerId,
-    ) -> Result<CustomerView, StoreError> {
         let now = self.clock.now_ms();
         let rec = self.ledger.customer(customer.as_str())?.unwrap_or_default();
         let plan_name = rec.plan.as_deref().and_then(|p| PlanName::new(p).ok());
@@ -336,6 +343,15 @@ impl Entitlements {
         };
         let settings = self.store.settings(customer)?;
         let grants = self.store.grants(customer)?;
+        // What leases hold, per meter and period (tombstones hold nothing).
+        let mut leased: HashMap<(MeterName, i64), Decimal> = HashMap::new();
+        for l in self.store.customer_leases(customer)? {
+            if l.reclaimed_at_ms.is_none() {
+                *leased
+                    .entry((l.meter.clone(), l.period_start_ms))
+                    .or_default() += l.outstanding();
+            }
+        }
         let mut err = None;
         let view = build_customer(
             customer,
@@ -351,11 +367,17 @@ impl Entitlements {
                     Decimal::ZERO
                 }
             },
-            |m, p| book.outstanding(customer, m, p.start_ms),
+            |m, p| {
+                leased
+                    .get(&(m.clone(), p.start_ms))
+                    .copied()
+                    .unwrap_or_default()
+            },
         );
         if let Some(e) = err {
             return Err(e);
         }
+        self.note_soft_overshoot(&view);
         // The next time this view changes by itself: a period end, a grant starting or ending.
         let next = view
             .meters
@@ -386,11 +408,8 @@ impl Entitlements {
         let mut out = Vec::new();
         for chunk in customers.chunks(MAX_CUSTOMERS_PER_PUSH) {
             let mut list = Vec::with_capacity(chunk.len());
-            {
-                let book = relock(&self.book);
-                for c in chunk {
-                    list.push(self.view_locked(&book, c)?.to_wire());
-                }
+            for c in chunk {
+                list.push(self.view(c)?.to_wire());
             }
             out.push(EntitlementsSnapshot {
                 version: self.next_version(),
@@ -403,23 +422,20 @@ impl Entitlements {
         Ok(out)
     }
 
-    /// Answers a lease request from `agent`.
+    /// Answers a lease request from `agent`: the limit from the customer's view, the grant
+    /// in one store transaction that locks the limit and reads `used` under the lock.
     pub fn lease(&self, agent: AgentId, req: &LeaseRequest) -> Result<LeaseGrant, StoreError> {
         let now = self.clock.now_ms();
-        let mut book = relock(&self.book);
-        let view = self.view_locked(&book, &req.customer)?;
+        let view = self.view(&req.customer)?;
         let limit = view.meters.iter().find(|m| m.meter == req.meter);
         let grant = match limit {
-            Some(m) => book.request(
-                now,
-                agent,
-                req,
-                LimitInput {
-                    limit: m.limit,
-                    used: m.used,
-                    period: m.period,
-                },
-            ),
+            Some(m) => {
+                let (grant, counters) =
+                    self.store
+                        .lease_request(agent, req, m.limit, m.period, self.limits, now)?;
+                self.count(&counters);
+                grant
+            }
             // No limit on this meter: nothing to lease.
             None => LeaseGrant {
                 request_id: req.request_id,
@@ -435,31 +451,18 @@ impl Entitlements {
         self.metrics.lease_requests.inc();
         if grant.added > Decimal::ZERO {
             self.metrics.lease_grants.inc();
+            self.metrics
+                .leased_outstanding
+                .inc_by(grant.added.to_f64().unwrap_or(0.0));
         }
-        self.persist(&mut book)?;
         Ok(grant)
     }
 
     /// `agent` ended a lease.
     pub fn release(&self, agent: AgentId, rel: &LeaseRelease) -> Result<(), StoreError> {
-        let mut book = relock(&self.book);
-        book.release(agent, rel);
-        self.persist(&mut book)
-    }
-
-    /// A batch of `agent` was acknowledged (after its commit); `usage` as in
-    /// [`LeaseBook::on_batch`].
-    pub fn on_batch(
-        &self,
-        agent: AgentId,
-        epoch: u64,
-        seq: u64,
-        committed: bool,
-        usage: &[(CustomerId, MeterName, i64, Decimal)],
-    ) -> Result<(), StoreError> {
-        let mut book = relock(&self.book);
-        book.on_batch(agent, epoch, seq, committed, usage);
-        self.persist(&mut book)
+        let counters = self.store.lease_release(agent, rel, self.limits)?;
+        self.count(&counters);
+        Ok(())
     }
 
     /// Runs [`Entitlements::tick`] every 250 ms on a task of its own on the current (the
@@ -487,15 +490,15 @@ impl Entitlements {
         })
     }
 
-    /// Reclaims expired leases and announces time-driven changes that are due.
+    /// Reclaims expired leases (every collector on a shared store may; each lease once) and
+    /// announces time-driven changes that are due.
     pub fn tick(&self) -> Result<(), StoreError> {
         let now = self.clock.now_ms();
-        {
-            let mut book = relock(&self.book);
-            if book.poll_timeout().is_some_and(|t| t <= now) {
-                book.tick(now);
-                self.persist(&mut book)?;
-            }
+        let counters = self.store.lease_tick(now, self.limits)?;
+        self.count(&counters);
+        // The outstanding gauge from the store about once a second.
+        if self.ticks.fetch_add(1, Ordering::Relaxed) % 4 == 0 {
+            self.refresh_outstanding()?;
         }
         let due: Vec<CustomerId> = {
             let mut timers = relock(&self.timers);
@@ -516,24 +519,57 @@ impl Entitlements {
         Ok(())
     }
 
-    /// Writes the book's changes (in the lock, so the store follows the book's order).
-    fn persist(&self, book: &mut LeaseBook) -> Result<(), StoreError> {
-        let changes = book.take_changes();
-        self.refresh_gauges(book);
-        self.store.apply_lease_changes(&changes)
+    /// Adds one operation's counters to this process's and to the metrics.
+    fn count(&self, c: &LeaseCounters) {
+        let mut total = relock(&self.counters);
+        total.reclaimed += c.reclaimed;
+        total.overshoot += c.overshoot;
+        if c.reclaimed > 0 {
+            self.metrics.reclaimed.inc_by(c.reclaimed);
+        }
+        let over = total.overshoot + self.store.ingest_overshoot();
+        self.metrics.overshoot.set(over.to_f64().unwrap_or(0.0));
     }
 
-    fn refresh_gauges(&self, book: &LeaseBook) {
-        let c = book.counters();
+    /// Σ outstanding over every lease in the store, and the overshoot gauge.
+    fn refresh_outstanding(&self) -> Result<(), StoreError> {
+        let total: Decimal = self
+            .store
+            .leases()?
+            .iter()
+            .filter(|l| l.reclaimed_at_ms.is_none())
+            .map(crate::core::entitlements::lease::Lease::outstanding)
+            .sum();
         self.metrics
             .leased_outstanding
-            .set(book.outstanding_total().to_f64().unwrap_or(0.0));
-        self.metrics
-            .overshoot
-            .set(c.overshoot.to_f64().unwrap_or(0.0));
-        let seen = self.metrics.reclaimed.get();
-        if c.reclaimed > seen {
-            self.metrics.reclaimed.inc_by(c.reclaimed - seen);
+            .set(total.to_f64().unwrap_or(0.0));
+        self.count(&LeaseCounters::default());
+        Ok(())
+    }
+
+    /// Records how far the customer's view is past its soft limits (the gauge sums every
+    /// customer's latest figure; at most [`MAX_TIMERS`] customers are kept).
+    fn note_soft_overshoot(&self, view: &CustomerView) {
+        let over: Decimal = view
+            .meters
+            .iter()
+            .filter(|m| m.enforcement == tally_protocol::entitlements::Enforcement::Soft)
+            .map(|m| (m.used - m.limit).max(Decimal::ZERO))
+            .sum();
+        let mut map = relock(&self.soft_over);
+        let changed = if over > Decimal::ZERO {
+            if map.len() >= MAX_TIMERS && !map.contains_key(&view.customer) {
+                return;
+            }
+            map.insert(view.customer.clone(), over) != Some(over)
+        } else {
+            map.remove(&view.customer).is_some()
+        };
+        if changed {
+            let total: Decimal = map.values().copied().sum();
+            self.metrics
+                .soft_overshoot
+                .set(total.to_f64().unwrap_or(0.0));
         }
     }
 }

@@ -21,7 +21,8 @@ use tally_stripe::{Api, ApiKey, WebhookSecret};
 #[command(name = "tally-collector", version)]
 struct Cli {
     /// A TOML file with defaults for the flags (keys: data_dir, quic, http, san, max_in_flight,
-    /// max_handshakes_per_s, agent_http, ledger_url, stripe_api_key_file, stripe_base_url,
+    /// max_handshakes_per_s, agent_http, ledger_url, ledger_listen_url, stripe_api_key_file,
+    /// stripe_base_url,
     /// stripe_meter_events_url, stripe_api,
     /// stripe_version, stripe_webhook_secret_file, stripe_request_timeout, stripe_rate,
     /// stripe_reconcile_interval).
@@ -221,6 +222,8 @@ impl ExportArgs {
 struct ExportCmdArgs {
     #[command(flatten)]
     dir: DataDirArg,
+    #[command(flatten)]
+    ledger: LedgerUrlArg,
     /// The export directory.
     #[arg(long)]
     to: PathBuf,
@@ -284,6 +287,11 @@ struct RunArgs {
     dir: DataDirArg,
     #[command(flatten)]
     ledger: LedgerUrlArg,
+    /// With --ledger-url behind a transaction-mode pooler (pgBouncer), where LISTEN does not
+    /// work: a direct postgres:// URL to LISTEN on, or `poll` to poll the change log every
+    /// 250 ms [default: LISTEN on the ledger URL].
+    #[arg(long, env = "TALLY_LEDGER_LISTEN_URL", hide_env_values = true)]
+    ledger_listen_url: Option<String>,
     /// QUIC listen address [default: 127.0.0.1:7443].
     #[arg(long, env = "TALLY_QUIC")]
     quic: Option<SocketAddr>,
@@ -494,6 +502,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let dir = data_dir(a.dir.data_dir, &file)?;
             let mut config = CollectorConfig::new(&dir);
             config.ledger_url = a.ledger.url(&file);
+            config.ledger_listen_url = a.ledger_listen_url.or(file.ledger_listen_url.clone());
             if let Some(q) = a.quic.or(file.quic) {
                 config.quic_addr = q;
             }
@@ -541,14 +550,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::EnrollToken { api, command } => enroll_token(api, command, &file).await,
         Command::Export(a) => {
-            let store = open_stopped(
-                data_dir(a.dir.data_dir, &file)?,
-                "--export-dir or POST /v1/export",
-            )?;
+            // On PostgreSQL the collectors may be running: the export takes the same claim as
+            // their export jobs (decision 0098), so one exporter writes a directory at a time.
+            let store: Box<dyn Store> = match a.ledger.url(&file) {
+                Some(url) => {
+                    Box::new(PgStore::open(&url).context("cannot open the PostgreSQL ledger")?)
+                }
+                None => Box::new(open_stopped(
+                    data_dir(a.dir.data_dir, &file)?,
+                    "--export-dir or POST /v1/export",
+                )?),
+            };
             let mut options = ExportOptions::new(a.to);
             options.format = a.format.parse().map_err(anyhow::Error::msg)?;
             options.max_rows_per_file = a.max_rows_per_file;
-            let r = tally_collector::export::export_once(&store, &options)?;
+            let holder = tally_collector::export::claim_holder("export-command");
+            let r = tally_collector::export::export_claimed(store.as_ref(), &options, &holder)?;
+            if r.held_by_other {
+                anyhow::bail!(
+                    "another exporter holds {} now; try again once it is done",
+                    options.dir.display()
+                );
+            }
             println!(
                 "exported {} ledger positions in {} files ({} bytes); checkpoint {}",
                 r.rows, r.files, r.bytes, r.last_position

@@ -91,7 +91,10 @@ impl Collector {
         let (store, ent_store): (Arc<dyn Store>, Arc<dyn EntitlementStore>) =
             match &config.ledger_url {
                 Some(url) => {
-                    let pg = Arc::new(PgStore::open(url)?);
+                    let pg = Arc::new(PgStore::open_with_listen(
+                        url,
+                        config.ledger_listen_url.as_deref(),
+                    )?);
                     pg_changes = Some(pg.changes());
                     (pg.clone(), pg)
                 }

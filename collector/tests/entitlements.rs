@@ -503,6 +503,26 @@ async fn a_stripe_entitlement_webhook_grants_its_feature_and_a_refresh_fetches_t
         c.features.len() == 2
     })
     .await;
+
+    // A customer newly mapped to a Stripe customer gets its active entitlements at once,
+    // without a webhook or a refresh.
+    server.set_active_entitlements("cus_beta", &["sso"]);
+    ok(
+        &env,
+        "PUT",
+        "/v1/customers/beta",
+        r#"{"stripe_customer_id":"cus_beta"}"#,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = ok(&env, "GET", "/v1/entitlements/beta", "").await;
+        if v["features"]["sso"]["source"] == "stripe" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not fetched: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     env.handle.shutdown().await;
 }
 

@@ -202,13 +202,13 @@ pub(super) async fn refresh_stripe(
     Path(c): Path<String>,
 ) -> ApiResult<RefreshAnswer> {
     let c = customer(&c, "customer")?;
-    let Some(client) = shared.stripe.client().cloned() else {
+    if shared.stripe.client().is_none() {
         return Err(ApiError::invalid(
             "stripe_not_configured",
             "customer",
             "no Stripe API key is configured (STRIPE_API_KEY)",
         ));
-    };
+    }
     let key = c.as_str().to_owned();
     let rec = blocking(&shared, move |s| s.store.customer(&key)).await?;
     let stripe_id = if c.as_str().starts_with("cus_") {
@@ -222,7 +222,29 @@ pub(super) async fn refresh_stripe(
             )
         })?
     };
-    let keys = match client.active_entitlements(&stripe_id).await {
+    let names = fetch_stripe_features(&shared, &c, &stripe_id).await?;
+    Ok(axum::Json(RefreshAnswer {
+        customer: c.to_string(),
+        stripe_customer_id: stripe_id,
+        features: names,
+    }))
+}
+
+/// Fetches `stripe_id`'s active entitlements and sets them as `c`'s Stripe features; returns
+/// the features' names.
+pub(super) async fn fetch_stripe_features(
+    shared: &std::sync::Arc<super::ApiState>,
+    c: &tally_protocol::names::CustomerId,
+    stripe_id: &str,
+) -> Result<Vec<String>, ApiError> {
+    let Some(client) = shared.stripe.client().cloned() else {
+        return Err(ApiError::invalid(
+            "stripe_not_configured",
+            "customer",
+            "no Stripe API key is configured (STRIPE_API_KEY)",
+        ));
+    };
+    let keys = match client.active_entitlements(stripe_id).await {
         Ok(Ok(k)) => k,
         Ok(Err(a)) => {
             return Err(ApiError {
@@ -247,10 +269,6 @@ pub(super) async fn refresh_stripe(
     let names = features.iter().map(ToString::to_string).collect();
     let ent = shared.entitlements()?;
     let cc = c.clone();
-    blocking(&shared, move |_| ent.set_stripe_features(&cc, features)).await?;
-    Ok(axum::Json(RefreshAnswer {
-        customer: c.to_string(),
-        stripe_customer_id: stripe_id,
-        features: names,
-    }))
+    blocking(shared, move |_| ent.set_stripe_features(&cc, features)).await?;
+    Ok(names)
 }

@@ -116,8 +116,10 @@ pub(super) async fn put_customer(
     .await?;
     let ent = shared.entitlements()?;
     let cust = c.clone();
-    let rec = blocking(&shared, move |s| {
+    let (rec, newly_mapped) = blocking(&shared, move |s| {
         let mut rec: CustomerRecord = s.store.customer(&key)?.unwrap_or_default();
+        let newly_mapped =
+            b.stripe_customer_id.is_some() && b.stripe_customer_id != rec.stripe_customer_id;
         if b.stripe_customer_id.is_some() {
             rec.stripe_customer_id = b.stripe_customer_id;
         }
@@ -125,10 +127,24 @@ pub(super) async fn put_customer(
             rec.plan = b.plan;
         }
         ent.put_customer(&cust, &rec, settings.as_ref())?;
-        Ok(rec)
+        Ok((rec, newly_mapped))
     })
     .await?;
     shared.stripe.notify();
+    // A customer newly mapped to a Stripe customer gets its active Stripe entitlements at once
+    // (when Stripe is configured), not only at the next summary webhook; in the background,
+    // so Stripe being slow or down never fails the PUT (the refresh endpoint retries by hand).
+    if newly_mapped
+        && shared.stripe.client().is_some()
+        && let Some(sc) = rec.stripe_customer_id.clone()
+    {
+        let (shared, c) = (shared.clone(), c.clone());
+        tokio::spawn(async move {
+            if let Err(e) = super::entitlements::fetch_stripe_features(&shared, &c, &sc).await {
+                tracing::warn!(customer = %c, error = %e.message, "stripe entitlements fetch failed");
+            }
+        });
+    }
     let stripe_customer_id = if c.as_str().starts_with("cus_") {
         Some(c.as_str().to_owned())
     } else {

@@ -101,6 +101,53 @@ pub struct ExportReport {
     pub bytes: u64,
     /// The checkpoint after the run.
     pub last_position: u64,
+    /// Nothing was done: another exporter sharing the store holds this directory's claim.
+    pub held_by_other: bool,
+}
+
+/// How long an export claim lasts without renewal; every run renews it before each file plan
+/// (decision 0098).
+pub const CLAIM_TTL_MS: i64 = 120_000;
+
+/// The claim's name for an export directory.
+fn claim_name(dir: &Path) -> String {
+    format!("export:{}", dir.display())
+}
+
+/// A holder name unique to this process: `<what>-<pid>-<random>`.
+pub fn claim_holder(what: &str) -> String {
+    let mut b = [0u8; 6];
+    let _ = getrandom::getrandom(&mut b);
+    format!("{what}-{}-{}", std::process::id(), hex::encode(b))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// [`export_once`] under the store's claim on the directory (one exporter at a time among the
+/// collectors sharing a store): claimed (or renewed) first and again before each file plan; a
+/// claim held by another returns `held_by_other` with nothing done, and a claim lost midway
+/// stops the run after its current plan (the next holder resumes from the manifest).
+pub fn export_claimed(
+    store: &dyn Store,
+    opts: &ExportOptions,
+    holder: &str,
+) -> Result<ExportReport, ExportError> {
+    let name = claim_name(&opts.dir);
+    let claim = || {
+        let now = now_ms();
+        store.claim(&name, holder, now, now.saturating_add(CLAIM_TTL_MS))
+    };
+    if !claim()? {
+        return Ok(ExportReport {
+            held_by_other: true,
+            ..ExportReport::default()
+        });
+    }
+    export_while(store, opts, &mut || claim().unwrap_or(false))
 }
 
 /// Reads the manifest of `dir`, if any.
@@ -245,6 +292,15 @@ impl Resolver<'_> {
 /// Exports everything the ledger holds after the checkpoint, then returns. Safe to kill at any
 /// point: the next run re-creates what was pending and goes on.
 pub fn export_once(store: &dyn Store, opts: &ExportOptions) -> Result<ExportReport, ExportError> {
+    export_while(store, opts, &mut || true)
+}
+
+/// [`export_once`], asking `keep` before each new plan (false: stop there).
+fn export_while(
+    store: &dyn Store,
+    opts: &ExportOptions,
+    keep: &mut dyn FnMut() -> bool,
+) -> Result<ExportReport, ExportError> {
     let dir = &opts.dir;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let manifest = read_manifest(dir)?;
@@ -260,7 +316,7 @@ pub fn export_once(store: &dyn Store, opts: &ExportOptions) -> Result<ExportRepo
         let limit =
             usize::try_from(opts.max_rows_per_file.clamp(1, core::MAX_ROWS_PER_FILE)).unwrap_or(1);
         let entries = store.entries(None, ex.checkpoint(), limit)?;
-        if entries.is_empty() {
+        if entries.is_empty() || !keep() {
             break;
         }
         let meta: Vec<(u64, i64)> = entries.iter().map(|(p, t)| (*p, t.posted_at_ms)).collect();
@@ -346,6 +402,8 @@ pub struct ExportRunner {
     store: Arc<dyn Store>,
     options: ExportOptions,
     lock: Arc<tokio::sync::Mutex<()>>,
+    /// This collector's name in the store's export claim.
+    holder: Arc<str>,
 }
 
 impl ExportRunner {
@@ -355,14 +413,21 @@ impl ExportRunner {
             store,
             options,
             lock: Arc::new(tokio::sync::Mutex::new(())),
+            holder: claim_holder("collector").into(),
         }
     }
 
     /// Exports what is new, off the async workers; one run at a time.
     pub async fn run(&self) -> Result<ExportReport, ExportError> {
         let _guard = self.lock.lock().await;
-        let (store, opts) = (self.store.clone(), self.options.clone());
-        match tokio::task::spawn_blocking(move || export_once(store.as_ref(), &opts)).await {
+        let (store, opts, holder) = (
+            self.store.clone(),
+            self.options.clone(),
+            self.holder.clone(),
+        );
+        match tokio::task::spawn_blocking(move || export_claimed(store.as_ref(), &opts, &holder))
+            .await
+        {
             Ok(r) => r,
             Err(e) => Err(ExportError::Io {
                 path: self.options.dir.clone(),

@@ -35,7 +35,8 @@ fn error(status: StatusCode, code: &'static str, message: String) -> ApiError {
 }
 
 /// Runs the export now (serialised with the continuous job). 409 when the collector runs
-/// without `--export-dir`.
+/// without `--export-dir`, or when another collector on the same database holds the
+/// directory's claim (decision 0098).
 pub(crate) async fn export(
     State(shared): State<Arc<ApiState>>,
 ) -> Result<axum::Json<ExportBody>, ApiError> {
@@ -47,6 +48,11 @@ pub(crate) async fn export(
         ));
     };
     match runner.run().await {
+        Ok(r) if r.held_by_other => Err(error(
+            StatusCode::CONFLICT,
+            "export_held_elsewhere",
+            "another collector sharing the database exports this directory now".into(),
+        )),
         Ok(r) => Ok(axum::Json(ExportBody {
             files: r.files,
             rows: r.rows,

@@ -174,7 +174,6 @@ async fn handle(
         session,
         replies: JoinSet::new(),
         shutdown,
-        usage: std::collections::HashMap::new(),
         agent: None,
     }
     .run()
@@ -191,34 +190,8 @@ struct Shell {
     session: Session,
     replies: JoinSet<(u64, IngestReply)>,
     shutdown: watch::Receiver<bool>,
-    /// Usage of each batch in flight, by (epoch, seq), for the lease book once it is committed.
-    usage: std::collections::HashMap<(u64, u64), Vec<BatchUsage>>,
     /// The agent, once admitted (its live connection is registered under it).
     agent: Option<tally_protocol::batch::AgentId>,
-}
-
-/// One row of a batch as the lease book counts it: customer, meter, bucket time, quantity.
-type BatchUsage = (
-    tally_protocol::names::CustomerId,
-    tally_protocol::names::MeterName,
-    i64,
-    rust_decimal::Decimal,
-);
-
-/// A batch's rows in the ledger's quantities (`sum` or `count`; `last` meters hold no leases).
-fn batch_usage(catalog: &Catalog, body: &tally_protocol::batch::BatchBody) -> Vec<BatchUsage> {
-    use tally_protocol::catalog::Aggregation;
-    body.deltas
-        .iter()
-        .filter_map(|d| {
-            let q = match catalog.meter(d.meter.as_str())?.aggregation {
-                Aggregation::Sum => d.sum,
-                Aggregation::Count => rust_decimal::Decimal::from(d.count),
-                Aggregation::Last => return None,
-            };
-            Some((d.customer.clone(), d.meter.clone(), d.bucket_start_ms, q))
-        })
-        .collect()
 }
 
 impl Shell {
@@ -352,24 +325,16 @@ impl Shell {
                         self.push_entitlements(again).await;
                     }
                 }
-                Action::Ingest { ticket, batch } => {
-                    let rows = batch_usage(&self.server.catalog.borrow(), &batch.body);
-                    // At most max_in_flight batches are owed an ack; the bound is a backstop.
-                    if self.usage.len() >= 4 * self.server.limits.max_in_flight.max(1) as usize {
-                        self.usage.clear();
+                Action::Ingest { ticket, batch } => match self.server.ingest.submit(*batch).await {
+                    Ok(rx) => {
+                        self.replies.spawn(async move {
+                            (ticket, rx.await.unwrap_or(Err(ErrorCode::Internal)))
+                        });
                     }
-                    self.usage.insert((batch.body.epoch, batch.body.seq), rows);
-                    match self.server.ingest.submit(*batch).await {
-                        Ok(rx) => {
-                            self.replies.spawn(async move {
-                                (ticket, rx.await.unwrap_or(Err(ErrorCode::Internal)))
-                            });
-                        }
-                        Err(_) => self
-                            .session
-                            .on_ingest_reply(ticket, Err(ErrorCode::ShuttingDown)),
-                    }
-                }
+                    Err(_) => self
+                        .session
+                        .on_ingest_reply(ticket, Err(ErrorCode::ShuttingDown)),
+                },
                 Action::Watch(customers) => {
                     if let Some(agent) = self.session.agent() {
                         self.server.entitlements.remember(agent, &customers);
@@ -396,17 +361,8 @@ impl Shell {
                     outcome,
                 } => {
                     tracing::debug!(%agent, epoch, seq, outcome = outcome_name(outcome), "batch acked");
+                    // Leases learnt of this batch's usage in its ingest transaction.
                     self.server.registry.acked(agent, epoch, seq, outcome);
-                    let rows = self.usage.remove(&(epoch, seq)).unwrap_or_default();
-                    let committed = outcome == AckOutcome::Committed;
-                    let hub = self.server.entitlements.clone();
-                    let r = tokio::task::spawn_blocking(move || {
-                        hub.on_batch(agent, epoch, seq, committed, &rows)
-                    })
-                    .await;
-                    if !matches!(r, Ok(Ok(()))) {
-                        tracing::warn!(%agent, epoch, seq, "lease book not updated");
-                    }
                 }
                 Action::SetFrameLimit(n) => self.reader.set_limit(n),
                 Action::Note(Note::Handshake(result)) => self.server.metrics.handshake(result),

@@ -6,7 +6,7 @@
 //! when the group succeeds), like a store transaction.
 
 use crate::core::dedup::DedupState;
-use crate::core::entitlements::lease::{Lease, LeaseChange};
+use crate::core::entitlements::lease::{Lease, LeaseBookLimits, LeaseChange, LeaseCounters};
 use crate::core::entitlements::period::PeriodRange;
 use crate::core::entitlements::{CustomerSettings, Grant, GrantRequest, Plan};
 use crate::core::ingest::{
@@ -16,11 +16,15 @@ use crate::core::ledger::{
     Account, AccountId, AccountKey, Accounts, Period, Posting, Transfer, WorkingSet,
 };
 use crate::store::StoreError;
-use crate::store::entitlements::{EntitlementStore, GrantOutcome, MAX_GRANTS_PER_CUSTOMER};
+use crate::store::entitlements::{
+    EntitlementStore, GrantOutcome, LeaseRows, MAX_GRANTS_PER_CUSTOMER, release_in, request_in,
+    tick_in,
+};
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashMap};
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::Catalog;
+use tally_protocol::entitlements::{LeaseGrant, LeaseRelease, LeaseRequest};
 use tally_protocol::names::{CustomerId, MeterName, PlanName};
 
 /// Why the reference store refused a write (a broken rule, as the embedded store's
@@ -187,6 +191,91 @@ struct EntInner {
     transfers: Vec<Transfer>,
     usage: Vec<(CustomerId, MeterName, i64, Decimal)>,
     leases: BTreeMap<u64, Lease>,
+    next_lease: u64,
+    /// Committed-through seq per (agent, epoch), set by tests.
+    watermarks: HashMap<(AgentId, u64), u64>,
+}
+
+impl LeaseRows for EntInner {
+    fn lock_limit(
+        &mut self,
+        customer: &CustomerId,
+        meter: &MeterName,
+    ) -> Result<Vec<Lease>, StoreError> {
+        Ok(self
+            .leases
+            .values()
+            .filter(|l| l.customer == *customer && l.meter == *meter)
+            .cloned()
+            .collect())
+    }
+
+    fn of_agents(&mut self, agents: &[AgentId]) -> Result<Vec<Lease>, StoreError> {
+        Ok(self
+            .leases
+            .values()
+            .filter(|l| agents.contains(&l.agent))
+            .cloned()
+            .collect())
+    }
+
+    fn due(&mut self, before_ms: i64) -> Result<Vec<Lease>, StoreError> {
+        Ok(self
+            .leases
+            .values()
+            .filter(|l| l.reclaimed_at_ms.is_none() && l.expires_at_ms <= before_ms)
+            .cloned()
+            .collect())
+    }
+
+    fn forget_tombstones(&mut self, before_ms: i64) -> Result<(), StoreError> {
+        self.leases
+            .retain(|_, l| l.reclaimed_at_ms.is_none_or(|r| r >= before_ms));
+        Ok(())
+    }
+
+    fn watermark(&mut self, agent: AgentId, epoch: u64) -> Result<u64, StoreError> {
+        Ok(self.watermarks.get(&(agent, epoch)).copied().unwrap_or(0))
+    }
+
+    fn used(
+        &mut self,
+        customer: &CustomerId,
+        meter: &MeterName,
+        period: PeriodRange,
+    ) -> Result<Decimal, StoreError> {
+        Ok(self
+            .usage
+            .iter()
+            .filter(|(c, m, at, _)| c == customer && m == meter && period.contains(*at))
+            .map(|u| u.3)
+            .sum())
+    }
+
+    fn count(&mut self) -> Result<usize, StoreError> {
+        Ok(self.leases.len())
+    }
+
+    fn next_id(&mut self) -> Result<u64, StoreError> {
+        self.next_lease = self.next_lease.max(1);
+        let id = self.next_lease;
+        self.next_lease += 1;
+        Ok(id)
+    }
+
+    fn write(&mut self, changes: &[LeaseChange]) -> Result<(), StoreError> {
+        for c in changes {
+            match c {
+                LeaseChange::Put(l) => {
+                    self.leases.insert(l.id, l.clone());
+                }
+                LeaseChange::Delete(id) => {
+                    self.leases.remove(id);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl MemoryEntitlements {
@@ -207,6 +296,12 @@ impl MemoryEntitlements {
         self.lock()
             .usage
             .push((customer.clone(), meter.clone(), at_ms, qty));
+    }
+
+    /// Records that `agent`'s batches of `epoch` through `seq` are committed (what a ledger's
+    /// dedup watermark says), for releases.
+    pub fn set_committed_through(&self, agent: AgentId, epoch: u64, seq: u64) {
+        self.lock().watermarks.insert((agent, epoch), seq);
     }
 
     /// The grant transfers posted, in order.
@@ -326,18 +421,42 @@ impl EntitlementStore for MemoryEntitlements {
         Ok(self.lock().leases.values().cloned().collect())
     }
 
-    fn apply_lease_changes(&self, changes: &[LeaseChange]) -> Result<(), StoreError> {
-        let mut g = self.lock();
-        for c in changes {
-            match c {
-                LeaseChange::Put(l) => {
-                    g.leases.insert(l.id, l.clone());
-                }
-                LeaseChange::Delete(id) => {
-                    g.leases.remove(id);
-                }
-            }
-        }
-        Ok(())
+    fn customer_leases(&self, customer: &CustomerId) -> Result<Vec<Lease>, StoreError> {
+        Ok(self
+            .lock()
+            .leases
+            .values()
+            .filter(|l| l.customer == *customer)
+            .cloned()
+            .collect())
+    }
+
+    fn lease_request(
+        &self,
+        agent: AgentId,
+        req: &LeaseRequest,
+        limit: Decimal,
+        period: PeriodRange,
+        limits: LeaseBookLimits,
+        now_ms: i64,
+    ) -> Result<(LeaseGrant, LeaseCounters), StoreError> {
+        request_in(&mut *self.lock(), agent, req, limit, period, limits, now_ms)
+    }
+
+    fn lease_release(
+        &self,
+        agent: AgentId,
+        rel: &LeaseRelease,
+        limits: LeaseBookLimits,
+    ) -> Result<LeaseCounters, StoreError> {
+        release_in(&mut *self.lock(), agent, rel, limits)
+    }
+
+    fn lease_tick(
+        &self,
+        now_ms: i64,
+        limits: LeaseBookLimits,
+    ) -> Result<LeaseCounters, StoreError> {
+        tick_in(&mut *self.lock(), now_ms, limits)
     }
 }

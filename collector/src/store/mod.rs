@@ -220,6 +220,21 @@ pub trait Store: tally_stripe::OutboxStore + EnrolmentStore {
     /// Every outbox row as (customer, Stripe event name, bucket time in Unix seconds, units):
     /// what Stripe should have, for reconciliation.
     fn outbox_items(&self) -> Result<Vec<(String, String, i64, u64)>, StoreError>;
+
+    /// Claims the job `name` for `holder` until `until_ms`, or renews the claim it holds; false
+    /// while another holder's claim runs (past `now_ms`). Collectors sharing a store take turns
+    /// this way (the analytics export, decision 0098); a store one process owns (redb) always
+    /// grants it.
+    fn claim(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let _ = (name, holder, now_ms, until_ms);
+        Ok(true)
+    }
 }
 
 /// Enrolment tokens (only their hashes) and how each agent was enrolled.

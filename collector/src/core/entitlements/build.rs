@@ -139,25 +139,13 @@ pub fn period_of(limit: &LimitDef, settings: &CustomerSettings, now_ms: i64) -> 
     }
 }
 
-/// What grants add to a meter's limit in `period` at `now_ms`, given the period's usage.
-pub fn granted(
-    grants: &[&Grant],
-    included: Decimal,
-    used: Decimal,
-    period: PeriodRange,
-    now_ms: i64,
-) -> Decimal {
-    let mut relevant: Vec<&Grant> = grants
-        .iter()
-        .copied()
-        .filter(|g| {
-            let r = &g.request;
-            r.effective_at_ms <= now_ms
-                && r.effective_at_ms < period.end_ms
-                && r.expires_at_ms.is_none_or(|e| e > period.start_ms)
-        })
-        .collect();
-    relevant.sort_by(|a, b| {
+/// Most earlier periods walked to carry grants' balances forward (36: three years monthly).
+pub const MAX_CARRY_PERIODS: usize = 36;
+
+/// Grants in consumption order: priority (lower first), then expiry (sooner first, never
+/// last), then effective time, then key.
+fn consumption_order(grants: &mut [&Grant]) {
+    grants.sort_by(|a, b| {
         let (a, b) = (&a.request, &b.request);
         (
             a.priority,
@@ -171,10 +159,37 @@ pub fn granted(
             ))
             .then_with(|| a.idempotency_key.cmp(&b.idempotency_key))
     });
+}
+
+fn counts_in(g: &Grant, period: PeriodRange, now_ms: i64) -> bool {
+    let r = &g.request;
+    r.effective_at_ms <= now_ms
+        && r.effective_at_ms < period.end_ms
+        && r.expires_at_ms.is_none_or(|e| e > period.start_ms)
+}
+
+/// What grants add to a meter's limit in `period` at `now_ms`, given the period's usage and
+/// each grant's balance at the period's start (`balance(g)`; its quantity when it began in
+/// this period). Usage past `included` consumes balances in [`consumption_order`]; an active
+/// grant adds its whole balance, an expired one only what this period consumed of it.
+pub fn granted_from(
+    grants: &[&Grant],
+    balance: impl Fn(&Grant) -> Decimal,
+    included: Decimal,
+    used: Decimal,
+    period: PeriodRange,
+    now_ms: i64,
+) -> Decimal {
+    let mut relevant: Vec<&Grant> = grants
+        .iter()
+        .copied()
+        .filter(|g| counts_in(g, period, now_ms))
+        .collect();
+    consumption_order(&mut relevant);
     let mut over = (used - included).max(Decimal::ZERO);
     let mut total = Decimal::ZERO;
     for g in relevant {
-        let amount = g.request.quantity;
+        let amount = balance(g).max(Decimal::ZERO);
         let consumed = over.min(amount);
         over -= consumed;
         total += if g.active_at(now_ms) {
@@ -184,6 +199,83 @@ pub fn granted(
         };
     }
     total
+}
+
+/// [`granted_from`] with every grant whole (no earlier period consumed any of it).
+pub fn granted(
+    grants: &[&Grant],
+    included: Decimal,
+    used: Decimal,
+    period: PeriodRange,
+    now_ms: i64,
+) -> Decimal {
+    granted_from(
+        grants,
+        |g| g.request.quantity,
+        included,
+        used,
+        period,
+        now_ms,
+    )
+}
+
+/// Each grant's balance at the start of `current`: its quantity less what usage past
+/// `included` consumed of it in the earlier periods it counted in (SPEC §6.3: a grant is extra
+/// quantity, used once, not offered again each period). Walks back at most
+/// [`MAX_CARRY_PERIODS`] periods (`previous(p)` is the period before `p`), reading each one's
+/// usage with `used`; the included quantity of the limit now is assumed for them (plan
+/// history is not kept).
+pub fn carried_balances(
+    grants: &[&Grant],
+    included: Decimal,
+    current: PeriodRange,
+    now_ms: i64,
+    mut previous: impl FnMut(PeriodRange) -> PeriodRange,
+    mut used: impl FnMut(PeriodRange) -> Decimal,
+) -> BTreeMap<String, Decimal> {
+    let mut balances: BTreeMap<String, Decimal> = grants
+        .iter()
+        .map(|g| (g.request.idempotency_key.clone(), g.request.quantity))
+        .collect();
+    let Some(earliest) = grants
+        .iter()
+        .map(|g| g.request.effective_at_ms)
+        .filter(|t| *t < current.start_ms)
+        .min()
+    else {
+        return balances;
+    };
+    let mut periods = Vec::new();
+    let mut p = current;
+    while periods.len() < MAX_CARRY_PERIODS {
+        let prev = previous(p);
+        if prev.end_ms <= earliest || prev.start_ms >= p.start_ms {
+            break;
+        }
+        periods.push(prev);
+        p = prev;
+    }
+    for p in periods.into_iter().rev() {
+        let mut relevant: Vec<&Grant> = grants
+            .iter()
+            .copied()
+            .filter(|g| counts_in(g, p, now_ms))
+            .collect();
+        if relevant.is_empty() {
+            continue;
+        }
+        consumption_order(&mut relevant);
+        let mut over = (used(p) - included).max(Decimal::ZERO);
+        for g in relevant {
+            let Some(b) = balances.get_mut(&g.request.idempotency_key) else {
+                continue;
+            };
+            let consumed = over.min((*b).max(Decimal::ZERO));
+            over -= consumed;
+            *b -= consumed;
+        }
+    }
+    balances
 }
 
 /// A customer's entitlements at `now_ms`. `used(meter, period)` and `leased(meter, period)`
@@ -220,7 +312,27 @@ pub fn build_customer(
             let u = used(&meter, period);
             let l = leased(&meter, period);
             let mine: Vec<&Grant> = grants.iter().filter(|g| g.request.meter == meter).collect();
-            let g = granted(&mine, def.included, u, period, now_ms);
+            let balances = carried_balances(
+                &mine,
+                def.included,
+                period,
+                now_ms,
+                |p| period_of(&def, settings, p.start_ms.saturating_sub(1)),
+                |p| used(&meter, p),
+            );
+            let g = granted_from(
+                &mine,
+                |g| {
+                    balances
+                        .get(&g.request.idempotency_key)
+                        .copied()
+                        .unwrap_or(g.request.quantity)
+                },
+                def.included,
+                u,
+                period,
+                now_ms,
+            );
             let limit = def.included.saturating_add(g);
             MeterView {
                 remaining: (limit - u - l).max(Decimal::ZERO),
@@ -289,6 +401,66 @@ mod tests {
         // Expired before the period: not counted.
         let e = grant("e", "7", 0, -100, Some(-1));
         assert_eq!(granted(&[&e], d("0"), d("9"), p, 100), d("0"));
+    }
+
+    #[test]
+    fn a_grant_consumed_in_one_period_is_not_offered_again_in_the_next() {
+        // Periods of 1,000 ms: [0, 1000), [1000, 2000), [2000, 3000).
+        let period = |t: i64| PeriodRange {
+            start_ms: t.div_euclid(1000) * 1000,
+            end_ms: t.div_euclid(1000) * 1000 + 1000,
+        };
+        let a = grant("a", "50", 0, 100, None);
+        let b = grant("b", "20", 1, 100, None);
+        let gs = [&a, &b];
+        // Period 0 used 10 past the included 100: 10 of `a` gone. Period 1 used 55 past it:
+        // the other 40 of `a` and 15 of `b`.
+        let used = |p: PeriodRange| match p.start_ms {
+            0 => d("110"),
+            1000 => d("155"),
+            _ => d("0"),
+        };
+        let now = 2500;
+        let bal = carried_balances(
+            &gs,
+            d("100"),
+            period(now),
+            now,
+            |p| period(p.start_ms - 1),
+            used,
+        );
+        assert_eq!((bal["a"], bal["b"]), (d("0"), d("5")));
+        // In period 2 only b's 5 remain on top of the included 100.
+        let g = granted_from(
+            &gs,
+            |g| bal[&g.request.idempotency_key],
+            d("100"),
+            d("0"),
+            period(now),
+            now,
+        );
+        assert_eq!(g, d("5"));
+        // A grant that begins in the current period is whole.
+        let c = grant("c", "7", 0, 2100, None);
+        let bal = carried_balances(
+            &[&c],
+            d("100"),
+            period(now),
+            now,
+            |p| period(p.start_ms - 1),
+            used,
+        );
+        assert_eq!(bal["c"], d("7"));
+        // Usage below the included quantity consumes nothing.
+        let bal = carried_balances(
+            &gs,
+            d("1000"),
+            period(now),
+            now,
+            |p| period(p.start_ms - 1),
+            used,
+        );
+        assert_eq!((bal["a"], bal["b"]), (d("50"), d("20")));
     }
 
     #[test]

@@ -105,6 +105,10 @@ pub struct Lease {
     pub expires_at_ms: i64,
     /// The release, once the agent sent it: `(epoch, through_seq)`.
     pub release: Option<(u64, u64)>,
+    /// When it was reclaimed unreleased (a tombstone kept so that usage consumed under it that
+    /// arrives later is counted as overshoot); `None` while it holds quantity.
+    #[serde(default)]
+    pub reclaimed_at_ms: Option<i64>,
 }
 
 impl Lease {
@@ -168,15 +172,77 @@ impl LeaseBook {
     }
 
     /// A book holding leases kept from an earlier run (their `shipped` may be behind: that only
-    /// overstates what is outstanding until they settle or are reclaimed).
+    /// overstates what is outstanding until they settle or are reclaimed). Reclaimed leases
+    /// (tombstones) are kept for overshoot accounting.
     pub fn restore(limits: LeaseBookLimits, leases: Vec<Lease>) -> Self {
         let mut book = LeaseBook::new(limits);
         for l in leases.into_iter().take(limits.max_leases) {
             book.next_id = book.next_id.max(l.id.saturating_add(1));
-            book.insert(l);
+            if l.reclaimed_at_ms.is_some() {
+                book.reclaimed.insert(l.id, l);
+            } else {
+                book.insert(l);
+            }
         }
         book.changes.clear();
         book
+    }
+
+    /// A book over part of the leases a store keeps: every lease an operation can touch (those
+    /// of one limit, of some agents, or those due), loaded in the operation's store
+    /// transaction. `others` leases exist outside it (for [`LeaseBookLimits::max_leases`]) and
+    /// a new lease gets `next_id` (the store allocates ids, so they are unique across
+    /// collectors). Its changes are what the store writes back in the same transaction.
+    pub fn restore_part(
+        limits: LeaseBookLimits,
+        leases: Vec<Lease>,
+        others: usize,
+        next_id: u64,
+    ) -> Self {
+        let mut book = LeaseBook::restore(
+            LeaseBookLimits {
+                max_leases: usize::MAX,
+                ..limits
+            },
+            leases,
+        );
+        book.limits = LeaseBookLimits {
+            max_leases: limits.max_leases.saturating_sub(others),
+            ..limits
+        };
+        book.next_id = next_id.max(1);
+        book
+    }
+
+    /// Records that every batch of `agent`'s `epoch` through `seq` is committed (the store's
+    /// dedup watermark); [`LeaseBook::settle_agent`] then frees the releases that completes.
+    pub fn mark_committed(&mut self, agent: AgentId, epoch: u64, seq: u64) {
+        let a = self.acked.entry((agent, epoch)).or_default();
+        *a = (*a).max(seq);
+    }
+
+    /// Frees `agent`'s held releases whose batches are all committed.
+    pub fn settle_agent(&mut self, agent: AgentId) {
+        self.settle(agent);
+    }
+
+    /// Reclaimed leases kept for overshoot accounting.
+    pub fn tombstones(&self) -> impl Iterator<Item = &Lease> {
+        self.reclaimed.values()
+    }
+
+    /// Books a committed batch's usage rows (as [`LeaseBook::on_batch`] does for a committed
+    /// batch, without marking anything acknowledged).
+    pub fn ship_batch(
+        &mut self,
+        agent: AgentId,
+        epoch: u64,
+        seq: u64,
+        usage: &[(CustomerId, MeterName, i64, Decimal)],
+    ) {
+        for (customer, meter, at_ms, qty) in usage {
+            self.ship(agent, epoch, seq, customer, meter, *at_ms, *qty);
+        }
     }
 
     /// The counters.
@@ -293,8 +359,14 @@ impl LeaseBook {
         let available = (input.limit - input.used - total).max(Decimal::ZERO);
         let mut add = req.quantity.max(Decimal::ZERO).min(available);
         if total > mine && available > Decimal::ONE {
-            // Others hold part of this limit: take at most half of what is left.
-            add = add.min((available / Decimal::TWO).max(Decimal::ONE));
+            // Others hold part of this limit: take at most half of what is left, in the
+            // request's own precision (halving 3 units gives 1, not 1.5: fractions of a unit
+            // an agent that consumes whole units cannot use would be stranded at it until
+            // its lease ends; decision 0095).
+            let half = (available / Decimal::TWO)
+                .trunc_with_scale(req.quantity.scale())
+                .max(Decimal::ONE);
+            add = add.min(half);
         }
         let expires_at_ms = now_ms.saturating_add(self.limits.ttl_ms).min(period.end_ms);
         let id = match existing {
@@ -313,6 +385,7 @@ impl LeaseBook {
                     shipped: Decimal::ZERO,
                     expires_at_ms,
                     release: None,
+                    reclaimed_at_ms: None,
                 });
                 Some(id)
             }
@@ -437,7 +510,12 @@ impl LeaseBook {
                 .is_some_and(|l| in_period(l) && l.release.is_none())
         });
         match held.or(open) {
-            Some(id) => self.update(id, |l| l.shipped += qty),
+            Some(id) => {
+                self.update(id, |l| l.shipped += qty);
+                if let Some(l) = self.leases.get(&id) {
+                    self.changes.push(LeaseChange::Put(l.clone()));
+                }
+            }
             None => {
                 if self.reclaimed.values().any(is_mine) {
                     self.counters.overshoot += qty;
@@ -454,6 +532,8 @@ impl LeaseBook {
                 && t.release.is_none()
             {
                 t.release = Some((rel.epoch, rel.through_seq));
+                let t = t.clone();
+                self.changes.push(LeaseChange::Put(t));
             }
             return;
         };
@@ -503,18 +583,43 @@ impl LeaseBook {
             .map(|l| l.id)
             .collect();
         for id in due {
-            if let Some(l) = self.remove(id) {
+            if let Some(mut l) = self.remove(id) {
                 self.counters.reclaimed += 1;
                 self.counters.reclaimed_quantity += l.outstanding();
                 if self.reclaimed.len() >= self.limits.max_reclaimed
                     && let Some(oldest) = self.reclaimed.keys().min().copied()
                 {
                     self.reclaimed.remove(&oldest);
+                    self.changes.push(LeaseChange::Delete(oldest));
                 }
+                l.reclaimed_at_ms = Some(now_ms);
+                // Kept (as a tombstone) by the store too, replacing the lease's row.
+                self.changes.push(LeaseChange::Put(l.clone()));
                 self.reclaimed.insert(l.id, l);
             }
         }
     }
+}
+
+/// The usage rows of a batch that count against limits: `(customer, meter, bucket ms,
+/// quantity)` of its sum and count deltas (a `last` meter's value is not consumed quantity).
+/// Deltas of meters not in the catalog are skipped (such a batch is quarantined anyway).
+pub fn batch_usage(
+    catalog: &tally_protocol::catalog::Catalog,
+    body: &tally_protocol::batch::BatchBody,
+) -> Vec<(CustomerId, MeterName, i64, Decimal)> {
+    use tally_protocol::catalog::Aggregation;
+    body.deltas
+        .iter()
+        .filter_map(|d| {
+            let q = match catalog.meter(d.meter.as_str())?.aggregation {
+                Aggregation::Sum => d.sum,
+                Aggregation::Count => Decimal::from(d.count),
+                Aggregation::Last => return None,
+            };
+            Some((d.customer.clone(), d.meter.clone(), d.bucket_start_ms, q))
+        })
+        .collect()
 }
 
 #[cfg(test)]

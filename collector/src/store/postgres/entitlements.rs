@@ -6,18 +6,25 @@
 //! empty for every customer), so other collectors push the change to their agents
 //! ([`super::listen`]).
 
-use super::{PgStore, PgTxn, dec, enc, i, read_catalog};
-use crate::core::entitlements::lease::{Lease, LeaseChange};
+use super::pool::Tx;
+use super::{PgStore, PgTxn, dec, enc, i, read_catalog, u};
+use crate::core::dedup::DedupState;
+use crate::core::entitlements::lease::{Lease, LeaseBookLimits, LeaseChange, LeaseCounters};
 use crate::core::entitlements::period::PeriodRange;
 use crate::core::entitlements::{CustomerSettings, Grant, GrantRequest, Plan};
 use crate::core::ledger::{self, Rejection, WorkingSet};
 use crate::core::registry::{AgentRecord, EnrollToken, Enrolment, MAX_ENROLL_TOKENS};
-use crate::store::entitlements::{EntitlementStore, GrantOutcome, MAX_GRANTS_PER_CUSTOMER};
+use crate::store::entitlements::{
+    EntitlementStore, GrantOutcome, LeaseRows, MAX_GRANTS_PER_CUSTOMER, release_in, request_in,
+    tick_in,
+};
 use crate::store::{EnrolmentStore, StoreError};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::collections::HashMap;
 use tally_protocol::batch::AgentId;
+use tally_protocol::entitlements::{LeaseGrant, LeaseRelease, LeaseRequest};
 use tally_protocol::error::ErrorCode;
 use tally_protocol::names::{CustomerId, MeterName, PlanName};
 
@@ -33,6 +40,177 @@ pub(crate) fn unjson<T: DeserializeOwned>(
         table,
         detail: e.to_string(),
     })
+}
+
+/// The lease rows of one PostgreSQL transaction (see [`LeaseRows`]). A request locks its
+/// limit's row in `lease_limits`; every statement that reads leases to change them locks them
+/// (`FOR UPDATE`, in id order, so two operations never deadlock on them). Ingest holds the
+/// ledger lock and then its agents' leases; lease operations never take the ledger lock.
+pub(crate) struct PgLeases<'t, 'a> {
+    pub(crate) tx: &'t mut Tx<'a>,
+    /// Dedup states this transaction changed and has not written yet (an ingest's).
+    pub(crate) pending: Option<&'t HashMap<(AgentId, u64), DedupState>>,
+}
+
+fn leases_of(rows: Vec<postgres::Row>) -> Result<Vec<Lease>, StoreError> {
+    rows.iter()
+        .map(|r| unjson("leases", r.get::<_, &[u8]>(0)))
+        .collect()
+}
+
+impl LeaseRows for PgLeases<'_, '_> {
+    fn lock_limit(
+        &mut self,
+        customer: &CustomerId,
+        meter: &MeterName,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let (c, m) = (customer.as_str(), meter.as_str());
+        self.tx.execute(
+            "INSERT INTO lease_limits (customer, meter) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&c, &m],
+        )?;
+        self.tx.query_one(
+            "SELECT 1 FROM lease_limits WHERE customer = $1 AND meter = $2 FOR UPDATE",
+            &[&c, &m],
+        )?;
+        leases_of(self.tx.query(
+            "SELECT lease FROM leases WHERE customer = $1 AND meter = $2 ORDER BY id FOR UPDATE",
+            &[&c, &m],
+        )?)
+    }
+
+    fn of_agents(&mut self, agents: &[AgentId]) -> Result<Vec<Lease>, StoreError> {
+        let a: Vec<&[u8]> = agents.iter().map(|a| a.0.as_slice()).collect();
+        leases_of(self.tx.query(
+            "SELECT lease FROM leases WHERE agent = ANY($1) ORDER BY id FOR UPDATE",
+            &[&a],
+        )?)
+    }
+
+    fn due(&mut self, before_ms: i64) -> Result<Vec<Lease>, StoreError> {
+        leases_of(self.tx.query(
+            "SELECT lease FROM leases WHERE reclaimed_at IS NULL AND expires_at <= $1 \
+             ORDER BY id FOR UPDATE SKIP LOCKED",
+            &[&before_ms],
+        )?)
+    }
+
+    fn forget_tombstones(&mut self, before_ms: i64) -> Result<(), StoreError> {
+        self.tx
+            .execute("DELETE FROM leases WHERE reclaimed_at < $1", &[&before_ms])?;
+        Ok(())
+    }
+
+    fn watermark(&mut self, agent: AgentId, epoch: u64) -> Result<u64, StoreError> {
+        if let Some(s) = self.pending.and_then(|p| p.get(&(agent, epoch))) {
+            return Ok(s.watermark);
+        }
+        match self.tx.query_opt(
+            "SELECT state FROM dedup WHERE agent = $1 AND epoch = $2",
+            &[&agent.0.as_slice(), &i(epoch)],
+        )? {
+            Some(r) => Ok(dec::<DedupState>("dedup", r.get::<_, &[u8]>(0))?.watermark),
+            None => Ok(0),
+        }
+    }
+
+    fn used(
+        &mut self,
+        customer: &CustomerId,
+        meter: &MeterName,
+        period: PeriodRange,
+    ) -> Result<Decimal, StoreError> {
+        let tx = std::cell::RefCell::new(&mut *self.tx);
+        crate::store::entitlements::used_with(
+            customer,
+            meter,
+            period,
+            |c, m, p| {
+                tx.borrow_mut()
+                    .query(
+                        "SELECT acct FROM accounts WHERE customer = $1 AND meter = $2 \
+                         AND period = $3",
+                        &[&c.as_str(), &m.as_str(), &p.to_string()],
+                    )?
+                    .iter()
+                    .map(|r| dec("accounts", r.get::<_, &[u8]>(0)))
+                    .collect()
+            },
+            |c, after, n| {
+                let n = i64::try_from(n).unwrap_or(i64::MAX);
+                tx.borrow_mut()
+                    .query(
+                        "SELECT pos, t FROM transfers WHERE customer = $1 AND pos > $2 \
+                         ORDER BY pos LIMIT $3",
+                        &[&c.as_str(), &i(after), &n],
+                    )?
+                    .iter()
+                    .map(|r| Ok((u(r.get(0)), dec("transfers", r.get::<_, &[u8]>(1))?)))
+                    .collect()
+            },
+        )
+    }
+
+    fn count(&mut self) -> Result<usize, StoreError> {
+        let n: i64 = self
+            .tx
+            .query_one("SELECT count(*) FROM leases", &[])?
+            .get(0);
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    fn next_id(&mut self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .tx
+            .query_one("SELECT nextval('lease_ids')", &[])?
+            .get(0);
+        Ok(u(n))
+    }
+
+    fn write(&mut self, changes: &[LeaseChange]) -> Result<(), StoreError> {
+        for c in changes {
+            match c {
+                LeaseChange::Put(l) => put_lease(self.tx, l)?,
+                LeaseChange::Delete(id) => {
+                    self.tx
+                        .execute("DELETE FROM leases WHERE id = $1", &[&i(*id)])?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn put_lease(tx: &mut Tx<'_>, l: &Lease) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO leases (id, lease, agent, customer, meter, expires_at, reclaimed_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (id) DO UPDATE SET lease = EXCLUDED.lease, agent = EXCLUDED.agent, \
+         customer = EXCLUDED.customer, meter = EXCLUDED.meter, \
+         expires_at = EXCLUDED.expires_at, reclaimed_at = EXCLUDED.reclaimed_at",
+        &[
+            &i(l.id),
+            &json(l)?,
+            &l.agent.0.as_slice(),
+            &l.customer.as_str(),
+            &l.meter.as_str(),
+            &l.expires_at_ms,
+            &l.reclaimed_at_ms,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Fills the lookup columns of lease rows kept before migration 3 (from their JSON).
+pub(crate) fn fill_lease_columns(tx: &mut Tx<'_>) -> Result<(), StoreError> {
+    let old = leases_of(tx.query(
+        "SELECT lease FROM leases WHERE customer IS NULL ORDER BY id",
+        &[],
+    )?)?;
+    for l in &old {
+        put_lease(tx, l)?;
+    }
+    Ok(())
 }
 
 /// Advisory lock key serializing enrolment-token writers ("tallytok").
@@ -59,7 +237,7 @@ impl EntitlementStore for PgStore {
                  ON CONFLICT (name) DO UPDATE SET plan = EXCLUDED.plan",
                 &[&n, &blob],
             )?;
-            tx.batch("NOTIFY tally_entitlements")?;
+            super::listen::notify(&mut tx, "tally_entitlements", "")?;
             tx.commit()?;
             Ok(())
         })
@@ -88,7 +266,7 @@ impl EntitlementStore for PgStore {
                  ON CONFLICT (customer) DO UPDATE SET settings = EXCLUDED.settings",
                 &[&c, &blob],
             )?;
-            tx.execute("SELECT pg_notify('tally_entitlements', $1)", &[&c])?;
+            super::listen::notify(&mut tx, "tally_entitlements", &c)?;
             tx.commit()?;
             Ok(())
         })
@@ -165,10 +343,7 @@ impl EntitlementStore for PgStore {
                 GrantOutcome::Created(g)
             };
             if let GrantOutcome::Created(_) = &outcome {
-                tx.execute(
-                    "SELECT pg_notify('tally_entitlements', $1)",
-                    &[&req.customer.as_str()],
-                )?;
+                super::listen::notify(&mut tx, "tally_entitlements", req.customer.as_str())?;
             }
             tx.commit()?;
             Ok(outcome)
@@ -227,32 +402,91 @@ impl EntitlementStore for PgStore {
         })
     }
 
-    fn apply_lease_changes(&self, changes: &[LeaseChange]) -> Result<(), StoreError> {
-        if changes.is_empty() {
-            return Ok(());
-        }
-        let mut ops: Vec<(i64, Option<Vec<u8>>)> = Vec::with_capacity(changes.len());
-        for c in changes {
-            match c {
-                LeaseChange::Put(l) => ops.push((i(l.id), Some(json(l)?))),
-                LeaseChange::Delete(id) => ops.push((i(*id), None)),
-            }
-        }
+    fn customer_leases(&self, customer: &CustomerId) -> Result<Vec<Lease>, StoreError> {
+        let c = customer.as_str().to_owned();
         self.run(move |s| {
             let mut tx = s.begin()?;
-            for (id, blob) in &ops {
-                match blob {
-                    Some(b) => tx.execute(
-                        "INSERT INTO leases (id, lease) VALUES ($1, $2) \
-                         ON CONFLICT (id) DO UPDATE SET lease = EXCLUDED.lease",
-                        &[id, b],
-                    )?,
-                    None => tx.execute("DELETE FROM leases WHERE id = $1", &[id])?,
-                };
-            }
-            tx.commit()?;
-            Ok(())
+            leases_of(tx.query(
+                "SELECT lease FROM leases WHERE customer = $1 ORDER BY id",
+                &[&c],
+            )?)
         })
+    }
+
+    fn lease_request(
+        &self,
+        agent: AgentId,
+        req: &LeaseRequest,
+        limit: Decimal,
+        period: PeriodRange,
+        limits: LeaseBookLimits,
+        now_ms: i64,
+    ) -> Result<(LeaseGrant, LeaseCounters), StoreError> {
+        let req = req.clone();
+        self.run(move |s| {
+            let mut tx = s.begin()?;
+            let out = request_in(
+                &mut PgLeases {
+                    tx: &mut tx,
+                    pending: None,
+                },
+                agent,
+                &req,
+                limit,
+                period,
+                limits,
+                now_ms,
+            )?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    fn lease_release(
+        &self,
+        agent: AgentId,
+        rel: &LeaseRelease,
+        limits: LeaseBookLimits,
+    ) -> Result<LeaseCounters, StoreError> {
+        let rel = rel.clone();
+        self.run(move |s| {
+            let mut tx = s.begin()?;
+            let out = release_in(
+                &mut PgLeases {
+                    tx: &mut tx,
+                    pending: None,
+                },
+                agent,
+                &rel,
+                limits,
+            )?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    fn lease_tick(
+        &self,
+        now_ms: i64,
+        limits: LeaseBookLimits,
+    ) -> Result<LeaseCounters, StoreError> {
+        self.run(move |s| {
+            let mut tx = s.begin()?;
+            let out = tick_in(
+                &mut PgLeases {
+                    tx: &mut tx,
+                    pending: None,
+                },
+                now_ms,
+                limits,
+            )?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    fn ingest_overshoot(&self) -> Decimal {
+        self.lease_overshoot()
     }
 }
 

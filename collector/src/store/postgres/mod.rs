@@ -28,7 +28,6 @@ use pool::{Pool, Tx};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashMap};
-use std::str::FromStr;
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
 use tally_protocol::names::{CustomerId, MeterName};
@@ -39,6 +38,7 @@ pub mod outbox;
 pub mod pool;
 pub mod schema;
 pub mod testdb;
+pub mod tls;
 
 /// Connections per collector: the committer, the forwarder and the admin API each get one, and
 /// one spare.
@@ -85,6 +85,8 @@ pub struct PgStore {
     outbox_appended: std::sync::atomic::AtomicU64,
     changes: tokio::sync::broadcast::Sender<listen::PgChange>,
     stop_listening: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Usage booked for reclaimed leases by this process's ingest transactions.
+    lease_overshoot: std::sync::Mutex<rust_decimal::Decimal>,
 }
 
 impl Drop for PgStore {
@@ -103,20 +105,43 @@ impl std::fmt::Debug for PgStore {
 impl PgStore {
     /// Connects to `url` (`postgres://user@host:port/db`), migrates the schema (once, under an
     /// advisory lock) and records a Stripe namespace if the database has none.
+    /// `sslmode` and `sslrootcert` are honoured as libpq does ([`tls`]). Changes from other
+    /// collectors are heard with `LISTEN` on the same URL.
     pub fn open(url: &str) -> Result<Self, StoreError> {
-        let config = postgres::Config::from_str(url)?;
-        Self::open_config(config)
+        Self::open_with_listen(url, None)
+    }
+
+    /// [`PgStore::open`], hearing other collectors' changes as `listen` says (decision 0097):
+    /// `None`: `LISTEN` on `url`; `Some("poll")`: poll the change log through `url` every
+    /// 250 ms (behind a transaction-mode pooler, where `LISTEN` does not work); `Some(url2)`:
+    /// `LISTEN` on a direct session connection to the same database.
+    pub fn open_with_listen(url: &str, listen: Option<&str>) -> Result<Self, StoreError> {
+        let (config, tls, _) = tls::parse(url)?;
+        let source = match listen {
+            None => listen::Source::Listen(config.clone(), tls.clone()),
+            Some("poll") => listen::Source::Poll(config.clone(), tls.clone()),
+            Some(other) => {
+                let (c, t, _) = tls::parse(other)?;
+                listen::Source::Listen(c, t)
+            }
+        };
+        Self::open_config(config, tls, source)
     }
 
     /// [`PgStore::open`] with a parsed configuration.
-    pub fn open_config(mut config: postgres::Config) -> Result<Self, StoreError> {
+    pub fn open_config(
+        mut config: postgres::Config,
+        tls: tls::PgTls,
+        source: listen::Source,
+    ) -> Result<Self, StoreError> {
         if config.get_application_name().is_none() {
             config.application_name("tally-collector");
         }
-        let pool = Pool::new(config.clone(), POOL_SIZE)?;
+        let pool = Pool::new(config.clone(), tls.clone(), POOL_SIZE)?;
         let namespace = pool.run(|s| {
             let mut tx = s.begin()?;
             schema::migrate(&mut tx)?;
+            entitlements::fill_lease_columns(&mut tx)?;
             // Part of every Stripe identifier: a fresh database never reuses an old one's.
             let mut b = [0u8; 6];
             getrandom::getrandom(&mut b)?;
@@ -138,7 +163,7 @@ impl PgStore {
         })?;
         let (changes, _) = tokio::sync::broadcast::channel(listen::CHANGES_MAX);
         let stop_listening = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        listen::spawn(config, changes.clone(), stop_listening.clone())
+        listen::spawn(source, changes.clone(), stop_listening.clone())
             .map_err(|e| StoreError::Invariant(format!("postgres listener thread: {e}")))?;
         Ok(PgStore {
             pool,
@@ -146,6 +171,7 @@ impl PgStore {
             outbox_appended: std::sync::atomic::AtomicU64::new(0),
             changes,
             stop_listening,
+            lease_overshoot: std::sync::Mutex::new(rust_decimal::Decimal::ZERO),
         })
     }
 
@@ -162,6 +188,14 @@ impl PgStore {
     /// [`listen`]).
     pub fn changes(&self) -> tokio::sync::broadcast::Receiver<listen::PgChange> {
         self.changes.subscribe()
+    }
+
+    /// Usage booked for reclaimed leases by this process's ingest transactions.
+    pub fn lease_overshoot(&self) -> rust_decimal::Decimal {
+        *self
+            .lease_overshoot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Transactions run again after a transient failure since this store opened.
@@ -700,12 +734,30 @@ impl Store for PgStore {
                 let catalog = read_catalog(t.tx)?;
                 t.prefetch(&batches)?;
                 let out = ingest_group(&mut t, &catalog, &batches, now_ms)?;
-                (out, t.flush()?)
+                // The leases learn this usage in the transaction that posts it (decision 0095).
+                let over = crate::store::entitlements::ship_in(
+                    &mut entitlements::PgLeases {
+                        tx: &mut *t.tx,
+                        pending: Some(&t.dedup),
+                    },
+                    &catalog,
+                    &batches,
+                    &out,
+                )?;
+                (out, (t.flush()?, over))
             };
             tx.commit()?;
             Ok((out, appended))
         })?;
+        let (appended, over) = appended;
         self.note_appended(appended);
+        if over > rust_decimal::Decimal::ZERO {
+            let mut o = self
+                .lease_overshoot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *o += over;
+        }
         Ok(out)
     }
 
@@ -808,10 +860,7 @@ impl Store for PgStore {
                 &[&id, &blob],
             )?;
             if revoked {
-                tx.execute(
-                    "SELECT pg_notify('tally_registry', $1)",
-                    &[&hex::encode(&id)],
-                )?;
+                listen::notify(&mut tx, "tally_registry", &hex::encode(&id))?;
             }
             tx.commit()?;
             Ok(())
@@ -874,7 +923,7 @@ impl Store for PgStore {
                 "INSERT INTO catalogs (version, catalog) VALUES ($1, $2)",
                 &[&i(catalog.version), &bytes],
             )?;
-            tx.batch("NOTIFY tally_catalog")?;
+            listen::notify(&mut tx, "tally_catalog", "")?;
             tx.commit()?;
             Ok(catalog)
         })
@@ -1003,9 +1052,32 @@ impl Store for PgStore {
                  rec = EXCLUDED.rec",
                 &[&c, &sc, &blob],
             )?;
-            tx.execute("SELECT pg_notify('tally_entitlements', $1)", &[&c])?;
+            listen::notify(&mut tx, "tally_entitlements", &c)?;
             tx.commit()?;
             Ok(())
+        })
+    }
+
+    fn claim(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.run(move |s| {
+            let mut tx = s.begin()?;
+            let got = tx.query_opt(
+                "INSERT INTO claims (name, holder, until_ms) VALUES ($1, $2, $4) \
+                 ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, \
+                 until_ms = EXCLUDED.until_ms \
+                 WHERE claims.holder = EXCLUDED.holder OR claims.until_ms <= $3 \
+                 RETURNING holder",
+                &[&name, &holder, &now_ms, &until_ms],
+            )?;
+            tx.commit()?;
+            Ok(got.is_some())
         })
     }
 

@@ -11,9 +11,10 @@
 //! connection is dropped if it broke, and the closure runs again from the start after a short
 //! back-off, at most [`MAX_ATTEMPTS`] times. Closures must therefore be whole transactions.
 
+use super::tls::PgTls;
 use crate::store::StoreError;
 use postgres::error::SqlState;
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, Statement};
 use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -26,14 +27,16 @@ pub const MAX_ATTEMPTS: u32 = 12;
 /// One connection and the statements prepared on it.
 pub struct Session {
     config: postgres::Config,
+    tls: PgTls,
     client: Option<Client>,
     stmts: HashMap<&'static str, Statement>,
 }
 
 impl Session {
-    fn new(config: postgres::Config) -> Self {
+    fn new(config: postgres::Config, tls: PgTls) -> Self {
         Session {
             config,
+            tls,
             client: None,
             stmts: HashMap::new(),
         }
@@ -44,7 +47,7 @@ impl Session {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.stmts.clear();
             self.client = None;
-            self.client = Some(self.config.connect(NoTls)?);
+            self.client = Some(self.tls.connect(&self.config)?);
         }
         match self.client.as_mut() {
             Some(c) => Ok(c),
@@ -166,14 +169,14 @@ pub struct Pool {
 
 impl Pool {
     /// Starts `size` connection threads (connections open lazily, on first use).
-    pub fn new(config: postgres::Config, size: usize) -> Result<Self, StoreError> {
+    pub fn new(config: postgres::Config, tls: PgTls, size: usize) -> Result<Self, StoreError> {
         // Bounded: past `QUEUE_MAX` waiting transactions a caller waits to enqueue (callers
         // block for their answer anyway, so the queue only smooths bursts).
         let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE_MAX);
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..size.max(1) {
             let rx = rx.clone();
-            let mut session = Session::new(config.clone());
+            let mut session = Session::new(config.clone(), tls.clone());
             std::thread::Builder::new()
                 .name(format!("tally-pg-{i}"))
                 .spawn(move || {

@@ -97,6 +97,30 @@ CREATE TABLE stripe_inflight (
   PRIMARY KEY (stripe_customer, event_name)
 );
 "#,
+    // 3: the lease book's truth across collectors (decision 0095): lease columns for lookups
+    // (filled from the JSON of rows kept before, at open), one lock row per limit, ids from a
+    // sequence.
+    r#"
+ALTER TABLE leases ADD COLUMN agent bytea, ADD COLUMN customer text COLLATE "C",
+  ADD COLUMN meter text COLLATE "C", ADD COLUMN expires_at bigint, ADD COLUMN reclaimed_at bigint;
+CREATE INDEX leases_limit ON leases (customer, meter, id);
+CREATE INDEX leases_agent ON leases (agent, id);
+CREATE INDEX leases_due ON leases (expires_at) WHERE reclaimed_at IS NULL;
+CREATE TABLE lease_limits (
+  customer text COLLATE "C", meter text COLLATE "C", PRIMARY KEY (customer, meter)
+);
+CREATE SEQUENCE lease_ids;
+SELECT setval('lease_ids', coalesce((SELECT max(id) FROM leases), 0) + 1, false);
+-- Jobs one collector does at a time (the analytics export of a directory), decision 0098.
+CREATE TABLE claims (name text PRIMARY KEY, holder text NOT NULL, until_ms bigint NOT NULL);
+-- Every NOTIFY also as a row, for collectors that poll instead of LISTEN (behind a
+-- transaction-mode pooler, decision 0097); rows older than an hour are pruned.
+CREATE TABLE tally_changes (
+  id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(),
+  channel text NOT NULL, payload text NOT NULL
+);
+CREATE INDEX tally_changes_at ON tally_changes (at);
+"#,
 ];
 
 /// Brings the database to the newest version, once, under [`MIGRATION_LOCK`]; returns the

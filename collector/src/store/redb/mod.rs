@@ -73,6 +73,8 @@ fn dec<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, Stor
 pub struct RedbStore {
     db: Database,
     outbox_appended: std::sync::atomic::AtomicU64,
+    /// Usage booked for reclaimed leases by this process's ingest transactions.
+    lease_overshoot: std::sync::Mutex<rust_decimal::Decimal>,
 }
 
 impl RedbStore {
@@ -106,11 +108,20 @@ impl RedbStore {
         Ok(RedbStore {
             db,
             outbox_appended: std::sync::atomic::AtomicU64::new(0),
+            lease_overshoot: std::sync::Mutex::new(rust_decimal::Decimal::ZERO),
         })
     }
 
     pub(crate) fn db(&self) -> &Database {
         &self.db
+    }
+
+    /// Usage booked for reclaimed leases by this process's ingest transactions.
+    pub fn lease_overshoot(&self) -> rust_decimal::Decimal {
+        *self
+            .lease_overshoot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The customer's settings.
@@ -341,15 +352,31 @@ impl RedbStore {
         now_ms: i64,
     ) -> Result<(Vec<IngestOutcome>, u64), StoreError> {
         let catalog = read_catalog(&txn.open_table(META)?)?;
-        let mut tables = IngestTables {
-            ledger: Ledger::open(txn)?,
-            dedup: txn.open_table(DEDUP)?,
-            batches: txn.open_table(BATCHES)?,
-            quarantine: txn.open_table(QUARANTINE)?,
-            outbox: outbox_rows::OutboxWriter::open(txn).map_err(outbox_err)?,
+        let (out, appended) = {
+            let mut tables = IngestTables {
+                ledger: Ledger::open(txn)?,
+                dedup: txn.open_table(DEDUP)?,
+                batches: txn.open_table(BATCHES)?,
+                quarantine: txn.open_table(QUARANTINE)?,
+                outbox: outbox_rows::OutboxWriter::open(txn).map_err(outbox_err)?,
+            };
+            let out = ingest_group(&mut tables, &catalog, batches, now_ms)?;
+            (out, tables.outbox.finish().map_err(outbox_err)?)
         };
-        let out = ingest_group(&mut tables, &catalog, batches, now_ms)?;
-        let appended = tables.outbox.finish().map_err(outbox_err)?;
+        // The leases learn this usage in the transaction that posts it (decision 0095).
+        let over = crate::store::entitlements::ship_in(
+            &mut entitlements::RedbLeases { txn, store: self },
+            &catalog,
+            batches,
+            &out,
+        )?;
+        if over > rust_decimal::Decimal::ZERO {
+            let mut o = self
+                .lease_overshoot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *o += over;
+        }
         Ok((out, appended))
     }
 }
