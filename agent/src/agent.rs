@@ -50,6 +50,9 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 const PENDING_SEAL_HINT: usize = 10_000;
 /// Events waiting in memory at most; past it `record_event` with an id is refused.
 const PENDING_MAX: usize = 1_000_000;
+/// Threads running the durable log's `fdatasync`s: a group is written while earlier ones sync,
+/// and syncs overlap (this disk completes ~2× more concurrent syncs than serial ones).
+const SYNC_THREADS: usize = 3;
 /// Requests folded into one durable-log commit at most.
 const MAX_GROUP_COMMIT: usize = 16_384;
 /// `seal()`/`flush()`/`shutdown()` requests waiting for the sealer thread at most; more callers
@@ -635,6 +638,16 @@ impl AgentBuilder {
                 .spawn(move || durable_thread(sh, durable_rx))
                 .map_err(StartError::Endpoint)?
         };
+        let mut threads = vec![sealer, writer];
+        for i in 0..SYNC_THREADS {
+            let log = sh.log.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("tally-sync-{i}"))
+                    .spawn(move || log.run_syncer())
+                    .map_err(StartError::Endpoint)?,
+            );
+        }
         let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
         let shipper = client.map(|client| {
             let span = tracing::info_span!("shipper", agent_id = %sh.agent_id);
@@ -664,7 +677,7 @@ impl AgentBuilder {
                 ctl_tx,
                 shipper: Mutex::new(shipper),
                 ent_task: Mutex::new(ent_task),
-                threads: Mutex::new(vec![sealer, writer]),
+                threads: Mutex::new(threads),
             }),
         })
     }
@@ -847,7 +860,7 @@ fn sealer_thread(sh: Arc<Shared>, mut core: SealerCore, mut rx: mpsc::Receiver<S
 }
 
 fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::Receiver<DurableReq>) {
-    let mut since_seal = 0usize;
+    let since_seal = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while let Some(first) = rx.blocking_recv() {
         let mut n = first.events.len();
         let mut reqs = vec![first];
@@ -931,37 +944,50 @@ fn durable_thread(sh: Arc<Shared>, mut rx: mpsc::Receiver<DurableReq>) {
             .iter()
             .map(|p| p.len() as u64 + crate::seglog::RECORD_HEADER)
             .sum();
-        let appended_r = sh.log.append(&payloads);
-        sh.disk_result(appended_r.as_ref().err().map(ToString::to_string));
-        match appended_r {
-            Ok(_) => {
-                sh.update_backlog(|b| {
-                    b.log_rows += events;
-                    b.log_bytes += bytes;
-                });
-                for (reply, outcomes) in replies {
-                    let _ = reply.send(Ok(outcomes));
+        // Written now; answered by a syncer once an `fdatasync` covers it (the next group is
+        // written while that sync runs).
+        let weak = Arc::downgrade(&sh);
+        let since_seal = since_seal.clone();
+        sh.log.write(
+            &payloads,
+            Box::new(move |r| {
+                let Some(sh) = weak.upgrade() else {
+                    return;
+                };
+                sh.disk_result(r.as_ref().err().map(ToString::to_string));
+                match r {
+                    Ok(_) => {
+                        sh.update_backlog(|b| {
+                            b.log_rows += events;
+                            b.log_bytes += bytes;
+                        });
+                        for (reply, outcomes) in replies {
+                            let _ = reply.send(Ok(outcomes));
+                        }
+                        let n = since_seal.fetch_add(events as usize, Ordering::Relaxed);
+                        if n + events as usize >= PENDING_SEAL_HINT {
+                            since_seal.store(0, Ordering::Relaxed);
+                            sh.agg.hint();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "durable log write failed");
+                        let mut ids = sh.ids.lock().unwrap_or_else(PoisonError::into_inner);
+                        for id in &appended {
+                            ids.remove(id);
+                        }
+                        drop(ids);
+                        let err = RecordError::from(crate::error::StoreError::from(e));
+                        for (reply, _) in replies {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                    }
                 }
-                since_seal += events as usize;
-                if since_seal >= PENDING_SEAL_HINT {
-                    since_seal = 0;
-                    sh.agg.hint();
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "durable log write failed");
-                let mut ids = sh.ids.lock().unwrap_or_else(PoisonError::into_inner);
-                for id in &appended {
-                    ids.remove(id);
-                }
-                drop(ids);
-                let err = RecordError::from(crate::error::StoreError::from(e));
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(err.clone()));
-                }
-            }
-        }
+            }),
+        );
     }
+    // No more writes: the syncers resolve what is in flight and end.
+    sh.log.close();
 }
 
 /// Seals now through the sealer thread; the highest sealed seq.

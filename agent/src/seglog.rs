@@ -28,9 +28,20 @@
 //! `spare-<n>.tlog` files are preallocated (zero-filled) or recycled segments waiting to be used.
 //!
 //! # Guarantees
-//! - **Acknowledged means synced.** [`SegmentLog::append`] writes a group of records with one
-//!   `pwrite` and one `fdatasync` and returns only after both; the writer thread forms the next
-//!   group from everything that queued while that sync ran.
+//! - **Acknowledged means synced.** [`SegmentLog::write`] writes a group of records with one
+//!   `pwrite` and queues the group; a syncer ([`SegmentLog::sync`], [`SegmentLog::run_syncer`])
+//!   runs one `fdatasync` over everything written when it starts, and a group's [`Done`] is
+//!   called with `Ok` only after a sync that started after its write returned. The commit is
+//!   pipelined: the writer writes group N+1 while N's sync runs, and several syncs may run at
+//!   once (each covers every write before its start). Completions are taken in the order the
+//!   syncs started, so a sync that returns early waits for the ones before it.
+//! - **A failed sync fails everything in flight.** Linux reports a writeback error to one
+//!   `fsync` only, so a sync that succeeds beside a failing one proves nothing: on any sync
+//!   error every group not yet acknowledged fails (its `Done` gets the error), the end of the
+//!   log goes back to the last durable record, and the results of syncs still running are
+//!   ignored. The [`append`](SegmentLog::append) of one group (write + sync) is the same path.
+//! - **A new segment starts only with nothing in flight** (the writer syncs first), so a crash
+//!   never leaves an unsynced hole at the end of a segment that is followed by another.
 //! - **Torn or corrupt tail cut on open.** Every segment is synced when opened (what is read
 //!   may sit only in the page cache after a failed sync). Records are read while their length fits, their CRC
 //!   matches and their lsn follows; the first that does not ends the log. The rest of the last
@@ -43,8 +54,9 @@
 //!   records are ≤ `folded`. A crash between the store's commit and the recycling leaves
 //!   segments that the next open recycles.
 //! - **A failed write is overwritten.** After a write or sync error the end of the log does not
-//!   move; the next group is written at the same offset, padded with zeros over everything the
-//!   failed one may have left, so an unacknowledged record cannot surface after a crash.
+//!   move (or moves back to the last durable record); the next group is written there, padded
+//!   with zeros over everything the failed ones may have left, so an unacknowledged record cannot
+//!   surface after a crash behind an acknowledged one.
 //! - **Bounded disk.** At most [`LogConfig::spares`] spare segments are kept; preallocation
 //!   happens when a segment is opened, so overwriting preallocated blocks needs no new space.
 //! - Files are 0600, the directory 0700; `log.created` beside it marks that a log was created,
@@ -54,7 +66,8 @@ use crate::store::DiskFaults;
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
 /// Bytes of a segment header.
 pub const SEGMENT_HEADER: u64 = 32;
@@ -274,6 +287,65 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
+/// Called once with a group's outcome: `Ok(first lsn)` once it is durable, `Err` if it never
+/// will be (its write or a sync failed). Called without the log's lock held; it must not block.
+pub type Done = Box<dyn FnOnce(Result<u64, LogError>) + Send>;
+
+/// A copy of `e` for every group a failure fails (`io::Error` is not `Clone`).
+fn dup(e: &LogError) -> LogError {
+    match e {
+        LogError::Io { op, name, source } => LogError::Io {
+            op,
+            name: name.clone(),
+            source: io::Error::new(source.kind(), source.to_string()),
+        },
+        LogError::Corrupt(s) => LogError::Corrupt(s.clone()),
+        LogError::Missing(p) => LogError::Missing(p.clone()),
+    }
+}
+
+/// A group written and not yet known durable.
+struct Inflight {
+    /// Its write's sequence number (never reused, unlike lsns after a rollback).
+    seq: u64,
+    first_lsn: u64,
+    last_lsn: u64,
+    /// Where it starts and ends in the active segment.
+    off: u64,
+    end: u64,
+    done: Done,
+}
+
+/// A sync that started: its id, the last write seq it covers, the generation, its result.
+struct Started {
+    id: u64,
+    upto: u64,
+    generation: u64,
+    ok: bool,
+}
+
+/// A sync to run: [`SegmentLog::sync_begin`] hands it out, the caller runs
+/// [`SyncJob::run`] without any lock, then gives the result to [`SegmentLog::sync_end`].
+pub struct SyncJob {
+    id: u64,
+    generation: u64,
+    name: String,
+    file: Arc<dyn SegFile>,
+}
+
+impl std::fmt::Debug for SyncJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncJob").field("id", &self.id).finish()
+    }
+}
+
+impl SyncJob {
+    /// The `fdatasync`.
+    pub fn run(&self) -> Result<(), LogError> {
+        self.file.sync_data().map_err(io_err("sync", &self.name))
+    }
+}
+
 /// A segment as a reader sees it: first lsn, name, file, end, last lsn.
 type SegView = (u64, String, Arc<dyn SegFile>, u64, u64);
 
@@ -285,6 +357,8 @@ struct Segment {
     end: u64,
     /// Its last durable record's lsn (`first_lsn - 1` while empty).
     last_lsn: u64,
+    /// Offset after its last written record (durable or in flight).
+    wend: u64,
 }
 
 struct State {
@@ -301,6 +375,19 @@ struct State {
     force_new: bool,
     /// Durable records after `folded` and their bytes (headers included).
     unfolded: (u64, u64),
+    /// Groups written, not yet durable, in write order (all in the last segment).
+    inflight: VecDeque<Inflight>,
+    /// The next write's seq.
+    next_seq: u64,
+    /// The highest write seq a started sync covers.
+    covered: u64,
+    /// Syncs started and not yet taken, in start order.
+    started: VecDeque<Started>,
+    next_sync: u64,
+    /// Bumped by every rollback; a sync of an older generation proves nothing.
+    generation: u64,
+    /// [`SegmentLog::close`] was called: syncers end once nothing is in flight.
+    closed: bool,
 }
 
 /// Records read after the watermark, and where the next one starts.
@@ -325,11 +412,14 @@ pub struct Recovered {
     pub cut_bytes: u64,
 }
 
-/// The segment log. One writer (the durable-log thread) and one reader (the sealer).
+/// The segment log. One writer (the durable-log thread), any number of syncers, one reader
+/// (the sealer).
 pub struct SegmentLog {
     dir: Arc<dyn LogDir>,
     cfg: LogConfig,
     state: Mutex<State>,
+    /// Notified when a group is written (syncers wait on it) and when syncs end.
+    changed: Condvar,
 }
 
 impl std::fmt::Debug for SegmentLog {
@@ -527,6 +617,7 @@ impl SegmentLog {
                 file,
                 end: off,
                 last_lsn: expect - 1,
+                wend: off,
             });
         }
         // Every record is folded (or there are none): new ones follow the watermark, in a new
@@ -549,7 +640,15 @@ impl SegmentLog {
                 dirty_tail: 0,
                 force_new,
                 unfolded: (rec.records, rec.bytes),
+                inflight: VecDeque::new(),
+                next_seq: 1,
+                covered: 0,
+                started: VecDeque::new(),
+                next_sync: 0,
+                generation: 0,
+                closed: false,
             }),
+            changed: Condvar::new(),
         };
         {
             let mut st = log.lock();
@@ -578,65 +677,274 @@ impl SegmentLog {
         self.lock().unfolded
     }
 
-    /// Appends one record per payload with one write and one `fdatasync`; returns the lsn of the
-    /// first. On error nothing is acknowledged and the end of the log does not move.
+    /// Appends one record per payload with one write and one `fdatasync` (waiting for it, and
+    /// for every sync begun before it: a caller holding a begun [`SyncJob`] must end it first);
+    /// returns the lsn of the first. On error nothing is acknowledged and the end of the log
+    /// does not move. The same path as [`write`](Self::write) + [`sync`](Self::sync).
     pub fn append(&self, payloads: &[Vec<u8>]) -> Result<u64, LogError> {
-        let mut st = self.lock();
-        let first = st.next_lsn;
-        let mut buf = Vec::with_capacity(
-            payloads
-                .iter()
-                .map(|p| p.len() + RECORD_HEADER as usize)
-                .sum(),
+        let slot: Arc<Mutex<Option<Result<u64, LogError>>>> = Arc::new(Mutex::new(None));
+        let s2 = slot.clone();
+        self.write(
+            payloads,
+            Box::new(move |r| *s2.lock().unwrap_or_else(PoisonError::into_inner) = Some(r)),
         );
-        for (i, p) in payloads.iter().enumerate() {
+        loop {
+            if let Some(r) = slot.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                return r;
+            }
+            if !self.sync() {
+                // Another syncer covers it: wait for its end (the slot is filled before the
+                // notification, which is sent under the lock).
+                let st = self.lock();
+                if slot
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .is_none()
+                {
+                    let _ = self
+                        .changed
+                        .wait_timeout(st, Duration::from_millis(10))
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+        }
+    }
+
+    /// Writes one record per payload with one `pwrite` and queues the group for a sync;
+    /// `done` is called once with its outcome (see [`Done`]): at once if the write fails,
+    /// else when a sync covers it or fails. Before a new segment is started everything in
+    /// flight is synced first.
+    pub fn write(&self, payloads: &[Vec<u8>], done: Done) {
+        for p in payloads {
             if p.is_empty() || p.len() as u64 > MAX_RECORD {
-                return Err(LogError::Corrupt(format!(
+                done(Err(LogError::Corrupt(format!(
                     "a record of {} bytes (1 to {MAX_RECORD})",
                     p.len()
-                )));
+                ))));
+                return;
             }
+        }
+        if payloads.is_empty() {
+            done(Ok(self.next_lsn()));
+            return;
+        }
+        let size: u64 = payloads
+            .iter()
+            .map(|p| p.len() as u64 + RECORD_HEADER)
+            .sum();
+        let mut st = self.lock();
+        let need_new = loop {
+            let need_new = match st.segments.back() {
+                None => true,
+                Some(_) if st.force_new => true,
+                Some(s) => s.wend > SEGMENT_HEADER && s.wend + size > self.cfg.segment_bytes,
+            };
+            if !need_new || st.inflight.is_empty() {
+                break need_new;
+            }
+            // A segment ends only with everything in it durable: sync (or wait for) the rest.
+            drop(st);
+            if !self.sync() {
+                let st = self.lock();
+                if !st.inflight.is_empty() {
+                    let _ = self
+                        .changed
+                        .wait_timeout(st, Duration::from_millis(10))
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+            st = self.lock();
+        };
+        let first = st.next_lsn;
+        let mut buf = Vec::with_capacity(size as usize);
+        for (i, p) in payloads.iter().enumerate() {
             encode_record(&mut buf, first + i as u64, p);
         }
-        let size = buf.len() as u64;
-        let need_new = match st.segments.back() {
-            None => true,
-            Some(_) if st.force_new => true,
-            Some(s) => s.end > SEGMENT_HEADER && s.end + size > self.cfg.segment_bytes,
-        };
-        if need_new {
-            self.activate(&mut st, first)?;
+        if need_new && let Err(e) = self.activate(&mut st, first) {
+            drop(st);
+            done(Err(e));
+            return;
         }
         let Some(seg) = st.segments.back() else {
-            return Err(LogError::Corrupt("no active segment".into()));
+            drop(st);
+            done(Err(LogError::Corrupt("no active segment".into())));
+            return;
         };
-        let (file, off, name) = (seg.file.clone(), seg.end, seg.name.clone());
+        let (file, off, name) = (seg.file.clone(), seg.wend, seg.name.clone());
         // Cover what a failed write may have left past the end with zeros.
         let written = buf.len() as u64;
         if st.dirty_tail > written {
             buf.resize(st.dirty_tail as usize, 0);
         }
-        let r = file
-            .write_at(&buf, off)
-            .map_err(io_err("write", &name))
-            .and_then(|()| file.sync_data().map_err(io_err("sync", &name)));
-        if let Err(e) = r {
+        if let Err(e) = file.write_at(&buf, off) {
             st.dirty_tail = st.dirty_tail.max(buf.len() as u64);
-            return Err(e);
+            drop(st);
+            done(Err(io_err("write", &name)(e)));
+            return;
         }
         st.dirty_tail = 0;
         let n = payloads.len() as u64;
         if let Some(seg) = st.segments.back_mut() {
-            seg.end += written;
-            seg.last_lsn = first + n - 1;
-        }
-        if st.unfolded.0 == 0 {
-            st.fold_pos = (st.segments.back().map_or(0, |s| s.first_lsn), off);
+            seg.wend += written;
         }
         st.next_lsn = first + n;
-        st.unfolded.0 += n;
-        st.unfolded.1 += written;
-        Ok(first)
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.inflight.push_back(Inflight {
+            seq,
+            first_lsn: first,
+            last_lsn: first + n - 1,
+            off,
+            end: off + written,
+            done,
+        });
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// Whether a group of these payloads goes into the active segment; if not,
+    /// [`write`](Self::write) first waits until everything in flight is resolved (so a caller
+    /// holding a begun [`SyncJob`] must end it before such a write).
+    pub fn fits(&self, payloads: &[Vec<u8>]) -> bool {
+        let size: u64 = payloads
+            .iter()
+            .map(|p| p.len() as u64 + RECORD_HEADER)
+            .sum();
+        let st = self.lock();
+        match st.segments.back() {
+            None => false,
+            Some(_) if st.force_new => false,
+            Some(s) => !(s.wend > SEGMENT_HEADER && s.wend + size > self.cfg.segment_bytes),
+        }
+    }
+
+    /// A sync of everything written and not yet covered by a started sync, or `None`.
+    pub fn sync_begin(&self) -> Option<SyncJob> {
+        let mut st = self.lock();
+        let upto = st.inflight.back()?.seq;
+        if upto <= st.covered {
+            return None;
+        }
+        let seg = st.segments.back()?;
+        let (name, file) = (seg.name.clone(), seg.file.clone());
+        st.covered = upto;
+        let id = st.next_sync;
+        st.next_sync += 1;
+        let generation = st.generation;
+        st.started.push_back(Started {
+            id,
+            upto,
+            generation,
+            ok: false,
+        });
+        Some(SyncJob {
+            id,
+            generation,
+            name,
+            file,
+        })
+    }
+
+    /// Takes a sync's result: acknowledges what the syncs started up to and including it
+    /// cover, once every earlier one succeeded too; on error fails everything in flight and
+    /// moves the end back to the last durable record.
+    pub fn sync_end(&self, job: SyncJob, r: Result<(), LogError>) {
+        let mut calls: Vec<(Done, Result<u64, LogError>)> = Vec::new();
+        {
+            let mut st = self.lock();
+            match r {
+                Err(e) => {
+                    tracing::error!(error = %e, "durable log sync failed; groups in flight fail");
+                    st.generation += 1;
+                    st.started.clear();
+                    let failed: Vec<Inflight> = st.inflight.drain(..).collect();
+                    let st = &mut *st;
+                    if let Some(seg) = st.segments.back_mut() {
+                        // Everything written past the durable end may be garbage now.
+                        st.dirty_tail = seg.wend + st.dirty_tail - seg.end;
+                        seg.wend = seg.end;
+                        st.next_lsn = seg.last_lsn + 1;
+                    }
+                    for g in failed {
+                        calls.push((g.done, Err(dup(&e))));
+                    }
+                }
+                Ok(()) => {
+                    if let Some(s) = st
+                        .started
+                        .iter_mut()
+                        .find(|s| s.id == job.id && s.generation == job.generation)
+                    {
+                        s.ok = true;
+                    }
+                    while st.started.front().is_some_and(|s| s.ok) {
+                        let Some(s) = st.started.pop_front() else {
+                            break;
+                        };
+                        while st.inflight.front().is_some_and(|g| g.seq <= s.upto) {
+                            let Some(g) = st.inflight.pop_front() else {
+                                break;
+                            };
+                            let first_seg = st.segments.back().map_or(0, |s| s.first_lsn);
+                            if st.unfolded.0 == 0 {
+                                st.fold_pos = (first_seg, g.off);
+                            }
+                            st.unfolded.0 += g.last_lsn - g.first_lsn + 1;
+                            st.unfolded.1 += g.end - g.off;
+                            if let Some(seg) = st.segments.back_mut() {
+                                seg.end = g.end;
+                                seg.last_lsn = g.last_lsn;
+                            }
+                            calls.push((g.done, Ok(g.first_lsn)));
+                        }
+                    }
+                }
+            }
+        }
+        for (done, r) in calls {
+            done(r);
+        }
+        // Under the lock, so a waiter that checked its outcome under it cannot miss this.
+        let _st = self.lock();
+        self.changed.notify_all();
+    }
+
+    /// Runs one sync if something written is not covered by a started one; whether it did.
+    pub fn sync(&self) -> bool {
+        let Some(job) = self.sync_begin() else {
+            return false;
+        };
+        let r = job.run();
+        self.sync_end(job, r);
+        true
+    }
+
+    /// A syncer thread's loop: syncs whatever is written as soon as it is (several syncers
+    /// overlap their syncs); returns once [`close`](Self::close) was called and nothing is in
+    /// flight.
+    pub fn run_syncer(&self) {
+        loop {
+            if self.sync() {
+                continue;
+            }
+            let st = self.lock();
+            if st.closed && st.inflight.is_empty() {
+                return;
+            }
+            let uncovered = st.inflight.back().is_some_and(|g| g.seq > st.covered);
+            if !uncovered {
+                let _ = self
+                    .changed
+                    .wait_timeout(st, Duration::from_millis(100))
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+    }
+
+    /// No more writes: syncers end once what is in flight is resolved.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
     }
 
     /// Starts a new segment at `first_lsn`: a spare if there is one, else a new zero-filled
@@ -681,6 +989,7 @@ impl SegmentLog {
             file,
             end: SEGMENT_HEADER,
             last_lsn: first_lsn - 1,
+            wend: SEGMENT_HEADER,
         });
         st.force_new = false;
         Ok(())

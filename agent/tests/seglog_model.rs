@@ -1,13 +1,19 @@
 //! The segment log (`tally_agent::seglog`) against a model, over a fake directory whose files
 //! lose what was not synced when the "machine" crashes, with torn writes (a random subset of
 //! the 16-byte chunks of the write in flight persists, later chunks possibly without earlier
-//! ones), and I/O that fails from a chosen operation on (a crash at every step) or for a few
-//! operations and then recovers (a full disk that frees up).
+//! ones), a failed sync that drops what it did not write (as Linux marks such pages clean, so a
+//! later sync succeeds without them), and I/O that fails from a chosen operation on (a crash at
+//! every step) or for a few operations and then recovers (a full disk that frees up).
+//!
+//! The pipelined commit is driven step by step: groups written without a sync (several in
+//! flight), syncs begun and ended in any order (overlapping, completing out of order), failing
+//! syncs, and crashes with groups in flight.
 //!
 //! Checked after every step and every reopen: every acknowledged record is read back exactly
 //! once, in lsn order, with its payload, until the store's watermark passes it, and never after;
-//! a record that was never acknowledged may surface after a crash only as one of the writes that
-//! failed at that position; nothing else ever appears.
+//! groups are acknowledged in write order with consecutive lsns; a record that was never
+//! acknowledged may surface after a crash only as one of the writes that failed or were in
+//! flight at that position; nothing else ever appears.
 //!
 //! The fake makes creations, renames and deletions durable at once (file data is what it
 //! models); `tests/kill.rs` covers a real file system under `kill -9`.
@@ -17,7 +23,7 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
-use tally_agent::seglog::{LogConfig, LogDir, Record, SegFile, SegmentLog};
+use tally_agent::seglog::{LogConfig, LogDir, LogError, Record, SegFile, SegmentLog, SyncJob};
 
 /// The unit a torn write persists in (a sector, scaled down to the test's small records).
 const CHUNK: usize = 16;
@@ -99,7 +105,12 @@ impl SegFile for FakeFile {
         Ok(())
     }
     fn sync_data(&self) -> io::Result<()> {
-        tick(&mut self.disk.0.lock().unwrap())?;
+        if let Err(e) = tick(&mut self.disk.0.lock().unwrap()) {
+            // Linux marks pages whose writeback failed clean: what was not synced is gone, and
+            // the error is reported to one sync only (a later one succeeds without it).
+            self.data.lock().unwrap().pending.clear();
+            return Err(e);
+        }
         let mut d = self.data.lock().unwrap();
         d.durable = d.visible();
         d.pending.clear();
@@ -210,6 +221,15 @@ enum Op {
     FailNext(u8, u8),
     /// A clean restart.
     Reopen,
+    /// Write a group without syncing it (it stays in flight).
+    Write(Vec<u8>),
+    /// Begin a sync (covering everything written so far) and run its `fdatasync` now; its
+    /// result is handed to the log later (so later writes are not durable through it).
+    SyncBegin,
+    /// End the begun sync at this index (modulo the number begun): out of order.
+    SyncEnd(u8),
+    /// Power loss now, with whatever is in flight.
+    Crash(u64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -224,6 +244,10 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(p, k, s)| Op::CrashAt(p, k, s)),
         2 => (0u8..3, 1u8..4).prop_map(|(skip, k)| Op::FailNext(skip, k)),
         1 => Just(Op::Reopen),
+        4 => prop::collection::vec(prop::sample::select(vec![8u8, 8, 16, 40]), 1..4).prop_map(Op::Write),
+        3 => Just(Op::SyncBegin),
+        3 => any::<u8>().prop_map(Op::SyncEnd),
+        1 => any::<u64>().prop_map(Op::Crash),
     ]
 }
 
@@ -232,11 +256,102 @@ struct Model {
     unfolded: Vec<(u64, Vec<u8>)>,
     /// The store's watermark.
     watermark: u64,
-    /// Payloads that failed to append since the last success, by position after the last
-    /// acknowledged lsn: what may surface after a crash.
-    maybe: Vec<Vec<Vec<u8>>>,
+    /// Writes that failed or were in flight: (first lsn of the run they were written in, the
+    /// run's payloads by position, the last group tag when they failed). What may surface after
+    /// a crash; an acknowledged group written later overwrote them durably.
+    maybe: Vec<(u64, Vec<Vec<u8>>, u64)>,
     next_lsn: u64,
     payload_seq: u64,
+    /// Groups written and not yet resolved, in position order: (tag, payloads, failed).
+    chain: Vec<(u64, Vec<Vec<u8>>, bool)>,
+    next_tag: u64,
+    /// Outcomes reported by the log's callbacks, in the order they came.
+    events: Arc<Mutex<Vec<(u64, Result<u64, String>)>>>,
+}
+
+impl Model {
+    /// Takes the outcomes reported so far.
+    fn resolve(&mut self) {
+        let events = std::mem::take(&mut *self.events.lock().unwrap());
+        for (tag, r) in events {
+            let i = self
+                .chain
+                .iter()
+                .position(|g| g.0 == tag)
+                .expect("an outcome for a group not in flight");
+            match r {
+                Ok(first) => {
+                    assert!(
+                        self.chain[..i].iter().all(|g| g.2),
+                        "a group acknowledged before an earlier one"
+                    );
+                    assert_eq!(first, self.next_lsn, "lsns of acknowledged groups follow");
+                    let (_, ps, _) = self.chain.remove(i);
+                    for p in ps {
+                        self.unfolded.push((self.next_lsn, p));
+                        self.next_lsn += 1;
+                    }
+                    self.maybe.retain(|m| m.2 >= tag);
+                }
+                Err(_) => {
+                    let run: Vec<Vec<u8>> = self.chain[..=i]
+                        .iter()
+                        .flat_map(|g| g.1.iter().cloned())
+                        .collect();
+                    self.maybe.push((self.next_lsn, run, self.next_tag));
+                    self.chain[i].2 = true;
+                }
+            }
+        }
+        // A rollback failed every group in flight: the next write starts at the durable end.
+        // A failed write leaves the others in flight; the next write takes its place.
+        if self.chain.iter().all(|g| g.2) {
+            self.chain.clear();
+        } else {
+            self.chain.retain(|g| !g.2);
+        }
+    }
+
+    /// A crash or a restart: what was in flight may surface.
+    fn lose_inflight(&mut self) {
+        let run: Vec<Vec<u8>> = self
+            .chain
+            .iter()
+            .flat_map(|g| g.1.iter().cloned())
+            .collect();
+        if !run.is_empty() {
+            self.maybe.push((self.next_lsn, run, self.next_tag));
+        }
+        self.chain.clear();
+    }
+
+    /// Writes a group through `log.write` (tagged), in flight until resolved.
+    fn write(&mut self, log: &SegmentLog, payloads: Vec<Vec<u8>>) {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.chain.push((tag, payloads.clone(), false));
+        let ev = self.events.clone();
+        log.write(
+            &payloads,
+            Box::new(move |r: Result<u64, LogError>| {
+                ev.lock().unwrap().push((tag, r.map_err(|e| e.to_string())));
+            }),
+        );
+        self.resolve();
+    }
+
+    /// A group through `log.append` (write + sync, waiting).
+    fn append(&mut self, log: &SegmentLog, payloads: Vec<Vec<u8>>) {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.chain.push((tag, payloads.clone(), false));
+        let r = log.append(&payloads);
+        self.events
+            .lock()
+            .unwrap()
+            .push((tag, r.map_err(|e| e.to_string())));
+        self.resolve();
+    }
 }
 
 fn cfg() -> LogConfig {
@@ -267,15 +382,17 @@ fn open(dir: &FakeDir, m: &mut Model) -> SegmentLog {
             "an acknowledged record changed"
         );
     }
-    // Records beyond: only writes that failed at exactly that position.
+    // Records beyond: only writes that failed or were in flight at exactly that position.
     let acked_next = m.next_lsn;
     let acked = m.unfolded.len();
     for (i, r) in found[acked..].iter().enumerate() {
         assert_eq!(r.lsn, acked_next + i as u64);
-        let ok = m
-            .maybe
-            .iter()
-            .any(|group| group.get(i).is_some_and(|p| *p == r.payload));
+        let ok = m.maybe.iter().any(|(start, run, _)| {
+            r.lsn >= *start
+                && run
+                    .get((r.lsn - start) as usize)
+                    .is_some_and(|p| *p == r.payload)
+        });
         assert!(ok, "record {} surfaced but was never written there", r.lsn);
         m.unfolded.push((r.lsn, r.payload.clone()));
     }
@@ -299,6 +416,14 @@ fn payloads(m: &mut Model, sizes: &[u8]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Ends the begun syncs, last begun first (out of order: the log takes completions in
+/// start order).
+fn end_all(log: &SegmentLog, jobs: &mut Vec<(SyncJob, Result<(), LogError>)>) {
+    while let Some((j, r)) = jobs.pop() {
+        log.sync_end(j, r);
+    }
+}
+
 fn run(ops: Vec<Op>) {
     let dir = FakeDir::default();
     let mut m = Model {
@@ -307,24 +432,19 @@ fn run(ops: Vec<Op>) {
         maybe: Vec::new(),
         next_lsn: 1,
         payload_seq: 0,
+        chain: Vec::new(),
+        next_tag: 0,
+        events: Arc::new(Mutex::new(Vec::new())),
     };
     let mut log = open(&dir, &mut m);
+    let mut jobs: Vec<(SyncJob, Result<(), LogError>)> = Vec::new();
     let mut all_folded: Vec<u64> = Vec::new();
     for op in ops {
         match op {
             Op::Append(sizes) => {
+                end_all(&log, &mut jobs);
                 let payloads = payloads(&mut m, &sizes);
-                match log.append(&payloads) {
-                    Ok(first) => {
-                        assert_eq!(first, m.next_lsn);
-                        for (i, p) in payloads.into_iter().enumerate() {
-                            m.unfolded.push((first + i as u64, p));
-                        }
-                        m.next_lsn += sizes.len() as u64;
-                        m.maybe.clear();
-                    }
-                    Err(_) => m.maybe.push(payloads),
-                }
+                m.append(&log, payloads);
             }
             Op::Fold {
                 n,
@@ -352,7 +472,10 @@ fn run(ops: Vec<Op>) {
                 }
                 m.unfolded.drain(..read.records.len());
                 if crash_before_release {
+                    jobs.clear();
                     drop(log);
+                    m.resolve();
+                    m.lose_inflight();
                     dir.crash(upto);
                     log = open(&dir, &mut m);
                     continue;
@@ -364,20 +487,47 @@ fn run(ops: Vec<Op>) {
                     let mut d = dir.0.lock().unwrap();
                     d.crash_at = Some(d.ops + u64::from(k));
                 }
+                end_all(&log, &mut jobs);
                 let payloads = payloads(&mut m, &sizes);
-                match log.append(&payloads) {
-                    Ok(first) => {
-                        for (i, p) in payloads.into_iter().enumerate() {
-                            m.unfolded.push((first + i as u64, p));
-                        }
-                        m.next_lsn += sizes.len() as u64;
-                        m.maybe.clear();
-                    }
-                    Err(_) => m.maybe.push(payloads),
-                }
+                m.append(&log, payloads);
+                jobs.clear();
                 drop(log);
+                m.resolve();
+                m.lose_inflight();
                 dir.crash(seed);
                 log = open(&dir, &mut m);
+            }
+            Op::Crash(seed) => {
+                jobs.clear();
+                drop(log);
+                m.resolve();
+                m.lose_inflight();
+                dir.crash(seed);
+                log = open(&dir, &mut m);
+            }
+            Op::Write(sizes) => {
+                let payloads = payloads(&mut m, &sizes);
+                // A write that starts a segment waits for what is in flight: end the syncs
+                // this single thread holds first (a syncer thread always ends its own).
+                if !log.fits(&payloads) {
+                    end_all(&log, &mut jobs);
+                }
+                m.write(&log, payloads);
+            }
+            Op::SyncBegin => {
+                if jobs.len() < 3
+                    && let Some(j) = log.sync_begin()
+                {
+                    let r = j.run();
+                    jobs.push((j, r));
+                }
+            }
+            Op::SyncEnd(i) => {
+                if !jobs.is_empty() {
+                    let (j, r) = jobs.remove(usize::from(i) % jobs.len());
+                    log.sync_end(j, r);
+                    m.resolve();
+                }
             }
             Op::FailNext(skip, k) => {
                 let mut d = dir.0.lock().unwrap();
@@ -385,7 +535,10 @@ fn run(ops: Vec<Op>) {
                 d.fail_next = u64::from(k);
             }
             Op::Reopen => {
+                jobs.clear();
                 drop(log);
+                m.resolve();
+                m.lose_inflight();
                 {
                     let mut d = dir.0.lock().unwrap();
                     d.fail_next = 0;
@@ -396,12 +549,16 @@ fn run(ops: Vec<Op>) {
         }
         assert_eq!(log.unfolded().0, m.unfolded.len() as u64);
     }
-    // Drain: everything left folds exactly once, in order.
+    // Drain: what is in flight resolves, everything left folds exactly once, in order.
     {
         let mut d = dir.0.lock().unwrap();
         d.fail_next = 0;
         d.fail_skip = 0;
     }
+    end_all(&log, &mut jobs);
+    while log.sync() {}
+    m.resolve();
+    assert!(m.chain.is_empty(), "a group never resolved");
     loop {
         let read = log.read_unfolded(1000, u64::MAX).unwrap();
         if read.records.is_empty() {
@@ -432,5 +589,47 @@ proptest! {
     #[test]
     fn the_log_keeps_every_acknowledged_record_exactly_once(ops in prop::collection::vec(op(), 1..60)) {
         run(ops);
+    }
+}
+
+/// Two groups in flight, two overlapping syncs: the earlier sync fails (dropping the first
+/// group's unsynced write), the later one succeeds and ends first. Neither group may be
+/// acknowledged: the later sync's success proves nothing while an earlier one may still fail.
+#[test]
+fn a_later_sync_waits_for_an_earlier_failing_one() {
+    run(vec![
+        Op::Write(vec![8]),
+        Op::FailNext(0, 1),
+        Op::SyncBegin,
+        Op::Write(vec![16]),
+        Op::SyncBegin,
+        Op::SyncEnd(1),
+        Op::SyncEnd(0),
+        Op::Append(vec![8]),
+        Op::Reopen,
+    ]);
+}
+
+/// A crash with two groups in flight (one written before a sync began, one after): only what
+/// a completed sync acknowledged survives as acknowledged; the rest may surface only at its
+/// own position.
+#[test]
+fn a_crash_with_two_groups_in_flight() {
+    for seed in 0..64 {
+        run(vec![
+            Op::Append(vec![8]),
+            Op::Write(vec![8, 16]),
+            Op::SyncBegin,
+            Op::Write(vec![40]),
+            Op::Crash(seed),
+            Op::Append(vec![8]),
+        ]);
+        run(vec![
+            Op::Write(vec![8]),
+            Op::SyncBegin,
+            Op::Write(vec![16]),
+            Op::SyncEnd(0),
+            Op::Crash(seed),
+        ]);
     }
 }
