@@ -94,6 +94,8 @@ struct Inner {
     backfills: Vec<Backfill>,
     grace_s: i64,
     reflect_delay_ms: i64,
+    /// Ingest answers wait this long after processing (a slow server: requests in flight).
+    response_delay: Duration,
     now_offset_ms: i64,
 }
 
@@ -169,6 +171,11 @@ impl FakeDest {
         let mut g = lock(&self.inner);
         g.rng = f.seed | 1;
         g.random = f;
+    }
+
+    /// Ingest answers come this long after processing.
+    pub fn set_response_delay(&self, d: Duration) {
+        lock(&self.inner).response_delay = d;
     }
 
     /// Orb's grace period (default 12 h).
@@ -362,10 +369,31 @@ async fn handle(
     let Ok(body) = axum::body::to_bytes(body, 8 << 20).await else {
         return error(kind, 413, "body too large", None);
     };
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let mut after = (false, Duration::ZERO);
+    let resp = route(kind, &inner, &parts, &text, &mut after);
+    let (lose, delay) = after;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if lose {
+        return lost();
+    }
+    resp
+}
+
+/// Answers one request; sets `after` to (lose the answer, delay it) for ingest faults.
+fn route(
+    kind: Destination,
+    inner: &Mutex<Inner>,
+    parts: &axum::http::request::Parts,
+    text: &str,
+    after: &mut (bool, Duration),
+) -> Response {
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or("").to_owned();
-    let text = String::from_utf8_lossy(&body).into_owned();
-    let mut g = lock(&inner);
+    let text = text.to_owned();
+    let mut g = lock(inner);
     if g.down {
         return error(kind, 503, "service unavailable", None);
     }
@@ -397,9 +425,7 @@ async fn handle(
                 Destination::Orb => orb_ingest(&mut g, &text, &query, now),
                 Destination::Metronome => metronome_ingest(&mut g, &text, now),
             };
-            if fault == Some(FakeFault::LoseAnswer) {
-                return lost();
-            }
+            *after = (fault == Some(FakeFault::LoseAnswer), g.response_delay);
             resp
         }
         (Destination::Orb, "POST", "/v1/events/backfills") => {
