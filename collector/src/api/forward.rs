@@ -50,6 +50,12 @@ fn not_configured(d: Destination) -> ApiError {
 }
 
 /// `GET /v1/outbox`: the Stripe outbox, or one destination's events.
+#[utoipa::path(get, path = "/v1/outbox", tag = "forwarding",
+    params(("destination" = Option<String>, Query, description = "stripe (default: the /v1/stripe/outbox listing), orb or metronome"),
+           ("state" = Option<String>, Query, description = "orb/metronome: pending, unknown, backfill, sent, dead or out_of_window (default: all)"),
+           ("after" = Option<u64>, Query), ("limit" = Option<u64>, Query)),
+    responses((status = 200, description = "stripe: as /v1/stripe/outbox; orb/metronome: {destination, data:[{id,state,key,customer,meter,value,timestamp,attempts,error}], stats}"),
+              (status = 400, body = super::errors::ErrorBody), (status = 404, body = super::errors::ErrorBody)))]
 pub(super) async fn outbox(
     State(shared): St,
     RawQuery(raw): RawQuery,
@@ -102,6 +108,12 @@ struct ForwardReconciliation {
 }
 
 /// `GET /v1/reconciliation`: Stripe's report, or one destination's.
+#[utoipa::path(get, path = "/v1/reconciliation", tag = "stripe",
+    params(("destination" = Option<String>, Query, description = "stripe (default), orb (sampled keys through event search) or metronome (daily usage)"),
+           ("days" = Option<u64>, Query, description = "UTC days to compare (default 7)"),
+           ("include_today" = Option<bool>, Query, description = "stripe: also today (summaries lag; default false)")),
+    responses((status = 200, body = crate::stripe::ReconciliationReport, description = "for orb/metronome: {destination, ran_at, compared, discrepancies:[{customer,what,day,ledger,destination}], skipped, status}"),
+              (status = 400, body = super::errors::ErrorBody), (status = 502, body = super::errors::ErrorBody)))]
 pub(super) async fn reconciliation(
     State(shared): St,
     RawQuery(raw): RawQuery,

@@ -361,6 +361,7 @@ pub fn spawn_destination(
         client: client.clone(),
         shared: shared.clone(),
         rng: (now as u64) | 1,
+        hold_until_ms: 0,
     };
     let destination = r.cfg.destination;
     let task = tokio::spawn(async move { r.run().await });
@@ -419,6 +420,9 @@ struct Runner {
     bucket: TokenBucket,
     events: Option<EventBudget>,
     rng: u64,
+    /// After a transient failure nothing is sent before this (Unix ms): a destination that is
+    /// down is probed once per backoff, not once per queued batch.
+    hold_until_ms: i64,
 }
 
 /// A store call off the async threads.
@@ -760,6 +764,17 @@ impl Runner {
                     (reqwest::Method::GET, format!("/v1/events/backfills/{id}"))
                 };
                 let r = self.request(method, &path, None, None, 0).await;
+                let closing = rec.phase == BackfillPhase::Close;
+                // A close that was processed but whose answer was lost may be refused when resent
+                // (already closed): the status read tells.
+                if closing
+                    && r.as_ref()
+                        .is_some_and(|r| (400..500).contains(&r.status) && r.status != 429)
+                {
+                    rec.phase = BackfillPhase::Wait;
+                    rec.next_attempt_ms = now + 500;
+                    return blocking(&self.store, move |s| s.put_backfill(d, Some(&rec))).await;
+                }
                 let status = r
                     .as_ref()
                     .filter(|r| (200..300).contains(&r.status))
@@ -827,6 +842,9 @@ impl Runner {
     async fn send_ready(&mut self) -> Result<bool, String> {
         let d = self.cfg.destination;
         let now = self.clock.now_ms();
+        if now < self.hold_until_ms {
+            return Ok(false);
+        }
         let edge = self.edge_s();
         let max = d.batch_max();
         let ready = blocking(&self.store, move |s| s.ready(d, now, max)).await?;
@@ -911,6 +929,7 @@ impl Runner {
                 let delay = self.cfg.backoff.delay(attempts.saturating_sub(1), rnd);
                 let delay = after.map_or(delay, |a| a.max(delay));
                 let at_ms = now + i64::try_from(delay.as_millis()).unwrap_or(60_000);
+                self.hold_until_ms = self.hold_until_ms.max(at_ms);
                 if backfill {
                     // Backfill groups are not "open": hold the whole backfill instead.
                     let mut rec = blocking(&self.store, move |s| s.backfill(d)).await?;
