@@ -313,3 +313,36 @@ async fn a_bad_event_is_dead_lettered_alone() {
         .unwrap();
     assert!(dead[0].last_error.as_deref().unwrap().contains("24 hours"));
 }
+
+/// API calls per million recorded events (request counts do not depend on the build profile;
+/// `benches/benches/forward.rs` measures the rates): 1M recorded events arrive as 100k ledger
+/// deltas (10 events each) for 1,000 customers over 10 minutes; the forwarder catches up.
+/// `cargo test -p tally-stripe --test forward -- --ignored --nocapture api_calls`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, ~1 min in a debug build"]
+async fn api_calls_per_million_recorded_events() {
+    for dest in [Destination::Metronome, Destination::Orb] {
+        let fake = FakeDest::start(dest, KEY).await.unwrap();
+        let store = Arc::new(MemoryForwardStore::in_memory().unwrap());
+        let ledger = Arc::new(VecLedger::default());
+        let base = now_s() - now_s().rem_euclid(60) - 3600 - 600;
+        for i in 0..100_000usize {
+            ledger.push(
+                &format!("cust{:04}", i % 1000),
+                "tokens",
+                Decimal::new(1 + (i % 9973) as i64, 3),
+                base + 60 * (i / 10_000) as i64,
+            );
+        }
+        let h = start(dest, &fake.url(), &store, &ledger);
+        until("caught up", 300, || settled(&store, dest, &ledger)).await;
+        h.shutdown().await;
+        let events = fake.events().len();
+        let requests = fake.requests().len();
+        println!(
+            "{}: 1,000,000 recorded events → 100,000 deltas → {events} events in {requests} requests = {requests} API calls per million recorded events",
+            dest.as_str()
+        );
+        assert_eq!(fake.totals(), ledger.totals());
+    }
+}
