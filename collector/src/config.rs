@@ -34,6 +34,8 @@ pub struct CollectorConfig {
     pub group: GroupLimits,
     /// Stripe forwarding (log-only without an API key).
     pub stripe: crate::stripe::StripeSettings,
+    /// Orb and Metronome forwarding (SPEC §6.4b), each off unless its key is set.
+    pub forward: crate::stripe::forward::ForwardSettings,
     /// Where the collector reads wall time (a [`tally_clock::ManualClock`] in tests).
     pub clock: SharedClock,
     /// The continuous analytics export (`--export-dir`), off by default.
@@ -61,6 +63,7 @@ impl std::fmt::Debug for CollectorConfig {
             .field("max_handshakes_per_s", &self.max_handshakes_per_s)
             .field("group", &self.group)
             .field("stripe", &self.stripe)
+            .field("forward", &self.forward)
             .field("export", &self.export)
             .field("leases", &self.leases)
             .field(
@@ -89,6 +92,7 @@ impl CollectorConfig {
             max_handshakes_per_s: 1_000,
             group: GroupLimits::default(),
             stripe: crate::stripe::StripeSettings::default(),
+            forward: crate::stripe::forward::ForwardSettings::default(),
             clock: Arc::new(SystemClock),
             export: None,
             leases: crate::core::entitlements::LeaseBookLimits::default(),
@@ -127,6 +131,15 @@ impl CollectorConfig {
 /// stripe_request_timeout = 30       # seconds
 /// stripe_rate = 20                  # requests per second
 /// stripe_reconcile_interval = 600   # seconds, 0 = off
+/// orb_api_key_file = "/run/secrets/orb"             # or ORB_API_KEY; unset = Orb off
+/// orb_base_url = "https://api.withorb.com"
+/// orb_grace_hours = 12                              # the Orb account's grace period
+/// orb_meters = { tokens = "llm_tokens" }           # meter → event_name; unset = every meter
+/// orb_customers = { acme = "acme-orb" }            # customer → external_customer_id
+/// metronome_api_key_file = "/run/secrets/metronome" # or METRONOME_API_KEY; unset = off
+/// metronome_base_url = "https://api.metronome.com"
+/// metronome_meters = { tokens = "llm_tokens" }     # meter → event_type; unset = every meter
+/// metronome_customers = { acme = "a1b2…" }         # customer → customer id or ingest alias
 /// ```
 ///
 /// Secrets (the API key, the webhook secret) are never keys of this file: only paths to them.
@@ -169,6 +182,24 @@ pub struct FileConfig {
     pub stripe_rate: Option<u32>,
     /// Seconds between reconciliation runs (0 = off).
     pub stripe_reconcile_interval: Option<u64>,
+    /// A file holding the Orb API key (when `ORB_API_KEY` is unset).
+    pub orb_api_key_file: Option<PathBuf>,
+    /// Orb base URL.
+    pub orb_base_url: Option<String>,
+    /// The Orb account's grace period, hours (default 12).
+    pub orb_grace_hours: Option<u64>,
+    /// Meter → Orb `event_name` (unset: every meter under its own name).
+    pub orb_meters: Option<std::collections::BTreeMap<String, String>>,
+    /// Customer → Orb `external_customer_id` (default: the customer key).
+    pub orb_customers: Option<std::collections::BTreeMap<String, String>>,
+    /// A file holding the Metronome API token (when `METRONOME_API_KEY` is unset).
+    pub metronome_api_key_file: Option<PathBuf>,
+    /// Metronome base URL.
+    pub metronome_base_url: Option<String>,
+    /// Meter → Metronome `event_type` (unset: every meter under its own name).
+    pub metronome_meters: Option<std::collections::BTreeMap<String, String>>,
+    /// Customer → Metronome customer id or ingest alias (default: the customer key).
+    pub metronome_customers: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Why the configuration file was refused.

@@ -346,9 +346,36 @@ struct StripeArgs {
     /// Seconds between reconciliation runs; 0 turns the job off [default: 600].
     #[arg(long, env = "TALLY_STRIPE_RECONCILE_INTERVAL")]
     stripe_reconcile_interval: Option<u64>,
+    /// A file holding the Orb API key (used when ORB_API_KEY is unset); Orb is off without one.
+    #[arg(long, env = "TALLY_ORB_API_KEY_FILE")]
+    orb_api_key_file: Option<PathBuf>,
+    /// Orb base URL [default: https://api.withorb.com].
+    #[arg(long, env = "TALLY_ORB_BASE_URL")]
+    orb_base_url: Option<String>,
+    /// A file holding the Metronome API token (used when METRONOME_API_KEY is unset);
+    /// Metronome is off without one.
+    #[arg(long, env = "TALLY_METRONOME_API_KEY_FILE")]
+    metronome_api_key_file: Option<PathBuf>,
+    /// Metronome base URL [default: https://api.metronome.com].
+    #[arg(long, env = "TALLY_METRONOME_BASE_URL")]
+    metronome_base_url: Option<String>,
 }
 
 impl StripeArgs {
+    /// Orb and Metronome (SPEC §6.4b): each on when its key is set.
+    fn forward(
+        &self,
+        file: &FileConfig,
+    ) -> anyhow::Result<tally_collector::stripe::forward::ForwardSettings> {
+        forward_settings(
+            self.orb_api_key_file.clone(),
+            self.orb_base_url.clone(),
+            self.metronome_api_key_file.clone(),
+            self.metronome_base_url.clone(),
+            file,
+        )
+    }
+
     fn settings(self, file: &FileConfig) -> anyhow::Result<StripeSettings> {
         let key_file = self
             .stripe_api_key_file
@@ -398,6 +425,53 @@ impl StripeArgs {
         }
         Ok(st)
     }
+}
+
+/// Orb and Metronome (SPEC §6.4b): each on when its key is set (environment or file).
+fn forward_settings(
+    orb_key_file: Option<PathBuf>,
+    orb_base_url: Option<String>,
+    metronome_key_file: Option<PathBuf>,
+    metronome_base_url: Option<String>,
+    file: &FileConfig,
+) -> anyhow::Result<tally_collector::stripe::forward::ForwardSettings> {
+    use tally_collector::stripe::forward::key_from_env_or_file;
+    use tally_stripe::forward::{Destination, DestinationConfig, Routes};
+    let mut out = tally_collector::stripe::forward::ForwardSettings::default();
+    let orb_file = orb_key_file.or_else(|| file.orb_api_key_file.clone());
+    if let Some(key) = key_from_env_or_file("ORB_API_KEY", orb_file.as_deref())
+        .context("cannot read the Orb API key file")?
+    {
+        let mut c = DestinationConfig::new(
+            Destination::Orb,
+            key,
+            orb_base_url.or_else(|| file.orb_base_url.clone()),
+        );
+        if let Some(h) = file.orb_grace_hours {
+            c.window = std::time::Duration::from_secs(h.max(1) * 3600);
+        }
+        c.routes = Routes {
+            meters: file.orb_meters.clone(),
+            customers: file.orb_customers.clone().unwrap_or_default(),
+        };
+        out.orb = Some(c);
+    }
+    let met_file = metronome_key_file.or_else(|| file.metronome_api_key_file.clone());
+    if let Some(key) = key_from_env_or_file("METRONOME_API_KEY", met_file.as_deref())
+        .context("cannot read the Metronome API key file")?
+    {
+        let mut c = DestinationConfig::new(
+            Destination::Metronome,
+            key,
+            metronome_base_url.or_else(|| file.metronome_base_url.clone()),
+        );
+        c.routes = Routes {
+            meters: file.metronome_meters.clone(),
+            customers: file.metronome_customers.clone().unwrap_or_default(),
+        };
+        out.metronome = Some(c);
+    }
+    Ok(out)
 }
 
 #[derive(Args)]
@@ -515,6 +589,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(n) = a.max_handshakes_per_s.or(file.max_handshakes_per_s) {
                 config.max_handshakes_per_s = n.max(1);
             }
+            config.forward = a.stripe.forward(&file)?;
             config.stripe = a.stripe.settings(&file)?;
             config.export = a.export.job()?;
             let handle = Collector::start(config).await?;

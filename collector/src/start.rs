@@ -51,6 +51,9 @@ pub enum StartError {
     /// The Stripe forwarder could not start.
     #[error("stripe forwarder: {0}")]
     Stripe(#[from] tally_stripe::forwarder::ForwarderError),
+    /// Orb or Metronome forwarding could not start.
+    #[error(transparent)]
+    Forward(#[from] crate::stripe::forward::ForwardStartError),
 }
 
 /// A running collector.
@@ -118,6 +121,10 @@ impl Collector {
             metrics.stripe.clone(),
             config.clock.clone(),
         )?;
+        if !config.forward.is_empty() && config.ledger_url.is_some() {
+            return Err(crate::stripe::forward::ForwardStartError::Postgres.into());
+        }
+        stripe.start_forwarding(&config.forward, &config.data_dir, store.clone())?;
         let outbox_wake = Arc::new(tokio::sync::Notify::new());
         let (ingest, committer) = crate::ingest::spawn_with_wake(
             store.clone(),

@@ -10,6 +10,8 @@
 //! it would send and marks nothing); [`StripeRuntime::shutdown`] lets requests in flight finish
 //! and runs before the store is closed.
 
+pub mod forward;
+
 use crate::store::Store;
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -130,6 +132,8 @@ pub struct StripeRuntime {
     /// Background tasks (the commit relay, the reconciliation job): a fixed few, kept by the
     /// server at start.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Orb and Metronome, when configured ([`StripeRuntime::start_forwarding`]).
+    forward: std::sync::OnceLock<Arc<forward::ForwardRuntime>>,
 }
 
 impl StripeRuntime {
@@ -181,7 +185,35 @@ impl StripeRuntime {
             clock,
             last: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
+            forward: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Starts Orb and Metronome forwarding (each destination that has a key) on the ledger of
+    /// `store`, with their state in `data_dir/forward.redb`. Nothing starts when none is set.
+    pub fn start_forwarding(
+        &self,
+        settings: &forward::ForwardSettings,
+        data_dir: &std::path::Path,
+        store: Arc<dyn Store>,
+    ) -> Result<(), forward::ForwardStartError> {
+        if settings.is_empty() {
+            return Ok(());
+        }
+        let rt = forward::ForwardRuntime::start(
+            settings,
+            data_dir,
+            store,
+            self.metrics.forward.clone(),
+            self.clock.clone(),
+        )?;
+        let _ = self.forward.set(Arc::new(rt));
+        Ok(())
+    }
+
+    /// Orb and Metronome forwarding, when on.
+    pub fn forward(&self) -> Option<&Arc<forward::ForwardRuntime>> {
+        self.forward.get()
     }
 
     /// Keeps a background task (the commit relay, the reconciliation job) to stop at shutdown.
@@ -206,6 +238,9 @@ impl StripeRuntime {
             .as_ref()
         {
             h.notify();
+        }
+        if let Some(f) = self.forward.get() {
+            f.notify();
         }
     }
 
@@ -254,6 +289,9 @@ impl StripeRuntime {
             .take();
         if let Some(h) = h {
             h.shutdown().await;
+        }
+        if let Some(f) = self.forward.get() {
+            f.shutdown().await;
         }
     }
 

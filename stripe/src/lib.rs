@@ -16,6 +16,8 @@
 //! - [`reconcile`]: ledger totals vs Stripe event summaries.
 //! - [`metrics`]: Prometheus handles.
 //! - `test_server` (feature `test-server`): a local Stripe-compatible server with faults.
+//! - [`forward`]: Orb and Metronome — decimal destinations that read the ledger as their outbox,
+//!   each with its own cursor, groups, pacing, retries, dead letters and reconciliation.
 
 //!
 //! # How the collector uses it
@@ -45,6 +47,7 @@
 
 pub mod client;
 pub mod dispatch;
+pub mod forward;
 pub mod forwarder;
 pub mod group;
 pub mod metrics;

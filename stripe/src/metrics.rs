@@ -33,12 +33,17 @@ pub struct StripeMetrics {
     pub forward_lag_seconds: Gauge,
     /// Discrepancies found by the last reconciliation.
     pub reconciliation_discrepancies: Gauge,
+    /// Orb and Metronome (`tally_forward_…`, labelled by destination).
+    pub forward: crate::forward::runner::ForwardMetrics,
 }
 
 impl StripeMetrics {
     /// Creates the handles and registers them under `tally_stripe_…`.
     pub fn register(registry: &mut Registry) -> Self {
-        let m = Self::default();
+        let m = Self {
+            forward: crate::forward::runner::ForwardMetrics::register(registry),
+            ..Self::default()
+        };
         let r = registry.sub_registry_with_prefix("tally_stripe");
         r.register(
             "requests",

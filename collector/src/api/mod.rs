@@ -22,6 +22,7 @@ mod customers;
 mod enroll_tokens;
 mod entitlements;
 mod errors;
+mod forward;
 mod grants;
 mod ledger;
 mod meters;
@@ -101,7 +102,8 @@ pub fn router(shared: Arc<ApiState>) -> Router {
         )
         .route("/v1/stripe/outbox", get(stripe::list_outbox))
         .route("/v1/stripe/outbox/{id}/retry", post(stripe::retry_outbox))
-        .route("/v1/reconciliation", get(stripe::reconciliation))
+        .route("/v1/outbox", get(forward::outbox))
+        .route("/v1/reconciliation", get(forward::reconciliation))
         .route("/v1/export", post(crate::export::route::export))
         .route("/metrics", get(ops::metrics))
         .route_layer(middleware::from_fn_with_state(shared.clone(), auth));

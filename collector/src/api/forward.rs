@@ -1,0 +1,139 @@
+//! Orb and Metronome routes of the admin API (SPEC §6.4b): `GET /v1/outbox?destination=…`
+//! (the Stripe listing for `destination=stripe` or none) and `GET /v1/reconciliation?destination=…`
+//! (Stripe's report for `stripe` or none).
+
+use super::errors::{ApiError, number, query};
+use super::state::St;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tally_stripe::forward::runner::{DestinationStatus, OutboxView};
+use tally_stripe::forward::store::FwdStats;
+use tally_stripe::forward::{Destination, FwdState};
+
+/// `GET /v1/outbox?destination=orb|metronome`.
+#[derive(Serialize)]
+pub struct DestinationOutbox {
+    /// `orb` or `metronome`.
+    pub destination: String,
+    /// Events in the asked state (all states when none is asked).
+    pub data: Vec<OutboxView>,
+    /// Counts.
+    pub stats: FwdStats,
+}
+
+fn destination(
+    q: &std::collections::HashMap<String, String>,
+) -> Result<Option<Destination>, ApiError> {
+    match q.get("destination").map(String::as_str) {
+        None | Some("stripe") => Ok(None),
+        Some(d) => d
+            .parse()
+            .map(Some)
+            .map_err(|m: String| ApiError::invalid("invalid_destination", "destination", m)),
+    }
+}
+
+fn not_configured(d: Destination) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        code: "destination_not_configured",
+        message: format!(
+            "{} forwarding is off (set {}_API_KEY)",
+            d.as_str(),
+            d.as_str().to_uppercase()
+        ),
+        param: Some(String::from("destination")),
+    }
+}
+
+/// `GET /v1/outbox`: the Stripe outbox, or one destination's events.
+#[utoipa::path(get, path = "/v1/outbox", tag = "forwarding",
+    params(("destination" = Option<String>, Query, description = "stripe (default: the /v1/stripe/outbox listing), orb or metronome"),
+           ("state" = Option<String>, Query, description = "orb/metronome: pending, unknown, backfill, sent, dead or out_of_window (default: all)"),
+           ("after" = Option<u64>, Query), ("limit" = Option<u64>, Query)),
+    responses((status = 200, description = "stripe: as /v1/stripe/outbox; orb/metronome: {destination, data:[{id,state,key,customer,meter,value,timestamp,attempts,error}], stats}"),
+              (status = 400, body = super::errors::ErrorBody), (status = 404, body = super::errors::ErrorBody)))]
+pub(super) async fn outbox(
+    State(shared): St,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let q = query(raw.clone())?;
+    let Some(d) = destination(&q)? else {
+        return Ok(super::stripe::list_outbox(State(shared), RawQuery(raw))
+            .await
+            .into_response());
+    };
+    let Some(f) = shared.stripe.forward().cloned() else {
+        return Err(not_configured(d));
+    };
+    if !f.destinations().contains(&d) {
+        return Err(not_configured(d));
+    }
+    let state: Option<FwdState> = match q.get("state") {
+        None => None,
+        Some(s) => Some(
+            s.parse()
+                .map_err(|m: String| ApiError::invalid("invalid_state", "state", m))?,
+        ),
+    };
+    let after = number(&q, "after", 0)?;
+    let limit = number(&q, "limit", 100)?.clamp(1, super::errors::MAX_PAGE) as usize;
+    let r = tokio::task::spawn_blocking(move || {
+        use tally_stripe::forward::store::ForwardStore;
+        Ok::<_, String>((
+            f.list(d, state, after, limit)?,
+            f.store.stats(d).map_err(|e| e.to_string())?,
+        ))
+    })
+    .await
+    .map_err(|e| ApiError::task_failed(&e))?;
+    let (data, stats) = r.map_err(ApiError::internal)?;
+    Ok(axum::Json(DestinationOutbox {
+        destination: d.as_str().to_owned(),
+        data,
+        stats,
+    })
+    .into_response())
+}
+
+/// A destination's status beside its reconciliation report.
+#[derive(Serialize)]
+struct ForwardReconciliation {
+    #[serde(flatten)]
+    report: tally_stripe::forward::reconcile::FwdReport,
+    status: DestinationStatus,
+}
+
+/// `GET /v1/reconciliation`: Stripe's report, or one destination's.
+#[utoipa::path(get, path = "/v1/reconciliation", tag = "stripe",
+    params(("destination" = Option<String>, Query, description = "stripe (default), orb (sampled keys through event search) or metronome (daily usage)"),
+           ("days" = Option<u64>, Query, description = "UTC days to compare (default 7)"),
+           ("include_today" = Option<bool>, Query, description = "stripe: also today (summaries lag; default false)")),
+    responses((status = 200, body = crate::stripe::ReconciliationReport, description = "for orb/metronome: {destination, ran_at, compared, discrepancies:[{customer,what,day,ledger,destination}], skipped, status}"),
+              (status = 400, body = super::errors::ErrorBody), (status = 502, body = super::errors::ErrorBody)))]
+pub(super) async fn reconciliation(
+    State(shared): St,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let q = query(raw.clone())?;
+    let Some(d) = destination(&q)? else {
+        return Ok(super::stripe::reconciliation(State(shared), RawQuery(raw))
+            .await
+            .into_response());
+    };
+    let Some(f) = shared.stripe.forward().cloned() else {
+        return Err(not_configured(d));
+    };
+    let days = i64::try_from(number(&q, "days", 7)?.clamp(1, 35)).unwrap_or(7);
+    let Some(report) = f.reconcile(d, days).await else {
+        return Err(not_configured(d));
+    };
+    Ok(axum::Json(ForwardReconciliation {
+        report,
+        status: f.status(d).unwrap_or_default(),
+    })
+    .into_response())
+}

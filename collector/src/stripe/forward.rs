@@ -1,0 +1,282 @@
+//! Orb and Metronome in the collector (SPEC §6.4b): settings, the ledger as their outbox, and
+//! the running destinations. The engine is `tally_stripe::forward`.
+//!
+//! Owns [`ForwardSettings`] (what `--orb-*` / `--metronome-*` flags, `ORB_API_KEY`,
+//! `METRONOME_API_KEY` and the config file set), [`StoreLedger`] (usage transfers of the
+//! collector's store as signed ledger items with their dimensions) and [`ForwardRuntime`].
+//!
+//! Guarantees: keys live only in redacting [`ApiKey`]s and are never logged; the destinations'
+//! state (cursors, groups, backfills) is in `forward.redb` in the data directory, next to the
+//! ledger it reads; each destination runs on its own task. Forwarding to Orb and Metronome needs
+//! the embedded store (docs/decisions/0120): with `--ledger-url` it is refused at start.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tally_protocol::names::{CustomerId, MeterName};
+use tally_stripe::ApiKey;
+use tally_stripe::forward::reconcile::FwdReport;
+use tally_stripe::forward::runner::{ForwardMetrics, LedgerSource};
+use tally_stripe::forward::store::ForwardStore;
+use tally_stripe::forward::{
+    Destination, DestinationConfig, DestinationHandle, FwdState, LedgerItem, RedbForwardStore,
+    spawn_destination,
+};
+use tally_stripe::time::SharedClock;
+
+use crate::core::ledger::{AccountKey, TransferSource, source_account_id};
+use crate::store::Store;
+
+/// Which destinations are on, and how.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardSettings {
+    /// Orb, when `ORB_API_KEY` or `--orb-api-key-file` is set.
+    pub orb: Option<DestinationConfig>,
+    /// Metronome, when `METRONOME_API_KEY` or `--metronome-api-key-file` is set.
+    pub metronome: Option<DestinationConfig>,
+}
+
+impl ForwardSettings {
+    /// True when no destination is configured.
+    pub fn is_empty(&self) -> bool {
+        self.orb.is_none() && self.metronome.is_none()
+    }
+}
+
+/// `var` if set and non-empty, else the key file, else `None` (the destination is off).
+pub fn key_from_env_or_file(var: &str, path: Option<&Path>) -> std::io::Result<Option<ApiKey>> {
+    if let Ok(v) = std::env::var(var)
+        && !v.trim().is_empty()
+    {
+        return Ok(Some(ApiKey::new(v)));
+    }
+    path.map(ApiKey::from_file).transpose()
+}
+
+/// The collector's ledger as the destinations' outbox: usage transfers (batch rows and
+/// adjustments; grants are not usage) as signed items — a `last` meter going down or a negative
+/// adjustment is negative — with the usage account's dimensions.
+pub struct StoreLedger {
+    store: Arc<dyn Store>,
+    /// Usage account id → dimensions, per (customer, meter) loaded on a miss; bounded.
+    dims: Mutex<HashMap<u128, BTreeMap<String, String>>>,
+}
+
+/// Most usage accounts whose dimensions are remembered.
+const DIMS_CACHE_MAX: usize = 100_000;
+
+impl StoreLedger {
+    /// Reads `store`'s ledger.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            dims: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn dimensions(
+        &self,
+        account: u128,
+        customer: &CustomerId,
+        meter: &MeterName,
+    ) -> Result<BTreeMap<String, String>, String> {
+        let mut cache = self.dims.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(d) = cache.get(&account) {
+            return Ok(d.clone());
+        }
+        if cache.len() >= DIMS_CACHE_MAX {
+            cache.clear();
+        }
+        let accounts = self
+            .store
+            .usage_accounts(customer, Some(meter), None)
+            .map_err(|e| e.to_string())?;
+        for a in accounts {
+            if let AccountKey::Usage { dimensions, .. } = &a.key {
+                let d: BTreeMap<String, String> = dimensions
+                    .pairs()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_owned(), v.as_str().to_owned()))
+                    .collect();
+                cache.insert(a.key.id(), d);
+            }
+        }
+        Ok(cache.get(&account).cloned().unwrap_or_default())
+    }
+}
+
+impl LedgerSource for StoreLedger {
+    fn read(&self, after: u64, limit: usize) -> Result<(Vec<LedgerItem>, u64), String> {
+        let entries = self
+            .store
+            .entries(None, after, limit)
+            .map_err(|e| e.to_string())?;
+        let scanned = entries.last().map_or(after, |(p, _)| *p);
+        let mut out = Vec::with_capacity(entries.len());
+        for (position, t) in entries {
+            if matches!(t.source, TransferSource::Grant { .. }) || t.amount.is_zero() {
+                continue;
+            }
+            let adjustments = AccountKey::Adjustments {
+                meter: t.unit.clone(),
+            }
+            .id();
+            // Usage comes from the source (or adjustments) account; the other way is a reduction.
+            let positive = t.debit == source_account_id(&t.unit) || t.debit == adjustments;
+            let usage_account = if positive { t.credit } else { t.debit };
+            let dimensions = self.dimensions(usage_account, &t.customer, &t.unit)?;
+            out.push(LedgerItem {
+                position,
+                customer: t.customer.as_str().to_owned(),
+                meter: t.unit.as_str().to_owned(),
+                amount: if positive { t.amount } else { -t.amount },
+                timestamp_s: t.event_at_ms.div_euclid(1000),
+                dimensions,
+            });
+        }
+        Ok((out, scanned))
+    }
+}
+
+/// Why forwarding could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardStartError {
+    /// The destinations' store could not be opened.
+    #[error("forward store: {0}")]
+    Store(#[from] tally_stripe::forward::store::FwdStoreError),
+    /// A destination could not start.
+    #[error("forward destination: {0}")]
+    Start(#[from] tally_stripe::forward::runner::StartError),
+    /// Orb and Metronome read the embedded ledger (docs/decisions/0120).
+    #[error(
+        "orb and metronome forwarding needs the embedded store; it is not available with --ledger-url yet"
+    )]
+    Postgres,
+}
+
+/// The running Orb and Metronome destinations.
+pub struct ForwardRuntime {
+    /// Their store.
+    pub store: Arc<RedbForwardStore>,
+    handles: Vec<DestinationHandle>,
+    clock: SharedClock,
+    metrics: ForwardMetrics,
+    last: Mutex<BTreeMap<Destination, FwdReport>>,
+}
+
+impl ForwardRuntime {
+    /// Opens `data_dir/forward.redb` and starts each configured destination.
+    pub fn start(
+        settings: &ForwardSettings,
+        data_dir: &Path,
+        store: Arc<dyn Store>,
+        metrics: ForwardMetrics,
+        clock: SharedClock,
+    ) -> Result<Self, ForwardStartError> {
+        let fstore = Arc::new(RedbForwardStore::open(&data_dir.join("forward.redb"))?);
+        let ledger: Arc<dyn LedgerSource> = Arc::new(StoreLedger::new(store));
+        let mut handles = Vec::new();
+        for cfg in [&settings.orb, &settings.metronome].into_iter().flatten() {
+            tracing::info!(
+                destination = cfg.destination.as_str(),
+                base_url = %cfg.base_url,
+                "forwarding on"
+            );
+            handles.push(spawn_destination(
+                cfg.clone(),
+                fstore.clone(),
+                ledger.clone(),
+                metrics.clone(),
+                Some(clock.clone()),
+            )?);
+        }
+        Ok(Self {
+            store: fstore,
+            handles,
+            clock,
+            metrics,
+            last: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The destinations that are on.
+    pub fn destinations(&self) -> Vec<Destination> {
+        self.handles.iter().map(|h| h.destination).collect()
+    }
+
+    /// A destination's counters and last error.
+    pub fn status(
+        &self,
+        dest: Destination,
+    ) -> Option<tally_stripe::forward::runner::DestinationStatus> {
+        self.handles
+            .iter()
+            .find(|h| h.destination == dest)
+            .map(DestinationHandle::status)
+    }
+
+    /// Wakes every destination (after a ledger commit).
+    pub fn notify(&self) {
+        for h in &self.handles {
+            h.notify();
+        }
+    }
+
+    /// Stops each destination after its request in flight.
+    pub async fn shutdown(&self) {
+        for h in &self.handles {
+            h.shutdown().await;
+        }
+    }
+
+    /// The listing of `GET /v1/outbox?destination=…&state=…`.
+    pub fn list(
+        &self,
+        dest: Destination,
+        state: Option<FwdState>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<tally_stripe::forward::runner::OutboxView>, String> {
+        let groups = self
+            .store
+            .list(dest, state, after, limit)
+            .map_err(|e| e.to_string())?;
+        Ok(groups.iter().map(Into::into).collect())
+    }
+
+    /// Reconciles `dest` over its delivered groups (Metronome: the last `days` days by day;
+    /// Orb: the last 500 delivered keys through event search); sets the metric.
+    pub async fn reconcile(&self, dest: Destination, days: i64) -> Option<FwdReport> {
+        let h = self.handles.iter().find(|h| h.destination == dest)?;
+        let mut delivered = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .store
+                .list(dest, Some(FwdState::Sent), after, 10_000)
+                .ok()?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            delivered.extend(page);
+        }
+        if dest == Destination::Orb {
+            let keep = delivered.len().saturating_sub(500);
+            delivered.drain(..keep);
+        }
+        let now_s = self.clock.now_ms() / 1000;
+        let report =
+            tally_stripe::forward::reconcile::run(dest, &h.client, &delivered, now_s, days).await;
+        self.metrics
+            .reconciliation_discrepancies
+            .get_or_create(&tally_stripe::forward::runner::DestLabel {
+                destination: dest.as_str().to_owned(),
+            })
+            .set(i64::try_from(report.discrepancies.len()).unwrap_or(i64::MAX));
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(dest, report.clone());
+        Some(report)
+    }
+}
