@@ -251,6 +251,9 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Outcomes reported by the log's callbacks, in the order they came: (group tag, outcome).
+type Outcomes = Arc<Mutex<Vec<(u64, Result<u64, String>)>>>;
+
 struct Model {
     /// Records after the watermark that must be there, in lsn order: (lsn, payload).
     unfolded: Vec<(u64, Vec<u8>)>,
@@ -266,7 +269,7 @@ struct Model {
     chain: Vec<(u64, Vec<Vec<u8>>, bool)>,
     next_tag: u64,
     /// Outcomes reported by the log's callbacks, in the order they came.
-    events: Arc<Mutex<Vec<(u64, Result<u64, String>)>>>,
+    events: Outcomes,
 }
 
 impl Model {
