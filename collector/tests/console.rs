@@ -179,13 +179,6 @@ impl Browser {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 fn dec(v: &Value) -> Decimal {
     Decimal::from_str(v.as_str().unwrap()).unwrap()
 }

@@ -11,9 +11,8 @@ mod common;
 use common::*;
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 use tally_collector::testkit::TestClient;
 use tally_protocol::frame::{AckOutcome, Frame};
@@ -30,40 +29,19 @@ fn run(
     orb: &str,
     met: &str,
 ) -> (Proc, SocketAddr, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally-collector"))
-        .args(["run", "--quic", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--stripe-base-url", stripe])
-        .args(["--stripe-request-timeout", "1", "--stripe-rate", "500"])
-        .args(["--orb-base-url", orb, "--metronome-base-url", met])
-        .env("STRIPE_API_KEY", "sk_test_fwd_SECRETKEY")
-        .env("ORB_API_KEY", ORB_KEY)
-        .env("METRONOME_API_KEY", MET_KEY)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            assert!(
-                !line.contains("SECRET"),
-                "an API key reached the log: {line}"
-            );
-        }
-    });
-    let (quic, http) = ready_addrs(stdout);
-    (Proc(child), quic, http)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+    spawn_collector(
+        Command::new(env!("CARGO_BIN_EXE_tally-collector"))
+            .args(["run", "--quic", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--stripe-base-url", stripe])
+            .args(["--stripe-request-timeout", "1", "--stripe-rate", "500"])
+            .args(["--orb-base-url", orb, "--metronome-base-url", met])
+            .env("STRIPE_API_KEY", "sk_test_fwd_SECRETKEY")
+            .env("ORB_API_KEY", ORB_KEY)
+            .env("METRONOME_API_KEY", MET_KEY),
+        "SECRET",
+    )
 }
 
 async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {

@@ -31,13 +31,6 @@ use tally_protocol::frame::{AckOutcome, Frame};
 use tally_protocol::names::{CustomerId, MeterName};
 use tally_stripe::test_server::{FakeStripe, RandomFaults};
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_collectors_on_one_database_answer_the_same_and_commit_once() {
     let Some(db) = TestDb::create("two_collectors_on_one_database_answer_the_same_and_commit_once")

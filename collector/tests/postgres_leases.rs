@@ -25,13 +25,6 @@ use tally_protocol::entitlements::LeaseRequest;
 use tally_protocol::frame::{AckOutcome, Frame};
 use tally_protocol::names::{CustomerId, MeterName};
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 fn d(s: &str) -> Decimal {
     s.parse().unwrap()
 }

@@ -55,13 +55,6 @@ async fn start_stripe(api: Api, server: &FakeStripe) -> Env {
     start_with(move |c: &mut CollectorConfig| c.stripe = s).await
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 /// `api_calls` (scale 1) and `tokens` (scale 1000), both forwarded.
 async fn put_meters(env: &Env) {
     for (m, scale) in [("api_calls", "1"), ("tokens", "1000")] {

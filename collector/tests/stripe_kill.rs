@@ -9,9 +9,8 @@ mod common;
 use common::*;
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 use tally_collector::testkit::TestClient;
 use tally_protocol::frame::{AckOutcome, Frame};
@@ -19,38 +18,16 @@ use tally_stripe::test_server::{FakeStripe, RandomFaults};
 
 /// Starts `tally-collector run` and returns it with its QUIC and HTTP addresses.
 fn run(dir: &std::path::Path, stripe_url: &str) -> (Proc, SocketAddr, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally-collector"))
-        .args(["run", "--quic", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--stripe-base-url", stripe_url])
-        .args(["--stripe-request-timeout", "1", "--stripe-rate", "500"])
-        .env("STRIPE_API_KEY", "sk_test_kill_SECRETKEY")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    // Logs must never contain the key.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            assert!(
-                !line.contains("SECRETKEY"),
-                "the API key reached the log: {line}"
-            );
-        }
-    });
-    let (quic, http) = ready_addrs(stdout);
-    (Proc(child), quic, http)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+    spawn_collector(
+        Command::new(env!("CARGO_BIN_EXE_tally-collector"))
+            .args(["run", "--quic", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--stripe-base-url", stripe_url])
+            .args(["--stripe-request-timeout", "1", "--stripe-rate", "500"])
+            .env("STRIPE_API_KEY", "sk_test_kill_SECRETKEY"),
+        "SECRETKEY",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -242,3 +242,38 @@ pub fn ready_addrs(
         .unwrap_or_else(|_| panic!("{line}"));
     (quic, http)
 }
+
+/// Starts `cmd` (`tally-collector run` with a test's own flags and variables), failing the test
+/// if `secret` ever shows in its log, and returns it with the QUIC and HTTP addresses it prints.
+pub fn spawn_collector(
+    cmd: &mut std::process::Command,
+    secret: &'static str,
+) -> (Proc, std::net::SocketAddr, std::net::SocketAddr) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            assert!(!line.contains(secret), "a secret reached the log: {line}");
+        }
+    });
+    let (quic, http) = ready_addrs(stdout);
+    (Proc(child), quic, http)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
