@@ -255,6 +255,29 @@ impl RedbForwardStore {
         Ok(out)
     }
 
+    /// Ids of `dest`'s open groups whose timestamp passes `keep`, in id order, at most `max`.
+    fn open_ids(
+        &self,
+        dest: Destination,
+        max: usize,
+        mut keep: impl FnMut(i64) -> bool,
+    ) -> Result<Vec<u64>, FwdStoreError> {
+        let txn = self.db.begin_read().map_err(be)?;
+        let t = txn.open_table(OPEN).map_err(be)?;
+        let d = dest.as_str();
+        let mut ids = Vec::new();
+        for r in t.range((d, 0)..=(d, u64::MAX)).map_err(be)? {
+            let (k, ts) = r.map_err(be)?;
+            if keep(ts.value()) {
+                ids.push(k.value().1);
+                if ids.len() >= max {
+                    break;
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     fn read_groups(
         &self,
         dest: Destination,
@@ -405,17 +428,7 @@ impl ForwardStore for RedbForwardStore {
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<FwdGroup>, FwdStoreError> {
-        let ids: Vec<u64> = {
-            let txn = self.db.begin_read().map_err(be)?;
-            let t = txn.open_table(OPEN).map_err(be)?;
-            let d = dest.as_str();
-            let mut ids = Vec::new();
-            for r in t.range((d, 0)..=(d, u64::MAX)).map_err(be)? {
-                let (k, _) = r.map_err(be)?;
-                ids.push(k.value().1);
-            }
-            ids
-        };
+        let ids = self.open_ids(dest, usize::MAX, |_| true)?;
         let mut out = Vec::new();
         for chunk in ids.chunks(256) {
             for g in self.read_groups(dest, chunk.iter().copied())? {
@@ -436,22 +449,7 @@ impl ForwardStore for RedbForwardStore {
         before_s: i64,
         limit: usize,
     ) -> Result<Vec<FwdGroup>, FwdStoreError> {
-        let ids: Vec<u64> = {
-            let txn = self.db.begin_read().map_err(be)?;
-            let t = txn.open_table(OPEN).map_err(be)?;
-            let d = dest.as_str();
-            let mut ids = Vec::new();
-            for r in t.range((d, 0)..=(d, u64::MAX)).map_err(be)? {
-                let (k, ts) = r.map_err(be)?;
-                if ts.value() < before_s {
-                    ids.push(k.value().1);
-                    if ids.len() >= limit {
-                        break;
-                    }
-                }
-            }
-            ids
-        };
+        let ids = self.open_ids(dest, limit, |ts| ts < before_s)?;
         self.read_groups(dest, ids.into_iter())
     }
 
