@@ -87,20 +87,7 @@ async fn three_destinations_exact_through_faults_a_kill_and_an_orb_outage() {
     let ca = std::fs::read(&files.ca_pem).unwrap();
 
     let (proc1, quic, http_addr) = run(dir.path(), &stripe.url(), &orb.url(), &met.url());
-    for (m, scale) in [("api_calls", "1"), ("tokens", "1000")] {
-        let body = format!(
-            r#"{{"aggregation":"sum","event_type":"{m}","value_property":"$.value","stripe_event_name":"{m}","stripe_unit_scale":"{scale}"}}"#
-        );
-        let (st, v) = http(
-            http_addr,
-            "PUT",
-            &format!("/v1/meters/{m}"),
-            Some(&token),
-            Some(&body),
-        )
-        .await;
-        assert_eq!(st, 200, "{v}");
-    }
+    put_stripe_meters(http_addr, &token).await;
 
     // Three agents; one late batch (13 h old: past Orb's grace period).
     let customers = ["cus_a", "cus_b", "cus_c", "cus_d"];

@@ -280,20 +280,7 @@ async fn two_collector_processes_one_killed_mid_stream_count_and_forward_everyth
     let (proc_b, http_b) = run(dir.path(), db.url(), qb, &server.url());
 
     // Meters through A, a customer mapping through B.
-    for (m, scale) in [("api_calls", "1"), ("tokens", "1000")] {
-        let body = format!(
-            r#"{{"aggregation":"sum","event_type":"{m}","value_property":"$.value","stripe_event_name":"{m}","stripe_unit_scale":"{scale}"}}"#
-        );
-        let (st, v) = http(
-            http_a,
-            "PUT",
-            &format!("/v1/meters/{m}"),
-            Some(&token),
-            Some(&body),
-        )
-        .await;
-        assert_eq!(st, 200, "{v}");
-    }
+    put_stripe_meters(http_a, &token).await;
     let (st, v) = http(
         http_b,
         "PUT",

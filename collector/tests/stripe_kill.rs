@@ -47,20 +47,7 @@ async fn sigkill_mid_forwarding_then_restart_sends_everything_once() {
     let ca = std::fs::read(&files.ca_pem).unwrap();
 
     let (proc1, quic, http_addr) = run(dir.path(), &server.url());
-    for (m, scale) in [("api_calls", "1"), ("tokens", "1000")] {
-        let body = format!(
-            r#"{{"aggregation":"sum","event_type":"{m}","value_property":"$.value","stripe_event_name":"{m}","stripe_unit_scale":"{scale}"}}"#
-        );
-        let (st, v) = http(
-            http_addr,
-            "PUT",
-            &format!("/v1/meters/{m}"),
-            Some(&token),
-            Some(&body),
-        )
-        .await;
-        assert_eq!(st, 200, "{v}");
-    }
+    put_stripe_meters(http_addr, &token).await;
     let (st, v) = http(
         http_addr,
         "PUT",

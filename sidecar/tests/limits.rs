@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod process;
-use process::{Sidecar, free_port, run_command};
+use process::{Sidecar, call, free_port, run_command, wait_ready};
 
 #[path = "../../agent/tests/common/mod.rs"]
 mod common;
@@ -26,7 +26,6 @@ use tally_protocol::entitlements::{
     CustomerEntitlements, Enforcement, Feature, MeterLimit, Source,
 };
 use tally_protocol::names::{CustomerId, FeatureName, MeterName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn catalog() -> Catalog {
     Catalog {
@@ -82,48 +81,14 @@ fn spawn_sidecar(
     ]))
 }
 
-/// One HTTP/1.1 request: status and body; `None` when the connection failed or closed early.
-async fn call(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Option<(u16, String)> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes()).await.ok()?;
-        s.write_all(body).await.ok()?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.ok()?;
-        let text = String::from_utf8(out).ok()?;
-        let status = text.get(9..12)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n")?.1.to_string();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(10), fut)
-        .await
-        .ok()
-        .flatten()
-}
-
 async fn json(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let (status, text) = call(addr, method, path, body.as_bytes()).await.unwrap();
+    let (status, text) = call(addr, method, path, None, body).await.unwrap();
     let v = if text.is_empty() {
         serde_json::Value::Null
     } else {
         serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
     };
     (status, v)
-}
-
-async fn wait_ready(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some((200, _)) = call(addr, "GET", "/readyz", b"").await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "sidecar never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn setup(limit: i64) -> (StandIn, tempfile::TempDir, std::path::PathBuf) {
@@ -306,7 +271,8 @@ async fn a_hard_limit_holds_across_two_sidecars_through_a_sigkill() {
                     http,
                     "POST",
                     "/v1/entitlements/acme/api_calls/consume",
-                    br#"{"quantity":"1"}"#,
+                    None,
+                    r#"{"quantity":"1"}"#,
                 )
                 .await;
                 match r.map(|(s, _)| s) {

@@ -277,3 +277,22 @@ pub fn now_ms() -> i64 {
         .unwrap()
         .as_millis() as i64
 }
+
+/// Defines `api_calls` (1 Stripe unit a unit) and `tokens` (1,000 Stripe units a unit), both
+/// summed from `$.value` and forwarded to Stripe, through the admin API at `addr`.
+pub async fn put_stripe_meters(addr: std::net::SocketAddr, token: &str) {
+    for (m, scale) in [("api_calls", "1"), ("tokens", "1000")] {
+        let body = format!(
+            r#"{{"aggregation":"sum","event_type":"{m}","value_property":"$.value","stripe_event_name":"{m}","stripe_unit_scale":"{scale}"}}"#
+        );
+        let (st, v) = http(
+            addr,
+            "PUT",
+            &format!("/v1/meters/{m}"),
+            Some(token),
+            Some(&body),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+    }
+}
