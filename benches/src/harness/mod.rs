@@ -13,7 +13,7 @@
 pub mod proxy;
 
 #[path = "../../../collector/tests/common/mod.rs"]
-mod common;
+pub(crate) mod common;
 
 use anyhow::{Context, bail};
 use common::{Proc, http, ready_addrs};
@@ -103,11 +103,11 @@ pub fn find_bin(name: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
-fn free_udp_port() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_udp_port() -> anyhow::Result<SocketAddr> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn free_tcp_port() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_tcp_port() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
@@ -185,7 +185,7 @@ impl Agent {
 }
 
 /// One HTTP/1.1 request; `None` when the connection failed or no full answer came in time.
-async fn request(
+pub(crate) async fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
