@@ -35,6 +35,7 @@ async fn a_short_run_reports_exact_totals_and_every_phase() {
         postgres_url: postgres_url.clone(),
         sweep: vec![0.1],
         sweep_duration: Duration::from_secs(1),
+        collector_log: None,
     };
     let r = run(&cfg).await.unwrap();
     println!("{}", table(&r));

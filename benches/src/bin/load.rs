@@ -79,6 +79,9 @@ struct Args {
     /// Memory: deltas they send in all.
     #[arg(long, default_value_t = 10_000_000)]
     history_deltas: u64,
+    /// Keep the collector's log (`RUST_LOG=info`) in this file.
+    #[arg(long)]
+    collector_log: Option<PathBuf>,
     /// Write the report as JSON here as well.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -167,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
         postgres_url: a.postgres,
         sweep: a.sweep,
         sweep_duration: Duration::from_secs(a.sweep_seconds),
+        collector_log: a.collector_log,
     };
     let report = load::run(&cfg).await?;
     print!("{}", load::table(&report));
