@@ -435,6 +435,20 @@ pub(crate) struct Aggregator {
     sealer: OnceLock<std::thread::Thread>,
 }
 
+/// `a + b` exactly, or `None` when it does not fit in a `Decimal` at that scale. The usual case
+/// (two non-negative quantities of one scale) is one 128-bit add; otherwise
+/// `Decimal::checked_add`. `None` keeps the old aggregate aside, so a sum is never rounded.
+#[inline(always)]
+fn add_exact(a: Decimal, b: Decimal) -> Option<Decimal> {
+    if a.scale() == b.scale() && !a.is_sign_negative() && !b.is_sign_negative() {
+        // Each mantissa is below 2^96: the i128 sum cannot overflow.
+        return Decimal::try_from_i128_with_scale(a.mantissa() + b.mantissa(), a.scale()).ok();
+    }
+    let sum = a.checked_add(b)?;
+    // `checked_add` may round to fit (a lower scale); refuse that instead.
+    (sum - a == b).then_some(sum)
+}
+
 fn negative(q: &Decimal) -> bool {
     q.is_sign_negative() && !q.is_zero()
 }
@@ -725,7 +739,7 @@ impl Aggregator {
             }
             return;
         }
-        let sum = acc.sum.checked_add(qty);
+        let sum = add_exact(acc.sum, qty);
         match sum {
             Some(sum) if acc.bucket == bucket_start(at_ms) => {
                 acc.sum = sum;
@@ -968,6 +982,27 @@ mod tests {
 
     fn sum_of(deltas: &[Delta]) -> Decimal {
         deltas.iter().map(|d| d.sum).sum()
+    }
+
+    #[test]
+    fn sums_are_exact_or_kept_apart() {
+        let big = Decimal::from_i128_with_scale((1i128 << 95) - 1, 2);
+        assert_eq!(
+            add_exact(Decimal::ONE, Decimal::TWO),
+            Some(Decimal::from(3))
+        );
+        assert_eq!(
+            add_exact(Decimal::new(15, 1), Decimal::new(25, 2)),
+            Some(Decimal::new(175, 2))
+        );
+        assert_eq!(add_exact(big, big), None);
+        // Past 96 bits at this scale: two aggregates, no rounding.
+        let a = Aggregator::new();
+        a.record("c", "m", &[], big, 0).unwrap();
+        a.record("c", "m", &[], big, 0).unwrap();
+        let d = a.drain();
+        assert_eq!(d.len(), 2);
+        assert!(d.iter().all(|d| d.sum == big));
     }
 
     #[test]
