@@ -6,11 +6,14 @@
 //!
 //! Guarantees:
 //! - A call does no I/O and never waits on another recording thread. It takes the lock of its
-//!   own thread's shard (one atomic swap; released with a plain store), which only that thread
-//!   and the sealer (once per `flush_interval`, for the microseconds of a drain) ever take, so
-//!   it is uncontended in practice; shards are separate, 128-byte aligned allocations, so two
-//!   threads never write the same cache line. No lock or counter is shared between recording
-//!   threads.
+//!   own thread's shard, which only that thread and the sealer (once per `flush_interval`, for
+//!   the microseconds of a drain) or a metrics scrape ever take; the owner takes it with plain
+//!   stores, the others with a swap and a process-wide barrier (`membarrier`, decision 0087).
+//!   Shards are separate, 128-byte aligned allocations, so two threads never write the same
+//!   cache line. No lock or counter is shared between recording threads.
+//! - The thread's shard is found through a thread-local pointer (one load, no borrow), the key
+//!   by a seeded multiply hash over customer, meter and dimensions (one multiply per 16 bytes)
+//!   and compared with inline loads, not `memcmp` calls.
 //! - Once a key has been seen by a thread, a call allocates nothing: the key is found by a hash
 //!   of the borrowed strings and compared against its bytes in the shard's arena, the
 //!   accumulator is updated in place, and the touched list and the spill list keep their
@@ -24,9 +27,9 @@
 use crate::error::{RECORD_ERROR_KINDS, RecordError};
 use hashbrown::{DefaultHashBuilder, HashTable};
 use rust_decimal::Decimal;
-use std::cell::{RefCell, UnsafeCell};
+use std::cell::{Cell, RefCell, UnsafeCell};
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use tally_protocol::batch::{Delta, bucket_start};
@@ -93,7 +96,8 @@ impl Acc {
 }
 
 struct ShardState {
-    hasher: DefaultHashBuilder,
+    /// The key hash's secret seed (random per shard).
+    seed: u64,
     /// Key text → id; the text lives in `arena`, so a lookup touches the table, one run of
     /// bytes and the accumulator, and no pointer chain.
     table: HashTable<Entry>,
@@ -108,7 +112,7 @@ struct ShardState {
 impl ShardState {
     fn new() -> Self {
         ShardState {
-            hasher: DefaultHashBuilder::default(),
+            seed: DefaultHashBuilder::default().hash_one(0x7a11_u64),
             table: HashTable::new(),
             arena: Vec::new(),
             accs: Vec::new(),
@@ -120,17 +124,67 @@ impl ShardState {
     }
 }
 
-/// A shard's table entry.
+/// A shard's table entry (32 bytes).
 struct Entry {
     hash: u64,
+    /// Catalog version `known` was computed for.
+    known_version: u64,
     id: u32,
     /// The key's bytes in the shard's arena: customer 0xff meter (0xfe key 0xfd value)*.
     /// These separators never occur in UTF-8, so the encoding is unambiguous.
     off: u32,
-    len: u32,
-    /// Catalog version `known` was computed for.
-    known_version: u64,
+    /// At most 128 + 1 + 64 + 4 × (2 + 64 + 256) bytes.
+    len: u16,
+    /// The customer's length (at most 128 bytes): a key without dimensions is compared as two
+    /// slices of known length, with no scan for the separator.
+    clen: u8,
     known: bool,
+}
+
+impl Entry {
+    /// Whether this entry is the key (`customer`, `meter`) without dimensions.
+    #[inline(always)]
+    fn is_plain(&self, arena: &[u8], customer: &str, meter: &str) -> bool {
+        let (c, m) = (customer.as_bytes(), meter.as_bytes());
+        let off = self.off as usize;
+        // The lengths fix where the meter starts; a stored key with dimensions has more bytes
+        // after the meter (starting with 0xfe, which is not UTF-8), so it never matches.
+        usize::from(self.len) == c.len() + 1 + m.len()
+            && usize::from(self.clen) == c.len()
+            && arena
+                .get(off..off + c.len())
+                .is_some_and(|b| bytes_eq(b, c))
+            && arena
+                .get(off + c.len() + 1..off + usize::from(self.len))
+                .is_some_and(|b| bytes_eq(b, m))
+    }
+}
+
+/// Byte equality of short names without a call to `memcmp`: two overlapping loads of each
+/// (names are mostly 4–32 bytes, where the call's overhead is most of the comparison).
+#[inline(always)]
+pub(crate) fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        0 => true,
+        1..=3 => a.first() == b.first() && a.get(n / 2) == b.get(n / 2) && a.last() == b.last(),
+        4..=7 => {
+            a.first_chunk::<4>() == b.first_chunk::<4>()
+                && a.last_chunk::<4>() == b.last_chunk::<4>()
+        }
+        8..=16 => {
+            a.first_chunk::<8>() == b.first_chunk::<8>()
+                && a.last_chunk::<8>() == b.last_chunk::<8>()
+        }
+        17..=32 => {
+            a.first_chunk::<16>() == b.first_chunk::<16>()
+                && a.last_chunk::<16>() == b.last_chunk::<16>()
+        }
+        _ => a == b,
+    }
 }
 
 fn encode_key(out: &mut Vec<u8>, customer: &str, meter: &str, dims: &[(&str, &str)]) {
@@ -171,35 +225,96 @@ struct Shard {
     retired: AtomicBool,
 }
 
-/// A minimal lock around a shard's state: taking it is one atomic swap, releasing it a plain
-/// release store (a `std::sync::Mutex` also swaps on unlock, to wake waiters, which doubles the
-/// cost of an uncontended call). Only the owning thread and the sealer ever take it, so a waiter
-/// spins briefly and then yields; it never sleeps in the kernel.
+/// A minimal lock around a shard's state, asymmetric (decision 0087): its owning thread takes
+/// it with plain stores, everyone else (the sealer, a metrics scrape) with an atomic swap and a
+/// process-wide barrier.
+///
+/// The owner marks itself `busy` with a plain store and then reads `locked`; another thread sets
+/// `locked` with a swap, then runs `membarrier(PRIVATE_EXPEDITED)`, which makes every running
+/// thread of the process execute a full memory barrier, and then waits for `busy` to clear. So
+/// either the owner sees `locked` (and waits on the swap like anyone else) or the other thread
+/// sees `busy` (and waits for the owner's call to end): never both inside. The owner's call thus
+/// has no locked instruction; the cost moves to the sealer, once per shard per drain (a few µs).
+/// Where `membarrier` is missing (not Linux, or refused) the owner swaps too. A waiter spins
+/// briefly and then yields; it never sleeps in the kernel.
 struct ShardCell {
     locked: AtomicBool,
+    /// The owner is inside without `locked` (only when [`asymmetric`] holds).
+    busy: AtomicBool,
     state: UnsafeCell<ShardState>,
 }
 
-// SAFETY: `state` is only reached through a `ShardGuard`, which exists only while `locked` is
-// held (acquired with `Acquire`, released with `Release`), so accesses from different threads
-// never overlap and each sees the previous holder's writes. `ShardState` is `Send`. Exercised by
-// `tests::threads_get_their_own_shards_and_sum_exactly` and `tests::sealer_and_owner_race`.
+// SAFETY: `state` is only reached through a `ShardGuard`, which exists only while the cell is
+// held: either `locked` (taken with an `Acquire` swap, released with a `Release` store) or, for
+// the owning thread only, `busy` under the asymmetric protocol above (`busy` cleared with
+// `Release`, read with `Acquire` by the waiter; the owner reads `locked` with `Acquire`). So
+// accesses from different threads never overlap and each sees the previous holder's writes.
+// `ShardState` is `Send`. Exercised by `tests::sealer_and_owner_race`,
+// `tests::threads_get_their_own_shards_and_sum_exactly` and `tests::scrape_and_owner_race`.
 unsafe impl Sync for ShardCell {}
+
+use crate::asym::{asymmetric, init_asymmetric, membarrier};
 
 impl ShardCell {
     fn new(state: ShardState) -> Self {
         ShardCell {
             locked: AtomicBool::new(false),
+            busy: AtomicBool::new(false),
             state: UnsafeCell::new(state),
         }
     }
 
+    /// Locks from the shard's owning thread (the one whose `LOCAL` holds it): no locked
+    /// instruction when uncontended.
+    #[inline(always)]
+    fn lock_owned(&self) -> ShardGuard<'_> {
+        if asymmetric() {
+            self.busy.store(true, Ordering::Relaxed);
+            // With the other side's membarrier this orders the store above before the load
+            // below (the compiler must not reorder them; the CPU is made to by the barrier).
+            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+            if !self.locked.load(Ordering::Acquire) {
+                return ShardGuard {
+                    cell: self,
+                    owner: true,
+                };
+            }
+            self.busy.store(false, Ordering::Release);
+        }
+        self.take_locked();
+        ShardGuard {
+            cell: self,
+            owner: false,
+        }
+    }
+
+    /// Locks from any thread.
     #[inline]
     fn lock(&self) -> ShardGuard<'_> {
+        self.take_locked();
+        if asymmetric() {
+            membarrier::barrier();
+            let mut spins = 0u32;
+            while self.busy.load(Ordering::Acquire) {
+                spins += 1;
+                if spins < 128 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
+        ShardGuard {
+            cell: self,
+            owner: false,
+        }
+    }
+
+    #[inline]
+    fn take_locked(&self) {
         if self.locked.swap(true, Ordering::Acquire) {
             self.lock_contended();
         }
-        ShardGuard { cell: self }
     }
 
     #[cold]
@@ -223,19 +338,21 @@ impl ShardCell {
 
 struct ShardGuard<'a> {
     cell: &'a ShardCell,
+    /// Held through `busy` (the owner's path), not `locked`.
+    owner: bool,
 }
 
 impl std::ops::Deref for ShardGuard<'_> {
     type Target = ShardState;
     fn deref(&self) -> &ShardState {
-        // SAFETY: the guard holds the lock, so no other reference to the state exists.
+        // SAFETY: the guard holds the cell, so no other reference to the state exists.
         unsafe { &*self.cell.state.get() }
     }
 }
 
 impl std::ops::DerefMut for ShardGuard<'_> {
     fn deref_mut(&mut self) -> &mut ShardState {
-        // SAFETY: the guard holds the lock, so no other reference to the state exists.
+        // SAFETY: the guard holds the cell, so no other reference to the state exists.
         unsafe { &mut *self.cell.state.get() }
     }
 }
@@ -243,7 +360,11 @@ impl std::ops::DerefMut for ShardGuard<'_> {
 impl Drop for ShardGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        self.cell.locked.store(false, Ordering::Release);
+        if self.owner {
+            self.cell.busy.store(false, Ordering::Release);
+        } else {
+            self.cell.locked.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -251,9 +372,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// This thread's shards, one per live aggregator (usually one). Dropping it (the thread's exit)
+/// clears [`CURRENT`] first, so that never names a shard this thread no longer holds.
+struct Local(Vec<(u64, Arc<Shard>)>);
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let _ = CURRENT.try_with(|c| c.set((0, std::ptr::null())));
+    }
+}
+
 thread_local! {
-    /// This thread's shards, one per live aggregator (usually one).
-    static LOCAL: RefCell<Vec<(u64, Arc<Shard>)>> = const { RefCell::new(Vec::new()) };
+    static LOCAL: RefCell<Local> = const { RefCell::new(Local(Vec::new())) };
+    /// The shard of the aggregator this thread recorded into last, as (aggregator uid, shard):
+    /// a `Cell` without a destructor, so reading it is one TLS load with no state check and no
+    /// `RefCell` borrow. Invariant: when the uid is not 0, `LOCAL` holds an `Arc` of the shard
+    /// (both are set together, and `Local`'s drop clears this before releasing the `Arc`s).
+    static CURRENT: Cell<(u64, *const Shard)> = const { Cell::new((0, std::ptr::null())) };
 }
 
 static NEXT_UID: AtomicU64 = AtomicU64::new(1);
@@ -300,12 +435,27 @@ pub(crate) struct Aggregator {
     sealer: OnceLock<std::thread::Thread>,
 }
 
+/// `a + b` exactly, or `None` when it does not fit in a `Decimal` at that scale. The usual case
+/// (two non-negative quantities of one scale) is one 128-bit add; otherwise
+/// `Decimal::checked_add`. `None` keeps the old aggregate aside, so a sum is never rounded.
+#[inline(always)]
+fn add_exact(a: Decimal, b: Decimal) -> Option<Decimal> {
+    if a.scale() == b.scale() && !a.is_sign_negative() && !b.is_sign_negative() {
+        // Each mantissa is below 2^96: the i128 sum cannot overflow.
+        return Decimal::try_from_i128_with_scale(a.mantissa() + b.mantissa(), a.scale()).ok();
+    }
+    let sum = a.checked_add(b)?;
+    // `checked_add` may round to fit (a lower scale); refuse that instead.
+    (sum - a == b).then_some(sum)
+}
+
 fn negative(q: &Decimal) -> bool {
     q.is_sign_negative() && !q.is_zero()
 }
 
 impl Aggregator {
     pub(crate) fn new() -> Self {
+        init_asymmetric();
         Aggregator {
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             shards: Mutex::new(Vec::new()),
@@ -388,26 +538,45 @@ impl Aggregator {
         }
     }
 
+    #[inline]
     fn with_shard<R>(&self, f: impl FnOnce(&mut ShardState) -> R) -> R {
+        let (uid, shard) = CURRENT.with(Cell::get);
+        if uid == self.uid {
+            // SAFETY: `CURRENT` names a shard that this thread's `LOCAL` holds an `Arc` of (see
+            // its invariant), so it is alive for this call: `LOCAL` is only changed by this
+            // thread, in `with_shard_slow`, which does not run meanwhile. Uids are never
+            // reused, so a shard of a dropped aggregator is never matched. Exercised by
+            // `tests::threads_get_their_own_shards_and_sum_exactly` and
+            // `tests::two_aggregators_on_one_thread_keep_their_own_shards`.
+            let shard = unsafe { &*shard };
+            return f(&mut shard.state.lock_owned());
+        }
+        self.with_shard_slow(f)
+    }
+
+    #[cold]
+    fn with_shard_slow<R>(&self, f: impl FnOnce(&mut ShardState) -> R) -> R {
         let mut f = Some(f);
         let r = LOCAL.try_with(|local| {
-            // `f` never touches `LOCAL`, so holding the borrow while it runs is fine.
-            {
-                let l = local.borrow();
-                if let Some((_, s)) = l.iter().find(|(u, _)| *u == self.uid) {
-                    return f.take().map(|f| f(&mut s.state.lock()));
+            let s = {
+                let mut l = local.borrow_mut();
+                match l.0.iter().find(|(u, _)| *u == self.uid) {
+                    Some((_, s)) => s.clone(),
+                    None => {
+                        let s = Arc::new(Shard {
+                            state: ShardCell::new(ShardState::new()),
+                            retired: AtomicBool::new(false),
+                        });
+                        lock(&self.shards).push(s.clone());
+                        l.0.retain(|(_, s)| !s.retired.load(Ordering::Relaxed));
+                        l.0.push((self.uid, s.clone()));
+                        s
+                    }
                 }
-            }
-            let s = Arc::new(Shard {
-                state: ShardCell::new(ShardState::new()),
-                retired: AtomicBool::new(false),
-            });
-            lock(&self.shards).push(s.clone());
-            let mut l = local.borrow_mut();
-            l.retain(|(_, s)| !s.retired.load(Ordering::Relaxed));
-            l.push((self.uid, s.clone()));
-            drop(l);
-            f.take().map(|f| f(&mut s.state.lock()))
+            };
+            // `LOCAL` holds `s` (just found or pushed there).
+            CURRENT.with(|c| c.set((self.uid, Arc::as_ptr(&s))));
+            f.take().map(|f| f(&mut s.state.lock_owned()))
         });
         if let Ok(Some(r)) = r {
             return r;
@@ -452,7 +621,7 @@ impl Aggregator {
             return Err(RecordError::NegativeQuantity);
         }
         let ShardState {
-            hasher,
+            seed,
             table,
             arena,
             accs,
@@ -460,14 +629,20 @@ impl Aggregator {
             spill,
             ..
         } = st;
-        let hash = key_hash(hasher, customer, meter, dims);
+        let hash = key_hash(*seed, customer, meter, dims);
         let version = self.catalog_version.load(Ordering::Acquire);
-        let found = table.find_mut(hash, |e| {
-            e.hash == hash
-                && arena
-                    .get(e.off as usize..e.off as usize + e.len as usize)
-                    .is_some_and(|b| key_matches(b, customer, meter, dims))
-        });
+        let found = if dims.is_empty() {
+            table.find_mut(hash, |e| {
+                e.hash == hash && e.is_plain(arena, customer, meter)
+            })
+        } else {
+            table.find_mut(hash, |e| {
+                e.hash == hash
+                    && arena
+                        .get(e.off as usize..e.off as usize + usize::from(e.len))
+                        .is_some_and(|b| key_matches(b, customer, meter, dims))
+            })
+        };
         let id = match found {
             Some(e) => {
                 if e.known_version != version {
@@ -483,17 +658,20 @@ impl Aggregator {
                 let key = self.intern(customer, meter, dims)?;
                 let known = self.meter_known(meter);
                 let off = u32::try_from(arena.len()).map_err(|_| RecordError::OverBudget)?;
-                encode_key(arena, customer, meter, dims);
-                let len = u32::try_from(arena.len() - off as usize)
+                // Validated by `intern`: the customer has at most 128 bytes, the key ~1.5 kB.
+                let clen = u8::try_from(customer.len()).map_err(|_| RecordError::OverBudget)?;
+                let len = u16::try_from(key_len(customer, meter, dims))
                     .map_err(|_| RecordError::OverBudget)?;
+                encode_key(arena, customer, meter, dims);
                 table.insert_unique(
                     hash,
                     Entry {
                         hash,
+                        known_version: version,
                         id: key.id,
                         off,
                         len,
-                        known_version: version,
+                        clen,
                         known,
                     },
                     |e| e.hash,
@@ -561,7 +739,7 @@ impl Aggregator {
             }
             return;
         }
-        let sum = acc.sum.checked_add(qty);
+        let sum = add_exact(acc.sum, qty);
         match sum {
             Some(sum) if acc.bucket == bucket_start(at_ms) => {
                 acc.sum = sum;
@@ -718,18 +896,83 @@ fn drain_shard(s: &Shard, out: &mut Vec<(u32, Acc)>) {
     touched.clear();
 }
 
-fn key_hash(h: &DefaultHashBuilder, customer: &str, meter: &str, dims: &[(&str, &str)]) -> u64 {
-    let mut s = h.build_hasher();
-    s.write(customer.as_bytes());
-    s.write_u8(0xff);
-    s.write(meter.as_bytes());
+/// Bytes of [`encode_key`]'s encoding.
+fn key_len(customer: &str, meter: &str, dims: &[(&str, &str)]) -> usize {
+    customer.len()
+        + 1
+        + meter.len()
+        + dims
+            .iter()
+            .map(|(k, v)| 2 + k.len() + v.len())
+            .sum::<usize>()
+}
+
+const K0: u64 = 0x243f_6a88_85a3_08d3;
+const K1: u64 = 0x1319_8a2e_0370_7344;
+
+/// The folded 64 × 64 → 128-bit multiply (as foldhash and wyhash mix).
+#[inline(always)]
+fn fold(a: u64, b: u64) -> u64 {
+    let p = u128::from(a) * u128::from(b);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+#[inline(always)]
+fn le8(b: Option<&[u8; 8]>) -> u64 {
+    b.map_or(0, |b| u64::from_le_bytes(*b))
+}
+
+#[inline(always)]
+fn le4(b: Option<&[u8; 4]>) -> u64 {
+    b.map_or(0, |b| u64::from(u32::from_le_bytes(*b)))
+}
+
+/// Folds one piece of the key (its bytes and its length) into `h`: one multiply for up to 16
+/// bytes, read as two overlapping words (the length makes the pieces' boundaries part of the
+/// hash, so no separator is hashed).
+#[inline(always)]
+fn piece(mut h: u64, s: &[u8]) -> u64 {
+    let n = s.len();
+    let (a, b) = if n > 16 {
+        let mut rest = s;
+        while rest.len() > 16 {
+            let (x, y) = (
+                le8(rest.first_chunk::<8>()),
+                le8(rest.get(8..16).and_then(|r| r.first_chunk::<8>())),
+            );
+            h = fold(x ^ K0, y ^ h);
+            rest = rest.get(16..).unwrap_or_default();
+        }
+        (
+            le8(s.last_chunk::<16>().and_then(|r| r.first_chunk::<8>())),
+            le8(s.last_chunk::<8>()),
+        )
+    } else if n >= 8 {
+        (le8(s.first_chunk::<8>()), le8(s.last_chunk::<8>()))
+    } else if n >= 4 {
+        (le4(s.first_chunk::<4>()), le4(s.last_chunk::<4>()))
+    } else {
+        let byte = |i: usize| s.get(i).map_or(0, |&b| u64::from(b));
+        if n == 0 {
+            (0, 0)
+        } else {
+            (byte(0) | (byte(n / 2) << 8), byte(n - 1))
+        }
+    };
+    fold(a ^ h ^ K0, b ^ K1 ^ n as u64)
+}
+
+/// The key's hash in the shard's table: one multiply per piece of up to 16 bytes, seeded with
+/// the shard's secret (as the table's default hasher is), over customer, meter and dimensions.
+#[inline]
+fn key_hash(seed: u64, customer: &str, meter: &str, dims: &[(&str, &str)]) -> u64 {
+    let mut h = piece(seed, customer.as_bytes());
+    h = piece(h, meter.as_bytes());
     for (k, v) in dims {
-        s.write_u8(0xfe);
-        s.write(k.as_bytes());
-        s.write_u8(0xfd);
-        s.write(v.as_bytes());
+        h = piece(h, k.as_bytes());
+        h = piece(h, v.as_bytes());
     }
-    s.finish()
+    h
 }
 
 #[cfg(test)]
@@ -739,6 +982,27 @@ mod tests {
 
     fn sum_of(deltas: &[Delta]) -> Decimal {
         deltas.iter().map(|d| d.sum).sum()
+    }
+
+    #[test]
+    fn sums_are_exact_or_kept_apart() {
+        let big = Decimal::from_i128_with_scale((1i128 << 95) + 1, 2);
+        assert_eq!(
+            add_exact(Decimal::ONE, Decimal::TWO),
+            Some(Decimal::from(3))
+        );
+        assert_eq!(
+            add_exact(Decimal::new(15, 1), Decimal::new(25, 2)),
+            Some(Decimal::new(175, 2))
+        );
+        assert_eq!(add_exact(big, big), None);
+        // Past 96 bits at this scale: two aggregates, no rounding.
+        let a = Aggregator::new();
+        a.record("c", "m", &[], big, 0).unwrap();
+        a.record("c", "m", &[], big, 0).unwrap();
+        let d = a.drain();
+        assert_eq!(d.len(), 2);
+        assert!(d.iter().all(|d| d.sum == big));
     }
 
     #[test]
@@ -876,6 +1140,129 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         let total = drainer.join().unwrap() + sum_of(&a.drain());
         assert_eq!(total, Decimal::from(2000));
+    }
+
+    #[test]
+    fn scrape_and_owner_race() {
+        // Counts and drains from two other threads while the owner records: every call is
+        // counted once and every quantity drained once.
+        let a = Arc::new(Aggregator::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let others: Vec<_> = (0..2)
+            .map(|_| {
+                let (a, stop) = (a.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut total = Decimal::ZERO;
+                    let mut last = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        total += sum_of(&a.drain());
+                        let c = a.counts().records;
+                        assert!(c >= last, "counts never go back");
+                        last = c;
+                    }
+                    total
+                })
+            })
+            .collect();
+        for i in 0..300_000u32 {
+            let c = if i % 3 == 0 { "a" } else { "b" };
+            a.record(c, "m", &[], Decimal::new(1, 2), 0).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut total = sum_of(&a.drain());
+        for o in others {
+            total += o.join().unwrap();
+        }
+        assert_eq!(total, Decimal::from(3000));
+        assert_eq!(a.counts().records, 300_000);
+    }
+
+    #[test]
+    fn two_aggregators_on_one_thread_keep_their_own_shards() {
+        // Alternating calls switch the thread's current shard back and forth; a dropped
+        // aggregator's shard is never used by a later one.
+        let a = Aggregator::new();
+        for i in 0..100 {
+            let b = Aggregator::new();
+            a.record("c", "m", &[], Decimal::ONE, 0).unwrap();
+            b.record("c", "m", &[], Decimal::TWO, 0).unwrap();
+            a.record("c", "m", &[], Decimal::ONE, 0).unwrap();
+            assert_eq!(sum_of(&b.drain()), Decimal::TWO, "round {i}");
+        }
+        assert_eq!(sum_of(&a.drain()), Decimal::from(200));
+        assert_eq!(a.counts().records, 200);
+    }
+
+    #[test]
+    fn plain_and_dimensioned_keys_never_match_each_other() {
+        let a = Aggregator::new();
+        type Key<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+        let keys: [Key; 6] = [
+            ("ab", "c", &[]),
+            ("a", "bc", &[]),
+            ("ab", "c", &[("k", "v")]),
+            ("ab", "c", &[("kv", "")]),
+            (
+                "customer-with-a-long-name-over-32-bytes",
+                "meter_with_a_long_name",
+                &[],
+            ),
+            (
+                "customer-with-a-long-name-over-32-bytes",
+                "meter_with_a_long_namf",
+                &[],
+            ),
+        ];
+        for (i, (c, m, d)) in keys.iter().enumerate() {
+            for _ in 0..=i {
+                a.record(c, m, d, Decimal::ONE, 0).unwrap();
+            }
+        }
+        let mut got: Vec<(String, String, usize, Decimal)> = a
+            .drain()
+            .into_iter()
+            .map(|d| {
+                (
+                    d.customer.as_str().to_owned(),
+                    d.meter.as_str().to_owned(),
+                    d.dimensions.pairs().len(),
+                    d.sum,
+                )
+            })
+            .collect();
+        got.sort_by_key(|g| g.3);
+        let sums: Vec<Decimal> = got.iter().map(|g| g.3).collect();
+        assert_eq!(sums, (1..=6).map(Decimal::from).collect::<Vec<_>>());
+        assert_eq!((got[1].0.as_str(), got[1].1.as_str()), ("a", "bc"));
+        assert_eq!(got[2].2, 1);
+    }
+
+    #[test]
+    fn short_name_comparison_is_byte_equality() {
+        let names = [
+            "",
+            "a",
+            "ab",
+            "abc",
+            "abcd",
+            "abcdefg",
+            "abcdefgh",
+            "abcdefghijklmnop",
+            "abcdefghijklmnopq",
+            "abcdefghijklmnopqrstuvwxyz012345",
+            "abcdefghijklmnopqrstuvwxyz0123456",
+        ];
+        for x in names {
+            for y in names {
+                assert_eq!(bytes_eq(x.as_bytes(), y.as_bytes()), x == y);
+                // One byte changed anywhere.
+                for i in 0..y.len() {
+                    let mut z = y.as_bytes().to_vec();
+                    z[i] ^= 1;
+                    assert_eq!(bytes_eq(x.as_bytes(), &z), x.as_bytes() == z.as_slice());
+                }
+            }
+        }
     }
 
     #[test]

@@ -33,6 +33,7 @@
 
 mod agent;
 pub mod aggregate;
+mod asym;
 pub mod config;
 pub mod entitlements;
 pub mod error;

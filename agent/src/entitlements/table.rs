@@ -7,10 +7,14 @@
 //! control bytes, the slot and one line of feature names (decision 0110). Each meter's
 //! accounting lives in a [`MeterSlot`]: a `Mutex<MeterState>`, the truth, and a lock-free view
 //! of it ([`super::fast`]) from which `try_consume` takes with one compare-and-swap while a
-//! lease is open or a soft limit counts locally. A call takes one stripe's read lock (readers
-//! never block each other); two callers contend only on the same customer and meter, and never
-//! with the collector session, which only writes the stripe of a customer whose snapshot
-//! changed. Once a customer and meter are known a call allocates nothing.
+//! lease is open or a soft limit counts locally. A call reads its stripe under this thread's
+//! mark in the table (two plain stores to a cache line only this thread writes; decision 0088),
+//! or under the stripe's read lock where `membarrier` is unavailable; so two callers share no
+//! written cache line unless they use the same customer and meter. A writer (the collector
+//! session, or a customer seen for the first time) takes the stripe's write lock, turns marked
+//! readers to the lock, runs one process-wide barrier and waits for the readers already inside
+//! (nanoseconds); it only writes the stripe of a customer whose snapshot changed. Once a
+//! customer and meter are known a call allocates nothing.
 //!
 //! The table does no I/O and reads no clock: callers pass `now_ms`. What must go to the
 //! collector (snapshot requests for new customers, lease requests) is queued in a bounded
@@ -26,9 +30,10 @@ use super::meter::{Booked, Freshness, Hold, Lease, LimitView, MeterState, Take};
 use super::policy::{EntitlementsConfig, OfflinePolicy};
 use crate::error::RecordError;
 use hashbrown::{DefaultHashBuilder, HashTable};
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rust_decimal::Decimal;
 use smallvec::SmallVec;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -125,7 +130,11 @@ impl Inline {
         if self.len == LONG {
             return s.len() > self.bytes.len() && owned();
         }
-        usize::from(self.len) == s.len() && self.bytes.get(..s.len()) == Some(s.as_bytes())
+        usize::from(self.len) == s.len()
+            && self
+                .bytes
+                .get(..s.len())
+                .is_some_and(|b| crate::aggregate::bytes_eq(b, s.as_bytes()))
     }
 }
 
@@ -195,8 +204,101 @@ impl CustomerSlot {
     }
 }
 
+/// One stripe of the customer index: its table behind a `RwLock`, which writers and readers
+/// without a [`ReaderSlot`] take, and the flag that turns readers with one away (decision 0088).
 #[repr(align(128))]
-struct Stripe(RwLock<HashTable<CustomerSlot>>);
+struct Stripe {
+    lock: RwLock<HashTable<CustomerSlot>>,
+    /// A writer holds `lock` and is waiting for, or past, the readers without the lock.
+    writing: AtomicBool,
+}
+
+/// One thread's mark in one table: which stripe it reads without the stripe's lock, if any.
+/// Only that thread writes it (plain stores); writers read it. Aligned so that two threads'
+/// marks never share a cache line.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct ReaderSlot {
+    /// 0: not reading; otherwise 1 + the stripe it reads.
+    active: AtomicUsize,
+    /// The table was dropped: the thread forgets the slot on its next registration.
+    retired: AtomicBool,
+}
+
+/// This thread's reader slots, one per live table (usually one). Dropping it (the thread's
+/// exit) clears [`READER`] first, so that never names a slot this thread no longer holds.
+struct Readers(Vec<(u64, Arc<ReaderSlot>)>);
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        let _ = READER.try_with(|c| c.set((0, std::ptr::null())));
+    }
+}
+
+thread_local! {
+    static READERS: RefCell<Readers> = const { RefCell::new(Readers(Vec::new())) };
+    /// The slot of the table this thread read last, as (table uid, slot): one TLS load, no
+    /// destructor, no borrow. Invariant: when the uid is not 0, `READERS` holds an `Arc` of the
+    /// slot (both are set together, and `Readers`' drop clears this before releasing them).
+    static READER: Cell<(u64, *const ReaderSlot)> = const { Cell::new((0, std::ptr::null())) };
+}
+
+static NEXT_TABLE_UID: AtomicU64 = AtomicU64::new(1);
+
+/// A stripe's table, read with its lock or, on the usual path, with the reader's mark.
+enum StripeRead<'a> {
+    Marked {
+        slot: &'a ReaderSlot,
+        table: &'a HashTable<CustomerSlot>,
+    },
+    Locked(RwLockReadGuard<'a, HashTable<CustomerSlot>>),
+}
+
+impl std::ops::Deref for StripeRead<'_> {
+    type Target = HashTable<CustomerSlot>;
+    #[inline]
+    fn deref(&self) -> &HashTable<CustomerSlot> {
+        match self {
+            StripeRead::Marked { table, .. } => table,
+            StripeRead::Locked(g) => g,
+        }
+    }
+}
+
+impl Drop for StripeRead<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if let StripeRead::Marked { slot, .. } = self {
+            slot.active.store(0, Ordering::Release);
+        }
+    }
+}
+
+/// A stripe's table, written: its lock held, and no reader inside without it.
+struct StripeWrite<'a> {
+    stripe: &'a Stripe,
+    guard: RwLockWriteGuard<'a, HashTable<CustomerSlot>>,
+}
+
+impl std::ops::Deref for StripeWrite<'_> {
+    type Target = HashTable<CustomerSlot>;
+    fn deref(&self) -> &HashTable<CustomerSlot> {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for StripeWrite<'_> {
+    fn deref_mut(&mut self) -> &mut HashTable<CustomerSlot> {
+        &mut self.guard
+    }
+}
+
+impl Drop for StripeWrite<'_> {
+    fn drop(&mut self) {
+        // Readers may come back; the lock (dropped right after) publishes what was written.
+        self.stripe.writing.store(false, Ordering::Release);
+    }
+}
 
 /// A message for the collector.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,6 +380,9 @@ impl Stats {
 /// The decision table. See the module doc.
 pub struct Table {
     cfg: EntitlementsConfig,
+    uid: u64,
+    /// Every thread's reader slot in this table (threads that exited are dropped by writers).
+    readers: Mutex<Vec<Arc<ReaderSlot>>>,
     hasher: DefaultHashBuilder,
     stripes: Box<[Stripe]>,
     customers: AtomicUsize,
@@ -292,6 +397,14 @@ pub struct Table {
     wake: OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Counts for metrics.
     pub stats: Stats,
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        for s in self.readers.lock().iter() {
+            s.retired.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 impl std::fmt::Debug for Table {
@@ -349,11 +462,17 @@ impl MeterSlot {
 impl Table {
     /// An empty table.
     pub fn new(cfg: EntitlementsConfig) -> Self {
+        crate::asym::init_asymmetric();
         Table {
             cfg,
+            uid: NEXT_TABLE_UID.fetch_add(1, Ordering::Relaxed),
+            readers: Mutex::new(Vec::new()),
             hasher: DefaultHashBuilder::default(),
             stripes: (0..STRIPES)
-                .map(|_| Stripe(RwLock::new(HashTable::new())))
+                .map(|_| Stripe {
+                    lock: RwLock::new(HashTable::new()),
+                    writing: AtomicBool::new(false),
+                })
                 .collect(),
             customers: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
@@ -381,9 +500,107 @@ impl Table {
         self.hasher.hash_one(customer)
     }
 
-    fn stripe(&self, hash: u64) -> &RwLock<HashTable<CustomerSlot>> {
+    fn stripe_index(hash: u64) -> usize {
         // High bits: the hash table uses the low ones.
-        &self.stripes[(hash >> 58) as usize % STRIPES].0
+        (hash >> 58) as usize % STRIPES
+    }
+
+    /// Reads the stripe of `hash`: with this thread's mark when the asymmetric protocol is
+    /// available (plain stores, no shared cache line written), else with the stripe's read lock.
+    #[inline]
+    fn read(&self, hash: u64) -> StripeRead<'_> {
+        self.read_stripe(Self::stripe_index(hash))
+    }
+
+    #[inline]
+    fn read_stripe(&self, idx: usize) -> StripeRead<'_> {
+        let stripe = &self.stripes[idx % STRIPES];
+        if crate::asym::asymmetric()
+            && let Some(slot) = self.reader_slot()
+        {
+            slot.active.store(idx % STRIPES + 1, Ordering::Relaxed);
+            // With the writer's membarrier this orders the mark above before the load below.
+            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+            if !stripe.writing.load(Ordering::Acquire) {
+                // SAFETY: no writer is inside and none can enter while the mark is up: a
+                // writer sets `writing` (holding the write lock), runs a process-wide barrier
+                // and then waits for every mark on this stripe to clear, so either it sees this
+                // mark and waits, or this load saw its `writing` (crate::asym). Seeing
+                // `writing` false with `Acquire` after a writer's `Release` clear orders its
+                // writes before these reads. Exercised by `tests::marked_readers_and_writers_race`.
+                let table = unsafe { &*stripe.lock.data_ptr() };
+                return StripeRead::Marked { slot, table };
+            }
+            slot.active.store(0, Ordering::Release);
+        }
+        StripeRead::Locked(stripe.lock.read())
+    }
+
+    /// This thread's reader slot in this table; `None` while thread-local storage is being torn
+    /// down.
+    #[inline]
+    fn reader_slot(&self) -> Option<&ReaderSlot> {
+        let (uid, slot) = READER.with(Cell::get);
+        if uid == self.uid {
+            // SAFETY: `READER` names a slot this thread's `READERS` holds an `Arc` of (its
+            // invariant), alive for this call: `READERS` changes only in `reader_slot_slow` on
+            // this thread. Uids are never reused.
+            return Some(unsafe { &*slot });
+        }
+        self.reader_slot_slow()
+    }
+
+    #[cold]
+    fn reader_slot_slow(&self) -> Option<&ReaderSlot> {
+        READERS
+            .try_with(|r| {
+                let mut r = r.borrow_mut();
+                let slot = match r.0.iter().find(|(u, _)| *u == self.uid) {
+                    Some((_, s)) => s.clone(),
+                    None => {
+                        let s = Arc::new(ReaderSlot::default());
+                        self.readers.lock().push(s.clone());
+                        r.0.retain(|(_, s)| !s.retired.load(Ordering::Relaxed));
+                        r.0.push((self.uid, s.clone()));
+                        s
+                    }
+                };
+                READER.with(|c| c.set((self.uid, Arc::as_ptr(&slot))));
+                // SAFETY: as in `reader_slot`: `READERS` holds this `Arc` (found or pushed).
+                unsafe { &*Arc::as_ptr(&slot) }
+            })
+            .ok()
+    }
+
+    /// Writes the stripe of `hash`: its write lock, then (asymmetric protocol) `writing` set, a
+    /// process-wide barrier, and a wait for the marked readers of this stripe to leave.
+    fn write(&self, hash: u64) -> StripeWrite<'_> {
+        self.write_stripe(Self::stripe_index(hash))
+    }
+
+    fn write_stripe(&self, idx: usize) -> StripeWrite<'_> {
+        let idx = idx % STRIPES;
+        let stripe = &self.stripes[idx];
+        let guard = stripe.lock.write();
+        if crate::asym::asymmetric() {
+            stripe.writing.store(true, Ordering::Relaxed);
+            crate::asym::membarrier::barrier();
+            let mut readers = self.readers.lock();
+            // Slots whose thread exited (only this registry holds them) never read again.
+            readers.retain(|s| Arc::strong_count(s) > 1);
+            for s in readers.iter() {
+                let mut spins = 0u32;
+                while s.active.load(Ordering::Acquire) == idx + 1 {
+                    spins += 1;
+                    if spins < 128 {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        }
+        StripeWrite { stripe, guard }
     }
 
     /// The collector connection is up (snapshots are current) or down (they age from now).
@@ -456,7 +673,7 @@ impl Table {
     pub fn check(&self, customer: &str, feature: &str, now_ms: i64) -> Decision {
         let hash = self.hash(customer);
         {
-            let t = self.stripe(hash).read();
+            let t = self.read(hash);
             if let Some(c) = t.find(hash, |s| s.is(customer)) {
                 let fresh = self.freshness(c, now_ms);
                 if fresh != Freshness::Current {
@@ -497,7 +714,7 @@ impl Table {
     /// Whether the customer is listed by a snapshot (decisions about it are not by policy).
     pub fn known(&self, customer: &str) -> bool {
         let hash = self.hash(customer);
-        let t = self.stripe(hash).read();
+        let t = self.read(hash);
         t.find(hash, |s| s.is(customer)).is_some_and(|c| c.known)
     }
 
@@ -505,7 +722,7 @@ impl Table {
     pub fn limit(&self, customer: &str, meter: &str, now_ms: i64) -> Limit {
         let hash = self.hash(customer);
         {
-            let t = self.stripe(hash).read();
+            let t = self.read(hash);
             if let Some(c) = t.find(hash, |s| s.is(customer)) {
                 let fresh = self.freshness(c, now_ms);
                 if !c.known {
@@ -558,7 +775,7 @@ impl Table {
     /// Adds an unknown customer (and asks for its snapshot) unless it is there or the table is
     /// full.
     fn placeholder(&self, id: CustomerId, hash: u64, now_ms: i64) {
-        let mut t = self.stripe(hash).write();
+        let mut t = self.write(hash);
         if t.find(hash, |s| s.customer == id).is_some() {
             return;
         }
@@ -584,7 +801,7 @@ impl Table {
         let id = CustomerId::new(customer).map_err(RecordError::InvalidCustomer)?;
         let meter = MeterName::new(meter).map_err(RecordError::InvalidMeter)?;
         self.placeholder(id, hash, now_ms);
-        let mut t = self.stripe(hash).write();
+        let mut t = self.write(hash);
         let Some(c) = t.find_mut(hash, |s| s.is(customer)) else {
             return Ok(());
         };
@@ -614,7 +831,7 @@ impl Table {
         let mut f = Some(f);
         for _ in 0..2 {
             {
-                let t = self.stripe(hash).read();
+                let t = self.read(hash);
                 if let Some(c) = t.find(hash, |s| s.is(customer)) {
                     if let Some(m) = c.meter(meter) {
                         let fresh = self.freshness(c, now_ms);
@@ -804,7 +1021,7 @@ impl Table {
     /// The freshness of `customer` now.
     pub fn freshness_of(&self, customer: &str, now_ms: i64) -> Freshness {
         let hash = self.hash(customer);
-        let t = self.stripe(hash).read();
+        let t = self.read(hash);
         t.find(hash, |s| s.is(customer))
             .map_or(Freshness::NoSnapshot, |c| self.freshness(c, now_ms))
     }
@@ -828,35 +1045,65 @@ impl Table {
             let listed: std::collections::HashSet<&str> =
                 customers.iter().map(|c| c.customer.as_str()).collect();
             let mut gone = Vec::new();
-            for s in self.stripes.iter() {
-                for c in s.0.read().iter() {
+            for i in 0..STRIPES {
+                for c in self.read_stripe(i).iter() {
                     if c.known && !listed.contains(c.customer.as_str()) {
                         gone.push(c.customer.clone());
                     }
                 }
             }
-            for c in gone {
-                self.upsert(&c, None, now_ms);
-            }
+            let gone: Vec<(CustomerId, Option<&CustomerEntitlements>)> =
+                gone.into_iter().map(|c| (c, None)).collect();
+            self.upsert_all(gone.iter().map(|(c, ce)| (c, *ce)), now_ms);
         }
-        for c in customers {
-            self.upsert(&c.customer, Some(c), now_ms);
-        }
+        self.upsert_all(customers.iter().map(|c| (&c.customer, Some(c))), now_ms);
         self.synced_at_ms.fetch_max(now_ms, Ordering::Relaxed);
     }
 
     /// Loads a cache kept on disk; it was current when the collector built it.
     pub fn load(&self, cache: &EntitlementsCache) {
-        for c in &cache.customers {
-            self.upsert(&c.customer, Some(c), cache.built_at_ms);
-        }
+        self.upsert_all(
+            cache.customers.iter().map(|c| (&c.customer, Some(c))),
+            cache.built_at_ms,
+        );
         self.synced_at_ms
             .store(cache.built_at_ms, Ordering::Relaxed);
     }
 
-    fn upsert(&self, id: &CustomerId, ce: Option<&CustomerEntitlements>, now_ms: i64) {
-        let hash = self.hash(id.as_str());
-        let mut t = self.stripe(hash).write();
+    /// Upserts many customers, taking each stripe's write side once (one barrier per stripe,
+    /// not per customer).
+    fn upsert_all<'a>(
+        &self,
+        customers: impl Iterator<Item = (&'a CustomerId, Option<&'a CustomerEntitlements>)>,
+        now_ms: i64,
+    ) {
+        let mut by_stripe: Vec<Vec<(u64, &CustomerId, Option<&CustomerEntitlements>)>> =
+            (0..STRIPES).map(|_| Vec::new()).collect();
+        for (id, ce) in customers {
+            let hash = self.hash(id.as_str());
+            if let Some(v) = by_stripe.get_mut(Self::stripe_index(hash)) {
+                v.push((hash, id, ce));
+            }
+        }
+        for (i, v) in by_stripe.iter().enumerate() {
+            if v.is_empty() {
+                continue;
+            }
+            let mut t = self.write_stripe(i);
+            for (hash, id, ce) in v {
+                self.upsert_in(&mut t, *hash, id, *ce, now_ms);
+            }
+        }
+    }
+
+    fn upsert_in(
+        &self,
+        t: &mut HashTable<CustomerSlot>,
+        hash: u64,
+        id: &CustomerId,
+        ce: Option<&CustomerEntitlements>,
+        now_ms: i64,
+    ) {
         if t.find(hash, |s| s.customer == *id).is_none() {
             if self.customers.load(Ordering::Relaxed) >= MAX_CUSTOMERS {
                 tracing::warn!(customer = %id, "entitlement table full; customer decided by policy");
@@ -968,7 +1215,7 @@ impl Table {
     pub fn describe(&self, customer: &str, now_ms: i64) -> CustomerView {
         let hash = self.hash(customer);
         let found = {
-            let t = self.stripe(hash).read();
+            let t = self.read(hash);
             t.find(hash, |s| s.is(customer)).map(|c| {
                 if !c.known {
                     self.maybe_request(c, now_ms);
@@ -1007,8 +1254,8 @@ impl Table {
     /// Customers listed by a snapshot, up to `max` (asked for again on reconnect).
     pub fn known_customers(&self, max: usize) -> Vec<CustomerId> {
         let mut out = Vec::new();
-        for s in self.stripes.iter() {
-            for c in s.0.read().iter() {
+        for i in 0..STRIPES {
+            for c in self.read_stripe(i).iter() {
                 if out.len() >= max {
                     return out;
                 }

@@ -882,3 +882,53 @@ fn grants_for_released_leases_and_empty_answers_are_not_consumed() {
             .allowed
     );
 }
+
+/// Readers that take no lock (the stripe's mark, decision 0088) against a writer that rewrites
+/// the same customers' slots and grows the stripes' tables (new customers): every answer is one
+/// the snapshot ever gave, each allowed take is recorded once, and nothing crashes.
+#[test]
+fn marked_readers_and_writers_race() {
+    let t = Arc::new(Table::new(EntitlementsConfig::default()));
+    t.set_connected(true, 0);
+    let names: Vec<String> = (0..64).map(|i| format!("c{i}")).collect();
+    let soft = |n: &str| customer_with(n, 1_000_000, Decimal::ZERO, Enforcement::Soft);
+    t.apply(&names.iter().map(|n| soft(n)).collect::<Vec<_>>(), false, 0);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|r| {
+            let (t, stop, names) = (t.clone(), stop.clone(), names.clone());
+            std::thread::spawn(move || {
+                let (mut i, mut allowed, mut recorded) = (r, 0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let n = &names[i % names.len()];
+                    let d = t.check(n, "gpt4", 1);
+                    assert!(d.allowed, "{n}: {d:?}");
+                    assert!(!t.check(n, "sora", 1).allowed);
+                    let (take, _) = t
+                        .try_consume(n, "api_calls", Decimal::ONE, 1, |_| {
+                            recorded += 1;
+                            Ok(())
+                        })
+                        .unwrap();
+                    assert!(take.allowed, "{take:?}");
+                    allowed += 1;
+                    i += 7;
+                }
+                (allowed, recorded)
+            })
+        })
+        .collect();
+    for round in 0..300 {
+        // Rewrites every slot in place, and adds customers (rehashing the stripes' tables).
+        t.apply(&names.iter().map(|n| soft(n)).collect::<Vec<_>>(), false, 1);
+        for j in 0..20 {
+            t.check(&format!("new-{round}-{j}"), "gpt4", 1);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        let (allowed, recorded) = r.join().unwrap();
+        assert!(allowed > 0);
+        assert_eq!(allowed, recorded);
+    }
+}
