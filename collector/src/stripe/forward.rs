@@ -6,9 +6,11 @@
 //! collector's store as signed ledger items with their dimensions) and [`ForwardRuntime`].
 //!
 //! Guarantees: keys live only in redacting [`ApiKey`]s and are never logged; the destinations'
-//! state (cursors, groups, backfills) is in `forward.redb` in the data directory, next to the
-//! ledger it reads; each destination runs on its own task. Forwarding to Orb and Metronome needs
-//! the embedded store (docs/decisions/0120): with `--ledger-url` it is refused at start.
+//! state (cursors, groups, backfills) is next to the ledger it reads — `forward.redb` in the
+//! data directory with the embedded store, the `fwd_*` tables with `--ledger-url` (shared by
+//! every collector on the database, each destination claimed by one at a time, decision
+//! 0125); each destination runs on its own task. On PostgreSQL the ledger is read only up to
+//! its first missing position, so a cursor never passes a position not yet committed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -23,6 +25,9 @@ use tally_stripe::forward::{
     Destination, DestinationConfig, DestinationHandle, FwdState, LedgerItem, RedbForwardStore,
     spawn_destination,
 };
+
+use crate::store::postgres::PgStore;
+use crate::store::postgres::forward::PgForwardStore;
 use tally_stripe::time::SharedClock;
 
 use crate::core::ledger::{AccountKey, TransferSource, source_account_id};
@@ -59,6 +64,8 @@ pub fn key_from_env_or_file(var: &str, path: Option<&Path>) -> std::io::Result<O
 /// adjustment is negative — with the usage account's dimensions.
 pub struct StoreLedger {
     store: Arc<dyn Store>,
+    /// Read only the run of consecutive positions after the cursor (PostgreSQL, decision 0125).
+    contiguous: bool,
     /// Usage account id → dimensions, per (customer, meter) loaded on a miss; bounded.
     dims: Mutex<HashMap<u128, BTreeMap<String, String>>>,
 }
@@ -71,7 +78,18 @@ impl StoreLedger {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
             store,
+            contiguous: false,
             dims: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Reads a PostgreSQL ledger, whose positions are gapless once committed (each writer takes
+    /// the next one under the ledger lock): a missing position is a transaction not yet
+    /// committed, so the read stops before it and the cursor never passes it (decision 0125).
+    pub fn gapless(store: Arc<dyn Store>) -> Self {
+        Self {
+            contiguous: true,
+            ..Self::new(store)
         }
     }
 
@@ -108,10 +126,24 @@ impl StoreLedger {
 
 impl LedgerSource for StoreLedger {
     fn read(&self, after: u64, limit: usize) -> Result<(Vec<LedgerItem>, u64), String> {
-        let entries = self
+        let mut entries = self
             .store
             .entries(None, after, limit)
             .map_err(|e| e.to_string())?;
+        if self.contiguous {
+            let run = entries
+                .iter()
+                .zip(after + 1..)
+                .take_while(|((p, _), want)| p == want)
+                .count();
+            if run < entries.len() {
+                tracing::debug!(
+                    missing = after + 1 + run as u64,
+                    "ledger position not committed yet; forwarding reads up to it"
+                );
+                entries.truncate(run);
+            }
+        }
         let scanned = entries.last().map_or(after, |(p, _)| *p);
         let mut out = Vec::with_capacity(entries.len());
         for (position, t) in entries {
@@ -148,17 +180,12 @@ pub enum ForwardStartError {
     /// A destination could not start.
     #[error("forward destination: {0}")]
     Start(#[from] tally_stripe::forward::runner::StartError),
-    /// Orb and Metronome read the embedded ledger (docs/decisions/0120).
-    #[error(
-        "orb and metronome forwarding needs the embedded store; it is not available with --ledger-url yet"
-    )]
-    Postgres,
 }
 
 /// The running Orb and Metronome destinations.
 pub struct ForwardRuntime {
     /// Their store.
-    pub store: Arc<RedbForwardStore>,
+    pub store: Arc<dyn ForwardStore>,
     handles: Vec<DestinationHandle>,
     clock: SharedClock,
     metrics: ForwardMetrics,
@@ -166,16 +193,26 @@ pub struct ForwardRuntime {
 }
 
 impl ForwardRuntime {
-    /// Opens `data_dir/forward.redb` and starts each configured destination.
+    /// Opens the destinations' state — the `fwd_*` tables of `pg` when the ledger is there,
+    /// else `data_dir/forward.redb` — and starts each configured destination.
     pub fn start(
         settings: &ForwardSettings,
         data_dir: &Path,
         store: Arc<dyn Store>,
+        pg: Option<Arc<PgStore>>,
         metrics: ForwardMetrics,
         clock: SharedClock,
     ) -> Result<Self, ForwardStartError> {
-        let fstore = Arc::new(RedbForwardStore::open(&data_dir.join("forward.redb"))?);
-        let ledger: Arc<dyn LedgerSource> = Arc::new(StoreLedger::new(store));
+        let (fstore, ledger): (Arc<dyn ForwardStore>, Arc<dyn LedgerSource>) = match pg {
+            Some(pg) => (
+                Arc::new(PgForwardStore::new(pg)),
+                Arc::new(StoreLedger::gapless(store)),
+            ),
+            None => (
+                Arc::new(RedbForwardStore::open(&data_dir.join("forward.redb"))?),
+                Arc::new(StoreLedger::new(store)),
+            ),
+        };
         let mut handles = Vec::new();
         for cfg in [&settings.orb, &settings.metronome].into_iter().flatten() {
             tracing::info!(

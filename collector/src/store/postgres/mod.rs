@@ -33,6 +33,7 @@ use tally_protocol::catalog::{Catalog, MeterDef};
 use tally_protocol::names::{CustomerId, MeterName};
 
 pub mod entitlements;
+pub mod forward;
 pub mod listen;
 pub mod outbox;
 pub mod pool;
