@@ -82,7 +82,6 @@ pub(super) async fn outbox(
     let after = number(&q, "after", 0)?;
     let limit = number(&q, "limit", 100)?.clamp(1, super::errors::MAX_PAGE) as usize;
     let r = tokio::task::spawn_blocking(move || {
-        use tally_stripe::forward::store::ForwardStore;
         Ok::<_, String>((
             f.list(d, state, after, limit)?,
             f.store.stats(d).map_err(|e| e.to_string())?,
