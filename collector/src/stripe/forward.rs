@@ -23,8 +23,10 @@ use tally_stripe::forward::runner::{ForwardMetrics, LedgerSource};
 use tally_stripe::forward::store::ForwardStore;
 use tally_stripe::forward::{
     Destination, DestinationConfig, DestinationHandle, FwdState, LedgerItem, RedbForwardStore,
-    spawn_destination,
+    Routes, spawn_destination,
 };
+
+use crate::store::{DestNames, NameKind};
 
 use crate::store::postgres::PgStore;
 use crate::store::postgres::forward::PgForwardStore;
@@ -168,6 +170,52 @@ impl LedgerSource for StoreLedger {
             });
         }
         Ok((out, scanned))
+    }
+
+    fn routes(
+        &self,
+        dest: Destination,
+        items: &[LedgerItem],
+        base: &Routes,
+    ) -> Result<Routes, String> {
+        let pick = |n: DestNames| match dest {
+            Destination::Orb => n.orb,
+            Destination::Metronome => n.metronome,
+        };
+        let mut meters: Vec<String> = items.iter().map(|i| i.meter.clone()).collect();
+        meters.sort_unstable();
+        meters.dedup();
+        let mut customers: Vec<String> = items.iter().map(|i| i.customer.clone()).collect();
+        customers.sort_unstable();
+        customers.dedup();
+        let meter_names = self
+            .store
+            .dest_names(NameKind::Meter, &meters)
+            .map_err(|e| e.to_string())?;
+        let customer_names = self
+            .store
+            .dest_names(NameKind::Customer, &customers)
+            .map_err(|e| e.to_string())?;
+        let mut out = base.clone();
+        if meter_names.iter().any(|(_, n)| pick(n.clone()).is_some()) {
+            // With no configured list every meter goes under its own name; a name set through
+            // the API adds to (or replaces in) that mapping.
+            let mut m = base.meters.clone().unwrap_or_else(|| {
+                meters.iter().map(|x| (x.clone(), x.clone())).collect()
+            });
+            for (k, n) in meter_names {
+                if let Some(v) = pick(n) {
+                    m.insert(k, v);
+                }
+            }
+            out.meters = Some(m);
+        }
+        for (k, n) in customer_names {
+            if let Some(v) = pick(n) {
+                out.customers.insert(k, v);
+            }
+        }
+        Ok(out)
     }
 }
 

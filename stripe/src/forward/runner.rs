@@ -42,6 +42,20 @@ pub trait LedgerSource: Send + Sync + 'static {
     /// Usage transfers after position `after`, ascending, at most `limit`; and the last
     /// position scanned (past transfers that are not usage), so the cursor can move over them.
     fn read(&self, after: u64, limit: usize) -> Result<(Vec<LedgerItem>, u64), String>;
+
+    /// The names `dest` uses for the meters and customers of `items`: `base` (the
+    /// configuration's) with whatever the source knows on top (names set through the API,
+    /// SPEC §6.4b). Called once per planning step, so a change applies to events planned after
+    /// it; planned events keep their names.
+    fn routes(
+        &self,
+        dest: Destination,
+        items: &[LedgerItem],
+        base: &Routes,
+    ) -> Result<Routes, String> {
+        let _ = (dest, items);
+        Ok(base.clone())
+    }
 }
 
 /// One destination's settings.
@@ -558,15 +572,19 @@ impl Runner {
         let (ns, cursor) =
             blocking(&self.store, move |s| Ok((s.namespace()?, s.cursor(d)?))).await?;
         let ledger = self.ledger.clone();
-        let (items, scanned) =
-            tokio::task::spawn_blocking(move || ledger.read(cursor, PLAN_ITEMS_MAX))
-                .await
-                .map_err(|e| e.to_string())??;
+        let base = self.cfg.routes.clone();
+        let (items, scanned, routes) = tokio::task::spawn_blocking(move || {
+            let (items, scanned) = ledger.read(cursor, PLAN_ITEMS_MAX)?;
+            let routes = ledger.routes(d, &items, &base)?;
+            Ok::<_, String>((items, scanned, routes))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         if scanned <= cursor && items.is_empty() {
             return Ok(false);
         }
         let full = items.len() >= PLAN_ITEMS_MAX;
-        let p = plan(&ns, d, cursor, scanned, &items, &self.cfg.routes);
+        let p = plan(&ns, d, cursor, scanned, &items, &routes);
         blocking(&self.store, move |s| {
             s.commit_plan(d, cursor, p.cursor, p.groups)
         })

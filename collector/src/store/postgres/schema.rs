@@ -138,6 +138,13 @@ CREATE INDEX fwd_groups_state ON fwd_groups (dest, state, id);
 CREATE TABLE fwd_counts (dest text, state text, n bigint NOT NULL, PRIMARY KEY (dest, state));
 CREATE TABLE fwd_backfill (dest text PRIMARY KEY, rec bytea NOT NULL);
 "#,
+    // 5: Orb and Metronome names of meters and customers set through the API (SPEC §6.4b), as
+    // JSON beside the catalog and customer records (whose encodings agents and older rows share).
+    r#"
+CREATE TABLE dest_names (
+  kind text NOT NULL, key text COLLATE "C" NOT NULL, names bytea NOT NULL, PRIMARY KEY (kind, key)
+);
+"#,
 ];
 
 /// Brings the database to the newest version, once, under [`MIGRATION_LOCK`]; returns the
