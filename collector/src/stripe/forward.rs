@@ -315,6 +315,39 @@ impl ForwardRuntime {
         }
     }
 
+    /// Operator retry of dead letter `id` of `dest` (`POST /v1/{orb,metronome}/outbox/{id}/retry`):
+    /// back to open under the **same key**, so a copy the destination did take is deduplicated
+    /// (one that was attempted goes back as `unknown`; an Orb one older than the grace period
+    /// goes through a backfill after an event search). `Ok(None)`: no such group; `Err(group)`:
+    /// it is not dead (nothing changed).
+    pub fn requeue(
+        &self,
+        dest: Destination,
+        id: u64,
+    ) -> Result<Result<Option<tally_stripe::forward::FwdGroup>, tally_stripe::forward::FwdGroup>, String>
+    {
+        let cur = match self.store.list(dest, None, id.saturating_sub(1), 1) {
+            Ok(v) => v.into_iter().find(|g| g.id == id),
+            Err(e) => return Err(e.to_string()),
+        };
+        let Some(cur) = cur else {
+            return Ok(Ok(None));
+        };
+        if cur.state != FwdState::Dead {
+            return Ok(Err(cur));
+        }
+        let after = self
+            .store
+            .apply(
+                dest,
+                &[id],
+                tally_stripe::forward::FwdEvent::Requeue,
+            )
+            .map_err(|e| e.to_string())?;
+        self.notify();
+        Ok(Ok(after.into_iter().next()))
+    }
+
     /// The listing of `GET /v1/outbox?destination=…&state=…`.
     pub fn list(
         &self,

@@ -1,4 +1,9 @@
-//! Orb and Metronome names through the admin API (SPEC §6.4b): `orb_event_name` /
+//! The admin API of Orb and Metronome forwarding.
+//!
+//! Operator retry of a dead letter (`POST /v1/{orb,metronome}/outbox/{id}/retry`): back to the
+//! queue under the same key, delivered once; refused for a group that is not dead.
+//!
+//! Names (SPEC §6.4b): `orb_event_name` /
 //! `metronome_event_type` on `PUT /v1/meters/{m}`, `orb_external_customer_id` /
 //! `metronome_customer_id` on `PUT /v1/customers/{c}` — validated with Stripe-shaped errors,
 //! stored in both stores (redb and PostgreSQL), returned by `GET`, kept out of the agents'
@@ -19,7 +24,7 @@ use tally_collector::store::{DestNames, NameKind, Store};
 use tally_protocol::frame::{AckOutcome, Frame};
 use tally_stripe::ApiKey;
 use tally_stripe::forward::fake::FakeDest;
-use tally_stripe::forward::{Destination, DestinationConfig};
+use tally_stripe::forward::{Destination, DestinationConfig, FwdEvent, FwdState};
 
 fn names_round_trip(s: &dyn Store) {
     let k = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
@@ -235,5 +240,103 @@ async fn names_set_through_the_api_apply_to_events_planned_after() {
         .await;
     assert!(v["data"][0]["orb_event_name"].is_null(), "{v}");
     assert_eq!(v["data"][0]["metronome_event_type"], "calls_v2", "{v}");
+    env.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_retried_under_its_key_and_delivered_once() {
+    let met = FakeDest::start(Destination::Metronome, MET_KEY)
+        .await
+        .unwrap();
+    met.set_down(true);
+    let mu = met.url();
+    let env = start_with(move |c| {
+        let mut m = DestinationConfig::new(
+            Destination::Metronome,
+            ApiKey::new(MET_KEY.to_owned()),
+            Some(mu),
+        );
+        m.backoff.base = Duration::from_millis(100);
+        m.backoff.cap = Duration::from_millis(300);
+        c.forward.metronome = Some(m);
+    })
+    .await;
+    let (st, v) = env
+        .admin(
+            "PUT",
+            "/v1/meters/tokens",
+            Some(r#"{"aggregation":"sum","event_type":"tokens","value_property":"$.value"}"#),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let k = key(32);
+    let mut client = env.client(&k).await;
+    let now = now_ms();
+    let mut deltas = Vec::new();
+    let mut want = Decimal::ZERO;
+    for (i, c) in ["a", "b", "c"].iter().enumerate() {
+        let q = Decimal::new(1_001 + i as i64, 3);
+        want += q;
+        deltas.push(delta(c, "tokens", &[], now - 60_000, q, 1));
+    }
+    match send(&mut client, &seal(&k, 1, 1, deltas)).await {
+        Frame::Ack(a) => assert_eq!(a.outcome, AckOutcome::Committed),
+        other => panic!("{other:?}"),
+    }
+    // Metronome is down: the events are attempted and stay open; one is made a dead letter
+    // as a refusal would (the refusal path itself is the runner's tests').
+    let f = env.handle.shared().stripe.forward().cloned().unwrap();
+    let store = f.store.clone();
+    until("attempted", 20, || {
+        store
+            .list(Destination::Metronome, None, 0, 10)
+            .unwrap()
+            .iter()
+            .filter(|g| g.attempts > 0)
+            .count()
+            == 3
+    })
+    .await;
+    let dead = store
+        .apply(
+            Destination::Metronome,
+            &[2],
+            FwdEvent::Rejected(String::from("refused")),
+        )
+        .unwrap()
+        .remove(0);
+    assert_eq!(dead.state, FwdState::Dead);
+
+    // Refusals: not a number, no such event, not dead, a destination that is off.
+    let (st, v) = env.admin("POST", "/v1/metronome/outbox/x/retry", None).await;
+    assert_eq!((st, v["error"]["code"].as_str()), (400, Some("invalid_integer")), "{v}");
+    let (st, v) = env.admin("POST", "/v1/metronome/outbox/99/retry", None).await;
+    assert_eq!((st, v["error"]["code"].as_str()), (404, Some("resource_missing")), "{v}");
+    let (st, v) = env.admin("POST", "/v1/metronome/outbox/1/retry", None).await;
+    assert_eq!((st, v["error"]["code"].as_str()), (400, Some("outbox_row_not_dead")), "{v}");
+    let (st, v) = env.admin("POST", "/v1/orb/outbox/2/retry", None).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("destination_not_configured")),
+        "{v}"
+    );
+
+    met.set_down(false);
+    until("two delivered", 20, || met.events().len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(met.events().len(), 2, "a dead letter waits for the operator");
+    let (st, v) = env.admin("POST", "/v1/metronome/outbox/2/retry", None).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["key"], dead.event.key, "the same key");
+    assert_eq!(v["state"], "unknown", "it was attempted before: {v}");
+    until("all delivered", 20, || met.events().len() == 3).await;
+    let total: Decimal = met.totals().values().copied().sum();
+    assert_eq!(total, want);
+    assert!(met.events().iter().any(|e| e.key == dead.event.key));
+    let (_, v) = env
+        .admin("GET", "/v1/outbox?destination=metronome&state=dead", None)
+        .await;
+    assert_eq!(v["stats"]["dead"], 0, "{v}");
+    assert_eq!(v["stats"]["sent"], 3, "{v}");
     env.handle.shutdown().await;
 }
