@@ -665,9 +665,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Dev(a) => {
             let d = DevOptions::default();
+            let forward = a.stripe.forward(&file)?;
             let stripe = a.stripe.settings(&file)?;
             let opts = DevOptions {
                 stripe,
+                forward,
                 data_dir: a.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
                 quic: a.quic.or(file.quic).unwrap_or(d.quic),
                 http: a.http.or(file.http).unwrap_or(d.http),
