@@ -330,12 +330,7 @@ fn print_banner(
         "  curl -s {auth} -X PUT http://{http}/v1/customers/acme -d '{{\"stripe_customer_id\":\"cus_123\"}}'"
     );
     println!("  curl -s {auth} 'http://{http}/v1/stripe/outbox?state=pending'");
-    for d in opts
-        .forward
-        .orb
-        .iter()
-        .chain(opts.forward.metronome.iter())
-    {
+    for d in opts.forward.orb.iter().chain(opts.forward.metronome.iter()) {
         println!(
             "  curl -s {auth} 'http://{http}/v1/outbox?destination={}&state=sent'",
             d.destination.as_str()

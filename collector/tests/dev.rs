@@ -74,7 +74,9 @@ async fn dev_forwards_to_orb_and_metronome_when_their_keys_are_set() {
     use tally_stripe::ApiKey;
     use tally_stripe::forward::fake::FakeDest;
     use tally_stripe::forward::{Destination, DestinationConfig};
-    let orb = FakeDest::start(Destination::Orb, "orb_test_dev").await.unwrap();
+    let orb = FakeDest::start(Destination::Orb, "orb_test_dev")
+        .await
+        .unwrap();
     let met = FakeDest::start(Destination::Metronome, "met_dev")
         .await
         .unwrap();

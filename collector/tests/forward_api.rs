@@ -28,7 +28,11 @@ use tally_stripe::forward::{Destination, DestinationConfig, FwdEvent, FwdState};
 
 fn names_round_trip(s: &dyn Store) {
     let k = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
-    assert!(s.dest_names(NameKind::Meter, &k(&["a"])).unwrap().is_empty());
+    assert!(
+        s.dest_names(NameKind::Meter, &k(&["a"]))
+            .unwrap()
+            .is_empty()
+    );
     let n = DestNames {
         orb: Some("llm_tokens".into()),
         metronome: None,
@@ -151,7 +155,12 @@ async fn names_set_through_the_api_apply_to_events_planned_after() {
     let q1 = Decimal::new(12_345, 4);
     match send(
         &mut client,
-        &seal(&k, 1, 1, vec![delta("acme", "api_calls", &[], now - 120_000, q1, 1)]),
+        &seal(
+            &k,
+            1,
+            1,
+            vec![delta("acme", "api_calls", &[], now - 120_000, q1, 1)],
+        ),
     )
     .await
     {
@@ -200,7 +209,12 @@ async fn names_set_through_the_api_apply_to_events_planned_after() {
     let q2 = Decimal::new(7, 3);
     match send(
         &mut client,
-        &seal(&k, 1, 2, vec![delta("acme", "api_calls", &[], now - 60_000, q2, 1)]),
+        &seal(
+            &k,
+            1,
+            2,
+            vec![delta("acme", "api_calls", &[], now - 60_000, q2, 1)],
+        ),
     )
     .await
     {
@@ -308,12 +322,30 @@ async fn a_dead_letter_is_retried_under_its_key_and_delivered_once() {
     assert_eq!(dead.state, FwdState::Dead);
 
     // Refusals: not a number, no such event, not dead, a destination that is off.
-    let (st, v) = env.admin("POST", "/v1/metronome/outbox/x/retry", None).await;
-    assert_eq!((st, v["error"]["code"].as_str()), (400, Some("invalid_integer")), "{v}");
-    let (st, v) = env.admin("POST", "/v1/metronome/outbox/99/retry", None).await;
-    assert_eq!((st, v["error"]["code"].as_str()), (404, Some("resource_missing")), "{v}");
-    let (st, v) = env.admin("POST", "/v1/metronome/outbox/1/retry", None).await;
-    assert_eq!((st, v["error"]["code"].as_str()), (400, Some("outbox_row_not_dead")), "{v}");
+    let (st, v) = env
+        .admin("POST", "/v1/metronome/outbox/x/retry", None)
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (400, Some("invalid_integer")),
+        "{v}"
+    );
+    let (st, v) = env
+        .admin("POST", "/v1/metronome/outbox/99/retry", None)
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("resource_missing")),
+        "{v}"
+    );
+    let (st, v) = env
+        .admin("POST", "/v1/metronome/outbox/1/retry", None)
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (400, Some("outbox_row_not_dead")),
+        "{v}"
+    );
     let (st, v) = env.admin("POST", "/v1/orb/outbox/2/retry", None).await;
     assert_eq!(
         (st, v["error"]["code"].as_str()),
@@ -324,8 +356,14 @@ async fn a_dead_letter_is_retried_under_its_key_and_delivered_once() {
     met.set_down(false);
     until("two delivered", 20, || met.events().len() == 2).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(met.events().len(), 2, "a dead letter waits for the operator");
-    let (st, v) = env.admin("POST", "/v1/metronome/outbox/2/retry", None).await;
+    assert_eq!(
+        met.events().len(),
+        2,
+        "a dead letter waits for the operator"
+    );
+    let (st, v) = env
+        .admin("POST", "/v1/metronome/outbox/2/retry", None)
+        .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["key"], dead.event.key, "the same key");
     assert_eq!(v["state"], "unknown", "it was attempted before: {v}");

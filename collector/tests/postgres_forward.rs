@@ -57,7 +57,9 @@ fn the_postgres_forward_store_passes_the_store_model() {
     assert!(s.claim(d, "a", 1_000, 5_000).unwrap());
     assert!(!other.claim(d, "b", 1_000, 6_000).unwrap(), "a holds it");
     assert!(
-        other.claim(Destination::Metronome, "b", 1_000, 6_000).unwrap(),
+        other
+            .claim(Destination::Metronome, "b", 1_000, 6_000)
+            .unwrap(),
         "claims are per destination"
     );
     assert!(s.claim(d, "a", 4_000, 9_000).unwrap(), "a renews");
@@ -143,7 +145,11 @@ fn a_position_committed_late_is_never_skipped() {
     )
     .unwrap();
     assert_eq!(ledger.read(1, 100).unwrap().0.len(), 0);
-    assert_eq!(step(), 1, "the cursor does not pass the uncommitted position 2");
+    assert_eq!(
+        step(),
+        1,
+        "the cursor does not pass the uncommitted position 2"
+    );
     assert_eq!(step(), 1);
 
     ta.commit().unwrap();
@@ -155,7 +161,11 @@ fn a_position_committed_late_is_never_skipped() {
         .iter()
         .map(|i| i.position)
         .collect();
-    assert_eq!(positions, vec![2, 3, 4], "the store's writer took position 4");
+    assert_eq!(
+        positions,
+        vec![2, 3, 4],
+        "the store's writer took position 4"
+    );
     assert_eq!(step(), 4);
     // Every position is in exactly one group, and the values sum to the ledger's.
     let groups = fstore.list(d, None, 0, 100).unwrap();
@@ -181,7 +191,13 @@ fn free_udp_port() -> SocketAddr {
     format!("127.0.0.1:{p}").parse().unwrap()
 }
 
-fn run(dir: &std::path::Path, url: &str, quic: SocketAddr, orb: &str, met: &str) -> (Proc, SocketAddr) {
+fn run(
+    dir: &std::path::Path,
+    url: &str,
+    quic: SocketAddr,
+    orb: &str,
+    met: &str,
+) -> (Proc, SocketAddr) {
     let (p, q, http) = spawn_collector(
         Command::new(env!("CARGO_BIN_EXE_tally-collector"))
             .args(["run", "--http", "127.0.0.1:0"])
@@ -238,7 +254,11 @@ async fn two_collectors_on_one_database_forward_once_through_a_sigkill() {
     // Slow answers (requests in flight at the kill) and faults at both.
     for (f, seed) in [(&orb, 3), (&met, 4)] {
         f.set_response_delay(Duration::from_millis(300));
-        f.push_faults([FakeFault::LoseAnswer, FakeFault::Status500, FakeFault::RateLimited]);
+        f.push_faults([
+            FakeFault::LoseAnswer,
+            FakeFault::Status500,
+            FakeFault::RateLimited,
+        ]);
         f.set_random_faults(FakeFaults {
             status_500_permille: 60,
             rate_limited_permille: 60,
@@ -255,7 +275,10 @@ async fn two_collectors_on_one_database_forward_once_through_a_sigkill() {
 
     // A starts first and takes both destinations' claims; B starts beside it.
     let (proc_a, http_a) = run(dir.path(), db.url(), qa, &orb.url(), &met.url());
-    until("a claims both destinations", 20, || claims(db.url()).len() == 2).await;
+    until("a claims both destinations", 20, || {
+        claims(db.url()).len() == 2
+    })
+    .await;
     let held_by_a = claims(db.url());
     let (proc_b, http_b) = run(dir.path(), db.url(), qb, &orb.url(), &met.url());
     put_stripe_meters(http_a, &token).await;

@@ -48,7 +48,10 @@ pub struct MeterBody {
 }
 
 /// The catalog's meters with their destination names.
-fn meters_of(c: &tally_protocol::catalog::Catalog, names: &[(String, DestNames)]) -> Vec<MeterBody> {
+fn meters_of(
+    c: &tally_protocol::catalog::Catalog,
+    names: &[(String, DestNames)],
+) -> Vec<MeterBody> {
     let names: BTreeMap<&str, &DestNames> = names.iter().map(|(k, n)| (k.as_str(), n)).collect();
     c.meters
         .iter()

@@ -200,9 +200,10 @@ impl LedgerSource for StoreLedger {
         if meter_names.iter().any(|(_, n)| pick(n.clone()).is_some()) {
             // With no configured list every meter goes under its own name; a name set through
             // the API adds to (or replaces in) that mapping.
-            let mut m = base.meters.clone().unwrap_or_else(|| {
-                meters.iter().map(|x| (x.clone(), x.clone())).collect()
-            });
+            let mut m = base
+                .meters
+                .clone()
+                .unwrap_or_else(|| meters.iter().map(|x| (x.clone(), x.clone())).collect());
             for (k, n) in meter_names {
                 if let Some(v) = pick(n) {
                     m.insert(k, v);
@@ -324,8 +325,10 @@ impl ForwardRuntime {
         &self,
         dest: Destination,
         id: u64,
-    ) -> Result<Result<Option<tally_stripe::forward::FwdGroup>, tally_stripe::forward::FwdGroup>, String>
-    {
+    ) -> Result<
+        Result<Option<tally_stripe::forward::FwdGroup>, tally_stripe::forward::FwdGroup>,
+        String,
+    > {
         let cur = match self.store.list(dest, None, id.saturating_sub(1), 1) {
             Ok(v) => v.into_iter().find(|g| g.id == id),
             Err(e) => return Err(e.to_string()),
@@ -338,11 +341,7 @@ impl ForwardRuntime {
         }
         let after = self
             .store
-            .apply(
-                dest,
-                &[id],
-                tally_stripe::forward::FwdEvent::Requeue,
-            )
+            .apply(dest, &[id], tally_stripe::forward::FwdEvent::Requeue)
             .map_err(|e| e.to_string())?;
         self.notify();
         Ok(Ok(after.into_iter().next()))

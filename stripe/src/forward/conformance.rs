@@ -52,7 +52,10 @@ pub fn check_store(s: &dyn ForwardStore) {
         "ids ascend from 1 per destination"
     );
     assert!(gs.iter().all(|g| g.state == FwdState::Pending));
-    assert_eq!(gs[0].event, p.groups[0], "the planned event is kept exactly");
+    assert_eq!(
+        gs[0].event, p.groups[0],
+        "the planned event is kept exactly"
+    );
     match s.commit_plan(d, 0, p.cursor, p.groups.clone()) {
         Err(FwdStoreError::CursorMoved { expected, found }) => {
             assert_eq!((expected, found), (0, 5));
@@ -60,8 +63,16 @@ pub fn check_store(s: &dyn ForwardStore) {
         other => panic!("expected CursorMoved, got {other:?}"),
     }
     assert_eq!(s.cursor(d).unwrap(), 5);
-    assert_eq!(s.cursor(Destination::Orb).unwrap(), 0, "cursors per destination");
-    assert_eq!(s.stats(d).unwrap().open, 3, "the refused plan wrote nothing");
+    assert_eq!(
+        s.cursor(Destination::Orb).unwrap(),
+        0,
+        "cursors per destination"
+    );
+    assert_eq!(
+        s.stats(d).unwrap().open,
+        3,
+        "the refused plan wrote nothing"
+    );
     // An empty plan moves only the cursor.
     assert!(s.commit_plan(d, 5, 7, Vec::new()).unwrap().is_empty());
     assert_eq!(s.cursor(d).unwrap(), 7);
@@ -137,7 +148,10 @@ pub fn check_store(s: &dyn ForwardStore) {
     );
     assert_eq!(st.oldest_open_s, None);
     assert!(s.ready(d, i64::MAX, 10).unwrap().is_empty());
-    assert_eq!(ids(s.list(d, Some(FwdState::Dead), 0, 10).unwrap()), vec![3]);
+    assert_eq!(
+        ids(s.list(d, Some(FwdState::Dead), 0, 10).unwrap()),
+        vec![3]
+    );
     assert_eq!(ids(s.list(d, None, 1, 10).unwrap()), vec![2, 3]);
     assert_eq!(ids(s.list(d, None, 0, 1).unwrap()), vec![1]);
     assert_eq!(
@@ -166,13 +180,24 @@ pub fn check_store(s: &dyn ForwardStore) {
     // Orb backfill: the record and the groups' move are one step; groups leave "open".
     let o = Destination::Orb;
     let more: Vec<_> = (2..=4)
-        .map(|p| item(p, "late", Decimal::new(-25, 2) * Decimal::from(p), 60 * p as i64))
+        .map(|p| {
+            item(
+                p,
+                "late",
+                Decimal::new(-25, 2) * Decimal::from(p),
+                60 * p as i64,
+            )
+        })
         .collect();
     let pm = plan(&ns, o, 1, 4, &more, &Routes::default());
     assert_eq!(pm.groups.len(), 3, "one per minute");
     let gm = s.commit_plan(o, 1, 4, pm.groups).unwrap();
     assert_eq!(ids(gm.clone()), vec![2, 3, 4]);
-    assert_eq!(gm[0].event.value, Decimal::new(-5, 1), "negative values kept");
+    assert_eq!(
+        gm[0].event.value,
+        Decimal::new(-5, 1),
+        "negative values kept"
+    );
     let rec = BackfillRecord {
         key: format!("tly-{ns}-bf-2-120"),
         start_s: 120,

@@ -62,7 +62,9 @@ fn group_of(bytes: &[u8]) -> Result<FwdGroup, StoreError> {
 }
 
 fn groups_of(rows: &[postgres::Row]) -> Result<Vec<FwdGroup>, StoreError> {
-    rows.iter().map(|r| group_of(r.get::<_, &[u8]>(0))).collect()
+    rows.iter()
+        .map(|r| group_of(r.get::<_, &[u8]>(0)))
+        .collect()
 }
 
 fn lim(n: usize) -> i64 {
