@@ -366,3 +366,86 @@ async fn two_collectors_on_one_database_forward_once_through_a_sigkill() {
     }
     drop(proc_b);
 }
+
+struct VecLedger(Vec<tally_stripe::forward::LedgerItem>);
+
+impl LedgerSource for VecLedger {
+    fn read(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<tally_stripe::forward::LedgerItem>, u64), String> {
+        let start = self.0.partition_point(|i| i.position <= after);
+        let items: Vec<_> = self.0[start..].iter().take(limit).cloned().collect();
+        let scanned = items.last().map_or(after, |i| i.position);
+        Ok((items, scanned))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_events_reach_both_destinations_from_the_postgres_store() {
+    let Some(db) =
+        TestDb::create("thousands_of_events_reach_both_destinations_from_the_postgres_store")
+    else {
+        return;
+    };
+    let url = db.url().to_owned();
+    let pg = Arc::new(
+        tokio::task::spawn_blocking(move || PgStore::open(&url))
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let now = now_ms() / 1000;
+    let base = now - now.rem_euclid(60) - 3600;
+    let n = 3000u64;
+    let items: Vec<_> = (1..=n)
+        .map(|p| tally_stripe::forward::LedgerItem {
+            position: p,
+            customer: format!("c{p:05}"),
+            meter: "tokens".into(),
+            amount: Decimal::new(p as i64, 3),
+            timestamp_s: base + 60 * (p as i64 % 5),
+            dimensions: Default::default(),
+        })
+        .collect();
+    let want: Decimal = items.iter().map(|i| i.amount).sum();
+    let ledger = Arc::new(VecLedger(items));
+    for dest in [Destination::Metronome, Destination::Orb] {
+        let key = "k_live";
+        let fake = FakeDest::start(dest, key).await.unwrap();
+        let store: Arc<dyn ForwardStore> = Arc::new(PgForwardStore::new(pg.clone()));
+        let mut cfg = tally_stripe::forward::DestinationConfig::new(
+            dest,
+            tally_stripe::ApiKey::new(key),
+            Some(fake.url()),
+        );
+        cfg.rate_per_s = 1_000_000;
+        cfg.events_per_minute = None;
+        let h = tally_stripe::forward::spawn_destination(
+            cfg,
+            store.clone(),
+            ledger.clone(),
+            Default::default(),
+            None,
+        )
+        .unwrap();
+        let total = || fake.totals().values().copied().sum::<Decimal>();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let stats = || {
+            let s2 = store.clone();
+            std::thread::spawn(move || s2.stats(dest).unwrap())
+                .join()
+                .unwrap()
+        };
+        // The fake counts an event before the forwarder records its answer: wait for both.
+        while (total() != want || stats().sent != n) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let st = stats();
+        h.shutdown().await;
+        assert_eq!(total(), want, "{}: {st:?}", dest.as_str());
+        assert_eq!(st.sent, n, "{}: {st:?}", dest.as_str());
+        assert_eq!(fake.events().len() as u64, n);
+    }
+}
