@@ -3,12 +3,18 @@
 //! published limits), and API calls per million recorded events.
 //!
 //! `cargo bench -p tally-benches --bench forward`
+//!
+//! With `TALLY_TEST_POSTGRES_URL` set, the unpaced run is repeated with the destinations' state
+//! in PostgreSQL (`PgForwardStore`, a fresh database), beside the redb store at the same size.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
+use tally_collector::store::postgres::PgStore;
+use tally_collector::store::postgres::forward::PgForwardStore;
+use tally_collector::store::postgres::testdb::TestDb;
 use tally_stripe::ApiKey;
 use tally_stripe::forward::fake::FakeDest;
 use tally_stripe::forward::runner::{ForwardMetrics, LedgerSource};
@@ -59,9 +65,18 @@ struct Run {
 }
 
 async fn run(dest: Destination, ledger: Arc<VecLedger>, paced: bool) -> Run {
+    let store = Arc::new(MemoryForwardStore::in_memory().expect("store"));
+    run_on(dest, ledger, paced, store).await
+}
+
+async fn run_on(
+    dest: Destination,
+    ledger: Arc<VecLedger>,
+    paced: bool,
+    store: Arc<dyn ForwardStore>,
+) -> Run {
     let key = "bench_live_key";
     let fake = FakeDest::start(dest, key).await.expect("fake");
-    let store = Arc::new(MemoryForwardStore::in_memory().expect("store"));
     let mut cfg = DestinationConfig::new(dest, ApiKey::new(key), Some(fake.url()));
     if !paced {
         cfg.rate_per_s = 1_000_000;
@@ -73,8 +88,10 @@ async fn run(dest: Destination, ledger: Arc<VecLedger>, paced: bool) -> Run {
     let h = spawn_destination(cfg, store.clone(), ledger, ForwardMetrics::default(), None)
         .expect("spawn");
     loop {
-        let st = store.stats(dest).expect("stats");
-        if st.open == 0 && store.cursor(dest).expect("cursor") >= last {
+        // The cursor first: it moves in the same transaction as the groups it planned, so
+        // once it is at the end the counts read after it include every group.
+        let planned = store.cursor(dest).expect("cursor") >= last;
+        if planned && store.stats(dest).expect("stats").open == 0 {
             break;
         }
         assert!(
@@ -85,6 +102,13 @@ async fn run(dest: Destination, ledger: Arc<VecLedger>, paced: bool) -> Run {
     }
     let secs = start.elapsed().as_secs_f64();
     h.shutdown().await;
+    let st = store.stats(dest).expect("stats");
+    assert_eq!(
+        st.sent as usize,
+        fake.events().len(),
+        "{}: every event sent once: {st:?}",
+        dest.as_str()
+    );
     Run {
         secs,
         events: fake.events().len(),
@@ -116,6 +140,36 @@ fn main() {
                 r.requests,
                 r.events / r.requests.max(1)
             );
+        }
+        // The same on PostgreSQL (and on redb at that size, to compare like with like).
+        if let Some(db) = TestDb::create("forward bench") {
+            let n = ((20_000.0 * scale) as usize).max(1000);
+            for dest in [Destination::Metronome, Destination::Orb] {
+                let r = run(dest, ledger(n, n, 1.max(n / 1000)), false).await;
+                println!(
+                    "{:9} unpaced redb:     {} events in {:.2}s = {:.0} events/s, {} requests",
+                    dest.as_str(),
+                    r.events,
+                    r.secs,
+                    r.events as f64 / r.secs,
+                    r.requests
+                );
+                let url = db.url().to_owned();
+                let pg = tokio::task::spawn_blocking(move || PgStore::open(&url))
+                    .await
+                    .expect("join")
+                    .expect("postgres");
+                let store = Arc::new(PgForwardStore::new(Arc::new(pg)));
+                let r = run_on(dest, ledger(n, n, 1.max(n / 1000)), false, store).await;
+                println!(
+                    "{:9} unpaced postgres: {} events in {:.2}s = {:.0} events/s, {} requests",
+                    dest.as_str(),
+                    r.events,
+                    r.secs,
+                    r.events as f64 / r.secs,
+                    r.requests
+                );
+            }
         }
         // API calls per million recorded events: 1M events recorded by the agents arrive as
         // 100k ledger deltas (10 events each, 1-minute buckets) for 1,000 customers over 10

@@ -52,6 +52,9 @@ pub struct DevOptions {
     pub stripe: crate::stripe::StripeSettings,
     /// The continuous analytics export (`--export-dir`), off by default.
     pub export: Option<crate::export::ExportJob>,
+    /// Orb and Metronome forwarding (each on when its key is set: `ORB_API_KEY`,
+    /// `METRONOME_API_KEY` or the `--*-api-key-file` flags), off by default.
+    pub forward: crate::stripe::forward::ForwardSettings,
 }
 
 impl DevOptions {
@@ -79,6 +82,7 @@ impl Default for DevOptions {
             agent: true,
             stripe: crate::stripe::StripeSettings::default(),
             export: None,
+            forward: crate::stripe::forward::ForwardSettings::default(),
         }
     }
 }
@@ -136,6 +140,7 @@ pub async fn start(opts: &DevOptions) -> Result<Dev, DevError> {
     config.http_addr = opts.http;
     config.stripe = opts.stripe.clone();
     config.export = opts.export.clone();
+    config.forward = opts.forward.clone();
     let collector = Collector::start(config).await?;
     let shared = collector.shared().clone();
     tokio::task::spawn_blocking(move || -> Result<(), DevError> {
@@ -284,6 +289,15 @@ fn print_banner(
             f.base_url
         ),
     }
+    for (name, d, var) in [
+        ("orb", &opts.forward.orb, "ORB_API_KEY"),
+        ("metronome", &opts.forward.metronome, "METRONOME_API_KEY"),
+    ] {
+        match d {
+            Some(c) => println!("  {name:<16} forwarding decimal usage to {}", c.base_url),
+            None => println!("  {name:<16} off: set {var} to forward"),
+        }
+    }
     match sidecar {
         Some(a) => println!("  sidecar HTTP     http://{a} (OpenMeter and Stripe compatible)"),
         None => println!(
@@ -316,6 +330,12 @@ fn print_banner(
         "  curl -s {auth} -X PUT http://{http}/v1/customers/acme -d '{{\"stripe_customer_id\":\"cus_123\"}}'"
     );
     println!("  curl -s {auth} 'http://{http}/v1/stripe/outbox?state=pending'");
+    for d in opts.forward.orb.iter().chain(opts.forward.metronome.iter()) {
+        println!(
+            "  curl -s {auth} 'http://{http}/v1/outbox?destination={}&state=sent'",
+            d.destination.as_str()
+        );
+    }
     println!("  curl -s {auth} http://{http}/metrics");
     println!();
     println!("Ctrl-C stops it gracefully.");

@@ -359,6 +359,10 @@ struct StripeArgs {
     /// Metronome base URL [default: https://api.metronome.com].
     #[arg(long, env = "TALLY_METRONOME_BASE_URL")]
     metronome_base_url: Option<String>,
+    /// Orb and Metronome per-request timeout in seconds, also the lease on an event in flight;
+    /// with `--ledger-url`, a destination's claim lasts this plus 5 s [default: 30].
+    #[arg(long, env = "TALLY_FORWARD_REQUEST_TIMEOUT")]
+    forward_request_timeout: Option<u64>,
 }
 
 impl StripeArgs {
@@ -367,13 +371,19 @@ impl StripeArgs {
         &self,
         file: &FileConfig,
     ) -> anyhow::Result<tally_collector::stripe::forward::ForwardSettings> {
-        forward_settings(
+        let mut out = forward_settings(
             self.orb_api_key_file.clone(),
             self.orb_base_url.clone(),
             self.metronome_api_key_file.clone(),
             self.metronome_base_url.clone(),
             file,
-        )
+        )?;
+        if let Some(t) = self.forward_request_timeout {
+            for c in [&mut out.orb, &mut out.metronome].into_iter().flatten() {
+                c.request_timeout = std::time::Duration::from_secs(t.max(1));
+            }
+        }
+        Ok(out)
     }
 
     fn settings(self, file: &FileConfig) -> anyhow::Result<StripeSettings> {
@@ -655,9 +665,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Dev(a) => {
             let d = DevOptions::default();
+            let forward = a.stripe.forward(&file)?;
             let stripe = a.stripe.settings(&file)?;
             let opts = DevOptions {
                 stripe,
+                forward,
                 data_dir: a.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
                 quic: a.quic.or(file.quic).unwrap_or(d.quic),
                 http: a.http.or(file.http).unwrap_or(d.http),

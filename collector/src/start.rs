@@ -91,6 +91,7 @@ impl Collector {
             &read(&files.collector_key)?,
         )?;
         let mut pg_changes = None;
+        let mut pg_store = None;
         let (store, ent_store): (Arc<dyn Store>, Arc<dyn EntitlementStore>) =
             match &config.ledger_url {
                 Some(url) => {
@@ -99,6 +100,7 @@ impl Collector {
                         config.ledger_listen_url.as_deref(),
                     )?);
                     pg_changes = Some(pg.changes());
+                    pg_store = Some(pg.clone());
                     (pg.clone(), pg)
                 }
                 None => {
@@ -121,10 +123,7 @@ impl Collector {
             metrics.stripe.clone(),
             config.clock.clone(),
         )?;
-        if !config.forward.is_empty() && config.ledger_url.is_some() {
-            return Err(crate::stripe::forward::ForwardStartError::Postgres.into());
-        }
-        stripe.start_forwarding(&config.forward, &config.data_dir, store.clone())?;
+        stripe.start_forwarding(&config.forward, &config.data_dir, store.clone(), pg_store)?;
         let outbox_wake = Arc::new(tokio::sync::Notify::new());
         let (ingest, committer) = crate::ingest::spawn_with_wake(
             store.clone(),

@@ -190,12 +190,14 @@ impl StripeRuntime {
     }
 
     /// Starts Orb and Metronome forwarding (each destination that has a key) on the ledger of
-    /// `store`, with their state in `data_dir/forward.redb`. Nothing starts when none is set.
+    /// `store`, with their state in `pg` when the ledger is in PostgreSQL, else in
+    /// `data_dir/forward.redb`. Nothing starts when none is set.
     pub fn start_forwarding(
         &self,
         settings: &forward::ForwardSettings,
         data_dir: &std::path::Path,
         store: Arc<dyn Store>,
+        pg: Option<Arc<crate::store::postgres::PgStore>>,
     ) -> Result<(), forward::ForwardStartError> {
         if settings.is_empty() {
             return Ok(());
@@ -204,6 +206,7 @@ impl StripeRuntime {
             settings,
             data_dir,
             store,
+            pg,
             self.metrics.forward.clone(),
             self.clock.clone(),
         )?;

@@ -1,5 +1,6 @@
 //! `tally-collector dev` in-process: init on first start, the sample catalog, the in-process
-//! agent over real QUIC recording usage that lands in the ledger, graceful shutdown, restart.
+//! agent over real QUIC recording usage that lands in the ledger, graceful shutdown, restart;
+//! with Orb and Metronome keys, the agent's usage reaches both (local fakes) exactly.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -65,5 +66,59 @@ async fn dev_runs_collector_catalog_and_agent_end_to_end() {
     )
     .await;
     assert!(body.contains("\"4.0\""), "{body}");
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_forwards_to_orb_and_metronome_when_their_keys_are_set() {
+    use tally_stripe::ApiKey;
+    use tally_stripe::forward::fake::FakeDest;
+    use tally_stripe::forward::{Destination, DestinationConfig};
+    let orb = FakeDest::start(Destination::Orb, "orb_test_dev")
+        .await
+        .unwrap();
+    let met = FakeDest::start(Destination::Metronome, "met_dev")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DevOptions::ephemeral(dir.path().join("tally-dev"));
+    opts.forward.orb = Some(DestinationConfig::new(
+        Destination::Orb,
+        ApiKey::new("orb_test_dev"),
+        Some(orb.url()),
+    ));
+    opts.forward.metronome = Some(DestinationConfig::new(
+        Destination::Metronome,
+        ApiKey::new("met_dev"),
+        Some(met.url()),
+    ));
+    let d = dev::start(&opts).await.unwrap();
+    let agent = d.agent.as_ref().expect("the in-process agent runs");
+    for _ in 0..100 {
+        if agent
+            .catalog()
+            .is_some_and(|c| c.meter("api_calls").is_some())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent
+        .record("acme", "api_calls", Decimal::new(1_234, 3))
+        .unwrap();
+    agent
+        .record("acme", "api_calls", Decimal::new(5, 3))
+        .unwrap();
+    agent.flush(Duration::from_secs(10)).await.unwrap();
+    let want = Decimal::new(1_239, 3);
+    let total = |f: &FakeDest| -> Decimal { f.totals().values().copied().sum() };
+    for _ in 0..200 {
+        if total(&orb) == want && total(&met) == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(total(&orb), want);
+    assert_eq!(total(&met), want);
     d.shutdown().await;
 }

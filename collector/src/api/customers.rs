@@ -20,6 +20,10 @@ pub struct CustomerSummary {
     pub stripe_customer_id: Option<String>,
     /// The stored plan.
     pub plan: Option<String>,
+    /// Orb `external_customer_id` set through the API (`null`: the configuration's default).
+    pub orb_external_customer_id: Option<String>,
+    /// Metronome customer id or alias set through the API (`null`: the default).
+    pub metronome_customer_id: Option<String>,
 }
 
 /// A page of customers, in key order.
@@ -33,7 +37,11 @@ pub struct CustomerList {
     pub next_after: Option<String>,
 }
 
-fn summary(customer: String, rec: Option<crate::store::CustomerRecord>) -> CustomerSummary {
+fn summary(
+    customer: String,
+    rec: Option<crate::store::CustomerRecord>,
+    names: crate::store::DestNames,
+) -> CustomerSummary {
     let rec = rec.unwrap_or_default();
     let stripe_customer_id = if customer.starts_with("cus_") {
         Some(customer.clone())
@@ -44,7 +52,20 @@ fn summary(customer: String, rec: Option<crate::store::CustomerRecord>) -> Custo
         customer,
         stripe_customer_id,
         plan: rec.plan,
+        orb_external_customer_id: names.orb,
+        metronome_customer_id: names.metronome,
     }
+}
+
+fn names_of(
+    s: &super::ApiState,
+    key: &str,
+) -> Result<crate::store::DestNames, crate::store::StoreError> {
+    Ok(s.store
+        .dest_names(crate::store::NameKind::Customer, &[key.to_owned()])?
+        .pop()
+        .map(|(_, n)| n)
+        .unwrap_or_default())
 }
 
 #[utoipa::path(get, path = "/v1/customers", tag = "customers",
@@ -82,7 +103,8 @@ pub(super) async fn list_customers(
         keys.into_iter()
             .map(|k| {
                 let rec = s.store.customer(&k)?;
-                Ok(summary(k, rec))
+                let names = names_of(s, &k)?;
+                Ok(summary(k, rec, names))
             })
             .collect::<Result<Vec<_>, _>>()
     })
@@ -104,17 +126,19 @@ pub(super) async fn get_customer(
     let key = c.as_str().to_owned();
     let found = blocking(&shared, move |s| {
         let rec = s.store.customer(&key)?;
+        let names = names_of(s, &key)?;
         let known = rec.is_some()
+            || !names.is_empty()
             || s.store
                 .customers(&key, "", 1)?
                 .first()
                 .is_some_and(|k| *k == key);
-        Ok((rec, known))
+        Ok((rec, known, names))
     })
     .await?;
     match found {
-        (rec, true) => Ok(axum::Json(summary(c.as_str().to_owned(), rec))),
-        (_, false) => Err(ApiError::not_found(
+        (rec, true, names) => Ok(axum::Json(summary(c.as_str().to_owned(), rec, names))),
+        (_, false, _) => Err(ApiError::not_found(
             "resource_missing",
             format!("no customer {}", c.as_str()),
         )),

@@ -46,6 +46,29 @@ pub struct ErrorDetail {
 }
 
 impl ApiError {
+    /// A destination name field (`orb_event_name`, `metronome_customer_id`, …) of a `PUT`:
+    /// absent keeps the stored one (`None`), `""` removes it (`Some(None)`), else 1 to 255 bytes
+    /// without control characters.
+    pub(crate) fn dest_name(
+        v: Option<&String>,
+        param: &str,
+    ) -> Result<Option<Option<String>>, ApiError> {
+        match v {
+            None => Ok(None),
+            Some(s) if s.is_empty() => Ok(Some(None)),
+            Some(s) if s.len() <= 255 && !s.chars().any(char::is_control) => {
+                Ok(Some(Some(s.clone())))
+            }
+            Some(_) => Err(ApiError::invalid(
+                "invalid_destination_name",
+                param,
+                format!(
+                    "{param} must be 1 to 255 bytes without control characters (\"\" removes it)"
+                ),
+            )),
+        }
+    }
+
     pub(crate) fn invalid(code: &'static str, param: &str, message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,

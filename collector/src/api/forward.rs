@@ -4,7 +4,7 @@
 
 use super::errors::{ApiError, number, query};
 use super::state::St;
-use axum::extract::{RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -82,7 +82,6 @@ pub(super) async fn outbox(
     let after = number(&q, "after", 0)?;
     let limit = number(&q, "limit", 100)?.clamp(1, super::errors::MAX_PAGE) as usize;
     let r = tokio::task::spawn_blocking(move || {
-        use tally_stripe::forward::store::ForwardStore;
         Ok::<_, String>((
             f.list(d, state, after, limit)?,
             f.store.stats(d).map_err(|e| e.to_string())?,
@@ -97,6 +96,92 @@ pub(super) async fn outbox(
         stats,
     })
     .into_response())
+}
+
+/// `POST /v1/{orb,metronome}/outbox/{id}/retry`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct FwdRequeued {
+    /// `orb` or `metronome`.
+    pub destination: String,
+    /// The group returned to the queue.
+    pub id: u64,
+    /// Its idempotency key / transaction id — the same as before: a copy the destination did
+    /// take is deduplicated.
+    pub key: String,
+    /// `pending`, or `unknown` when it was sent before.
+    #[schema(value_type = String)]
+    pub state: FwdState,
+}
+
+async fn retry(
+    shared: std::sync::Arc<super::ApiState>,
+    d: Destination,
+    id: String,
+) -> Result<axum::Json<FwdRequeued>, ApiError> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::invalid("invalid_integer", "id", "id must be an event id"))?;
+    let Some(f) = shared.stripe.forward().cloned() else {
+        return Err(not_configured(d));
+    };
+    if !f.destinations().contains(&d) {
+        return Err(not_configured(d));
+    }
+    let r = tokio::task::spawn_blocking(move || f.requeue(d, id))
+        .await
+        .map_err(|e| ApiError::task_failed(&e))?
+        .map_err(ApiError::internal)?;
+    match r {
+        Ok(Some(g)) => {
+            tracing::info!(
+                destination = d.as_str(),
+                id,
+                key = %g.event.key,
+                "dead letter requeued by an operator"
+            );
+            Ok(axum::Json(FwdRequeued {
+                destination: d.as_str().to_owned(),
+                id,
+                key: g.event.key,
+                state: g.state,
+            }))
+        }
+        Ok(None) => Err(ApiError::not_found(
+            "resource_missing",
+            format!("no {} event {id}", d.as_str()),
+        )),
+        Err(g) => Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: "outbox_row_not_dead",
+            message: format!(
+                "{} event {id} is {:?}, not dead; only dead letters are retried",
+                d.as_str(),
+                g.state
+            ),
+            param: Some(String::from("id")),
+        }),
+    }
+}
+
+/// `POST /v1/orb/outbox/{id}/retry`: an Orb dead letter back to the queue, same key.
+#[utoipa::path(post, path = "/v1/orb/outbox/{id}/retry", tag = "forwarding", params(("id" = u64, Path)),
+    responses((status = 200, body = FwdRequeued), (status = 400, body = super::errors::ErrorBody), (status = 404, body = super::errors::ErrorBody)))]
+pub(super) async fn retry_orb(
+    State(shared): St,
+    Path(id): Path<String>,
+) -> Result<axum::Json<FwdRequeued>, ApiError> {
+    retry(shared, Destination::Orb, id).await
+}
+
+/// `POST /v1/metronome/outbox/{id}/retry`: a Metronome dead letter back to the queue, same key.
+#[utoipa::path(post, path = "/v1/metronome/outbox/{id}/retry", tag = "forwarding", params(("id" = u64, Path)),
+    responses((status = 200, body = FwdRequeued), (status = 400, body = super::errors::ErrorBody), (status = 404, body = super::errors::ErrorBody)))]
+pub(super) async fn retry_metronome(
+    State(shared): St,
+    Path(id): Path<String>,
+) -> Result<axum::Json<FwdRequeued>, ApiError> {
+    retry(shared, Destination::Metronome, id).await
 }
 
 /// A destination's status beside its reconciliation report.

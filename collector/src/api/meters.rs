@@ -12,6 +12,8 @@ use tally_protocol::catalog::{Aggregation, MeterDef};
 use tally_protocol::names::DimensionKey;
 use utoipa::ToSchema;
 
+use crate::store::{DestNames, NameKind};
+
 /// A meter as the API shows and takes it.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct MeterBody {
@@ -35,10 +37,47 @@ pub struct MeterBody {
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     pub stripe_unit_scale: Option<serde_json::Value>,
+    /// Orb `event_name` (default: the configuration's `orb_meters`, else the meter's name);
+    /// `""` removes it. Not part of the catalog agents get.
+    #[serde(default)]
+    pub orb_event_name: Option<String>,
+    /// Metronome `event_type` (default: `metronome_meters`, else the meter's name); `""`
+    /// removes it.
+    #[serde(default)]
+    pub metronome_event_type: Option<String>,
+}
+
+/// The catalog's meters with their destination names.
+fn meters_of(
+    c: &tally_protocol::catalog::Catalog,
+    names: &[(String, DestNames)],
+) -> Vec<MeterBody> {
+    let names: BTreeMap<&str, &DestNames> = names.iter().map(|(k, n)| (k.as_str(), n)).collect();
+    c.meters
+        .iter()
+        .map(|m| MeterBody::of(m, names.get(m.name.as_str()).copied()))
+        .collect()
+}
+
+/// Reads the catalog and its meters' destination names.
+fn catalog_with_names(
+    s: &super::ApiState,
+    c: Option<tally_protocol::catalog::Catalog>,
+) -> Result<Meters, crate::store::StoreError> {
+    let c = match c {
+        Some(c) => c,
+        None => s.store.catalog()?,
+    };
+    let keys: Vec<String> = c.meters.iter().map(|m| m.name.to_string()).collect();
+    let names = s.store.dest_names(NameKind::Meter, &keys)?;
+    Ok(Meters {
+        version: c.version,
+        data: meters_of(&c, &names),
+    })
 }
 
 impl MeterBody {
-    fn of(def: &MeterDef) -> Self {
+    fn of(def: &MeterDef, names: Option<&DestNames>) -> Self {
         MeterBody {
             name: Some(def.name.to_string()),
             aggregation: String::from(match def.aggregation {
@@ -55,6 +94,8 @@ impl MeterBody {
                 .collect(),
             stripe_event_name: def.stripe_event_name.clone(),
             stripe_unit_scale: Some(serde_json::Value::String(def.stripe_unit_scale.to_string())),
+            orb_event_name: names.and_then(|n| n.orb.clone()),
+            metronome_event_type: names.and_then(|n| n.metronome.clone()),
         }
     }
 }
@@ -70,11 +111,9 @@ pub struct Meters {
 
 #[utoipa::path(get, path = "/v1/meters", tag = "meters", responses((status = 200, body = Meters)))]
 pub(super) async fn list_meters(State(shared): St) -> ApiResult<Meters> {
-    let c = blocking(&shared, |s| s.store.catalog()).await?;
-    Ok(axum::Json(Meters {
-        version: c.version,
-        data: c.meters.iter().map(MeterBody::of).collect(),
-    }))
+    Ok(axum::Json(
+        blocking(&shared, |s| catalog_with_names(s, None)).await?,
+    ))
 }
 
 #[utoipa::path(put, path = "/v1/meters/{meter}", tag = "meters", params(("meter" = String, Path)),
@@ -113,6 +152,8 @@ pub(super) async fn put_meter(
     }
     let group_by = BoundedVec::new(group_by)
         .map_err(|e| ApiError::invalid("invalid_group_by", "group_by", e.to_string()))?;
+    let orb = ApiError::dest_name(b.orb_event_name.as_ref(), "orb_event_name")?;
+    let met = ApiError::dest_name(b.metronome_event_type.as_ref(), "metronome_event_type")?;
     let scale = match &b.stripe_unit_scale {
         None => Decimal::ONE,
         Some(v) => decimal(v, "stripe_unit_scale")?,
@@ -128,9 +169,30 @@ pub(super) async fn put_meter(
     };
     def.validate()
         .map_err(|e| ApiError::invalid("invalid_meter_definition", "meter", e.to_string()))?;
-    let c = blocking(&shared, move |s| s.put_meter(&def)).await?;
-    Ok(axum::Json(Meters {
-        version: c.version,
-        data: c.meters.iter().map(MeterBody::of).collect(),
-    }))
+    let m = blocking(&shared, move |s| {
+        let c = s.put_meter(&def)?;
+        if orb.is_some() || met.is_some() {
+            let key = def.name.to_string();
+            let mut n = s
+                .store
+                .dest_names(NameKind::Meter, std::slice::from_ref(&key))?
+                .pop()
+                .map(|(_, n)| n)
+                .unwrap_or_default();
+            if let Some(v) = orb {
+                n.orb = v;
+            }
+            if let Some(v) = met {
+                n.metronome = v;
+            }
+            s.store.put_dest_names(NameKind::Meter, &key, &n)?;
+        }
+        catalog_with_names(s, Some(c))
+    })
+    .await?;
+    // Events planned from now on use the new names (the next planning step reads them).
+    if let Some(f) = shared.stripe.forward() {
+        f.notify();
+    }
+    Ok(axum::Json(m))
 }

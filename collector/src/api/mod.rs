@@ -103,6 +103,11 @@ pub fn router(shared: Arc<ApiState>) -> Router {
         .route("/v1/stripe/outbox", get(stripe::list_outbox))
         .route("/v1/stripe/outbox/{id}/retry", post(stripe::retry_outbox))
         .route("/v1/outbox", get(forward::outbox))
+        .route("/v1/orb/outbox/{id}/retry", post(forward::retry_orb))
+        .route(
+            "/v1/metronome/outbox/{id}/retry",
+            post(forward::retry_metronome),
+        )
         .route("/v1/reconciliation", get(forward::reconciliation))
         .route("/v1/export", post(crate::export::route::export))
         .route("/metrics", get(ops::metrics))

@@ -51,6 +51,12 @@ pub struct CustomerBody {
     pub overrides: Option<crate::core::entitlements::Overrides>,
     /// Day of the month `reset: anchor` limits start again (1–31).
     pub anchor_day: Option<u8>,
+    /// Orb `external_customer_id` (default: `orb_customers` of the configuration, else the
+    /// customer key); `""` removes it.
+    pub orb_external_customer_id: Option<String>,
+    /// Metronome `customer_id` — a customer id or ingest alias (default: `metronome_customers`,
+    /// else the customer key as an alias); `""` removes it.
+    pub metronome_customer_id: Option<String>,
 }
 
 /// A customer's settings.
@@ -64,6 +70,10 @@ pub struct CustomerAnswer {
     pub plan: Option<String>,
     /// What the plan does today.
     pub plan_note: String,
+    /// Orb `external_customer_id` set through the API (`null`: the configuration's default).
+    pub orb_external_customer_id: Option<String>,
+    /// Metronome customer id or alias set through the API (`null`: the default).
+    pub metronome_customer_id: Option<String>,
 }
 
 #[utoipa::path(put, path = "/v1/customers/{customer}", tag = "stripe", params(("customer" = String, Path)),
@@ -105,6 +115,11 @@ pub(super) async fn put_customer(
             "plan must be 1 to 128 characters",
         ));
     }
+    let orb = ApiError::dest_name(
+        b.orb_external_customer_id.as_ref(),
+        "orb_external_customer_id",
+    )?;
+    let met = ApiError::dest_name(b.metronome_customer_id.as_ref(), "metronome_customer_id")?;
     let key = c.as_str().to_owned();
     let settings = super::entitlements::customer_settings(
         &shared,
@@ -116,7 +131,23 @@ pub(super) async fn put_customer(
     .await?;
     let ent = shared.entitlements()?;
     let cust = c.clone();
-    let (rec, newly_mapped) = blocking(&shared, move |s| {
+    let (rec, newly_mapped, names) = blocking(&shared, move |s| {
+        use crate::store::NameKind;
+        let mut names = s
+            .store
+            .dest_names(NameKind::Customer, std::slice::from_ref(&key))?
+            .pop()
+            .map(|(_, n)| n)
+            .unwrap_or_default();
+        if orb.is_some() || met.is_some() {
+            if let Some(v) = orb {
+                names.orb = v;
+            }
+            if let Some(v) = met {
+                names.metronome = v;
+            }
+            s.store.put_dest_names(NameKind::Customer, &key, &names)?;
+        }
         let mut rec: CustomerRecord = s.store.customer(&key)?.unwrap_or_default();
         let newly_mapped =
             b.stripe_customer_id.is_some() && b.stripe_customer_id != rec.stripe_customer_id;
@@ -127,10 +158,13 @@ pub(super) async fn put_customer(
             rec.plan = b.plan;
         }
         ent.put_customer(&cust, &rec, settings.as_ref())?;
-        Ok((rec, newly_mapped))
+        Ok((rec, newly_mapped, names))
     })
     .await?;
     shared.stripe.notify();
+    if let Some(f) = shared.stripe.forward() {
+        f.notify();
+    }
     // A customer newly mapped to a Stripe customer gets its active Stripe entitlements at once
     // (when Stripe is configured), not only at the next summary webhook; in the background,
     // so Stripe being slow or down never fails the PUT (the refresh endpoint retries by hand).
@@ -155,6 +189,8 @@ pub(super) async fn put_customer(
         stripe_customer_id,
         plan: rec.plan,
         plan_note: String::from("see GET /v1/entitlements/{customer}"),
+        orb_external_customer_id: names.orb,
+        metronome_customer_id: names.metronome,
     }))
 }
 

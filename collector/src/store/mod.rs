@@ -24,6 +24,57 @@ use tally_protocol::catalog::{Catalog, MeterDef};
 use tally_protocol::error::ErrorCode;
 use tally_protocol::names::{CustomerId, MeterName};
 
+/// What destination names are set for: a meter or a customer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameKind {
+    /// A meter: Orb `event_name`, Metronome `event_type`.
+    Meter,
+    /// A customer: Orb `external_customer_id`, Metronome customer id or ingest alias.
+    Customer,
+}
+
+impl NameKind {
+    /// `meter` or `customer` (the stores' key).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Meter => "meter",
+            Self::Customer => "customer",
+        }
+    }
+}
+
+/// A meter's or customer's names at Orb and Metronome, set through `PUT /v1/meters/{m}` /
+/// `PUT /v1/customers/{c}` (SPEC §6.4b). Stored as JSON beside the catalog and the customer
+/// record, not in them: the catalog is the agents' postcard wire type and agents do not need
+/// these (decision 0124). `None`: the configuration's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DestNames {
+    /// Orb `event_name` (meter) or `external_customer_id` (customer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orb: Option<String>,
+    /// Metronome `event_type` (meter) or `customer_id` (customer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metronome: Option<String>,
+}
+
+impl DestNames {
+    /// Nothing set.
+    pub fn is_empty(&self) -> bool {
+        self.orb.is_none() && self.metronome.is_none()
+    }
+}
+
+pub(crate) fn names_enc(n: &DestNames) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(n).map_err(|e| StoreError::Invariant(format!("dest names: {e}")))
+}
+
+pub(crate) fn names_dec(b: &[u8]) -> Result<DestNames, StoreError> {
+    serde_json::from_slice(b).map_err(|e| StoreError::Corrupt {
+        table: "dest_names",
+        detail: e.to_string(),
+    })
+}
+
 /// A customer's settings (`PUT /v1/customers/{customer}`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CustomerRecord {
@@ -217,6 +268,19 @@ pub trait Store: tally_stripe::OutboxStore + EnrolmentStore {
     fn customer(&self, customer: &str) -> Result<Option<CustomerRecord>, StoreError>;
     /// Stores a customer's settings (`PUT /v1/customers/{customer}`).
     fn put_customer(&self, customer: &str, rec: &CustomerRecord) -> Result<(), StoreError>;
+    /// The destination names set for those of `keys` that have any, in key order.
+    fn dest_names(
+        &self,
+        kind: NameKind,
+        keys: &[String],
+    ) -> Result<Vec<(String, DestNames)>, StoreError>;
+    /// Stores `key`'s destination names (empty: removes them).
+    fn put_dest_names(
+        &self,
+        kind: NameKind,
+        key: &str,
+        names: &DestNames,
+    ) -> Result<(), StoreError>;
     /// Every outbox row as (customer, Stripe event name, bucket time in Unix seconds, units):
     /// what Stripe should have, for reconciliation.
     fn outbox_items(&self) -> Result<Vec<(String, String, i64, u64)>, StoreError>;

@@ -6,9 +6,11 @@
 //! collector's store as signed ledger items with their dimensions) and [`ForwardRuntime`].
 //!
 //! Guarantees: keys live only in redacting [`ApiKey`]s and are never logged; the destinations'
-//! state (cursors, groups, backfills) is in `forward.redb` in the data directory, next to the
-//! ledger it reads; each destination runs on its own task. Forwarding to Orb and Metronome needs
-//! the embedded store (docs/decisions/0120): with `--ledger-url` it is refused at start.
+//! state (cursors, groups, backfills) is next to the ledger it reads — `forward.redb` in the
+//! data directory with the embedded store, the `fwd_*` tables with `--ledger-url` (shared by
+//! every collector on the database, each destination claimed by one at a time, decision
+//! 0125); each destination runs on its own task. On PostgreSQL the ledger is read only up to
+//! its first missing position, so a cursor never passes a position not yet committed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -21,8 +23,13 @@ use tally_stripe::forward::runner::{ForwardMetrics, LedgerSource};
 use tally_stripe::forward::store::ForwardStore;
 use tally_stripe::forward::{
     Destination, DestinationConfig, DestinationHandle, FwdState, LedgerItem, RedbForwardStore,
-    spawn_destination,
+    Routes, spawn_destination,
 };
+
+use crate::store::{DestNames, NameKind};
+
+use crate::store::postgres::PgStore;
+use crate::store::postgres::forward::PgForwardStore;
 use tally_stripe::time::SharedClock;
 
 use crate::core::ledger::{AccountKey, TransferSource, source_account_id};
@@ -59,6 +66,8 @@ pub fn key_from_env_or_file(var: &str, path: Option<&Path>) -> std::io::Result<O
 /// adjustment is negative — with the usage account's dimensions.
 pub struct StoreLedger {
     store: Arc<dyn Store>,
+    /// Read only the run of consecutive positions after the cursor (PostgreSQL, decision 0125).
+    contiguous: bool,
     /// Usage account id → dimensions, per (customer, meter) loaded on a miss; bounded.
     dims: Mutex<HashMap<u128, BTreeMap<String, String>>>,
 }
@@ -71,7 +80,18 @@ impl StoreLedger {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
             store,
+            contiguous: false,
             dims: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Reads a PostgreSQL ledger, whose positions are gapless once committed (each writer takes
+    /// the next one under the ledger lock): a missing position is a transaction not yet
+    /// committed, so the read stops before it and the cursor never passes it (decision 0125).
+    pub fn gapless(store: Arc<dyn Store>) -> Self {
+        Self {
+            contiguous: true,
+            ..Self::new(store)
         }
     }
 
@@ -108,10 +128,24 @@ impl StoreLedger {
 
 impl LedgerSource for StoreLedger {
     fn read(&self, after: u64, limit: usize) -> Result<(Vec<LedgerItem>, u64), String> {
-        let entries = self
+        let mut entries = self
             .store
             .entries(None, after, limit)
             .map_err(|e| e.to_string())?;
+        if self.contiguous {
+            let run = entries
+                .iter()
+                .zip(after + 1..)
+                .take_while(|((p, _), want)| p == want)
+                .count();
+            if run < entries.len() {
+                tracing::debug!(
+                    missing = after + 1 + run as u64,
+                    "ledger position not committed yet; forwarding reads up to it"
+                );
+                entries.truncate(run);
+            }
+        }
         let scanned = entries.last().map_or(after, |(p, _)| *p);
         let mut out = Vec::with_capacity(entries.len());
         for (position, t) in entries {
@@ -137,6 +171,53 @@ impl LedgerSource for StoreLedger {
         }
         Ok((out, scanned))
     }
+
+    fn routes(
+        &self,
+        dest: Destination,
+        items: &[LedgerItem],
+        base: &Routes,
+    ) -> Result<Routes, String> {
+        let pick = |n: DestNames| match dest {
+            Destination::Orb => n.orb,
+            Destination::Metronome => n.metronome,
+        };
+        let mut meters: Vec<String> = items.iter().map(|i| i.meter.clone()).collect();
+        meters.sort_unstable();
+        meters.dedup();
+        let mut customers: Vec<String> = items.iter().map(|i| i.customer.clone()).collect();
+        customers.sort_unstable();
+        customers.dedup();
+        let meter_names = self
+            .store
+            .dest_names(NameKind::Meter, &meters)
+            .map_err(|e| e.to_string())?;
+        let customer_names = self
+            .store
+            .dest_names(NameKind::Customer, &customers)
+            .map_err(|e| e.to_string())?;
+        let mut out = base.clone();
+        if meter_names.iter().any(|(_, n)| pick(n.clone()).is_some()) {
+            // With no configured list every meter goes under its own name; a name set through
+            // the API adds to (or replaces in) that mapping.
+            let mut m = base
+                .meters
+                .clone()
+                .unwrap_or_else(|| meters.iter().map(|x| (x.clone(), x.clone())).collect());
+            for (k, n) in meter_names {
+                if let Some(v) = pick(n) {
+                    m.insert(k, v);
+                }
+            }
+            out.meters = Some(m);
+        }
+        for (k, n) in customer_names {
+            if let Some(v) = pick(n) {
+                out.customers.insert(k, v);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Why forwarding could not start.
@@ -148,17 +229,12 @@ pub enum ForwardStartError {
     /// A destination could not start.
     #[error("forward destination: {0}")]
     Start(#[from] tally_stripe::forward::runner::StartError),
-    /// Orb and Metronome read the embedded ledger (docs/decisions/0120).
-    #[error(
-        "orb and metronome forwarding needs the embedded store; it is not available with --ledger-url yet"
-    )]
-    Postgres,
 }
 
 /// The running Orb and Metronome destinations.
 pub struct ForwardRuntime {
     /// Their store.
-    pub store: Arc<RedbForwardStore>,
+    pub store: Arc<dyn ForwardStore>,
     handles: Vec<DestinationHandle>,
     clock: SharedClock,
     metrics: ForwardMetrics,
@@ -166,16 +242,26 @@ pub struct ForwardRuntime {
 }
 
 impl ForwardRuntime {
-    /// Opens `data_dir/forward.redb` and starts each configured destination.
+    /// Opens the destinations' state — the `fwd_*` tables of `pg` when the ledger is there,
+    /// else `data_dir/forward.redb` — and starts each configured destination.
     pub fn start(
         settings: &ForwardSettings,
         data_dir: &Path,
         store: Arc<dyn Store>,
+        pg: Option<Arc<PgStore>>,
         metrics: ForwardMetrics,
         clock: SharedClock,
     ) -> Result<Self, ForwardStartError> {
-        let fstore = Arc::new(RedbForwardStore::open(&data_dir.join("forward.redb"))?);
-        let ledger: Arc<dyn LedgerSource> = Arc::new(StoreLedger::new(store));
+        let (fstore, ledger): (Arc<dyn ForwardStore>, Arc<dyn LedgerSource>) = match pg {
+            Some(pg) => (
+                Arc::new(PgForwardStore::new(pg)),
+                Arc::new(StoreLedger::gapless(store)),
+            ),
+            None => (
+                Arc::new(RedbForwardStore::open(&data_dir.join("forward.redb"))?),
+                Arc::new(StoreLedger::new(store)),
+            ),
+        };
         let mut handles = Vec::new();
         for cfg in [&settings.orb, &settings.metronome].into_iter().flatten() {
             tracing::info!(
@@ -228,6 +314,37 @@ impl ForwardRuntime {
         for h in &self.handles {
             h.shutdown().await;
         }
+    }
+
+    /// Operator retry of dead letter `id` of `dest` (`POST /v1/{orb,metronome}/outbox/{id}/retry`):
+    /// back to open under the **same key**, so a copy the destination did take is deduplicated
+    /// (one that was attempted goes back as `unknown`; an Orb one older than the grace period
+    /// goes through a backfill after an event search). `Ok(None)`: no such group; `Err(group)`:
+    /// it is not dead (nothing changed).
+    pub fn requeue(
+        &self,
+        dest: Destination,
+        id: u64,
+    ) -> Result<
+        Result<Option<tally_stripe::forward::FwdGroup>, tally_stripe::forward::FwdGroup>,
+        String,
+    > {
+        let cur = match self.store.list(dest, None, id.saturating_sub(1), 1) {
+            Ok(v) => v.into_iter().find(|g| g.id == id),
+            Err(e) => return Err(e.to_string()),
+        };
+        let Some(cur) = cur else {
+            return Ok(Ok(None));
+        };
+        if cur.state != FwdState::Dead {
+            return Ok(Err(cur));
+        }
+        let after = self
+            .store
+            .apply(dest, &[id], tally_stripe::forward::FwdEvent::Requeue)
+            .map_err(|e| e.to_string())?;
+        self.notify();
+        Ok(Ok(after.into_iter().next()))
     }
 
     /// The listing of `GET /v1/outbox?destination=…&state=…`.

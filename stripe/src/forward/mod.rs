@@ -34,6 +34,8 @@ pub mod store;
 pub mod wire;
 
 #[cfg(feature = "test-server")]
+pub mod conformance;
+#[cfg(feature = "test-server")]
 pub mod fake;
 
 pub use runner::{DestinationConfig, DestinationHandle, spawn_destination};

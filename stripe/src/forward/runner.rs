@@ -42,6 +42,20 @@ pub trait LedgerSource: Send + Sync + 'static {
     /// Usage transfers after position `after`, ascending, at most `limit`; and the last
     /// position scanned (past transfers that are not usage), so the cursor can move over them.
     fn read(&self, after: u64, limit: usize) -> Result<(Vec<LedgerItem>, u64), String>;
+
+    /// The names `dest` uses for the meters and customers of `items`: `base` (the
+    /// configuration's) with whatever the source knows on top (names set through the API,
+    /// SPEC §6.4b). Called once per planning step, so a change applies to events planned after
+    /// it; planned events keep their names.
+    fn routes(
+        &self,
+        dest: Destination,
+        items: &[LedgerItem],
+        base: &Routes,
+    ) -> Result<Routes, String> {
+        let _ = (dest, items);
+        Ok(base.clone())
+    }
 }
 
 /// One destination's settings.
@@ -362,6 +376,7 @@ pub fn spawn_destination(
         shared: shared.clone(),
         rng: (now as u64) | 1,
         hold_until_ms: 0,
+        holder: holder_id(),
     };
     let destination = r.cfg.destination;
     let task = tokio::spawn(async move { r.run().await });
@@ -423,7 +438,26 @@ struct Runner {
     /// After a transient failure nothing is sent before this (Unix ms): a destination that is
     /// down is probed once per backoff, not once per queued batch.
     hold_until_ms: i64,
+    /// This task's name in the destination's claim ([`ForwardStore::claim`]).
+    holder: String,
 }
+
+/// A random name for one destination task of one process.
+fn holder_id() -> String {
+    let mut b = [0u8; 8];
+    if getrandom::getrandom(&mut b).is_err() {
+        // Without a random source, the process id and time still tell two processes apart.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        b = (t ^ u64::from(std::process::id())).to_be_bytes();
+    }
+    hex::encode(b)
+}
+
+/// Margin of a destination claim beyond the longest request: a claim renewed right before a
+/// request outlives it (and the clocks of collectors sharing a store may differ this much).
+pub const CLAIM_MARGIN: Duration = Duration::from_secs(5);
 
 /// A store call off the async threads.
 async fn blocking<T: Send + 'static>(
@@ -505,8 +539,24 @@ impl Runner {
         self.metrics.lag_seconds.get_or_create(&l).set(lag);
     }
 
-    /// One pass; true when there is more to do at once.
+    /// Takes or renews this destination's claim for one request timeout plus
+    /// [`CLAIM_MARGIN`]; false when another process holds it.
+    async fn claim(&self) -> Result<bool, String> {
+        let d = self.cfg.destination;
+        let now = self.clock.now_ms();
+        let until = now
+            + i64::try_from((self.cfg.request_timeout + CLAIM_MARGIN).as_millis())
+                .unwrap_or(i64::MAX / 4);
+        let holder = self.holder.clone();
+        blocking(&self.store, move |s| s.claim(d, &holder, now, until)).await
+    }
+
+    /// One pass; true when there is more to do at once. Nothing is planned, sent or driven
+    /// while another process holds the destination's claim.
     async fn pass(&mut self) -> Result<bool, String> {
+        if !self.claim().await? {
+            return Ok(false);
+        }
         let planned_full = self.plan().await?;
         self.window().await?;
         if self.cfg.destination == Destination::Orb {
@@ -522,15 +572,19 @@ impl Runner {
         let (ns, cursor) =
             blocking(&self.store, move |s| Ok((s.namespace()?, s.cursor(d)?))).await?;
         let ledger = self.ledger.clone();
-        let (items, scanned) =
-            tokio::task::spawn_blocking(move || ledger.read(cursor, PLAN_ITEMS_MAX))
-                .await
-                .map_err(|e| e.to_string())??;
+        let base = self.cfg.routes.clone();
+        let (items, scanned, routes) = tokio::task::spawn_blocking(move || {
+            let (items, scanned) = ledger.read(cursor, PLAN_ITEMS_MAX)?;
+            let routes = ledger.routes(d, &items, &base)?;
+            Ok::<_, String>((items, scanned, routes))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         if scanned <= cursor && items.is_empty() {
             return Ok(false);
         }
         let full = items.len() >= PLAN_ITEMS_MAX;
-        let p = plan(&ns, d, cursor, scanned, &items, &self.cfg.routes);
+        let p = plan(&ns, d, cursor, scanned, &items, &routes);
         blocking(&self.store, move |s| {
             s.commit_plan(d, cursor, p.cursor, p.groups)
         })
@@ -654,8 +708,16 @@ impl Runner {
         body: Option<String>,
         key: Option<&str>,
         events: usize,
-    ) -> Option<Reply> {
+    ) -> Result<Option<Reply>, String> {
         self.token(events).await;
+        // Renewed right before the request and held past its timeout: no other process sends
+        // for this destination while it is in flight.
+        if !self.claim().await? {
+            return Err(format!(
+                "{} claim taken by another collector; this one stops sending",
+                self.cfg.destination.as_str()
+            ));
+        }
         let r = self.client.call(method, path, body, key).await;
         let status = r
             .as_ref()
@@ -668,7 +730,7 @@ impl Runner {
             })
             .inc();
         self.note(|s| s.requests += 1);
-        r
+        Ok(r)
     }
 
     /// Drives the backfill in progress one step.
@@ -704,7 +766,7 @@ impl Runner {
                         Some(&key),
                         0,
                     )
-                    .await;
+                    .await?;
                 let id = r
                     .as_ref()
                     .filter(|r| (200..300).contains(&r.status))
@@ -763,7 +825,7 @@ impl Runner {
                 } else {
                     (reqwest::Method::GET, format!("/v1/events/backfills/{id}"))
                 };
-                let r = self.request(method, &path, None, None, 0).await;
+                let r = self.request(method, &path, None, None, 0).await?;
                 let closing = rec.phase == BackfillPhase::Close;
                 // A close that was processed but whose answer was lost may be refused when resent
                 // (already closed): the status read tells.
@@ -890,7 +952,7 @@ impl Runner {
         let body = wire::body(d, &refs);
         let reply = self
             .request(reqwest::Method::POST, path, Some(body), None, groups.len())
-            .await;
+            .await?;
         let outcome = wire::classify(d, reply.as_ref());
         let now = self.clock.now_ms();
         match outcome {

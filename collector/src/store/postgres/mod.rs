@@ -33,6 +33,7 @@ use tally_protocol::catalog::{Catalog, MeterDef};
 use tally_protocol::names::{CustomerId, MeterName};
 
 pub mod entitlements;
+pub mod forward;
 pub mod listen;
 pub mod outbox;
 pub mod pool;
@@ -1035,6 +1036,52 @@ impl Store for PgStore {
                 Some(r) => Ok(Some(dec("customers", r.get::<_, &[u8]>(0))?)),
                 None => Ok(None),
             }
+        })
+    }
+
+    fn dest_names(
+        &self,
+        kind: crate::store::NameKind,
+        keys: &[String],
+    ) -> Result<Vec<(String, crate::store::DestNames)>, StoreError> {
+        let (k, keys) = (kind.as_str(), keys.to_vec());
+        self.run(move |s| {
+            let mut tx = s.begin()?;
+            let rows = tx.query(
+                "SELECT key, names FROM dest_names WHERE kind = $1 AND key = ANY($2) ORDER BY key",
+                &[&k, &keys],
+            )?;
+            rows.iter()
+                .map(|r| Ok((r.get(0), crate::store::names_dec(r.get::<_, &[u8]>(1))?)))
+                .collect()
+        })
+    }
+
+    fn put_dest_names(
+        &self,
+        kind: crate::store::NameKind,
+        key: &str,
+        names: &crate::store::DestNames,
+    ) -> Result<(), StoreError> {
+        let (k, key) = (kind.as_str(), key.to_owned());
+        let blob = (!names.is_empty())
+            .then(|| crate::store::names_enc(names))
+            .transpose()?;
+        self.run(move |s| {
+            let mut tx = s.begin()?;
+            match &blob {
+                Some(b) => tx.execute(
+                    "INSERT INTO dest_names (kind, key, names) VALUES ($1, $2, $3) \
+                     ON CONFLICT (kind, key) DO UPDATE SET names = EXCLUDED.names",
+                    &[&k, &key, b],
+                )?,
+                None => tx.execute(
+                    "DELETE FROM dest_names WHERE kind = $1 AND key = $2",
+                    &[&k, &key],
+                )?,
+            };
+            tx.commit()?;
+            Ok(())
         })
     }
 

@@ -121,6 +121,30 @@ CREATE TABLE tally_changes (
 );
 CREATE INDEX tally_changes_at ON tally_changes (at);
 "#,
+    // 4: Orb and Metronome forwarding state shared by the collectors (decision 0125): a cursor
+    // per destination, its groups (the JSON of the pure state machine's `FwdGroup` beside the
+    // columns queries need), counts per state, the Orb backfill in progress.
+    r#"
+CREATE TABLE fwd_cursor (dest text PRIMARY KEY, pos bigint NOT NULL, next_id bigint NOT NULL);
+CREATE TABLE fwd_groups (
+  dest text NOT NULL, id bigint NOT NULL, state text NOT NULL, ts bigint NOT NULL,
+  next_attempt_ms bigint NOT NULL, backfill text, g bytea NOT NULL,
+  PRIMARY KEY (dest, id)
+);
+CREATE INDEX fwd_groups_open ON fwd_groups (dest, id) WHERE state IN ('pending', 'unknown');
+CREATE INDEX fwd_groups_open_ts ON fwd_groups (dest, ts) WHERE state IN ('pending', 'unknown');
+CREATE INDEX fwd_groups_backfill ON fwd_groups (dest, backfill, id) WHERE state = 'backfill';
+CREATE INDEX fwd_groups_state ON fwd_groups (dest, state, id);
+CREATE TABLE fwd_counts (dest text, state text, n bigint NOT NULL, PRIMARY KEY (dest, state));
+CREATE TABLE fwd_backfill (dest text PRIMARY KEY, rec bytea NOT NULL);
+"#,
+    // 5: Orb and Metronome names of meters and customers set through the API (SPEC §6.4b), as
+    // JSON beside the catalog and customer records (whose encodings agents and older rows share).
+    r#"
+CREATE TABLE dest_names (
+  kind text NOT NULL, key text COLLATE "C" NOT NULL, names bytea NOT NULL, PRIMARY KEY (kind, key)
+);
+"#,
 ];
 
 /// Brings the database to the newest version, once, under [`MIGRATION_LOCK`]; returns the

@@ -69,6 +69,10 @@ fn dec<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, Stor
     })
 }
 
+/// Orb and Metronome names of meters and customers: (kind, key) → JSON `DestNames`.
+const DEST_NAMES: ::redb::TableDefinition<(&str, &str), &[u8]> =
+    ::redb::TableDefinition::new("dest_names");
+
 /// The redb-backed store.
 pub struct RedbStore {
     db: Database,
@@ -393,6 +397,52 @@ impl Store for RedbStore {
 
     fn put_customer(&self, customer: &str, rec: &CustomerRecord) -> Result<(), StoreError> {
         self.put_customer_record(customer, rec).map_err(outbox_err)
+    }
+
+    fn dest_names(
+        &self,
+        kind: crate::store::NameKind,
+        keys: &[String],
+    ) -> Result<Vec<(String, crate::store::DestNames)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = match txn.open_table(DEST_NAMES) {
+            Ok(t) => t,
+            // Made by the first name set: a store without it has none.
+            Err(::redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut keys: Vec<&String> = keys.iter().collect();
+        keys.sort();
+        keys.dedup();
+        let mut out = Vec::new();
+        for k in keys {
+            if let Some(v) = t.get((kind.as_str(), k.as_str()))? {
+                out.push((k.clone(), crate::store::names_dec(v.value())?));
+            }
+        }
+        Ok(out)
+    }
+
+    fn put_dest_names(
+        &self,
+        kind: crate::store::NameKind,
+        key: &str,
+        names: &crate::store::DestNames,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(DEST_NAMES)?;
+            if names.is_empty() {
+                t.remove((kind.as_str(), key))?;
+            } else {
+                t.insert(
+                    (kind.as_str(), key),
+                    crate::store::names_enc(names)?.as_slice(),
+                )?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     fn outbox_items(&self) -> Result<Vec<(String, String, i64, u64)>, StoreError> {
