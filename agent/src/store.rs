@@ -443,9 +443,15 @@ impl Store {
         Self::open_with(path, dedup_window, None)
     }
 
+    /// redb's page cache ceiling. Its default is 1 GiB a database, which an agent linked into a
+    /// product grew into as batches passed through (the sidecar at a full 64 MiB disk budget held
+    /// 247 MiB); the working set here is the unacknowledged batches and the dedup index's upper
+    /// pages, and the kernel's page cache is behind it anyway.
+    const CACHE_BYTES: usize = 16 << 20;
+
     fn create_db(path: &Path, faults: Option<&DiskFaults>) -> Result<Database, StoreError> {
         Ok(match faults {
-            None => Database::create(path)?,
+            None => Database::builder().set_cache_size(Self::CACHE_BYTES).create(path)?,
             Some(f) => {
                 let file = std::fs::OpenOptions::new()
                     .read(true)
@@ -458,7 +464,9 @@ impl Store {
                         source,
                     })?;
                 let inner = redb::backends::FileBackend::new(file)?;
-                Database::builder().create_with_backend(FaultyBackend {
+                Database::builder()
+                    .set_cache_size(Self::CACHE_BYTES)
+                    .create_with_backend(FaultyBackend {
                     inner,
                     faults: f.clone(),
                 })?

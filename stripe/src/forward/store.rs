@@ -225,7 +225,14 @@ fn dec(bytes: &[u8]) -> Result<FwdGroup, FwdStoreError> {
 impl RedbForwardStore {
     /// Opens (or creates) the store file at `path`.
     pub fn open(path: &Path) -> Result<Self, FwdStoreError> {
-        Self::init(Database::create(path).map_err(be)?)
+        // A small page cache: the forwarding state is a cursor and the open groups (redb's
+        // default ceiling is 1 GiB a database).
+        Self::init(
+            Database::builder()
+                .set_cache_size(16 << 20)
+                .create(path)
+                .map_err(be)?,
+        )
     }
 
     /// A store in memory (tests).
