@@ -121,6 +121,15 @@ CREATE TABLE tally_changes (
 );
 CREATE INDEX tally_changes_at ON tally_changes (at);
 "#,
+    // 4: open outbox buckets, one record per (customer, meter), sealed into rows by the
+    // forwarder (decision 0106); `n` buckets, the oldest at `min_ts`, for stats.
+    r#"
+CREATE TABLE outbox_buckets (
+  customer text COLLATE "C", meter text COLLATE "C", rec bytea NOT NULL,
+  n int NOT NULL, min_ts bigint NOT NULL,
+  PRIMARY KEY (customer, meter)
+);
+"#,
 ];
 
 /// Brings the database to the newest version, once, under [`MIGRATION_LOCK`]; returns the
