@@ -67,7 +67,9 @@ pub struct Posted {
 impl OpenBuckets {
     /// Σ units over the open buckets.
     pub fn units(&self) -> u64 {
-        self.buckets.values().fold(0u64, |a, v| a.saturating_add(*v))
+        self.buckets
+            .values()
+            .fold(0u64, |a, v| a.saturating_add(*v))
     }
 
     /// Whether no bucket is open.

@@ -858,12 +858,17 @@ mod tests {
         }
         s.accumulate(row(120, 1)).unwrap();
         assert!(s.accumulate(row(60, 0)).is_err());
-        assert!(s.pending_rows(0, 10).unwrap().is_empty(), "nothing sealed yet");
+        assert!(
+            s.pending_rows(0, 10).unwrap().is_empty(),
+            "nothing sealed yet"
+        );
         assert_eq!(s.stats().unwrap().pending_rows, 2);
         assert_eq!(s.seal_open(1).unwrap(), 2, "a record is sealed whole");
         let rows = s.pending_rows(0, 10).unwrap();
         assert_eq!(
-            rows.iter().map(|r| (r.timestamp_s, r.value)).collect::<Vec<_>>(),
+            rows.iter()
+                .map(|r| (r.timestamp_s, r.value))
+                .collect::<Vec<_>>(),
             vec![(60, 2000), (120, 1)]
         );
         let ng = NewGroup {

@@ -20,7 +20,6 @@ use crate::core::ledger::{
     Transfer, TransferSource, Verifier, VerifyReport, WorkingSet,
 };
 use crate::store::redb::outbox_rows::{BucketRec, Carry};
-use tally_stripe::coalesce::{MAX_OPEN_BUCKETS, OpenBuckets};
 use crate::store::{
     AdjustOutcome, AgentRecord, BatchOutcome, BatchRecord, CustomerRecord, EpochState, IngestBatch,
     IngestOutcome, QuarantineRecord, Store, StoreError,
@@ -32,6 +31,7 @@ use std::collections::{BTreeMap, HashMap};
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
 use tally_protocol::names::{CustomerId, MeterName};
+use tally_stripe::coalesce::{MAX_OPEN_BUCKETS, OpenBuckets};
 
 pub mod entitlements;
 pub mod listen;
@@ -641,8 +641,14 @@ pub(crate) fn insert_rows(tx: &mut Tx<'_>, rows: Vec<NewRow>) -> Result<(), Stor
     if rows.is_empty() {
         return Ok(());
     }
-    let (mut ids, mut cs, mut ms, mut es, mut ts, mut vs) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ids, mut cs, mut ms, mut es, mut ts, mut vs) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for (id, c, m, e, t, v) in rows {
         ids.push(id);
         cs.push(c);
@@ -777,7 +783,8 @@ impl OutboxWriter {
                     dm.push(meter.clone());
                 }
             }
-            t.rows.sort_unstable_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+            t.rows
+                .sort_unstable_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
             for (event_name, ts, value) in t.rows {
                 rows.push((
                     i(next),

@@ -453,7 +453,10 @@ impl OutboxStore for PgStore {
         self.run(move |s| {
             let mut tx = s.begin()?;
             // Nothing open (the usual answer): no turn at the ledger lock.
-            if tx.query_opt("SELECT 1 FROM outbox_buckets LIMIT 1", &[])?.is_none() {
+            if tx
+                .query_opt("SELECT 1 FROM outbox_buckets LIMIT 1", &[])?
+                .is_none()
+            {
                 return Ok(0);
             }
             super::lock_ledger(&mut tx)?;
@@ -462,19 +465,34 @@ impl OutboxStore for PgStore {
                 .get(0));
             let recs = tx.query(
                 "DELETE FROM outbox_buckets WHERE (customer, meter) IN \
-                 (SELECT customer, meter FROM outbox_buckets ORDER BY customer, meter LIMIT $1) \
+                 (SELECT customer, meter FROM \
+                   (SELECT customer, meter, sum(n) OVER (ORDER BY customer, meter) - n AS before \
+                    FROM (SELECT customer, meter, n FROM outbox_buckets \
+                          ORDER BY customer, meter LIMIT $1) f) w \
+                  WHERE before < $1) \
                  RETURNING customer, meter, rec",
                 &[&limit],
             )?;
             let mut sealed: Vec<(String, String, super::BucketRec)> = Vec::new();
             for r in &recs {
-                sealed.push((r.get(0), r.get(1), dec("outbox_buckets", r.get::<_, &[u8]>(2))?));
+                sealed.push((
+                    r.get(0),
+                    r.get(1),
+                    dec("outbox_buckets", r.get::<_, &[u8]>(2))?,
+                ));
             }
             sealed.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
             let mut rows = Vec::new();
             for (c, m, mut b) in sealed {
                 for (ts, value) in b.open.seal() {
-                    rows.push((i(next), c.clone(), m.clone(), b.event_name.clone(), ts, i(value)));
+                    rows.push((
+                        i(next),
+                        c.clone(),
+                        m.clone(),
+                        b.event_name.clone(),
+                        ts,
+                        i(value),
+                    ));
                     next += 1;
                 }
             }

@@ -344,7 +344,6 @@ impl<'t> OutboxWriter<'t> {
         }
         self.finish_counts()
     }
-
 }
 
 /// What one transaction did to one (customer, meter).
