@@ -1,6 +1,9 @@
 //! The outbox: rows the collector writes in its ledger transaction, the event groups the
 //! forwarder builds from them, and the [`OutboxStore`] trait that persists both.
 //!
+//! Before a row there is an *open bucket* ([`crate::coalesce`]): the collector's ledger
+//! transactions add units to it in place until [`OutboxStore::seal_open`] writes it as a row.
+//!
 //! Lifecycle of a row: written *pending* (no group) → claimed into exactly one [`EventGroup`]
 //! (persisted with its deterministic identifier **before** the first send) → the group ends
 //! *sent* or *dead*; a dead group can be requeued by an operator, which dissolves it and returns
