@@ -250,7 +250,7 @@ fn postgres_two_collectors_ingest_and_seal_at_once() {
         PgStore::open(db.url()).unwrap(),
     );
     forwarded(&a);
-    let done = std::sync::atomic::AtomicBool::new(false);
+    let done = std::sync::atomic::AtomicUsize::new(0);
     let claimed = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|sc| {
         for (seed, s) in [(1u8, &a), (2u8, &b)] {
@@ -259,7 +259,8 @@ fn postgres_two_collectors_ingest_and_seal_at_once() {
                 for q in 1..=40 {
                     ingest(s, &[batch(seed, q, 3)]);
                 }
-                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                // Both ingesters must be done before a sealer may stop.
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             });
         }
         for s in [&a, &b] {
@@ -267,7 +268,7 @@ fn postgres_two_collectors_ingest_and_seal_at_once() {
             sc.spawn(move || {
                 let ns = s.namespace().unwrap();
                 loop {
-                    let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                    let finished = done.load(std::sync::atomic::Ordering::SeqCst) == 2;
                     s.seal_open(7).unwrap();
                     let groups: Vec<NewGroup> = all_rows(s)
                         .into_iter()
