@@ -282,6 +282,8 @@ impl<S: OutboxStore + ?Sized> Shared<S> {
     async fn scan(self: &Arc<Self>, scan: PlanScan) -> Result<ScannedRows, StoreError> {
         self.blocking(move |store| {
             let ns = store.namespace()?;
+            // Open buckets become rows here, so the scan below sees them.
+            store.seal_open(scan.limit)?;
             let mut rows = Vec::new();
             let mut after = scan.after;
             let mut reached_end = false;

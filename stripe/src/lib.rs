@@ -46,6 +46,7 @@
 //!    `test_server::FakeStripe::url()`.
 
 pub mod client;
+pub mod coalesce;
 pub mod dispatch;
 pub mod forward;
 pub mod forwarder;

@@ -1,6 +1,9 @@
 //! The outbox: rows the collector writes in its ledger transaction, the event groups the
 //! forwarder builds from them, and the [`OutboxStore`] trait that persists both.
 //!
+//! Before a row there is an *open bucket* ([`crate::coalesce`]): the collector's ledger
+//! transactions add units to it in place until [`OutboxStore::seal_open`] writes it as a row.
+//!
 //! Lifecycle of a row: written *pending* (no group) → claimed into exactly one [`EventGroup`]
 //! (persisted with its deterministic identifier **before** the first send) → the group ends
 //! *sent* or *dead*; a dead group can be requeued by an operator, which dissolves it and returns
@@ -297,6 +300,15 @@ pub trait OutboxStore: Send + Sync + 'static {
     ) -> Result<Vec<EventGroup>, StoreError>;
     /// Stores a webhook event once; `Ok(false)` if its id was seen before.
     fn record_webhook(&self, record: WebhookRecord) -> Result<bool, StoreError>;
+    /// Seals open buckets ([`crate::coalesce`]) into pending rows, whole (customer, meter)
+    /// records at a time, until at least `limit` rows were written or none is left; returns the
+    /// rows written. One transaction: the record is emptied where its rows are written. The
+    /// forwarder calls it before each planning scan. Stores that write rows directly (no open
+    /// buckets) keep the default.
+    fn seal_open(&self, limit: usize) -> Result<u64, StoreError> {
+        let _ = limit;
+        Ok(0)
+    }
 }
 
 /// The Stripe customer for our key: `cus_…` maps to itself, otherwise the stored mapping.
@@ -379,6 +391,8 @@ struct Inner {
     by_identifier: HashMap<String, GroupId>,
     mapping: HashMap<String, String>,
     webhooks: BTreeMap<String, WebhookRecord>,
+    /// Open buckets per (customer, meter), with the event name they were posted under.
+    buckets: BTreeMap<(String, String), (String, crate::coalesce::OpenBuckets)>,
 }
 
 /// An in-memory [`OutboxStore`] for tests and the reference for other backends.
@@ -421,7 +435,65 @@ impl MemoryStore {
             .map_err(|_| StoreError::Backend("memory store lock poisoned".into()))
     }
 
-    /// What the collector does in its ledger transaction: append a row (zero values refused).
+    /// What the collector does in its ledger transaction: add the row's units to the open
+    /// bucket of its (customer, meter, time) ([`crate::coalesce`]); a bucket that spills at the
+    /// limit, or buckets posted under another event name, become rows now. Zero values refused.
+    pub fn accumulate(&self, row: NewOutboxRow) -> Result<(), StoreError> {
+        if row.value == 0 {
+            return Err(StoreError::Invalid("zero-unit rows are not written".into()));
+        }
+        let mut g = self.lock()?;
+        let key = (row.customer.clone(), row.meter.clone());
+        let (name, mut open) = g.buckets.remove(&key).unwrap_or_default();
+        if name != row.stripe_event_name {
+            for (ts, value) in open.seal() {
+                Self::push(&mut g, &row.customer, &row.meter, &name, ts, value);
+            }
+        }
+        let p = open
+            .add(
+                row.timestamp_s,
+                row.value,
+                crate::coalesce::MAX_OPEN_BUCKETS,
+            )
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        if let Some((ts, value)) = p.spilled {
+            Self::push(
+                &mut g,
+                &row.customer,
+                &row.meter,
+                &row.stripe_event_name,
+                ts,
+                value,
+            );
+        }
+        g.buckets.insert(key, (row.stripe_event_name, open));
+        Ok(())
+    }
+
+    fn push(g: &mut Inner, customer: &str, meter: &str, event: &str, ts: i64, value: u64) {
+        let id = g.next_row;
+        g.next_row += 1;
+        g.rows.insert(
+            id,
+            RowRec {
+                row: OutboxRow {
+                    id,
+                    customer: customer.to_owned(),
+                    meter: meter.to_owned(),
+                    stripe_event_name: event.to_owned(),
+                    timestamp_s: ts,
+                    value,
+                    revision: 0,
+                },
+                group: None,
+            },
+        );
+        g.ungrouped.insert(id);
+    }
+
+    /// Appends a row directly (zero values refused): the pre-coalescing write, kept for tests
+    /// and tools that need a row id at once.
     pub fn insert(&self, row: NewOutboxRow) -> Result<RowId, StoreError> {
         if row.value == 0 {
             return Err(StoreError::Invalid("zero-unit rows are not written".into()));
@@ -455,6 +527,9 @@ impl MemoryStore {
         for r in g.rows.values() {
             *t.entry((r.row.customer.clone(), r.row.stripe_event_name.clone()))
                 .or_insert(0) += r.row.value;
+        }
+        for ((c, _), (name, open)) in &g.buckets {
+            *t.entry((c.clone(), name.clone())).or_insert(0) += open.units();
         }
         Ok(t)
     }
@@ -682,6 +757,21 @@ impl OutboxStore for MemoryStore {
         Ok(out)
     }
 
+    fn seal_open(&self, limit: usize) -> Result<u64, StoreError> {
+        let mut g = self.lock()?;
+        let mut n = 0usize;
+        while n < limit.max(1) {
+            let Some(((c, m), (name, mut open))) = g.buckets.pop_first() else {
+                break;
+            };
+            for (ts, value) in open.seal() {
+                Self::push(&mut g, &c, &m, &name, ts, value);
+                n += 1;
+            }
+        }
+        Ok(n as u64)
+    }
+
     fn stats(&self) -> Result<OutboxStats, StoreError> {
         let g = self.lock()?;
         let mut s = OutboxStats::default();
@@ -699,6 +789,14 @@ impl OutboxStore for MemoryStore {
                 }
                 OutboxState::Sent => s.sent_rows += 1,
                 OutboxState::Dead => s.dead_rows += 1,
+            }
+        }
+        // Open buckets count as the pending rows they will become.
+        for (_, open) in g.buckets.values() {
+            s.pending_rows += open.buckets.len() as u64;
+            if let Some(t) = open.buckets.keys().next() {
+                s.oldest_pending_timestamp_s =
+                    Some(s.oldest_pending_timestamp_s.map_or(*t, |o: i64| o.min(*t)));
             }
         }
         Ok(s)
@@ -746,6 +844,57 @@ mod tests {
         assert_ne!(a, identifier_for("abcdef0123456789", &[1, 2, 4], 0));
         let long = identifier_for("abcdefabcdefabcdefabcdef", &[u64::MAX, 1], u32::MAX);
         assert!(long.len() <= IDENTIFIER_LEN_MAX, "{}", long.len());
+    }
+
+    #[test]
+    fn open_buckets_become_rows_once_and_later_units_a_new_row() {
+        let s = MemoryStore::with_namespace("t");
+        let row = |ts, v| NewOutboxRow {
+            customer: "cus_a".into(),
+            meter: "m".into(),
+            stripe_event_name: "m".into(),
+            timestamp_s: ts,
+            value: v,
+        };
+        for _ in 0..1000 {
+            s.accumulate(row(60, 2)).unwrap();
+        }
+        s.accumulate(row(120, 1)).unwrap();
+        assert!(s.accumulate(row(60, 0)).is_err());
+        assert!(
+            s.pending_rows(0, 10).unwrap().is_empty(),
+            "nothing sealed yet"
+        );
+        assert_eq!(s.stats().unwrap().pending_rows, 2);
+        assert_eq!(s.seal_open(1).unwrap(), 2, "a record is sealed whole");
+        let rows = s.pending_rows(0, 10).unwrap();
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.timestamp_s, r.value))
+                .collect::<Vec<_>>(),
+            vec![(60, 2000), (120, 1)]
+        );
+        let ng = NewGroup {
+            identifier: identifier_for("t", &[rows[0].id], 0),
+            stripe_customer: "cus_a".into(),
+            event_name: "m".into(),
+            meter: "m".into(),
+            timestamp_s: 60,
+            value: 2000,
+            row_ids: vec![rows[0].id],
+        };
+        let g = s.create_groups(vec![ng]).unwrap();
+        // Units after the claim go to a new bucket, then a new row; the group is unchanged.
+        s.accumulate(row(60, 5)).unwrap();
+        assert_eq!(s.seal_open(10).unwrap(), 1);
+        assert_eq!(s.seal_open(10).unwrap(), 0);
+        assert_eq!(s.groups().unwrap(), g);
+        let rows = s.pending_rows(0, 10).unwrap();
+        assert_eq!(rows.iter().map(|r| r.value).collect::<Vec<_>>(), vec![1, 5]);
+        assert_eq!(
+            s.totals().unwrap(),
+            BTreeMap::from([(("cus_a".into(), "m".into()), 2006)])
+        );
     }
 
     #[test]

@@ -402,6 +402,7 @@ impl SimCollector {
         }
         let mut actions = Vec::new();
         if let Some(scan) = run.dispatcher.plan_due(now_ms) {
+            run.store.seal_open(scan.limit).map_err(e("seal open"))?;
             let rows = run
                 .store
                 .pending_rows(scan.after, scan.limit)

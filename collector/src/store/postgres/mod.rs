@@ -19,7 +19,7 @@ use crate::core::ledger::{
     self, Account, AccountId, AccountKey, Accounts, Adjustment, Existing, Period, Posting,
     Transfer, TransferSource, Verifier, VerifyReport, WorkingSet,
 };
-use crate::store::redb::outbox_rows::{Carry, carry_step};
+use crate::store::redb::outbox_rows::{BucketRec, Carry};
 use crate::store::{
     AdjustOutcome, AgentRecord, BatchOutcome, BatchRecord, CustomerRecord, EpochState, IngestBatch,
     IngestOutcome, QuarantineRecord, Store, StoreError,
@@ -31,6 +31,7 @@ use std::collections::{BTreeMap, HashMap};
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
 use tally_protocol::names::{CustomerId, MeterName};
+use tally_stripe::coalesce::{MAX_OPEN_BUCKETS, OpenBuckets};
 
 pub mod entitlements;
 pub mod forward;
@@ -301,6 +302,7 @@ impl<'t, 'a> PgTxn<'t, 'a> {
                 touched: HashMap::new(),
                 next_row,
                 carries_read: HashMap::new(),
+                buckets_read: HashMap::new(),
             },
         })
     }
@@ -352,8 +354,11 @@ impl<'t, 'a> PgTxn<'t, 'a> {
         cm.sort_unstable();
         cm.dedup();
         let (cs, ms): (Vec<String>, Vec<String>) = cm.iter().cloned().unzip();
+        for k in &cm {
+            self.outbox.carries_read.insert(k.clone(), None);
+        }
         for k in cm {
-            self.outbox.carries_read.insert(k, None);
+            self.outbox.buckets_read.insert(k, None);
         }
         for r in self.tx.query(
             "SELECT o.customer, o.meter, o.carry FROM outbox_carry o \
@@ -364,6 +369,16 @@ impl<'t, 'a> PgTxn<'t, 'a> {
             let key: (String, String) = (r.get(0), r.get(1));
             let c: Carry = dec("outbox_carry", r.get::<_, &[u8]>(2))?;
             self.outbox.carries_read.insert(key, Some(c));
+        }
+        for r in self.tx.query(
+            "SELECT o.customer, o.meter, o.rec FROM outbox_buckets o \
+             JOIN unnest($1::text[], $2::text[]) AS k(customer, meter) \
+             ON o.customer = k.customer COLLATE \"C\" AND o.meter = k.meter COLLATE \"C\"",
+            &[&cs, &ms],
+        )? {
+            let key: (String, String) = (r.get(0), r.get(1));
+            let b: BucketRec = dec("outbox_buckets", r.get::<_, &[u8]>(2))?;
+            self.outbox.buckets_read.insert(key, Some(b));
         }
         let agents: Vec<Vec<u8>> = pairs.iter().map(|p| p.0.0.to_vec()).collect();
         let epochs: Vec<i64> = pairs.iter().map(|p| i(p.1)).collect();
@@ -597,19 +612,59 @@ impl IngestTxn for PgTxn<'_, '_> {
     }
 }
 
-/// The outbox rows of one ledger transaction: the rule is the redb store's
-/// ([`carry_step`] on the stored [`Carry`]); carries and rows are written at the end.
+/// The outbox of one ledger transaction: the rule is the redb store's
+/// ([`tally_stripe::coalesce::post`] on the stored [`Carry`] and open buckets); carries, bucket
+/// records and spilled rows are written at the end.
 struct OutboxWriter {
     touched: HashMap<(String, String), Touched>,
     next_row: u64,
     /// Carries read ahead ([`PgTxn::prefetch`]); `None`: known absent.
     carries_read: HashMap<(String, String), Option<Carry>>,
+    /// Bucket records read ahead; `None`: known absent.
+    buckets_read: HashMap<(String, String), Option<BucketRec>>,
 }
 
 struct Touched {
-    carry: Carry,
+    carry: tally_stripe::units::Carry,
     event_name: String,
-    due: BTreeMap<i64, u64>,
+    open: OpenBuckets,
+    had_open: bool,
+    changed: bool,
+    /// Rows to write: spilled buckets, and buckets posted under a previous event name.
+    rows: Vec<(String, i64, u64)>,
+}
+
+/// One row of `outbox` to insert.
+type NewRow = (i64, String, String, String, i64, i64);
+
+/// Inserts rows in one statement.
+pub(crate) fn insert_rows(tx: &mut Tx<'_>, rows: Vec<NewRow>) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let (mut ids, mut cs, mut ms, mut es, mut ts, mut vs) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for (id, c, m, e, t, v) in rows {
+        ids.push(id);
+        cs.push(c);
+        ms.push(m);
+        es.push(e);
+        ts.push(t);
+        vs.push(v);
+    }
+    tx.execute(
+        "INSERT INTO outbox (id, customer, meter, event_name, ts, value, revision) \
+         SELECT a, b, c, d, e, f, 0 FROM unnest($1::bigint[], $2::text[], $3::text[], \
+         $4::text[], $5::bigint[], $6::bigint[]) AS x(a, b, c, d, e, f)",
+        &[&ids, &cs, &ms, &es, &ts, &vs],
+    )?;
+    Ok(())
 }
 
 impl OutboxWriter {
@@ -644,42 +699,99 @@ impl OutboxWriter {
                         None => Carry::default(),
                     },
                 };
+                let rec = match self.buckets_read.get(v.key()) {
+                    Some(b) => b.clone(),
+                    None => match tx.query_opt(
+                        "SELECT rec FROM outbox_buckets WHERE customer = $1 AND meter = $2",
+                        &[&v.key().0, &v.key().1],
+                    )? {
+                        Some(r) => Some(dec("outbox_buckets", r.get::<_, &[u8]>(0))?),
+                        None => None,
+                    },
+                };
+                let had_open = rec.is_some();
+                let (mut open, mut rows) = (OpenBuckets::default(), Vec::new());
+                if let Some(mut b) = rec {
+                    if b.event_name == event_name {
+                        open = b.open;
+                    } else {
+                        // Buckets posted under another event name leave as rows under it.
+                        for (ts, value) in b.open.seal() {
+                            rows.push((b.event_name.clone(), ts, value));
+                        }
+                    }
+                }
                 v.insert(Touched {
-                    carry,
+                    carry: tally_stripe::units::Carry {
+                        net_scaled: carry.net_scaled,
+                        sent_units: carry.sent_units,
+                    },
                     event_name: event_name.to_owned(),
-                    due: BTreeMap::new(),
+                    open,
+                    had_open,
+                    changed: !rows.is_empty(),
+                    rows,
                 })
             }
         };
         let signed = if positive { t.amount } else { -t.amount };
-        let units = carry_step(&mut e.carry, signed, def.stripe_unit_scale)
-            .map_err(|e| StoreError::Invariant(e.to_string()))?;
-        if units > 0 {
-            let d = e.due.entry(timestamp_s).or_insert(0);
-            *d = d
-                .checked_add(units)
-                .ok_or_else(|| StoreError::Invariant(String::from("outbox units overflow")))?;
+        let p = tally_stripe::coalesce::post(
+            &mut e.carry,
+            &mut e.open,
+            signed,
+            def.stripe_unit_scale,
+            timestamp_s,
+            MAX_OPEN_BUCKETS,
+        )
+        .map_err(|e| StoreError::Invariant(e.to_string()))?;
+        e.changed |= p.units > 0;
+        if let Some((ts, value)) = p.spilled {
+            e.rows.push((e.event_name.clone(), ts, value));
         }
         Ok(())
     }
 
+    /// Writes carries, bucket records and rows; returns the rows written.
     fn finish(self, tx: &mut Tx<'_>) -> Result<u64, StoreError> {
         let mut touched: Vec<((String, String), Touched)> = self.touched.into_iter().collect();
         // Deterministic row order: by customer, meter, bucket time (as redb).
         touched.sort_by(|a, b| a.0.cmp(&b.0));
         let mut next = self.next_row;
         let (mut cc, mut cm, mut cb) = (Vec::new(), Vec::new(), Vec::new());
-        let mut rows: Vec<(i64, String, String, String, i64, i64)> = Vec::new();
-        for ((customer, meter), t) in touched {
+        let (mut bc, mut bm, mut bb, mut bn, mut bt) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut dc, mut dm) = (Vec::new(), Vec::new());
+        let mut rows: Vec<NewRow> = Vec::new();
+        for ((customer, meter), mut t) in touched {
             cc.push(customer.clone());
             cm.push(meter.clone());
-            cb.push(enc(&t.carry)?);
-            for (ts, value) in t.due {
+            cb.push(enc(&Carry {
+                net_scaled: t.carry.net_scaled,
+                sent_units: t.carry.sent_units,
+            })?);
+            if t.changed {
+                if let Some(min_ts) = t.open.buckets.keys().next().copied() {
+                    bc.push(customer.clone());
+                    bm.push(meter.clone());
+                    bn.push(i32::try_from(t.open.buckets.len()).unwrap_or(i32::MAX));
+                    bt.push(min_ts);
+                    bb.push(enc(&BucketRec {
+                        event_name: t.event_name.clone(),
+                        open: t.open,
+                    })?);
+                } else if t.had_open {
+                    dc.push(customer.clone());
+                    dm.push(meter.clone());
+                }
+            }
+            t.rows
+                .sort_unstable_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+            for (event_name, ts, value) in t.rows {
                 rows.push((
                     i(next),
                     customer.clone(),
                     meter.clone(),
-                    t.event_name.clone(),
+                    event_name,
                     ts,
                     i(value),
                 ));
@@ -694,29 +806,25 @@ impl OutboxWriter {
                 &[&cc, &cm, &cb],
             )?;
         }
-        let appended = rows.len() as u64;
-        if !rows.is_empty() {
-            let mut ids = Vec::new();
-            let mut cs = Vec::new();
-            let mut ms = Vec::new();
-            let mut es = Vec::new();
-            let mut ts = Vec::new();
-            let mut vs = Vec::new();
-            for (id, c, m, e, t, v) in rows {
-                ids.push(id);
-                cs.push(c);
-                ms.push(m);
-                es.push(e);
-                ts.push(t);
-                vs.push(v);
-            }
+        if !bc.is_empty() {
             tx.execute(
-                "INSERT INTO outbox (id, customer, meter, event_name, ts, value, revision) \
-                 SELECT a, b, c, d, e, f, 0 FROM unnest($1::bigint[], $2::text[], $3::text[], \
-                 $4::text[], $5::bigint[], $6::bigint[]) AS x(a, b, c, d, e, f)",
-                &[&ids, &cs, &ms, &es, &ts, &vs],
+                "INSERT INTO outbox_buckets (customer, meter, rec, n, min_ts) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int[], \
+                 $5::bigint[]) \
+                 ON CONFLICT (customer, meter) DO UPDATE SET rec = EXCLUDED.rec, n = EXCLUDED.n, \
+                 min_ts = EXCLUDED.min_ts",
+                &[&bc, &bm, &bb, &bn, &bt],
             )?;
         }
+        if !dc.is_empty() {
+            tx.execute(
+                "DELETE FROM outbox_buckets o USING unnest($1::text[], $2::text[]) AS k(c, m) \
+                 WHERE o.customer = k.c COLLATE \"C\" AND o.meter = k.m COLLATE \"C\"",
+                &[&dc, &dm],
+            )?;
+        }
+        let appended = rows.len() as u64;
+        insert_rows(tx, rows)?;
         Ok(appended)
     }
 }
@@ -1135,10 +1243,21 @@ impl Store for PgStore {
                 "SELECT customer, event_name, ts, value FROM outbox ORDER BY id",
                 &[],
             )?;
-            Ok(rows
+            let mut out: Vec<(String, String, i64, u64)> = rows
                 .iter()
                 .map(|r| (r.get(0), r.get(1), r.get(2), u(r.get(3))))
-                .collect())
+                .collect();
+            // Open buckets are owed too: they become rows when a forwarder seals them.
+            for r in tx.query(
+                "SELECT customer, rec FROM outbox_buckets ORDER BY customer, meter",
+                &[],
+            )? {
+                let b: BucketRec = dec("outbox_buckets", r.get::<_, &[u8]>(1))?;
+                for (ts, value) in b.open.buckets {
+                    out.push((r.get(0), b.event_name.clone(), ts, value));
+                }
+            }
+            Ok(out)
         })
     }
 }
@@ -1249,13 +1368,17 @@ fn verify_in(tx: &mut Tx<'_>) -> Result<VerifyReport, StoreError> {
         let a: Account = dec("accounts", r.get::<_, &[u8]>(1))?;
         v.account(u128::from_be_bytes(id), &a);
     }
-    // Σ outbox units = the carried sent units per (customer, meter).
+    // Σ outbox units (rows and open buckets) = the carried sent units per (customer, meter).
     let mut sums: BTreeMap<(String, String), u64> = BTreeMap::new();
     for r in tx.query(
         "SELECT customer, meter, sum(value)::bigint FROM outbox GROUP BY customer, meter",
         &[],
     )? {
         sums.insert((r.get(0), r.get(1)), u(r.get(2)));
+    }
+    for r in tx.query("SELECT customer, meter, rec FROM outbox_buckets", &[])? {
+        let b: BucketRec = dec("outbox_buckets", r.get::<_, &[u8]>(2))?;
+        *sums.entry((r.get(0), r.get(1))).or_default() += b.open.units();
     }
     for r in tx.query("SELECT customer, meter, carry FROM outbox_carry", &[])? {
         let (c, m): (String, String) = (r.get(0), r.get(1));

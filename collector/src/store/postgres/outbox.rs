@@ -445,6 +445,65 @@ impl OutboxStore for PgStore {
         .map_err(oe)
     }
 
+    /// Under the ledger lock (row ids are `max + 1`, as in the ledger transaction), so
+    /// collectors sealing at once take turns, and an ingest transaction sees a record either
+    /// before or after it was sealed, never half.
+    fn seal_open(&self, limit: usize) -> Result<u64, OutboxError> {
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        self.run(move |s| {
+            let mut tx = s.begin()?;
+            // Nothing open (the usual answer): no turn at the ledger lock.
+            if tx
+                .query_opt("SELECT 1 FROM outbox_buckets LIMIT 1", &[])?
+                .is_none()
+            {
+                return Ok(0);
+            }
+            super::lock_ledger(&mut tx)?;
+            let mut next = u(tx
+                .query_one("SELECT coalesce(max(id), 0) + 1 FROM outbox", &[])?
+                .get(0));
+            let recs = tx.query(
+                "DELETE FROM outbox_buckets WHERE (customer, meter) IN \
+                 (SELECT customer, meter FROM \
+                   (SELECT customer, meter, sum(n) OVER (ORDER BY customer, meter) - n AS before \
+                    FROM (SELECT customer, meter, n FROM outbox_buckets \
+                          ORDER BY customer, meter LIMIT $1) f) w \
+                  WHERE before < $1) \
+                 RETURNING customer, meter, rec",
+                &[&limit],
+            )?;
+            let mut sealed: Vec<(String, String, super::BucketRec)> = Vec::new();
+            for r in &recs {
+                sealed.push((
+                    r.get(0),
+                    r.get(1),
+                    dec("outbox_buckets", r.get::<_, &[u8]>(2))?,
+                ));
+            }
+            sealed.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            let mut rows = Vec::new();
+            for (c, m, mut b) in sealed {
+                for (ts, value) in b.open.seal() {
+                    rows.push((
+                        i(next),
+                        c.clone(),
+                        m.clone(),
+                        b.event_name.clone(),
+                        ts,
+                        i(value),
+                    ));
+                    next += 1;
+                }
+            }
+            let n = rows.len() as u64;
+            super::insert_rows(&mut tx, rows)?;
+            tx.commit()?;
+            Ok(n)
+        })
+        .map_err(oe)
+    }
+
     fn stats(&self) -> Result<OutboxStats, OutboxError> {
         self.run(|s| {
             let mut tx = s.begin()?;
@@ -457,15 +516,24 @@ impl OutboxStore for PgStore {
                  FROM outbox o LEFT JOIN outbox_groups g ON g.id = o.group_id",
                 &[],
             )?;
-            let total = u(r.get(0));
+            // Open buckets count as the pending rows they will become.
+            let b = tx.query_one(
+                "SELECT coalesce(sum(n), 0)::bigint, min(min_ts) FROM outbox_buckets",
+                &[],
+            )?;
+            let total = u(r.get(0)).saturating_add(u(b.get(0)));
             let dead = u(r.get(2));
             let sent = u(r.get(3));
+            let oldest = match (r.get::<_, Option<i64>>(4), b.get::<_, Option<i64>>(1)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             Ok(OutboxStats {
                 pending_rows: total.saturating_sub(sent).saturating_sub(dead),
                 unknown_rows: u(r.get(1)),
                 dead_rows: dead,
                 sent_rows: sent,
-                oldest_pending_timestamp_s: r.get(4),
+                oldest_pending_timestamp_s: oldest,
             })
         })
         .map_err(oe)

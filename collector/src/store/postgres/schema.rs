@@ -145,6 +145,15 @@ CREATE TABLE dest_names (
   kind text NOT NULL, key text COLLATE "C" NOT NULL, names bytea NOT NULL, PRIMARY KEY (kind, key)
 );
 "#,
+    // 6: open outbox buckets, one record per (customer, meter), sealed into rows by the
+    // forwarder (decision 0106); `n` buckets, the oldest at `min_ts`, for stats.
+    r#"
+CREATE TABLE outbox_buckets (
+  customer text COLLATE "C", meter text COLLATE "C", rec bytea NOT NULL,
+  n int NOT NULL, min_ts bigint NOT NULL,
+  PRIMARY KEY (customer, meter)
+);
+"#,
 ];
 
 /// Brings the database to the newest version, once, under [`MIGRATION_LOCK`]; returns the

@@ -13,14 +13,21 @@
 //! | `outbox_ident`    | identifier                                 | group id                     |
 //! | `outbox_window`   | (stripe customer, event, time, group id)   | `()`                         |
 //! | `outbox_carry`    | (customer, meter)                          | `Carry`                      |
+//! | `outbox_buckets`  | (customer, meter) with open buckets        | event name + open buckets    |
 //! | `outbox_counters` | `next_row`, `next_group`, row counts       | u64                          |
 //! | `customers`       | customer key                               | [`CustomerRecord`]           |
 //! | `stripe_webhooks` | Stripe event id                            | [`WebhookRecord`]            |
 //!
 //! The Stripe namespace (part of every identifier) is the `meta` key `"stripe_namespace"`.
 //!
+//! Coalescing ([`tally_stripe::coalesce`], decision 0106): the ledger transaction adds the units
+//! it makes due to open buckets, one record per (customer, meter) in `outbox_buckets`, instead
+//! of writing rows; [`OutboxStore::seal_open`] (the forwarder, before each planning scan) turns
+//! records into rows and removes them in one transaction. A bucket counts as an undelivered row
+//! (`total_rows`, `outbox_open_ts`) from when it opens, so `stats` and the lag gauge see it.
+//!
 //! Guarantees (the rules of [`tally_stripe::MemoryStore`], which is the reference): row ids are
-//! strictly increasing and assigned in the ledger transaction that posts the usage; a row is in
+//! strictly increasing and assigned when a bucket is sealed (or spills); a row is in
 //! at most one group; groups are created all-or-none in one transaction; each trait call is one
 //! redb transaction (`Durability::Immediate`, redb's default), so a crash leaves either the
 //! whole call or none of it. Counts for [`OutboxStore::stats`] are maintained incrementally.
@@ -439,6 +446,21 @@ impl OutboxStore for RedbStore {
             }
         }
         Ok(out)
+    }
+
+    fn seal_open(&self, limit: usize) -> Result<u64, OutboxError> {
+        // Nothing open (the usual answer between passes): no write transaction, no fsync.
+        {
+            let txn = self.db().begin_read().map_err(obe)?;
+            let t = txn.open_table(super::tables::OUTBOX_BUCKETS).map_err(obe)?;
+            if t.first().map_err(obe)?.is_none() {
+                return Ok(0);
+            }
+        }
+        let n = write(self.db(), |txn| {
+            super::outbox_rows::OutboxWriter::open(txn)?.seal(limit)
+        })?;
+        Ok(n)
     }
 
     fn stats(&self) -> Result<OutboxStats, OutboxError> {

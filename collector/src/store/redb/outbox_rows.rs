@@ -5,7 +5,9 @@
 //! Imports nothing from the store itself ([`super`]), so the store's ingest transaction can
 //! hold an [`OutboxWriter`] while [`super::outbox`] builds on both.
 
-use super::tables::{CUSTOMERS, OUTBOX, OUTBOX_CARRY, OUTBOX_COUNTERS, OUTBOX_FREE, OUTBOX_OPEN};
+use super::tables::{
+    CUSTOMERS, OUTBOX, OUTBOX_BUCKETS, OUTBOX_CARRY, OUTBOX_COUNTERS, OUTBOX_FREE, OUTBOX_OPEN,
+};
 use crate::core::ledger::Transfer;
 use crate::store::CustomerRecord;
 use redb::{Database, ReadableDatabase, ReadableTable, Table, WriteTransaction};
@@ -14,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tally_protocol::catalog::Catalog;
+use tally_stripe::coalesce::{MAX_OPEN_BUCKETS, OpenBuckets};
 use tally_stripe::outbox::{GroupId, OutboxRow, RowId, StoreError as OutboxError};
 use tally_stripe::units::UnitsError;
 
@@ -53,6 +56,14 @@ pub struct Carry {
     pub net_scaled: Decimal,
     /// Whole units written to the outbox so far (never decreases).
     pub sent_units: u64,
+}
+
+/// Per (customer, meter) with open buckets: the event name they were posted under and the
+/// buckets ([`tally_stripe::coalesce`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct BucketRec {
+    pub(crate) event_name: String,
+    pub(crate) open: OpenBuckets,
 }
 
 /// Stored form of a row.
@@ -104,13 +115,19 @@ pub(crate) struct OutboxWriter<'t> {
     free: Table<'t, u64, ()>,
     open: Table<'t, i64, u64>,
     carry: Table<'t, (&'static str, &'static str), &'static [u8]>,
+    buckets: Table<'t, (&'static str, &'static str), &'static [u8]>,
     counters: Table<'t, &'static str, u64>,
-    /// Per customer, then meter: the carry read or changed in this transaction and the units
-    /// due per bucket time; written once at [`OutboxWriter::finish`] (one row per customer,
-    /// meter and bucket time). Two levels so that a lookup by `&str` allocates nothing.
+    /// Per customer, then meter: the carry and open buckets read or changed in this
+    /// transaction; written once at [`OutboxWriter::finish`] (one carry and one bucket record
+    /// per customer and meter, whatever the number of deltas). Two levels so that a lookup by
+    /// `&str` allocates nothing.
     touched: std::collections::HashMap<String, std::collections::HashMap<String, Touched>>,
     next_row: u64,
+    /// Rows written (spilled buckets, [`append_outbox_row`]): what wakes the forwarder.
     appended: u64,
+    /// Buckets opened per bucket time (the undelivered count of `outbox_open_ts` and the
+    /// `total_rows` counter count a bucket as the row it will become).
+    opened: BTreeMap<i64, i64>,
 }
 
 impl<'t> OutboxWriter<'t> {
@@ -122,10 +139,12 @@ impl<'t> OutboxWriter<'t> {
             free: txn.open_table(OUTBOX_FREE).map_err(obe)?,
             open: txn.open_table(OUTBOX_OPEN).map_err(obe)?,
             carry: txn.open_table(OUTBOX_CARRY).map_err(obe)?,
+            buckets: txn.open_table(OUTBOX_BUCKETS).map_err(obe)?,
             counters,
             touched: std::collections::HashMap::new(),
             next_row,
             appended: 0,
+            opened: BTreeMap::new(),
         })
     }
 
@@ -155,26 +174,56 @@ impl<'t> OutboxWriter<'t> {
         let e = match by_meter.get_mut(meter) {
             Some(e) => e,
             None => {
-                let carry = match self.carry.get((customer, meter)).map_err(obe)? {
+                let carry: Carry = match self.carry.get((customer, meter)).map_err(obe)? {
                     Some(v) => odec("outbox_carry", v.value())?,
                     None => Carry::default(),
                 };
+                let (mut open, had_open, mut renamed) =
+                    match self.buckets.get((customer, meter)).map_err(obe)? {
+                        Some(v) => {
+                            let r: BucketRec = odec("outbox_buckets", v.value())?;
+                            (r.open, true, r.event_name)
+                        }
+                        None => (OpenBuckets::default(), false, String::new()),
+                    };
+                // Buckets posted under another event name leave as rows under that name.
+                let renamed = if renamed != event_name && !open.is_empty() {
+                    let old = open.seal();
+                    Some((std::mem::take(&mut renamed), old))
+                } else {
+                    None
+                };
                 by_meter.entry(meter.to_owned()).or_insert(Touched {
-                    carry,
+                    carry: tally_stripe::units::Carry {
+                        net_scaled: carry.net_scaled,
+                        sent_units: carry.sent_units,
+                    },
+                    changed: renamed.is_some(),
+                    open,
+                    had_open,
+                    renamed,
                     event_name: event_name.to_owned(),
-                    due: BTreeMap::new(),
+                    spilled: Vec::new(),
                 })
             }
         };
         let signed = if positive { t.amount } else { -t.amount };
-        let units = carry_step(&mut e.carry, signed, def.stripe_unit_scale)
-            .map_err(|e| OutboxError::Invalid(e.to_string()))?;
-        if units > 0 {
-            // (The catalog is read once per transaction, so the event name cannot change here.)
-            let d = e.due.entry(timestamp_s).or_insert(0);
-            *d = d
-                .checked_add(units)
-                .ok_or_else(|| OutboxError::Invalid(String::from("outbox units overflow")))?;
+        // (The catalog is read once per transaction, so the event name cannot change here.)
+        let p = tally_stripe::coalesce::post(
+            &mut e.carry,
+            &mut e.open,
+            signed,
+            def.stripe_unit_scale,
+            timestamp_s,
+            MAX_OPEN_BUCKETS,
+        )
+        .map_err(|e| OutboxError::Invalid(e.to_string()))?;
+        e.changed |= p.units > 0;
+        if p.opened {
+            *self.opened.entry(timestamp_s).or_insert(0) += 1;
+        }
+        if let Some(s) = p.spilled {
+            e.spilled.push(s);
         }
         Ok(())
     }
@@ -187,51 +236,129 @@ impl<'t> OutboxWriter<'t> {
             .collect();
         // Deterministic row order: by customer, meter, bucket time.
         touched.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-        let mut opened: BTreeMap<i64, i64> = BTreeMap::new();
         for (customer, meter, t) in touched {
+            let key = (customer.as_str(), meter.as_str());
+            let carry = Carry {
+                net_scaled: t.carry.net_scaled,
+                sent_units: t.carry.sent_units,
+            };
             self.carry
-                .insert(
-                    (customer.as_str(), meter.as_str()),
-                    oenc(&t.carry)?.as_slice(),
-                )
+                .insert(key, oenc(&carry)?.as_slice())
                 .map_err(obe)?;
-            for (timestamp_s, value) in t.due {
-                let id = self.next_row;
-                self.next_row += 1;
-                let rec = RowRec {
-                    row: OutboxRow {
-                        id,
-                        customer: customer.clone(),
-                        meter: meter.clone(),
-                        stripe_event_name: t.event_name.clone(),
-                        timestamp_s,
-                        value,
-                        revision: 0,
-                    },
-                    group: None,
-                };
-                self.rows.insert(id, oenc(&rec)?.as_slice()).map_err(obe)?;
-                self.free.insert(id, ()).map_err(obe)?;
-                *opened.entry(timestamp_s).or_insert(0) += 1;
-                self.appended += 1;
+            if t.changed {
+                if t.open.is_empty() {
+                    if t.had_open {
+                        self.buckets.remove(key).map_err(obe)?;
+                    }
+                } else {
+                    let rec = BucketRec {
+                        event_name: t.event_name.clone(),
+                        open: t.open,
+                    };
+                    self.buckets
+                        .insert(key, oenc(&rec)?.as_slice())
+                        .map_err(obe)?;
+                }
+            }
+            if let Some((name, old)) = t.renamed {
+                for (timestamp_s, value) in old {
+                    self.push_row(&customer, &meter, &name, timestamp_s, value)?;
+                }
+            }
+            let mut spilled = t.spilled;
+            spilled.sort_unstable();
+            for (timestamp_s, value) in spilled {
+                self.push_row(&customer, &meter, &t.event_name, timestamp_s, value)?;
             }
         }
+        self.finish_counts()
+    }
+
+    /// Writes one pending row (a bucket leaving its record, or a direct append).
+    fn push_row(
+        &mut self,
+        customer: &str,
+        meter: &str,
+        event_name: &str,
+        timestamp_s: i64,
+        value: u64,
+    ) -> Result<RowId, OutboxError> {
+        let id = self.next_row;
+        self.next_row += 1;
+        let rec = RowRec {
+            row: OutboxRow {
+                id,
+                customer: customer.to_owned(),
+                meter: meter.to_owned(),
+                stripe_event_name: event_name.to_owned(),
+                timestamp_s,
+                value,
+                revision: 0,
+            },
+            group: None,
+        };
+        self.rows.insert(id, oenc(&rec)?.as_slice()).map_err(obe)?;
+        self.free.insert(id, ()).map_err(obe)?;
+        self.appended += 1;
+        Ok(id)
+    }
+
+    /// Counters and the undelivered index: a bucket counts as a row from when it opens, so
+    /// sealing or spilling it changes no count.
+    fn finish_counts(mut self) -> Result<u64, OutboxError> {
+        let opened = std::mem::take(&mut self.opened);
+        let new: i64 = opened.values().sum();
         open_add(&mut self.open, opened)?;
         if self.appended > 0 {
             self.counters.insert(NEXT_ROW, self.next_row).map_err(obe)?;
-            let total = counter(&self.counters, TOTAL_ROWS)? + self.appended;
+        }
+        if new > 0 {
+            let total = counter(&self.counters, TOTAL_ROWS)? + new.unsigned_abs();
             self.counters.insert(TOTAL_ROWS, total).map_err(obe)?;
         }
         Ok(self.appended)
+    }
+
+    /// Seals open bucket records, whole, in key order, until at least `limit` rows were
+    /// written or none is left ([`tally_stripe::OutboxStore::seal_open`]).
+    pub(crate) fn seal(mut self, limit: usize) -> Result<u64, OutboxError> {
+        let mut records: Vec<(String, String, BucketRec)> = Vec::new();
+        let mut n = 0usize;
+        for e in self.buckets.iter().map_err(obe)? {
+            if n >= limit.max(1) {
+                break;
+            }
+            let (k, v) = e.map_err(obe)?;
+            let (c, m) = k.value();
+            let rec: BucketRec = odec("outbox_buckets", v.value())?;
+            n += rec.open.buckets.len();
+            records.push((c.to_owned(), m.to_owned(), rec));
+        }
+        for (customer, meter, mut rec) in records {
+            self.buckets
+                .remove((customer.as_str(), meter.as_str()))
+                .map_err(obe)?;
+            for (ts, value) in rec.open.seal() {
+                self.push_row(&customer, &meter, &rec.event_name, ts, value)?;
+            }
+        }
+        self.finish_counts()
     }
 }
 
 /// What one transaction did to one (customer, meter).
 struct Touched {
-    carry: Carry,
+    carry: tally_stripe::units::Carry,
+    open: OpenBuckets,
+    /// A bucket record existed before this transaction.
+    had_open: bool,
+    /// Units were made due (the bucket record changed).
+    changed: bool,
+    /// Buckets posted under the meter's previous Stripe event name, written as rows under it.
+    renamed: Option<(String, Vec<(i64, u64)>)>,
     event_name: String,
-    /// Units due per bucket time (Unix seconds).
-    due: BTreeMap<i64, u64>,
+    /// Buckets that left the record at its limit, written as rows.
+    spilled: Vec<(i64, u64)>,
 }
 pub(super) fn write<T>(
     db: &Database,
@@ -283,25 +410,15 @@ pub(super) fn append_outbox_row(
     }
     write(db, |txn| {
         let mut w = OutboxWriter::open(txn)?;
-        let id = w.next_row;
-        w.next_row += 1;
-        let rec = RowRec {
-            row: OutboxRow {
-                id,
-                customer: row.customer,
-                meter: row.meter,
-                stripe_event_name: row.stripe_event_name,
-                timestamp_s: row.timestamp_s,
-                value: row.value,
-                revision: 0,
-            },
-            group: None,
-        };
-        w.rows.insert(id, oenc(&rec)?.as_slice()).map_err(obe)?;
-        w.free.insert(id, ()).map_err(obe)?;
-        open_add(&mut w.open, BTreeMap::from([(rec.row.timestamp_s, 1)]))?;
-        w.appended += 1;
-        w.finish()?;
+        let id = w.push_row(
+            &row.customer,
+            &row.meter,
+            &row.stripe_event_name,
+            row.timestamp_s,
+            row.value,
+        )?;
+        w.opened.insert(row.timestamp_s, 1);
+        w.finish_counts()?;
         Ok(id)
     })
 }
@@ -321,10 +438,20 @@ pub(super) fn outbox_items(db: &Database) -> Result<Vec<(String, String, i64, u6
             r.row.value,
         ));
     }
+    // Open buckets are owed too: they become rows when the forwarder seals them.
+    let b = txn.open_table(OUTBOX_BUCKETS).map_err(obe)?;
+    for e in b.iter().map_err(obe)? {
+        let (k, v) = e.map_err(obe)?;
+        let rec: BucketRec = odec("outbox_buckets", v.value())?;
+        for (ts, value) in rec.open.buckets {
+            out.push((k.value().0.to_owned(), rec.event_name.clone(), ts, value));
+        }
+    }
     Ok(out)
 }
 
-/// Checks Σ outbox units = the carried `sent_units` per (customer, meter) (for `verify`).
+/// Checks Σ outbox units (rows and open buckets) = the carried `sent_units` per (customer,
+/// meter) (for `verify`).
 pub(super) fn verify_outbox(db: &Database) -> Result<Vec<String>, OutboxError> {
     let txn = db.begin_read().map_err(obe)?;
     let rows = txn.open_table(OUTBOX).map_err(obe)?;
@@ -334,6 +461,13 @@ pub(super) fn verify_outbox(db: &Database) -> Result<Vec<String>, OutboxError> {
         let (_, v) = row.map_err(obe)?;
         let r: RowRec = odec("outbox", v.value())?;
         *sums.entry((r.row.customer, r.row.meter)).or_default() += r.row.value;
+    }
+    let buckets = txn.open_table(OUTBOX_BUCKETS).map_err(obe)?;
+    for e in buckets.iter().map_err(obe)? {
+        let (k, v) = e.map_err(obe)?;
+        let (c, m) = k.value();
+        let rec: BucketRec = odec("outbox_buckets", v.value())?;
+        *sums.entry((c.to_owned(), m.to_owned())).or_default() += rec.open.units();
     }
     let mut out = Vec::new();
     for row in carry.iter().map_err(obe)? {

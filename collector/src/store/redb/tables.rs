@@ -78,6 +78,9 @@ pub(crate) const OUTBOX_IDENT: TableDefinition<&str, u64> = TableDefinition::new
 pub(crate) type WindowKey<'a> = (&'a str, &'a str, i64, u64);
 pub(crate) const OUTBOX_WINDOW: TableDefinition<WindowKey<'static>, ()> =
     TableDefinition::new("outbox_window");
+/// (customer, meter) → open buckets not yet sealed into rows (`outbox_rows::BucketRec`).
+pub(crate) const OUTBOX_BUCKETS: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("outbox_buckets");
 pub(crate) const OUTBOX_CARRY: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("outbox_carry");
 pub(crate) const OUTBOX_COUNTERS: TableDefinition<&str, u64> =
@@ -105,6 +108,7 @@ pub(crate) fn create_all(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(OUTBOX_IDENT)?;
     txn.open_table(OUTBOX_WINDOW)?;
     txn.open_table(OUTBOX_CARRY)?;
+    txn.open_table(OUTBOX_BUCKETS)?;
     txn.open_table(OUTBOX_COUNTERS)?;
     txn.open_table(CUSTOMERS)?;
     txn.open_table(WEBHOOKS)?;
