@@ -451,7 +451,9 @@ impl Store {
 
     fn create_db(path: &Path, faults: Option<&DiskFaults>) -> Result<Database, StoreError> {
         Ok(match faults {
-            None => Database::builder().set_cache_size(Self::CACHE_BYTES).create(path)?,
+            None => Database::builder()
+                .set_cache_size(Self::CACHE_BYTES)
+                .create(path)?,
             Some(f) => {
                 let file = std::fs::OpenOptions::new()
                     .read(true)
@@ -467,9 +469,9 @@ impl Store {
                 Database::builder()
                     .set_cache_size(Self::CACHE_BYTES)
                     .create_with_backend(FaultyBackend {
-                    inner,
-                    faults: f.clone(),
-                })?
+                        inner,
+                        faults: f.clone(),
+                    })?
             }
         })
     }

@@ -90,7 +90,11 @@ async fn three_destinations_exact_through_faults_a_kill_and_an_orb_outage() {
     put_stripe_meters(http_addr, &token).await;
 
     // Three agents; one late batch (13 h old: past Orb's grace period).
-    let customers = ["cus_a", "cus_b", "cus_c", "cus_d"];
+    // Enough customers and minutes that Metronome's groups (one per customer, meter and minute)
+    // need more than one request of 100, so the kill always finds some of them unsent.
+    let customers = [
+        "cus_a", "cus_b", "cus_c", "cus_d", "cus_e", "cus_f", "cus_g", "cus_h",
+    ];
     let mut rng = Rng(5);
     let mut ledger: BTreeMap<(String, String), Decimal> = BTreeMap::new();
     let now = now_ms();
@@ -104,7 +108,7 @@ async fn three_destinations_exact_through_faults_a_kill_and_an_orb_outage() {
             let mut deltas = Vec::new();
             let mut used = HashSet::new();
             for _ in 0..4 {
-                let c = customers[rng.below(4) as usize];
+                let c = customers[rng.below(8) as usize];
                 let m = ["api_calls", "tokens"][rng.below(2) as usize];
                 if !used.insert((c, m)) {
                     continue;
@@ -114,7 +118,7 @@ async fn three_destinations_exact_through_faults_a_kill_and_an_orb_outage() {
                 let at = if late {
                     now - 13 * 3_600_000
                 } else {
-                    now - 60_000 * rng.below(20) as i64
+                    now - 60_000 * rng.below(60) as i64
                 };
                 deltas.push(delta(c, m, &[], at, q, 1));
             }
