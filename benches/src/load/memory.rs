@@ -7,8 +7,8 @@
 //!   it should stay flat, not grow with history.
 
 use super::procstat::{self, Memory};
-use crate::harness::common::{Proc, http, ready_addrs};
-use crate::harness::{free_tcp_port, free_udp_port};
+use crate::harness::common::Proc;
+use crate::harness::free_tcp_port;
 use anyhow::{Context, bail};
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -118,50 +118,20 @@ struct Collector {
     quic: std::net::SocketAddr,
 }
 
-async fn collector(bin: &PathBuf) -> anyhow::Result<Collector> {
+async fn collector(bin: &std::path::Path) -> anyhow::Result<Collector> {
     let dir = tempfile::tempdir()?;
     let root = dir.path().join("collector");
-    let out = Command::new(bin)
-        .arg("init")
-        .arg("--data-dir")
-        .arg(&root)
-        .stdout(Stdio::null())
-        .output()?;
-    if !out.status.success() {
-        bail!("init: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let (quic, admin) = (free_udp_port()?, free_tcp_port()?);
-    let mut child = Command::new(bin)
-        .arg("run")
-        .arg("--data-dir")
-        .arg(&root)
-        .args(["--quic", &quic.to_string(), "--http", &admin.to_string()])
-        .args(["--max-handshakes-per-s", "100000"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let proc = Proc(child);
-    tokio::task::spawn_blocking(move || ready_addrs(stdout)).await?;
-    let token = std::fs::read_to_string(root.join("admin-token"))?
-        .trim()
-        .to_owned();
+    let running = super::start_collector(bin, &root, |cmd| {
+        cmd.env("RUST_LOG", "warn").stderr(Stdio::null());
+        Ok(())
+    })
+    .await?;
     for m in ["api_calls", "tokens", "storage", "requests"] {
         let body =
             format!(r#"{{"aggregation":"sum","event_type":"{m}","value_property":"$.value"}}"#);
-        let (s, b) = http(
-            admin,
-            "PUT",
-            &format!("/v1/meters/{m}"),
-            Some(&token),
-            Some(&body),
-        )
-        .await;
-        if s != 200 {
-            bail!("PUT meter: {s} {b}");
-        }
+        super::put_meter(running.admin, &running.token, m, &body).await?;
     }
+    let super::Running { proc, quic, .. } = running;
     Ok(Collector {
         _dir: dir,
         root,
@@ -173,8 +143,8 @@ async fn collector(bin: &PathBuf) -> anyhow::Result<Collector> {
 /// A sidecar with a `budget`-byte disk budget and `--overflow reject`, its collector stopped
 /// after the catalog reached it; posts 100-event requests until the first 429.
 pub async fn full_budget(
-    collector_bin: &PathBuf,
-    agent_bin: &PathBuf,
+    collector_bin: &std::path::Path,
+    agent_bin: &std::path::Path,
     budget: u64,
 ) -> anyhow::Result<FullBudget> {
     let c = collector(collector_bin).await?;
@@ -255,7 +225,7 @@ pub async fn full_budget(
 /// `deltas / agents` deltas in batches of 1,000 over 10,000 customers and 4 meters; the
 /// collector's memory after every tenth of the agents.
 pub async fn collector_history(
-    collector_bin: &PathBuf,
+    collector_bin: &std::path::Path,
     agents: u64,
     deltas: u64,
 ) -> anyhow::Result<Vec<CollectorPoint>> {

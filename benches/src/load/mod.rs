@@ -216,6 +216,80 @@ pub struct Report {
     pub stripe_drain_seconds: Option<f64>,
 }
 
+/// A `tally-collector` process started by [`start_collector`].
+pub(crate) struct Running {
+    /// The process (SIGKILLed when dropped).
+    pub proc: Proc,
+    /// Its QUIC address.
+    pub quic: SocketAddr,
+    /// Its admin API.
+    pub admin: SocketAddr,
+    /// The admin token `init` wrote.
+    pub token: String,
+}
+
+/// `tally-collector init` in `dir`, then `run` on free loopback ports with what `configure`
+/// adds (flags, variables, where its log goes); returns once it printed its addresses.
+pub(crate) async fn start_collector(
+    bin: &Path,
+    dir: &Path,
+    configure: impl FnOnce(&mut Command) -> anyhow::Result<()>,
+) -> anyhow::Result<Running> {
+    let out = Command::new(bin)
+        .arg("init")
+        .arg("--data-dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .output()
+        .context("tally-collector init")?;
+    if !out.status.success() {
+        bail!("init: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (quic, admin) = (free_udp_port()?, free_tcp_port()?);
+    let mut cmd = Command::new(bin);
+    cmd.arg("run")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--quic", &quic.to_string(), "--http", &admin.to_string()])
+        .args(["--max-handshakes-per-s", "100000"])
+        .stdout(Stdio::piped());
+    configure(&mut cmd)?;
+    let mut child = cmd.spawn().context("spawn tally-collector")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let proc = Proc(child);
+    tokio::task::spawn_blocking(move || ready_addrs(stdout)).await?;
+    let token = std::fs::read_to_string(dir.join("admin-token"))?
+        .trim()
+        .to_owned();
+    Ok(Running {
+        proc,
+        quic,
+        admin,
+        token,
+    })
+}
+
+/// `PUT /v1/meters/{name}` with `body`.
+pub(crate) async fn put_meter(
+    admin: SocketAddr,
+    token: &str,
+    name: &str,
+    body: &str,
+) -> anyhow::Result<()> {
+    let (s, b) = http(
+        admin,
+        "PUT",
+        &format!("/v1/meters/{name}"),
+        Some(token),
+        Some(body),
+    )
+    .await;
+    if s != 200 {
+        bail!("PUT meter {name}: {s} {b}");
+    }
+    Ok(())
+}
+
 /// A running collector and what talking to it takes.
 struct Rig {
     _dir: tempfile::TempDir,
@@ -235,49 +309,35 @@ impl Rig {
         let dir = tempfile::tempdir()?;
         let root = dir.path().to_path_buf();
         let cdir = root.join("collector");
-        let out = Command::new(&cfg.collector_bin)
-            .arg("init")
-            .arg("--data-dir")
-            .arg(&cdir)
-            .stdout(Stdio::null())
-            .output()
-            .context("tally-collector init")?;
-        if !out.status.success() {
-            bail!("init: {}", String::from_utf8_lossy(&out.stderr));
-        }
         let stripe = if cfg.stripe {
             Some(tally_stripe::test_server::FakeStripe::start().await?)
         } else {
             None
         };
-        let (quic, admin) = (free_udp_port()?, free_tcp_port()?);
-        let mut cmd = Command::new(&cfg.collector_bin);
-        cmd.arg("run")
-            .arg("--data-dir")
-            .arg(&cdir)
-            .args(["--quic", &quic.to_string(), "--http", &admin.to_string()])
-            .args(["--max-handshakes-per-s", "100000"])
-            .stdout(Stdio::piped());
-        match &cfg.collector_log {
-            Some(p) => cmd
-                .env("RUST_LOG", "info")
-                .stderr(std::fs::File::create(p)?),
-            None => cmd.env("RUST_LOG", "warn").stderr(Stdio::null()),
-        };
-        if let Some(s) = &stripe {
-            // v2 meter event streams (100 events a request), the high-volume path SPEC §9's
-            // forwarder target is about; v1 sends one event a request.
-            cmd.args(["--stripe-base-url", &s.url(), "--stripe-rate", "10000"])
-                .args(["--stripe-api", "v2"])
-                .env("STRIPE_API_KEY", "sk_test_load");
-        }
-        let mut child = cmd.spawn().context("spawn tally-collector")?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let collector = Proc(child);
-        tokio::task::spawn_blocking(move || ready_addrs(stdout)).await?;
-        let token = std::fs::read_to_string(cdir.join("admin-token"))?
-            .trim()
-            .to_owned();
+        let stripe_url = stripe.as_ref().map(|s| s.url());
+        let running = start_collector(&cfg.collector_bin, &cdir, |cmd| {
+            match &cfg.collector_log {
+                Some(p) => cmd
+                    .env("RUST_LOG", "info")
+                    .stderr(std::fs::File::create(p)?),
+                None => cmd.env("RUST_LOG", "warn").stderr(Stdio::null()),
+            };
+            if let Some(url) = &stripe_url {
+                // v2 meter event streams (100 events a request), the high-volume path SPEC §9's
+                // forwarder target is about; v1 sends one event a request.
+                cmd.args(["--stripe-base-url", url, "--stripe-rate", "10000"])
+                    .args(["--stripe-api", "v2"])
+                    .env("STRIPE_API_KEY", "sk_test_load");
+            }
+            Ok(())
+        })
+        .await?;
+        let Running {
+            proc: collector,
+            quic,
+            admin,
+            token,
+        } = running;
         let ca = std::fs::read(cdir.join("ca.pem"))?;
         let names = Arc::new(cfg.workload.names());
         for m in &names.meters {
@@ -289,17 +349,7 @@ impl Rig {
             let body = format!(
                 r#"{{"aggregation":"sum","event_type":"{m}","value_property":"$.value","group_by":{{"model":"$.model"}}{fwd}}}"#
             );
-            let (s, b) = http(
-                admin,
-                "PUT",
-                &format!("/v1/meters/{m}"),
-                Some(&token),
-                Some(&body),
-            )
-            .await;
-            if s != 200 {
-                bail!("PUT meter {m}: {s} {b}");
-            }
+            put_meter(admin, &token, m, &body).await?;
         }
         Ok(Rig {
             _dir: dir,
