@@ -9,13 +9,8 @@ use rust_decimal::Decimal;
 use std::time::Duration;
 use tally_collector::dev::{self, DevOptions};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dev_runs_collector_catalog_and_agent_end_to_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let opts = DevOptions::ephemeral(dir.path().join("tally-dev"));
-    let d = dev::start(&opts).await.unwrap();
-    let agent = d.agent.as_ref().expect("the in-process agent runs");
-    // Wait until the agent has the catalog, then record and flush.
+/// Waits (up to 5 s) until the in-process agent has the dev catalog's `api_calls`.
+async fn wait_for_catalog(agent: &tally_agent::Agent) {
     for _ in 0..100 {
         if agent
             .catalog()
@@ -25,6 +20,16 @@ async fn dev_runs_collector_catalog_and_agent_end_to_end() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_runs_collector_catalog_and_agent_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = DevOptions::ephemeral(dir.path().join("tally-dev"));
+    let d = dev::start(&opts).await.unwrap();
+    let agent = d.agent.as_ref().expect("the in-process agent runs");
+    // Wait until the agent has the catalog, then record and flush.
+    wait_for_catalog(agent).await;
     agent
         .record("acme", "api_calls", Decimal::new(15, 1))
         .unwrap();
@@ -94,15 +99,7 @@ async fn dev_forwards_to_orb_and_metronome_when_their_keys_are_set() {
     ));
     let d = dev::start(&opts).await.unwrap();
     let agent = d.agent.as_ref().expect("the in-process agent runs");
-    for _ in 0..100 {
-        if agent
-            .catalog()
-            .is_some_and(|c| c.meter("api_calls").is_some())
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_catalog(agent).await;
     agent
         .record("acme", "api_calls", Decimal::new(1_234, 3))
         .unwrap();

@@ -164,6 +164,13 @@ fn apply_in(
     Ok(Ok(out))
 }
 
+/// Open groups due to be sent by `$2` (ms).
+const OPEN_DUE: &str = "SELECT g FROM fwd_groups WHERE dest = $1 AND state IN ('pending', 'unknown') \
+     AND next_attempt_ms <= $2 ORDER BY id LIMIT $3";
+/// Open groups whose minute is before `$2` (s).
+const OPEN_OLDER: &str = "SELECT g FROM fwd_groups WHERE dest = $1 AND state IN ('pending', 'unknown') \
+     AND ts < $2 ORDER BY id LIMIT $3";
+
 impl PgForwardStore {
     /// The forwarders' state in `pg`'s database (its tables come with the schema's migrations).
     pub fn new(pg: Arc<PgStore>) -> Self {
@@ -187,6 +194,19 @@ impl PgForwardStore {
             let mut tx = s.begin()?;
             Ok(Ok(f(&mut tx)?))
         })
+    }
+
+    /// A destination's open groups (pending or unknown) by `sql` (one of the two `OPEN_*`
+    /// statements, `$2` its bound), oldest first; statements are cached by their static text.
+    fn open_where(
+        &self,
+        dest: Destination,
+        sql: &'static str,
+        value: i64,
+        limit: usize,
+    ) -> Result<Vec<FwdGroup>, FwdStoreError> {
+        let (d, l) = (dest.as_str(), lim(limit));
+        self.read(move |tx| groups_of(&tx.query(sql, &[&d, &value, &l])?))
     }
 }
 
@@ -272,14 +292,7 @@ impl ForwardStore for PgForwardStore {
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<FwdGroup>, FwdStoreError> {
-        let (d, l) = (dest.as_str(), lim(limit));
-        self.read(move |tx| {
-            groups_of(&tx.query(
-                "SELECT g FROM fwd_groups WHERE dest = $1 AND state IN ('pending', 'unknown') \
-                 AND next_attempt_ms <= $2 ORDER BY id LIMIT $3",
-                &[&d, &now_ms, &l],
-            )?)
-        })
+        self.open_where(dest, OPEN_DUE, now_ms, limit)
     }
 
     fn open_older_than(
@@ -288,14 +301,7 @@ impl ForwardStore for PgForwardStore {
         before_s: i64,
         limit: usize,
     ) -> Result<Vec<FwdGroup>, FwdStoreError> {
-        let (d, l) = (dest.as_str(), lim(limit));
-        self.read(move |tx| {
-            groups_of(&tx.query(
-                "SELECT g FROM fwd_groups WHERE dest = $1 AND state IN ('pending', 'unknown') \
-                 AND ts < $2 ORDER BY id LIMIT $3",
-                &[&d, &before_s, &l],
-            )?)
-        })
+        self.open_where(dest, OPEN_OLDER, before_s, limit)
     }
 
     fn backfill_groups(
