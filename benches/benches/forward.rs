@@ -20,7 +20,7 @@ use tally_forward::ledger_feed::fake::FakeDest;
 use tally_forward::ledger_feed::runner::{ForwardMetrics, LedgerSource};
 use tally_forward::ledger_feed::store::ForwardStore;
 use tally_forward::ledger_feed::{
-    DestinationConfig, Engine, LedgerItem, MemoryForwardStore, spawn_destination,
+    DestinationConfig, Engine as Destination, LedgerItem, MemoryForwardStore, spawn_destination,
 };
 
 struct VecLedger(Mutex<Vec<LedgerItem>>);
@@ -64,13 +64,13 @@ struct Run {
     requests: usize,
 }
 
-async fn run(dest: Engine, ledger: Arc<VecLedger>, paced: bool) -> Run {
+async fn run(dest: Destination, ledger: Arc<VecLedger>, paced: bool) -> Run {
     let store = Arc::new(MemoryForwardStore::in_memory().expect("store"));
     run_on(dest, ledger, paced, store).await
 }
 
 async fn run_on(
-    dest: Engine,
+    dest: Destination,
     ledger: Arc<VecLedger>,
     paced: bool,
     store: Arc<dyn ForwardStore>,
@@ -129,7 +129,7 @@ fn main() {
     rt.block_on(async {
         // Throughput: every ledger item its own event (distinct customer × minute).
         let n = ((100_000.0 * scale) as usize).max(1000);
-        for dest in [Engine::Metronome, Engine::Orb] {
+        for dest in [Destination::Metronome, Destination::Orb] {
             let r = run(dest, ledger(n, n, 1.max(n / 1000)), false).await;
             println!(
                 "{:9} unpaced: {} events in {:.2}s = {:.0} events/s, {} requests ({} events/request)",
@@ -144,7 +144,7 @@ fn main() {
         // The same on PostgreSQL (and on redb at that size, to compare like with like).
         if let Some(db) = TestDb::create("forward bench") {
             let n = ((20_000.0 * scale) as usize).max(1000);
-            for dest in [Engine::Metronome, Engine::Orb] {
+            for dest in [Destination::Metronome, Destination::Orb] {
                 let r = run(dest, ledger(n, n, 1.max(n / 1000)), false).await;
                 println!(
                     "{:9} unpaced redb:     {} events in {:.2}s = {:.0} events/s, {} requests",
@@ -176,7 +176,7 @@ fn main() {
         // minutes; the forwarder catches up from that backlog.
         let deltas = ((100_000.0 * scale) as usize).max(1000);
         let recorded = deltas * 10;
-        for dest in [Engine::Metronome, Engine::Orb] {
+        for dest in [Destination::Metronome, Destination::Orb] {
             let r = run(dest, ledger(deltas, 1000, 10), false).await;
             println!(
                 "{:9} backlog: {} recorded events → {} deltas → {} events, {} requests = {:.0} API calls per million recorded events ({:.2}s)",
@@ -192,7 +192,7 @@ fn main() {
         // Paced at the published limits (Orb live: 100 requests/s, 10,000 events/minute with a
         // minute's burst; Metronome: no published limit, 50 requests/s here).
         let n = ((30_000.0 * scale) as usize).max(1000);
-        for dest in [Engine::Metronome, Engine::Orb] {
+        for dest in [Destination::Metronome, Destination::Orb] {
             let r = run(dest, ledger(n, n, 1.max(n / 1000)), true).await;
             println!(
                 "{:9} paced:   {} events in {:.2}s = {:.0} events/s, {} requests",
