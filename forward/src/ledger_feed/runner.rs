@@ -595,11 +595,9 @@ impl Runner {
         match d {
             Engine::Metronome => {
                 for g in old {
-                    let why = format!(
-                        "usage at {} is older than Metronome's {}-day window; not sent (fix by \
-                         an invoice adjustment in Metronome, then requeue or leave listed)",
-                        rfc3339(g.event.timestamp_s),
-                        self.cfg.window.as_secs() / 86_400
+                    let why = crate::metronome::out_of_window_reason(
+                        g.event.timestamp_s,
+                        self.cfg.window,
                     );
                     blocking(&self.store, move |s| {
                         s.apply(d, &[g.id], FwdEvent::OutOfWindow(why))

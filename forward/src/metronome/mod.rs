@@ -29,6 +29,17 @@ pub const BATCH_MAX: usize = 100;
 /// How far back Metronome takes usage (34 days).
 pub const WINDOW: Duration = Duration::from_secs(34 * 86_400);
 
+/// Why usage at `timestamp_s` is listed `out_of_window` rather than sent (Metronome has no late
+/// path, decision 0123).
+pub fn out_of_window_reason(timestamp_s: i64, window: Duration) -> String {
+    format!(
+        "usage at {} is older than Metronome's {}-day window; not sent (fix by an invoice \
+         adjustment in Metronome, then requeue or leave listed)",
+        rfc3339(timestamp_s),
+        window.as_secs() / 86_400
+    )
+}
+
 /// Writes one event of an ingest body (`ts`: RFC 3339).
 pub fn write_event(out: &mut String, g: &FwdGroup, ts: &str) {
     out.push_str("{\"transaction_id\":");
