@@ -15,12 +15,12 @@ use rust_decimal::Decimal;
 use tally_collector::store::postgres::PgStore;
 use tally_collector::store::postgres::forward::PgForwardStore;
 use tally_collector::store::postgres::testdb::TestDb;
-use tally_stripe::ApiKey;
-use tally_stripe::forward::fake::FakeDest;
-use tally_stripe::forward::runner::{ForwardMetrics, LedgerSource};
-use tally_stripe::forward::store::ForwardStore;
-use tally_stripe::forward::{
-    Destination, DestinationConfig, LedgerItem, MemoryForwardStore, spawn_destination,
+use tally_forward::ApiKey;
+use tally_forward::ledger_feed::fake::FakeDest;
+use tally_forward::ledger_feed::runner::{ForwardMetrics, LedgerSource};
+use tally_forward::ledger_feed::store::ForwardStore;
+use tally_forward::ledger_feed::{
+    DestinationConfig, Engine as Destination, LedgerItem, MemoryForwardStore, spawn_destination,
 };
 
 struct VecLedger(Mutex<Vec<LedgerItem>>);

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tally_stripe::outbox::{MemoryStore, NewOutboxRow};
-use tally_stripe::test_server::FakeStripe;
-use tally_stripe::{Api, ApiKey, ForwarderConfig};
+use tally_forward::stripe::outbox::{MemoryStore, NewOutboxRow};
+use tally_forward::stripe::test_server::FakeStripe;
+use tally_forward::stripe::{Api, ApiKey, ForwarderConfig};
 
 fn now_s() -> i64 {
     std::time::SystemTime::now()
@@ -37,8 +37,8 @@ fn config(api: Api, server: &FakeStripe) -> ForwarderConfig {
 async fn forward(api: Api, store: Arc<MemoryStore>, server: &FakeStripe) -> (f64, usize, usize) {
     let expected: u64 = store.totals().expect("totals").values().sum();
     let start = Instant::now();
-    let fwd =
-        tally_stripe::spawn(config(api, server), store.clone(), None, None).expect("forwarder");
+    let fwd = tally_forward::stripe::spawn(config(api, server), store.clone(), None, None)
+        .expect("forwarder");
     // Watch the server (cheap) rather than the store, so the probe does not slow the forwarder.
     while server.totals().values().sum::<u64>() < expected {
         assert!(

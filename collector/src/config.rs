@@ -33,9 +33,9 @@ pub struct CollectorConfig {
     /// Group commit limits.
     pub group: GroupLimits,
     /// Stripe forwarding (log-only without an API key).
-    pub stripe: crate::stripe::StripeSettings,
+    pub stripe: crate::forwarding::stripe::StripeSettings,
     /// Orb and Metronome forwarding (SPEC §6.4b), each off unless its key is set.
-    pub forward: crate::stripe::forward::ForwardSettings,
+    pub forward: crate::forwarding::ledger_feed::ForwardSettings,
     /// Where the collector reads wall time (a [`tally_clock::ManualClock`] in tests).
     pub clock: SharedClock,
     /// The continuous analytics export (`--export-dir`), off by default.
@@ -91,8 +91,8 @@ impl CollectorConfig {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes_per_s: 1_000,
             group: GroupLimits::default(),
-            stripe: crate::stripe::StripeSettings::default(),
-            forward: crate::stripe::forward::ForwardSettings::default(),
+            stripe: crate::forwarding::stripe::StripeSettings::default(),
+            forward: crate::forwarding::ledger_feed::ForwardSettings::default(),
             clock: Arc::new(SystemClock),
             export: None,
             leases: crate::core::entitlements::LeaseBookLimits::default(),

@@ -49,12 +49,12 @@ pub struct DevOptions {
     /// Whether to start the in-process agent.
     pub agent: bool,
     /// Stripe forwarding (log-only without an API key).
-    pub stripe: crate::stripe::StripeSettings,
+    pub stripe: crate::forwarding::stripe::StripeSettings,
     /// The continuous analytics export (`--export-dir`), off by default.
     pub export: Option<crate::export::ExportJob>,
     /// Orb and Metronome forwarding (each on when its key is set: `ORB_API_KEY`,
     /// `METRONOME_API_KEY` or the `--*-api-key-file` flags), off by default.
-    pub forward: crate::stripe::forward::ForwardSettings,
+    pub forward: crate::forwarding::ledger_feed::ForwardSettings,
 }
 
 impl DevOptions {
@@ -80,9 +80,9 @@ impl Default for DevOptions {
             http: SocketAddr::from(([127, 0, 0, 1], 7080)),
             agent_http: SocketAddr::from(([127, 0, 0, 1], 7070)),
             agent: true,
-            stripe: crate::stripe::StripeSettings::default(),
+            stripe: crate::forwarding::stripe::StripeSettings::default(),
             export: None,
-            forward: crate::stripe::forward::ForwardSettings::default(),
+            forward: crate::forwarding::ledger_feed::ForwardSettings::default(),
         }
     }
 }

@@ -15,7 +15,8 @@
 //!   reference store ([`store::memory`]).
 //! - [`api`]: the admin HTTP API, one file per resource.
 //! - [`console`]: the web console on the admin address (pages and vendored assets).
-//! - [`stripe`]: the forwarder's lifecycle, configuration and reconciliation (SPEC §6.4).
+//! - [`forwarding`]: every destination (Stripe, Orb, Metronome) behind one interface, their
+//!   configuration, lifecycle and reconciliation (SPEC §6.4, §6.4b).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`mod@init`], [`config`], [`start`], [`dev`]: files on disk, configuration, starting it
 //!   all, and the one-process quickstart.
@@ -46,13 +47,13 @@ pub mod core;
 pub mod dev;
 pub mod entitlements;
 pub mod export;
+pub mod forwarding;
 pub mod ingest;
 pub mod init;
 pub mod metrics;
 pub mod net;
 pub mod start;
 pub mod store;
-pub mod stripe;
 pub mod testkit;
 
 pub use config::CollectorConfig;

@@ -9,12 +9,12 @@ use std::process::ExitCode;
 use tally_collector::config::FileConfig;
 use tally_collector::dev::DevOptions;
 use tally_collector::export::{ExportJob, ExportOptions};
+use tally_collector::forwarding::stripe::StripeSettings;
 use tally_collector::store::Store;
 use tally_collector::store::postgres::PgStore;
 use tally_collector::store::redb::RedbStore;
-use tally_collector::stripe::StripeSettings;
 use tally_collector::{Collector, CollectorConfig, InitFiles};
-use tally_stripe::{Api, ApiKey, WebhookSecret};
+use tally_forward::stripe::{Api, ApiKey, WebhookSecret};
 
 /// Tally collector: verified, exactly-once ingest into a double-entry ledger.
 #[derive(Parser)]
@@ -328,7 +328,7 @@ struct StripeArgs {
     /// Meter events API: v1 (one request per event) or v2 (sessions and streams) [default: v1].
     #[arg(long, env = "TALLY_STRIPE_API")]
     stripe_api: Option<String>,
-    /// Pinned Stripe-Version header [default: the version tally_stripe was written against].
+    /// Pinned Stripe-Version header [default: the version tally_forward was written against].
     #[arg(long, env = "TALLY_STRIPE_VERSION")]
     stripe_version: Option<String>,
     /// Webhook signing secret (whsec_…) for POST /v1/stripe/webhooks.
@@ -370,7 +370,7 @@ impl StripeArgs {
     fn forward(
         &self,
         file: &FileConfig,
-    ) -> anyhow::Result<tally_collector::stripe::forward::ForwardSettings> {
+    ) -> anyhow::Result<tally_collector::forwarding::ledger_feed::ForwardSettings> {
         let mut out = forward_settings(
             self.orb_api_key_file.clone(),
             self.orb_base_url.clone(),
@@ -444,16 +444,16 @@ fn forward_settings(
     metronome_key_file: Option<PathBuf>,
     metronome_base_url: Option<String>,
     file: &FileConfig,
-) -> anyhow::Result<tally_collector::stripe::forward::ForwardSettings> {
-    use tally_collector::stripe::forward::key_from_env_or_file;
-    use tally_stripe::forward::{Destination, DestinationConfig, Routes};
-    let mut out = tally_collector::stripe::forward::ForwardSettings::default();
+) -> anyhow::Result<tally_collector::forwarding::ledger_feed::ForwardSettings> {
+    use tally_collector::forwarding::ledger_feed::key_from_env_or_file;
+    use tally_forward::ledger_feed::{DestinationConfig, Engine, Routes};
+    let mut out = tally_collector::forwarding::ledger_feed::ForwardSettings::default();
     let orb_file = orb_key_file.or_else(|| file.orb_api_key_file.clone());
     if let Some(key) = key_from_env_or_file("ORB_API_KEY", orb_file.as_deref())
         .context("cannot read the Orb API key file")?
     {
         let mut c = DestinationConfig::new(
-            Destination::Orb,
+            Engine::Orb,
             key,
             orb_base_url.or_else(|| file.orb_base_url.clone()),
         );
@@ -471,7 +471,7 @@ fn forward_settings(
         .context("cannot read the Metronome API key file")?
     {
         let mut c = DestinationConfig::new(
-            Destination::Metronome,
+            Engine::Metronome,
             key,
             metronome_base_url.or_else(|| file.metronome_base_url.clone()),
         );

@@ -49,7 +49,7 @@ pub struct Metrics {
     pub adjustments: Counter,
     /// The Stripe forwarder's metrics (`tally_stripe_…`: requests by status, outbox pending,
     /// unmapped, dead letters, forward lag, reconciliation discrepancies).
-    pub stripe: tally_stripe::metrics::StripeMetrics,
+    pub stripe: tally_forward::metrics::StripeMetrics,
     /// Entitlement and lease metrics (`tally_collector_entitlements_…`).
     pub entitlements: crate::entitlements::EntitlementMetrics,
 }
@@ -121,7 +121,7 @@ impl Metrics {
         );
         let adjustments = Counter::default();
         registry.register("adjustments", "Adjustments posted", adjustments.clone());
-        let stripe = tally_stripe::metrics::StripeMetrics::register(&mut root);
+        let stripe = tally_forward::metrics::StripeMetrics::register(&mut root);
         let entitlements = crate::entitlements::EntitlementMetrics::register(&mut root);
         Metrics {
             entitlements,

@@ -50,10 +50,10 @@ pub enum StartError {
     Thread(std::io::Error),
     /// The Stripe forwarder could not start.
     #[error("stripe forwarder: {0}")]
-    Stripe(#[from] tally_stripe::forwarder::ForwarderError),
+    Stripe(#[from] tally_forward::stripe::forwarder::ForwarderError),
     /// Orb or Metronome forwarding could not start.
     #[error(transparent)]
-    Forward(#[from] crate::stripe::forward::ForwardStartError),
+    Forward(#[from] crate::forwarding::ledger_feed::ForwardStartError),
 }
 
 /// A running collector.
@@ -117,13 +117,19 @@ impl Collector {
             metrics.entitlements.clone(),
         )?);
         // The forwarder, reconciliation and the webhook check read the collector's one clock.
-        let stripe = crate::stripe::StripeRuntime::start_with_clock(
+        let forwarding = crate::forwarding::Forwarding::start(
             &config.stripe,
+            &config.forward,
+            &config.data_dir,
             store.clone(),
+            pg_store,
             metrics.stripe.clone(),
             config.clock.clone(),
-        )?;
-        stripe.start_forwarding(&config.forward, &config.data_dir, store.clone(), pg_store)?;
+        )
+        .map_err(|e| match e {
+            crate::forwarding::ForwardingError::Stripe(e) => StartError::Stripe(e),
+            crate::forwarding::ForwardingError::Feed(e) => StartError::Forward(e),
+        })?;
         let outbox_wake = Arc::new(tokio::sync::Notify::new());
         let (ingest, committer) = crate::ingest::spawn_with_wake(
             store.clone(),
@@ -134,8 +140,8 @@ impl Collector {
         )
         .map_err(StartError::Thread)?;
         {
-            let s = stripe.clone();
-            stripe.keep_task(tokio::spawn(async move {
+            let s = forwarding.clone();
+            forwarding.keep_task(tokio::spawn(async move {
                 loop {
                     outbox_wake.notified().await;
                     s.notify();
@@ -143,15 +149,15 @@ impl Collector {
             }));
         }
         if let Some(every) = config.stripe.reconcile_interval
-            && stripe.sends()
+            && forwarding.stripe.sends()
         {
-            let (s, st) = (stripe.clone(), store.clone());
-            stripe.keep_task(tokio::spawn(async move {
+            let (s, st) = (forwarding.clone(), store.clone());
+            forwarding.keep_task(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.tick().await;
                 loop {
                     tick.tick().await;
-                    match s.reconcile(&st, 7, false).await {
+                    match s.stripe.reconcile(&st, 7, false).await {
                         Ok(r) => tracing::info!(
                             discrepancies = r.discrepancies.len(),
                             "stripe reconciliation"
@@ -202,7 +208,7 @@ impl Collector {
         let shared = Arc::new(ApiState::new(
             store,
             metrics,
-            stripe,
+            forwarding,
             registry,
             catalogs,
             admin_token,
@@ -210,7 +216,7 @@ impl Collector {
         ));
         let _ = shared.entitlements.set(entitlements.clone());
         if let Some(changes) = pg_changes {
-            shared.stripe.keep_task(tokio::spawn(follow_pg_changes(
+            shared.forwarding.keep_task(tokio::spawn(follow_pg_changes(
                 changes,
                 catalogs_for_pg,
                 registry_for_pg,
@@ -347,8 +353,9 @@ impl CollectorHandle {
         if let Some(t) = self.export_task {
             let _ = t.await;
         }
-        // Requests to Stripe in flight are answered and recorded before the store closes.
-        self.shared.stripe.shutdown().await;
+        // Requests in flight (Stripe, Orb, Metronome) are answered and recorded before the
+        // store closes.
+        self.shared.forwarding.shutdown().await;
         // Every connection is gone; dropping the last sender lets the committer drain and end.
         let CollectorHandle {
             shared, committer, ..

@@ -19,12 +19,12 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 use tally_collector::CollectorConfig;
-use tally_collector::stripe::StripeSettings;
+use tally_collector::forwarding::stripe::StripeSettings;
+use tally_forward::retry::Backoff;
+use tally_forward::stripe::test_server::FakeStripe;
+use tally_forward::stripe::{Api, ApiKey, ForwarderConfig};
 use tally_protocol::frame::{AckOutcome, Frame};
 use tally_protocol::names::{CustomerId, MeterName};
-use tally_stripe::retry::Backoff;
-use tally_stripe::test_server::FakeStripe;
-use tally_stripe::{Api, ApiKey, ForwarderConfig};
 
 const LAPTOP: (u32, u32) = (1280, 900);
 const PHONE: (u32, u32) = (390, 844);
@@ -294,7 +294,7 @@ async fn scenario(server: &FakeStripe) -> (Env, tally_collector::testkit::TestCl
     // (initech is unmapped and waits) is settled.
     for _ in 0..400 {
         let (_, d) = env.admin("GET", "/v1/stripe/outbox?state=dead", None).await;
-        let unmapped = env.handle.shared().stripe.status().unmapped;
+        let unmapped = env.handle.shared().forwarding.stripe_status().unmapped;
         if !d["data"].as_array().unwrap().is_empty() && unmapped.contains_key("initech") {
             let (_, p) = env
                 .admin("GET", "/v1/stripe/outbox?state=pending", None)

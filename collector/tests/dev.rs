@@ -76,24 +76,20 @@ async fn dev_runs_collector_catalog_and_agent_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_forwards_to_orb_and_metronome_when_their_keys_are_set() {
-    use tally_stripe::ApiKey;
-    use tally_stripe::forward::fake::FakeDest;
-    use tally_stripe::forward::{Destination, DestinationConfig};
-    let orb = FakeDest::start(Destination::Orb, "orb_test_dev")
-        .await
-        .unwrap();
-    let met = FakeDest::start(Destination::Metronome, "met_dev")
-        .await
-        .unwrap();
+    use tally_forward::ApiKey;
+    use tally_forward::ledger_feed::fake::FakeDest;
+    use tally_forward::ledger_feed::{DestinationConfig, Engine};
+    let orb = FakeDest::start(Engine::Orb, "orb_test_dev").await.unwrap();
+    let met = FakeDest::start(Engine::Metronome, "met_dev").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut opts = DevOptions::ephemeral(dir.path().join("tally-dev"));
     opts.forward.orb = Some(DestinationConfig::new(
-        Destination::Orb,
+        Engine::Orb,
         ApiKey::new("orb_test_dev"),
         Some(orb.url()),
     ));
     opts.forward.metronome = Some(DestinationConfig::new(
-        Destination::Metronome,
+        Engine::Metronome,
         ApiKey::new("met_dev"),
         Some(met.url()),
     ));

@@ -431,10 +431,10 @@ async fn post_webhook(env: &Env, sig: &str, body: &str) -> (u16, String) {
 
 #[tokio::test]
 async fn a_stripe_entitlement_webhook_grants_its_feature_and_a_refresh_fetches_them() {
-    use tally_stripe::test_server::FakeStripe;
-    use tally_stripe::{ApiKey, ForwarderConfig, WebhookSecret};
+    use tally_forward::stripe::test_server::FakeStripe;
+    use tally_forward::stripe::{ApiKey, ForwarderConfig, WebhookSecret};
     let server = FakeStripe::start().await.unwrap();
-    let settings = tally_collector::stripe::StripeSettings {
+    let settings = tally_collector::forwarding::stripe::StripeSettings {
         forwarder: ForwarderConfig {
             api_key: Some(ApiKey::new("sk_test_tally_ent")),
             base_url: server.url(),
@@ -466,15 +466,21 @@ async fn a_stripe_entitlement_webhook_grants_its_feature_and_a_refresh_fetches_t
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    let bad =
-        tally_stripe::webhook::sign_webhook(body.as_bytes(), &WebhookSecret::new("whsec_x"), t);
+    let bad = tally_forward::stripe::webhook::sign_webhook(
+        body.as_bytes(),
+        &WebhookSecret::new("whsec_x"),
+        t,
+    );
     assert_eq!(
         post_webhook(&env, &bad, &body).await.0,
         400,
         "a bad signature changes nothing"
     );
-    let sig =
-        tally_stripe::webhook::sign_webhook(body.as_bytes(), &WebhookSecret::new("whsec_ent"), t);
+    let sig = tally_forward::stripe::webhook::sign_webhook(
+        body.as_bytes(),
+        &WebhookSecret::new("whsec_ent"),
+        t,
+    );
     let (st, text) = post_webhook(&env, &sig, &body).await;
     assert_eq!(st, 200, "{text}");
     let c = pushed(&mut client, "acme", Duration::from_secs(1), |c| {

@@ -21,10 +21,10 @@ use tally_collector::store::postgres::PgStore;
 use tally_collector::store::postgres::testdb::TestDb;
 use tally_collector::store::redb::RedbStore;
 use tally_collector::store::{DestNames, NameKind, Store};
+use tally_forward::ApiKey;
+use tally_forward::ledger_feed::fake::FakeDest;
+use tally_forward::ledger_feed::{DestinationConfig, Engine, FwdEvent, FwdState};
 use tally_protocol::frame::{AckOutcome, Frame};
-use tally_stripe::ApiKey;
-use tally_stripe::forward::fake::FakeDest;
-use tally_stripe::forward::{Destination, DestinationConfig, FwdEvent, FwdState};
 
 fn names_round_trip(s: &dyn Store) {
     let k = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
@@ -88,19 +88,17 @@ async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_set_through_the_api_apply_to_events_planned_after() {
-    let orb = FakeDest::start(Destination::Orb, ORB_KEY).await.unwrap();
-    let met = FakeDest::start(Destination::Metronome, MET_KEY)
-        .await
-        .unwrap();
+    let orb = FakeDest::start(Engine::Orb, ORB_KEY).await.unwrap();
+    let met = FakeDest::start(Engine::Metronome, MET_KEY).await.unwrap();
     let (ou, mu) = (orb.url(), met.url());
     let env = start_with(move |c| {
         c.forward.orb = Some(DestinationConfig::new(
-            Destination::Orb,
+            Engine::Orb,
             ApiKey::new(ORB_KEY.to_owned()),
             Some(ou),
         ));
         c.forward.metronome = Some(DestinationConfig::new(
-            Destination::Metronome,
+            Engine::Metronome,
             ApiKey::new(MET_KEY.to_owned()),
             Some(mu),
         ));
@@ -259,17 +257,12 @@ async fn names_set_through_the_api_apply_to_events_planned_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_is_retried_under_its_key_and_delivered_once() {
-    let met = FakeDest::start(Destination::Metronome, MET_KEY)
-        .await
-        .unwrap();
+    let met = FakeDest::start(Engine::Metronome, MET_KEY).await.unwrap();
     met.set_down(true);
     let mu = met.url();
     let env = start_with(move |c| {
-        let mut m = DestinationConfig::new(
-            Destination::Metronome,
-            ApiKey::new(MET_KEY.to_owned()),
-            Some(mu),
-        );
+        let mut m =
+            DestinationConfig::new(Engine::Metronome, ApiKey::new(MET_KEY.to_owned()), Some(mu));
         m.backoff.base = Duration::from_millis(100);
         m.backoff.cap = Duration::from_millis(300);
         c.forward.metronome = Some(m);
@@ -299,11 +292,10 @@ async fn a_dead_letter_is_retried_under_its_key_and_delivered_once() {
     }
     // Metronome is down: the events are attempted and stay open; one is made a dead letter
     // as a refusal would (the refusal path itself is the runner's tests').
-    let f = env.handle.shared().stripe.forward().cloned().unwrap();
-    let store = f.store.clone();
+    let store = env.handle.shared().forwarding.feed_store().unwrap();
     until("attempted", 20, || {
         store
-            .list(Destination::Metronome, None, 0, 10)
+            .list(Engine::Metronome, None, 0, 10)
             .unwrap()
             .iter()
             .filter(|g| g.attempts > 0)
@@ -313,7 +305,7 @@ async fn a_dead_letter_is_retried_under_its_key_and_delivered_once() {
     .await;
     let dead = store
         .apply(
-            Destination::Metronome,
+            Engine::Metronome,
             &[2],
             FwdEvent::Rejected(String::from("refused")),
         )

@@ -15,10 +15,10 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 use tally_collector::testkit::TestClient;
+use tally_forward::ledger_feed::Engine;
+use tally_forward::ledger_feed::fake::{FakeDest, FakeFault, FakeFaults};
+use tally_forward::stripe::test_server::{FakeStripe, RandomFaults};
 use tally_protocol::frame::{AckOutcome, Frame};
-use tally_stripe::forward::Destination;
-use tally_stripe::forward::fake::{FakeDest, FakeFault, FakeFaults};
-use tally_stripe::test_server::{FakeStripe, RandomFaults};
 
 const ORB_KEY: &str = "orb_test_SECRETORB";
 const MET_KEY: &str = "met_SECRETMET";
@@ -62,10 +62,8 @@ async fn three_destinations_exact_through_faults_a_kill_and_an_orb_outage() {
         seed: 7,
         ..RandomFaults::default()
     });
-    let orb = FakeDest::start(Destination::Orb, ORB_KEY).await.unwrap();
-    let met = FakeDest::start(Destination::Metronome, MET_KEY)
-        .await
-        .unwrap();
+    let orb = FakeDest::start(Engine::Orb, ORB_KEY).await.unwrap();
+    let met = FakeDest::start(Engine::Metronome, MET_KEY).await.unwrap();
     orb.set_down(true);
     // Metronome is slow (requests in flight at the kill) and faulty.
     met.set_response_delay(Duration::from_millis(400));

@@ -15,12 +15,12 @@ use tally_collector::store::postgres::PgStore;
 use tally_collector::store::postgres::testdb::TestDb;
 use tally_collector::store::redb::RedbStore;
 use tally_collector::store::{IngestBatch, IngestOutcome, Store};
+use tally_forward::stripe::coalesce::MAX_OPEN_BUCKETS;
+use tally_forward::stripe::outbox::{EventGroup, NewGroup, OutboxRow, OutboxStore, identifier_for};
 use tally_protocol::batch::{BatchBody, SignedBatch};
 use tally_protocol::catalog::Aggregation;
 use tally_protocol::frame::AckOutcome;
 use tally_protocol::names::{CustomerId, MeterName};
-use tally_stripe::coalesce::MAX_OPEN_BUCKETS;
-use tally_stripe::outbox::{EventGroup, NewGroup, OutboxRow, OutboxStore, identifier_for};
 
 const T0: i64 = 1_763_000_040_000;
 const CUSTOMERS: [&str; 3] = ["acme", "beta", "gamma"];

@@ -26,10 +26,10 @@ use tally_collector::store::postgres::PgStore;
 use tally_collector::store::postgres::testdb::TestDb;
 use tally_collector::testkit::TestClient;
 use tally_collector::{Collector, CollectorConfig};
+use tally_forward::stripe::test_server::{FakeStripe, RandomFaults};
 use tally_protocol::catalog::Aggregation;
 use tally_protocol::frame::{AckOutcome, Frame};
 use tally_protocol::names::{CustomerId, MeterName};
-use tally_stripe::test_server::{FakeStripe, RandomFaults};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_collectors_on_one_database_answer_the_same_and_commit_once() {

@@ -20,19 +20,19 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_collector::core::ledger::{Adjustment, Period};
+use tally_collector::forwarding::ledger_feed::StoreLedger;
 use tally_collector::store::postgres::PgStore;
 use tally_collector::store::postgres::forward::PgForwardStore;
 use tally_collector::store::postgres::testdb::TestDb;
 use tally_collector::store::{AdjustOutcome, Store};
-use tally_collector::stripe::forward::StoreLedger;
 use tally_collector::testkit::TestClient;
+use tally_forward::ledger_feed::fake::{FakeDest, FakeFault, FakeFaults};
+use tally_forward::ledger_feed::runner::LedgerSource;
+use tally_forward::ledger_feed::store::ForwardStore;
+use tally_forward::ledger_feed::{Engine, Routes, plan};
 use tally_protocol::catalog::Aggregation;
 use tally_protocol::frame::{AckOutcome, Frame};
 use tally_protocol::names::{CustomerId, Dimensions, MeterName};
-use tally_stripe::forward::fake::{FakeDest, FakeFault, FakeFaults};
-use tally_stripe::forward::runner::LedgerSource;
-use tally_stripe::forward::store::ForwardStore;
-use tally_stripe::forward::{Destination, Routes, plan};
 
 #[test]
 fn the_postgres_forward_store_passes_the_store_model() {
@@ -41,25 +41,23 @@ fn the_postgres_forward_store_passes_the_store_model() {
     };
     let pg = Arc::new(PgStore::open(db.url()).unwrap());
     let s = PgForwardStore::new(pg.clone());
-    tally_stripe::forward::conformance::check_store(&s);
+    tally_forward::ledger_feed::conformance::check_store(&s);
 
     // A second collector on the same database sees the same state and namespace.
     let other = PgForwardStore::new(Arc::new(PgStore::open(db.url()).unwrap()));
     assert_eq!(other.namespace().unwrap(), s.namespace().unwrap());
-    assert_eq!(other.cursor(Destination::Metronome).unwrap(), 7);
+    assert_eq!(other.cursor(Engine::Metronome).unwrap(), 7);
     assert_eq!(
-        other.stats(Destination::Orb).unwrap(),
-        s.stats(Destination::Orb).unwrap()
+        other.stats(Engine::Orb).unwrap(),
+        s.stats(Engine::Orb).unwrap()
     );
 
     // The claim: one holder at a time, per destination, until it runs out.
-    let d = Destination::Orb;
+    let d = Engine::Orb;
     assert!(s.claim(d, "a", 1_000, 5_000).unwrap());
     assert!(!other.claim(d, "b", 1_000, 6_000).unwrap(), "a holds it");
     assert!(
-        other
-            .claim(Destination::Metronome, "b", 1_000, 6_000)
-            .unwrap(),
+        other.claim(Engine::Metronome, "b", 1_000, 6_000).unwrap(),
         "claims are per destination"
     );
     assert!(s.claim(d, "a", 4_000, 9_000).unwrap(), "a renews");
@@ -101,7 +99,7 @@ fn a_position_committed_late_is_never_skipped() {
     ));
     let ledger = StoreLedger::gapless(pg.clone());
     let fstore = PgForwardStore::new(pg.clone());
-    let d = Destination::Metronome;
+    let d = Engine::Metronome;
     let ns = fstore.namespace().unwrap();
     // One planning step as the runner does it: read after the cursor, commit the plan.
     let step = || {
@@ -247,10 +245,8 @@ async fn two_collectors_on_one_database_forward_once_through_a_sigkill() {
     else {
         return;
     };
-    let orb = FakeDest::start(Destination::Orb, ORB_KEY).await.unwrap();
-    let met = FakeDest::start(Destination::Metronome, MET_KEY)
-        .await
-        .unwrap();
+    let orb = FakeDest::start(Engine::Orb, ORB_KEY).await.unwrap();
+    let met = FakeDest::start(Engine::Metronome, MET_KEY).await.unwrap();
     // Slow answers (requests in flight at the kill) and faults at both.
     for (f, seed) in [(&orb, 3), (&met, 4)] {
         f.set_response_delay(Duration::from_millis(300));
@@ -367,14 +363,14 @@ async fn two_collectors_on_one_database_forward_once_through_a_sigkill() {
     drop(proc_b);
 }
 
-struct VecLedger(Vec<tally_stripe::forward::LedgerItem>);
+struct VecLedger(Vec<tally_forward::ledger_feed::LedgerItem>);
 
 impl LedgerSource for VecLedger {
     fn read(
         &self,
         after: u64,
         limit: usize,
-    ) -> Result<(Vec<tally_stripe::forward::LedgerItem>, u64), String> {
+    ) -> Result<(Vec<tally_forward::ledger_feed::LedgerItem>, u64), String> {
         let start = self.0.partition_point(|i| i.position <= after);
         let items: Vec<_> = self.0[start..].iter().take(limit).cloned().collect();
         let scanned = items.last().map_or(after, |i| i.position);
@@ -400,7 +396,7 @@ async fn thousands_of_events_reach_both_destinations_from_the_postgres_store() {
     let base = now - now.rem_euclid(60) - 3600;
     let n = 3000u64;
     let items: Vec<_> = (1..=n)
-        .map(|p| tally_stripe::forward::LedgerItem {
+        .map(|p| tally_forward::ledger_feed::LedgerItem {
             position: p,
             customer: format!("c{p:05}"),
             meter: "tokens".into(),
@@ -411,18 +407,18 @@ async fn thousands_of_events_reach_both_destinations_from_the_postgres_store() {
         .collect();
     let want: Decimal = items.iter().map(|i| i.amount).sum();
     let ledger = Arc::new(VecLedger(items));
-    for dest in [Destination::Metronome, Destination::Orb] {
+    for dest in [Engine::Metronome, Engine::Orb] {
         let key = "k_live";
         let fake = FakeDest::start(dest, key).await.unwrap();
         let store: Arc<dyn ForwardStore> = Arc::new(PgForwardStore::new(pg.clone()));
-        let mut cfg = tally_stripe::forward::DestinationConfig::new(
+        let mut cfg = tally_forward::ledger_feed::DestinationConfig::new(
             dest,
-            tally_stripe::ApiKey::new(key),
+            tally_forward::ApiKey::new(key),
             Some(fake.url()),
         );
         cfg.rate_per_s = 1_000_000;
         cfg.events_per_minute = None;
-        let h = tally_stripe::forward::spawn_destination(
+        let h = tally_forward::ledger_feed::spawn_destination(
             cfg,
             store.clone(),
             ledger.clone(),

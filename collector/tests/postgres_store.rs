@@ -14,11 +14,13 @@ use tally_collector::store::postgres::PgStore;
 use tally_collector::store::postgres::schema::MIGRATIONS;
 use tally_collector::store::postgres::testdb::TestDb;
 use tally_collector::store::{IngestBatch, IngestOutcome, Store};
+use tally_forward::stripe::outbox::{
+    NewGroup, OutboxStore, StoreError as OutboxError, identifier_for,
+};
 use tally_protocol::batch::{BatchBody, SignedBatch};
 use tally_protocol::catalog::Aggregation;
 use tally_protocol::frame::AckOutcome;
 use tally_protocol::names::{CustomerId, MeterName};
-use tally_stripe::outbox::{NewGroup, OutboxStore, StoreError as OutboxError, identifier_for};
 
 fn sql(url: &str, q: &str) -> i64 {
     let mut c = postgres::Config::from_str(url)
@@ -134,7 +136,7 @@ fn forwarder_claims_hold_across_collectors() {
         PgStore::open(db.url()).unwrap(),
     );
     let ns = a.namespace().unwrap();
-    let row = |v| tally_stripe::NewOutboxRow {
+    let row = |v| tally_forward::stripe::NewOutboxRow {
         customer: "cus_x".into(),
         meter: "calls".into(),
         stripe_event_name: "calls".into(),

@@ -1,5 +1,5 @@
 //! Stripe forwarding end to end (SPEC §6.4): batches over real QUIC into a real in-process
-//! collector whose forwarder talks to `tally_stripe::test_server::FakeStripe` over real sockets,
+//! collector whose forwarder talks to `tally_forward::stripe::test_server::FakeStripe` over real sockets,
 //! with injected 500s, 429s with Retry-After and answers lost after processing.
 //!
 //! Proves, for v1 and v2: Stripe's totals per (Stripe customer, event name) end equal to
@@ -19,12 +19,12 @@ use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 use tally_collector::CollectorConfig;
-use tally_collector::stripe::StripeSettings;
+use tally_collector::forwarding::stripe::StripeSettings;
+use tally_forward::retry::Backoff;
+use tally_forward::stripe::test_server::{FakeStripe, Fault, RandomFaults};
+use tally_forward::stripe::{Api, ApiKey, ForwarderConfig, WebhookSecret};
 use tally_protocol::frame::{AckOutcome, Frame};
 use tally_protocol::names::{CustomerId, MeterName};
-use tally_stripe::retry::Backoff;
-use tally_stripe::test_server::{FakeStripe, Fault, RandomFaults};
-use tally_stripe::{Api, ApiKey, ForwarderConfig, WebhookSecret};
 
 const WHSEC: &str = "whsec_test_secret";
 
@@ -256,6 +256,7 @@ async fn exact_end_to_end(api: Api, seed: u64) {
     let periodic = wait_for(Duration::from_secs(5), || {
         env.handle
             .shared()
+            .forwarding
             .stripe
             .last_reconciliation()
             .is_some_and(|r| r.to_day <= now_ms() / 1000 && r.mode == "ok")
@@ -287,8 +288,8 @@ async fn unmapped_waits_dead_letter_retries_once_and_webhooks() {
     let ok = wait_for(Duration::from_secs(10), || {
         env.handle
             .shared()
-            .stripe
-            .status()
+            .forwarding
+            .stripe_status()
             .unmapped
             .get("hooli")
             .is_some_and(|n| *n > 0)
@@ -404,14 +405,17 @@ async fn unmapped_waits_dead_letter_retries_once_and_webhooks() {
     };
     let secret = WebhookSecret::new(WHSEC);
     let t = now_ms() / 1000;
-    let bad =
-        tally_stripe::webhook::sign_webhook(body.as_bytes(), &WebhookSecret::new("whsec_other"), t);
+    let bad = tally_forward::stripe::webhook::sign_webhook(
+        body.as_bytes(),
+        &WebhookSecret::new("whsec_other"),
+        t,
+    );
     let (st, v) = post(bad, body.clone()).await;
     assert_eq!(st, 400, "{v}");
     let v: serde_json::Value = serde_json::from_str(&v).unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
     assert_eq!(v["error"]["code"], "signature_verification_failed");
-    let good = tally_stripe::webhook::sign_webhook(body.as_bytes(), &secret, t);
+    let good = tally_forward::stripe::webhook::sign_webhook(body.as_bytes(), &secret, t);
     let (st, v) = post(good.clone(), body.clone()).await;
     assert_eq!(st, 200, "{v}");
     let v: serde_json::Value = serde_json::from_str(&v).unwrap();
@@ -430,7 +434,7 @@ async fn unmapped_waits_dead_letter_retries_once_and_webhooks() {
     );
     // A tampered body with the old signature is refused.
     let (st, _) = post(
-        tally_stripe::webhook::sign_webhook(b"{}", &secret, t),
+        tally_forward::stripe::webhook::sign_webhook(b"{}", &secret, t),
         body.replace("evt_err_1", "evt_err_2"),
     )
     .await;

@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 use tally_collector::testkit::TestClient;
+use tally_forward::stripe::test_server::{FakeStripe, RandomFaults};
 use tally_protocol::frame::{AckOutcome, Frame};
-use tally_stripe::test_server::{FakeStripe, RandomFaults};
 
 /// Starts `tally-collector run` and returns it with its QUIC and HTTP addresses.
 fn run(dir: &std::path::Path, stripe_url: &str) -> (Proc, SocketAddr, SocketAddr) {

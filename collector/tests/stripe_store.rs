@@ -1,4 +1,4 @@
-//! The redb outbox follows `tally_stripe::MemoryStore`'s rules: the same random operation
+//! The redb outbox follows `tally_forward::stripe::MemoryStore`'s rules: the same random operation
 //! sequences give the same answers on both stores, and the forwarder's exactness workload
 //! (injected 500s, 429s, lock timeouts, lost answers, dropped connections) run against the redb
 //! store ends with Stripe's totals equal to the outbox's, no identifier twice, and (v1) one
@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tally_collector::store::redb::RedbStore;
-use tally_stripe::outbox::{
+use tally_forward::stripe::outbox::{
     GroupState, NewGroup, NewOutboxRow, OutboxState, OutboxStore, StripeError, WebhookRecord,
     identifier_for,
 };
-use tally_stripe::test_server::FakeStripe;
-use tally_stripe::{Api, MemoryStore};
+use tally_forward::stripe::test_server::FakeStripe;
+use tally_forward::stripe::{Api, MemoryStore};
 
 struct Rng(u64);
 impl Rng {
@@ -234,7 +234,7 @@ fn mapping_and_namespace_survive_reopen() {
     assert_eq!(s.namespace().unwrap(), ns);
     assert_eq!(s.stripe_customer("acme").unwrap().as_deref(), Some("cus_1"));
     assert_eq!(
-        tally_stripe::outbox::resolve_customer(&s, "cus_9")
+        tally_forward::stripe::outbox::resolve_customer(&s, "cus_9")
             .unwrap()
             .as_deref(),
         Some("cus_9")
@@ -246,7 +246,8 @@ async fn exact(api: Api, seed: u64) {
     server.inject_fault_mix(seed);
     let (_dir, store) = open();
     let store = Arc::new(store);
-    let fwd = tally_stripe::spawn(server.forwarder_config(api), store.clone(), None, None).unwrap();
+    let fwd = tally_forward::stripe::spawn(server.forwarder_config(api), store.clone(), None, None)
+        .unwrap();
     let mut rng = Rng(seed);
     let mut expect: BTreeMap<(String, String), u64> = BTreeMap::new();
     let base = now_s() - 1800;

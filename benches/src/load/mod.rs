@@ -299,7 +299,7 @@ struct Rig {
     admin: SocketAddr,
     token: String,
     ca: Vec<u8>,
-    stripe: Option<tally_stripe::test_server::FakeStripe>,
+    stripe: Option<tally_forward::stripe::test_server::FakeStripe>,
     names: Arc<Names>,
     w: Workload,
 }
@@ -310,7 +310,7 @@ impl Rig {
         let root = dir.path().to_path_buf();
         let cdir = root.join("collector");
         let stripe = if cfg.stripe {
-            Some(tally_stripe::test_server::FakeStripe::start().await?)
+            Some(tally_forward::stripe::test_server::FakeStripe::start().await?)
         } else {
             None
         };

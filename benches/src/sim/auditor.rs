@@ -304,7 +304,7 @@ fn check_totals(i: &Inputs<'_>, expected: &Totals, f: &mut Vec<String>) {
         }
     }
     // 7: the outbox and Stripe are drained.
-    match tally_stripe::OutboxStore::stats(i.store) {
+    match tally_forward::stripe::OutboxStore::stats(i.store) {
         Ok(s) if s.pending_rows == 0 && s.dead_rows == 0 => {}
         Ok(s) => f.push(format!(
             "outbox not drained: {} pending, {} unknown, {} dead",

@@ -2,7 +2,7 @@
 //! (`tally_collector::core::session`), the admission rule (`core::registry::admit`), the real
 //! embedded store (`store::redb::RedbStore`, which runs `core::ingest::ingest_group` — dedup,
 //! ledger posting, quarantine, outbox rows — in one durable transaction) and the real Stripe
-//! dispatch machine (`tally_stripe::dispatch::Dispatcher`) over that store's outbox, in a shell
+//! dispatch machine (`tally_forward::stripe::dispatch::Dispatcher`) over that store's outbox, in a shell
 //! that does what `net::quic`, the committer thread and the forwarder do, on the simulated
 //! clock and network.
 //!
@@ -22,16 +22,16 @@ use tally_collector::core::registry::{Admission, AgentRecord, EnrollToken, admit
 use tally_collector::core::session::{Action, Session, SessionConfig};
 use tally_collector::store::redb::RedbStore;
 use tally_collector::store::{AdjustOutcome, EnrolmentStore, Store};
+use tally_forward::retry::Backoff;
+use tally_forward::stripe::OutboxStore;
+use tally_forward::stripe::dispatch::{
+    self, Api, CheckReading, DispatchConfig, Dispatcher, Request, ScannedRows, StoreOp,
+};
+use tally_forward::stripe::outbox::resolve_customer;
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::MeterDef;
 use tally_protocol::error::ErrorCode;
 use tally_protocol::frame::Frame;
-use tally_stripe::OutboxStore;
-use tally_stripe::dispatch::{
-    self, Api, CheckReading, DispatchConfig, Dispatcher, Request, ScannedRows, StoreOp,
-};
-use tally_stripe::outbox::resolve_customer;
-use tally_stripe::retry::Backoff;
 
 /// Batches per group commit (the committer's limit).
 pub const GROUP_MAX: usize = 2_048;
@@ -388,7 +388,7 @@ impl SimCollector {
     }
 
     /// What the forwarder's shell does each turn (when its timer is due, an answer came or
-    /// rows were appended, as `tally_stripe::forwarder` wakes): plan, start ready jobs, timers.
+    /// rows were appended, as `tally_forward::stripe::forwarder` wakes): plan, start ready jobs, timers.
     pub fn forward(&mut self, now_ms: i64, stripe: &mut Stripe) -> Res<()> {
         let Some(run) = &mut self.run else {
             return Ok(());

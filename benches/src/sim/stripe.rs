@@ -8,9 +8,9 @@
 use super::faults::StripeRates;
 use super::rng::Rng;
 use std::collections::BTreeMap;
-use tally_stripe::client::MeterEvent;
-use tally_stripe::dispatch::JobId;
-use tally_stripe::retry::Answer;
+use tally_forward::retry::Answer;
+use tally_forward::stripe::client::MeterEvent;
+use tally_forward::stripe::dispatch::JobId;
 
 /// Most requests in flight.
 pub const MAX_REQUESTS: usize = 10_000;

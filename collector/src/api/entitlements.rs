@@ -202,7 +202,7 @@ pub(super) async fn refresh_stripe(
     Path(c): Path<String>,
 ) -> ApiResult<RefreshAnswer> {
     let c = customer(&c, "customer")?;
-    if shared.stripe.client().is_none() {
+    if shared.forwarding.stripe.client().is_none() {
         return Err(ApiError::invalid(
             "stripe_not_configured",
             "customer",
@@ -237,7 +237,7 @@ pub(super) async fn fetch_stripe_features(
     c: &tally_protocol::names::CustomerId,
     stripe_id: &str,
 ) -> Result<Vec<String>, ApiError> {
-    let Some(client) = shared.stripe.client().cloned() else {
+    let Some(client) = shared.forwarding.stripe.client().cloned() else {
         return Err(ApiError::invalid(
             "stripe_not_configured",
             "customer",

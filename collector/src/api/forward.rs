@@ -8,9 +8,10 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use tally_stripe::forward::runner::{DestinationStatus, OutboxView};
-use tally_stripe::forward::store::FwdStats;
-use tally_stripe::forward::{Destination, FwdState};
+use tally_forward::ledger_feed::runner::{DestinationStatus, OutboxView};
+use tally_forward::ledger_feed::store::FwdStats;
+use tally_forward::ledger_feed::{Engine, FwdState};
+use tally_forward::{Destination, Listing, Retried};
 
 /// `GET /v1/outbox?destination=orb|metronome`.
 #[derive(Serialize)]
@@ -23,9 +24,7 @@ pub struct DestinationOutbox {
     pub stats: FwdStats,
 }
 
-fn destination(
-    q: &std::collections::HashMap<String, String>,
-) -> Result<Option<Destination>, ApiError> {
+fn destination(q: &std::collections::HashMap<String, String>) -> Result<Option<Engine>, ApiError> {
     match q.get("destination").map(String::as_str) {
         None | Some("stripe") => Ok(None),
         Some(d) => d
@@ -35,7 +34,19 @@ fn destination(
     }
 }
 
-fn not_configured(d: Destination) -> ApiError {
+/// The running destination `d`, or 404 when it is off.
+fn running(
+    shared: &std::sync::Arc<super::ApiState>,
+    d: Engine,
+) -> Result<std::sync::Arc<dyn Destination>, ApiError> {
+    shared
+        .forwarding
+        .get(d.into())
+        .cloned()
+        .ok_or_else(|| not_configured(d))
+}
+
+fn not_configured(d: Engine) -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         kind: "invalid_request_error",
@@ -66,30 +77,19 @@ pub(super) async fn outbox(
             .await
             .into_response());
     };
-    let Some(f) = shared.stripe.forward().cloned() else {
-        return Err(not_configured(d));
-    };
-    if !f.destinations().contains(&d) {
-        return Err(not_configured(d));
-    }
-    let state: Option<FwdState> = match q.get("state") {
-        None => None,
-        Some(s) => Some(
-            s.parse()
-                .map_err(|m: String| ApiError::invalid("invalid_state", "state", m))?,
-        ),
-    };
+    let f = running(&shared, d)?;
+    let state = q.get("state").cloned();
     let after = number(&q, "after", 0)?;
     let limit = number(&q, "limit", 100)?.clamp(1, super::errors::MAX_PAGE) as usize;
-    let r = tokio::task::spawn_blocking(move || {
-        Ok::<_, String>((
-            f.list(d, state, after, limit)?,
-            f.store.stats(d).map_err(|e| e.to_string())?,
-        ))
-    })
-    .await
-    .map_err(|e| ApiError::task_failed(&e))?;
-    let (data, stats) = r.map_err(ApiError::internal)?;
+    let listing = tokio::task::spawn_blocking(move || f.list(state.as_deref(), after, limit))
+        .await
+        .map_err(|e| ApiError::task_failed(&e))?
+        .map_err(super::stripe::destination_error)?;
+    let Listing::Feed { data, stats } = listing else {
+        return Err(ApiError::internal(
+            "a decimal destination listed a stripe outbox",
+        ));
+    };
     Ok(axum::Json(DestinationOutbox {
         destination: d.as_str().to_owned(),
         data,
@@ -115,24 +115,18 @@ pub struct FwdRequeued {
 
 async fn retry(
     shared: std::sync::Arc<super::ApiState>,
-    d: Destination,
+    d: Engine,
     id: String,
 ) -> Result<axum::Json<FwdRequeued>, ApiError> {
     let id: u64 = id
         .parse()
         .map_err(|_| ApiError::invalid("invalid_integer", "id", "id must be an event id"))?;
-    let Some(f) = shared.stripe.forward().cloned() else {
-        return Err(not_configured(d));
-    };
-    if !f.destinations().contains(&d) {
-        return Err(not_configured(d));
-    }
-    let r = tokio::task::spawn_blocking(move || f.requeue(d, id))
+    let f = running(&shared, d)?;
+    let r = tokio::task::spawn_blocking(move || f.retry(id))
         .await
-        .map_err(|e| ApiError::task_failed(&e))?
-        .map_err(ApiError::internal)?;
+        .map_err(|e| ApiError::task_failed(&e))?;
     match r {
-        Ok(Some(g)) => {
+        Ok(Retried::Group(g)) => {
             tracing::info!(
                 destination = d.as_str(),
                 id,
@@ -146,21 +140,10 @@ async fn retry(
                 state: g.state,
             }))
         }
-        Ok(None) => Err(ApiError::not_found(
-            "resource_missing",
-            format!("no {} event {id}", d.as_str()),
+        Ok(Retried::Rows(_)) => Err(ApiError::internal(
+            "a decimal destination requeued stripe rows",
         )),
-        Err(g) => Err(ApiError {
-            status: StatusCode::BAD_REQUEST,
-            kind: "invalid_request_error",
-            code: "outbox_row_not_dead",
-            message: format!(
-                "{} event {id} is {:?}, not dead; only dead letters are retried",
-                d.as_str(),
-                g.state
-            ),
-            param: Some(String::from("id")),
-        }),
+        Err(e) => Err(super::stripe::destination_error(e)),
     }
 }
 
@@ -171,7 +154,7 @@ pub(super) async fn retry_orb(
     State(shared): St,
     Path(id): Path<String>,
 ) -> Result<axum::Json<FwdRequeued>, ApiError> {
-    retry(shared, Destination::Orb, id).await
+    retry(shared, Engine::Orb, id).await
 }
 
 /// `POST /v1/metronome/outbox/{id}/retry`: a Metronome dead letter back to the queue, same key.
@@ -181,14 +164,14 @@ pub(super) async fn retry_metronome(
     State(shared): St,
     Path(id): Path<String>,
 ) -> Result<axum::Json<FwdRequeued>, ApiError> {
-    retry(shared, Destination::Metronome, id).await
+    retry(shared, Engine::Metronome, id).await
 }
 
 /// A destination's status beside its reconciliation report.
 #[derive(Serialize)]
 struct ForwardReconciliation {
     #[serde(flatten)]
-    report: tally_stripe::forward::reconcile::FwdReport,
+    report: tally_forward::ledger_feed::reconcile::FwdReport,
     status: DestinationStatus,
 }
 
@@ -197,7 +180,7 @@ struct ForwardReconciliation {
     params(("destination" = Option<String>, Query, description = "stripe (default), orb (sampled keys through event search) or metronome (daily usage)"),
            ("days" = Option<u64>, Query, description = "UTC days to compare (default 7)"),
            ("include_today" = Option<bool>, Query, description = "stripe: also today (summaries lag; default false)")),
-    responses((status = 200, body = crate::stripe::ReconciliationReport, description = "for orb/metronome: {destination, ran_at, compared, discrepancies:[{customer,what,day,ledger,destination}], skipped, status}"),
+    responses((status = 200, body = crate::forwarding::stripe::ReconciliationReport, description = "for orb/metronome: {destination, ran_at, compared, discrepancies:[{customer,what,day,ledger,destination}], skipped, status}"),
               (status = 400, body = super::errors::ErrorBody), (status = 502, body = super::errors::ErrorBody)))]
 pub(super) async fn reconciliation(
     State(shared): St,
@@ -209,16 +192,10 @@ pub(super) async fn reconciliation(
             .await
             .into_response());
     };
-    let Some(f) = shared.stripe.forward().cloned() else {
-        return Err(not_configured(d));
-    };
+    running(&shared, d)?;
     let days = i64::try_from(number(&q, "days", 7)?.clamp(1, 35)).unwrap_or(7);
-    let Some(report) = f.reconcile(d, days).await else {
+    let Some((report, status)) = shared.forwarding.reconcile_feed(d, days).await else {
         return Err(not_configured(d));
     };
-    Ok(axum::Json(ForwardReconciliation {
-        report,
-        status: f.status(d).unwrap_or_default(),
-    })
-    .into_response())
+    Ok(axum::Json(ForwardReconciliation { report, status }).into_response())
 }

@@ -191,8 +191,6 @@ pub(super) async fn put_meter(
     })
     .await?;
     // Events planned from now on use the new names (the next planning step reads them).
-    if let Some(f) = shared.stripe.forward() {
-        f.notify();
-    }
+    shared.forwarding.notify();
     Ok(axum::Json(m))
 }

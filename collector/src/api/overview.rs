@@ -252,7 +252,7 @@ pub(super) async fn overview(State(shared): St) -> ApiResult<Overview> {
             }
         }
     }
-    let status = shared.stripe.status();
+    let status = shared.forwarding.stripe_status();
     Ok(axum::Json(Overview {
         at_ms: now,
         deltas_total: m.deltas.get(),
@@ -270,6 +270,7 @@ pub(super) async fn overview(State(shared): St) -> ApiResult<Overview> {
             unknown: stats.unknown_rows,
         },
         reconciliation_discrepancies: shared
+            .forwarding
             .stripe
             .last_reconciliation()
             .map(|r| r.discrepancies.len() as u64),

@@ -3,10 +3,10 @@
 use super::errors::ApiError;
 use crate::catalog::Catalogs;
 use crate::core::ledger::{Adjustment, VerifyReport};
+use crate::forwarding::Forwarding;
 use crate::metrics::Metrics;
 use crate::net::registry::{LiveInfo, Registry};
 use crate::store::{AdjustOutcome, Store, StoreError};
-use crate::stripe::StripeRuntime;
 use axum::extract::State;
 use std::sync::Arc;
 use tally_clock::SharedClock;
@@ -22,8 +22,9 @@ pub struct ApiState {
     pub store: Arc<dyn Store>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
-    /// Stripe forwarding: the forwarder, its metrics, webhooks and reconciliation.
-    pub stripe: Arc<StripeRuntime>,
+    /// Forwarding: every running destination, and what only Stripe has (webhooks,
+    /// reconciliation).
+    pub forwarding: Arc<Forwarding>,
     /// Enrolment, revocation, live connections.
     pub registry: Arc<Registry>,
     /// The catalog handle (writes push to connected agents).
@@ -43,7 +44,7 @@ impl ApiState {
     pub fn new(
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
-        stripe: Arc<StripeRuntime>,
+        forwarding: Arc<Forwarding>,
         registry: Arc<Registry>,
         catalogs: Arc<Catalogs>,
         admin_token: String,
@@ -52,7 +53,7 @@ impl ApiState {
         ApiState {
             store,
             metrics,
-            stripe,
+            forwarding,
             registry,
             catalogs,
             export: std::sync::OnceLock::new(),

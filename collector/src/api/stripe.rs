@@ -9,7 +9,8 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use tally_stripe::outbox::{OutboxEntry, OutboxState, OutboxStats, StoreError as OutboxError};
+use tally_forward::stripe::outbox::{OutboxEntry, OutboxStats, StoreError as OutboxError};
+use tally_forward::{Destination, DestinationError, DestinationKind, Listing, Retried};
 use utoipa::ToSchema;
 
 fn outbox_error(e: OutboxError) -> ApiError {
@@ -26,13 +27,34 @@ fn outbox_error(e: OutboxError) -> ApiError {
     }
 }
 
-async fn outbox_call<T: Send + 'static>(
+/// A destination error as the API answers it: Stripe's outbox errors as before, a state that is
+/// not one of the destination's as `invalid_state`.
+pub(super) fn destination_error(e: DestinationError) -> ApiError {
+    match e {
+        DestinationError::InvalidState(m) => ApiError::invalid("invalid_state", "state", m),
+        DestinationError::NotFound(m) => ApiError::not_found("resource_missing", m),
+        DestinationError::NotDead(m) => ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: "outbox_row_not_dead",
+            message: m,
+            param: Some(String::from("id")),
+        },
+        DestinationError::Outbox(e) => outbox_error(e),
+        DestinationError::Store(m) => ApiError::internal(m),
+    }
+}
+
+/// Calls Stripe's running forwarder off the async threads (its store calls block).
+async fn destination_call<T: Send + 'static>(
     shared: &std::sync::Arc<ApiState>,
-    f: impl FnOnce(&ApiState) -> Result<T, OutboxError> + Send + 'static,
+    f: impl FnOnce(&dyn Destination) -> Result<T, DestinationError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let shared = shared.clone();
-    match tokio::task::spawn_blocking(move || f(&shared)).await {
-        Ok(r) => r.map_err(outbox_error),
+    let Some(d) = shared.forwarding.get(DestinationKind::Stripe).cloned() else {
+        return Err(ApiError::internal("the stripe forwarder is not running"));
+    };
+    match tokio::task::spawn_blocking(move || f(d.as_ref())).await {
+        Ok(r) => r.map_err(destination_error),
         Err(e) => Err(ApiError::task_failed(&e)),
     }
 }
@@ -161,15 +183,12 @@ pub(super) async fn put_customer(
         Ok((rec, newly_mapped, names))
     })
     .await?;
-    shared.stripe.notify();
-    if let Some(f) = shared.stripe.forward() {
-        f.notify();
-    }
+    shared.forwarding.notify();
     // A customer newly mapped to a Stripe customer gets its active Stripe entitlements at once
     // (when Stripe is configured), not only at the next summary webhook; in the background,
     // so Stripe being slow or down never fails the PUT (the refresh endpoint retries by hand).
     if newly_mapped
-        && shared.stripe.client().is_some()
+        && shared.forwarding.stripe.client().is_some()
         && let Some(sc) = rec.stripe_customer_id.clone()
     {
         let (shared, c) = (shared.clone(), c.clone());
@@ -221,28 +240,22 @@ pub(super) async fn list_outbox(
     RawQuery(raw): RawQuery,
 ) -> ApiResult<OutboxListing> {
     let q = query(raw)?;
-    let state: OutboxState = match q.get("state") {
-        None => OutboxState::Pending,
-        Some(s) => s.parse().map_err(|_| {
-            ApiError::invalid(
-                "invalid_state",
-                "state",
-                "state must be pending, unknown, sent or dead",
-            )
-        })?,
-    };
+    let state = q.get("state").cloned();
     let after = number(&q, "after", 0)?;
     let limit = number(&q, "limit", 100)?.clamp(1, super::errors::MAX_PAGE) as usize;
-    let (data, stats) = outbox_call(&shared, move |s| {
-        Ok((s.store.list(state, after, limit)?, s.store.stats()?))
-    })
-    .await?;
-    let status = shared.stripe.status();
+    let listing =
+        destination_call(&shared, move |d| d.list(state.as_deref(), after, limit)).await?;
+    let Listing::Stripe { data, stats } = listing else {
+        return Err(ApiError::internal(
+            "stripe listed another destination's outbox",
+        ));
+    };
+    let status = shared.forwarding.stripe_status();
     Ok(axum::Json(OutboxListing {
         data,
         stats,
         unmapped: status.unmapped,
-        mode: String::from(if shared.stripe.sends() {
+        mode: String::from(if shared.forwarding.stripe.sends() {
             "send"
         } else {
             "log_only"
@@ -264,13 +277,16 @@ pub(super) async fn retry_outbox(State(shared): St, Path(id): Path<String>) -> A
     let id: u64 = id
         .parse()
         .map_err(|_| ApiError::invalid("invalid_integer", "id", "id must be an outbox row id"))?;
-    let requeued = outbox_call(&shared, move |s| s.store.requeue(id)).await?;
+    let Retried::Rows(requeued) = destination_call(&shared, move |d| d.retry(id)).await? else {
+        return Err(ApiError::internal(
+            "stripe requeued another destination's event",
+        ));
+    };
     tracing::info!(
         row = id,
         rows = requeued.len(),
         "stripe dead letter requeued by an operator"
     );
-    shared.stripe.notify();
     Ok(axum::Json(Requeued { requeued }))
 }
 
@@ -294,8 +310,8 @@ pub(super) async fn webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<WebhookAnswer> {
-    use tally_stripe::webhook::{Handled, WebhookError};
-    let Some(secret) = shared.stripe.webhook_secret.clone() else {
+    use tally_forward::stripe::webhook::{Handled, WebhookError};
+    let Some(secret) = shared.forwarding.stripe.webhook_secret.clone() else {
         return Err(ApiError::invalid(
             "webhook_not_configured",
             "Stripe-Signature",
@@ -307,11 +323,17 @@ pub(super) async fn webhook(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .ok_or_else(|| ApiError::missing("Stripe-Signature"))?;
-    let now_s = shared.stripe.now_ms() / 1000;
+    let now_s = shared.forwarding.now_ms() / 1000;
     let st = shared.clone();
     let raw = body.clone();
     let r = tokio::task::spawn_blocking(move || {
-        tally_stripe::webhook::handle_webhook(st.store.as_ref(), &header, &body, &secret, now_s)
+        tally_forward::stripe::webhook::handle_webhook(
+            st.store.as_ref(),
+            &header,
+            &body,
+            &secret,
+            now_s,
+        )
     })
     .await
     .map_err(|e| ApiError::task_failed(&e))?;
@@ -348,11 +370,11 @@ pub(super) async fn webhook(
 #[utoipa::path(get, path = "/v1/reconciliation", tag = "stripe",
     params(("days" = Option<u64>, Query, description = "UTC days to compare (default 7)"),
            ("include_today" = Option<bool>, Query, description = "also today (summaries lag; default false)")),
-    responses((status = 200, body = crate::stripe::ReconciliationReport), (status = 502, body = super::errors::ErrorBody)))]
+    responses((status = 200, body = crate::forwarding::stripe::ReconciliationReport), (status = 502, body = super::errors::ErrorBody)))]
 pub(super) async fn reconciliation(
     State(shared): St,
     RawQuery(raw): RawQuery,
-) -> ApiResult<crate::stripe::ReconciliationReport> {
+) -> ApiResult<crate::forwarding::stripe::ReconciliationReport> {
     let q = query(raw)?;
     let days = number(&q, "days", 7)?.clamp(1, 35);
     let include_today = matches!(
@@ -361,6 +383,7 @@ pub(super) async fn reconciliation(
     );
     let days = i64::try_from(days).unwrap_or(7);
     match shared
+        .forwarding
         .stripe
         .reconcile(&shared.store, days, include_today)
         .await

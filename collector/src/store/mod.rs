@@ -141,7 +141,7 @@ pub enum StoreError {
     },
     /// The Stripe outbox layer failed.
     #[error("stripe outbox: {0}")]
-    Outbox(#[from] tally_stripe::outbox::StoreError),
+    Outbox(#[from] tally_forward::stripe::outbox::StoreError),
     /// A stored record does not decode.
     #[error("corrupt record in {table}: {detail}")]
     Corrupt {
@@ -208,10 +208,10 @@ pub struct EpochState {
     pub dedup: DedupState,
 }
 
-/// The collector's storage. It is also the Stripe outbox ([`tally_stripe::OutboxStore`]): the
+/// The collector's storage. It is also the Stripe outbox ([`tally_forward::stripe::OutboxStore`]): the
 /// rows are written by [`Store::ingest`] and [`Store::adjust`] in their ledger transaction
 /// (SPEC §6.4), and the forwarder works them through the outbox methods.
-pub trait Store: tally_stripe::OutboxStore + EnrolmentStore {
+pub trait Store: tally_forward::stripe::OutboxStore + EnrolmentStore {
     /// Dedups and posts (or quarantines) a group of verified batches in one durable transaction,
     /// in order; returns one outcome per batch.
     fn ingest(

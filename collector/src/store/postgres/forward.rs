@@ -16,8 +16,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tally_stripe::forward::store::{BackfillRecord, ForwardStore, FwdStats, FwdStoreError};
-use tally_stripe::forward::{Destination, FwdEvent, FwdGroup, FwdState, NewFwdGroup};
+use tally_forward::ledger_feed::store::{BackfillRecord, ForwardStore, FwdStats, FwdStoreError};
+use tally_forward::ledger_feed::{Engine, FwdEvent, FwdGroup, FwdState, NewFwdGroup};
 
 use super::pool::Tx;
 use super::{PgStore, i, u};
@@ -200,7 +200,7 @@ impl PgForwardStore {
     /// statements, `$2` its bound), oldest first; statements are cached by their static text.
     fn open_where(
         &self,
-        dest: Destination,
+        dest: Engine,
         sql: &'static str,
         value: i64,
         limit: usize,
@@ -215,7 +215,7 @@ impl ForwardStore for PgForwardStore {
         Ok(self.pg.namespace.clone())
     }
 
-    fn cursor(&self, dest: Destination) -> Result<u64, FwdStoreError> {
+    fn cursor(&self, dest: Engine) -> Result<u64, FwdStoreError> {
         let d = dest.as_str();
         self.read(move |tx| {
             Ok(tx
@@ -226,7 +226,7 @@ impl ForwardStore for PgForwardStore {
 
     fn commit_plan(
         &self,
-        dest: Destination,
+        dest: Engine,
         expected: u64,
         cursor: u64,
         groups: Vec<NewFwdGroup>,
@@ -288,7 +288,7 @@ impl ForwardStore for PgForwardStore {
 
     fn ready(
         &self,
-        dest: Destination,
+        dest: Engine,
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<FwdGroup>, FwdStoreError> {
@@ -297,7 +297,7 @@ impl ForwardStore for PgForwardStore {
 
     fn open_older_than(
         &self,
-        dest: Destination,
+        dest: Engine,
         before_s: i64,
         limit: usize,
     ) -> Result<Vec<FwdGroup>, FwdStoreError> {
@@ -306,7 +306,7 @@ impl ForwardStore for PgForwardStore {
 
     fn backfill_groups(
         &self,
-        dest: Destination,
+        dest: Engine,
         key: &str,
         limit: usize,
     ) -> Result<Vec<FwdGroup>, FwdStoreError> {
@@ -322,7 +322,7 @@ impl ForwardStore for PgForwardStore {
 
     fn apply(
         &self,
-        dest: Destination,
+        dest: Engine,
         ids: &[u64],
         ev: FwdEvent,
     ) -> Result<Vec<FwdGroup>, FwdStoreError> {
@@ -339,7 +339,7 @@ impl ForwardStore for PgForwardStore {
 
     fn list(
         &self,
-        dest: Destination,
+        dest: Engine,
         state: Option<FwdState>,
         after: u64,
         limit: usize,
@@ -357,7 +357,7 @@ impl ForwardStore for PgForwardStore {
         })
     }
 
-    fn stats(&self, dest: Destination) -> Result<FwdStats, FwdStoreError> {
+    fn stats(&self, dest: Engine) -> Result<FwdStats, FwdStoreError> {
         let d = dest.as_str();
         self.read(move |tx| {
             let mut st = FwdStats::default();
@@ -383,7 +383,7 @@ impl ForwardStore for PgForwardStore {
         })
     }
 
-    fn backfill(&self, dest: Destination) -> Result<Option<BackfillRecord>, FwdStoreError> {
+    fn backfill(&self, dest: Engine) -> Result<Option<BackfillRecord>, FwdStoreError> {
         let d = dest.as_str();
         self.read(move |tx| {
             match tx.query_opt("SELECT rec FROM fwd_backfill WHERE dest = $1", &[&d])? {
@@ -397,7 +397,7 @@ impl ForwardStore for PgForwardStore {
 
     fn put_backfill(
         &self,
-        dest: Destination,
+        dest: Engine,
         rec: Option<&BackfillRecord>,
     ) -> Result<(), FwdStoreError> {
         let d = dest.as_str();
@@ -419,7 +419,7 @@ impl ForwardStore for PgForwardStore {
 
     fn start_backfill(
         &self,
-        dest: Destination,
+        dest: Engine,
         rec: &BackfillRecord,
         ids: &[u64],
     ) -> Result<(), FwdStoreError> {
@@ -443,7 +443,7 @@ impl ForwardStore for PgForwardStore {
 
     fn claim(
         &self,
-        dest: Destination,
+        dest: Engine,
         holder: &str,
         now_ms: i64,
         until_ms: i64,

@@ -28,10 +28,10 @@ use pool::{Pool, Tx};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashMap};
+use tally_forward::stripe::coalesce::{MAX_OPEN_BUCKETS, OpenBuckets};
 use tally_protocol::batch::AgentId;
 use tally_protocol::catalog::{Catalog, MeterDef};
 use tally_protocol::names::{CustomerId, MeterName};
-use tally_stripe::coalesce::{MAX_OPEN_BUCKETS, OpenBuckets};
 
 pub mod entitlements;
 pub mod forward;
@@ -209,8 +209,8 @@ impl PgStore {
     /// `RedbStore::append_outbox_row`).
     pub fn append_outbox_row(
         &self,
-        row: tally_stripe::NewOutboxRow,
-    ) -> Result<tally_stripe::outbox::RowId, StoreError> {
+        row: tally_forward::stripe::NewOutboxRow,
+    ) -> Result<tally_forward::stripe::outbox::RowId, StoreError> {
         if row.value == 0 {
             return Err(StoreError::Invariant(String::from(
                 "zero-unit rows are not written",
@@ -613,7 +613,7 @@ impl IngestTxn for PgTxn<'_, '_> {
 }
 
 /// The outbox of one ledger transaction: the rule is the redb store's
-/// ([`tally_stripe::coalesce::post`] on the stored [`Carry`] and open buckets); carries, bucket
+/// ([`tally_forward::stripe::coalesce::post`] on the stored [`Carry`] and open buckets); carries, bucket
 /// records and spilled rows are written at the end.
 struct OutboxWriter {
     touched: HashMap<(String, String), Touched>,
@@ -625,7 +625,7 @@ struct OutboxWriter {
 }
 
 struct Touched {
-    carry: tally_stripe::units::Carry,
+    carry: tally_forward::stripe::units::Carry,
     event_name: String,
     open: OpenBuckets,
     had_open: bool,
@@ -722,7 +722,7 @@ impl OutboxWriter {
                     }
                 }
                 v.insert(Touched {
-                    carry: tally_stripe::units::Carry {
+                    carry: tally_forward::stripe::units::Carry {
                         net_scaled: carry.net_scaled,
                         sent_units: carry.sent_units,
                     },
@@ -735,7 +735,7 @@ impl OutboxWriter {
             }
         };
         let signed = if positive { t.amount } else { -t.amount };
-        let p = tally_stripe::coalesce::post(
+        let p = tally_forward::stripe::coalesce::post(
             &mut e.carry,
             &mut e.open,
             signed,

@@ -1,4 +1,4 @@
-//! [`tally_stripe::OutboxStore`] on PostgreSQL, shared by every collector's forwarder.
+//! [`tally_forward::stripe::OutboxStore`] on PostgreSQL, shared by every collector's forwarder.
 //!
 //! The rules are the crate's ([`EventGroup::step`], [`check_new_groups`]); this module stores
 //! their results and makes claiming safe across collectors:
@@ -17,8 +17,8 @@ use super::pool::Tx;
 use super::{PgStore, dec, enc, i, u};
 use crate::store::{CustomerRecord, StoreError};
 use std::collections::{HashMap, HashSet};
-use tally_stripe::OutboxStore;
-use tally_stripe::outbox::{
+use tally_forward::stripe::OutboxStore;
+use tally_forward::stripe::outbox::{
     EventGroup, GroupEvent, GroupId, GroupState, NewGroup, OutboxEntry, OutboxRow, OutboxState,
     OutboxStats, RowClaim, RowId, StoreError as OutboxError, StripeError, WebhookRecord,
     check_new_groups,

@@ -51,9 +51,9 @@ fn be<E: Into<StoreError>>(e: E) -> StoreError {
     e.into()
 }
 
-fn outbox_err(e: tally_stripe::outbox::StoreError) -> StoreError {
+fn outbox_err(e: tally_forward::stripe::outbox::StoreError) -> StoreError {
     match e {
-        tally_stripe::outbox::StoreError::Invalid(m) => StoreError::Invariant(m),
+        tally_forward::stripe::outbox::StoreError::Invalid(m) => StoreError::Invariant(m),
         other => StoreError::Outbox(other),
     }
 }
@@ -141,7 +141,7 @@ impl RedbStore {
     pub fn customer_record(
         &self,
         customer: &str,
-    ) -> Result<Option<CustomerRecord>, tally_stripe::outbox::StoreError> {
+    ) -> Result<Option<CustomerRecord>, tally_forward::stripe::outbox::StoreError> {
         outbox_rows::customer_record(&self.db, customer)
     }
 
@@ -150,24 +150,25 @@ impl RedbStore {
         &self,
         customer: &str,
         rec: &CustomerRecord,
-    ) -> Result<(), tally_stripe::outbox::StoreError> {
+    ) -> Result<(), tally_forward::stripe::outbox::StoreError> {
         outbox_rows::put_customer_record(&self.db, customer, rec)
     }
 
-    /// Appends one row outside any ledger transaction, as [`tally_stripe::MemoryStore::insert`]
+    /// Appends one row outside any ledger transaction, as [`tally_forward::stripe::MemoryStore::insert`]
     /// does (zero values refused). For tests and tools only: the collector itself writes rows
     /// in the ledger transaction that posts the usage.
     pub fn append_outbox_row(
         &self,
-        row: tally_stripe::NewOutboxRow,
-    ) -> Result<tally_stripe::outbox::RowId, tally_stripe::outbox::StoreError> {
+        row: tally_forward::stripe::NewOutboxRow,
+    ) -> Result<tally_forward::stripe::outbox::RowId, tally_forward::stripe::outbox::StoreError>
+    {
         outbox_rows::append_outbox_row(&self.db, row)
     }
 
     /// Every outbox row as (customer, stripe event name, bucket time, units), for reconciliation.
     pub fn outbox_items(
         &self,
-    ) -> Result<Vec<(String, String, i64, u64)>, tally_stripe::outbox::StoreError> {
+    ) -> Result<Vec<(String, String, i64, u64)>, tally_forward::stripe::outbox::StoreError> {
         outbox_rows::outbox_items(&self.db)
     }
 

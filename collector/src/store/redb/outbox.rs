@@ -1,5 +1,5 @@
 //! The Stripe outbox in the embedded store: rows written inside the ledger transaction
-//! ([`super::outbox_rows`]), and [`tally_stripe::OutboxStore`] on [`RedbStore`] (here).
+//! ([`super::outbox_rows`]), and [`tally_forward::stripe::OutboxStore`] on [`RedbStore`] (here).
 //!
 //! Tables (declared, with every other table, in [`super::tables`]; values are postcard):
 //!
@@ -20,20 +20,20 @@
 //!
 //! The Stripe namespace (part of every identifier) is the `meta` key `"stripe_namespace"`.
 //!
-//! Coalescing ([`tally_stripe::coalesce`], decision 0106): the ledger transaction adds the units
+//! Coalescing ([`tally_forward::stripe::coalesce`], decision 0106): the ledger transaction adds the units
 //! it makes due to open buckets, one record per (customer, meter) in `outbox_buckets`, instead
 //! of writing rows; [`OutboxStore::seal_open`] (the forwarder, before each planning scan) turns
 //! records into rows and removes them in one transaction. A bucket counts as an undelivered row
 //! (`total_rows`, `outbox_open_ts`) from when it opens, so `stats` and the lag gauge see it.
 //!
-//! Guarantees (the rules of [`tally_stripe::MemoryStore`], which is the reference): row ids are
+//! Guarantees (the rules of [`tally_forward::stripe::MemoryStore`], which is the reference): row ids are
 //! strictly increasing and assigned when a bucket is sealed (or spills); a row is in
 //! at most one group; groups are created all-or-none in one transaction; each trait call is one
 //! redb transaction (`Durability::Immediate`, redb's default), so a crash leaves either the
 //! whole call or none of it. Counts for [`OutboxStore::stats`] are maintained incrementally.
 //!
 //! The rules are not here: a group moves only as [`EventGroup::step`] says
-//! (`tally_stripe::group`), and units follow [`tally_stripe::units::Carry::step`]; this module
+//! (`tally_forward::stripe::group`), and units follow [`tally_forward::stripe::units::Carry::step`]; this module
 //! stores their results and keeps its indexes (open groups, open rows per bucket time, counts)
 //! in step with the state each transition produced.
 //!
@@ -55,8 +55,8 @@ use super::tables::{
 use crate::store::CustomerRecord;
 use redb::{ReadableDatabase, ReadableTable, Table, WriteTransaction};
 use std::collections::BTreeMap;
-use tally_stripe::OutboxStore;
-use tally_stripe::outbox::{
+use tally_forward::stripe::OutboxStore;
+use tally_forward::stripe::outbox::{
     EventGroup, GroupEvent, GroupId, GroupState, NewGroup, OutboxEntry, OutboxRow, OutboxState,
     OutboxStats, RowClaim, RowId, StoreError as OutboxError, StripeError, WebhookRecord,
     check_new_groups,

@@ -15,10 +15,10 @@ use rust_decimal::Decimal;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use tally_forward::stripe::coalesce::{MAX_OPEN_BUCKETS, OpenBuckets};
+use tally_forward::stripe::outbox::{GroupId, OutboxRow, RowId, StoreError as OutboxError};
+use tally_forward::stripe::units::UnitsError;
 use tally_protocol::catalog::Catalog;
-use tally_stripe::coalesce::{MAX_OPEN_BUCKETS, OpenBuckets};
-use tally_stripe::outbox::{GroupId, OutboxRow, RowId, StoreError as OutboxError};
-use tally_stripe::units::UnitsError;
 
 const NEXT_ROW: &str = "next_row";
 pub(super) const NEXT_GROUP: &str = "next_group";
@@ -48,7 +48,7 @@ pub(super) fn open_add(
     Ok(())
 }
 /// Per (customer, meter): what was posted and what was written to the outbox, in Stripe units
-/// (the stored form of [`tally_stripe::units::Carry`]).
+/// (the stored form of [`tally_forward::stripe::units::Carry`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Carry {
     /// Net `Σ signed quantity × stripe_unit_scale` posted so far.
@@ -59,7 +59,7 @@ pub struct Carry {
 }
 
 /// Per (customer, meter) with open buckets: the event name they were posted under and the
-/// buckets ([`tally_stripe::coalesce`]).
+/// buckets ([`tally_forward::stripe::coalesce`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct BucketRec {
     pub(crate) event_name: String,
@@ -92,14 +92,14 @@ pub(super) fn counter(
     Ok(t.get(k).map_err(obe)?.map_or(0, |v| v.value()))
 }
 
-/// How many whole units one signed, scaled amount makes due: [`tally_stripe::units::Carry::step`]
+/// How many whole units one signed, scaled amount makes due: [`tally_forward::stripe::units::Carry::step`]
 /// on the stored carry (see the module doc).
 pub fn carry_step(
     carry: &mut Carry,
     signed_quantity: Decimal,
     scale: Decimal,
 ) -> Result<u64, UnitsError> {
-    let now = tally_stripe::units::Carry {
+    let now = tally_forward::stripe::units::Carry {
         net_scaled: carry.net_scaled,
         sent_units: carry.sent_units,
     };
@@ -194,7 +194,7 @@ impl<'t> OutboxWriter<'t> {
                     None
                 };
                 by_meter.entry(meter.to_owned()).or_insert(Touched {
-                    carry: tally_stripe::units::Carry {
+                    carry: tally_forward::stripe::units::Carry {
                         net_scaled: carry.net_scaled,
                         sent_units: carry.sent_units,
                     },
@@ -209,7 +209,7 @@ impl<'t> OutboxWriter<'t> {
         };
         let signed = if positive { t.amount } else { -t.amount };
         // (The catalog is read once per transaction, so the event name cannot change here.)
-        let p = tally_stripe::coalesce::post(
+        let p = tally_forward::stripe::coalesce::post(
             &mut e.carry,
             &mut e.open,
             signed,
@@ -320,7 +320,7 @@ impl<'t> OutboxWriter<'t> {
     }
 
     /// Seals open bucket records, whole, in key order, until at least `limit` rows were
-    /// written or none is left ([`tally_stripe::OutboxStore::seal_open`]).
+    /// written or none is left ([`tally_forward::stripe::OutboxStore::seal_open`]).
     pub(crate) fn seal(mut self, limit: usize) -> Result<u64, OutboxError> {
         let mut records: Vec<(String, String, BucketRec)> = Vec::new();
         let mut n = 0usize;
@@ -348,7 +348,7 @@ impl<'t> OutboxWriter<'t> {
 
 /// What one transaction did to one (customer, meter).
 struct Touched {
-    carry: tally_stripe::units::Carry,
+    carry: tally_forward::stripe::units::Carry,
     open: OpenBuckets,
     /// A bucket record existed before this transaction.
     had_open: bool,
@@ -396,12 +396,12 @@ pub(super) fn put_customer_record(
     })
 }
 
-/// Appends one row outside any ledger transaction, as [`tally_stripe::MemoryStore::insert`]
+/// Appends one row outside any ledger transaction, as [`tally_forward::stripe::MemoryStore::insert`]
 /// does (zero values refused). For tests and tools only: the collector itself writes rows
 /// in the ledger transaction that posts the usage.
 pub(super) fn append_outbox_row(
     db: &Database,
-    row: tally_stripe::NewOutboxRow,
+    row: tally_forward::stripe::NewOutboxRow,
 ) -> Result<RowId, OutboxError> {
     if row.value == 0 {
         return Err(OutboxError::Invalid(
