@@ -137,6 +137,19 @@ async fn a_hard_limit_of_n_holds_across_two_sidecars_and_a_sigkill_with_the_real
     let mut b = spawn_sidecar(&dirs[1], quic, &ca, &enroll, https[1]);
     wait_ready(https[0]).await;
     wait_ready(https[1]).await;
+    // Ready means connected; acme's snapshot comes on the first question, which waits at most
+    // 100 ms for it (a loaded machine can take longer: ask again until it has come).
+    for http in https {
+        let t = Instant::now();
+        loop {
+            let (_, v) = json(http, "GET", "/v1/entitlements/acme/gpt4", None, "").await;
+            if v["decided_by"].as_str() != Some("no_snapshot") {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "no snapshot: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let (s, v) = json(https[0], "GET", "/v1/entitlements/acme/gpt4", None, "").await;
     assert_eq!(
         (s, v["allowed"].as_bool(), v["decided_by"].as_str()),
