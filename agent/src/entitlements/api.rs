@@ -18,23 +18,24 @@ fn check_qty(qty: Decimal) -> Result<(), RecordError> {
 }
 
 /// Records `qty` under the slot's usage key, resolved once per (customer, meter): the same as
-/// [`Agent::record`] without looking the key up on every call.
+/// [`Agent::record`] without looking the key up on every call. The key's id and catalog check
+/// are cached in the slot's first line (decision 0112), so this reads only the accumulator.
 fn record_slot(
     sh: &Shared,
     slot: &MeterSlot,
     qty: Decimal,
     now_ms: i64,
 ) -> Result<(), RecordError> {
-    let key = match slot.key.get() {
-        Some(k) => k,
-        None => {
-            let k = sh
-                .agg
-                .intern(slot.customer.as_str(), slot.meter.as_str(), &[])?;
-            slot.key.get_or_init(|| k)
-        }
-    };
-    sh.agg.record_key(key, qty, now_ms)
+    sh.agg
+        .record_cached(slot.key_cache(), qty, now_ms, || match slot.key.get() {
+            Some(k) => Ok(&**k),
+            None => {
+                let k = sh
+                    .agg
+                    .intern(slot.customer.as_str(), slot.meter.as_str(), &[])?;
+                Ok(&**slot.key.get_or_init(|| k))
+            }
+        })
 }
 
 fn consumed(t: &super::meter::Take, recorded: Decimal) -> Consumed {

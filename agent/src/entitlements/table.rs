@@ -32,7 +32,6 @@ use crate::error::RecordError;
 use hashbrown::{DefaultHashBuilder, HashTable};
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rust_decimal::Decimal;
-use smallvec::SmallVec;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
@@ -100,20 +99,28 @@ impl Drop for StateGuard<'_> {
     }
 }
 
-/// A name kept inline (up to 30 bytes) so that comparing it reads no other memory.
+/// A name kept inline (up to `N` bytes; 30 for customers and features, 20 for the first
+/// meter, which shares the customer's first cache line) so that comparing it reads no other
+/// memory.
 #[derive(Debug, Clone, Copy)]
-struct Inline {
+struct Inline<const N: usize = 30> {
     /// Length, or [`LONG`] when the name did not fit (then compare the owned one).
     len: u8,
     source: u8,
-    bytes: [u8; 30],
+    bytes: [u8; N],
 }
 
 const LONG: u8 = u8::MAX;
 
-impl Inline {
+impl<const N: usize> Inline<N> {
+    const EMPTY: Self = Inline {
+        len: 0,
+        source: 0,
+        bytes: [0; N],
+    };
+
     fn new(s: &str, source: u8) -> Self {
-        let mut bytes = [0; 30];
+        let mut bytes = [0; N];
         let len = match bytes.get_mut(..s.len()) {
             Some(b) => {
                 b.copy_from_slice(s.as_bytes());
@@ -148,17 +155,28 @@ fn source_index(s: Source) -> u8 {
 
 const SOURCES: [Source; 3] = [Source::Plan, Source::Override, Source::Stripe];
 
-/// What a call reads comes first (`repr(C)` keeps the order): the name, then the first two
-/// features' names and the first meter inline (no buffer to follow for most customers).
+/// Features whose names are kept in the slot's second line.
+const INLINE_FEATURES: usize = 2;
+
+/// Laid out by cache line (`repr(C)`, 64-byte aligned; decision 0112): line 0 holds all that
+/// `try_consume` reads here — the name, `known`, the first meter's name and its slot —, line 1
+/// the first two features' names, which `check` reads after line 0. The rest (more meters and
+/// features, the owned copies) comes after and is read only by slower calls.
 #[derive(Debug)]
-#[repr(C)]
+#[repr(C, align(64))]
 struct CustomerSlot {
     name: Inline,
     /// Whether a snapshot listed this customer.
     known: bool,
+    /// How many of `feature_names` are in use (the rest of the features: `more_feature_names`).
+    inline_features: u8,
+    meter0_name: Inline<20>,
+    /// The first meter with accounting (the others: `more_meters`).
+    meter0: Option<Arc<MeterSlot>>,
     /// Features' names inline with their source (index into [`SOURCES`]), in `features` order.
-    feature_names: SmallVec<[Inline; 2]>,
-    meters: SmallVec<[(Inline, Arc<MeterSlot>); 1]>,
+    feature_names: [Inline; INLINE_FEATURES],
+    more_feature_names: Vec<Inline>,
+    more_meters: Vec<(Inline, Arc<MeterSlot>)>,
     requested_at_ms: AtomicI64,
     hash: u64,
     customer: CustomerId,
@@ -166,13 +184,23 @@ struct CustomerSlot {
     features: Vec<Feature>,
 }
 
+const _: () = {
+    assert!(std::mem::offset_of!(CustomerSlot, meter0) + 8 == 64);
+    assert!(std::mem::offset_of!(CustomerSlot, feature_names) == 64);
+    assert!(std::mem::offset_of!(CustomerSlot, more_feature_names) == 128);
+};
+
 impl CustomerSlot {
     fn new(customer: CustomerId, hash: u64, now_ms: i64) -> Self {
         CustomerSlot {
             name: Inline::new(customer.as_str(), 0),
             known: false,
-            feature_names: SmallVec::new(),
-            meters: SmallVec::new(),
+            inline_features: 0,
+            meter0_name: Inline::EMPTY,
+            meter0: None,
+            feature_names: [Inline::EMPTY; INLINE_FEATURES],
+            more_feature_names: Vec::new(),
+            more_meters: Vec::new(),
             requested_at_ms: AtomicI64::new(now_ms),
             hash,
             customer,
@@ -189,17 +217,77 @@ impl CustomerSlot {
 
     #[inline]
     fn meter(&self, meter: &str) -> Option<&Arc<MeterSlot>> {
-        self.meters
+        if let Some(m) = &self.meter0
+            && self
+                .meter0_name
+                .is(meter, || m.meter.as_str() == meter)
+        {
+            return Some(m);
+        }
+        self.more_meter(meter)
+    }
+
+    #[cold]
+    fn more_meter(&self, meter: &str) -> Option<&Arc<MeterSlot>> {
+        self.more_meters
             .iter()
             .find(|(n, m)| n.is(meter, || m.meter.as_str() == meter))
             .map(|(_, m)| m)
     }
 
-    fn set_features(&mut self, features: Vec<Feature>) {
-        self.feature_names = features
+    fn meters(&self) -> impl Iterator<Item = &Arc<MeterSlot>> {
+        self.meter0
             .iter()
-            .map(|f| Inline::new(f.name.as_str(), source_index(f.source)))
-            .collect();
+            .chain(self.more_meters.iter().map(|(_, m)| m))
+    }
+
+    fn meter_count(&self) -> usize {
+        usize::from(self.meter0.is_some()) + self.more_meters.len()
+    }
+
+    fn push_meter(&mut self, name: &str, slot: Arc<MeterSlot>) {
+        if self.meter0.is_none() {
+            self.meter0_name = Inline::new(name, 0);
+            self.meter0 = Some(slot);
+        } else {
+            self.more_meters.push((Inline::new(name, 0), slot));
+        }
+    }
+
+    /// The source index of `feature` if the customer has it.
+    #[inline]
+    fn feature(&self, feature: &str) -> Option<u8> {
+        let owned = |i: usize| {
+            self.features
+                .get(i)
+                .is_some_and(|f| f.name.as_str() == feature)
+        };
+        let n = usize::from(self.inline_features).min(INLINE_FEATURES);
+        self.feature_names
+            .get(..n)
+            .unwrap_or_default()
+            .iter()
+            .chain(self.more_feature_names.iter())
+            .enumerate()
+            .find(|(i, f)| f.is(feature, || owned(*i)))
+            .map(|(_, f)| f.source)
+    }
+
+    fn set_features(&mut self, features: Vec<Feature>) {
+        let mut names = features
+            .iter()
+            .map(|f| Inline::new(f.name.as_str(), source_index(f.source)));
+        self.inline_features = 0;
+        for slot in self.feature_names.iter_mut() {
+            match names.next() {
+                Some(n) => {
+                    *slot = n;
+                    self.inline_features += 1;
+                }
+                None => *slot = Inline::EMPTY,
+            }
+        }
+        self.more_feature_names = names.collect();
         self.features = features;
     }
 }
@@ -416,6 +504,11 @@ impl std::fmt::Debug for Table {
 }
 
 impl MeterSlot {
+    /// The usage key's id and catalog check, cached in the line a take reads.
+    pub(crate) fn key_cache(&self) -> &crate::aggregate::KeyCache {
+        &self.fast.key
+    }
+
     fn new(
         customer: CustomerId,
         meter: MeterName,
@@ -682,18 +775,11 @@ impl Table {
                     }
                     return self.policy_decision(fresh);
                 }
-                let found = c.feature_names.iter().enumerate().find(|(i, f)| {
-                    f.is(feature, || {
-                        c.features
-                            .get(*i)
-                            .is_some_and(|f| f.name.as_str() == feature)
-                    })
-                });
-                return match found {
-                    Some((_, f)) => Decision {
+                return match c.feature(feature) {
+                    Some(source) => Decision {
                         allowed: true,
                         decided_by: DecidedBy::from_source(
-                            SOURCES[usize::from(f.source) % SOURCES.len()],
+                            SOURCES[usize::from(source) % SOURCES.len()],
                         ),
                         stale: false,
                     },
@@ -805,7 +891,7 @@ impl Table {
         let Some(c) = t.find_mut(hash, |s| s.is(customer)) else {
             return Ok(());
         };
-        if c.meter(meter.as_str()).is_some() || c.meters.len() >= MAX_METERS_PER_CUSTOMER {
+        if c.meter(meter.as_str()).is_some() || c.meter_count() >= MAX_METERS_PER_CUSTOMER {
             return Ok(());
         }
         let slot = MeterSlot::new(
@@ -815,7 +901,7 @@ impl Table {
             self.cfg.policy(meter.as_str()),
             now_ms,
         );
-        c.meters.push((Inline::new(meter.as_str(), 0), slot));
+        c.push_meter(meter.as_str(), slot);
         Ok(())
     }
 
@@ -1117,13 +1203,13 @@ impl Table {
         let Some(c) = t.find_mut(hash, |s| s.customer == *id) else {
             return;
         };
-        for (_, m) in &c.meters {
+        for m in c.meters() {
             let lim = ce.and_then(|c| c.limits.iter().find(|l| l.meter == m.meter));
             m.lock(now_ms).on_snapshot(lim.map(LimitView::from));
         }
         if let Some(ce) = ce {
             for l in ce.limits.iter() {
-                if c.meters.len() < MAX_METERS_PER_CUSTOMER && c.meter(l.meter.as_str()).is_none() {
+                if c.meter_count() < MAX_METERS_PER_CUSTOMER && c.meter(l.meter.as_str()).is_none() {
                     let slot = MeterSlot::new(
                         id.clone(),
                         l.meter.clone(),
@@ -1131,7 +1217,7 @@ impl Table {
                         self.cfg.policy(l.meter.as_str()),
                         now_ms,
                     );
-                    c.meters.push((Inline::new(l.meter.as_str(), 0), slot));
+                    c.push_meter(l.meter.as_str(), slot);
                 }
             }
         }
@@ -1231,7 +1317,7 @@ impl Table {
                     },
                     plan: c.plan.clone(),
                     features: c.features.clone(),
-                    meters: c.meters.iter().map(|(_, m)| m.meter.clone()).collect(),
+                    meters: c.meters().map(|m| m.meter.clone()).collect(),
                 }
             })
         };
