@@ -757,7 +757,12 @@ impl Aggregator {
         if w & !((1 << 33) - 1) != KeyCache::word(generation, false, 0) {
             return self.record_uncached(cache, generation, qty, at_ms, key);
         }
-        let known = w & (1 << 32) != 0;
+        self.record_id(w as u32, w & (1 << 32) != 0, qty, at_ms)
+    }
+
+    /// Records under key `id`, whose meter the catalog knows (`known`) or not.
+    #[inline(always)]
+    fn record_id(&self, id: u32, known: bool, qty: Decimal, at_ms: i64) -> Result<(), RecordError> {
         self.with_shard(|st| {
             let r = self.check_gate().and_then(|()| {
                 if negative(&qty) {
@@ -777,7 +782,7 @@ impl Aggregator {
                         spill,
                         ..
                     } = st;
-                    self.add(accs, touched, spill, w as u32, qty, at_ms);
+                    self.add(accs, touched, spill, id, qty, at_ms);
                 }
                 Err(e) => st.errors[e.index()] += 1,
             }
@@ -797,11 +802,11 @@ impl Aggregator {
         let key = key()?;
         // The check reads the catalog as of now, at least as new as `generation`: a newer one
         // has bumped the generation already, so the next call resolves again.
-        let known = self.check_known(key).is_ok();
+        let known = self.meter_known(key.meter.as_str());
         cache
             .0
             .store(KeyCache::word(generation, known, key.id), Ordering::Relaxed);
-        self.record_key(key, qty, at_ms)
+        self.record_id(key.id, known, qty, at_ms)
     }
 
     fn add(
@@ -1202,6 +1207,55 @@ mod tests {
             Err(RecordError::UnknownMeter)
         );
         assert_eq!(sum_of(&a.drain()), Decimal::from(3));
+    }
+
+    #[test]
+    fn a_cached_key_follows_catalog_changes() {
+        let a = Aggregator::new();
+        let cache = KeyCache::default();
+        let key = a.intern("c", "api_calls", &[]).unwrap();
+        let resolved = std::cell::Cell::new(0);
+        let rec = |q| {
+            a.record_cached(&cache, q, 0, || {
+                resolved.set(resolved.get() + 1);
+                Ok(&*key)
+            })
+        };
+        rec(Decimal::ONE).unwrap();
+        rec(Decimal::ONE).unwrap();
+        assert_eq!(resolved.get(), 1, "resolved once, then read from the cache");
+        let catalog = |names: &[&str]| Catalog {
+            version: 7,
+            meters: tally_protocol::bounded::BoundedVec::new(
+                names
+                    .iter()
+                    .map(|n| tally_protocol::catalog::MeterDef {
+                        name: MeterName::new(*n).unwrap(),
+                        aggregation: tally_protocol::catalog::Aggregation::Sum,
+                        event_type: "e".into(),
+                        value_property: None,
+                        group_by: Default::default(),
+                        stripe_event_name: None,
+                        stripe_unit_scale: Decimal::ONE,
+                    })
+                    .collect(),
+            )
+            .unwrap(),
+        };
+        // The same version number twice: the generation, not the version, invalidates.
+        a.set_catalog(catalog(&["tokens"]));
+        assert_eq!(rec(Decimal::ONE), Err(RecordError::UnknownMeter));
+        assert_eq!(rec(Decimal::ONE), Err(RecordError::UnknownMeter));
+        a.set_catalog(catalog(&["tokens", "api_calls"]));
+        rec(Decimal::TWO).unwrap();
+        assert_eq!(
+            rec(Decimal::NEGATIVE_ONE),
+            Err(RecordError::NegativeQuantity)
+        );
+        assert_eq!(resolved.get(), 3);
+        assert_eq!(sum_of(&a.drain()), Decimal::from(4));
+        let c = a.counts();
+        assert_eq!((c.records, c.errors.iter().sum::<u64>()), (3, 3));
     }
 
     #[test]

@@ -107,10 +107,7 @@ fn prepared(dir: &std::path::Path, names: &[String], enforcement: Enforcement) {
         .put_entitlements(&EntitlementsCache {
             version: 1,
             built_at_ms: now_ms(),
-            customers: names
-                .iter()
-                .map(|n| customer(n, enforcement))
-                .collect(),
+            customers: names.iter().map(|n| customer(n, enforcement)).collect(),
         })
         .expect("snapshot");
 }

@@ -77,7 +77,24 @@ fn busy_of(word: u64) -> u64 {
 /// every `Some(u)` (`tests::units_match_decimal_arithmetic`).
 #[inline]
 pub fn to_units(q: Decimal, scale: u32) -> Option<u64> {
-    let [f0, f1, f2, f3, l0, l1, l2, l3, m0, m1, m2, m3, h0, h1, h2, h3] = q.serialize();
+    let [
+        f0,
+        f1,
+        f2,
+        f3,
+        l0,
+        l1,
+        l2,
+        l3,
+        m0,
+        m1,
+        m2,
+        m3,
+        h0,
+        h1,
+        h2,
+        h3,
+    ] = q.serialize();
     let flags = u32::from_le_bytes([f0, f1, f2, f3]);
     let s = (flags >> 16) & 0xff;
     if u32::from_le_bytes([h0, h1, h2, h3]) != 0 || s > scale || scale > MAX_SCALE {

@@ -218,9 +218,7 @@ impl CustomerSlot {
     #[inline]
     fn meter(&self, meter: &str) -> Option<&Arc<MeterSlot>> {
         if let Some(m) = &self.meter0
-            && self
-                .meter0_name
-                .is(meter, || m.meter.as_str() == meter)
+            && self.meter0_name.is(meter, || m.meter.as_str() == meter)
         {
             return Some(m);
         }
@@ -1209,7 +1207,8 @@ impl Table {
         }
         if let Some(ce) = ce {
             for l in ce.limits.iter() {
-                if c.meter_count() < MAX_METERS_PER_CUSTOMER && c.meter(l.meter.as_str()).is_none() {
+                if c.meter_count() < MAX_METERS_PER_CUSTOMER && c.meter(l.meter.as_str()).is_none()
+                {
                     let slot = MeterSlot::new(
                         id.clone(),
                         l.meter.clone(),
