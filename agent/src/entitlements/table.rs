@@ -466,6 +466,8 @@ impl Stats {
 /// The decision table. See the module doc.
 pub struct Table {
     cfg: EntitlementsConfig,
+    /// `cfg.stale_after` in ms (converted once: every call without a connection compares it).
+    stale_after_ms: i64,
     uid: u64,
     /// Every thread's reader slot in this table (threads that exited are dropped by writers).
     readers: Mutex<Vec<Arc<ReaderSlot>>>,
@@ -555,6 +557,7 @@ impl Table {
     pub fn new(cfg: EntitlementsConfig) -> Self {
         crate::asym::init_asymmetric();
         Table {
+            stale_after_ms: i64::try_from(cfg.stale_after.as_millis()).unwrap_or(i64::MAX),
             cfg,
             uid: NEXT_TABLE_UID.fetch_add(1, Ordering::Relaxed),
             readers: Mutex::new(Vec::new()),
@@ -708,7 +711,7 @@ impl Table {
             return Freshness::Current;
         }
         let age = now_ms.saturating_sub(self.synced_at_ms.load(Ordering::Relaxed));
-        if age > i64::try_from(self.cfg.stale_after.as_millis()).unwrap_or(i64::MAX) {
+        if age > self.stale_after_ms {
             Freshness::Stale
         } else {
             Freshness::Current
