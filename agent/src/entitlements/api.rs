@@ -9,6 +9,7 @@ use crate::error::RecordError;
 use crate::{Agent, Event};
 use rust_decimal::Decimal;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 fn check_qty(qty: Decimal) -> Result<(), RecordError> {
     if qty.is_sign_negative() && !qty.is_zero() {
@@ -36,6 +37,19 @@ fn record_slot(
                 Ok(&**slot.key.get_or_init(|| k))
             }
         })
+}
+
+/// Prefetches the accumulator `record_slot` will write, by the key id kept beside the
+/// customer's first meter (decision 0112), so that its miss overlaps the meter slot's; sets that
+/// hint once the slot's key is resolved. Accounting never reads the hint.
+#[inline]
+fn warm(sh: &Shared, hint: &AtomicU32, slot: &MeterSlot) {
+    let h = hint.load(Ordering::Relaxed);
+    if h != u32::MAX {
+        sh.agg.prefetch(h);
+    } else if let Some(id) = slot.key_cache().id() {
+        hint.store(id, Ordering::Relaxed);
+    }
 }
 
 fn consumed(t: &super::meter::Take, recorded: Decimal) -> Consumed {
@@ -119,9 +133,14 @@ impl Agent {
         check_qty(qty)?;
         let sh = self.shared();
         let now = sh.hot_now_ms();
-        let (t, pending) = sh.ent.try_consume(customer, meter, qty, now, |slot| {
-            record_slot(sh, slot, qty, now)
-        })?;
+        let (t, pending) = sh.ent.try_consume_warm(
+            customer,
+            meter,
+            qty,
+            now,
+            |hint, slot| warm(sh, hint, slot),
+            |slot| record_slot(sh, slot, qty, now),
+        )?;
         Ok((
             consumed(&t, if t.allowed { qty } else { Decimal::ZERO }),
             pending,

@@ -35,7 +35,7 @@ use rust_decimal::Decimal;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use tally_protocol::entitlements::{
     CustomerEntitlements, Enforcement, Feature, LeaseGrant, Source,
@@ -99,7 +99,7 @@ impl Drop for StateGuard<'_> {
     }
 }
 
-/// A name kept inline (up to `N` bytes; 30 for customers and features, 20 for the first
+/// A name kept inline (up to `N` bytes; 30 for customers and features, 16 for the first
 /// meter, which shares the customer's first cache line) so that comparing it reads no other
 /// memory.
 #[derive(Debug, Clone, Copy)]
@@ -157,20 +157,29 @@ const SOURCES: [Source; 3] = [Source::Plan, Source::Override, Source::Stripe];
 
 /// Features whose names are kept in the slot's second line.
 const INLINE_FEATURES: usize = 2;
+/// In `inline_features`: more features than fit inline (in `more_feature_names`).
+const MORE_FEATURES: u8 = 0x80;
+/// `meter0_key` before it is known.
+const NO_KEY: u32 = u32::MAX;
 
 /// Laid out by cache line (`repr(C)`, 64-byte aligned; decision 0112): line 0 holds all that
-/// `try_consume` reads here — the name, `known`, the first meter's name and its slot —, line 1
-/// the first two features' names, which `check` reads after line 0. The rest (more meters and
-/// features, the owned copies) comes after and is read only by slower calls.
+/// `try_consume` reads here — the name, `known`, the first meter's name, its usage key's id
+/// (a hint to prefetch the accumulator with) and its slot —, line 1 the first two features'
+/// names, which `check` reads after line 0. The rest (more meters and features, the owned
+/// copies) comes after and is read only by slower calls.
 #[derive(Debug)]
 #[repr(C, align(64))]
 struct CustomerSlot {
     name: Inline,
     /// Whether a snapshot listed this customer.
     known: bool,
-    /// How many of `feature_names` are in use (the rest of the features: `more_feature_names`).
+    /// How many of `feature_names` are in use, with [`MORE_FEATURES`] set when there are more
+    /// (in `more_feature_names`).
     inline_features: u8,
-    meter0_name: Inline<20>,
+    meter0_name: Inline<16>,
+    /// The usage key id `meter0` records under, once known ([`NO_KEY`] before): only a hint
+    /// for a prefetch, never trusted for accounting (the meter slot's own cache is).
+    meter0_key: AtomicU32,
     /// The first meter with accounting (the others: `more_meters`).
     meter0: Option<Arc<MeterSlot>>,
     /// Features' names inline with their source (index into [`SOURCES`]), in `features` order.
@@ -186,6 +195,7 @@ struct CustomerSlot {
 
 const _: () = {
     assert!(std::mem::offset_of!(CustomerSlot, meter0) + 8 == 64);
+    assert!(std::mem::offset_of!(CustomerSlot, meter0_key) < 64);
     assert!(std::mem::offset_of!(CustomerSlot, feature_names) == 64);
     assert!(std::mem::offset_of!(CustomerSlot, more_feature_names) == 128);
 };
@@ -197,6 +207,7 @@ impl CustomerSlot {
             known: false,
             inline_features: 0,
             meter0_name: Inline::EMPTY,
+            meter0_key: AtomicU32::new(NO_KEY),
             meter0: None,
             feature_names: [Inline::EMPTY; INLINE_FEATURES],
             more_feature_names: Vec::new(),
@@ -217,12 +228,18 @@ impl CustomerSlot {
 
     #[inline]
     fn meter(&self, meter: &str) -> Option<&Arc<MeterSlot>> {
+        self.meter_and_hint(meter).map(|(m, _)| m)
+    }
+
+    /// The meter's slot and, for the first meter, its key hint.
+    #[inline]
+    fn meter_and_hint(&self, meter: &str) -> Option<(&Arc<MeterSlot>, Option<&AtomicU32>)> {
         if let Some(m) = &self.meter0
             && self.meter0_name.is(meter, || m.meter.as_str() == meter)
         {
-            return Some(m);
+            return Some((m, Some(&self.meter0_key)));
         }
-        self.more_meter(meter)
+        self.more_meter(meter).map(|m| (m, None))
     }
 
     #[cold]
@@ -252,22 +269,35 @@ impl CustomerSlot {
         }
     }
 
-    /// The source index of `feature` if the customer has it.
+    /// Whether feature `i`'s full name is `feature` (read only for names too long to inline).
+    fn owned_feature(&self, i: usize, feature: &str) -> bool {
+        self.features
+            .get(i)
+            .is_some_and(|f| f.name.as_str() == feature)
+    }
+
+    /// The source index of `feature` if the customer has it. Reads line 1 only, unless the
+    /// customer has more features than fit there.
     #[inline]
     fn feature(&self, feature: &str) -> Option<u8> {
-        let owned = |i: usize| {
-            self.features
-                .get(i)
-                .is_some_and(|f| f.name.as_str() == feature)
-        };
-        let n = usize::from(self.inline_features).min(INLINE_FEATURES);
-        self.feature_names
-            .get(..n)
-            .unwrap_or_default()
+        let n = usize::from(self.inline_features & !MORE_FEATURES);
+        for (i, f) in self.feature_names.iter().enumerate().take(n) {
+            if f.is(feature, || self.owned_feature(i, feature)) {
+                return Some(f.source);
+            }
+        }
+        if self.inline_features & MORE_FEATURES == 0 {
+            return None;
+        }
+        self.more_feature(feature)
+    }
+
+    #[cold]
+    fn more_feature(&self, feature: &str) -> Option<u8> {
+        self.more_feature_names
             .iter()
-            .chain(self.more_feature_names.iter())
             .enumerate()
-            .find(|(i, f)| f.is(feature, || owned(*i)))
+            .find(|(i, f)| f.is(feature, || self.owned_feature(INLINE_FEATURES + i, feature)))
             .map(|(_, f)| f.source)
     }
 
@@ -286,6 +316,9 @@ impl CustomerSlot {
             }
         }
         self.more_feature_names = names.collect();
+        if !self.more_feature_names.is_empty() {
+            self.inline_features |= MORE_FEATURES;
+        }
         self.features = features;
     }
 }
@@ -914,19 +947,30 @@ impl Table {
         now_ms: i64,
         f: impl FnOnce(&Arc<MeterSlot>, Freshness) -> R,
     ) -> Result<R, RecordError> {
+        self.with_slot_hint(customer, meter, now_ms, |m, fresh, _| f(m, fresh))
+    }
+
+    /// [`Table::with_slot`], also passing the slot's key hint when it has one.
+    fn with_slot_hint<R>(
+        &self,
+        customer: &str,
+        meter: &str,
+        now_ms: i64,
+        f: impl FnOnce(&Arc<MeterSlot>, Freshness, Option<&AtomicU32>) -> R,
+    ) -> Result<R, RecordError> {
         let hash = self.hash(customer);
         let mut f = Some(f);
         for _ in 0..2 {
             {
                 let t = self.read(hash);
                 if let Some(c) = t.find(hash, |s| s.is(customer)) {
-                    if let Some(m) = c.meter(meter) {
+                    if let Some((m, hint)) = c.meter_and_hint(meter) {
                         let fresh = self.freshness(c, now_ms);
                         if !c.known {
                             self.maybe_request(c, now_ms);
                         }
                         if let Some(f) = f.take() {
-                            return Ok(f(m, fresh));
+                            return Ok(f(m, fresh, hint));
                         }
                     }
                 }
@@ -946,7 +990,7 @@ impl Table {
             now_ms,
         );
         let f = f.ok_or(RecordError::Closed)?;
-        Ok(f(&slot, Freshness::NoSnapshot))
+        Ok(f(&slot, Freshness::NoSnapshot, None))
     }
 
     /// After a take: queue a refill, count a denial or an overshoot.
@@ -973,7 +1017,25 @@ impl Table {
         now_ms: i64,
         record: impl FnOnce(&MeterSlot) -> Result<(), RecordError>,
     ) -> Result<(Take, bool), RecordError> {
-        self.with_slot(customer, meter, now_ms, |slot, fresh| {
+        self.try_consume_warm(customer, meter, qty, now_ms, |_, _| {}, record)
+    }
+
+    /// [`Table::try_consume`], first calling `warm` with the slot and the key hint kept beside
+    /// the customer's first meter, before the slot's own line is read: the agent prefetches
+    /// the accumulator `record` will write, so that miss overlaps the slot's (decision 0112).
+    pub(crate) fn try_consume_warm(
+        &self,
+        customer: &str,
+        meter: &str,
+        qty: Decimal,
+        now_ms: i64,
+        warm: impl FnOnce(&AtomicU32, &MeterSlot),
+        record: impl FnOnce(&MeterSlot) -> Result<(), RecordError>,
+    ) -> Result<(Take, bool), RecordError> {
+        self.with_slot_hint(customer, meter, now_ms, |slot, fresh, hint| {
+            if let Some(h) = hint {
+                warm(h, slot);
+            }
             if let Some(f) = slot.fast.take(qty, fresh == Freshness::Current, now_ms) {
                 return self.fast_taken(slot, f, qty, fresh, now_ms, record);
             }
