@@ -22,7 +22,8 @@
 //! - A quantity is counted in exactly one drain: the sealer takes each accumulator under the
 //!   shard's lock and resets it.
 //! - Keys are validated once, on first sight; the catalog check is re-run only when the catalog
-//!   version changes.
+//!   version changes. A caller that keeps a [`KeyCache`] (an entitlement meter slot) records by
+//!   the cached id and check while the catalog generation is unchanged (decision 0112).
 
 use crate::error::{RECORD_ERROR_KINDS, RecordError};
 use hashbrown::{DefaultHashBuilder, HashTable};

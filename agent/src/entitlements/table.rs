@@ -3,11 +3,14 @@
 //!
 //! Layout: customers are spread over [`STRIPES`] cache-line-aligned `RwLock`s by the hash of
 //! their key; a stripe holds a hash table of customer slots stored inline (no pointer to
-//! follow), each with its name and its features' names inline, so `check` reads the table's
-//! control bytes, the slot and one line of feature names (decision 0110). Each meter's
-//! accounting lives in a [`MeterSlot`]: a `Mutex<MeterState>`, the truth, and a lock-free view
-//! of it ([`super::fast`]) from which `try_consume` takes with one compare-and-swap while a
-//! lease is open or a soft limit counts locally. A call reads its stripe under this thread's
+//! follow), laid out by cache line (decision 0112): `check` reads the table's control bytes,
+//! the slot's first line (name, `known`) and its second (two features' names); `try_consume`
+//! the control bytes, the first line (which also holds the first meter's name, slot pointer and
+//! usage-key hint) and the meter slot's lock-free line. Each meter's accounting lives in a
+//! [`MeterSlot`]: a `Mutex<MeterState>`, the truth, and a lock-free view of it
+//! ([`super::fast`]) from which `try_consume` takes with one compare-and-swap while a lease is
+//! open or a soft limit counts locally; that line also caches the usage key's id and catalog
+//! check, so recording reads only the accumulator. A call reads its stripe under this thread's
 //! mark in the table (two plain stores to a cache line only this thread writes; decision 0088),
 //! or under the stripe's read lock where `membarrier` is unavailable; so two callers share no
 //! written cache line unless they use the same customer and meter. A writer (the collector
