@@ -1699,6 +1699,15 @@ impl Agent {
             .map(|e| e.version)
     }
 
+    /// Applies a lease grant as if the collector had sent it: benches measure a hard limit
+    /// under a lease through [`Agent::try_consume`] without a collector. Not part of the API.
+    #[doc(hidden)]
+    pub fn apply_lease_grant(&self, g: &tally_protocol::entitlements::LeaseGrant) {
+        let sh = &self.h.sh;
+        sh.ent.on_grant(g, sh.clock.now_ms());
+        sh.ent_changed.notify_waiters();
+    }
+
     /// The cached entitlement snapshot, once received (kept on disk across restarts).
     pub fn entitlements(&self) -> Option<EntitlementsCache> {
         self.h

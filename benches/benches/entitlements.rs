@@ -1,8 +1,9 @@
 //! Entitlement benchmarks (issue 10, SPEC §9):
 //! - `check()` and `try_consume()` on one thread over 10,000 customers (targets: median ≤ 50 ns
 //!   and ≤ 100 ns), and how two threads scale (target ≥ 1.6×);
-//! - `try_consume()` on a hard limit under a lease (the lease accounting of an agent's table,
-//!   recording through a real agent's kept key, as `Agent::try_consume` does);
+//! - `try_consume()` on a hard limit under a lease (`Agent::try_consume` of an agent whose
+//!   customers each hold a lease, applied as a collector would grant it), and the same through
+//!   the table alone recording with a kept `Counter` (the figure measured before decision 0112);
 //! - the sidecar's `GET /v1/entitlements/{c}/{feature}` and `POST …/consume` over loopback:
 //!   p50 / p99 (hdrhistogram), keep-alive clients; consume records durably (group commit).
 //!
@@ -91,8 +92,8 @@ fn customer(name: &str, enforcement: Enforcement) -> CustomerEntitlements {
 }
 
 /// A data dir whose store holds the sample catalog and a snapshot of 10,000 customers with a
-/// soft limit on `api_calls`.
-fn prepared(dir: &std::path::Path, names: &[String]) {
+/// limit on `api_calls` (soft or hard).
+fn prepared(dir: &std::path::Path, names: &[String], enforcement: Enforcement) {
     std::fs::create_dir_all(dir).expect("dir");
     let store = Store::open(&dir.join("agent.redb"), Duration::from_secs(3600)).expect("store");
     let meters = tally_protocol::catalog::sample_meters().expect("meters");
@@ -106,10 +107,7 @@ fn prepared(dir: &std::path::Path, names: &[String]) {
         .put_entitlements(&EntitlementsCache {
             version: 1,
             built_at_ms: now_ms(),
-            customers: names
-                .iter()
-                .map(|n| customer(n, Enforcement::Soft))
-                .collect(),
+            customers: names.iter().map(|n| customer(n, enforcement)).collect(),
         })
         .expect("snapshot");
 }
@@ -193,7 +191,7 @@ fn bench_calls(c: &mut Criterion) {
     let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let names = names();
-    prepared(dir.path(), &names);
+    prepared(dir.path(), &names, Enforcement::Soft);
     let agent = rt
         .block_on(
             Agent::builder()
@@ -204,6 +202,21 @@ fn bench_calls(c: &mut Criterion) {
         .expect("agent");
     assert!(agent.check(&names[0], "gpt4").allowed, "snapshot loaded");
 
+    // An agent whose customers have a hard limit, each with a lease (as a collector grants).
+    let hard_dir = tempfile::tempdir().expect("tempdir");
+    prepared(hard_dir.path(), &names, Enforcement::Hard);
+    let hard_agent = rt
+        .block_on(
+            Agent::builder()
+                .data_dir(hard_dir.path())
+                .disk_budget(u64::MAX)
+                .start(),
+        )
+        .expect("agent");
+    for (i, n) in names.iter().enumerate() {
+        hard_agent.apply_lease_grant(&lease(i, n));
+    }
+
     // A table with a hard limit per customer and a lease on each (as granted by a collector).
     let table = Arc::new(Table::new(EntitlementsConfig::default()));
     table.set_connected(true, now_ms());
@@ -213,19 +226,7 @@ fn bench_calls(c: &mut Criterion) {
         .collect();
     table.apply(&hard, true, now_ms());
     for (i, n) in names.iter().enumerate() {
-        table.on_grant(
-            &LeaseGrant {
-                request_id: i as u64,
-                customer: CustomerId::new(n.as_str()).expect("customer"),
-                meter: MeterName::new("api_calls").expect("meter"),
-                lease_id: i as u64 + 1,
-                period_start_ms: 0,
-                granted_total: Decimal::from(1_000_000_000i64),
-                added: Decimal::from(1_000_000_000i64),
-                expires_at_ms: i64::MAX,
-            },
-            now_ms(),
-        );
+        table.on_grant(&lease(i, n), now_ms());
     }
 
     // What `Agent::try_consume` records through: the key resolved once per customer and meter
@@ -240,7 +241,7 @@ fn bench_calls(c: &mut Criterion) {
         return;
     }
     if run("criterion") {
-        criterion_calls(c, &agent, &table, &names, &counters);
+        criterion_calls(c, &agent, &hard_agent, &table, &names, &counters);
     }
     let calls = calls();
     let (a, n) = (agent.clone(), names.clone());
@@ -251,20 +252,41 @@ fn bench_calls(c: &mut Criterion) {
     report("try_consume soft", calls, move |k| {
         let _ = black_box(a.try_consume(&n[k], "api_calls", Decimal::ONE));
     });
-    let (n, t, cs) = (names.clone(), table.clone(), counters.clone());
+    let (a, n) = (hard_agent.clone(), names.clone());
     report("try_consume hard lease", calls, move |k| {
+        let _ = black_box(a.try_consume(&n[k], "api_calls", Decimal::ONE));
+    });
+    // The table alone, recording through a kept `Counter` (the figure before decision 0112).
+    let (n, t, cs) = (names.clone(), table.clone(), counters.clone());
+    report("table try_consume hard lease + Counter", calls, move |k| {
         let c = &cs[k];
         let _ =
             black_box(t.try_consume(&n[k], "api_calls", Decimal::ONE, 0, |_| c.add(Decimal::ONE)));
     });
     rt.block_on(async {
         let _ = agent.shutdown(Duration::from_millis(200)).await;
+        let _ = hard_agent.shutdown(Duration::from_millis(200)).await;
     });
+}
+
+/// A lease of 10⁹ on `api_calls` for customer `i`, open for the whole run.
+fn lease(i: usize, name: &str) -> LeaseGrant {
+    LeaseGrant {
+        request_id: i as u64,
+        customer: CustomerId::new(name).expect("customer"),
+        meter: MeterName::new("api_calls").expect("meter"),
+        lease_id: i as u64 + 1,
+        period_start_ms: 0,
+        granted_total: Decimal::from(1_000_000_000i64),
+        added: Decimal::from(1_000_000_000i64),
+        expires_at_ms: i64::MAX,
+    }
 }
 
 fn criterion_calls(
     c: &mut Criterion,
     agent: &Agent,
+    hard_agent: &Agent,
     table: &Arc<Table>,
     names: &[String],
     counters: &[Counter],
@@ -290,6 +312,14 @@ fn criterion_calls(
         })
     });
     g.bench_function("try_consume_hard_lease_1_thread_10k_customers", |b| {
+        let mut k = 0;
+        b.iter(|| {
+            let r = hard_agent.try_consume(&names[k], "api_calls", Decimal::ONE);
+            k = (k + 1) % CUSTOMERS;
+            black_box(r)
+        })
+    });
+    g.bench_function("table_try_consume_hard_lease_1_thread_10k_customers", |b| {
         let mut k = 0;
         b.iter(|| {
             let n = &names[k];
@@ -393,7 +423,7 @@ fn bench_sidecar(_: &mut Criterion) {
     let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let names = names();
-    prepared(dir.path(), &names);
+    prepared(dir.path(), &names, Enforcement::Soft);
     rt.block_on(async {
         let agent = Agent::builder()
             .data_dir(dir.path())

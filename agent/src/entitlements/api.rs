@@ -9,6 +9,7 @@ use crate::error::RecordError;
 use crate::{Agent, Event};
 use rust_decimal::Decimal;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 fn check_qty(qty: Decimal) -> Result<(), RecordError> {
     if qty.is_sign_negative() && !qty.is_zero() {
@@ -18,23 +19,37 @@ fn check_qty(qty: Decimal) -> Result<(), RecordError> {
 }
 
 /// Records `qty` under the slot's usage key, resolved once per (customer, meter): the same as
-/// [`Agent::record`] without looking the key up on every call.
+/// [`Agent::record`] without looking the key up on every call. The key's id and catalog check
+/// are cached in the slot's first line (decision 0112), so this reads only the accumulator.
 fn record_slot(
     sh: &Shared,
     slot: &MeterSlot,
     qty: Decimal,
     now_ms: i64,
 ) -> Result<(), RecordError> {
-    let key = match slot.key.get() {
-        Some(k) => k,
-        None => {
-            let k = sh
-                .agg
-                .intern(slot.customer.as_str(), slot.meter.as_str(), &[])?;
-            slot.key.get_or_init(|| k)
-        }
-    };
-    sh.agg.record_key(key, qty, now_ms)
+    sh.agg
+        .record_cached(slot.key_cache(), qty, now_ms, || match slot.key.get() {
+            Some(k) => Ok(&**k),
+            None => {
+                let k = sh
+                    .agg
+                    .intern(slot.customer.as_str(), slot.meter.as_str(), &[])?;
+                Ok(&**slot.key.get_or_init(|| k))
+            }
+        })
+}
+
+/// Prefetches the accumulator `record_slot` will write, by the key id kept beside the
+/// customer's first meter (decision 0112), so that its miss overlaps the meter slot's; sets that
+/// hint once the slot's key is resolved. Accounting never reads the hint.
+#[inline]
+fn warm(sh: &Shared, hint: &AtomicU32, slot: &MeterSlot) {
+    let h = hint.load(Ordering::Relaxed);
+    if h != u32::MAX {
+        sh.agg.prefetch(h);
+    } else if let Some(id) = slot.key_cache().id() {
+        hint.store(id, Ordering::Relaxed);
+    }
 }
 
 fn consumed(t: &super::meter::Take, recorded: Decimal) -> Consumed {
@@ -118,9 +133,14 @@ impl Agent {
         check_qty(qty)?;
         let sh = self.shared();
         let now = sh.hot_now_ms();
-        let (t, pending) = sh.ent.try_consume(customer, meter, qty, now, |slot| {
-            record_slot(sh, slot, qty, now)
-        })?;
+        let (t, pending) = sh.ent.try_consume_warm(
+            customer,
+            meter,
+            qty,
+            now,
+            |hint, slot| warm(sh, hint, slot),
+            |slot| record_slot(sh, slot, qty, now),
+        )?;
         Ok((
             consumed(&t, if t.allowed { qty } else { Decimal::ZERO }),
             pending,

@@ -22,6 +22,7 @@
 
 use super::decision::DecidedBy;
 use super::meter::{FastPlan, MeterState};
+use crate::aggregate::KeyCache;
 use rust_decimal::Decimal;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -69,13 +70,42 @@ fn busy_of(word: u64) -> u64 {
 }
 
 /// `q` in units of 10^-scale, if exact, not negative and at most [`VALUE_MAX`].
+///
+/// Reads the `Decimal`'s parts directly (flags, then a 96-bit mantissa as three 32-bit words):
+/// a quantity whose mantissa fits 64 bits and whose scale is at most `scale` is one multiply by a
+/// power of ten, with no 128-bit mantissa built. Exactness: `Decimal::new(u, scale) == q` for
+/// every `Some(u)` (`tests::units_match_decimal_arithmetic`).
+#[inline]
 pub fn to_units(q: Decimal, scale: u32) -> Option<u64> {
-    let s = q.scale();
-    if s > scale || scale > MAX_SCALE || (q.is_sign_negative() && !q.is_zero()) {
+    let [
+        f0,
+        f1,
+        f2,
+        f3,
+        l0,
+        l1,
+        l2,
+        l3,
+        m0,
+        m1,
+        m2,
+        m3,
+        h0,
+        h1,
+        h2,
+        h3,
+    ] = q.serialize();
+    let flags = u32::from_le_bytes([f0, f1, f2, f3]);
+    let s = (flags >> 16) & 0xff;
+    if u32::from_le_bytes([h0, h1, h2, h3]) != 0 || s > scale || scale > MAX_SCALE {
         return None;
     }
-    let m = u64::try_from(q.mantissa().unsigned_abs()).ok()?;
-    let u = m.checked_mul(POW10[(scale - s) as usize])?;
+    let m = u64::from_le_bytes([l0, l1, l2, l3, m0, m1, m2, m3]);
+    // A negative zero is zero; any other negative is refused.
+    if flags >> 31 == 1 && m != 0 {
+        return None;
+    }
+    let u = m.checked_mul(*POW10.get((scale - s) as usize)?)?;
     (u <= VALUE_MAX).then_some(u)
 }
 
@@ -136,9 +166,9 @@ pub enum FastTake {
 pub struct Fast {
     word: AtomicU64,
     info: AtomicU64,
-    /// Lease takes only while now < this.
-    until_ms: AtomicI64,
-    /// A take at or after this takes the lock (renewal, a request's timeout, a backoff's end).
+    /// A take at or after this takes the lock (renewal, a request's timeout, a backoff's end,
+    /// and at the latest the lease's expiry or the period's end: `FastPlan::Lease` makes it at
+    /// most `until_ms`, so no second deadline is read).
     slow_at_ms: AtomicI64,
     /// A lease take that leaves the pool at or below this takes the lock after (refill); −1:
     /// never.
@@ -149,7 +179,14 @@ pub struct Fast {
     grant_at: AtomicI64,
     /// The finest scale a call asked for (published scales are at least this).
     min_scale: AtomicU64,
+    /// The meter's usage key as the aggregator resolved it (id and catalog check): in this
+    /// line, which the take reads anyway, so recording reads no other line of the slot nor the
+    /// key's own allocation (decision 0112).
+    pub(crate) key: KeyCache,
 }
+
+// The take and the record read this one line of the meter slot.
+const _: () = assert!(std::mem::size_of::<Fast>() == 64);
 
 impl Fast {
     /// Calls between their take and their record (the lease cannot be released meanwhile).
@@ -182,10 +219,7 @@ impl Fast {
             let value = w & VALUE_MAX;
             let new = match mode {
                 MODE_LEASE => {
-                    if value < units
-                        || busy_of(w) == BUSY_MAX
-                        || now_ms >= self.until_ms.load(Ordering::Relaxed)
-                    {
+                    if value < units || busy_of(w) == BUSY_MAX {
                         return None;
                     }
                     w - units + BUSY_ONE
@@ -327,6 +361,7 @@ impl Fast {
                 slow_at_ms,
                 low_water,
             } => {
+                debug_assert!(slow_at_ms <= until_ms, "the take reads one deadline");
                 let scale = min_scale
                     .max(needed_scale(available))
                     .max(needed_scale(base));
@@ -348,7 +383,6 @@ impl Fast {
                     }
                 };
                 st.lend(lend);
-                self.until_ms.store(until_ms, Ordering::Relaxed);
                 self.slow_at_ms.store(slow_at_ms, Ordering::Relaxed);
                 self.low_water.store(lw, Ordering::Relaxed);
                 // What the pool holds is counted as consumed by the state: add it back.
@@ -421,6 +455,39 @@ impl Fast {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use proptest::prelude::*;
+
+    fn any_decimal() -> impl Strategy<Value = Decimal> {
+        let mantissa = prop_oneof![
+            (0u32..2_000).prop_map(|lo| (lo, 0, 0)),
+            (any::<u32>(), 0u32..0x200).prop_map(|(lo, mid)| (lo, mid, 0)),
+            (any::<u32>(), any::<u32>()).prop_map(|(lo, mid)| (lo, mid, 0)),
+            (any::<u32>(), any::<u32>(), any::<u32>()),
+        ];
+        (mantissa, any::<bool>(), 0u32..=28)
+            .prop_map(|((lo, mid, hi), neg, s)| Decimal::from_parts(lo, mid, hi, neg, s))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4_000, ..ProptestConfig::default() })]
+
+        /// `to_units` reads the `Decimal`'s parts; it must agree with `Decimal` arithmetic:
+        /// `Some(u)` exactly when the quantity is not negative, has no finer scale than asked
+        /// and is at most `VALUE_MAX` units, and then `u` units are the quantity.
+        #[test]
+        fn units_match_decimal_arithmetic(q in any_decimal(), scale in 0u32..=MAX_SCALE + 1) {
+            let got = to_units(q, scale);
+            let negative = q.is_sign_negative() && !q.is_zero();
+            let fits = scale <= MAX_SCALE
+                && q.scale() <= scale
+                && q.checked_mul(Decimal::from(10u64.pow(scale)))
+                    .is_some_and(|u| u <= Decimal::from(VALUE_MAX));
+            prop_assert_eq!(got.is_some(), !negative && fits, "{} at {}", q, scale);
+            if let Some(u) = got {
+                prop_assert_eq!(Decimal::new(u as i64, scale), q);
+            }
+        }
+    }
 
     #[test]
     fn units_are_exact_or_refused() {

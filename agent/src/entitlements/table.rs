@@ -3,11 +3,14 @@
 //!
 //! Layout: customers are spread over [`STRIPES`] cache-line-aligned `RwLock`s by the hash of
 //! their key; a stripe holds a hash table of customer slots stored inline (no pointer to
-//! follow), each with its name and its features' names inline, so `check` reads the table's
-//! control bytes, the slot and one line of feature names (decision 0110). Each meter's
-//! accounting lives in a [`MeterSlot`]: a `Mutex<MeterState>`, the truth, and a lock-free view
-//! of it ([`super::fast`]) from which `try_consume` takes with one compare-and-swap while a
-//! lease is open or a soft limit counts locally. A call reads its stripe under this thread's
+//! follow), laid out by cache line (decision 0112): `check` reads the table's control bytes,
+//! the slot's first line (name, `known`) and its second (two features' names); `try_consume`
+//! the control bytes, the first line (which also holds the first meter's name, slot pointer and
+//! usage-key hint) and the meter slot's lock-free line. Each meter's accounting lives in a
+//! [`MeterSlot`]: a `Mutex<MeterState>`, the truth, and a lock-free view of it
+//! ([`super::fast`]) from which `try_consume` takes with one compare-and-swap while a lease is
+//! open or a soft limit counts locally; that line also caches the usage key's id and catalog
+//! check, so recording reads only the accumulator. A call reads its stripe under this thread's
 //! mark in the table (two plain stores to a cache line only this thread writes; decision 0088),
 //! or under the stripe's read lock where `membarrier` is unavailable; so two callers share no
 //! written cache line unless they use the same customer and meter. A writer (the collector
@@ -32,11 +35,10 @@ use crate::error::RecordError;
 use hashbrown::{DefaultHashBuilder, HashTable};
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rust_decimal::Decimal;
-use smallvec::SmallVec;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use tally_protocol::entitlements::{
     CustomerEntitlements, Enforcement, Feature, LeaseGrant, Source,
@@ -100,20 +102,28 @@ impl Drop for StateGuard<'_> {
     }
 }
 
-/// A name kept inline (up to 30 bytes) so that comparing it reads no other memory.
+/// A name kept inline (up to `N` bytes; 30 for customers and features, 16 for the first
+/// meter, which shares the customer's first cache line) so that comparing it reads no other
+/// memory.
 #[derive(Debug, Clone, Copy)]
-struct Inline {
+struct Inline<const N: usize = 30> {
     /// Length, or [`LONG`] when the name did not fit (then compare the owned one).
     len: u8,
     source: u8,
-    bytes: [u8; 30],
+    bytes: [u8; N],
 }
 
 const LONG: u8 = u8::MAX;
 
-impl Inline {
+impl<const N: usize> Inline<N> {
+    const EMPTY: Self = Inline {
+        len: 0,
+        source: 0,
+        bytes: [0; N],
+    };
+
     fn new(s: &str, source: u8) -> Self {
-        let mut bytes = [0; 30];
+        let mut bytes = [0; N];
         let len = match bytes.get_mut(..s.len()) {
             Some(b) => {
                 b.copy_from_slice(s.as_bytes());
@@ -148,17 +158,37 @@ fn source_index(s: Source) -> u8 {
 
 const SOURCES: [Source; 3] = [Source::Plan, Source::Override, Source::Stripe];
 
-/// What a call reads comes first (`repr(C)` keeps the order): the name, then the first two
-/// features' names and the first meter inline (no buffer to follow for most customers).
+/// Features whose names are kept in the slot's second line.
+const INLINE_FEATURES: usize = 2;
+/// In `inline_features`: more features than fit inline (in `more_feature_names`).
+const MORE_FEATURES: u8 = 0x80;
+/// `meter0_key` before it is known.
+const NO_KEY: u32 = u32::MAX;
+
+/// Laid out by cache line (`repr(C)`, 64-byte aligned; decision 0112): line 0 holds all that
+/// `try_consume` reads here — the name, `known`, the first meter's name, its usage key's id
+/// (a hint to prefetch the accumulator with) and its slot —, line 1 the first two features'
+/// names, which `check` reads after line 0. The rest (more meters and features, the owned
+/// copies) comes after and is read only by slower calls.
 #[derive(Debug)]
-#[repr(C)]
+#[repr(C, align(64))]
 struct CustomerSlot {
     name: Inline,
     /// Whether a snapshot listed this customer.
     known: bool,
+    /// How many of `feature_names` are in use, with [`MORE_FEATURES`] set when there are more
+    /// (in `more_feature_names`).
+    inline_features: u8,
+    meter0_name: Inline<16>,
+    /// The usage key id `meter0` records under, once known ([`NO_KEY`] before): only a hint
+    /// for a prefetch, never trusted for accounting (the meter slot's own cache is).
+    meter0_key: AtomicU32,
+    /// The first meter with accounting (the others: `more_meters`).
+    meter0: Option<Arc<MeterSlot>>,
     /// Features' names inline with their source (index into [`SOURCES`]), in `features` order.
-    feature_names: SmallVec<[Inline; 2]>,
-    meters: SmallVec<[(Inline, Arc<MeterSlot>); 1]>,
+    feature_names: [Inline; INLINE_FEATURES],
+    more_feature_names: Vec<Inline>,
+    more_meters: Vec<(Inline, Arc<MeterSlot>)>,
     requested_at_ms: AtomicI64,
     hash: u64,
     customer: CustomerId,
@@ -166,13 +196,25 @@ struct CustomerSlot {
     features: Vec<Feature>,
 }
 
+const _: () = {
+    assert!(std::mem::offset_of!(CustomerSlot, meter0) + 8 == 64);
+    assert!(std::mem::offset_of!(CustomerSlot, meter0_key) < 64);
+    assert!(std::mem::offset_of!(CustomerSlot, feature_names) == 64);
+    assert!(std::mem::offset_of!(CustomerSlot, more_feature_names) == 128);
+};
+
 impl CustomerSlot {
     fn new(customer: CustomerId, hash: u64, now_ms: i64) -> Self {
         CustomerSlot {
             name: Inline::new(customer.as_str(), 0),
             known: false,
-            feature_names: SmallVec::new(),
-            meters: SmallVec::new(),
+            inline_features: 0,
+            meter0_name: Inline::EMPTY,
+            meter0_key: AtomicU32::new(NO_KEY),
+            meter0: None,
+            feature_names: [Inline::EMPTY; INLINE_FEATURES],
+            more_feature_names: Vec::new(),
+            more_meters: Vec::new(),
             requested_at_ms: AtomicI64::new(now_ms),
             hash,
             customer,
@@ -189,17 +231,97 @@ impl CustomerSlot {
 
     #[inline]
     fn meter(&self, meter: &str) -> Option<&Arc<MeterSlot>> {
-        self.meters
+        self.meter_and_hint(meter).map(|(m, _)| m)
+    }
+
+    /// The meter's slot and, for the first meter, its key hint.
+    #[inline]
+    fn meter_and_hint(&self, meter: &str) -> Option<(&Arc<MeterSlot>, Option<&AtomicU32>)> {
+        if let Some(m) = &self.meter0
+            && self.meter0_name.is(meter, || m.meter.as_str() == meter)
+        {
+            return Some((m, Some(&self.meter0_key)));
+        }
+        self.more_meter(meter).map(|m| (m, None))
+    }
+
+    #[cold]
+    fn more_meter(&self, meter: &str) -> Option<&Arc<MeterSlot>> {
+        self.more_meters
             .iter()
             .find(|(n, m)| n.is(meter, || m.meter.as_str() == meter))
             .map(|(_, m)| m)
     }
 
-    fn set_features(&mut self, features: Vec<Feature>) {
-        self.feature_names = features
+    fn meters(&self) -> impl Iterator<Item = &Arc<MeterSlot>> {
+        self.meter0
             .iter()
-            .map(|f| Inline::new(f.name.as_str(), source_index(f.source)))
-            .collect();
+            .chain(self.more_meters.iter().map(|(_, m)| m))
+    }
+
+    fn meter_count(&self) -> usize {
+        usize::from(self.meter0.is_some()) + self.more_meters.len()
+    }
+
+    fn push_meter(&mut self, name: &str, slot: Arc<MeterSlot>) {
+        if self.meter0.is_none() {
+            self.meter0_name = Inline::new(name, 0);
+            self.meter0 = Some(slot);
+        } else {
+            self.more_meters.push((Inline::new(name, 0), slot));
+        }
+    }
+
+    /// Whether feature `i`'s full name is `feature` (read only for names too long to inline).
+    fn owned_feature(&self, i: usize, feature: &str) -> bool {
+        self.features
+            .get(i)
+            .is_some_and(|f| f.name.as_str() == feature)
+    }
+
+    /// The source index of `feature` if the customer has it. Reads line 1 only, unless the
+    /// customer has more features than fit there.
+    #[inline]
+    fn feature(&self, feature: &str) -> Option<u8> {
+        let n = usize::from(self.inline_features & !MORE_FEATURES);
+        for (i, f) in self.feature_names.iter().enumerate().take(n) {
+            if f.is(feature, || self.owned_feature(i, feature)) {
+                return Some(f.source);
+            }
+        }
+        if self.inline_features & MORE_FEATURES == 0 {
+            return None;
+        }
+        self.more_feature(feature)
+    }
+
+    #[cold]
+    fn more_feature(&self, feature: &str) -> Option<u8> {
+        self.more_feature_names
+            .iter()
+            .enumerate()
+            .find(|(i, f)| f.is(feature, || self.owned_feature(INLINE_FEATURES + i, feature)))
+            .map(|(_, f)| f.source)
+    }
+
+    fn set_features(&mut self, features: Vec<Feature>) {
+        let mut names = features
+            .iter()
+            .map(|f| Inline::new(f.name.as_str(), source_index(f.source)));
+        self.inline_features = 0;
+        for slot in self.feature_names.iter_mut() {
+            match names.next() {
+                Some(n) => {
+                    *slot = n;
+                    self.inline_features += 1;
+                }
+                None => *slot = Inline::EMPTY,
+            }
+        }
+        self.more_feature_names = names.collect();
+        if !self.more_feature_names.is_empty() {
+            self.inline_features |= MORE_FEATURES;
+        }
         self.features = features;
     }
 }
@@ -380,6 +502,8 @@ impl Stats {
 /// The decision table. See the module doc.
 pub struct Table {
     cfg: EntitlementsConfig,
+    /// `cfg.stale_after` in ms (converted once: every call without a connection compares it).
+    stale_after_ms: i64,
     uid: u64,
     /// Every thread's reader slot in this table (threads that exited are dropped by writers).
     readers: Mutex<Vec<Arc<ReaderSlot>>>,
@@ -416,6 +540,11 @@ impl std::fmt::Debug for Table {
 }
 
 impl MeterSlot {
+    /// The usage key's id and catalog check, cached in the line a take reads.
+    pub(crate) fn key_cache(&self) -> &crate::aggregate::KeyCache {
+        &self.fast.key
+    }
+
     fn new(
         customer: CustomerId,
         meter: MeterName,
@@ -464,6 +593,7 @@ impl Table {
     pub fn new(cfg: EntitlementsConfig) -> Self {
         crate::asym::init_asymmetric();
         Table {
+            stale_after_ms: i64::try_from(cfg.stale_after.as_millis()).unwrap_or(i64::MAX),
             cfg,
             uid: NEXT_TABLE_UID.fetch_add(1, Ordering::Relaxed),
             readers: Mutex::new(Vec::new()),
@@ -617,7 +747,7 @@ impl Table {
             return Freshness::Current;
         }
         let age = now_ms.saturating_sub(self.synced_at_ms.load(Ordering::Relaxed));
-        if age > i64::try_from(self.cfg.stale_after.as_millis()).unwrap_or(i64::MAX) {
+        if age > self.stale_after_ms {
             Freshness::Stale
         } else {
             Freshness::Current
@@ -682,18 +812,11 @@ impl Table {
                     }
                     return self.policy_decision(fresh);
                 }
-                let found = c.feature_names.iter().enumerate().find(|(i, f)| {
-                    f.is(feature, || {
-                        c.features
-                            .get(*i)
-                            .is_some_and(|f| f.name.as_str() == feature)
-                    })
-                });
-                return match found {
-                    Some((_, f)) => Decision {
+                return match c.feature(feature) {
+                    Some(source) => Decision {
                         allowed: true,
                         decided_by: DecidedBy::from_source(
-                            SOURCES[usize::from(f.source) % SOURCES.len()],
+                            SOURCES[usize::from(source) % SOURCES.len()],
                         ),
                         stale: false,
                     },
@@ -805,7 +928,7 @@ impl Table {
         let Some(c) = t.find_mut(hash, |s| s.is(customer)) else {
             return Ok(());
         };
-        if c.meter(meter.as_str()).is_some() || c.meters.len() >= MAX_METERS_PER_CUSTOMER {
+        if c.meter(meter.as_str()).is_some() || c.meter_count() >= MAX_METERS_PER_CUSTOMER {
             return Ok(());
         }
         let slot = MeterSlot::new(
@@ -815,7 +938,7 @@ impl Table {
             self.cfg.policy(meter.as_str()),
             now_ms,
         );
-        c.meters.push((Inline::new(meter.as_str(), 0), slot));
+        c.push_meter(meter.as_str(), slot);
         Ok(())
     }
 
@@ -827,19 +950,30 @@ impl Table {
         now_ms: i64,
         f: impl FnOnce(&Arc<MeterSlot>, Freshness) -> R,
     ) -> Result<R, RecordError> {
+        self.with_slot_hint(customer, meter, now_ms, |m, fresh, _| f(m, fresh))
+    }
+
+    /// [`Table::with_slot`], also passing the slot's key hint when it has one.
+    fn with_slot_hint<R>(
+        &self,
+        customer: &str,
+        meter: &str,
+        now_ms: i64,
+        f: impl FnOnce(&Arc<MeterSlot>, Freshness, Option<&AtomicU32>) -> R,
+    ) -> Result<R, RecordError> {
         let hash = self.hash(customer);
         let mut f = Some(f);
         for _ in 0..2 {
             {
                 let t = self.read(hash);
                 if let Some(c) = t.find(hash, |s| s.is(customer)) {
-                    if let Some(m) = c.meter(meter) {
+                    if let Some((m, hint)) = c.meter_and_hint(meter) {
                         let fresh = self.freshness(c, now_ms);
                         if !c.known {
                             self.maybe_request(c, now_ms);
                         }
                         if let Some(f) = f.take() {
-                            return Ok(f(m, fresh));
+                            return Ok(f(m, fresh, hint));
                         }
                     }
                 }
@@ -859,7 +993,7 @@ impl Table {
             now_ms,
         );
         let f = f.ok_or(RecordError::Closed)?;
-        Ok(f(&slot, Freshness::NoSnapshot))
+        Ok(f(&slot, Freshness::NoSnapshot, None))
     }
 
     /// After a take: queue a refill, count a denial or an overshoot.
@@ -886,7 +1020,25 @@ impl Table {
         now_ms: i64,
         record: impl FnOnce(&MeterSlot) -> Result<(), RecordError>,
     ) -> Result<(Take, bool), RecordError> {
-        self.with_slot(customer, meter, now_ms, |slot, fresh| {
+        self.try_consume_warm(customer, meter, qty, now_ms, |_, _| {}, record)
+    }
+
+    /// [`Table::try_consume`], first calling `warm` with the slot and the key hint kept beside
+    /// the customer's first meter, before the slot's own line is read: the agent prefetches
+    /// the accumulator `record` will write, so that miss overlaps the slot's (decision 0112).
+    pub(crate) fn try_consume_warm(
+        &self,
+        customer: &str,
+        meter: &str,
+        qty: Decimal,
+        now_ms: i64,
+        warm: impl FnOnce(&AtomicU32, &MeterSlot),
+        record: impl FnOnce(&MeterSlot) -> Result<(), RecordError>,
+    ) -> Result<(Take, bool), RecordError> {
+        self.with_slot_hint(customer, meter, now_ms, |slot, fresh, hint| {
+            if let Some(h) = hint {
+                warm(h, slot);
+            }
             if let Some(f) = slot.fast.take(qty, fresh == Freshness::Current, now_ms) {
                 return self.fast_taken(slot, f, qty, fresh, now_ms, record);
             }
@@ -1117,13 +1269,14 @@ impl Table {
         let Some(c) = t.find_mut(hash, |s| s.customer == *id) else {
             return;
         };
-        for (_, m) in &c.meters {
+        for m in c.meters() {
             let lim = ce.and_then(|c| c.limits.iter().find(|l| l.meter == m.meter));
             m.lock(now_ms).on_snapshot(lim.map(LimitView::from));
         }
         if let Some(ce) = ce {
             for l in ce.limits.iter() {
-                if c.meters.len() < MAX_METERS_PER_CUSTOMER && c.meter(l.meter.as_str()).is_none() {
+                if c.meter_count() < MAX_METERS_PER_CUSTOMER && c.meter(l.meter.as_str()).is_none()
+                {
                     let slot = MeterSlot::new(
                         id.clone(),
                         l.meter.clone(),
@@ -1131,7 +1284,7 @@ impl Table {
                         self.cfg.policy(l.meter.as_str()),
                         now_ms,
                     );
-                    c.meters.push((Inline::new(l.meter.as_str(), 0), slot));
+                    c.push_meter(l.meter.as_str(), slot);
                 }
             }
         }
@@ -1231,7 +1384,7 @@ impl Table {
                     },
                     plan: c.plan.clone(),
                     features: c.features.clone(),
-                    meters: c.meters.iter().map(|(_, m)| m.meter.clone()).collect(),
+                    meters: c.meters().map(|m| m.meter.clone()).collect(),
                 }
             })
         };

@@ -484,6 +484,81 @@ proptest! {
     }
 }
 
+/// A quantity of 0–4 decimal places (mostly small ones, some past the pool's range).
+fn decimal_qty() -> impl Strategy<Value = Decimal> {
+    prop_oneof![
+        8 => (0..3_000i64, 0..5u32).prop_map(|(m, s)| Decimal::new(m, s)),
+        1 => (0..5u32).prop_map(|s| Decimal::new(1, s + 5)),
+        1 => Just(Decimal::from(2_000_000_000_000i64)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// The integer fast path against `Decimal` arithmetic: under a lease of `granted` (any
+    /// scale), a take is allowed exactly when what was allowed before plus it fits the lease,
+    /// every allowed quantity is recorded once, and what the state counts as consumed is their
+    /// exact sum; a soft limit counts every quantity and its overshoot exactly.
+    #[test]
+    fn decimal_quantities_through_the_lock_free_path_are_exact(
+        granted in (0..10_001i64, 0..4u32).prop_map(|(m, s)| Decimal::new(m, s)),
+        qs in prop::collection::vec(decimal_qty(), 1..120),
+    ) {
+        let limit = 10_000;
+        let t = Table::new(EntitlementsConfig::default());
+        t.set_connected(true, 0);
+        t.apply(&[customer_with("c", limit, Decimal::ZERO, Enforcement::Hard)], false, 0);
+        t.on_grant(
+            &LeaseGrant {
+                request_id: 0,
+                customer: CustomerId::new("c").unwrap(),
+                meter: MeterName::new("api_calls").unwrap(),
+                lease_id: 1,
+                period_start_ms: 0,
+                granted_total: granted,
+                added: granted,
+                expires_at_ms: PERIOD_END,
+            },
+            1,
+        );
+        let recorded = std::cell::Cell::new(Decimal::ZERO);
+        let mut allowed = Decimal::ZERO;
+        for q in &qs {
+            let (take, _) = t
+                .try_consume("c", "api_calls", *q, 2, |_| {
+                    recorded.set(recorded.get() + *q);
+                    Ok(())
+                })
+                .unwrap();
+            prop_assert_eq!(take.allowed, allowed + *q <= granted, "{} after {}", q, allowed);
+            if take.allowed {
+                allowed += *q;
+                prop_assert_eq!(take.remaining, Some(Decimal::from(limit) - allowed));
+            }
+        }
+        prop_assert_eq!(recorded.get(), allowed);
+        let slot = t.with_slot("c", "api_calls", 2, |s, _| s.clone()).unwrap();
+        let st = slot.lock(2);
+        prop_assert_eq!(st.lease().map(|l| l.consumed), Some(allowed));
+        drop(st);
+
+        let soft = Table::new(EntitlementsConfig::default());
+        soft.set_connected(true, 0);
+        soft.apply(&[customer_with("c", 7, Decimal::ZERO, Enforcement::Soft)], false, 0);
+        let mut total = Decimal::ZERO;
+        for q in &qs {
+            let (take, _) = soft.try_consume("c", "api_calls", *q, 2, |_| Ok(())).unwrap();
+            prop_assert!(take.allowed);
+            let room = (Decimal::from(7) - total).max(Decimal::ZERO);
+            prop_assert_eq!(take.overshoot, (*q - room).max(Decimal::ZERO), "{} after {}", q, total);
+            total += *q;
+        }
+        prop_assert_eq!(soft.limit("c", "api_calls", 3).used, total);
+        prop_assert_eq!(soft.stats.overshoot(), (total - Decimal::from(7)).max(Decimal::ZERO));
+    }
+}
+
 #[test]
 fn demand_above_the_limit_gets_all_of_it_through_the_table() {
     let mut m = TableModel::new(100);
