@@ -204,7 +204,9 @@ async fn failover_catalog_and_entitlements_are_kept_on_disk() {
         .enroll_token("tok")
         .flush_interval(Duration::from_millis(20))
         .reconnect_backoff(Duration::from_millis(5), Duration::from_millis(50))
-        .connect_timeout(Duration::from_millis(300))
+        // Long enough for a debug-build handshake on a loaded machine (300 ms was not: every
+        // attempt at the stand-in timed out and the flush ran out); the dead port costs it once.
+        .connect_timeout(Duration::from_secs(2))
         .start()
         .await
         .unwrap();
