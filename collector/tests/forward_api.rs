@@ -363,9 +363,17 @@ async fn a_dead_letter_is_retried_under_its_key_and_delivered_once() {
     let total: Decimal = met.totals().values().copied().sum();
     assert_eq!(total, want);
     assert!(met.events().iter().any(|e| e.key == dead.event.key));
-    let (_, v) = env
-        .admin("GET", "/v1/outbox?destination=metronome&state=dead", None)
-        .await;
+    // The fake has the event before the forwarder has recorded the answer: wait for that.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let v = loop {
+        let (_, v) = env
+            .admin("GET", "/v1/outbox?destination=metronome&state=dead", None)
+            .await;
+        if v["stats"]["sent"] == 3 || std::time::Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(v["stats"]["dead"], 0, "{v}");
     assert_eq!(v["stats"]["sent"], 3, "{v}");
     env.handle.shutdown().await;
