@@ -173,16 +173,29 @@ async fn a_restarted_agent_decides_from_disk_then_releases_what_its_disk_remembe
     // No collector: the snapshot on disk decides features; the lease is not resumed, so the
     // hard limit falls to the offline policy once the snapshot is stale.
     {
-        let offline = Agent::builder()
-            .data_dir(dir.path())
-            .stale_after(Duration::from_millis(1))
-            .offline_policy(
-                MeterName::new("api_calls").unwrap(),
-                OfflinePolicy::AllowUpTo(Decimal::from(2)),
-            )
-            .start()
-            .await
-            .unwrap();
+        // The dropped agent's tasks let go of the store a moment later (a crashed process
+        // would hold nothing): open it again until they have.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let offline = loop {
+            let r = Agent::builder()
+                .data_dir(dir.path())
+                .stale_after(Duration::from_millis(1))
+                .offline_policy(
+                    MeterName::new("api_calls").unwrap(),
+                    OfflinePolicy::AllowUpTo(Decimal::from(2)),
+                )
+                .start()
+                .await;
+            match r {
+                Err(e)
+                    if e.to_string().to_lowercase().contains("already open")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                r => break r.unwrap(),
+            }
+        };
         tokio::time::sleep(Duration::from_millis(5)).await;
         let d = offline.check("acme", "gpt4");
         assert_eq!((d.allowed, d.decided_by), (false, DecidedBy::StaleSnapshot));
