@@ -724,28 +724,10 @@ impl Aggregator {
         qty: Decimal,
         at_ms: i64,
     ) -> Result<(), RecordError> {
-        self.with_shard(|st| {
-            let r = self.check_gate().and_then(|()| {
-                if negative(&qty) {
-                    return Err(RecordError::NegativeQuantity);
-                }
-                self.check_known(key)
-            });
-            match &r {
-                Ok(()) => {
-                    st.records += 1;
-                    let ShardState {
-                        accs,
-                        touched,
-                        spill,
-                        ..
-                    } = st;
-                    self.add(accs, touched, spill, key.id, qty, at_ms);
-                }
-                Err(e) => st.errors[e.index()] += 1,
-            }
-            r
-        })
+        // The same errors in the same order as before: `record_id` checks the gate and the
+        // sign before `known`.
+        let known = self.check_known(key).is_ok();
+        self.record_id(key.id, known, qty, at_ms)
     }
 
     /// Records through a key cached in `cache` (see [`KeyCache`]): while the catalog is the one
