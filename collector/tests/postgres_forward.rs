@@ -290,7 +290,9 @@ async fn two_collectors_on_one_database_forward_once_through_a_sigkill() {
         let mut client = TestClient::connect(addr, &ca, &k, Some(&enroll))
             .await
             .unwrap();
-        for seq in 1..=15u64 {
+        // Enough (customer, meter, minute) events that Metronome needs several requests of
+        // 100: the kill below must find some unsent, whenever the forwarder's first pass ran.
+        for seq in 1..=40u64 {
             let mut deltas = Vec::new();
             let mut used = HashSet::new();
             for _ in 0..4 {
@@ -301,7 +303,7 @@ async fn two_collectors_on_one_database_forward_once_through_a_sigkill() {
                 }
                 let q = Decimal::new(1 + rng.below(9_000_000) as i64, 7);
                 *ledger.entry((c.to_owned(), m.to_owned())).or_default() += q;
-                deltas.push(delta(c, m, &[], now - 60_000 * rng.below(30) as i64, q, 1));
+                deltas.push(delta(c, m, &[], now - 60_000 * rng.below(60) as i64, q, 1));
             }
             match send(&mut client, &seal(&k, 1, seq, deltas)).await {
                 Frame::Ack(a) => assert_eq!(a.outcome, AckOutcome::Committed),
