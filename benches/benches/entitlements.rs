@@ -162,6 +162,10 @@ fn report<F>(what: &str, calls: u64, f: F)
 where
     F: Fn(usize) + Send + Sync + Clone + 'static,
 {
+    // `TALLY_BENCH_FIGURE=soft` runs only the figures whose name holds "soft" (for profiling).
+    if std::env::var("TALLY_BENCH_FIGURE").is_ok_and(|only| !what.contains(only.as_str())) {
+        return;
+    }
     let (one, h1) = threads(1, calls, f.clone());
     let (two, h2) = threads(2, calls, f);
     println!(

@@ -21,6 +21,7 @@ fn check_qty(qty: Decimal) -> Result<(), RecordError> {
 /// Records `qty` under the slot's usage key, resolved once per (customer, meter): the same as
 /// [`Agent::record`] without looking the key up on every call. The key's id and catalog check
 /// are cached in the slot's first line (decision 0112), so this reads only the accumulator.
+#[inline]
 fn record_slot(
     sh: &Shared,
     slot: &MeterSlot,
@@ -124,6 +125,7 @@ impl Agent {
         Ok(self.try_consume_inner(customer, meter, qty)?.0)
     }
 
+    #[inline]
     fn try_consume_inner(
         &self,
         customer: &str,

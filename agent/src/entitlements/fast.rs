@@ -109,6 +109,21 @@ pub fn to_units(q: Decimal, scale: u32) -> Option<u64> {
     (u <= VALUE_MAX).then_some(u)
 }
 
+/// `units` × 10^-`scale` as a `Decimal`, for published (non-negative, ≤ 2^63) units at a
+/// published scale (≤ [`MAX_SCALE`]): built from its parts, inline, where `Decimal::new` is an
+/// out-of-line call that checks the scale (a third of the lock-free answer's cost).
+#[inline(always)]
+pub fn units_decimal(units: u64, scale: u32) -> Decimal {
+    debug_assert!(scale <= MAX_SCALE);
+    Decimal::from_parts(
+        units as u32,
+        (units >> 32) as u32,
+        0,
+        false,
+        scale.min(MAX_SCALE),
+    )
+}
+
 fn to_i64_units(q: Decimal, scale: u32) -> Option<i64> {
     let s = q.scale();
     if s > scale || scale > MAX_SCALE {
@@ -202,6 +217,7 @@ impl Fast {
 
     /// Takes `qty` without the lock if what was published allows it; `None`: take the lock.
     /// `current`: the customer's snapshot is current (a local count needs it).
+    #[inline]
     pub fn take(&self, qty: Decimal, current: bool, now_ms: i64) -> Option<FastTake> {
         let mut w = self.word.load(Ordering::Acquire);
         loop {
@@ -485,7 +501,14 @@ mod tests {
             prop_assert_eq!(got.is_some(), !negative && fits, "{} at {}", q, scale);
             if let Some(u) = got {
                 prop_assert_eq!(Decimal::new(u as i64, scale), q);
+                prop_assert_eq!(units_decimal(u, scale), q);
             }
+        }
+
+        /// The inline constructor is `Decimal::new` for every published value and scale.
+        #[test]
+        fn units_decimal_is_decimal_new(u in 0u64..=i64::MAX as u64, scale in 0u32..=MAX_SCALE) {
+            prop_assert_eq!(units_decimal(u, scale), Decimal::new(u as i64, scale));
         }
     }
 
@@ -493,6 +516,15 @@ mod tests {
     fn units_are_exact_or_refused() {
         assert_eq!(to_units(Decimal::ONE, 0), Some(1));
         assert_eq!(to_units(Decimal::new(15, 1), 3), Some(1_500));
+        assert_eq!(units_decimal(1_500, 3), Decimal::new(1_500, 3));
+        assert_eq!(
+            units_decimal(VALUE_MAX, 9),
+            Decimal::new(VALUE_MAX as i64, 9)
+        );
+        assert_eq!(
+            units_decimal(u64::MAX >> 1, 0),
+            Decimal::from(u64::MAX >> 1)
+        );
         assert_eq!(to_units(Decimal::new(15, 1), 0), None);
         assert_eq!(to_units(Decimal::new(-1, 0), 0), None);
         assert_eq!(to_units(Decimal::ZERO, 0), Some(0));

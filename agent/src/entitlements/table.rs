@@ -28,7 +28,7 @@
 
 use super::EntitlementsCache;
 use super::decision::{DecidedBy, Decision, Limit};
-use super::fast::{Fast, FastTake, MAX_SCALE};
+use super::fast::{Fast, FastTake, MAX_SCALE, units_decimal};
 use super::meter::{Booked, Freshness, Hold, Lease, LimitView, MeterState, Take};
 use super::policy::{EntitlementsConfig, OfflinePolicy};
 use crate::error::RecordError;
@@ -1093,7 +1093,7 @@ impl Table {
                     Take {
                         allowed: true,
                         decided_by: DecidedBy::Lease,
-                        remaining: Some(Decimal::new(remaining, scale)),
+                        remaining: Some(units_decimal(remaining.max(0) as u64, scale)),
                         // Recorded already: nothing to undo or release under it.
                         booked: Booked::None,
                         overshoot: Decimal::ZERO,
@@ -1124,9 +1124,9 @@ impl Table {
                     Take {
                         allowed: true,
                         decided_by,
-                        remaining: remaining.map(|r| Decimal::new(r, scale)),
+                        remaining: remaining.map(|r| units_decimal(r.max(0) as u64, scale)),
                         booked: Booked::Local,
-                        overshoot: Decimal::new(overshoot as i64, scale),
+                        overshoot: units_decimal(overshoot, scale),
                     },
                     false,
                 ))
