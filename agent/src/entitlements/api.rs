@@ -122,10 +122,28 @@ impl Agent {
         meter: &str,
         qty: Decimal,
     ) -> Result<Consumed, ConsumeError> {
+        check_qty(qty)?;
+        let sh = self.shared();
+        let now = sh.hot_now_ms();
+        if let Some(r) = sh.ent.try_consume_lockfree(
+            customer,
+            meter,
+            qty,
+            now,
+            |hint, slot| warm(sh, hint, slot),
+            |slot| record_slot(sh, slot, qty, now),
+        ) {
+            let (decided_by, remaining) = r?;
+            return Ok(Consumed {
+                allowed: true,
+                recorded: qty,
+                remaining,
+                decided_by,
+            });
+        }
         Ok(self.try_consume_inner(customer, meter, qty)?.0)
     }
 
-    #[inline]
     fn try_consume_inner(
         &self,
         customer: &str,

@@ -258,6 +258,7 @@ impl Fast {
         }
     }
 
+    #[inline]
     fn taken(&self, i: u64, tag: u64, units: u64, value: u64, mode: u64, scale: u32) -> FastTake {
         let base = self.base.load(Ordering::Relaxed);
         if mode == MODE_LEASE {

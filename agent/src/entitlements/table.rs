@@ -1060,7 +1060,41 @@ impl Table {
         })?
     }
 
+    /// `try_consume`'s lock-free answer for a known customer and meter with something
+    /// published, without the closures, retries and answer types of the general path (a fifth
+    /// of its instructions). `None`: nothing was taken, take [`Table::try_consume_warm`] (it
+    /// looks again and decides the same way or under the lock). `Some`: final, the quantity was
+    /// taken and `record` ran: what decided and what remains, or `record`'s error (undone).
+    #[inline]
+    pub(crate) fn try_consume_lockfree(
+        &self,
+        customer: &str,
+        meter: &str,
+        qty: Decimal,
+        now_ms: i64,
+        warm: impl FnOnce(&AtomicU32, &MeterSlot),
+        record: impl FnOnce(&MeterSlot) -> Result<(), RecordError>,
+    ) -> Option<Result<(DecidedBy, Option<Decimal>), RecordError>> {
+        let hash = self.hash(customer);
+        let t = self.read(hash);
+        let c = t.find(hash, |s| s.is(customer))?;
+        if !c.known {
+            return None;
+        }
+        let (slot, hint) = c.meter_and_hint(meter)?;
+        let fresh = self.freshness(c, now_ms);
+        if let Some(h) = hint {
+            warm(h, slot);
+        }
+        let f = slot.fast.take(qty, fresh == Freshness::Current, now_ms)?;
+        Some(
+            self.fast_taken(slot, f, qty, fresh, now_ms, record)
+                .map(|(t, _)| (t.decided_by, t.remaining)),
+        )
+    }
+
     /// Records a lock-free take and answers it; a lease running low takes the lock to refill.
+    #[inline]
     fn fast_taken(
         &self,
         slot: &MeterSlot,
