@@ -1007,3 +1007,77 @@ fn marked_readers_and_writers_race() {
         assert_eq!(allowed, recorded);
     }
 }
+
+/// Two tables alike: `hard` with a lease of `granted`, or a soft limit of 7.
+fn twin(hard: bool, granted: Decimal) -> Table {
+    let t = Table::new(EntitlementsConfig::default());
+    t.set_connected(true, 0);
+    let e = if hard {
+        Enforcement::Hard
+    } else {
+        Enforcement::Soft
+    };
+    let l = if hard { 10_000 } else { 7 };
+    t.apply(&[customer_with("c", l, Decimal::ZERO, e)], false, 0);
+    if hard {
+        t.on_grant(
+            &LeaseGrant {
+                request_id: 0,
+                customer: CustomerId::new("c").unwrap(),
+                meter: MeterName::new("api_calls").unwrap(),
+                lease_id: 1,
+                period_start_ms: 0,
+                granted_total: granted,
+                added: granted,
+                expires_at_ms: PERIOD_END,
+            },
+            1,
+        );
+    }
+    t
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// `Agent::try_consume`'s order — the lock-free answer, else the general path — decides,
+    /// records and undoes exactly as the general path alone, failed records included: same
+    /// answers, same quantities recorded, same accounting after.
+    #[test]
+    fn the_lock_free_answer_is_the_general_paths(
+        hard in any::<bool>(),
+        granted in (0..10_001i64, 0..4u32).prop_map(|(m, s)| Decimal::new(m, s)),
+        ops in prop::collection::vec((decimal_qty(), prop::bool::weighted(0.15)), 1..120),
+        // An unknown customer now and then: the lock-free answer declines it.
+        unknown in prop::collection::vec(any::<bool>(), 1..120),
+    ) {
+        use crate::error::RecordError;
+        let (a, b) = (twin(hard, granted), twin(hard, granted));
+        let (rec_a, rec_b) = (std::cell::Cell::new(Decimal::ZERO), std::cell::Cell::new(Decimal::ZERO));
+        for (i, (q, fail)) in ops.iter().enumerate() {
+            let customer = if unknown.get(i).copied().unwrap_or(false) && i % 7 == 0 { "new" } else { "c" };
+            let record = |cell: &std::cell::Cell<Decimal>| {
+                if *fail {
+                    Err(RecordError::Closed)
+                } else {
+                    cell.set(cell.get() + *q);
+                    Ok(())
+                }
+            };
+            let got = match a.try_consume_lockfree(customer, "api_calls", *q, 2, |_, _| {}, |_| record(&rec_a)) {
+                Some(r) => r.map(|(by, remaining)| (true, by, remaining)),
+                None => a
+                    .try_consume(customer, "api_calls", *q, 2, |_| record(&rec_a))
+                    .map(|(t, _)| (t.allowed, t.decided_by, t.remaining)),
+            };
+            let want = b
+                .try_consume(customer, "api_calls", *q, 2, |_| record(&rec_b))
+                .map(|(t, _)| (t.allowed, t.decided_by, t.remaining));
+            prop_assert_eq!(&got, &want, "{} of {} for {}, failing {}", i, q, customer, fail);
+            prop_assert_eq!(rec_a.get(), rec_b.get());
+        }
+        let (la, lb) = (a.limit("c", "api_calls", 3), b.limit("c", "api_calls", 3));
+        prop_assert_eq!((la.used, la.remaining), (lb.used, lb.remaining));
+        prop_assert_eq!(a.stats.overshoot(), b.stats.overshoot());
+    }
+}
