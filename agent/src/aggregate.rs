@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
-use tally_protocol::batch::{Delta, bucket_start};
+use tally_protocol::batch::{BUCKET_MS, Delta, bucket_start};
 use tally_protocol::catalog::Catalog;
 use tally_protocol::names::{CustomerId, Dimensions, MeterName};
 
@@ -86,49 +86,104 @@ pub(crate) struct KeyInfo {
     known: AtomicBool,
 }
 
-/// The aggregate of one key in one bucket since the last drain. `count == 0` means empty.
-/// Aligned to its 64 bytes, so updating one touches one cache line, not two.
+/// The aggregate of one key in one bucket since the last drain, in 48 bytes, so that it and its
+/// key's shard data share one cache line ([`Slot`]). `count == 0` means empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(align(64))]
 pub(crate) struct Acc {
+    /// Start of the bucket, ms since the epoch.
     pub(crate) bucket: i64,
     pub(crate) sum: Decimal,
-    pub(crate) count: u64,
     pub(crate) last: Decimal,
-    pub(crate) first_at: i64,
-    pub(crate) last_at: i64,
+    /// Calls folded in. A key's 2^32nd call in one bucket starts a new aggregate (the full one
+    /// is kept aside, as for a sum that would not fit), so no count is ever lost.
+    pub(crate) count: u32,
+    /// `first_at - bucket` and `last_at - bucket` (a bucket is 60,000 ms, under 2^16).
+    first_off: u16,
+    last_off: u16,
 }
+
+// The offsets in the bucket fit their u16s.
+const _: () = assert!(BUCKET_MS > 0 && BUCKET_MS <= 1 << 16);
 
 impl Acc {
     const EMPTY: Acc = Acc {
         bucket: 0,
         sum: Decimal::ZERO,
-        count: 0,
         last: Decimal::ZERO,
-        first_at: 0,
-        last_at: 0,
+        count: 0,
+        first_off: 0,
+        last_off: 0,
     };
 
     fn one(qty: Decimal, at_ms: i64) -> Acc {
+        let bucket = bucket_start(at_ms);
+        // In `0..BUCKET_MS` (the bucket holds `at_ms`), so it fits.
+        let off = at_ms.wrapping_sub(bucket) as u16;
         Acc {
-            bucket: bucket_start(at_ms),
+            bucket,
             sum: qty,
-            count: 1,
             last: qty,
-            first_at: at_ms,
-            last_at: at_ms,
+            count: 1,
+            first_off: off,
+            last_off: off,
         }
     }
+
+    pub(crate) fn first_at(&self) -> i64 {
+        self.bucket.wrapping_add(i64::from(self.first_off))
+    }
+
+    pub(crate) fn last_at(&self) -> i64 {
+        self.bucket.wrapping_add(i64::from(self.last_off))
+    }
+}
+
+/// What a shard keeps per key id: the accumulator and, for a key this shard has looked up by
+/// its text, where that text is in the arena and the key's catalog check. One cache line, so a
+/// `record()` touches the table (4 bytes an entry, small enough to stay cached), this line and
+/// the key's bytes.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Slot {
+    acc: Acc,
+    /// The key's bytes in the shard's arena: customer 0xff meter (0xfe key 0xfd value)*.
+    /// These separators never occur in UTF-8, so the encoding is unambiguous.
+    off: u32,
+    /// At most 128 + 1 + 64 + 4 × (2 + 64 + 256) bytes; 0 while the shard has not stored the
+    /// key's text (an encoding is never empty).
+    len: u16,
+    /// The customer's length (at most 128 bytes): a key without dimensions is compared as two
+    /// slices of known length, with no scan for the separator.
+    clen: u8,
+    known: bool,
+    /// Low 32 bits of the catalog generation `known` was computed for (a false match needs
+    /// exactly 2^32 catalog changes between two lookups of the key).
+    known_gen: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 64);
+
+impl Slot {
+    const EMPTY: Slot = Slot {
+        acc: Acc::EMPTY,
+        off: 0,
+        len: 0,
+        clen: 0,
+        known: false,
+        known_gen: 0,
+    };
 }
 
 struct ShardState {
     /// The key hash's secret seed (random per shard).
     seed: u64,
-    /// Key text → id; the text lives in `arena`, so a lookup touches the table, one run of
-    /// bytes and the accumulator, and no pointer chain.
-    table: HashTable<Entry>,
+    /// Key text → id, 4 bytes an entry (16k buckets for 10k keys: 64 KiB, plus 16 KiB of
+    /// control bytes). The text lives in `arena`, where the id's [`Slot`] says; the table keeps
+    /// no hash (it is recomputed from the arena when the table grows).
+    table: HashTable<u32>,
     arena: Vec<u8>,
-    accs: Vec<Acc>,
+    /// By key id (the agent's, so a [`KeyCache`] id indexes it directly).
+    slots: Vec<Slot>,
     touched: Vec<u32>,
     spill: Vec<(u32, Acc)>,
     records: u64,
@@ -141,7 +196,7 @@ impl ShardState {
             seed: DefaultHashBuilder::default().hash_one(0x7a11_u64),
             table: HashTable::new(),
             arena: Vec::new(),
-            accs: Vec::new(),
+            slots: Vec::new(),
             touched: Vec::new(),
             spill: Vec::with_capacity(64),
             records: 0,
@@ -150,24 +205,14 @@ impl ShardState {
     }
 }
 
-/// A shard's table entry (32 bytes).
-struct Entry {
-    hash: u64,
-    /// Catalog version `known` was computed for.
-    known_version: u64,
-    id: u32,
-    /// The key's bytes in the shard's arena: customer 0xff meter (0xfe key 0xfd value)*.
-    /// These separators never occur in UTF-8, so the encoding is unambiguous.
-    off: u32,
-    /// At most 128 + 1 + 64 + 4 × (2 + 64 + 256) bytes.
-    len: u16,
-    /// The customer's length (at most 128 bytes): a key without dimensions is compared as two
-    /// slices of known length, with no scan for the separator.
-    clen: u8,
-    known: bool,
-}
+impl Slot {
+    /// The key's bytes, if this shard stored them.
+    #[inline(always)]
+    fn key<'a>(&self, arena: &'a [u8]) -> Option<&'a [u8]> {
+        let off = self.off as usize;
+        arena.get(off..off + usize::from(self.len))
+    }
 
-impl Entry {
     /// Whether this entry is the key (`customer`, `meter`) without dimensions.
     #[inline(always)]
     fn is_plain(&self, arena: &[u8], customer: &str, meter: &str) -> bool {
@@ -242,6 +287,37 @@ fn key_matches(bytes: &[u8], customer: &str, meter: &str, dims: &[(&str, &str)])
             .iter()
             .all(|(k, v)| eat(&[0xfe]) && eat(k.as_bytes()) && eat(&[0xfd]) && eat(v.as_bytes()))
         && rest.is_empty()
+}
+
+/// The parts of a shard that a key's first sight changes.
+struct Insert<'s> {
+    seed: u64,
+    table: &'s mut HashTable<u32>,
+    arena: &'s mut Vec<u8>,
+    slots: &'s mut Vec<Slot>,
+}
+
+/// The table hash of the key stored for `id` (what [`key_hash`] gave for it), from its bytes in
+/// the arena. Only the table's growth asks for it.
+fn stored_hash(seed: u64, slots: &[Slot], arena: &[u8], id: u32) -> u64 {
+    slots
+        .get(id as usize)
+        .and_then(|s| s.key(arena))
+        .map_or(0, |b| encoded_hash(seed, b))
+}
+
+/// [`key_hash`] of an [`encode_key`] encoding: the same pieces, split at the separators.
+fn encoded_hash(seed: u64, bytes: &[u8]) -> u64 {
+    let (customer, rest) = match bytes.iter().position(|&b| b == 0xff) {
+        Some(i) => (bytes.get(..i).unwrap_or_default(), bytes.get(i + 1..)),
+        None => (bytes, None),
+    };
+    let mut h = piece(seed, customer);
+    // Meter, then each dimension's key and value.
+    for p in rest.unwrap_or_default().split(|&b| b == 0xfe || b == 0xfd) {
+        h = piece(h, p);
+    }
+    h
 }
 
 /// One thread's shard. Aligned so that two shards never share a cache line.
@@ -655,66 +731,99 @@ impl Aggregator {
             seed,
             table,
             arena,
-            accs,
+            slots,
             touched,
             spill,
             ..
         } = st;
         let hash = key_hash(*seed, customer, meter, dims);
-        let version = self.catalog_version.load(Ordering::Acquire);
+        // Truncated: see `Slot::known_gen`.
+        let generation = self.catalog_gen.load(Ordering::Acquire) as u32;
         let found = if dims.is_empty() {
-            table.find_mut(hash, |e| {
-                e.hash == hash && e.is_plain(arena, customer, meter)
+            table.find(hash, |&id| {
+                slots
+                    .get(id as usize)
+                    .is_some_and(|s| s.is_plain(arena, customer, meter))
             })
         } else {
-            table.find_mut(hash, |e| {
-                e.hash == hash
-                    && arena
-                        .get(e.off as usize..e.off as usize + usize::from(e.len))
-                        .is_some_and(|b| key_matches(b, customer, meter, dims))
+            table.find(hash, |&id| {
+                slots
+                    .get(id as usize)
+                    .and_then(|s| s.key(arena))
+                    .is_some_and(|b| key_matches(b, customer, meter, dims))
             })
         };
-        let id = match found {
-            Some(e) => {
-                if e.known_version != version {
-                    e.known = self.meter_known(meter);
-                    e.known_version = version;
+        let (id, slot) = match found.and_then(|&id| Some((id, slots.get_mut(id as usize)?))) {
+            Some((id, slot)) => {
+                if slot.known_gen != generation {
+                    // The catalog as of now, at least as new as `generation`.
+                    slot.known = self.meter_known(meter);
+                    slot.known_gen = generation;
                 }
-                if !e.known {
-                    return Err(RecordError::UnknownMeter);
-                }
-                e.id
+                (id, slot)
             }
-            None => {
-                let key = self.intern(customer, meter, dims)?;
-                let known = self.meter_known(meter);
-                let off = u32::try_from(arena.len()).map_err(|_| RecordError::OverBudget)?;
-                // Validated by `intern`: the customer has at most 128 bytes, the key ~1.5 kB.
-                let clen = u8::try_from(customer.len()).map_err(|_| RecordError::OverBudget)?;
-                let len = u16::try_from(key_len(customer, meter, dims))
-                    .map_err(|_| RecordError::OverBudget)?;
-                encode_key(arena, customer, meter, dims);
-                table.insert_unique(
-                    hash,
-                    Entry {
-                        hash,
-                        known_version: version,
-                        id: key.id,
-                        off,
-                        len,
-                        clen,
-                        known,
-                    },
-                    |e| e.hash,
-                );
-                if !known {
-                    return Err(RecordError::UnknownMeter);
-                }
-                key.id
-            }
+            None => self.insert(
+                Insert {
+                    seed: *seed,
+                    table,
+                    arena,
+                    slots,
+                },
+                hash,
+                generation,
+                customer,
+                meter,
+                dims,
+            )?,
         };
-        self.add(accs, touched, spill, id, qty, at_ms);
+        if !slot.known {
+            return Err(RecordError::UnknownMeter);
+        }
+        self.add(&mut slot.acc, id, touched, spill, qty, at_ms);
         Ok(())
+    }
+
+    /// First sight of a key in this shard: interns it (validating it), stores its text and
+    /// catalog check and adds it to the table. Returns its id and slot.
+    #[cold]
+    #[inline(never)]
+    fn insert<'s>(
+        &self,
+        at: Insert<'s>,
+        hash: u64,
+        generation: u32,
+        customer: &str,
+        meter: &str,
+        dims: &[(&str, &str)],
+    ) -> Result<(u32, &'s mut Slot), RecordError> {
+        let Insert {
+            seed,
+            table,
+            arena,
+            slots,
+        } = at;
+        let key = self.intern(customer, meter, dims)?;
+        let known = self.meter_known(meter);
+        let off = u32::try_from(arena.len()).map_err(|_| RecordError::OverBudget)?;
+        // Validated by `intern`: the customer has at most 128 bytes, the key ~1.5 kB.
+        let clen = u8::try_from(customer.len()).map_err(|_| RecordError::OverBudget)?;
+        let len = u16::try_from(key_len(customer, meter, dims))
+            .map_err(|_| RecordError::OverBudget)?;
+        let idx = key.id as usize;
+        if idx >= slots.len() {
+            grow(slots, idx);
+        }
+        encode_key(arena, customer, meter, dims);
+        let slot = slots.get_mut(idx).ok_or(RecordError::OverBudget)?;
+        slot.off = off;
+        slot.len = len;
+        slot.clen = clen;
+        slot.known = known;
+        slot.known_gen = generation;
+        // Growing the table rehashes every key from its bytes.
+        table.insert_unique(hash, key.id, |&id| stored_hash(seed, slots, arena, id));
+        let slot = slots.get_mut(idx).ok_or(RecordError::OverBudget)?;
+        Ok((key.id, slot))
     }
 
     /// Records through a kept key (no lookup).
@@ -761,8 +870,8 @@ impl Aggregator {
         // SAFETY: as in `with_shard`: `CURRENT` names a shard this thread's `LOCAL` holds.
         let shard = unsafe { &*shard };
         let st = shard.state.lock_owned();
-        if let Some(acc) = st.accs.get(id as usize) {
-            prefetch_line(acc);
+        if let Some(slot) = st.slots.get(id as usize) {
+            prefetch_line(slot);
         }
     }
 
@@ -783,12 +892,18 @@ impl Aggregator {
                 Ok(()) => {
                     st.records += 1;
                     let ShardState {
-                        accs,
+                        slots,
                         touched,
                         spill,
                         ..
                     } = st;
-                    self.add(accs, touched, spill, id, qty, at_ms);
+                    let idx = id as usize;
+                    if idx >= slots.len() {
+                        grow(slots, idx);
+                    }
+                    if let Some(slot) = slots.get_mut(idx) {
+                        self.add(&mut slot.acc, id, touched, spill, qty, at_ms);
+                    }
                 }
                 Err(e) => st.errors[e.index()] += 1,
             }
@@ -815,44 +930,57 @@ impl Aggregator {
         self.record_id(key.id, known, qty, at_ms)
     }
 
+    /// Folds `qty` at `at_ms` into the accumulator of key `id`.
+    #[inline(always)]
     fn add(
         &self,
-        accs: &mut Vec<Acc>,
+        acc: &mut Acc,
+        id: u32,
         touched: &mut Vec<u32>,
         spill: &mut Vec<(u32, Acc)>,
-        id: u32,
         qty: Decimal,
         at_ms: i64,
     ) {
-        let idx = id as usize;
-        if idx >= accs.len() {
-            accs.resize(idx + 1, Acc::EMPTY);
-        }
-        let acc = &mut accs[idx];
-        if acc.count == 0 {
-            *acc = Acc::one(qty, at_ms);
-            touched.push(id);
-            if touched.len() + spill.len() == SEAL_HINT_KEYS {
-                self.hint();
-            }
-            return;
-        }
-        let sum = add_exact(acc.sum, qty);
-        match sum {
-            Some(sum) if acc.bucket == bucket_start(at_ms) => {
+        // In the bucket exactly when in `0..BUCKET_MS` (no division on this path).
+        let off = at_ms.wrapping_sub(acc.bucket) as u64;
+        if off < BUCKET_MS as u64 && acc.count.wrapping_sub(1) < u32::MAX - 1 {
+            // Non-empty, and one more call fits the count.
+            if let Some(sum) = add_exact(acc.sum, qty) {
+                let off = off as u16;
                 acc.sum = sum;
                 acc.count += 1;
-                if at_ms >= acc.last_at {
+                if off >= acc.last_off {
                     acc.last = qty;
-                    acc.last_at = at_ms;
+                    acc.last_off = off;
                 }
-                acc.first_at = acc.first_at.min(at_ms);
+                acc.first_off = acc.first_off.min(off);
+                return;
             }
-            // Another bucket, or a sum that would overflow: keep the old aggregate aside.
-            _ => {
-                spill.push((id, *acc));
-                *acc = Acc::one(qty, at_ms);
-            }
+        }
+        self.add_other(acc, id, touched, spill, qty, at_ms);
+    }
+
+    /// [`Self::add`] into an empty accumulator, or one that cannot take `qty`: another bucket,
+    /// a sum that would not fit, a full count. The old aggregate is kept aside, so nothing is
+    /// rounded or lost.
+    #[inline(never)]
+    fn add_other(
+        &self,
+        acc: &mut Acc,
+        id: u32,
+        touched: &mut Vec<u32>,
+        spill: &mut Vec<(u32, Acc)>,
+        qty: Decimal,
+        at_ms: i64,
+    ) {
+        if acc.count == 0 {
+            touched.push(id);
+        } else {
+            spill.push((id, *acc));
+        }
+        *acc = Acc::one(qty, at_ms);
+        if touched.len() + spill.len() == SEAL_HINT_KEYS {
+            self.hint();
         }
     }
 
@@ -936,10 +1064,10 @@ impl Aggregator {
                     dimensions: k.dims.clone(),
                     bucket_start_ms: a.bucket,
                     sum: a.sum,
-                    count: a.count,
+                    count: u64::from(a.count),
                     last: a.last,
-                    first_at_ms: a.first_at,
-                    last_at_ms: a.last_at,
+                    first_at_ms: a.first_at(),
+                    last_at_ms: a.last_at(),
                 })
             })
             .collect()
@@ -974,18 +1102,24 @@ impl Drop for Aggregator {
     }
 }
 
+/// Makes room for the slot of key `idx` (the first record of a key in this shard).
+#[cold]
+fn grow(slots: &mut Vec<Slot>, idx: usize) {
+    slots.resize(idx + 1, Slot::EMPTY);
+}
+
 fn drain_shard(s: &Shard, out: &mut Vec<(u32, Acc)>) {
     let mut st = s.state.lock();
     let ShardState {
-        accs,
+        slots,
         touched,
         spill,
         ..
     } = &mut *st;
     out.append(spill);
     for &id in touched.iter() {
-        if let Some(a) = accs.get_mut(id as usize) {
-            let taken = std::mem::replace(a, Acc::EMPTY);
+        if let Some(slot) = slots.get_mut(id as usize) {
+            let taken = std::mem::replace(&mut slot.acc, Acc::EMPTY);
             if taken.count > 0 {
                 out.push((id, taken));
             }

@@ -100,6 +100,15 @@ fn wanted(part: &str) -> bool {
     std::env::var("TALLY_BENCH_ONLY").map_or(true, |v| v == part)
 }
 
+/// Calls per thread of each `record()` summary: `TALLY_BENCH_CALLS=N` shortens the run (under
+/// callgrind); 4M by default.
+fn summary_calls() -> u64 {
+    std::env::var("TALLY_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4_000_000)
+}
+
 fn bench_record(c: &mut Criterion) {
     if !wanted("record") {
         return;
@@ -134,7 +143,7 @@ fn bench_record(c: &mut Criterion) {
     g.finish();
 
     // hdrhistogram summaries.
-    let calls = 4_000_000;
+    let calls = summary_calls();
     let (one, h1) = record_threads(&agent, &keys, 1, calls);
     let (two, h2) = record_threads(&agent, &keys, 2, calls);
     println!(
