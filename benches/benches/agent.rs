@@ -34,7 +34,11 @@ fn offline_agent(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Agent {
 }
 
 fn keys() -> Arc<Vec<String>> {
-    Arc::new((0..KEYS).map(|i| format!("customer-{i:05}")).collect())
+    let n = std::env::var("TALLY_BENCH_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(KEYS);
+    Arc::new((0..n).map(|i| format!("customer-{i:05}")).collect())
 }
 
 /// Records `calls` calls round-robin over the keys, starting at `offset`; returns per-call ns
@@ -127,7 +131,7 @@ fn bench_record(c: &mut Criterion) {
         let mut k = 0;
         b.iter(|| {
             let r = agent.record(&keys[k], "api_calls", Decimal::ONE);
-            k = (k + 1) % KEYS;
+            k = (k + 1) % keys.len();
             black_box(r)
         })
     });
@@ -171,7 +175,7 @@ fn bench_record(c: &mut Criterion) {
         let t = Instant::now();
         for _ in 0..BATCH {
             let _ = black_box(counters[i].add(Decimal::ONE));
-            i = (i + 1) % KEYS;
+            i = (i + 1) % counters.len();
         }
         let _ = h.record((t.elapsed().as_nanos() as u64 / BATCH).max(1));
     }
@@ -356,7 +360,7 @@ fn bench_overhead(_c: &mut Criterion) {
     while start.elapsed() < run {
         for _ in 0..100 {
             let _ = agent.record(&keys[k], "api_calls", Decimal::ONE);
-            k = (k + 1) % KEYS;
+            k = (k + 1) % keys.len();
         }
         tick += Duration::from_millis(1);
         if let Some(wait) = tick.checked_duration_since(Instant::now()) {
