@@ -350,7 +350,7 @@ impl KeyTable {
         let mut i = hash as usize & mask;
         while let Some(e) = self.entries.get_mut(i) {
             if *e == NO_ENTRY {
-                *e = (hash >> 32) << 32 | u64::from(id);
+                *e = (hash & !u64::from(u32::MAX)) | u64::from(id);
                 return;
             }
             i = (i + 1) & mask;
