@@ -1776,7 +1776,8 @@ mod tests {
                     1..300,
                 ),
             ) {
-                const KEYS: [(&str, &str, &[(&str, &str)]); 5] = [
+                type Key = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
+                const KEYS: [Key; 5] = [
                     ("a", "m", &[]),
                     ("b", "m", &[]),
                     ("a", "n", &[]),

@@ -33,6 +33,7 @@ fn offline_agent(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Agent {
         .expect("agent")
 }
 
+/// The keys: `TALLY_BENCH_KEYS=N` sets how many (10,000 by default; 1,000 fit in L2).
 fn keys() -> Arc<Vec<String>> {
     let n = std::env::var("TALLY_BENCH_KEYS")
         .ok()
