@@ -26,14 +26,14 @@
 //!   the cached id and check while the catalog generation is unchanged (decision 0112).
 
 use crate::error::{RECORD_ERROR_KINDS, RecordError};
-use hashbrown::{DefaultHashBuilder, HashTable};
+use hashbrown::DefaultHashBuilder;
 use rust_decimal::Decimal;
 use std::cell::{Cell, RefCell, UnsafeCell};
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
-use tally_protocol::batch::{Delta, bucket_start};
+use tally_protocol::batch::{BUCKET_MS, Delta, bucket_start};
 use tally_protocol::catalog::Catalog;
 use tally_protocol::names::{CustomerId, Dimensions, MeterName};
 
@@ -86,49 +86,99 @@ pub(crate) struct KeyInfo {
     known: AtomicBool,
 }
 
-/// The aggregate of one key in one bucket since the last drain. `count == 0` means empty.
-/// Aligned to its 64 bytes, so updating one touches one cache line, not two.
+/// The aggregate of one key in one bucket since the last drain, in 48 bytes, so that it and its
+/// key's shard data share one cache line ([`Slot`]). `count == 0` means empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(align(64))]
 pub(crate) struct Acc {
+    /// Start of the bucket, ms since the epoch.
     pub(crate) bucket: i64,
     pub(crate) sum: Decimal,
-    pub(crate) count: u64,
     pub(crate) last: Decimal,
-    pub(crate) first_at: i64,
-    pub(crate) last_at: i64,
+    /// Calls folded in. A key's 2^32nd call in one bucket starts a new aggregate (the full one
+    /// is kept aside, as for a sum that would not fit), so no count is ever lost.
+    pub(crate) count: u32,
+    /// `first_at - bucket` and `last_at - bucket` (a bucket is 60,000 ms, under 2^16).
+    first_off: u16,
+    last_off: u16,
 }
+
+// The offsets in the bucket fit their u16s.
+const _: () = assert!(BUCKET_MS > 0 && BUCKET_MS <= 1 << 16);
 
 impl Acc {
     const EMPTY: Acc = Acc {
         bucket: 0,
         sum: Decimal::ZERO,
-        count: 0,
         last: Decimal::ZERO,
-        first_at: 0,
-        last_at: 0,
+        count: 0,
+        first_off: 0,
+        last_off: 0,
     };
 
     fn one(qty: Decimal, at_ms: i64) -> Acc {
+        let bucket = bucket_start(at_ms);
+        // In `0..BUCKET_MS` (the bucket holds `at_ms`), so it fits.
+        let off = at_ms.wrapping_sub(bucket) as u16;
         Acc {
-            bucket: bucket_start(at_ms),
+            bucket,
             sum: qty,
-            count: 1,
             last: qty,
-            first_at: at_ms,
-            last_at: at_ms,
+            count: 1,
+            first_off: off,
+            last_off: off,
         }
     }
+
+    pub(crate) fn first_at(&self) -> i64 {
+        self.bucket.wrapping_add(i64::from(self.first_off))
+    }
+
+    pub(crate) fn last_at(&self) -> i64 {
+        self.bucket.wrapping_add(i64::from(self.last_off))
+    }
+}
+
+/// What a shard keeps per key id: the accumulator and, for a key this shard has looked up by
+/// its text, where that text is in the arena and the key's catalog check. One cache line, so a
+/// `record()` touches the table (8 bytes an entry, small enough to stay cached), this line and
+/// the key's bytes.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Slot {
+    acc: Acc,
+    /// The key's bytes in the shard's arena: customer 0xff meter (0xfe key 0xfd value)*.
+    /// These separators never occur in UTF-8, so the encoding is unambiguous.
+    off: u32,
+    /// At most 128 + 1 + 64 + 4 × (2 + 64 + 256) bytes; 0 while the shard has not stored the
+    /// key's text (an encoding is never empty).
+    len: u16,
+    known: bool,
+    /// Low 32 bits of the catalog generation `known` was computed for (a false match needs
+    /// exactly 2^32 catalog changes between two lookups of the key).
+    known_gen: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 64);
+
+impl Slot {
+    const EMPTY: Slot = Slot {
+        acc: Acc::EMPTY,
+        off: 0,
+        len: 0,
+        known: false,
+        known_gen: 0,
+    };
 }
 
 struct ShardState {
     /// The key hash's secret seed (random per shard).
     seed: u64,
-    /// Key text → id; the text lives in `arena`, so a lookup touches the table, one run of
-    /// bytes and the accumulator, and no pointer chain.
-    table: HashTable<Entry>,
+    /// Key text → id (16k entries for 10k keys: 128 KiB). The text lives in `arena`, where the
+    /// id's [`Slot`] says.
+    table: KeyTable,
     arena: Vec<u8>,
-    accs: Vec<Acc>,
+    /// By key id (the agent's, so a [`KeyCache`] id indexes it directly).
+    slots: Vec<Slot>,
     touched: Vec<u32>,
     spill: Vec<(u32, Acc)>,
     records: u64,
@@ -139,9 +189,9 @@ impl ShardState {
     fn new() -> Self {
         ShardState {
             seed: DefaultHashBuilder::default().hash_one(0x7a11_u64),
-            table: HashTable::new(),
+            table: KeyTable::new(),
             arena: Vec::new(),
-            accs: Vec::new(),
+            slots: Vec::new(),
             touched: Vec::new(),
             spill: Vec::with_capacity(64),
             records: 0,
@@ -150,39 +200,26 @@ impl ShardState {
     }
 }
 
-/// A shard's table entry (32 bytes).
-struct Entry {
-    hash: u64,
-    /// Catalog version `known` was computed for.
-    known_version: u64,
-    id: u32,
-    /// The key's bytes in the shard's arena: customer 0xff meter (0xfe key 0xfd value)*.
-    /// These separators never occur in UTF-8, so the encoding is unambiguous.
-    off: u32,
-    /// At most 128 + 1 + 64 + 4 × (2 + 64 + 256) bytes.
-    len: u16,
-    /// The customer's length (at most 128 bytes): a key without dimensions is compared as two
-    /// slices of known length, with no scan for the separator.
-    clen: u8,
-    known: bool,
-}
+impl Slot {
+    /// The key's bytes, if this shard stored them.
+    #[inline(always)]
+    fn key<'a>(&self, arena: &'a [u8]) -> Option<&'a [u8]> {
+        let off = self.off as usize;
+        arena.get(off..off + usize::from(self.len))
+    }
 
-impl Entry {
     /// Whether this entry is the key (`customer`, `meter`) without dimensions.
     #[inline(always)]
     fn is_plain(&self, arena: &[u8], customer: &str, meter: &str) -> bool {
         let (c, m) = (customer.as_bytes(), meter.as_bytes());
-        let off = self.off as usize;
-        // The lengths fix where the meter starts; a stored key with dimensions has more bytes
-        // after the meter (starting with 0xfe, which is not UTF-8), so it never matches.
+        // The stored key is `c 0xff m` exactly when it has this length, starts with `c` and ends
+        // with `m`: neither holds 0xff, 0xfe or 0xfd (not UTF-8), so the stored key's one 0xff
+        // is the byte between them and it has no dimension after `m`.
         usize::from(self.len) == c.len() + 1 + m.len()
-            && usize::from(self.clen) == c.len()
-            && arena
-                .get(off..off + c.len())
-                .is_some_and(|b| bytes_eq(b, c))
-            && arena
-                .get(off + c.len() + 1..off + usize::from(self.len))
-                .is_some_and(|b| bytes_eq(b, m))
+            && self.key(arena).is_some_and(|k| {
+                k.get(..c.len()).is_some_and(|b| bytes_eq(b, c))
+                    && k.get(c.len() + 1..).is_some_and(|b| bytes_eq(b, m))
+            })
     }
 }
 
@@ -242,6 +279,114 @@ fn key_matches(bytes: &[u8], customer: &str, meter: &str, dims: &[(&str, &str)])
             .iter()
             .all(|(k, v)| eat(&[0xfe]) && eat(k.as_bytes()) && eat(&[0xfd]) && eat(v.as_bytes()))
         && rest.is_empty()
+}
+
+/// A shard's table from a key's text to its id: insert-only open addressing with linear probing
+/// over 8-byte entries `tag << 32 | id` (the tag is the hash's high half, so a probe compares
+/// a key's bytes only on a 32-bit match), at most 3/4 full. Written here rather than taken
+/// from hashbrown, whose lookup calls the comparison through a `dyn FnMut`: a call, its spills
+/// and ~60 instructions per `record()`.
+struct KeyTable {
+    /// A power of two in length, or empty.
+    entries: Vec<u64>,
+    len: usize,
+}
+
+/// An unused entry: no key has id `u32::MAX` ([`KeyTable::insert`] refuses it).
+const NO_ENTRY: u64 = u64::MAX;
+
+impl KeyTable {
+    const fn new() -> Self {
+        KeyTable {
+            entries: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// The id of the key with `hash` for which `eq` holds.
+    #[inline(always)]
+    fn find(&self, hash: u64, mut eq: impl FnMut(u32) -> bool) -> Option<u32> {
+        let mask = self.entries.len().wrapping_sub(1);
+        let tag = hash >> 32;
+        let mut i = hash as usize & mask;
+        // Ends: at most 3/4 of the entries are used, so an unused one comes (and an empty
+        // table's `get` gives `None` at once).
+        loop {
+            let e = *self.entries.get(i)?;
+            if e == NO_ENTRY {
+                return None;
+            }
+            if e >> 32 == tag && eq(e as u32) {
+                return Some(e as u32);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Adds key `id` (not in the table) with `hash`; growing rehashes every key with `rehash`.
+    fn insert(
+        &mut self,
+        hash: u64,
+        id: u32,
+        rehash: impl Fn(u32) -> u64,
+    ) -> Result<(), RecordError> {
+        if id == u32::MAX {
+            return Err(RecordError::OverBudget);
+        }
+        if (self.len + 1) * 4 > self.entries.len() * 3 {
+            let cap = (self.entries.len() * 2).max(16);
+            let old = std::mem::replace(&mut self.entries, vec![NO_ENTRY; cap]);
+            for e in old.into_iter().filter(|&e| e != NO_ENTRY) {
+                self.place(rehash(e as u32), e as u32);
+            }
+        }
+        self.place(hash, id);
+        self.len += 1;
+        Ok(())
+    }
+
+    fn place(&mut self, hash: u64, id: u32) {
+        let mask = self.entries.len().wrapping_sub(1);
+        let mut i = hash as usize & mask;
+        while let Some(e) = self.entries.get_mut(i) {
+            if *e == NO_ENTRY {
+                *e = (hash & !u64::from(u32::MAX)) | u64::from(id);
+                return;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+}
+
+/// The parts of a shard that a key's first sight changes.
+struct Insert<'s> {
+    seed: u64,
+    table: &'s mut KeyTable,
+    arena: &'s mut Vec<u8>,
+    slots: &'s mut Vec<Slot>,
+}
+
+/// The table hash of the key stored for `id` (what [`key_hash`] gave for it), from its bytes in
+/// the arena. Only the table's growth asks for it.
+fn stored_hash(seed: u64, slots: &[Slot], arena: &[u8], id: u32) -> u64 {
+    slots
+        .get(id as usize)
+        .and_then(|s| s.key(arena))
+        .map_or(0, |b| encoded_hash(seed, b))
+}
+
+/// [`key_hash`] of an [`encode_key`] encoding: the same pieces, split at the separators.
+fn encoded_hash(seed: u64, bytes: &[u8]) -> u64 {
+    let (customer, rest) = match bytes.iter().position(|&b| b == 0xff) {
+        Some(i) => (bytes.get(..i).unwrap_or_default(), bytes.get(i + 1..)),
+        None => (bytes, None),
+    };
+    let mut h = piece(seed, customer);
+    // Meter, then each dimension's key and value.
+    for p in rest.unwrap_or_default().split(|&b| b == 0xfe || b == 0xfd) {
+        h = piece(h, p);
+    }
+    h
 }
 
 /// One thread's shard. Aligned so that two shards never share a cache line.
@@ -571,18 +716,25 @@ impl Aggregator {
 
     #[inline]
     fn with_shard<R>(&self, f: impl FnOnce(&mut ShardState) -> R) -> R {
-        let (uid, shard) = CURRENT.with(Cell::get);
-        if uid == self.uid {
-            // SAFETY: `CURRENT` names a shard that this thread's `LOCAL` holds an `Arc` of (see
-            // its invariant), so it is alive for this call: `LOCAL` is only changed by this
-            // thread, in `with_shard_slow`, which does not run meanwhile. Uids are never
-            // reused, so a shard of a dropped aggregator is never matched. Exercised by
-            // `tests::threads_get_their_own_shards_and_sum_exactly` and
-            // `tests::two_aggregators_on_one_thread_keep_their_own_shards`.
-            let shard = unsafe { &*shard };
-            return f(&mut shard.state.lock_owned());
+        match self.current_shard() {
+            Some(shard) => f(&mut shard.state.lock_owned()),
+            None => self.with_shard_slow(f),
         }
-        self.with_shard_slow(f)
+    }
+
+    /// This thread's shard of this aggregator, if it is the one it used last (one TLS load).
+    /// The reference is for the current call only: do not keep it across a call that may
+    /// reach `with_shard_slow`.
+    #[inline(always)]
+    fn current_shard(&self) -> Option<&Shard> {
+        let (uid, shard) = CURRENT.with(Cell::get);
+        // SAFETY: `CURRENT` names a shard that this thread's `LOCAL` holds an `Arc` of (see
+        // its invariant), so it is alive for this call: `LOCAL` is only changed by this
+        // thread, in `with_shard_slow`, which does not run meanwhile. Uids are never
+        // reused, so a shard of a dropped aggregator is never matched. Exercised by
+        // `tests::threads_get_their_own_shards_and_sum_exactly` and
+        // `tests::two_aggregators_on_one_thread_keep_their_own_shards`.
+        (uid == self.uid).then(|| unsafe { &*shard })
     }
 
     #[cold]
@@ -620,6 +772,7 @@ impl Aggregator {
     }
 
     /// Records `qty` for the key at `at_ms`.
+    #[inline(always)]
     pub(crate) fn record(
         &self,
         customer: &str,
@@ -628,16 +781,41 @@ impl Aggregator {
         qty: Decimal,
         at_ms: i64,
     ) -> Result<(), RecordError> {
-        self.with_shard(|st| {
-            let r = self.record_in(st, customer, meter, dims, qty, at_ms);
-            match &r {
-                Ok(()) => st.records += 1,
-                Err(e) => st.errors[e.index()] += 1,
-            }
-            r
-        })
+        // Not through `with_shard`'s closure: inlined whole into the caller, the call builds
+        // no closure and has one frame (~40 instructions fewer).
+        match self.current_shard() {
+            Some(shard) => self.record_counted(
+                &mut shard.state.lock_owned(),
+                customer,
+                meter,
+                dims,
+                qty,
+                at_ms,
+            ),
+            None => self
+                .with_shard_slow(|st| self.record_counted(st, customer, meter, dims, qty, at_ms)),
+        }
     }
 
+    #[inline(always)]
+    fn record_counted(
+        &self,
+        st: &mut ShardState,
+        customer: &str,
+        meter: &str,
+        dims: &[(&str, &str)],
+        qty: Decimal,
+        at_ms: i64,
+    ) -> Result<(), RecordError> {
+        let r = self.record_in(st, customer, meter, dims, qty, at_ms);
+        match &r {
+            Ok(()) => st.records += 1,
+            Err(e) => st.errors[e.index()] += 1,
+        }
+        r
+    }
+
+    #[inline(always)]
     fn record_in(
         &self,
         st: &mut ShardState,
@@ -655,66 +833,97 @@ impl Aggregator {
             seed,
             table,
             arena,
-            accs,
+            slots,
             touched,
             spill,
             ..
         } = st;
         let hash = key_hash(*seed, customer, meter, dims);
-        let version = self.catalog_version.load(Ordering::Acquire);
+        // Truncated: see `Slot::known_gen`.
+        let generation = self.catalog_gen.load(Ordering::Acquire) as u32;
         let found = if dims.is_empty() {
-            table.find_mut(hash, |e| {
-                e.hash == hash && e.is_plain(arena, customer, meter)
+            table.find(hash, |id| {
+                slots
+                    .get(id as usize)
+                    .is_some_and(|s| s.is_plain(arena, customer, meter))
             })
         } else {
-            table.find_mut(hash, |e| {
-                e.hash == hash
-                    && arena
-                        .get(e.off as usize..e.off as usize + usize::from(e.len))
-                        .is_some_and(|b| key_matches(b, customer, meter, dims))
+            table.find(hash, |id| {
+                slots
+                    .get(id as usize)
+                    .and_then(|s| s.key(arena))
+                    .is_some_and(|b| key_matches(b, customer, meter, dims))
             })
         };
-        let id = match found {
-            Some(e) => {
-                if e.known_version != version {
-                    e.known = self.meter_known(meter);
-                    e.known_version = version;
+        let (id, slot) = match found.and_then(|id| Some((id, slots.get_mut(id as usize)?))) {
+            Some((id, slot)) => {
+                if slot.known_gen != generation {
+                    // The catalog as of now, at least as new as `generation`.
+                    slot.known = self.meter_known(meter);
+                    slot.known_gen = generation;
                 }
-                if !e.known {
-                    return Err(RecordError::UnknownMeter);
-                }
-                e.id
+                (id, slot)
             }
-            None => {
-                let key = self.intern(customer, meter, dims)?;
-                let known = self.meter_known(meter);
-                let off = u32::try_from(arena.len()).map_err(|_| RecordError::OverBudget)?;
-                // Validated by `intern`: the customer has at most 128 bytes, the key ~1.5 kB.
-                let clen = u8::try_from(customer.len()).map_err(|_| RecordError::OverBudget)?;
-                let len = u16::try_from(key_len(customer, meter, dims))
-                    .map_err(|_| RecordError::OverBudget)?;
-                encode_key(arena, customer, meter, dims);
-                table.insert_unique(
-                    hash,
-                    Entry {
-                        hash,
-                        known_version: version,
-                        id: key.id,
-                        off,
-                        len,
-                        clen,
-                        known,
-                    },
-                    |e| e.hash,
-                );
-                if !known {
-                    return Err(RecordError::UnknownMeter);
-                }
-                key.id
-            }
+            None => self.insert(
+                Insert {
+                    seed: *seed,
+                    table,
+                    arena,
+                    slots,
+                },
+                hash,
+                generation,
+                customer,
+                meter,
+                dims,
+            )?,
         };
-        self.add(accs, touched, spill, id, qty, at_ms);
+        if !slot.known {
+            return Err(RecordError::UnknownMeter);
+        }
+        self.add(&mut slot.acc, id, touched, spill, qty, at_ms);
         Ok(())
+    }
+
+    /// First sight of a key in this shard: interns it (validating it), stores its text and
+    /// catalog check and adds it to the table. Returns its id and slot.
+    #[cold]
+    #[inline(never)]
+    fn insert<'s>(
+        &self,
+        at: Insert<'s>,
+        hash: u64,
+        generation: u32,
+        customer: &str,
+        meter: &str,
+        dims: &[(&str, &str)],
+    ) -> Result<(u32, &'s mut Slot), RecordError> {
+        let Insert {
+            seed,
+            table,
+            arena,
+            slots,
+        } = at;
+        let key = self.intern(customer, meter, dims)?;
+        let known = self.meter_known(meter);
+        let off = u32::try_from(arena.len()).map_err(|_| RecordError::OverBudget)?;
+        // Validated by `intern`: the key has at most ~1.5 kB.
+        let len =
+            u16::try_from(key_len(customer, meter, dims)).map_err(|_| RecordError::OverBudget)?;
+        let idx = key.id as usize;
+        if idx >= slots.len() {
+            grow(slots, idx);
+        }
+        encode_key(arena, customer, meter, dims);
+        let slot = slots.get_mut(idx).ok_or(RecordError::OverBudget)?;
+        slot.off = off;
+        slot.len = len;
+        slot.known = known;
+        slot.known_gen = generation;
+        // Growing the table rehashes every key from its bytes.
+        table.insert(hash, key.id, |id| stored_hash(seed, slots, arena, id))?;
+        let slot = slots.get_mut(idx).ok_or(RecordError::OverBudget)?;
+        Ok((key.id, slot))
     }
 
     /// Records through a kept key (no lookup).
@@ -754,15 +963,12 @@ impl Aggregator {
     /// shard yet, for an id the shard has not seen, or off x86-64.
     #[inline]
     pub(crate) fn prefetch(&self, id: u32) {
-        let (uid, shard) = CURRENT.with(Cell::get);
-        if uid != self.uid {
+        let Some(shard) = self.current_shard() else {
             return;
-        }
-        // SAFETY: as in `with_shard`: `CURRENT` names a shard this thread's `LOCAL` holds.
-        let shard = unsafe { &*shard };
+        };
         let st = shard.state.lock_owned();
-        if let Some(acc) = st.accs.get(id as usize) {
-            prefetch_line(acc);
+        if let Some(slot) = st.slots.get(id as usize) {
+            prefetch_line(slot);
         }
     }
 
@@ -783,12 +989,18 @@ impl Aggregator {
                 Ok(()) => {
                     st.records += 1;
                     let ShardState {
-                        accs,
+                        slots,
                         touched,
                         spill,
                         ..
                     } = st;
-                    self.add(accs, touched, spill, id, qty, at_ms);
+                    let idx = id as usize;
+                    if idx >= slots.len() {
+                        grow(slots, idx);
+                    }
+                    if let Some(slot) = slots.get_mut(idx) {
+                        self.add(&mut slot.acc, id, touched, spill, qty, at_ms);
+                    }
                 }
                 Err(e) => st.errors[e.index()] += 1,
             }
@@ -815,44 +1027,57 @@ impl Aggregator {
         self.record_id(key.id, known, qty, at_ms)
     }
 
+    /// Folds `qty` at `at_ms` into the accumulator of key `id`.
+    #[inline(always)]
     fn add(
         &self,
-        accs: &mut Vec<Acc>,
+        acc: &mut Acc,
+        id: u32,
         touched: &mut Vec<u32>,
         spill: &mut Vec<(u32, Acc)>,
-        id: u32,
         qty: Decimal,
         at_ms: i64,
     ) {
-        let idx = id as usize;
-        if idx >= accs.len() {
-            accs.resize(idx + 1, Acc::EMPTY);
-        }
-        let acc = &mut accs[idx];
-        if acc.count == 0 {
-            *acc = Acc::one(qty, at_ms);
-            touched.push(id);
-            if touched.len() + spill.len() == SEAL_HINT_KEYS {
-                self.hint();
-            }
-            return;
-        }
-        let sum = add_exact(acc.sum, qty);
-        match sum {
-            Some(sum) if acc.bucket == bucket_start(at_ms) => {
+        // In the bucket exactly when in `0..BUCKET_MS` (no division on this path).
+        let off = at_ms.wrapping_sub(acc.bucket) as u64;
+        if off < BUCKET_MS as u64 && acc.count.wrapping_sub(1) < u32::MAX - 1 {
+            // Non-empty, and one more call fits the count.
+            if let Some(sum) = add_exact(acc.sum, qty) {
+                let off = off as u16;
                 acc.sum = sum;
                 acc.count += 1;
-                if at_ms >= acc.last_at {
+                if off >= acc.last_off {
                     acc.last = qty;
-                    acc.last_at = at_ms;
+                    acc.last_off = off;
                 }
-                acc.first_at = acc.first_at.min(at_ms);
+                acc.first_off = acc.first_off.min(off);
+                return;
             }
-            // Another bucket, or a sum that would overflow: keep the old aggregate aside.
-            _ => {
-                spill.push((id, *acc));
-                *acc = Acc::one(qty, at_ms);
-            }
+        }
+        self.add_other(acc, id, touched, spill, qty, at_ms);
+    }
+
+    /// [`Self::add`] into an empty accumulator, or one that cannot take `qty`: another bucket,
+    /// a sum that would not fit, a full count. The old aggregate is kept aside, so nothing is
+    /// rounded or lost.
+    #[inline(never)]
+    fn add_other(
+        &self,
+        acc: &mut Acc,
+        id: u32,
+        touched: &mut Vec<u32>,
+        spill: &mut Vec<(u32, Acc)>,
+        qty: Decimal,
+        at_ms: i64,
+    ) {
+        if acc.count == 0 {
+            touched.push(id);
+        } else {
+            spill.push((id, *acc));
+        }
+        *acc = Acc::one(qty, at_ms);
+        if touched.len() + spill.len() == SEAL_HINT_KEYS {
+            self.hint();
         }
     }
 
@@ -936,10 +1161,10 @@ impl Aggregator {
                     dimensions: k.dims.clone(),
                     bucket_start_ms: a.bucket,
                     sum: a.sum,
-                    count: a.count,
+                    count: u64::from(a.count),
                     last: a.last,
-                    first_at_ms: a.first_at,
-                    last_at_ms: a.last_at,
+                    first_at_ms: a.first_at(),
+                    last_at_ms: a.last_at(),
                 })
             })
             .collect()
@@ -974,18 +1199,24 @@ impl Drop for Aggregator {
     }
 }
 
+/// Makes room for the slot of key `idx` (the first record of a key in this shard).
+#[cold]
+fn grow(slots: &mut Vec<Slot>, idx: usize) {
+    slots.resize(idx + 1, Slot::EMPTY);
+}
+
 fn drain_shard(s: &Shard, out: &mut Vec<(u32, Acc)>) {
     let mut st = s.state.lock();
     let ShardState {
-        accs,
+        slots,
         touched,
         spill,
         ..
     } = &mut *st;
     out.append(spill);
     for &id in touched.iter() {
-        if let Some(a) = accs.get_mut(id as usize) {
-            let taken = std::mem::replace(a, Acc::EMPTY);
+        if let Some(slot) = slots.get_mut(id as usize) {
+            let taken = std::mem::replace(&mut slot.acc, Acc::EMPTY);
             if taken.count > 0 {
                 out.push((id, taken));
             }
@@ -1077,7 +1308,7 @@ fn piece(mut h: u64, s: &[u8]) -> u64 {
 
 /// The key's hash in the shard's table: one multiply per piece of up to 16 bytes, seeded with
 /// the shard's secret (as the table's default hasher is), over customer, meter and dimensions.
-#[inline]
+#[inline(always)]
 fn key_hash(seed: u64, customer: &str, meter: &str, dims: &[(&str, &str)]) -> u64 {
     let mut h = piece(seed, customer.as_bytes());
     h = piece(h, meter.as_bytes());
@@ -1428,6 +1659,57 @@ mod tests {
     }
 
     #[test]
+    fn a_full_count_starts_a_new_aggregate() {
+        let a = Aggregator::new();
+        let t = 1_700_000_000_000;
+        a.record("c", "m", &[], Decimal::ONE, t).unwrap();
+        let id = a.intern("c", "m", &[]).unwrap().id as usize;
+        // As after 2^32 - 2 more calls (too many to make here).
+        a.with_shard(|st| st.slots[id].acc.count = u32::MAX - 1);
+        a.record("c", "m", &[], Decimal::TWO, t + 1).unwrap();
+        assert_eq!(a.with_shard(|st| st.slots[id].acc.count), u32::MAX);
+        a.record("c", "m", &[], Decimal::TEN, t + 2).unwrap();
+        let mut d = a.drain();
+        d.sort_by_key(|d| d.count);
+        assert_eq!(d.len(), 2);
+        assert_eq!(
+            (d[0].count, d[0].sum, d[0].last),
+            (1, Decimal::TEN, Decimal::TEN)
+        );
+        assert_eq!((d[0].first_at_ms, d[0].last_at_ms), (t + 2, t + 2));
+        assert_eq!(d[1].count, u64::from(u32::MAX));
+        assert_eq!((d[1].sum, d[1].last), (Decimal::from(3), Decimal::TWO));
+        assert_eq!((d[1].first_at_ms, d[1].last_at_ms), (t, t + 1));
+        // The new aggregate takes further calls.
+        a.record("c", "m", &[], Decimal::ONE, t).unwrap();
+        a.record("c", "m", &[], Decimal::ONE, t).unwrap();
+        assert_eq!(a.drain()[0].count, 2);
+    }
+
+    #[test]
+    fn table_growth_rehashes_from_the_arena() {
+        // 3,000 keys (plain and with dimensions) grow the table from empty several times; every
+        // key is still found after each growth (its hash recomputed from its stored bytes).
+        let a = Aggregator::new();
+        let names: Vec<(String, String)> = (0..3000)
+            .map(|i| (format!("cust-{i}"), format!("v{}", i % 7)))
+            .collect();
+        for round in 0..2 {
+            for (i, (c, v)) in names.iter().enumerate() {
+                let dims: &[(&str, &str)] = if i % 3 == 0 {
+                    &[("k", v), ("z", "")]
+                } else {
+                    &[]
+                };
+                a.record(c, "m", dims, Decimal::from(i), 0).unwrap();
+            }
+            assert_eq!(a.drain().len(), 3000, "round {round}");
+        }
+        a.with_shard(|st| assert_eq!(st.table.len, 3000));
+        assert_eq!(lock(&a.interner).keys.len(), 3000);
+    }
+
+    #[test]
     fn threads_get_their_own_shards_and_sum_exactly() {
         let a = Arc::new(Aggregator::new());
         let hs: Vec<_> = (0..4)
@@ -1454,5 +1736,108 @@ mod tests {
         a.drain();
         assert_eq!(lock(&a.shards).len(), 0);
         assert_eq!(a.counts().records, 4000);
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn name() -> impl Strategy<Value = String> {
+            // Any text, including the empty string and multi-byte characters.
+            "\\PC{0,40}"
+        }
+
+        proptest! {
+            #[test]
+            fn stored_bytes_hash_as_the_key(
+                seed in any::<u64>(),
+                customer in name(),
+                meter in name(),
+                dims in proptest::collection::vec((name(), name()), 0..5),
+            ) {
+                let dims: Vec<(&str, &str)> =
+                    dims.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let mut b = Vec::new();
+                encode_key(&mut b, &customer, &meter, &dims);
+                prop_assert_eq!(b.len(), key_len(&customer, &meter, &dims));
+                prop_assert_eq!(
+                    encoded_hash(seed, &b),
+                    key_hash(seed, &customer, &meter, &dims)
+                );
+            }
+
+            /// Whatever the order, times and quantities of the calls, the drained aggregates of
+            /// each key and bucket hold exactly its calls: their sum, count, first and last times
+            /// and last quantity.
+            #[test]
+            fn drained_aggregates_are_the_calls(
+                calls in proptest::collection::vec(
+                    (0usize..5, 0u64..1_000_000_000_000, 0u32..7, 0i64..200_000),
+                    1..300,
+                ),
+            ) {
+                type Key = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
+                const KEYS: [Key; 5] = [
+                    ("a", "m", &[]),
+                    ("b", "m", &[]),
+                    ("a", "n", &[]),
+                    ("a", "m", &[("k", "v")]),
+                    ("a-customer-name-over-sixteen-bytes", "m", &[("k", "")]),
+                ];
+                let base = 1_699_999_980_000;
+                let a = Aggregator::new();
+                type Model = (Decimal, u64, i64, i64, Decimal);
+                let mut model: HashMap<(usize, i64), Model> = HashMap::new();
+                for &(k, m, scale, dt) in &calls {
+                    let (c, meter, dims) = KEYS[k];
+                    let q = Decimal::new(m as i64, scale);
+                    let at = base + dt;
+                    a.record(c, meter, dims, q, at).unwrap();
+                    let e = model.entry((k, bucket_start(at))).or_insert((
+                        Decimal::ZERO, 0, at, at, q,
+                    ));
+                    e.0 += q;
+                    e.1 += 1;
+                    e.2 = e.2.min(at);
+                    if at >= e.3 {
+                        e.3 = at;
+                        e.4 = q;
+                    }
+                }
+                let mut got: HashMap<(usize, i64), Model> = HashMap::new();
+                let mut latest: HashMap<(usize, i64), (i64, Decimal)> = HashMap::new();
+                for d in a.drain() {
+                    prop_assert!(d.validate().is_ok());
+                    let k = KEYS
+                        .iter()
+                        .position(|(c, m, dims)| {
+                            d.customer.as_str() == *c
+                                && d.meter.as_str() == *m
+                                && d.dimensions.pairs().len() == dims.len()
+                        })
+                        .unwrap();
+                    let e = got.entry((k, d.bucket_start_ms)).or_insert((
+                        Decimal::ZERO, 0, d.first_at_ms, d.last_at_ms, d.last,
+                    ));
+                    e.0 += d.sum;
+                    e.1 += d.count;
+                    e.2 = e.2.min(d.first_at_ms);
+                    e.3 = e.3.max(d.last_at_ms);
+                    // A key and bucket split over several aggregates (after a call in another
+                    // bucket): they drain oldest first, and the last quantity is that of the
+                    // latest call (of the newest aggregate on a tie).
+                    let l = latest.entry((k, d.bucket_start_ms)).or_insert((d.last_at_ms, d.last));
+                    if d.last_at_ms >= l.0 {
+                        *l = (d.last_at_ms, d.last);
+                    }
+                }
+                prop_assert_eq!(got.len(), model.len());
+                for (key, m) in &model {
+                    let g = got[key];
+                    prop_assert_eq!((g.0, g.1, g.2, g.3), (m.0, m.1, m.2, m.3));
+                    prop_assert_eq!(latest[key], (m.3, m.4));
+                }
+            }
+        }
     }
 }

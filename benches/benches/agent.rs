@@ -33,8 +33,13 @@ fn offline_agent(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Agent {
         .expect("agent")
 }
 
+/// The keys: `TALLY_BENCH_KEYS=N` sets how many (10,000 by default; 1,000 fit in L2).
 fn keys() -> Arc<Vec<String>> {
-    Arc::new((0..KEYS).map(|i| format!("customer-{i:05}")).collect())
+    let n = std::env::var("TALLY_BENCH_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(KEYS);
+    Arc::new((0..n).map(|i| format!("customer-{i:05}")).collect())
 }
 
 /// Records `calls` calls round-robin over the keys, starting at `offset`; returns per-call ns
@@ -100,6 +105,15 @@ fn wanted(part: &str) -> bool {
     std::env::var("TALLY_BENCH_ONLY").map_or(true, |v| v == part)
 }
 
+/// Calls per thread of each `record()` summary: `TALLY_BENCH_CALLS=N` shortens the run (under
+/// callgrind); 4M by default.
+fn summary_calls() -> u64 {
+    std::env::var("TALLY_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4_000_000)
+}
+
 fn bench_record(c: &mut Criterion) {
     if !wanted("record") {
         return;
@@ -118,7 +132,7 @@ fn bench_record(c: &mut Criterion) {
         let mut k = 0;
         b.iter(|| {
             let r = agent.record(&keys[k], "api_calls", Decimal::ONE);
-            k = (k + 1) % KEYS;
+            k = (k + 1) % keys.len();
             black_box(r)
         })
     });
@@ -134,7 +148,7 @@ fn bench_record(c: &mut Criterion) {
     g.finish();
 
     // hdrhistogram summaries.
-    let calls = 4_000_000;
+    let calls = summary_calls();
     let (one, h1) = record_threads(&agent, &keys, 1, calls);
     let (two, h2) = record_threads(&agent, &keys, 2, calls);
     println!(
@@ -162,7 +176,7 @@ fn bench_record(c: &mut Criterion) {
         let t = Instant::now();
         for _ in 0..BATCH {
             let _ = black_box(counters[i].add(Decimal::ONE));
-            i = (i + 1) % KEYS;
+            i = (i + 1) % counters.len();
         }
         let _ = h.record((t.elapsed().as_nanos() as u64 / BATCH).max(1));
     }
@@ -347,7 +361,7 @@ fn bench_overhead(_c: &mut Criterion) {
     while start.elapsed() < run {
         for _ in 0..100 {
             let _ = agent.record(&keys[k], "api_calls", Decimal::ONE);
-            k = (k + 1) % KEYS;
+            k = (k + 1) % keys.len();
         }
         tick += Duration::from_millis(1);
         if let Some(wait) = tick.checked_duration_since(Instant::now()) {
