@@ -122,28 +122,12 @@ impl Agent {
         meter: &str,
         qty: Decimal,
     ) -> Result<Consumed, ConsumeError> {
-        check_qty(qty)?;
-        let sh = self.shared();
-        let now = sh.hot_now_ms();
-        if let Some(r) = sh.ent.try_consume_lockfree(
-            customer,
-            meter,
-            qty,
-            now,
-            |hint, slot| warm(sh, hint, slot),
-            |slot| record_slot(sh, slot, qty, now),
-        ) {
-            let (decided_by, remaining) = r?;
-            return Ok(Consumed {
-                allowed: true,
-                recorded: qty,
-                remaining,
-                decided_by,
-            });
-        }
         Ok(self.try_consume_inner(customer, meter, qty)?.0)
     }
 
+    /// The lock-free answer when there is one, else the general path; `true` when a denial's
+    /// answer from the collector is pending.
+    #[inline]
     fn try_consume_inner(
         &self,
         customer: &str,
@@ -153,14 +137,24 @@ impl Agent {
         check_qty(qty)?;
         let sh = self.shared();
         let now = sh.hot_now_ms();
-        let (t, pending) = sh.ent.try_consume_warm(
-            customer,
-            meter,
-            qty,
-            now,
-            |hint, slot| warm(sh, hint, slot),
-            |slot| record_slot(sh, slot, qty, now),
-        )?;
+        let warm = |hint: &AtomicU32, slot: &MeterSlot| warm(sh, hint, slot);
+        let record = |slot: &MeterSlot| record_slot(sh, slot, qty, now);
+        if let Some(r) = sh
+            .ent
+            .try_consume_lockfree(customer, meter, qty, now, warm, record)
+        {
+            let (decided_by, remaining) = r?;
+            let c = Consumed {
+                allowed: true,
+                recorded: qty,
+                remaining,
+                decided_by,
+            };
+            return Ok((c, false));
+        }
+        let (t, pending) = sh
+            .ent
+            .try_consume_warm(customer, meter, qty, now, warm, record)?;
         Ok((
             consumed(&t, if t.allowed { qty } else { Decimal::ZERO }),
             pending,

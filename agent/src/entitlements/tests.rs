@@ -506,22 +506,7 @@ proptest! {
         qs in prop::collection::vec(decimal_qty(), 1..120),
     ) {
         let limit = 10_000;
-        let t = Table::new(EntitlementsConfig::default());
-        t.set_connected(true, 0);
-        t.apply(&[customer_with("c", limit, Decimal::ZERO, Enforcement::Hard)], false, 0);
-        t.on_grant(
-            &LeaseGrant {
-                request_id: 0,
-                customer: CustomerId::new("c").unwrap(),
-                meter: MeterName::new("api_calls").unwrap(),
-                lease_id: 1,
-                period_start_ms: 0,
-                granted_total: granted,
-                added: granted,
-                expires_at_ms: PERIOD_END,
-            },
-            1,
-        );
+        let t = twin(true, granted);
         let recorded = std::cell::Cell::new(Decimal::ZERO);
         let mut allowed = Decimal::ZERO;
         for q in &qs {
@@ -543,9 +528,7 @@ proptest! {
         prop_assert_eq!(st.lease().map(|l| l.consumed), Some(allowed));
         drop(st);
 
-        let soft = Table::new(EntitlementsConfig::default());
-        soft.set_connected(true, 0);
-        soft.apply(&[customer_with("c", 7, Decimal::ZERO, Enforcement::Soft)], false, 0);
+        let soft = twin(false, Decimal::ZERO);
         let mut total = Decimal::ZERO;
         for q in &qs {
             let (take, _) = soft.try_consume("c", "api_calls", *q, 2, |_| Ok(())).unwrap();
@@ -1008,7 +991,8 @@ fn marked_readers_and_writers_race() {
     }
 }
 
-/// Two tables alike: `hard` with a lease of `granted`, or a soft limit of 7.
+/// A table whose customer "c" has a hard limit of 10,000 under a lease of `granted`, or a
+/// soft limit of 7.
 fn twin(hard: bool, granted: Decimal) -> Table {
     let t = Table::new(EntitlementsConfig::default());
     t.set_connected(true, 0);
