@@ -186,6 +186,15 @@ struct ShardState {
 }
 
 impl ShardState {
+    /// Counts a call: recorded, or failed with its error's kind.
+    #[inline(always)]
+    fn count(&mut self, r: &Result<(), RecordError>) {
+        match r {
+            Ok(()) => self.records += 1,
+            Err(e) => self.errors[e.index()] += 1,
+        }
+    }
+
     fn new() -> Self {
         ShardState {
             seed: DefaultHashBuilder::default().hash_one(0x7a11_u64),
@@ -808,10 +817,7 @@ impl Aggregator {
         at_ms: i64,
     ) -> Result<(), RecordError> {
         let r = self.record_in(st, customer, meter, dims, qty, at_ms);
-        match &r {
-            Ok(()) => st.records += 1,
-            Err(e) => st.errors[e.index()] += 1,
-        }
+        st.count(&r);
         r
     }
 
@@ -985,25 +991,22 @@ impl Aggregator {
                     Err(RecordError::UnknownMeter)
                 }
             });
-            match &r {
-                Ok(()) => {
-                    st.records += 1;
-                    let ShardState {
-                        slots,
-                        touched,
-                        spill,
-                        ..
-                    } = st;
-                    let idx = id as usize;
-                    if idx >= slots.len() {
-                        grow(slots, idx);
-                    }
-                    if let Some(slot) = slots.get_mut(idx) {
-                        self.add(&mut slot.acc, id, touched, spill, qty, at_ms);
-                    }
+            if r.is_ok() {
+                let ShardState {
+                    slots,
+                    touched,
+                    spill,
+                    ..
+                } = &mut *st;
+                let idx = id as usize;
+                if idx >= slots.len() {
+                    grow(slots, idx);
                 }
-                Err(e) => st.errors[e.index()] += 1,
+                if let Some(slot) = slots.get_mut(idx) {
+                    self.add(&mut slot.acc, id, touched, spill, qty, at_ms);
+                }
             }
+            st.count(&r);
             r
         })
     }
