@@ -636,3 +636,55 @@ fn a_crash_with_two_groups_in_flight() {
         ]);
     }
 }
+
+/// The syncer waits for a cohort as large as the one it last answered only up to its cap: a
+/// lone write after a group of 16 is still acknowledged, and each record only once durable.
+#[test]
+fn a_lone_write_after_a_cohort_is_acknowledged() {
+    let dir = FakeDir::default();
+    let cfg = LogConfig {
+        segment_bytes: 1 << 20,
+        spares: 1,
+    };
+    let (log, _) = SegmentLog::open(Arc::new(dir.clone()), cfg, 0, |_| {}).unwrap();
+    let log = Arc::new(log);
+    let syncer = {
+        let log = log.clone();
+        std::thread::spawn(move || log.run_syncer())
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cohort: Vec<Vec<u8>> = (0..16u8).map(|i| vec![i; 8]).collect();
+    let t = tx.clone();
+    log.write(
+        &cohort,
+        Box::new(move |r| t.send(r.map_err(|e| e.to_string())).unwrap()),
+    );
+    let timeout = std::time::Duration::from_secs(10);
+    assert_eq!(rx.recv_timeout(timeout).unwrap(), Ok(1));
+    for lsn in 17..20u64 {
+        let t = tx.clone();
+        log.write(
+            &[vec![9; 8]],
+            Box::new(move |r| t.send(r.map_err(|e| e.to_string())).unwrap()),
+        );
+        assert_eq!(rx.recv_timeout(timeout).unwrap(), Ok(lsn));
+    }
+    log.close();
+    syncer.join().unwrap();
+    // Everything acknowledged survives a power loss.
+    dir.crash(1);
+    let mut m = Model {
+        unfolded: (1..=16u64)
+            .map(|i| (i, vec![(i - 1) as u8; 8]))
+            .chain((17..20).map(|i| (i, vec![9; 8])))
+            .collect(),
+        watermark: 0,
+        maybe: Vec::new(),
+        next_lsn: 20,
+        payload_seq: 0,
+        chain: Vec::new(),
+        next_tag: 0,
+        events: Arc::new(Mutex::new(Vec::new())),
+    };
+    let _ = open(&dir, &mut m);
+}
