@@ -23,8 +23,6 @@
 //!   delayed, only coalescing stops for that bucket. The records themselves are one per
 //!   (customer, meter) with a carry, so the set of open buckets is ≤ pairs × limit.
 
-use std::collections::BTreeMap;
-
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -36,10 +34,15 @@ pub const MAX_OPEN_BUCKETS: usize = 128;
 
 /// The open buckets of one (customer, meter): whole Stripe units per bucket time (Unix seconds),
 /// never zero.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// A sorted vector, not a map: the collector decodes, adds to and re-encodes a pair's record
+/// in every ingest transaction, and a record holds at most [`MAX_OPEN_BUCKETS`] buckets,
+/// usually posted in time order (an append). Serialized as a map from time to units, so the
+/// stored bytes are those of the `BTreeMap<i64, u64>` it replaced (postcard and JSON alike).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OpenBuckets {
-    /// Units per bucket time.
-    pub buckets: BTreeMap<i64, u64>,
+    /// (bucket time, units), strictly increasing in time, units never zero.
+    buckets: Vec<(i64, u64)>,
 }
 
 /// Why a posting could not be coalesced.
@@ -68,13 +71,28 @@ impl OpenBuckets {
     /// Σ units over the open buckets.
     pub fn units(&self) -> u64 {
         self.buckets
-            .values()
-            .fold(0u64, |a, v| a.saturating_add(*v))
+            .iter()
+            .fold(0u64, |a, (_, v)| a.saturating_add(*v))
     }
 
     /// Whether no bucket is open.
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
+    }
+
+    /// How many buckets are open.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// The oldest open bucket's time.
+    pub fn oldest(&self) -> Option<i64> {
+        self.buckets.first().map(|b| b.0)
+    }
+
+    /// The buckets as (time, units), oldest first.
+    pub fn as_slice(&self) -> &[(i64, u64)] {
+        &self.buckets
     }
 
     /// Adds `units` (> 0) to the bucket of `timestamp_s`; at more than `limit` buckets the
@@ -92,23 +110,109 @@ impl OpenBuckets {
             units,
             ..Posted::default()
         };
-        match self.buckets.get_mut(&timestamp_s) {
-            Some(v) => *v = v.checked_add(units).ok_or(CoalesceError::Overflow)?,
-            None => {
-                self.buckets.insert(timestamp_s, units);
+        // Usage mostly arrives in time order: try the newest bucket before searching.
+        let at = match self.buckets.last() {
+            None => Err(0),
+            Some(&(t, _)) if t < timestamp_s => Err(self.buckets.len()),
+            Some(&(t, _)) if t == timestamp_s => Ok(self.buckets.len() - 1),
+            Some(_) => self.buckets.binary_search_by_key(&timestamp_s, |b| b.0),
+        };
+        match at {
+            Ok(i) => {
+                let v = &mut self.buckets[i].1;
+                *v = v.checked_add(units).ok_or(CoalesceError::Overflow)?;
+            }
+            Err(i) => {
+                self.buckets.insert(i, (timestamp_s, units));
                 out.opened = true;
             }
         }
         if self.buckets.len() > limit.max(1) {
-            out.spilled = self.buckets.pop_first();
+            out.spilled = Some(self.buckets.remove(0));
         }
+        debug_assert!(self.is_well_formed(), "open buckets sorted, nonzero");
         Ok(out)
     }
 
     /// Empties the record: the buckets, oldest first, each to be written as one row in the
     /// transaction that stores the emptied record.
     pub fn seal(&mut self) -> Vec<(i64, u64)> {
-        std::mem::take(&mut self.buckets).into_iter().collect()
+        std::mem::take(&mut self.buckets)
+    }
+
+    /// Strictly increasing times, no zero units: what [`OpenBuckets::add`] keeps and decoding
+    /// checks.
+    fn is_well_formed(&self) -> bool {
+        self.buckets.windows(2).all(|w| w[0].0 < w[1].0) && self.buckets.iter().all(|b| b.1 > 0)
+    }
+}
+
+impl IntoIterator for OpenBuckets {
+    type Item = (i64, u64);
+    type IntoIter = std::vec::IntoIter<(i64, u64)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.buckets.into_iter()
+    }
+}
+
+impl Serialize for OpenBuckets {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // A struct of one field, as `#[derive]` wrote it around the map.
+        use serde::ser::SerializeStruct;
+        struct AsMap<'a>(&'a [(i64, u64)]);
+        impl Serialize for AsMap<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+            }
+        }
+        let mut st = s.serialize_struct("OpenBuckets", 1)?;
+        st.serialize_field("buckets", &AsMap(&self.buckets))?;
+        st.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for OpenBuckets {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// The map of the stored form, read into the sorted vector (refused unless sorted
+        /// and nonzero, which every writer guarantees).
+        struct Map(Vec<(i64, u64)>);
+        impl<'de> Deserialize<'de> for Map {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = Map;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a map from bucket time to units")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        mut m: A,
+                    ) -> Result<Map, A::Error> {
+                        let cap = m.size_hint().unwrap_or(0).min(MAX_OPEN_BUCKETS * 2);
+                        let mut v = Vec::with_capacity(cap);
+                        while let Some(e) = m.next_entry::<i64, u64>()? {
+                            v.push(e);
+                        }
+                        Ok(Map(v))
+                    }
+                }
+                d.deserialize_map(V)
+            }
+        }
+        #[derive(Deserialize)]
+        #[serde(rename = "OpenBuckets")]
+        struct Stored {
+            buckets: Map,
+        }
+        let o = OpenBuckets {
+            buckets: Stored::deserialize(d)?.buckets.0,
+        };
+        if !o.is_well_formed() {
+            return Err(serde::de::Error::custom(
+                "open buckets out of time order or with zero units",
+            ));
+        }
+        Ok(o)
     }
 }
 
@@ -235,8 +339,8 @@ mod tests {
                     let due: u64 = (m.ledger[pair] * scale).floor().try_into().unwrap();
                     prop_assert_eq!(rows + m.open[pair].units(), due);
                     prop_assert_eq!(m.carry[pair].sent_units, due);
-                    prop_assert!(m.open[pair].buckets.len() <= limit);
-                    prop_assert!(m.open[pair].buckets.values().all(|v| *v > 0));
+                    prop_assert!(m.open[pair].len() <= limit);
+                    prop_assert!(m.open[pair].as_slice().iter().all(|(_, v)| *v > 0));
                 }
                 // No unit in two groups: each group is exactly the sum of its own rows.
                 let mut seen = std::collections::HashSet::new();
@@ -245,6 +349,61 @@ mod tests {
                     for i in ids { prop_assert!(seen.insert(*i)); }
                 }
             }
+        }
+    }
+
+    proptest! {
+        /// The sorted vector behaves as the `BTreeMap` it replaced (the model): same buckets,
+        /// same answers from `add` and `seal`; its JSON is the map's.
+        #[test]
+        fn open_buckets_match_a_map(
+            ops in proptest::collection::vec(
+                prop_oneof![
+                    8 => (-3i64..40, 0u64..5).prop_map(|(t, u)| Some((t * 60, u))),
+                    1 => Just(None),
+                ],
+                0..200,
+            ),
+            limit in 1usize..8,
+        ) {
+            let mut o = OpenBuckets::default();
+            let mut model: std::collections::BTreeMap<i64, u64> = Default::default();
+            for op in ops {
+                match op {
+                    Some((t, u)) => {
+                        let p = o.add(t, u, limit).unwrap();
+                        let mut want = Posted { units: u, ..Posted::default() };
+                        if u > 0 {
+                            want.opened = !model.contains_key(&t);
+                            *model.entry(t).or_insert(0) += u;
+                            if model.len() > limit {
+                                want.spilled = model.pop_first();
+                            }
+                        }
+                        prop_assert_eq!(p, want);
+                    }
+                    None => {
+                        let want: Vec<(i64, u64)> = std::mem::take(&mut model).into_iter().collect();
+                        prop_assert_eq!(o.seal(), want);
+                    }
+                }
+                let want: Vec<(i64, u64)> = model.iter().map(|(k, v)| (*k, *v)).collect();
+                prop_assert_eq!(o.as_slice(), &want[..]);
+                prop_assert_eq!(o.units(), model.values().sum::<u64>());
+                prop_assert_eq!(o.oldest(), model.keys().next().copied());
+                #[derive(Serialize)]
+                struct Old<'a> { buckets: &'a std::collections::BTreeMap<i64, u64> }
+                let json = serde_json::to_string(&o).unwrap();
+                prop_assert_eq!(&json, &serde_json::to_string(&Old { buckets: &model }).unwrap());
+                prop_assert_eq!(serde_json::from_str::<OpenBuckets>(&json).unwrap(), o.clone());
+            }
+        }
+    }
+
+    #[test]
+    fn out_of_order_or_zero_buckets_are_refused_on_decode() {
+        for bad in [r#"{"buckets":{"120":1,"60":2}}"#, r#"{"buckets":{"60":0}}"#] {
+            assert!(serde_json::from_str::<OpenBuckets>(bad).is_err(), "{bad}");
         }
     }
 

@@ -794,10 +794,10 @@ impl OutboxStore for MemoryStore {
         }
         // Open buckets count as the pending rows they will become.
         for (_, open) in g.buckets.values() {
-            s.pending_rows += open.buckets.len() as u64;
-            if let Some(t) = open.buckets.keys().next() {
+            s.pending_rows += open.len() as u64;
+            if let Some(t) = open.oldest() {
                 s.oldest_pending_timestamp_s =
-                    Some(s.oldest_pending_timestamp_s.map_or(*t, |o: i64| o.min(*t)));
+                    Some(s.oldest_pending_timestamp_s.map_or(t, |o: i64| o.min(t)));
             }
         }
         Ok(s)

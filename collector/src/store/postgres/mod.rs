@@ -770,10 +770,10 @@ impl OutboxWriter {
                 sent_units: t.carry.sent_units,
             })?);
             if t.changed {
-                if let Some(min_ts) = t.open.buckets.keys().next().copied() {
+                if let Some(min_ts) = t.open.oldest() {
                     bc.push(customer.clone());
                     bm.push(meter.clone());
-                    bn.push(i32::try_from(t.open.buckets.len()).unwrap_or(i32::MAX));
+                    bn.push(i32::try_from(t.open.len()).unwrap_or(i32::MAX));
                     bt.push(min_ts);
                     bb.push(enc(&BucketRec {
                         event_name: t.event_name.clone(),
@@ -1253,7 +1253,7 @@ impl Store for PgStore {
                 &[],
             )? {
                 let b: BucketRec = dec("outbox_buckets", r.get::<_, &[u8]>(1))?;
-                for (ts, value) in b.open.buckets {
+                for (ts, value) in b.open {
                     out.push((r.get(0), b.event_name.clone(), ts, value));
                 }
             }
