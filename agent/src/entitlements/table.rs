@@ -347,7 +347,8 @@ impl CustomerSlot {
             .take(n)
         {
             if short.is(feature, || f.is(feature, || self.owned_feature(i, feature))) {
-                return Some(f.source);
+                // The short copy's source: `f`'s is the same, on line 1.
+                return Some(short.source);
             }
         }
         if self.inline_features & MORE_FEATURES == 0 {
