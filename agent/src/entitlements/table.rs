@@ -1075,6 +1075,16 @@ impl Table {
         for _ in 0..2 {
             {
                 let t = self.read(hash);
+                // A known customer's first meter: no read of the customer slot (decision 0129).
+                if let Some(m) = Self::first_meter(&t, hash, customer)
+                    && m.head.meter.is(meter, || m.meter.as_str() == meter)
+                    && m.head.known.load(Ordering::Relaxed)
+                {
+                    let fresh = self.freshness_known(true, now_ms);
+                    if let Some(f) = f.take() {
+                        return Ok(f(m, fresh));
+                    }
+                }
                 if let Some(c) = t.find(hash, |s| s.is(customer)) {
                     if let Some(m) = c.meter(meter) {
                         let fresh = self.freshness(c, now_ms);
@@ -1184,20 +1194,14 @@ impl Table {
     ) -> Option<Result<(DecidedBy, Option<Decimal>), RecordError>> {
         let hash = self.hash(customer);
         let t = self.read(hash);
-        // The customer's first meter, by a cached pointer: its head and lock-free lines are
-        // requested together (the prefetch), not the lock-free one after the head's compare.
-        let first = t.first_meters.find(hash, |m| {
-            crate::aggregate::prefetch_line(&m.fast);
-            m.head
-                .customer
-                .is(customer, || m.customer.as_str() == customer)
-        })?;
-        let slot = if first.head.meter.is(meter, || first.meter.as_str() == meter) {
-            &**first
-        } else {
+        let slot = match Self::first_meter(&t, hash, customer) {
+            Some(first) if first.head.meter.is(meter, || first.meter.as_str() == meter) => {
+                &**first
+            }
             // Another meter of the customer: through its slot (no customer without a first
             // meter has others).
-            t.find(hash, |s| s.is(customer))?.more_meter(meter)?
+            Some(_) => t.find(hash, |s| s.is(customer))?.more_meter(meter)?,
+            None => return None,
         };
         if !slot.head.known.load(Ordering::Relaxed) {
             return None;
@@ -1209,6 +1213,19 @@ impl Table {
             self.fast_taken(slot, f, qty, fresh, now_ms, record)
                 .map(|(t, _)| (t.decided_by, t.remaining)),
         )
+    }
+
+    /// The first meter slot of `customer`, through the stripe's table of pointers: its head and
+    /// lock-free lines are requested together (the prefetch in the comparison), not the
+    /// lock-free one after the customer slot's line (decision 0129).
+    #[inline]
+    fn first_meter<'t>(t: &'t Index, hash: u64, customer: &str) -> Option<&'t Arc<MeterSlot>> {
+        t.first_meters.find(hash, |m| {
+            crate::aggregate::prefetch_line(&m.fast);
+            m.head
+                .customer
+                .is(customer, || m.customer.as_str() == customer)
+        })
     }
 
     /// Records a lock-free take and answers it; a lease running low takes the lock to refill.
