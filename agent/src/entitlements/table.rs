@@ -1195,9 +1195,7 @@ impl Table {
         let hash = self.hash(customer);
         let t = self.read(hash);
         let slot = match Self::first_meter(&t, hash, customer) {
-            Some(first) if first.head.meter.is(meter, || first.meter.as_str() == meter) => {
-                &**first
-            }
+            Some(first) if first.head.meter.is(meter, || first.meter.as_str() == meter) => &**first,
             // Another meter of the customer: through its slot (no customer without a first
             // meter has others).
             Some(_) => t.find(hash, |s| s.is(customer))?.more_meter(meter)?,

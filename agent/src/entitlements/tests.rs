@@ -1072,3 +1072,44 @@ proptest! {
         a.assert_first_meters();
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// `check` against the snapshot's feature list: the short copies in the customer's first
+    /// line (decision 0129), the 30-byte ones in its second and the owned names for the rest
+    /// answer exactly as a search of the list, for names of every length around the limits.
+    #[test]
+    fn check_answers_as_the_feature_list(
+        features in prop::collection::vec(("[ab]{1,3}", 0usize..40, 0usize..3), 0..6),
+        asked in prop::collection::vec(("[ab]{1,3}", 0usize..40), 1..12),
+    ) {
+        // Names that differ only past the inline bytes, or only in length.
+        let name = |head: &str, pad: usize| format!("{head}{}", "x".repeat(pad));
+        let sources = [Source::Plan, Source::Override, Source::Stripe];
+        let mut listed: Vec<Feature> = Vec::new();
+        for (head, pad, s) in &features {
+            let n = name(head, *pad);
+            if listed.iter().all(|f| f.name.as_str() != n) {
+                listed.push(Feature { name: FeatureName::new(n).unwrap(), source: sources[*s] });
+            }
+        }
+        let mut c = customer("c", 10);
+        c.features = BoundedVec::new(listed.clone()).unwrap();
+        let t = Table::new(EntitlementsConfig::default());
+        t.set_connected(true, 0);
+        t.apply(&[c], false, 0);
+        let mut queries: Vec<String> = asked.iter().map(|(h, p)| name(h, *p)).collect();
+        queries.extend(listed.iter().map(|f| f.name.as_str().to_owned()));
+        for q in &queries {
+            let d = t.check("c", q, 1);
+            let want = listed.iter().find(|f| f.name.as_str() == q.as_str());
+            prop_assert_eq!(d.allowed, want.is_some(), "{}", q);
+            prop_assert_eq!(
+                d.decided_by,
+                want.map_or(DecidedBy::Plan, |f| DecidedBy::from_source(f.source)),
+                "{}", q
+            );
+        }
+    }
+}
