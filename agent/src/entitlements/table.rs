@@ -3,10 +3,11 @@
 //!
 //! Layout: customers are spread over [`STRIPES`] cache-line-aligned `RwLock`s by the hash of
 //! their key; a stripe holds a hash table of customer slots stored inline (no pointer to
-//! follow), laid out by cache line (decision 0112): `check` reads the table's control bytes,
-//! the slot's first line (name, `known`) and its second (two features' names); `try_consume`
-//! the control bytes, the first line (which also holds the first meter's name, slot pointer and
-//! usage-key hint) and the meter slot's lock-free line. Each meter's accounting lives in a
+//! follow), laid out by cache line (decisions 0112, 0129): `check` reads the table's control
+//! bytes and the slot's first line (name, `known`, two short features' names). A stripe also
+//! holds a table of pointers to each customer's first meter slot (`first_meters`), through which
+//! `try_consume` fetches that slot's head line (names, `known`, usage-key hint) and its lock-free
+//! line at once, without reading the customer slot. Each meter's accounting lives in a
 //! [`MeterSlot`]: a `Mutex<MeterState>`, the truth, and a lock-free view of it
 //! ([`super::fast`]) from which `try_consume` takes with one compare-and-swap while a lease is
 //! open or a soft limit counts locally; that line also caches the usage key's id and catalog
