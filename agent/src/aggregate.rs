@@ -1230,7 +1230,7 @@ fn drain_shard(s: &Shard, out: &mut Vec<(u32, Acc)>) {
 
 /// Starts fetching the cache line of `p` (a hint: no fault, no change to memory).
 #[inline(always)]
-fn prefetch_line<T>(p: &T) {
+pub(crate) fn prefetch_line<T>(p: &T) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};

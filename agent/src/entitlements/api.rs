@@ -9,7 +9,7 @@ use crate::error::RecordError;
 use crate::{Agent, Event};
 use rust_decimal::Decimal;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 
 fn check_qty(qty: Decimal) -> Result<(), RecordError> {
     if qty.is_sign_negative() && !qty.is_zero() {
@@ -40,11 +40,12 @@ fn record_slot(
         })
 }
 
-/// Prefetches the accumulator `record_slot` will write, by the key id kept beside the
-/// customer's first meter (decision 0112), so that its miss overlaps the meter slot's; sets that
-/// hint once the slot's key is resolved. Accounting never reads the hint.
+/// Prefetches the accumulator `record_slot` will write, by the key id kept in the slot's head
+/// line (decisions 0112, 0129), so that its miss overlaps the lock-free line's; sets that hint
+/// once the slot's key is resolved. Accounting never reads the hint.
 #[inline]
-fn warm(sh: &Shared, hint: &AtomicU32, slot: &MeterSlot) {
+fn warm(sh: &Shared, slot: &MeterSlot) {
+    let hint = slot.key_hint();
     let h = hint.load(Ordering::Relaxed);
     if h != u32::MAX {
         sh.agg.prefetch(h);
@@ -137,7 +138,7 @@ impl Agent {
         check_qty(qty)?;
         let sh = self.shared();
         let now = sh.hot_now_ms();
-        let warm = |hint: &AtomicU32, slot: &MeterSlot| warm(sh, hint, slot);
+        let warm = |slot: &MeterSlot| warm(sh, slot);
         let record = |slot: &MeterSlot| record_slot(sh, slot, qty, now);
         if let Some(r) = sh
             .ent

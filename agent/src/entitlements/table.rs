@@ -3,10 +3,11 @@
 //!
 //! Layout: customers are spread over [`STRIPES`] cache-line-aligned `RwLock`s by the hash of
 //! their key; a stripe holds a hash table of customer slots stored inline (no pointer to
-//! follow), laid out by cache line (decision 0112): `check` reads the table's control bytes,
-//! the slot's first line (name, `known`) and its second (two features' names); `try_consume`
-//! the control bytes, the first line (which also holds the first meter's name, slot pointer and
-//! usage-key hint) and the meter slot's lock-free line. Each meter's accounting lives in a
+//! follow), laid out by cache line (decisions 0112, 0129): `check` reads the table's control
+//! bytes and the slot's first line (name, `known`, two short features' names). A stripe also
+//! holds a table of pointers to each customer's first meter slot (`first_meters`), through which
+//! `try_consume` fetches that slot's head line (names, `known`, usage-key hint) and its lock-free
+//! line at once, without reading the customer slot. Each meter's accounting lives in a
 //! [`MeterSlot`]: a `Mutex<MeterState>`, the truth, and a lock-free view of it
 //! ([`super::fast`]) from which `try_consume` takes with one compare-and-swap while a lease is
 //! open or a soft limit counts locally; that line also caches the usage key's id and catalog
@@ -58,10 +59,31 @@ pub const REQUEST_AGAIN_MS: i64 = 1_000;
 /// Released lease ids remembered (a grant for one is ignored) at most; the oldest goes first.
 pub const MAX_RELEASED_IDS: usize = 65_536;
 
+/// What `try_consume`'s lock-free path reads of a meter slot before its take, in one line
+/// beside the take's (decision 0129): the slot is found by its customer's hash in the
+/// stripe's [`Index::first_meters`], whose 8-byte buckets stay cached, so this line and the
+/// lock-free line are fetched together instead of one after the customer slot's line.
+#[derive(Debug)]
+#[repr(C, align(64))]
+struct Head {
+    /// The customer's name (the slot's `customer`), compared without another read.
+    customer: Inline,
+    /// The meter's name.
+    meter: Inline<16>,
+    /// The customer's `known` (a snapshot lists it), kept equal under the stripe's write lock.
+    known: AtomicBool,
+    /// The usage key id this meter records under, once known ([`NO_KEY`] before): only a hint
+    /// to prefetch the accumulator with, never trusted for accounting (`Fast::key` is).
+    key_hint: AtomicU32,
+}
+
 /// One (customer, meter) and its accounting.
 #[derive(Debug)]
+#[repr(C)]
 pub struct MeterSlot {
-    /// What calls may take without the lock (first: the line every take reads).
+    /// Names, `known` and the key hint: the line read before the take (decision 0129).
+    head: Head,
+    /// What calls may take without the lock (the line every take reads, after `head`).
     fast: Fast,
     /// The customer.
     pub customer: CustomerId,
@@ -74,6 +96,12 @@ pub struct MeterSlot {
     /// The usage key this meter records under, resolved on first use (the agent's).
     pub(crate) key: OnceLock<Arc<crate::aggregate::KeyInfo>>,
 }
+
+// `head` and `fast` are the slot's first two lines: one line each, side by side.
+const _: () = {
+    assert!(std::mem::size_of::<Head>() == 64);
+    assert!(std::mem::offset_of!(MeterSlot, fast) == 64);
+};
 
 /// The meter's state, locked: lock-free takes are folded in first and published again when
 /// it is dropped (see [`super::fast`]).
@@ -162,14 +190,15 @@ const SOURCES: [Source; 3] = [Source::Plan, Source::Override, Source::Stripe];
 const INLINE_FEATURES: usize = 2;
 /// In `inline_features`: more features than fit inline (in `more_feature_names`).
 const MORE_FEATURES: u8 = 0x80;
-/// `meter0_key` before it is known.
+/// `Head::key_hint` before the key is known.
 const NO_KEY: u32 = u32::MAX;
 
-/// Laid out by cache line (`repr(C)`, 64-byte aligned; decision 0112): line 0 holds all that
-/// `try_consume` reads here — the name, `known`, the first meter's name, its usage key's id
-/// (a hint to prefetch the accumulator with) and its slot —, line 1 the first two features'
-/// names, which `check` reads after line 0. The rest (more meters and features, the owned
-/// copies) comes after and is read only by slower calls.
+/// Laid out by cache line (`repr(C)`, 64-byte aligned; decisions 0112, 0129): line 0 holds
+/// all that `check` reads for a customer whose first two features have short names — the
+/// name, `known`, those names —, line 1 the same two names up to 30 bytes (read only when one
+/// is longer than [`SHORT_FEATURE`] bytes), line 2 the first meter's name and slot (read by
+/// `try_consume` only when the stripe's `first_meters` did not answer). The rest (more meters
+/// and features, the owned copies) comes after and is read only by slower calls.
 #[derive(Debug)]
 #[repr(C, align(64))]
 struct CustomerSlot {
@@ -179,14 +208,14 @@ struct CustomerSlot {
     /// How many of `feature_names` are in use, with [`MORE_FEATURES`] set when there are more
     /// (in `more_feature_names`).
     inline_features: u8,
-    meter0_name: Inline<16>,
-    /// The usage key id `meter0` records under, once known ([`NO_KEY`] before): only a hint
-    /// for a prefetch, never trusted for accounting (the meter slot's own cache is).
-    meter0_key: AtomicU32,
-    /// The first meter with accounting (the others: `more_meters`).
-    meter0: Option<Arc<MeterSlot>>,
+    /// `feature_names` again when at most [`SHORT_FEATURE`] bytes long (else marked long:
+    /// compare `feature_names`), so that `check` reads one line.
+    short_features: [Inline<SHORT_FEATURE>; INLINE_FEATURES],
     /// Features' names inline with their source (index into [`SOURCES`]), in `features` order.
     feature_names: [Inline; INLINE_FEATURES],
+    meter0_name: Inline<16>,
+    /// The first meter with accounting (the others: `more_meters`).
+    meter0: Option<Arc<MeterSlot>>,
     more_feature_names: Vec<Inline>,
     more_meters: Vec<(Inline, Arc<MeterSlot>)>,
     requested_at_ms: AtomicI64,
@@ -196,11 +225,18 @@ struct CustomerSlot {
     features: Vec<Feature>,
 }
 
+/// Bytes of a feature's name kept in the customer's first line.
+const SHORT_FEATURE: usize = 13;
+
 const _: () = {
-    assert!(std::mem::offset_of!(CustomerSlot, meter0) + 8 == 64);
-    assert!(std::mem::offset_of!(CustomerSlot, meter0_key) < 64);
+    assert!(
+        std::mem::offset_of!(CustomerSlot, short_features)
+            + std::mem::size_of::<[Inline<SHORT_FEATURE>; INLINE_FEATURES]>()
+            == 64
+    );
     assert!(std::mem::offset_of!(CustomerSlot, feature_names) == 64);
-    assert!(std::mem::offset_of!(CustomerSlot, more_feature_names) == 128);
+    assert!(std::mem::offset_of!(CustomerSlot, meter0_name) == 128);
+    assert!(std::mem::offset_of!(CustomerSlot, meter0) + 8 <= 192);
 };
 
 impl CustomerSlot {
@@ -209,10 +245,10 @@ impl CustomerSlot {
             name: Inline::new(customer.as_str(), 0),
             known: false,
             inline_features: 0,
-            meter0_name: Inline::EMPTY,
-            meter0_key: AtomicU32::new(NO_KEY),
-            meter0: None,
+            short_features: [Inline::EMPTY; INLINE_FEATURES],
             feature_names: [Inline::EMPTY; INLINE_FEATURES],
+            meter0_name: Inline::EMPTY,
+            meter0: None,
             more_feature_names: Vec::new(),
             more_meters: Vec::new(),
             requested_at_ms: AtomicI64::new(now_ms),
@@ -231,18 +267,12 @@ impl CustomerSlot {
 
     #[inline]
     fn meter(&self, meter: &str) -> Option<&Arc<MeterSlot>> {
-        self.meter_and_hint(meter).map(|(m, _)| m)
-    }
-
-    /// The meter's slot and, for the first meter, its key hint.
-    #[inline]
-    fn meter_and_hint(&self, meter: &str) -> Option<(&Arc<MeterSlot>, Option<&AtomicU32>)> {
         if let Some(m) = &self.meter0
             && self.meter0_name.is(meter, || m.meter.as_str() == meter)
         {
-            return Some((m, Some(&self.meter0_key)));
+            return Some(m);
         }
-        self.more_meter(meter).map(|m| (m, None))
+        self.more_meter(meter)
     }
 
     #[cold]
@@ -263,12 +293,38 @@ impl CustomerSlot {
         usize::from(self.meter0.is_some()) + self.more_meters.len()
     }
 
-    fn push_meter(&mut self, name: &str, slot: Arc<MeterSlot>) {
+    /// Adds a meter; the first one is also listed in the stripe's `first_meters` under this
+    /// customer's hash.
+    fn push_meter(
+        &mut self,
+        first_meters: &mut HashTable<Arc<MeterSlot>>,
+        hasher: &DefaultHashBuilder,
+        name: &str,
+        slot: Arc<MeterSlot>,
+    ) {
+        slot.head.known.store(self.known, Ordering::Relaxed);
         if self.meter0.is_none() {
+            debug_assert!(
+                first_meters
+                    .find(self.hash, |m| m.customer == self.customer)
+                    .is_none(),
+                "one first meter per customer"
+            );
+            first_meters.insert_unique(self.hash, slot.clone(), |m| {
+                hasher.hash_one(m.customer.as_str())
+            });
             self.meter0_name = Inline::new(name, 0);
             self.meter0 = Some(slot);
         } else {
             self.more_meters.push((Inline::new(name, 0), slot));
+        }
+    }
+
+    /// Sets `known` here and in every meter slot's head (what the lock-free path reads).
+    fn set_known(&mut self, known: bool) {
+        self.known = known;
+        for m in self.meters() {
+            m.head.known.store(known, Ordering::Relaxed);
         }
     }
 
@@ -279,14 +335,21 @@ impl CustomerSlot {
             .is_some_and(|f| f.name.as_str() == feature)
     }
 
-    /// The source index of `feature` if the customer has it. Reads line 1 only, unless the
-    /// customer has more features than fit there.
+    /// The source index of `feature` if the customer has it. Reads line 0 only, unless one
+    /// of the first two features' names is long or the customer has more features.
     #[inline]
     fn feature(&self, feature: &str) -> Option<u8> {
         let n = usize::from(self.inline_features & !MORE_FEATURES);
-        for (i, f) in self.feature_names.iter().enumerate().take(n) {
-            if f.is(feature, || self.owned_feature(i, feature)) {
-                return Some(f.source);
+        for (i, (short, f)) in self
+            .short_features
+            .iter()
+            .zip(self.feature_names.iter())
+            .enumerate()
+            .take(n)
+        {
+            if short.is(feature, || f.is(feature, || self.owned_feature(i, feature))) {
+                // The short copy's source: `f`'s is the same, on line 1.
+                return Some(short.source);
             }
         }
         if self.inline_features & MORE_FEATURES == 0 {
@@ -309,13 +372,20 @@ impl CustomerSlot {
             .iter()
             .map(|f| Inline::new(f.name.as_str(), source_index(f.source)));
         self.inline_features = 0;
-        for slot in self.feature_names.iter_mut() {
+        for (short, slot) in self
+            .short_features
+            .iter_mut()
+            .zip(self.feature_names.iter_mut())
+        {
             match names.next() {
                 Some(n) => {
+                    *short = features
+                        .get(usize::from(self.inline_features))
+                        .map_or(Inline::EMPTY, |f| Inline::new(f.name.as_str(), n.source));
                     *slot = n;
                     self.inline_features += 1;
                 }
-                None => *slot = Inline::EMPTY,
+                None => (*short, *slot) = (Inline::EMPTY, Inline::EMPTY),
             }
         }
         self.more_feature_names = names.collect();
@@ -326,11 +396,37 @@ impl CustomerSlot {
     }
 }
 
-/// One stripe of the customer index: its table behind a `RwLock`, which writers and readers
+/// One stripe's tables: the customers (what `Deref` gives), and each customer's first meter
+/// slot by the customer's hash (decision 0129). A `first_meters` bucket is a pointer (8 bytes
+/// a customer, so the table stays in cache where the customers' slots do not), from which
+/// `try_consume` fetches the slot's head line and lock-free line at once; through `customers`
+/// it would read the customer's line first and only then know where the slot is.
+struct Index {
+    customers: HashTable<CustomerSlot>,
+    /// Invariant: holds exactly the `meter0` of every customer in `customers` that has one,
+    /// under that customer's hash (added by [`CustomerSlot::push_meter`]; neither is removed).
+    first_meters: HashTable<Arc<MeterSlot>>,
+}
+
+impl std::ops::Deref for Index {
+    type Target = HashTable<CustomerSlot>;
+    #[inline]
+    fn deref(&self) -> &HashTable<CustomerSlot> {
+        &self.customers
+    }
+}
+
+impl std::ops::DerefMut for Index {
+    fn deref_mut(&mut self) -> &mut HashTable<CustomerSlot> {
+        &mut self.customers
+    }
+}
+
+/// One stripe of the customer index: its tables behind a `RwLock`, which writers and readers
 /// without a [`ReaderSlot`] take, and the flag that turns readers with one away (decision 0088).
 #[repr(align(128))]
 struct Stripe {
-    lock: RwLock<HashTable<CustomerSlot>>,
+    lock: RwLock<Index>,
     /// A writer holds `lock` and is waiting for, or past, the readers without the lock.
     writing: AtomicBool,
 }
@@ -371,15 +467,15 @@ static NEXT_TABLE_UID: AtomicU64 = AtomicU64::new(1);
 enum StripeRead<'a> {
     Marked {
         slot: &'a ReaderSlot,
-        table: &'a HashTable<CustomerSlot>,
+        table: &'a Index,
     },
-    Locked(RwLockReadGuard<'a, HashTable<CustomerSlot>>),
+    Locked(RwLockReadGuard<'a, Index>),
 }
 
 impl std::ops::Deref for StripeRead<'_> {
-    type Target = HashTable<CustomerSlot>;
+    type Target = Index;
     #[inline]
-    fn deref(&self) -> &HashTable<CustomerSlot> {
+    fn deref(&self) -> &Index {
         match self {
             StripeRead::Marked { table, .. } => table,
             StripeRead::Locked(g) => g,
@@ -399,18 +495,18 @@ impl Drop for StripeRead<'_> {
 /// A stripe's table, written: its lock held, and no reader inside without it.
 struct StripeWrite<'a> {
     stripe: &'a Stripe,
-    guard: RwLockWriteGuard<'a, HashTable<CustomerSlot>>,
+    guard: RwLockWriteGuard<'a, Index>,
 }
 
 impl std::ops::Deref for StripeWrite<'_> {
-    type Target = HashTable<CustomerSlot>;
-    fn deref(&self) -> &HashTable<CustomerSlot> {
+    type Target = Index;
+    fn deref(&self) -> &Index {
         &self.guard
     }
 }
 
 impl std::ops::DerefMut for StripeWrite<'_> {
-    fn deref_mut(&mut self) -> &mut HashTable<CustomerSlot> {
+    fn deref_mut(&mut self) -> &mut Index {
         &mut self.guard
     }
 }
@@ -545,6 +641,11 @@ impl MeterSlot {
         &self.fast.key
     }
 
+    /// The usage key id to prefetch the accumulator by (`u32::MAX` until set): a hint only.
+    pub(crate) fn key_hint(&self) -> &AtomicU32 {
+        &self.head.key_hint
+    }
+
     fn new(
         customer: CustomerId,
         meter: MeterName,
@@ -553,6 +654,12 @@ impl MeterSlot {
         now_ms: i64,
     ) -> Arc<Self> {
         let slot = Arc::new(MeterSlot {
+            head: Head {
+                customer: Inline::new(customer.as_str(), 0),
+                meter: Inline::new(meter.as_str(), 0),
+                known: AtomicBool::new(false),
+                key_hint: AtomicU32::new(NO_KEY),
+            },
             fast: Fast::default(),
             customer,
             meter,
@@ -600,7 +707,10 @@ impl Table {
             hasher: DefaultHashBuilder::default(),
             stripes: (0..STRIPES)
                 .map(|_| Stripe {
-                    lock: RwLock::new(HashTable::new()),
+                    lock: RwLock::new(Index {
+                        customers: HashTable::new(),
+                        first_meters: HashTable::new(),
+                    }),
                     writing: AtomicBool::new(false),
                 })
                 .collect(),
@@ -739,8 +849,15 @@ impl Table {
         self.connected.store(up, Ordering::Relaxed);
     }
 
+    #[inline]
     fn freshness(&self, c: &CustomerSlot, now_ms: i64) -> Freshness {
-        if !c.known {
+        self.freshness_known(c.known, now_ms)
+    }
+
+    /// The freshness of a customer that a snapshot lists (`known`) or not.
+    #[inline]
+    fn freshness_known(&self, known: bool, now_ms: i64) -> Freshness {
+        if !known {
             return Freshness::NoSnapshot;
         }
         if self.connected.load(Ordering::Relaxed) {
@@ -925,7 +1042,11 @@ impl Table {
         let meter = MeterName::new(meter).map_err(RecordError::InvalidMeter)?;
         self.placeholder(id, hash, now_ms);
         let mut t = self.write(hash);
-        let Some(c) = t.find_mut(hash, |s| s.is(customer)) else {
+        let Index {
+            customers,
+            first_meters,
+        } = &mut *t;
+        let Some(c) = customers.find_mut(hash, |s| s.is(customer)) else {
             return Ok(());
         };
         if c.meter(meter.as_str()).is_some() || c.meter_count() >= MAX_METERS_PER_CUSTOMER {
@@ -938,7 +1059,7 @@ impl Table {
             self.cfg.policy(meter.as_str()),
             now_ms,
         );
-        c.push_meter(meter.as_str(), slot);
+        c.push_meter(first_meters, &self.hasher, meter.as_str(), slot);
         Ok(())
     }
 
@@ -950,30 +1071,29 @@ impl Table {
         now_ms: i64,
         f: impl FnOnce(&Arc<MeterSlot>, Freshness) -> R,
     ) -> Result<R, RecordError> {
-        self.with_slot_hint(customer, meter, now_ms, |m, fresh, _| f(m, fresh))
-    }
-
-    /// [`Table::with_slot`], also passing the slot's key hint when it has one.
-    fn with_slot_hint<R>(
-        &self,
-        customer: &str,
-        meter: &str,
-        now_ms: i64,
-        f: impl FnOnce(&Arc<MeterSlot>, Freshness, Option<&AtomicU32>) -> R,
-    ) -> Result<R, RecordError> {
         let hash = self.hash(customer);
         let mut f = Some(f);
         for _ in 0..2 {
             {
                 let t = self.read(hash);
+                // A known customer's first meter: no read of the customer slot (decision 0129).
+                if let Some(m) = Self::first_meter(&t, hash, customer)
+                    && m.head.meter.is(meter, || m.meter.as_str() == meter)
+                    && m.head.known.load(Ordering::Relaxed)
+                {
+                    let fresh = self.freshness_known(true, now_ms);
+                    if let Some(f) = f.take() {
+                        return Ok(f(m, fresh));
+                    }
+                }
                 if let Some(c) = t.find(hash, |s| s.is(customer)) {
-                    if let Some((m, hint)) = c.meter_and_hint(meter) {
+                    if let Some(m) = c.meter(meter) {
                         let fresh = self.freshness(c, now_ms);
                         if !c.known {
                             self.maybe_request(c, now_ms);
                         }
                         if let Some(f) = f.take() {
-                            return Ok(f(m, fresh, hint));
+                            return Ok(f(m, fresh));
                         }
                     }
                 }
@@ -993,7 +1113,7 @@ impl Table {
             now_ms,
         );
         let f = f.ok_or(RecordError::Closed)?;
-        Ok(f(&slot, Freshness::NoSnapshot, None))
+        Ok(f(&slot, Freshness::NoSnapshot))
     }
 
     /// After a take: queue a refill, count a denial or an overshoot.
@@ -1020,25 +1140,23 @@ impl Table {
         now_ms: i64,
         record: impl FnOnce(&MeterSlot) -> Result<(), RecordError>,
     ) -> Result<(Take, bool), RecordError> {
-        self.try_consume_warm(customer, meter, qty, now_ms, |_, _| {}, record)
+        self.try_consume_warm(customer, meter, qty, now_ms, |_| {}, record)
     }
 
-    /// [`Table::try_consume`], first calling `warm` with the slot and the key hint kept beside
-    /// the customer's first meter, before the slot's own line is read: the agent prefetches
-    /// the accumulator `record` will write, so that miss overlaps the slot's (decision 0112).
+    /// [`Table::try_consume`], first calling `warm` with the slot, before its lock-free line is
+    /// read: the agent prefetches the accumulator `record` will write by the slot's key hint,
+    /// so that miss overlaps the slot's (decisions 0112, 0129).
     pub(crate) fn try_consume_warm(
         &self,
         customer: &str,
         meter: &str,
         qty: Decimal,
         now_ms: i64,
-        warm: impl FnOnce(&AtomicU32, &MeterSlot),
+        warm: impl FnOnce(&MeterSlot),
         record: impl FnOnce(&MeterSlot) -> Result<(), RecordError>,
     ) -> Result<(Take, bool), RecordError> {
-        self.with_slot_hint(customer, meter, now_ms, |slot, fresh, hint| {
-            if let Some(h) = hint {
-                warm(h, slot);
-            }
+        self.with_slot(customer, meter, now_ms, |slot, fresh| {
+            warm(slot);
             if let Some(f) = slot.fast.take(qty, fresh == Freshness::Current, now_ms) {
                 return self.fast_taken(slot, f, qty, fresh, now_ms, record);
             }
@@ -1072,25 +1190,41 @@ impl Table {
         meter: &str,
         qty: Decimal,
         now_ms: i64,
-        warm: impl FnOnce(&AtomicU32, &MeterSlot),
+        warm: impl FnOnce(&MeterSlot),
         record: impl FnOnce(&MeterSlot) -> Result<(), RecordError>,
     ) -> Option<Result<(DecidedBy, Option<Decimal>), RecordError>> {
         let hash = self.hash(customer);
         let t = self.read(hash);
-        let c = t.find(hash, |s| s.is(customer))?;
-        if !c.known {
+        let slot = match Self::first_meter(&t, hash, customer) {
+            Some(first) if first.head.meter.is(meter, || first.meter.as_str() == meter) => &**first,
+            // Another meter of the customer: through its slot (no customer without a first
+            // meter has others).
+            Some(_) => t.find(hash, |s| s.is(customer))?.more_meter(meter)?,
+            None => return None,
+        };
+        if !slot.head.known.load(Ordering::Relaxed) {
             return None;
         }
-        let (slot, hint) = c.meter_and_hint(meter)?;
-        let fresh = self.freshness(c, now_ms);
-        if let Some(h) = hint {
-            warm(h, slot);
-        }
+        let fresh = self.freshness_known(true, now_ms);
+        warm(slot);
         let f = slot.fast.take(qty, fresh == Freshness::Current, now_ms)?;
         Some(
             self.fast_taken(slot, f, qty, fresh, now_ms, record)
                 .map(|(t, _)| (t.decided_by, t.remaining)),
         )
+    }
+
+    /// The first meter slot of `customer`, through the stripe's table of pointers: its head and
+    /// lock-free lines are requested together (the prefetch in the comparison), not the
+    /// lock-free one after the customer slot's line (decision 0129).
+    #[inline]
+    fn first_meter<'t>(t: &'t Index, hash: u64, customer: &str) -> Option<&'t Arc<MeterSlot>> {
+        t.first_meters.find(hash, |m| {
+            crate::aggregate::prefetch_line(&m.fast);
+            m.head
+                .customer
+                .is(customer, || m.customer.as_str() == customer)
+        })
     }
 
     /// Records a lock-free take and answers it; a lease running low takes the lock to refill.
@@ -1284,12 +1418,16 @@ impl Table {
 
     fn upsert_in(
         &self,
-        t: &mut HashTable<CustomerSlot>,
+        t: &mut Index,
         hash: u64,
         id: &CustomerId,
         ce: Option<&CustomerEntitlements>,
         now_ms: i64,
     ) {
+        let Index {
+            customers: t,
+            first_meters,
+        } = t;
         if t.find(hash, |s| s.customer == *id).is_none() {
             if self.customers.load(Ordering::Relaxed) >= MAX_CUSTOMERS {
                 tracing::warn!(customer = %id, "entitlement table full; customer decided by policy");
@@ -1318,11 +1456,11 @@ impl Table {
                         self.cfg.policy(l.meter.as_str()),
                         now_ms,
                     );
-                    c.push_meter(l.meter.as_str(), slot);
+                    c.push_meter(first_meters, &self.hasher, l.meter.as_str(), slot);
                 }
             }
         }
-        c.known = ce.is_some();
+        c.set_known(ce.is_some());
         c.plan = ce.and_then(|c| c.plan.clone());
         c.set_features(ce.map(|c| c.features.to_vec()).unwrap_or_default());
     }
@@ -1435,6 +1573,28 @@ impl Table {
             plan: None,
             features: Vec::new(),
             meters: Vec::new(),
+        }
+    }
+
+    /// Checks [`Index::first_meters`]' invariant: exactly each customer's first meter, under
+    /// its hash, with the customer's `known` in every meter's head.
+    #[cfg(test)]
+    pub(crate) fn assert_first_meters(&self) {
+        for i in 0..STRIPES {
+            let t = self.read_stripe(i);
+            let mut firsts = 0;
+            for c in t.customers.iter() {
+                for m in c.meters() {
+                    assert_eq!(m.head.known.load(Ordering::Relaxed), c.known);
+                    assert!(m.head.customer.is(c.customer.as_str(), || true));
+                }
+                if let Some(m0) = &c.meter0 {
+                    firsts += 1;
+                    let found = t.first_meters.find(c.hash, |m| m.customer == c.customer);
+                    assert!(found.is_some_and(|m| Arc::ptr_eq(m, m0)));
+                }
+            }
+            assert_eq!(t.first_meters.len(), firsts);
         }
     }
 

@@ -1034,12 +1034,16 @@ proptest! {
         ops in prop::collection::vec((decimal_qty(), prop::bool::weighted(0.15)), 1..120),
         // An unknown customer now and then: the lock-free answer declines it.
         unknown in prop::collection::vec(any::<bool>(), 1..120),
+        // A second meter (no limit, added by a first call) now and then: found through the
+        // customer's slot, not the stripe's first meters.
+        second in prop::collection::vec(prop::bool::weighted(0.3), 1..120),
     ) {
         use crate::error::RecordError;
         let (a, b) = (twin(hard, granted), twin(hard, granted));
         let (rec_a, rec_b) = (std::cell::Cell::new(Decimal::ZERO), std::cell::Cell::new(Decimal::ZERO));
         for (i, (q, fail)) in ops.iter().enumerate() {
             let customer = if unknown.get(i).copied().unwrap_or(false) && i % 7 == 0 { "new" } else { "c" };
+            let meter = if second.get(i).copied().unwrap_or(false) { "tokens" } else { "api_calls" };
             let record = |cell: &std::cell::Cell<Decimal>| {
                 if *fail {
                     Err(RecordError::Closed)
@@ -1048,20 +1052,64 @@ proptest! {
                     Ok(())
                 }
             };
-            let got = match a.try_consume_lockfree(customer, "api_calls", *q, 2, |_, _| {}, |_| record(&rec_a)) {
+            let got = match a.try_consume_lockfree(customer, meter, *q, 2, |_| {}, |_| record(&rec_a)) {
                 Some(r) => r.map(|(by, remaining)| (true, by, remaining)),
                 None => a
-                    .try_consume(customer, "api_calls", *q, 2, |_| record(&rec_a))
+                    .try_consume(customer, meter, *q, 2, |_| record(&rec_a))
                     .map(|(t, _)| (t.allowed, t.decided_by, t.remaining)),
             };
             let want = b
-                .try_consume(customer, "api_calls", *q, 2, |_| record(&rec_b))
+                .try_consume(customer, meter, *q, 2, |_| record(&rec_b))
                 .map(|(t, _)| (t.allowed, t.decided_by, t.remaining));
-            prop_assert_eq!(&got, &want, "{} of {} for {}, failing {}", i, q, customer, fail);
+            prop_assert_eq!(&got, &want, "{} of {} {} for {}, failing {}", i, q, meter, customer, fail);
             prop_assert_eq!(rec_a.get(), rec_b.get());
         }
-        let (la, lb) = (a.limit("c", "api_calls", 3), b.limit("c", "api_calls", 3));
-        prop_assert_eq!((la.used, la.remaining), (lb.used, lb.remaining));
+        for meter in ["api_calls", "tokens"] {
+            let (la, lb) = (a.limit("c", meter, 3), b.limit("c", meter, 3));
+            prop_assert_eq!((la.used, la.remaining), (lb.used, lb.remaining));
+        }
         prop_assert_eq!(a.stats.overshoot(), b.stats.overshoot());
+        a.assert_first_meters();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// `check` against the snapshot's feature list: the short copies in the customer's first
+    /// line (decision 0129), the 30-byte ones in its second and the owned names for the rest
+    /// answer exactly as a search of the list, for names of every length around the limits.
+    #[test]
+    fn check_answers_as_the_feature_list(
+        features in prop::collection::vec(("[ab]{1,3}", 0usize..40, 0usize..3), 0..6),
+        asked in prop::collection::vec(("[ab]{1,3}", 0usize..40), 1..12),
+    ) {
+        // Names that differ only past the inline bytes, or only in length.
+        let name = |head: &str, pad: usize| format!("{head}{}", "x".repeat(pad));
+        let sources = [Source::Plan, Source::Override, Source::Stripe];
+        let mut listed: Vec<Feature> = Vec::new();
+        for (head, pad, s) in &features {
+            let n = name(head, *pad);
+            if listed.iter().all(|f| f.name.as_str() != n) {
+                listed.push(Feature { name: FeatureName::new(n).unwrap(), source: sources[*s] });
+            }
+        }
+        let mut c = customer("c", 10);
+        c.features = BoundedVec::new(listed.clone()).unwrap();
+        let t = Table::new(EntitlementsConfig::default());
+        t.set_connected(true, 0);
+        t.apply(&[c], false, 0);
+        let mut queries: Vec<String> = asked.iter().map(|(h, p)| name(h, *p)).collect();
+        queries.extend(listed.iter().map(|f| f.name.as_str().to_owned()));
+        for q in &queries {
+            let d = t.check("c", q, 1);
+            let want = listed.iter().find(|f| f.name.as_str() == q.as_str());
+            prop_assert_eq!(d.allowed, want.is_some(), "{}", q);
+            prop_assert_eq!(
+                d.decided_by,
+                want.map_or(DecidedBy::Plan, |f| DecidedBy::from_source(f.source)),
+                "{}", q
+            );
+        }
     }
 }
