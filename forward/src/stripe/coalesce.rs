@@ -39,9 +39,10 @@ pub const MAX_OPEN_BUCKETS: usize = 128;
 /// in every ingest transaction, and a record holds at most [`MAX_OPEN_BUCKETS`] buckets,
 /// usually posted in time order (an append). Serialized as a map from time to units, so the
 /// stored bytes are those of the `BTreeMap<i64, u64>` it replaced (postcard and JSON alike).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenBuckets {
     /// (bucket time, units), strictly increasing in time, units never zero.
+    #[serde(with = "bucket_map")]
     buckets: Vec<(i64, u64)>,
 }
 
@@ -130,7 +131,7 @@ impl OpenBuckets {
         if self.buckets.len() > limit.max(1) {
             out.spilled = Some(self.buckets.remove(0));
         }
-        debug_assert!(self.is_well_formed(), "open buckets sorted, nonzero");
+        debug_assert!(well_formed(&self.buckets), "open buckets sorted, nonzero");
         Ok(out)
     }
 
@@ -139,12 +140,12 @@ impl OpenBuckets {
     pub fn seal(&mut self) -> Vec<(i64, u64)> {
         std::mem::take(&mut self.buckets)
     }
+}
 
-    /// Strictly increasing times, no zero units: what [`OpenBuckets::add`] keeps and decoding
-    /// checks.
-    fn is_well_formed(&self) -> bool {
-        self.buckets.windows(2).all(|w| w[0].0 < w[1].0) && self.buckets.iter().all(|b| b.1 > 0)
-    }
+/// Strictly increasing times, no zero units: what [`OpenBuckets::add`] keeps and decoding
+/// checks.
+fn well_formed(buckets: &[(i64, u64)]) -> bool {
+    buckets.windows(2).all(|w| w[0].0 < w[1].0) && buckets.iter().all(|b| b.1 > 0)
 }
 
 impl IntoIterator for OpenBuckets {
@@ -155,64 +156,40 @@ impl IntoIterator for OpenBuckets {
     }
 }
 
-impl Serialize for OpenBuckets {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // A struct of one field, as `#[derive]` wrote it around the map.
-        use serde::ser::SerializeStruct;
-        struct AsMap<'a>(&'a [(i64, u64)]);
-        impl Serialize for AsMap<'_> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
-            }
-        }
-        let mut st = s.serialize_struct("OpenBuckets", 1)?;
-        st.serialize_field("buckets", &AsMap(&self.buckets))?;
-        st.end()
-    }
-}
+/// The buckets' stored form: a map from bucket time to units, as the `BTreeMap` they were
+/// before; decoding refuses one out of time order or with zero units (no writer makes one).
+mod bucket_map {
+    use super::{MAX_OPEN_BUCKETS, well_formed};
+    use serde::de::{Error, MapAccess, Visitor};
+    use serde::{Deserializer, Serializer};
 
-impl<'de> Deserialize<'de> for OpenBuckets {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        /// The map of the stored form, read into the sorted vector (refused unless sorted
-        /// and nonzero, which every writer guarantees).
-        struct Map(Vec<(i64, u64)>);
-        impl<'de> Deserialize<'de> for Map {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct V;
-                impl<'de> serde::de::Visitor<'de> for V {
-                    type Value = Map;
-                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                        f.write_str("a map from bucket time to units")
-                    }
-                    fn visit_map<A: serde::de::MapAccess<'de>>(
-                        self,
-                        mut m: A,
-                    ) -> Result<Map, A::Error> {
-                        let cap = m.size_hint().unwrap_or(0).min(MAX_OPEN_BUCKETS * 2);
-                        let mut v = Vec::with_capacity(cap);
-                        while let Some(e) = m.next_entry::<i64, u64>()? {
-                            v.push(e);
-                        }
-                        Ok(Map(v))
-                    }
-                }
-                d.deserialize_map(V)
+    pub fn serialize<S: Serializer>(buckets: &[(i64, u64)], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(buckets.iter().map(|(k, v)| (k, v)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(i64, u64)>, D::Error> {
+        d.deserialize_map(Buckets)
+    }
+
+    struct Buckets;
+
+    impl<'de> Visitor<'de> for Buckets {
+        type Value = Vec<(i64, u64)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map from bucket time to units")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut v = Vec::with_capacity(m.size_hint().unwrap_or(0).min(MAX_OPEN_BUCKETS * 2));
+            while let Some(e) = m.next_entry::<i64, u64>()? {
+                v.push(e);
             }
+            if !well_formed(&v) {
+                return Err(A::Error::custom(
+                    "open buckets out of time order or with zero units",
+                ));
+            }
+            Ok(v)
         }
-        #[derive(Deserialize)]
-        #[serde(rename = "OpenBuckets")]
-        struct Stored {
-            buckets: Map,
-        }
-        let o = OpenBuckets {
-            buckets: Stored::deserialize(d)?.buckets.0,
-        };
-        if !o.is_well_formed() {
-            return Err(serde::de::Error::custom(
-                "open buckets out of time order or with zero units",
-            ));
-        }
-        Ok(o)
     }
 }
 

@@ -108,6 +108,13 @@ pub(super) fn obe<E: std::fmt::Display>(e: E) -> OutboxError {
     OutboxError::Backend(e.to_string())
 }
 
+/// [`oenc`] into `buf` (emptied first), reusing its allocation.
+fn oenc_into<T: Serialize>(buf: &mut Vec<u8>, v: &T) -> Result<(), OutboxError> {
+    buf.clear();
+    *buf = postcard::to_extend(v, std::mem::take(buf)).map_err(obe)?;
+    Ok(())
+}
+
 pub(super) fn oenc<T: Serialize>(v: &T) -> Result<Vec<u8>, OutboxError> {
     postcard::to_stdvec(v).map_err(obe)
 }
@@ -328,29 +335,26 @@ impl<'t> OutboxWriter<'t> {
         let mut touched = std::mem::take(&mut self.touched);
         // Deterministic row order: by customer, meter, bucket time.
         touched.sort_unstable_by(|a, b| (&a.customer, &a.meter).cmp(&(&b.customer, &b.meter)));
-        let mut buf = std::mem::take(&mut self.buf);
         for t in &mut touched {
             let key = (t.customer.as_str(), t.meter.as_str());
             let carry = Carry {
                 net_scaled: t.carry.net_scaled,
                 sent_units: t.carry.sent_units,
             };
-            buf.clear();
-            buf = postcard::to_extend(&carry, buf).map_err(obe)?;
-            self.carry.insert(key, buf.as_slice()).map_err(obe)?;
+            oenc_into(&mut self.buf, &carry)?;
+            self.carry.insert(key, self.buf.as_slice()).map_err(obe)?;
             if t.changed {
                 if t.open.is_empty() {
                     if t.had_open {
                         self.buckets.remove(key).map_err(obe)?;
                     }
                 } else {
-                    buf.clear();
                     let rec = BucketRecRef {
                         event_name: &t.event_name,
                         open: &t.open,
                     };
-                    buf = postcard::to_extend(&rec, buf).map_err(obe)?;
-                    self.buckets.insert(key, buf.as_slice()).map_err(obe)?;
+                    oenc_into(&mut self.buf, &rec)?;
+                    self.buckets.insert(key, self.buf.as_slice()).map_err(obe)?;
                 }
             }
             if let Some((name, old)) = &t.renamed {
@@ -363,7 +367,6 @@ impl<'t> OutboxWriter<'t> {
                 self.push_row(&t.customer, &t.meter, &t.event_name, *timestamp_s, *value)?;
             }
         }
-        self.buf = buf;
         self.finish_counts()
     }
 
@@ -390,8 +393,7 @@ impl<'t> OutboxWriter<'t> {
             },
             group: None,
         };
-        self.buf.clear();
-        self.buf = postcard::to_extend(&rec, std::mem::take(&mut self.buf)).map_err(obe)?;
+        oenc_into(&mut self.buf, &rec)?;
         self.rows.insert(id, self.buf.as_slice()).map_err(obe)?;
         self.free.insert(id, ()).map_err(obe)?;
         self.appended += 1;
