@@ -7,6 +7,9 @@
 //! - the sidecar's `GET /v1/entitlements/{c}/{feature}` and `POST …/consume` over loopback:
 //!   p50 / p99 (hdrhistogram), keep-alive clients; consume records durably (group commit).
 //!
+//! Two threads sweep the same customers (each from its own offset), so every call's limit word
+//! was last written by the other core; `TALLY_BENCH_SPLIT=1` gives each thread its own half.
+//!
 //! The agent decides from a snapshot of 10,000 customers kept in its store (as after a
 //! restart), so no collector is needed. Per-call latency is measured over batches of 64 calls
 //! (one clock read per batch), so p99 is the p99 of 64-call averages.
@@ -137,7 +140,18 @@ where
 {
     let handles: Vec<_> = (0..threads)
         .map(|t| {
-            let f = f.clone();
+            let call = f.clone();
+            // `TALLY_BENCH_SPLIT=1`: with several threads, thread t takes only the customers
+            // k ≡ t (mod threads), so no line one thread writes is written by another (the
+            // one-thread run still sweeps all 10k): what sharing a customer's limit word costs.
+            let split = threads > 1 && std::env::var_os("TALLY_BENCH_SPLIT").is_some();
+            let f = move |k: usize| {
+                call(if split {
+                    (k - k % threads + t) % CUSTOMERS
+                } else {
+                    k
+                })
+            };
             std::thread::spawn(move || {
                 for k in 0..CUSTOMERS {
                     f(k);
