@@ -26,16 +26,15 @@
 //!   the cached id and check while the catalog generation is unchanged (decision 0112).
 
 use crate::error::{RECORD_ERROR_KINDS, RecordError};
-use hashbrown::DefaultHashBuilder;
+use hashbrown::{DefaultHashBuilder, HashTable};
 use rust_decimal::Decimal;
 use std::cell::{Cell, RefCell, UnsafeCell};
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use tally_protocol::batch::{BUCKET_MS, Delta, bucket_start};
 use tally_protocol::catalog::Catalog;
-use tally_protocol::names::{CustomerId, Dimensions, MeterName};
+use tally_protocol::names::{CustomerId, Dimensions, MAX_DIMENSIONS, MeterName};
 
 /// Touched keys in one shard that make the shard ask the sealer to seal early. Memory does not
 /// grow with events (one accumulator per key), so this only bounds how large one seal gets; set
@@ -73,14 +72,17 @@ impl KeyCache {
     }
 }
 
-/// A validated key, interned once per agent.
+/// A validated, interned key as a caller that keeps it holds it (a [`Counter`] or an
+/// entitlement meter slot): its id and names, and its catalog check. Built by
+/// [`Aggregator::intern`] for such a caller; the agent itself keeps a key only as its text in
+/// the [`Interner`] (decision 0131).
+///
+/// [`Counter`]: crate::Counter
 #[derive(Debug)]
 pub(crate) struct KeyInfo {
     pub(crate) id: u32,
     pub(crate) customer: CustomerId,
     pub(crate) meter: MeterName,
-    /// The canonical (sorted) dimensions, for sealing.
-    pub(crate) dims: Dimensions,
     /// Catalog version `known` was computed for.
     known_version: AtomicU64,
     known: AtomicBool,
@@ -573,13 +575,112 @@ thread_local! {
 
 static NEXT_UID: AtomicU64 = AtomicU64::new(1);
 
-/// A key in owned form: customer, meter, dimensions in the caller's order.
-type OwnedKey = (String, String, Vec<(String, String)>);
-
-#[derive(Default)]
+/// Every key the agent has seen, once each, as the text a shard's arena holds
+/// ([`encode_key`]: customer, meter and dimensions in the caller's order), one after another in
+/// `text`; ids are dense, in order of first sight. Per key: its bytes, a 4-byte start and a 4-byte
+/// id in the table (at most 7/8 full), nothing else: the names a sealed delta carries are built
+/// from the text when the key is drained (decision 0131).
 struct Interner {
-    map: HashMap<OwnedKey, Arc<KeyInfo>>,
-    keys: Vec<Arc<KeyInfo>>,
+    /// The table hash's secret seed.
+    seed: u64,
+    /// Ids, hashed by [`key_hash`] of their text (recomputed from `text` when the table grows).
+    table: HashTable<u32>,
+    /// Where key `id`'s text starts in `text`; it ends where the next key's starts.
+    starts: Vec<u32>,
+    text: Vec<u8>,
+}
+
+impl Interner {
+    fn new() -> Self {
+        Interner {
+            seed: DefaultHashBuilder::default().hash_one(0x1d5_u64),
+            table: HashTable::new(),
+            starts: Vec::new(),
+            text: Vec::new(),
+        }
+    }
+
+    /// Keys interned so far.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// The text of key `id`.
+    fn key(&self, id: u32) -> Option<&[u8]> {
+        key_text(&self.starts, &self.text, id)
+    }
+
+    /// The id of the key (validated by the caller), interning it on first sight.
+    fn id(
+        &mut self,
+        customer: &str,
+        meter: &str,
+        dims: &[(&str, &str)],
+    ) -> Result<u32, RecordError> {
+        let hash = key_hash(self.seed, customer, meter, dims);
+        let Interner {
+            seed,
+            table,
+            starts,
+            text,
+        } = self;
+        if let Some(&id) = table.find(hash, |&id| {
+            key_text(starts, text, id).is_some_and(|b| key_matches(b, customer, meter, dims))
+        }) {
+            return Ok(id);
+        }
+        // `u32::MAX` is the shards' empty table entry: no key has it.
+        let id = u32::try_from(starts.len())
+            .ok()
+            .filter(|&id| id != u32::MAX)
+            .ok_or(RecordError::OverBudget)?;
+        // Starts are 4 bytes: at most 4 GiB of key text (millions of the longest keys).
+        let start = u32::try_from(text.len()).map_err(|_| RecordError::OverBudget)?;
+        if u32::try_from(text.len() + key_len(customer, meter, dims)).is_err() {
+            return Err(RecordError::OverBudget);
+        }
+        encode_key(text, customer, meter, dims);
+        starts.push(start);
+        let seed = *seed;
+        table.insert_unique(hash, id, |&id| {
+            key_text(starts, text, id).map_or(0, |b| encoded_hash(seed, b))
+        });
+        Ok(id)
+    }
+}
+
+/// The text of key `id` in an [`Interner`]'s `starts` and `text`.
+fn key_text<'t>(starts: &[u32], text: &'t [u8], id: u32) -> Option<&'t [u8]> {
+    let id = id as usize;
+    let start = *starts.get(id)? as usize;
+    let end = starts.get(id + 1).map_or(text.len(), |&e| e as usize);
+    text.get(start..end)
+}
+
+/// The names of a key from its [`encode_key`] text, dimensions in canonical order: what a
+/// sealed delta carries. `None` only if the text is not an encoding of a valid key, which the
+/// interner never stores (it validates before it stores).
+fn decode_key(bytes: &[u8]) -> Option<(CustomerId, MeterName, Dimensions)> {
+    fn text(b: &[u8]) -> Option<&str> {
+        std::str::from_utf8(b).ok()
+    }
+    let sep = bytes.iter().position(|&b| b == 0xff)?;
+    let customer = text(bytes.get(..sep)?)?;
+    let mut fields = bytes.get(sep + 1..)?.split(|&b| b == 0xfe);
+    let meter = text(fields.next()?)?;
+    let mut pairs = [("", ""); MAX_DIMENSIONS];
+    let mut n = 0;
+    for f in fields {
+        let mut kv = f.splitn(2, |&b| b == 0xfd);
+        *pairs.get_mut(n)? = (text(kv.next()?)?, text(kv.next()?)?);
+        n += 1;
+    }
+    Some((
+        CustomerId::new(customer).ok()?,
+        MeterName::new(meter).ok()?,
+        Dimensions::from_strs(pairs.get(..n)?.iter().copied()).ok()?,
+    ))
 }
 
 /// Counts of calls and errors, summed over shards.
@@ -647,7 +748,7 @@ impl Aggregator {
                 state: ShardCell::new(ShardState::new()),
                 retired: AtomicBool::new(false),
             },
-            interner: Mutex::new(Interner::default()),
+            interner: Mutex::new(Interner::new()),
             gate: AtomicU8::new(GATE_OPEN),
             catalog: RwLock::new(None),
             catalog_version: AtomicU64::new(0),
@@ -910,13 +1011,13 @@ impl Aggregator {
             arena,
             slots,
         } = at;
-        let key = self.intern(customer, meter, dims)?;
+        let id = self.intern_id(customer, meter, dims)?;
         let known = self.meter_known(meter);
         let off = u32::try_from(arena.len()).map_err(|_| RecordError::OverBudget)?;
-        // Validated by `intern`: the key has at most ~1.5 kB.
+        // Validated by `intern_id`: the key has at most ~1.5 kB.
         let len =
             u16::try_from(key_len(customer, meter, dims)).map_err(|_| RecordError::OverBudget)?;
-        let idx = key.id as usize;
+        let idx = id as usize;
         if idx >= slots.len() {
             grow(slots, idx);
         }
@@ -927,9 +1028,9 @@ impl Aggregator {
         slot.known = known;
         slot.known_gen = generation;
         // Growing the table rehashes every key from its bytes.
-        table.insert(hash, key.id, |id| stored_hash(seed, slots, arena, id))?;
+        table.insert(hash, id, |id| stored_hash(seed, slots, arena, id))?;
         let slot = slots.get_mut(idx).ok_or(RecordError::OverBudget)?;
-        Ok((key.id, slot))
+        Ok((id, slot))
     }
 
     /// Records through a kept key (no lookup).
@@ -1097,40 +1198,36 @@ impl Aggregator {
         }
     }
 
-    /// Validates and interns a key (slow path; allocates).
+    /// Validates and interns a key, and builds its [`KeyInfo`] for a caller that keeps it
+    /// (slow path; allocates).
     pub(crate) fn intern(
         &self,
         customer: &str,
         meter: &str,
         dims: &[(&str, &str)],
     ) -> Result<Arc<KeyInfo>, RecordError> {
-        CustomerId::validate(customer).map_err(RecordError::InvalidCustomer)?;
-        MeterName::validate(meter).map_err(RecordError::InvalidMeter)?;
-        let canonical =
-            Dimensions::from_strs(dims.iter().copied()).map_err(RecordError::InvalidDimensions)?;
-        let owned = (
-            customer.to_owned(),
-            meter.to_owned(),
-            dims.iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect::<Vec<_>>(),
-        );
-        let mut interner = lock(&self.interner);
-        if let Some(k) = interner.map.get(&owned) {
-            return Ok(k.clone());
-        }
-        let id = u32::try_from(interner.keys.len()).map_err(|_| RecordError::OverBudget)?;
-        let key = Arc::new(KeyInfo {
+        let id = self.intern_id(customer, meter, dims)?;
+        Ok(Arc::new(KeyInfo {
             id,
             customer: CustomerId::new(customer).map_err(RecordError::InvalidCustomer)?,
             meter: MeterName::new(meter).map_err(RecordError::InvalidMeter)?,
-            dims: canonical,
             known_version: AtomicU64::new(u64::MAX),
             known: AtomicBool::new(true),
-        });
-        interner.keys.push(key.clone());
-        interner.map.insert(owned, key.clone());
-        Ok(key)
+        }))
+    }
+
+    /// Validates and interns a key: its id (slow path; allocates only to store a new key).
+    fn intern_id(
+        &self,
+        customer: &str,
+        meter: &str,
+        dims: &[(&str, &str)],
+    ) -> Result<u32, RecordError> {
+        CustomerId::validate(customer).map_err(RecordError::InvalidCustomer)?;
+        MeterName::validate(meter).map_err(RecordError::InvalidMeter)?;
+        // The canonical form is built again when the key is drained.
+        Dimensions::from_strs(dims.iter().copied()).map_err(RecordError::InvalidDimensions)?;
+        lock(&self.interner).id(customer, meter, dims)
     }
 
     /// Takes every accumulator filled since the last drain, as deltas. Shards of exited threads
@@ -1157,11 +1254,19 @@ impl Aggregator {
         let interner = lock(&self.interner);
         raw.into_iter()
             .filter_map(|(id, a)| {
-                let k = interner.keys.get(id as usize)?;
+                let Some((customer, meter, dimensions)) = interner.key(id).and_then(decode_key)
+                else {
+                    // Unreachable: ids come from the interner, which stores valid keys only.
+                    tracing::error!(
+                        id,
+                        "a drained key is not in the interner; its usage is lost"
+                    );
+                    return None;
+                };
                 Some(Delta {
-                    customer: k.customer.clone(),
-                    meter: k.meter.clone(),
-                    dimensions: k.dims.clone(),
+                    customer,
+                    meter,
+                    dimensions,
                     bucket_start_ms: a.bucket,
                     sum: a.sum,
                     count: u64::from(a.count),
@@ -1326,6 +1431,7 @@ fn key_hash(seed: u64, customer: &str, meter: &str, dims: &[(&str, &str)]) -> u6
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::collections::HashMap;
 
     fn sum_of(deltas: &[Delta]) -> Decimal {
         deltas.iter().map(|d| d.sum).sum()
@@ -1462,6 +1568,70 @@ mod tests {
             Err(RecordError::UnknownMeter)
         );
         assert_eq!(sum_of(&a.drain()), Decimal::from(3));
+    }
+
+    #[test]
+    fn keys_are_stored_once_and_sealed_with_canonical_dimensions() {
+        let a = Aggregator::new();
+        let t = 1_700_000_000_000;
+        // One key, two orders of its dimensions: two ids (a shard matches the caller's order),
+        // the same names once drained, and one delta once merged.
+        a.record("c", "m", &[("b", "2"), ("a", "")], Decimal::ONE, t)
+            .unwrap();
+        a.record("c", "m", &[("a", ""), ("b", "2")], Decimal::TWO, t)
+            .unwrap();
+        // A kept key is the one `record` interned: it adds to the same accumulator.
+        let kept = a.intern("c", "m", &[("a", ""), ("b", "2")]).unwrap();
+        assert_eq!(
+            a.intern("c", "m", &[("a", ""), ("b", "2")]).unwrap().id,
+            kept.id
+        );
+        a.record_key(&kept, Decimal::TEN, t).unwrap();
+        a.record("c", "m", &[], Decimal::ONE, t).unwrap();
+        assert_eq!(lock(&a.interner).len(), 3);
+        let mut d = a.drain();
+        assert_eq!(d.len(), 3);
+        d.sort_by_key(|d| d.sum);
+        let names = |d: &Delta| -> Vec<(String, String)> {
+            d.dimensions
+                .pairs()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v.as_str().to_owned()))
+                .collect()
+        };
+        let ab = vec![
+            ("a".to_owned(), String::new()),
+            ("b".to_owned(), "2".to_owned()),
+        ];
+        assert_eq!((d[0].sum, names(&d[0])), (Decimal::ONE, ab.clone()));
+        assert_eq!((d[1].sum, names(&d[1]).len()), (Decimal::ONE, 0));
+        assert_eq!((d[2].sum, names(&d[2])), (Decimal::from(12), ab));
+        assert!(
+            d.iter()
+                .all(|d| d.customer.as_str() == "c" && d.meter.as_str() == "m")
+        );
+        let merged = crate::sealer::merge_deltas(d);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(sum_of(&merged), Decimal::from(14));
+    }
+
+    #[test]
+    fn decoding_refuses_what_the_interner_never_stores() {
+        assert!(decode_key(b"c").is_none(), "no meter");
+        assert!(decode_key(b"\xffm").is_none(), "empty customer");
+        assert!(decode_key(b"c\xffM").is_none(), "invalid meter");
+        assert!(
+            decode_key(b"c\xffm\xfek").is_none(),
+            "a dimension without a value"
+        );
+        let mut five = b"c\xffm".to_vec();
+        for k in [b"a", b"b", b"c", b"d", b"e"] {
+            five.extend_from_slice(b"\xfe");
+            five.extend_from_slice(k);
+            five.extend_from_slice(b"\xfdv");
+        }
+        assert!(decode_key(&five).is_none(), "five dimensions");
+        assert!(decode_key(&five[..five.len() - 4]).is_some(), "four");
     }
 
     #[test]
@@ -1709,7 +1879,7 @@ mod tests {
             assert_eq!(a.drain().len(), 3000, "round {round}");
         }
         a.with_shard(|st| assert_eq!(st.table.len, 3000));
-        assert_eq!(lock(&a.interner).keys.len(), 3000);
+        assert_eq!(lock(&a.interner).len(), 3000);
     }
 
     #[test]
@@ -1767,6 +1937,30 @@ mod tests {
                     encoded_hash(seed, &b),
                     key_hash(seed, &customer, &meter, &dims)
                 );
+            }
+
+            /// A valid key's stored text gives back its names, dimensions sorted: what the
+            /// old interner kept beside the text.
+            #[test]
+            fn stored_text_decodes_to_the_canonical_key(
+                customer in "\\PC{1,30}",
+                meter in "[a-z0-9_.-]{1,20}",
+                dims in proptest::collection::btree_map("[A-Za-z0-9_.-]{1,8}", "\\PC{0,20}", 0..=4),
+                rotate in 0usize..4,
+            ) {
+                let mut dims: Vec<(&str, &str)> =
+                    dims.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                if !dims.is_empty() {
+                    let r = rotate % dims.len();
+                    dims.rotate_left(r);
+                }
+                let a = Aggregator::new();
+                let id = a.intern_id(&customer, &meter, &dims).unwrap();
+                let interner = lock(&a.interner);
+                let (c, m, d) = decode_key(interner.key(id).unwrap()).unwrap();
+                prop_assert_eq!(c, CustomerId::new(customer.as_str()).unwrap());
+                prop_assert_eq!(m, MeterName::new(meter.as_str()).unwrap());
+                prop_assert_eq!(d, Dimensions::from_strs(dims.iter().copied()).unwrap());
             }
 
             /// Whatever the order, times and quantities of the calls, the drained aggregates of
