@@ -371,14 +371,22 @@ async fn quic_paced(per_batch: usize, batches_per_s: u64, n: usize) -> Report {
         conn: _conn,
         mut send,
         mut recv,
-        ..
+        welcome,
     } = c;
+    // As an agent does: never more unacknowledged batches than the collector's window (past it
+    // the collector closes the connection as overloaded), so when the collector is slower than
+    // the pace the sender waits (the run takes longer; send→ack is timed from the send).
+    let window = Arc::new(tokio::sync::Semaphore::new(
+        welcome.max_in_flight.max(1) as usize
+    ));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let start = Instant::now();
+    let w = window.clone();
     let sender = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / batches_per_s));
         for b in input {
             tick.tick().await;
+            w.acquire().await.expect("window").forget();
             let bytes = tally_protocol::frame::encode_frame(&Frame::Batch(b)).expect("encode");
             let _ = tx.send(Instant::now());
             send.write_all(&bytes).await.expect("send");
@@ -397,6 +405,7 @@ async fn quic_paced(per_batch: usize, batches_per_s: u64, n: usize) -> Report {
             let t = rx.recv().await.expect("sent");
             let _ = lat.record(t.elapsed().as_micros() as u64);
             acked += 1;
+            window.add_permits(1);
         }
     }
     let elapsed = start.elapsed();
