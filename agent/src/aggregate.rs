@@ -635,13 +635,13 @@ impl Interner {
             .ok()
             .filter(|&id| id != u32::MAX)
             .ok_or(RecordError::OverBudget)?;
-        // Starts are 4 bytes: at most 4 GiB of key text (millions of the longest keys).
-        let start = u32::try_from(text.len()).map_err(|_| RecordError::OverBudget)?;
-        if u32::try_from(text.len() + key_len(customer, meter, dims)).is_err() {
-            return Err(RecordError::OverBudget);
-        }
+        // Starts are 4 bytes: at most 4 GiB of key text (millions of the longest keys). The
+        // key's end fitting implies its start does.
+        let start = text.len();
+        u32::try_from(start + key_len(customer, meter, dims))
+            .map_err(|_| RecordError::OverBudget)?;
         encode_key(text, customer, meter, dims);
-        starts.push(start);
+        starts.push(start as u32);
         let seed = *seed;
         table.insert_unique(hash, id, |&id| {
             key_text(starts, text, id).map_or(0, |b| encoded_hash(seed, b))

@@ -948,8 +948,8 @@ impl SegmentLog {
     /// A syncer thread's loop: syncs whatever is written (several syncers overlap their
     /// syncs), once as many records as the last sync acknowledged are waiting or the oldest has
     /// waited [`SYNC_LINGER`] (when no other sync runs and that cohort was at most
-    /// [`LINGER_COHORT_MAX`]; else at once); returns once [`close`](Self::close) was called and nothing is in
-    /// flight.
+    /// [`LINGER_COHORT_MAX`]; else at once); returns once [`close`](Self::close) was called and
+    /// nothing is in flight.
     pub fn run_syncer(&self) {
         loop {
             let st = self.lock();
