@@ -29,7 +29,7 @@
 
 use super::EntitlementsCache;
 use super::decision::{DecidedBy, Decision, Limit};
-use super::fast::{Fast, FastTake, MAX_SCALE, units_decimal};
+use super::fast::{Book, Fast, FastTake, MAX_SCALE, units_decimal};
 use super::meter::{Booked, Freshness, Hold, Lease, LimitView, MeterState, Take};
 use super::policy::{EntitlementsConfig, OfflinePolicy};
 use crate::error::RecordError;
@@ -89,8 +89,8 @@ pub struct MeterSlot {
     pub customer: CustomerId,
     /// The meter.
     pub meter: MeterName,
-    /// The accounting, the truth: lock it with [`MeterSlot::lock`].
-    state: Mutex<MeterState>,
+    /// The accounting, the truth, and the lanes' book: lock it with [`MeterSlot::lock`].
+    state: Mutex<Locked>,
     /// Listed among the slots with a lease (for [`Table::scan`]).
     tracked: AtomicBool,
     /// The usage key this meter records under, resolved on first use (the agent's).
@@ -103,30 +103,47 @@ const _: () = {
     assert!(std::mem::offset_of!(MeterSlot, fast) == 64);
 };
 
+/// What a meter slot's mutex guards.
+#[derive(Debug)]
+struct Locked {
+    st: MeterState,
+    book: Book,
+}
+
 /// The meter's state, locked: lock-free takes are folded in first and published again when
 /// it is dropped (see [`super::fast`]).
 pub struct StateGuard<'a> {
     slot: &'a MeterSlot,
-    st: MutexGuard<'a, MeterState>,
+    g: MutexGuard<'a, Locked>,
     now_ms: i64,
+}
+
+impl StateGuard<'_> {
+    /// A take of `qty` by the calling thread came here (its lane could not answer it): publish
+    /// at `qty`'s scale and give the thread's lane a share.
+    pub fn wanted(&mut self, qty: Decimal) {
+        self.g.book.note_scale(qty);
+        self.g.book.want(super::fast::lane());
+    }
 }
 
 impl std::ops::Deref for StateGuard<'_> {
     type Target = MeterState;
     fn deref(&self) -> &MeterState {
-        &self.st
+        &self.g.st
     }
 }
 
 impl std::ops::DerefMut for StateGuard<'_> {
     fn deref_mut(&mut self) -> &mut MeterState {
-        &mut self.st
+        &mut self.g.st
     }
 }
 
 impl Drop for StateGuard<'_> {
     fn drop(&mut self) {
-        self.slot.fast.publish(&mut self.st, self.now_ms);
+        let Locked { st, book } = &mut *self.g;
+        self.slot.fast.publish(st, book, self.now_ms);
     }
 }
 
@@ -638,7 +655,7 @@ impl std::fmt::Debug for Table {
 impl MeterSlot {
     /// The usage key's id and catalog check, cached in the line a take reads.
     pub(crate) fn key_cache(&self) -> &crate::aggregate::KeyCache {
-        &self.fast.key
+        self.fast.key(super::fast::lane())
     }
 
     /// The usage key id to prefetch the accumulator by (`u32::MAX` until set): a hint only.
@@ -663,7 +680,10 @@ impl MeterSlot {
             fast: Fast::default(),
             customer,
             meter,
-            state: Mutex::new(MeterState::new(limit, policy)),
+            state: Mutex::new(Locked {
+                st: MeterState::new(limit, policy),
+                book: Book::default(),
+            }),
             tracked: AtomicBool::new(false),
             key: OnceLock::new(),
         });
@@ -676,8 +696,9 @@ impl MeterSlot {
     /// lock meanwhile), so no operation under the lock, such as releasing the lease, runs while
     /// one is unrecorded.
     pub fn lock(&self, now_ms: i64) -> StateGuard<'_> {
-        let mut st = self.state.lock();
-        self.fast.reclaim(&mut st, now_ms);
+        let mut g = self.state.lock();
+        let Locked { st, book } = &mut *g;
+        self.fast.reclaim(st, book, now_ms);
         let mut spins = 0u32;
         while self.fast.busy() > 0 {
             spins += 1;
@@ -689,7 +710,7 @@ impl MeterSlot {
         }
         StateGuard {
             slot: self,
-            st,
+            g,
             now_ms,
         }
     }
@@ -1077,7 +1098,7 @@ impl Table {
             {
                 let t = self.read(hash);
                 // A known customer's first meter: no read of the customer slot (decision 0129).
-                if let Some(m) = Self::first_meter(&t, hash, customer)
+                if let Some(m) = Self::first_meter(&t, hash, customer, super::fast::lane())
                     && m.head.meter.is(meter, || m.meter.as_str() == meter)
                     && m.head.known.load(Ordering::Relaxed)
                 {
@@ -1157,11 +1178,15 @@ impl Table {
     ) -> Result<(Take, bool), RecordError> {
         self.with_slot(customer, meter, now_ms, |slot, fresh| {
             warm(slot);
-            if let Some(f) = slot.fast.take(qty, fresh == Freshness::Current, now_ms) {
+            let lane = super::fast::lane();
+            if let Some(f) = slot
+                .fast
+                .take(lane, qty, fresh == Freshness::Current, now_ms)
+            {
                 return self.fast_taken(slot, f, qty, fresh, now_ms, record);
             }
-            slot.fast.note_scale(qty);
             let mut st = slot.lock(now_ms);
+            st.wanted(qty);
             let t = st.take(qty, Hold::Consume, fresh, now_ms);
             if t.allowed
                 && let Err(e) = record(slot)
@@ -1194,8 +1219,9 @@ impl Table {
         record: impl FnOnce(&MeterSlot) -> Result<(), RecordError>,
     ) -> Option<Result<(DecidedBy, Option<Decimal>), RecordError>> {
         let hash = self.hash(customer);
+        let lane = super::fast::lane();
         let t = self.read(hash);
-        let slot = match Self::first_meter(&t, hash, customer) {
+        let slot = match Self::first_meter(&t, hash, customer, lane) {
             Some(first) if first.head.meter.is(meter, || first.meter.as_str() == meter) => &**first,
             // Another meter of the customer: through its slot (no customer without a first
             // meter has others).
@@ -1207,7 +1233,9 @@ impl Table {
         }
         let fresh = self.freshness_known(true, now_ms);
         warm(slot);
-        let f = slot.fast.take(qty, fresh == Freshness::Current, now_ms)?;
+        let f = slot
+            .fast
+            .take(lane, qty, fresh == Freshness::Current, now_ms)?;
         Some(
             self.fast_taken(slot, f, qty, fresh, now_ms, record)
                 .map(|(t, _)| (t.decided_by, t.remaining)),
@@ -1218,9 +1246,14 @@ impl Table {
     /// lock-free lines are requested together (the prefetch in the comparison), not the
     /// lock-free one after the customer slot's line (decision 0129).
     #[inline]
-    fn first_meter<'t>(t: &'t Index, hash: u64, customer: &str) -> Option<&'t Arc<MeterSlot>> {
+    fn first_meter<'t>(
+        t: &'t Index,
+        hash: u64,
+        customer: &str,
+        lane: usize,
+    ) -> Option<&'t Arc<MeterSlot>> {
         t.first_meters.find(hash, |m| {
-            crate::aggregate::prefetch_line(&m.fast);
+            crate::aggregate::prefetch_line(m.fast.line(lane));
             m.head
                 .customer
                 .is(customer, || m.customer.as_str() == customer)
@@ -1240,6 +1273,7 @@ impl Table {
     ) -> Result<(Take, bool), RecordError> {
         match f {
             FastTake::Lease {
+                lane,
                 tag,
                 units,
                 remaining,
@@ -1247,7 +1281,7 @@ impl Table {
                 scale,
             } => {
                 let r = record(slot);
-                slot.fast.end_lease(tag, units, r.is_ok());
+                slot.fast.end_lease(lane, tag, units, r.is_ok());
                 r?;
                 if refill {
                     let mut st = slot.lock(now_ms);
@@ -1270,6 +1304,7 @@ impl Table {
                 ))
             }
             FastTake::Local {
+                lane,
                 tag,
                 units,
                 remaining,
@@ -1278,7 +1313,7 @@ impl Table {
                 scale,
             } => {
                 if let Err(e) = record(slot) {
-                    if !slot.fast.undo_local(tag, units) {
+                    if !slot.fast.undo_local(lane, tag, units) {
                         slot.lock(now_ms).untake(Booked::Local, qty);
                     }
                     return Err(e);

@@ -46,6 +46,9 @@ enum Op {
     Scan(usize, bool),
     Restart(usize),
     RaiseLimit(u8),
+    /// The calling thread takes from this lane from now on (the table's lock-free lanes; the
+    /// state model has none).
+    Lane(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -60,6 +63,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..2usize, any::<bool>()).prop_map(|(a, f)| Op::Scan(a, f)),
         1 => (0..2usize).prop_map(Op::Restart),
         1 => (0..20u8).prop_map(Op::RaiseLimit),
+        2 => (0..super::fast::LANES as u8).prop_map(Op::Lane),
     ]
 }
 
@@ -238,6 +242,7 @@ impl Model {
                     )));
                 }
             }
+            Op::Lane(_) => {}
         }
     }
 
@@ -445,6 +450,7 @@ impl TableModel {
                     self.agents[a].apply(&[c], false, now);
                 }
             }
+            Op::Lane(l) => super::fast::set_lane(usize::from(l)),
         }
     }
 
@@ -504,12 +510,18 @@ proptest! {
     fn decimal_quantities_through_the_lock_free_path_are_exact(
         granted in (0..10_001i64, 0..4u32).prop_map(|(m, s)| Decimal::new(m, s)),
         qs in prop::collection::vec(decimal_qty(), 1..120),
+        lanes in prop::collection::vec(0..super::fast::LANES, 1..120),
     ) {
         let limit = 10_000;
         let t = twin(true, granted);
         let recorded = std::cell::Cell::new(Decimal::ZERO);
         let mut allowed = Decimal::ZERO;
-        for q in &qs {
+        // Takes move between lanes now and then (as from several threads); with one lane the
+        // answers are exact to the unit, remaining included.
+        let one_lane = lanes.iter().all(|l| *l == lanes[0]);
+        let lane = |i: usize| super::fast::set_lane(lanes[i % lanes.len()]);
+        for (i, q) in qs.iter().enumerate() {
+            lane(i);
             let (take, _) = t
                 .try_consume("c", "api_calls", *q, 2, |_| {
                     recorded.set(recorded.get() + *q);
@@ -519,7 +531,14 @@ proptest! {
             prop_assert_eq!(take.allowed, allowed + *q <= granted, "{} after {}", q, allowed);
             if take.allowed {
                 allowed += *q;
-                prop_assert_eq!(take.remaining, Some(Decimal::from(limit) - allowed));
+                let exact = Decimal::from(limit) - allowed;
+                if one_lane {
+                    prop_assert_eq!(take.remaining, Some(exact));
+                } else {
+                    // Other lanes' pools are counted as drawn in lane order (decision 0132).
+                    let r = take.remaining.unwrap();
+                    prop_assert!((r - exact).abs() <= granted, "{} against {}", r, exact);
+                }
             }
         }
         prop_assert_eq!(recorded.get(), allowed);
@@ -530,7 +549,8 @@ proptest! {
 
         let soft = twin(false, Decimal::ZERO);
         let mut total = Decimal::ZERO;
-        for q in &qs {
+        for (i, q) in qs.iter().enumerate() {
+            lane(i);
             let (take, _) = soft.try_consume("c", "api_calls", *q, 2, |_| Ok(())).unwrap();
             prop_assert!(take.allowed);
             let room = (Decimal::from(7) - total).max(Decimal::ZERO);
@@ -586,6 +606,78 @@ fn soft_limits_counted_without_the_lock_are_exact() {
     let l = t.limit("acme", "api_calls", 2);
     assert_eq!(l.used, Decimal::from(17));
     assert_eq!(l.remaining, Some(Decimal::ZERO));
+}
+
+/// Two lanes (as two threads' takes) share a lease: lane 0 holds the pool at first, lane 1's
+/// first take comes to the lock and is given a share, then each answers without the lock from
+/// its own; a dry lane takes the lock and the pool is shared again, so demand above the lease
+/// gets exactly all of it (decision 0132).
+#[test]
+fn two_lanes_share_a_lease_without_the_lock() {
+    use super::fast::set_lane;
+    let t = twin(true, Decimal::from(100));
+    let recorded = std::cell::Cell::new(0u32);
+    let record = |_: &super::table::MeterSlot| {
+        recorded.set(recorded.get() + 1);
+        Ok(())
+    };
+    let lockfree = |lane| {
+        set_lane(lane);
+        t.try_consume_lockfree("c", "api_calls", Decimal::ONE, 2, |_| {}, record)
+            .map(|r| r.unwrap())
+    };
+    assert!(lockfree(0).is_some());
+    assert!(lockfree(1).is_none(), "lane 1 holds nothing yet");
+    let (first, _) = t
+        .try_consume("c", "api_calls", Decimal::ONE, 2, record)
+        .unwrap();
+    assert!(first.allowed);
+    assert!(lockfree(1).is_some(), "lane 1 was given a share");
+    assert!(lockfree(0).is_some(), "lane 0 kept one");
+    let mut allowed = 4;
+    for i in 0..300 {
+        set_lane(i % 2);
+        let (take, _) = t
+            .try_consume("c", "api_calls", Decimal::ONE, 2, record)
+            .unwrap();
+        allowed += u32::from(take.allowed);
+        let r = take.remaining.unwrap();
+        assert!(r >= Decimal::ZERO && r <= Decimal::from(10_000));
+    }
+    assert_eq!((allowed, recorded.get()), (100, 100));
+    let slot = t.with_slot("c", "api_calls", 2, |s, _| s.clone()).unwrap();
+    let st = slot.lock(2);
+    assert_eq!(st.lease().map(|l| l.consumed), Some(Decimal::from(100)));
+}
+
+/// Four threads on a soft limit of 1,000 (two to a lane): every take is allowed and counted
+/// once, and the overshoot the answers report adds up to exactly what passed the limit.
+#[test]
+fn concurrent_soft_consumers_count_overshoot_exactly() {
+    let t = Arc::new(Table::new(EntitlementsConfig::default()));
+    t.set_connected(true, 0);
+    let c = customer_with("acme", 1_000, Decimal::ZERO, Enforcement::Soft);
+    t.apply(&[c], false, 0);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                let mut overshoot = Decimal::ZERO;
+                for _ in 0..600 {
+                    let (take, _) = t
+                        .try_consume("acme", "api_calls", Decimal::ONE, 1, |_| Ok(()))
+                        .unwrap();
+                    assert!(take.allowed);
+                    overshoot += take.overshoot;
+                }
+                overshoot
+            })
+        })
+        .collect();
+    let overshoot: Decimal = threads.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(overshoot, Decimal::from(1_400));
+    assert_eq!(t.stats.overshoot(), Decimal::from(1_400));
+    assert_eq!(t.limit("acme", "api_calls", 2).used, Decimal::from(2_400));
 }
 
 #[test]
