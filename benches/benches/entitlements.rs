@@ -38,7 +38,15 @@ use tally_sidecar::http::{HttpConfig, router};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-const CUSTOMERS: usize = 10_000;
+/// Customers the calls sweep: 10,000 (the SPEC's figure), or `TALLY_BENCH_CUSTOMERS=N` (fewer
+/// fit a core's L2, which shows what sharing a line costs apart from memory latency).
+static CUSTOMERS: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+    std::env::var("TALLY_BENCH_CUSTOMERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+        .max(2)
+});
 const BATCH: u64 = 64;
 
 /// `TALLY_BENCH_ONLY=calls` runs only the per-call figures (no criterion, no sidecar), and
@@ -61,7 +69,11 @@ fn now_ms() -> i64 {
 }
 
 fn names() -> Arc<Vec<String>> {
-    Arc::new((0..CUSTOMERS).map(|i| format!("customer-{i:05}")).collect())
+    Arc::new(
+        (0..*CUSTOMERS)
+            .map(|i| format!("customer-{i:05}"))
+            .collect(),
+    )
 }
 
 fn customer(name: &str, enforcement: Enforcement) -> CustomerEntitlements {
@@ -119,13 +131,14 @@ fn prepared(dir: &std::path::Path, names: &[String], enforcement: Enforcement) {
 /// Per-call ns of batches of 64 calls of `f(i)` over the customers, from `offset`.
 fn timed(calls: u64, offset: usize, mut f: impl FnMut(usize)) -> Histogram<u64> {
     let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("histogram");
-    let mut k = offset % CUSTOMERS;
+    let customers = *CUSTOMERS;
+    let mut k = offset % customers;
     for _ in 0..calls / BATCH {
         let t = Instant::now();
         for _ in 0..BATCH {
             f(k);
             k += 1;
-            if k == CUSTOMERS {
+            if k == customers {
                 k = 0;
             }
         }
@@ -145,16 +158,17 @@ where
             // `TALLY_BENCH_SPLIT=1`: with several threads, thread t takes only the customers
             // k ≡ t (mod threads), so no line one thread writes is written by another (the
             // one-thread run still sweeps all 10k): what sharing a customer's limit word costs.
+            let customers = *CUSTOMERS;
             let split = threads > 1 && std::env::var_os("TALLY_BENCH_SPLIT").is_some();
             let f = move |k: usize| {
                 call(if split {
-                    (k - k % threads + t) % CUSTOMERS
+                    (k - k % threads + t) % customers
                 } else {
                     k
                 })
             };
             std::thread::spawn(move || {
-                for k in 0..CUSTOMERS {
+                for k in 0..*CUSTOMERS {
                     f(k);
                 }
                 let t0 = Instant::now();
@@ -339,7 +353,7 @@ fn criterion_calls(
         let mut k = 0;
         b.iter(|| {
             let d = agent.check(&names[k], "gpt4");
-            k = (k + 1) % CUSTOMERS;
+            k = (k + 1) % *CUSTOMERS;
             black_box(d)
         })
     });
@@ -347,7 +361,7 @@ fn criterion_calls(
         let mut k = 0;
         b.iter(|| {
             let r = agent.try_consume(&names[k], "api_calls", Decimal::ONE);
-            k = (k + 1) % CUSTOMERS;
+            k = (k + 1) % *CUSTOMERS;
             black_box(r)
         })
     });
@@ -355,7 +369,7 @@ fn criterion_calls(
         let mut k = 0;
         b.iter(|| {
             let r = hard_agent.try_consume(&names[k], "api_calls", Decimal::ONE);
-            k = (k + 1) % CUSTOMERS;
+            k = (k + 1) % *CUSTOMERS;
             black_box(r)
         })
     });
@@ -365,7 +379,7 @@ fn criterion_calls(
             let n = &names[k];
             let c = &counters[k];
             let r = table.try_consume(n, "api_calls", Decimal::ONE, 0, |_| c.add(Decimal::ONE));
-            k = (k + 1) % CUSTOMERS;
+            k = (k + 1) % *CUSTOMERS;
             black_box(r)
         })
     });
@@ -426,7 +440,7 @@ async fn http_run(
                 let mut conn = Conn::open(addr).await;
                 let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("h");
                 for i in 0..per_client {
-                    let n = &names[(c * 7919 + i) % CUSTOMERS];
+                    let n = &names[(c * 7919 + i) % *CUSTOMERS];
                     let t = Instant::now();
                     let status = if consume {
                         conn.request(
