@@ -494,12 +494,10 @@ impl Fast {
                 };
                 let cap = Decimal::new(VALUE_MAX as i64, scale);
                 let lend = available.min(cap);
+                // `to_units` refuses a scale past `MAX_SCALE`.
                 let Some(lend_u) = to_units(lend.normalize(), scale) else {
                     return self.publish_slow(tag);
                 };
-                if scale > MAX_SCALE {
-                    return self.publish_slow(tag);
-                }
                 // Low water in units, rounded down (a refill is asked a little late at worst
                 // by less than one unit).
                 let lw = match low_water {
@@ -551,7 +549,7 @@ impl Fast {
                 let (Some(room_u), Some(grant_u)) = (room_u, grant_u) else {
                     return self.publish_slow(tag);
                 };
-                book.lent = [0; LANES];
+                // Nothing lent: `reclaim` emptied `book.lent`.
                 if scale > MAX_SCALE {
                     return self.publish_slow(tag);
                 }
