@@ -201,15 +201,25 @@ thread_local! {
 /// Lanes handed out so far: threads get lanes in turn as they first take.
 static NEXT_LANE: AtomicUsize = AtomicUsize::new(0);
 
-/// The calling thread's lane.
+/// The calling thread's lane, if it was given one.
+#[inline]
+fn assigned_lane() -> Option<usize> {
+    let l = usize::from(LANE.try_with(Cell::get).unwrap_or(0));
+    (l < LANES).then_some(l)
+}
+
+/// The calling thread's lane (given on its first call).
 #[inline]
 pub fn lane() -> usize {
-    let l = LANE.try_with(Cell::get).unwrap_or(0);
-    if usize::from(l) < LANES {
-        usize::from(l)
-    } else {
-        assign_lane()
-    }
+    assigned_lane().unwrap_or_else(assign_lane)
+}
+
+/// The calling thread's lane if it took before, else lane 0: for a prefetch on paths that
+/// may not take, so threads that never take are not handed lanes (which would put two taking
+/// threads in one lane).
+#[inline]
+pub fn lane_hint() -> usize {
+    assigned_lane().unwrap_or(0)
 }
 
 #[cold]
@@ -225,8 +235,9 @@ pub fn set_lane(l: usize) {
     LANE.with(|c| c.set((l % LANES) as u8));
 }
 
-/// What the lock keeps about the lanes (in the slot's mutex beside the state): read and
-/// written only by [`Fast::reclaim`] and [`Fast::publish`], under the lock.
+/// What the lock keeps about the lanes (in the slot's mutex beside the state): what
+/// [`Fast::reclaim`] found and what takes that came to the lock asked for, read by
+/// [`Fast::publish`].
 #[derive(Debug, Default)]
 pub struct Book {
     /// The finest scale a call asked for (published scales are at least this).

@@ -1098,7 +1098,7 @@ impl Table {
             {
                 let t = self.read(hash);
                 // A known customer's first meter: no read of the customer slot (decision 0129).
-                if let Some(m) = Self::first_meter(&t, hash, customer, super::fast::lane())
+                if let Some(m) = Self::first_meter(&t, hash, customer, super::fast::lane_hint())
                     && m.head.meter.is(meter, || m.meter.as_str() == meter)
                     && m.head.known.load(Ordering::Relaxed)
                 {
