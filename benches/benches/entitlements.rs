@@ -10,6 +10,8 @@
 //! Two threads sweep the same customers (each from its own offset), so every meter slot a call
 //! reaches was last reached by the other core (decision 0132 gives each thread its own lane of
 //! the slot to write); `TALLY_BENCH_SPLIT=1` gives each thread its own half of the customers.
+//! One thread alone and two side by side alternate in phases of a few milliseconds (100 rounds),
+//! so the scaling compares the two at the same moments of a shared VM (see [`alternate`]).
 //!
 //! The agent decides from a snapshot of 10,000 customers kept in its store (as after a
 //! restart), so no collector is needed. Per-call latency is measured over batches of 64 calls
@@ -50,7 +52,8 @@ static CUSTOMERS: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
 const BATCH: u64 = 64;
 
 /// `TALLY_BENCH_ONLY=calls` runs only the per-call figures (no criterion, no sidecar), and
-/// `TALLY_BENCH_CALLS=N` sets their number of calls per thread (for profiling under callgrind).
+/// `TALLY_BENCH_CALLS=N` sets their number of calls per thread in each phase, all rounds together
+/// (default 5,000,000; fewer for profiling under callgrind).
 fn run(part: &str) -> bool {
     std::env::var("TALLY_BENCH_ONLY").map_or(true, |v| v == part)
 }
@@ -59,7 +62,7 @@ fn calls() -> u64 {
     std::env::var("TALLY_BENCH_CALLS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2_000_000)
+        .unwrap_or(5_000_000)
 }
 
 fn now_ms() -> i64 {
@@ -128,63 +131,81 @@ fn prepared(dir: &std::path::Path, names: &[String], enforcement: Enforcement) {
         .expect("snapshot");
 }
 
-/// Per-call ns of batches of 64 calls of `f(i)` over the customers, from `offset`.
-fn timed(calls: u64, offset: usize, mut f: impl FnMut(usize)) -> Histogram<u64> {
-    let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("histogram");
+/// Per-call ns of batches of 64 calls of `f(k)`, sweeping the customers on from `*k`.
+fn timed(calls: u64, k: &mut usize, h: &mut Histogram<u64>, f: &impl Fn(usize)) -> Duration {
     let customers = *CUSTOMERS;
-    let mut k = offset % customers;
+    let start = Instant::now();
     for _ in 0..calls / BATCH {
         let t = Instant::now();
         for _ in 0..BATCH {
-            f(k);
-            k += 1;
-            if k == customers {
-                k = 0;
+            f(*k);
+            *k += 1;
+            if *k == customers {
+                *k = 0;
             }
         }
         let _ = h.record((t.elapsed().as_nanos() as u64 / BATCH).max(1));
     }
-    h
+    start.elapsed()
 }
 
-/// `threads` threads of `calls` each of `f`; (calls/s overall, merged per-call histogram).
-fn threads<F>(threads: usize, calls: u64, f: F) -> (f64, Histogram<u64>)
+/// What one thread saw over the rounds of [`alternate`].
+struct Seen {
+    /// Per round: its time alone (every other round), and its time beside the other thread.
+    alone: Vec<Option<Duration>>,
+    beside: Vec<Duration>,
+    h_alone: Histogram<u64>,
+    h_beside: Histogram<u64>,
+}
+
+/// Two threads alternate, `rounds` times, a phase where one of them (in turn) makes `calls`
+/// calls alone and a phase where both make `calls` at once. Each round's two phases are a few
+/// milliseconds apart, so a neighbour's burst on the host, which on a shared VM moves one
+/// thread's speed by up to 1.8× from one second to the next, reaches both sides of a ratio
+/// alike instead of one run of one thread against a later run of two.
+fn alternate<F>(rounds: usize, calls: u64, f: F) -> [Seen; 2]
 where
     F: Fn(usize) + Send + Sync + Clone + 'static,
 {
-    let handles: Vec<_> = (0..threads)
-        .map(|t| {
-            let call = f.clone();
-            // `TALLY_BENCH_SPLIT=1`: with several threads, thread t takes only the customers
-            // k ≡ t (mod threads), so no line one thread writes is written by another (the
-            // one-thread run still sweeps all 10k): what sharing a customer's limit word costs.
-            let customers = *CUSTOMERS;
-            let split = threads > 1 && std::env::var_os("TALLY_BENCH_SPLIT").is_some();
-            let f = move |k: usize| {
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let handles = [0, 1].map(|t| {
+        let (call, barrier) = (f.clone(), barrier.clone());
+        // `TALLY_BENCH_SPLIT=1`: thread t takes only the customers k ≡ t (mod 2), alone and
+        // side by side, so no line one thread writes is written by the other and each sweeps
+        // as many customers in both phases: the scaling with nothing shared, to compare with.
+        let customers = *CUSTOMERS;
+        let split = std::env::var_os("TALLY_BENCH_SPLIT").is_some();
+        std::thread::spawn(move || {
+            let new = || Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("histogram");
+            let mut seen = Seen {
+                alone: Vec::with_capacity(rounds),
+                beside: Vec::with_capacity(rounds),
+                h_alone: new(),
+                h_beside: new(),
+            };
+            for k in 0..customers {
+                call(k);
+            }
+            let mut k = (t * 997) % customers;
+            let f = |k: usize| {
                 call(if split {
-                    (k - k % threads + t) % customers
+                    (k - k % 2 + t) % customers
                 } else {
                     k
                 })
             };
-            std::thread::spawn(move || {
-                for k in 0..*CUSTOMERS {
-                    f(k);
-                }
-                let t0 = Instant::now();
-                let h = timed(calls, t * 997, &f);
-                (t0.elapsed(), h)
-            })
+            for r in 0..rounds {
+                barrier.wait();
+                seen.alone
+                    .push((r % 2 == t).then(|| timed(calls, &mut k, &mut seen.h_alone, &f)));
+                barrier.wait();
+                seen.beside
+                    .push(timed(calls, &mut k, &mut seen.h_beside, &f));
+            }
+            seen
         })
-        .collect();
-    let mut merged = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("histogram");
-    let mut busy = Duration::ZERO;
-    for h in handles {
-        let (d, hist) = h.join().expect("thread");
-        busy = busy.max(d);
-        merged.add(&hist).expect("merge");
-    }
-    ((threads as u64 * calls) as f64 / busy.as_secs_f64(), merged)
+    });
+    handles.map(|h| h.join().expect("thread"))
 }
 
 fn report<F>(what: &str, calls: u64, f: F)
@@ -195,42 +216,49 @@ where
     if std::env::var("TALLY_BENCH_FIGURE").is_ok_and(|only| !what.contains(only.as_str())) {
         return;
     }
-    // `TALLY_BENCH_ROUNDS=N` (default 1) repeats one thread then two N times and also prints
-    // the median round's scaling: on a VM whose neighbours come and go, one round's ratio can
-    // be anywhere in 0.9–2.3× for the same binary.
+    // `TALLY_BENCH_ROUNDS=N` (default 100): the alternations; each phase makes calls/N calls.
     let rounds: usize = std::env::var("TALLY_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
+        .unwrap_or(100)
         .max(1);
-    let mut scalings = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let (one, h1) = threads(1, calls, f.clone());
-        let (two, h2) = threads(2, calls, f.clone());
-        println!(
-            "== {what} 1 thread: median {} ns, p99 {} ns, {:.1} M calls/s",
-            h1.value_at_quantile(0.5),
-            h1.value_at_quantile(0.99),
-            one / 1e6
-        );
-        println!(
-            "== {what} 2 threads: median {} ns, p99 {} ns, {:.1} M calls/s, scaling {:.2}x",
-            h2.value_at_quantile(0.5),
-            h2.value_at_quantile(0.99),
-            two / 1e6,
-            two / one
-        );
-        scalings.push(two / one);
-    }
-    if rounds > 1 {
-        scalings.sort_by(f64::total_cmp);
-        let all: Vec<String> = scalings.iter().map(|s| format!("{s:.2}")).collect();
-        println!(
-            "== {what} scaling over {rounds} rounds: median {:.2}x ({})",
-            scalings[rounds / 2],
-            all.join(", ")
-        );
-    }
+    let per = (calls / rounds as u64).max(BATCH);
+    let [a, b] = alternate(rounds, per, f);
+    // A round's scaling: both threads' calls over the slower one's time, against the calls of
+    // the thread that was alone over its time.
+    let mut scalings: Vec<f64> = (0..rounds)
+        .map(|r| {
+            let alone = a.alone[r].or(b.alone[r]).expect("one thread alone");
+            let beside = a.beside[r].max(b.beside[r]);
+            2.0 * alone.as_secs_f64() / beside.as_secs_f64()
+        })
+        .collect();
+    let total_alone: Duration = a.alone.iter().chain(&b.alone).flatten().sum();
+    let total_beside: Duration = (0..rounds).map(|r| a.beside[r].max(b.beside[r])).sum();
+    let (mut h1, mut h2) = (a.h_alone, a.h_beside);
+    h1.add(&b.h_alone).expect("merge");
+    h2.add(&b.h_beside).expect("merge");
+    let one = (per * rounds as u64) as f64 / total_alone.as_secs_f64();
+    let two = (2 * per * rounds as u64) as f64 / total_beside.as_secs_f64();
+    scalings.sort_by(f64::total_cmp);
+    let q = |p: f64| scalings[((rounds - 1) as f64 * p).round() as usize];
+    println!(
+        "== {what} 1 thread: median {} ns, p99 {} ns, {:.1} M calls/s",
+        h1.value_at_quantile(0.5),
+        h1.value_at_quantile(0.99),
+        one / 1e6
+    );
+    println!(
+        "== {what} 2 threads: median {} ns, p99 {} ns, {:.1} M calls/s, scaling {:.2}x \
+         (rounds of {per} calls: median {:.2}x, quartiles {:.2}–{:.2}x, over {rounds})",
+        h2.value_at_quantile(0.5),
+        h2.value_at_quantile(0.99),
+        two / 1e6,
+        two / one,
+        q(0.5),
+        q(0.25),
+        q(0.75),
+    );
 }
 
 fn runtime() -> tokio::runtime::Runtime {
