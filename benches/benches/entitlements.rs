@@ -222,7 +222,8 @@ where
         .and_then(|v| v.parse().ok())
         .unwrap_or(100)
         .max(1);
-    let per = (calls / rounds as u64).max(BATCH);
+    // Whole batches, so the calls counted are the calls made.
+    let per = (calls / rounds as u64 / BATCH).max(1) * BATCH;
     let [a, b] = alternate(rounds, per, f);
     // A round's scaling: both threads' calls over the slower one's time, against the calls of
     // the thread that was alone over its time.
