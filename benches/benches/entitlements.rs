@@ -160,9 +160,9 @@ struct Seen {
 
 /// Two threads alternate, `rounds` times, a phase where one of them (in turn) makes `calls`
 /// calls alone and a phase where both make `calls` at once. Each round's two phases are a few
-/// milliseconds apart, so a neighbour's burst on the host, which on a shared VM moves one
-/// thread's speed by up to 1.8× from one second to the next, reaches both sides of a ratio
-/// alike instead of one run of one thread against a later run of two.
+/// milliseconds apart, so a neighbour's burst on the host, which on a shared VM moved one
+/// thread's speed by up to 1.8× from one run to the next, reaches both sides of a ratio alike
+/// instead of one run of one thread against a later run of two.
 fn alternate<F>(rounds: usize, calls: u64, f: F) -> [Seen; 2]
 where
     F: Fn(usize) + Send + Sync + Clone + 'static,
@@ -225,17 +225,20 @@ where
     // Whole batches, so the calls counted are the calls made.
     let per = (calls / rounds as u64 / BATCH).max(1) * BATCH;
     let [a, b] = alternate(rounds, per, f);
-    // A round's scaling: both threads' calls over the slower one's time, against the calls of
-    // the thread that was alone over its time.
-    let mut scalings: Vec<f64> = (0..rounds)
-        .map(|r| {
-            let alone = a.alone[r].or(b.alone[r]).expect("one thread alone");
-            let beside = a.beside[r].max(b.beside[r]);
-            2.0 * alone.as_secs_f64() / beside.as_secs_f64()
-        })
+    // Per round: the lone thread's time, and the slower thread's time side by side.
+    let alone: Vec<Duration> = (0..rounds)
+        .map(|r| a.alone[r].or(b.alone[r]).expect("one thread alone"))
         .collect();
-    let total_alone: Duration = a.alone.iter().chain(&b.alone).flatten().sum();
-    let total_beside: Duration = (0..rounds).map(|r| a.beside[r].max(b.beside[r])).sum();
+    let beside: Vec<Duration> = (0..rounds).map(|r| a.beside[r].max(b.beside[r])).collect();
+    // A round's scaling: twice the calls in the slower thread's time against the calls in the
+    // lone thread's time.
+    let mut scalings: Vec<f64> = alone
+        .iter()
+        .zip(&beside)
+        .map(|(one, two)| 2.0 * one.as_secs_f64() / two.as_secs_f64())
+        .collect();
+    let total_alone: Duration = alone.iter().sum();
+    let total_beside: Duration = beside.iter().sum();
     let (mut h1, mut h2) = (a.h_alone, a.h_beside);
     h1.add(&b.h_alone).expect("merge");
     h2.add(&b.h_beside).expect("merge");
